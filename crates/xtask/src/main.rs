@@ -1,0 +1,297 @@
+//! Developer tasks, reached as `cargo xtask <task>`:
+//! - `deps`: install the system packages the build and tests need (Debian);
+//! - `cluster up`: run a local three-node zone on 127.0.0.1-3 until Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Zoned developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the Debian packages the build and the tests need (uses sudo
+    /// when not root).
+    Deps,
+    /// A local zone of zoned processes.
+    #[command(subcommand)]
+    Cluster(ClusterTask),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterTask {
+    /// Build zoned, start N servers on 127.0.0.1..N (client port 7400, peer
+    /// port 7401), wait for a leader, print the zone, stop them on Ctrl-C.
+    Up {
+        /// Number of servers.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Remove the data of a previous run first.
+        #[arg(long)]
+        fresh: bool,
+    },
+}
+
+/// Packages for building RocksDB's bindings (libclang) and its C++.
+const APT_PACKAGES: &[&str] = &[
+    "libclang-dev",
+    "clang",
+    "g++",
+    "make",
+    "pkg-config",
+    "iproute2",
+];
+
+fn main() -> Result<()> {
+    match Args::parse().task {
+        Task::Deps => deps(),
+        Task::Cluster(ClusterTask::Up { nodes, fresh }) => cluster_up(nodes, fresh),
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn deps() -> Result<()> {
+    let root = nix::unistd::geteuid().is_root();
+    let apt = |args: &[&str]| {
+        let mut c = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    eprintln!("xtask deps: apt-get update");
+    run(apt(&["update", "-qq"]).stdout(Stdio::null()))?;
+    eprintln!("xtask deps: installing {}", APT_PACKAGES.join(" "));
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(APT_PACKAGES).stdout(Stdio::null());
+    run(&mut install)?;
+    let has_nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_nextest {
+        eprintln!("xtask deps: installing cargo-nextest");
+        run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))?;
+    }
+    eprintln!("xtask deps: done");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn target_dir() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cannot run cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(PathBuf::from(
+        meta["target_directory"]
+            .as_str()
+            .context("no target_directory")?,
+    ))
+}
+
+/// Children are killed when this guard drops, also on an error path.
+struct Zone {
+    children: Vec<(u64, Child)>,
+}
+
+impl Zone {
+    fn stop(&mut self) {
+        for (_, child) in &self.children {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (id, child) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        eprintln!("zoned {id} stopped ({status})");
+                        break;
+                    }
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("zoned {id} did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Zone {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn write_config(dir: &Path, id: u64, nodes: u64) -> Result<PathBuf> {
+    let mut text = format!(
+        "# Written by `cargo xtask cluster up`.\n[node]\nid = {id}\nname = \"zone-{id}\"\n\
+         data_dir = \"{}\"\nclient_listen = \"127.0.0.{id}:7400\"\npeer_listen = \"127.0.0.{id}:7401\"\n",
+        dir.join("data").display()
+    );
+    for v in 1..=nodes {
+        text.push_str(&format!(
+            "\n[[voters]]\nid = {v}\npeer = \"127.0.0.{v}:7401\"\n"
+        ));
+    }
+    let path = dir.join("node.toml");
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
+    if !(1..=9).contains(&nodes) {
+        bail!("--nodes: {nodes} is not between 1 and 9");
+    }
+    eprintln!("building zoned and zonectl (the first build compiles RocksDB: ~10-15 minutes)...");
+    run(cargo().args(["build", "--bin", "zoned", "--bin", "zonectl"]))?;
+    let target = target_dir()?;
+    let bin = target.join("debug");
+    let base = target.join("cluster");
+    if fresh && base.exists() {
+        std::fs::remove_dir_all(&base)
+            .with_context(|| format!("cannot remove {}", base.display()))?;
+    }
+    let mut zone = Zone {
+        children: Vec::new(),
+    };
+    let mut logs = Vec::new();
+    for id in 1..=nodes {
+        let dir = base.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let config = write_config(&dir, id, nodes)?;
+        let log = dir.join("zoned.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(bin.join("zoned"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("cannot start zoned")?;
+        zone.children.push((id, child));
+        logs.push(log);
+    }
+    let endpoints: Vec<String> = (1..=nodes).map(|i| format!("127.0.0.{i}:7400")).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        for ((id, child), log) in zone.children.iter_mut().zip(&logs) {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "zoned {id} exited ({status}); its log {}:\n{}",
+                    log.display(),
+                    log_tail(log)
+                );
+            }
+        }
+        let attempt = rt.block_on(async {
+            let (ch, _) = zonectl::connect(&endpoints).await.ok()?;
+            let mut client = zonectl::v1::cluster_client::ClusterClient::new(ch);
+            let status = client
+                .status(zonectl::v1::StatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            Some(zonectl::ZoneView::from_status(&status))
+        });
+        if let Some(v) = attempt {
+            let reachable = v
+                .servers
+                .iter()
+                .filter(|s| s.state != "unreachable")
+                .count();
+            if v.leader().is_some() && reachable as u64 == nodes {
+                break v;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no leader with all {nodes} servers within 60 s; logs are in {}",
+                base.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    print!("{}", zonectl::render_table(&view));
+    println!();
+    println!(
+        "The zone is up: {nodes} servers, data and logs in {}",
+        base.display()
+    );
+    println!("Talk to it (zonectl's default endpoints are this cluster):");
+    println!("  {} show", bin.join("zonectl").display());
+    println!("  {} kv put greeting hello", bin.join("zonectl").display());
+    println!("  {} kv get greeting", bin.join("zonectl").display());
+    println!("  grpcurl -plaintext 127.0.0.1:7400 list");
+    println!("Press Ctrl-C to stop all {nodes} servers.");
+    rt.block_on(async {
+        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = poll.tick() => {
+                    for (id, child) in zone.children.iter_mut() {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            eprintln!("warning: zoned {id} exited ({status}); see its log");
+                        }
+                    }
+                    zone.children.retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
+                }
+            }
+        }
+    });
+    eprintln!("stopping...");
+    zone.stop();
+    Ok(())
+}

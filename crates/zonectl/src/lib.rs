@@ -1,0 +1,232 @@
+//! The `zonectl` library: connect to a zone through whichever endpoint
+//! answers, and render zone status for people (a table in the spirit of
+//! `onezone show`) and machines (JSON).
+//!
+//! Used by the `zonectl` binary, by `cargo xtask cluster`, and by tests as
+//! their gRPC client. It never retries a write on its own: whether to retry
+//! an unacknowledged write is the caller's decision.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use zone_proto::v1::{Role, StatusResponse};
+
+pub use zone_proto::v1;
+
+/// The local three-node cluster `cargo xtask cluster up` starts, and on an
+/// appliance the local server (127.0.0.1:7400) answers first.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7400,127.0.0.2:7400,127.0.0.3:7400";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoint given")]
+    NoEndpoints,
+    #[error("invalid endpoint '{0}'")]
+    BadEndpoint(String, #[source] tonic::transport::Error),
+    #[error("no endpoint answered ({0})")]
+    Unreachable(String),
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::BadEndpoint(addr.to_owned(), e))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true))
+}
+
+/// Splits a comma-separated endpoint list.
+pub fn parse_endpoints(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Connects to the first endpoint that accepts a connection, in order.
+/// Returns the channel and the endpoint it reached.
+pub async fn connect(endpoints: &[String]) -> Result<(Channel, String), ClientError> {
+    if endpoints.is_empty() {
+        return Err(ClientError::NoEndpoints);
+    }
+    let mut failures = Vec::new();
+    for addr in endpoints {
+        match endpoint(addr)?.connect().await {
+            Ok(ch) => return Ok((ch, addr.clone())),
+            Err(e) => failures.push(format!("{addr}: {}", source_text(&e))),
+        }
+    }
+    Err(ClientError::Unreachable(failures.join("; ")))
+}
+
+fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s = format!("{s}: {inner}");
+        cur = inner.source();
+    }
+    s
+}
+
+/// One server as `zonectl show` presents it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerRow {
+    pub id: u64,
+    pub name: String,
+    pub state: String,
+    pub voter: bool,
+    pub term: u64,
+    pub index: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub vote: u64,
+    /// Leader's last index minus this server's match index, as the leader
+    /// sees it; `None` when unknown.
+    pub lag: Option<u64>,
+    pub last_contact_ms: Option<u64>,
+    pub revision: u64,
+    pub peer_endpoint: String,
+    pub client_endpoint: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// The zone as `zonectl show` presents it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ZoneView {
+    /// Server that answered.
+    pub member_id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub servers: Vec<ServerRow>,
+}
+
+pub fn role_name(role: i32) -> &'static str {
+    match Role::try_from(role).unwrap_or(Role::Unspecified) {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+        Role::PreCandidate => "pre-candidate",
+        Role::Learner => "learner",
+        Role::Unreachable => "unreachable",
+        Role::Unspecified => "unknown",
+    }
+}
+
+impl ZoneView {
+    pub fn from_status(s: &StatusResponse) -> ZoneView {
+        let leader_last = s
+            .servers
+            .iter()
+            .find(|x| x.id == s.leader_id)
+            .map(|x| x.last_index);
+        let mut servers: Vec<ServerRow> = s
+            .servers
+            .iter()
+            .map(|x| {
+                let reachable = x.role != Role::Unreachable as i32;
+                let lag = if x.id == s.leader_id {
+                    Some(0)
+                } else if x.match_index > 0 || (reachable && x.last_contact_ms.is_some()) {
+                    leader_last.map(|l| l.saturating_sub(x.match_index))
+                } else {
+                    None
+                };
+                ServerRow {
+                    id: x.id,
+                    name: x.name.clone(),
+                    state: role_name(x.role).to_owned(),
+                    voter: x.voter,
+                    term: x.term,
+                    index: x.last_index,
+                    commit: x.commit,
+                    applied: x.applied,
+                    vote: x.vote,
+                    lag,
+                    last_contact_ms: x.last_contact_ms,
+                    revision: x.revision,
+                    peer_endpoint: x.peer_endpoint.clone(),
+                    client_endpoint: x.client_endpoint.clone(),
+                    error: x.error.clone(),
+                }
+            })
+            .collect();
+        servers.sort_by_key(|r| r.id);
+        ZoneView {
+            member_id: s.member_id,
+            leader_id: s.leader_id,
+            term: s.term,
+            servers,
+        }
+    }
+
+    pub fn leader(&self) -> Option<&ServerRow> {
+        self.servers.iter().find(|s| s.state == "leader")
+    }
+}
+
+/// The `zonectl show` table. Unknown figures print as `-`; an unreachable
+/// server keeps its row, with the reason below the table.
+pub fn render_table(v: &ZoneView) -> String {
+    let headers = [
+        "ID", "NAME", "STATE", "TERM", "INDEX", "COMMIT", "APPLIED", "VOTE", "LAG",
+    ];
+    let dash = |reachable: bool, n: u64| if reachable { n.to_string() } else { "-".into() };
+    let rows: Vec<Vec<String>> = v
+        .servers
+        .iter()
+        .map(|s| {
+            let ok = s.state != "unreachable";
+            vec![
+                s.id.to_string(),
+                if s.name.is_empty() {
+                    "-".into()
+                } else {
+                    s.name.clone()
+                },
+                s.state.clone(),
+                dash(ok, s.term),
+                dash(ok, s.index),
+                dash(ok, s.commit),
+                dash(ok, s.applied),
+                dash(ok, s.vote),
+                s.lag.map_or("-".into(), |l| l.to_string()),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    for s in v.servers.iter().filter(|s| !s.error.is_empty()) {
+        out.push_str(&format!("server {} unreachable: {}\n", s.id, s.error));
+    }
+    if v.leader_id == 0 {
+        out.push_str("no leader elected\n");
+    }
+    out
+}

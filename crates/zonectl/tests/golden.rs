@@ -1,0 +1,108 @@
+//! Golden files for the output people read. Set `ZONED_BLESS=1` to rewrite
+//! them after an intended change, then review the diff.
+
+use std::path::PathBuf;
+
+use zonectl::v1::{Role, ServerStatus, StatusResponse};
+use zonectl::{render_table, ZoneView};
+
+fn check(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("ZONED_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with ZONED_BLESS=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(actual, expected, "output differs from {}", path.display());
+}
+
+fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) -> ServerStatus {
+    ServerStatus {
+        id,
+        name: format!("zone-{id}"),
+        peer_endpoint: format!("127.0.0.{id}:7401"),
+        client_endpoint: format!("127.0.0.{id}:7400"),
+        role: role as i32,
+        term: 4,
+        last_index: last,
+        commit: 1200,
+        applied: 1200,
+        vote: 1,
+        match_index: matched,
+        last_contact_ms: contact,
+        voter: true,
+        leader_id: 1,
+        revision: 1100,
+        ..ServerStatus::default()
+    }
+}
+
+fn healthy() -> StatusResponse {
+    StatusResponse {
+        member_id: 2,
+        leader_id: 1,
+        term: 4,
+        servers: vec![
+            server(3, Role::Follower, 1195, 1195, Some(40)),
+            server(1, Role::Leader, 1204, 1204, None),
+            server(2, Role::Follower, 1204, 1204, Some(12)),
+        ],
+    }
+}
+
+#[test]
+fn show_table_healthy_zone() {
+    check(
+        "show-healthy.txt",
+        &render_table(&ZoneView::from_status(&healthy())),
+    );
+}
+
+#[test]
+fn show_table_with_an_unreachable_server() {
+    let mut s = healthy();
+    s.servers[0] = ServerStatus {
+        id: 3,
+        peer_endpoint: "127.0.0.3:7401".into(),
+        role: Role::Unreachable as i32,
+        voter: true,
+        error: "transport error: connection refused".into(),
+        last_contact_ms: Some(5300),
+        ..ServerStatus::default()
+    };
+    check(
+        "show-unreachable.txt",
+        &render_table(&ZoneView::from_status(&s)),
+    );
+}
+
+#[test]
+fn show_table_without_leader() {
+    let mut s = healthy();
+    s.leader_id = 0;
+    for x in &mut s.servers {
+        x.role = Role::PreCandidate as i32;
+        x.match_index = 0;
+        x.last_contact_ms = None;
+    }
+    check(
+        "show-no-leader.txt",
+        &render_table(&ZoneView::from_status(&s)),
+    );
+}
+
+#[test]
+fn show_json() {
+    let v = ZoneView::from_status(&healthy());
+    check(
+        "show-healthy.json",
+        &(serde_json::to_string_pretty(&v).unwrap() + "\n"),
+    );
+}

@@ -1,0 +1,886 @@
+//! The gRPC services: `zone.v1.KV` and `zone.v1.Cluster` for clients,
+//! `zone.v1.Peer` for the other servers.
+//!
+//! Handlers validate every request before it reaches Raft (bad input gets
+//! INVALID_ARGUMENT naming the field, and changes nothing), send writes to
+//! the leader (forwarding over the peer port when this server follows), and
+//! make reads linearizable with a ReadIndex barrier unless the caller asked
+//! for a serializable one. Errors map to gRPC codes in one place,
+//! [`ApiError`]'s `From` impl.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use raft::StateRole;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use zone_proto::v1::{
+    cluster_server::Cluster, command, command_result, compare, kv_server::Kv, peer_server::Peer,
+    request_op, CommandResult, Compare, DeleteRequest, DeleteResponse, Event, ForwardRequest,
+    GetRequest, GetResponse, NodeStatusRequest, NodeStatusResponse, Progress, PutRequest,
+    PutResponse, RaftAck, RaftBatch, RangeRequest, RangeResponse, RequestOp, ResponseHeader, Role,
+    ServerStatus, SnapshotAck, SnapshotChunk, StatusRequest, StatusResponse, TxnRequest,
+    TxnResponse, WatchRequest, WatchResponse,
+};
+
+use crate::config::Config;
+use crate::node::{LocalStatus, NodeError, NodeHandle, RETRY_PAUSE};
+use crate::storage::StorageFailure;
+use crate::transport::{self, GrpcTransport};
+
+/// Metadata key set on errors that guarantee the write was not applied, so
+/// a forwarding server may retry it.
+const NOT_APPLIED: &str = "zone-not-applied";
+
+/// Every way a request can fail, each with its gRPC code chosen on purpose.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or over a limit; nothing changed.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// No leader, or the leader changed: the write was not applied; retry.
+    #[error("{0}")]
+    NotApplied(String),
+    /// The outcome of a write is unknown (a forwarding hop failed).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Compacted(String),
+    #[error("storage failure")]
+    Storage(#[from] StorageFailure),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match &e {
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            ApiError::NotApplied(m) => {
+                let mut s = Status::unavailable(m.clone());
+                s.metadata_mut()
+                    .insert(NOT_APPLIED, "1".parse().expect("ascii"));
+                s
+            }
+            ApiError::Unavailable(m) => Status::unavailable(m.clone()),
+            ApiError::Timeout(m) => Status::deadline_exceeded(m.clone()),
+            ApiError::Compacted(m) => Status::out_of_range(m.clone()),
+            ApiError::Storage(inner) => {
+                tracing::error!(error = %crate::logging::chain(inner), "storage failure serving a request");
+                Status::internal(format!("storage failure: {}", crate::logging::chain(inner)))
+            }
+        }
+    }
+}
+
+fn bad(field: impl Into<String>, reason: impl Into<String>) -> ApiError {
+    ApiError::InvalidArgument {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Request validation against the configured limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_key: usize,
+    pub max_value: usize,
+    pub max_txn_ops: usize,
+}
+
+impl Limits {
+    fn key(&self, field: &str, key: &[u8]) -> Result<(), ApiError> {
+        if key.is_empty() {
+            return Err(bad(field, "must not be empty"));
+        }
+        if key.len() > self.max_key {
+            return Err(bad(
+                field,
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    key.len(),
+                    self.max_key
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn prefix(&self, field: &str, prefix: &[u8]) -> Result<(), ApiError> {
+        if prefix.len() > self.max_key {
+            return Err(bad(
+                field,
+                format!(
+                    "{} bytes is over the key limit of {} bytes",
+                    prefix.len(),
+                    self.max_key
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn put(&self, at: &str, r: &PutRequest) -> Result<(), ApiError> {
+        self.key(&format!("{at}key"), &r.key)?;
+        if r.value.len() > self.max_value {
+            return Err(bad(
+                format!("{at}value"),
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    r.value.len(),
+                    self.max_value
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn delete(&self, at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
+        // Even with `prefix`, an empty key (everything) must be meant: it is
+        // refused; delete by an explicit prefix instead.
+        self.key(&format!("{at}key"), &r.key)
+    }
+
+    pub fn get(&self, at: &str, r: &GetRequest) -> Result<(), ApiError> {
+        self.key(&format!("{at}key"), &r.key)
+    }
+
+    pub fn range(&self, at: &str, r: &RangeRequest) -> Result<(), ApiError> {
+        self.prefix(&format!("{at}prefix"), &r.prefix)
+    }
+
+    fn compare(&self, at: &str, c: &Compare) -> Result<(), ApiError> {
+        self.key(&format!("{at}key"), &c.key)?;
+        let target = compare::Target::try_from(c.target).map_err(|_| {
+            bad(
+                format!("{at}target"),
+                format!("unknown target {}", c.target),
+            )
+        })?;
+        match compare::Op::try_from(c.op) {
+            Ok(compare::Op::Unspecified) | Err(_) => {
+                return Err(bad(
+                    format!("{at}op"),
+                    "must be EQUAL, NOT_EQUAL, LESS or GREATER",
+                ))
+            }
+            Ok(_) => {}
+        }
+        let value_matches = matches!(
+            (target, &c.target_value),
+            (compare::Target::Value, Some(compare::TargetValue::Value(_)))
+                | (
+                    compare::Target::ModRevision,
+                    Some(compare::TargetValue::ModRevision(_))
+                )
+                | (
+                    compare::Target::CreateRevision,
+                    Some(compare::TargetValue::CreateRevision(_))
+                )
+                | (
+                    compare::Target::Version,
+                    Some(compare::TargetValue::Version(_))
+                )
+        );
+        if target == compare::Target::Unspecified {
+            return Err(bad(
+                format!("{at}target"),
+                "must be VALUE, MOD_REVISION, CREATE_REVISION or VERSION",
+            ));
+        }
+        if !value_matches {
+            let want = match target {
+                compare::Target::Value => "value",
+                compare::Target::ModRevision => "mod_revision",
+                compare::Target::CreateRevision => "create_revision",
+                _ => "version",
+            };
+            return Err(bad(
+                format!("{at}{want}"),
+                format!(
+                    "target {} needs the field {want} set, and only it",
+                    target.as_str_name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn op(&self, at: &str, op: &RequestOp) -> Result<(), ApiError> {
+        match &op.request {
+            Some(request_op::Request::Put(r)) => self.put(&format!("{at}put."), r),
+            Some(request_op::Request::Delete(r)) => self.delete(&format!("{at}delete."), r),
+            Some(request_op::Request::Get(r)) => self.get(&format!("{at}get."), r),
+            Some(request_op::Request::Range(r)) => self.range(&format!("{at}range."), r),
+            None => Err(bad(at.trim_end_matches('.'), "empty operation")),
+        }
+    }
+
+    pub fn txn(&self, r: &TxnRequest) -> Result<(), ApiError> {
+        let ops = r.success.len() + r.failure.len();
+        if ops > self.max_txn_ops {
+            return Err(bad(
+                "success",
+                format!(
+                    "{ops} operations in both branches is over the limit of {}",
+                    self.max_txn_ops
+                ),
+            ));
+        }
+        if r.compare.len() > self.max_txn_ops {
+            return Err(bad(
+                "compare",
+                format!("over the limit of {}", self.max_txn_ops),
+            ));
+        }
+        for (i, c) in r.compare.iter().enumerate() {
+            self.compare(&format!("compare[{i}]."), c)?;
+        }
+        for (i, op) in r.success.iter().enumerate() {
+            self.op(&format!("success[{i}]."), op)?;
+        }
+        for (i, op) in r.failure.iter().enumerate() {
+            self.op(&format!("failure[{i}]."), op)?;
+        }
+        Ok(())
+    }
+}
+
+/// Identity of this server as shown in status.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub name: String,
+    pub client_endpoint: String,
+    pub peer_endpoint: String,
+}
+
+/// What every service shares.
+#[derive(Clone)]
+pub struct Zone {
+    node: NodeHandle,
+    transport: Arc<GrpcTransport>,
+    config: Arc<Config>,
+    limits: Limits,
+    info: ServerInfo,
+}
+
+impl std::fmt::Debug for Zone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zone").field("id", &self.node.id()).finish()
+    }
+}
+
+impl Zone {
+    pub fn new(node: NodeHandle, transport: Arc<GrpcTransport>, config: Arc<Config>) -> Zone {
+        let advertise = |addr: std::net::SocketAddr| {
+            if addr.ip().is_unspecified() {
+                // Listening everywhere: advertise the host from the peer
+                // address the zone knows us by.
+                let host = config
+                    .peer_address(config.node.id)
+                    .and_then(|p| p.rsplit_once(':').map(|(h, _)| h.to_owned()))
+                    .unwrap_or_else(|| "127.0.0.1".into());
+                format!("{host}:{}", addr.port())
+            } else {
+                addr.to_string()
+            }
+        };
+        let info = ServerInfo {
+            name: config.node.name.clone(),
+            client_endpoint: advertise(config.node.client_listen),
+            peer_endpoint: config
+                .peer_address(config.node.id)
+                .map(str::to_owned)
+                .unwrap_or_else(|| advertise(config.node.peer_listen)),
+        };
+        Zone {
+            limits: Limits {
+                max_key: config.limits.max_key_bytes,
+                max_value: config.limits.max_value_bytes,
+                max_txn_ops: config.limits.max_txn_ops,
+            },
+            node,
+            transport,
+            config,
+            info,
+        }
+    }
+
+    /// How long a request may wait for the zone: the configured timeout,
+    /// or less when the client's own deadline (`grpc-timeout`) is nearer,
+    /// so that the client hears why rather than a bare cancellation.
+    fn budget<T>(&self, req: &Request<T>) -> Duration {
+        let configured = self.config.request_timeout();
+        match req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+        {
+            Some(client) => configured.min(client.mul_f64(0.9)),
+            None => configured,
+        }
+    }
+
+    fn header(&self, revision: u64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            revision,
+            member_id: self.node.id(),
+            raft_term: self.node.view().term,
+        })
+    }
+
+    /// Runs a write on the leader, wherever it is, until `deadline`.
+    /// Retries only what is known not to have been applied.
+    async fn write(&self, op: command::Op, budget: Duration) -> Result<CommandResult, ApiError> {
+        let deadline = Instant::now() + budget;
+        loop {
+            let view = self.node.view();
+            // Each branch returns, or falls through when the write was not
+            // applied and may be retried.
+            if view.leader_id == self.node.id() && view.role == StateRole::Leader {
+                match tokio::time::timeout_at(deadline.into(), self.node.propose(op.clone())).await {
+                    Ok(Ok(r)) => return Ok(r),
+                    Ok(Err(NodeError::NotLeader { .. } | NodeError::NoLeader | NodeError::Dropped)) => {}
+                    Ok(Err(NodeError::LeadershipChanged)) => {
+                        return Err(ApiError::Unavailable(
+                            "leadership changed while the write was in flight; it may or may not have been applied".into(),
+                        ))
+                    }
+                    Ok(Err(NodeError::Stopped)) => {
+                        return Err(ApiError::Unavailable("server is shutting down".into()))
+                    }
+                    Err(_) => return Err(write_timeout(budget)),
+                }
+            } else if view.leader_id != 0 {
+                match self.forward(view.leader_id, op.clone(), deadline).await {
+                    Ok(r) => return Ok(r),
+                    Err(status) if status.metadata().get(NOT_APPLIED).is_some() => {}
+                    Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                        return Err(write_timeout(budget))
+                    }
+                    Err(status) => {
+                        return Err(ApiError::Unavailable(format!(
+                            "forwarding to leader {}: {}",
+                            view.leader_id,
+                            status.message()
+                        )))
+                    }
+                }
+            }
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(ApiError::NotApplied(format!(
+                    "no leader could take the write within {} ms; it was not applied",
+                    budget.as_millis()
+                )));
+            }
+            // Wait for a new leader, but not forever on a stale view.
+            let _ = tokio::time::timeout(RETRY_PAUSE * 4, self.node.view_changed()).await;
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: u64,
+        op: command::Op,
+        deadline: Instant,
+    ) -> Result<CommandResult, Status> {
+        let Some(mut client) = self.transport.client(leader) else {
+            return Err(Status::unavailable(format!(
+                "no address known for leader {leader}"
+            )));
+        };
+        let mut req = Request::new(ForwardRequest {
+            command: Some(zone_proto::v1::Command {
+                id: 0,
+                op: Some(op),
+            }),
+        });
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        client.forward(req).await.map(Response::into_inner)
+    }
+
+    /// Waits until this server has applied everything committed before now.
+    async fn linearize(&self, budget: Duration) -> Result<(), ApiError> {
+        let deadline = Instant::now() + budget;
+        loop {
+            match tokio::time::timeout_at(deadline.into(), self.node.read_barrier()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(NodeError::Stopped)) => {
+                    return Err(ApiError::Unavailable("server is shutting down".into()))
+                }
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    return Err(ApiError::Timeout(format!(
+                        "the zone did not confirm a linearizable read within {} ms; retry, or ask for a serializable read",
+                        budget.as_millis()
+                    )))
+                }
+            }
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(ApiError::Unavailable(
+                    "no leader to confirm a linearizable read".into(),
+                ));
+            }
+            let _ = tokio::time::timeout(RETRY_PAUSE * 4, self.node.view_changed()).await;
+        }
+    }
+
+    /// This server's own status line plus the leader's progress view.
+    async fn node_status(&self) -> Result<NodeStatusResponse, ApiError> {
+        let local = self
+            .node
+            .status()
+            .await
+            .map_err(|_| ApiError::Unavailable("server is shutting down".into()))?;
+        Ok(NodeStatusResponse {
+            server: Some(self.server_status(&local)),
+            progress: local
+                .progress
+                .iter()
+                .map(|p| Progress {
+                    id: p.id,
+                    match_index: p.matched,
+                    last_contact_ms: p.last_contact_ms,
+                    voter: p.voter,
+                })
+                .collect(),
+        })
+    }
+
+    fn server_status(&self, s: &LocalStatus) -> ServerStatus {
+        let role = if s.learner {
+            Role::Learner
+        } else {
+            match s.role {
+                StateRole::Leader => Role::Leader,
+                StateRole::Follower => Role::Follower,
+                StateRole::Candidate => Role::Candidate,
+                StateRole::PreCandidate => Role::PreCandidate,
+            }
+        };
+        ServerStatus {
+            id: s.id,
+            name: self.info.name.clone(),
+            peer_endpoint: self.info.peer_endpoint.clone(),
+            client_endpoint: self.info.client_endpoint.clone(),
+            role: role as i32,
+            term: s.term,
+            last_index: s.last_index,
+            commit: s.commit,
+            applied: s.applied,
+            vote: s.vote,
+            match_index: 0,
+            last_contact_ms: None,
+            voter: s.voters.contains(&s.id),
+            error: String::new(),
+            leader_id: s.leader_id,
+            revision: s.revision,
+            snapshots_received: s.snapshots_received,
+        }
+    }
+
+    /// Asks every member for its own figures, concurrently, with a short
+    /// deadline; a member that does not answer is listed as unreachable.
+    async fn zone_status(&self) -> Result<StatusResponse, ApiError> {
+        let local = self
+            .node
+            .status()
+            .await
+            .map_err(|_| ApiError::Unavailable("server is shutting down".into()))?;
+        let members: BTreeSet<u64> = local
+            .voters
+            .iter()
+            .chain(local.learners.iter())
+            .copied()
+            .collect();
+        let mine = NodeStatusResponse {
+            server: Some(self.server_status(&local)),
+            progress: Vec::new(),
+        };
+        let calls = members.iter().map(|&id| {
+            let me = self.node.id();
+            let client = self.transport.client(id);
+            let mine = mine.clone();
+            async move {
+                if id == me {
+                    return (id, Ok(mine));
+                }
+                let Some(mut client) = client else {
+                    return (id, Err("no address known".to_owned()));
+                };
+                let mut req = Request::new(NodeStatusRequest {});
+                req.set_timeout(Duration::from_millis(1000));
+                let r = client
+                    .node_status(req)
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|s| s.message().to_owned());
+                (id, r)
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        let leader_progress: Vec<Progress> = if local.role == StateRole::Leader {
+            local
+                .progress
+                .iter()
+                .map(|p| Progress {
+                    id: p.id,
+                    match_index: p.matched,
+                    last_contact_ms: p.last_contact_ms,
+                    voter: p.voter,
+                })
+                .collect()
+        } else {
+            answers
+                .iter()
+                .find(|(id, _)| *id == local.leader_id)
+                .and_then(|(_, r)| r.as_ref().ok())
+                .map(|r| r.progress.clone())
+                .unwrap_or_default()
+        };
+        let servers = answers
+            .into_iter()
+            .map(|(id, r)| {
+                let mut s = match r {
+                    Ok(resp) => resp.server.unwrap_or_default(),
+                    Err(reason) => ServerStatus {
+                        id,
+                        name: String::new(),
+                        peer_endpoint: self.config.peer_address(id).unwrap_or_default().to_owned(),
+                        role: Role::Unreachable as i32,
+                        voter: local.voters.contains(&id),
+                        error: reason,
+                        ..ServerStatus::default()
+                    },
+                };
+                if let Some(p) = leader_progress.iter().find(|p| p.id == id) {
+                    s.match_index = p.match_index;
+                    s.last_contact_ms = p.last_contact_ms;
+                }
+                s
+            })
+            .collect();
+        Ok(StatusResponse {
+            member_id: local.id,
+            leader_id: local.leader_id,
+            term: local.term,
+            servers,
+        })
+    }
+}
+
+fn write_timeout(budget: Duration) -> ApiError {
+    ApiError::Timeout(format!(
+        "the write was not confirmed within {} ms; it may or may not have been applied",
+        budget.as_millis()
+    ))
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn unwrap_result<T>(
+    r: CommandResult,
+    pick: impl FnOnce(command_result::Result) -> Option<T>,
+) -> Result<T, Status> {
+    r.result
+        .and_then(pick)
+        .ok_or_else(|| Status::internal("the applied command returned an unexpected result"))
+}
+
+/// `zone.v1.KV`.
+#[derive(Debug, Clone)]
+pub struct KvService(pub Zone);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits.put("", &req)?;
+        let r = self.0.write(command::Op::Put(req), budget).await?;
+        Ok(Response::new(unwrap_result(r, |r| match r {
+            command_result::Result::Put(p) => Some(p),
+            _ => None,
+        })?))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits.get("", &req)?;
+        if !req.serializable {
+            self.0.linearize(budget).await?;
+        }
+        let (kv, revision) = self.0.node.reader().get(&req).map_err(ApiError::from)?;
+        Ok(Response::new(GetResponse {
+            header: self.0.header(revision),
+            kv,
+        }))
+    }
+
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits.range("", &req)?;
+        if !req.serializable {
+            self.0.linearize(budget).await?;
+        }
+        let (kvs, more, revision) = self.0.node.reader().range(&req).map_err(ApiError::from)?;
+        Ok(Response::new(RangeResponse {
+            header: self.0.header(revision),
+            kvs,
+            more,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits.delete("", &req)?;
+        let r = self.0.write(command::Op::Delete(req), budget).await?;
+        Ok(Response::new(unwrap_result(r, |r| match r {
+            command_result::Result::Delete(d) => Some(d),
+            _ => None,
+        })?))
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits.txn(&req)?;
+        let r = self.0.write(command::Op::Txn(req), budget).await?;
+        Ok(Response::new(unwrap_result(r, |r| match r {
+            command_result::Result::Txn(t) => Some(t),
+            _ => None,
+        })?))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let req = req.into_inner();
+        self.0
+            .limits
+            .range(
+                "",
+                &RangeRequest {
+                    prefix: req.prefix.clone(),
+                    ..Default::default()
+                },
+            )
+            .map_err(|_| {
+                bad(
+                    "prefix",
+                    format!("over the key limit of {} bytes", self.0.limits.max_key),
+                )
+            })?;
+        // Subscribe before reading the revision: nothing falls in between.
+        let live = self.0.node.subscribe();
+        let reader = self.0.node.reader().clone();
+        let current = reader.revision().map_err(ApiError::from)?;
+        let floor = reader.history_floor().map_err(ApiError::from)?;
+        let start = if req.start_revision == 0 {
+            current + 1
+        } else {
+            req.start_revision
+        };
+        if start < floor {
+            return Err(ApiError::Compacted(format!(
+                "start_revision {start} has been compacted; the oldest revision available is {floor}"
+            ))
+            .into());
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let zone = self.0.clone();
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(WatchResponse {
+                    header: zone.header(current),
+                    events: Vec::new(),
+                }))
+                .await;
+            run_watch(zone, req, start, current, live, tx).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn event_revision(e: &Event) -> u64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
+
+/// Replays history from `next`, then follows live events; falls back to
+/// history when it lags behind the live channel.
+async fn run_watch(
+    zone: Zone,
+    req: WatchRequest,
+    mut next: u64,
+    mut replay_to: u64,
+    mut live: broadcast::Receiver<Arc<Vec<Event>>>,
+    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+) {
+    let reader = zone.node.reader().clone();
+    let shape = |mut e: Event| {
+        if !req.prev_kv {
+            e.prev_kv = None;
+        }
+        e
+    };
+    loop {
+        if next <= replay_to {
+            let floor = reader.history_floor().unwrap_or(u64::MAX);
+            if next < floor {
+                let msg = format!("the watcher fell behind to revision {next}, which has been compacted; the oldest revision available is {floor}");
+                let _ = tx.send(Err(Status::out_of_range(msg))).await;
+                return;
+            }
+            // Replay in slices so a long history is never held at once.
+            while next <= replay_to {
+                let to = replay_to.min(next + 999);
+                let events = match reader.history(next, to, &req.prefix) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        let _ = tx.send(Err(ApiError::from(e).into())).await;
+                        return;
+                    }
+                };
+                if !events.is_empty() {
+                    let resp = WatchResponse {
+                        header: zone.header(to),
+                        events: events.into_iter().map(&shape).collect(),
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+                next = to + 1;
+            }
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            got = live.recv() => match got {
+                Ok(batch) => {
+                    let Some(last) = batch.last().map(event_revision) else { continue };
+                    let events: Vec<Event> = batch
+                        .iter()
+                        .filter(|e| event_revision(e) >= next)
+                        .filter(|e| e.kv.as_ref().is_some_and(|kv| kv.key.starts_with(&req.prefix)))
+                        .cloned()
+                        .map(&shape)
+                        .collect();
+                    next = next.max(last + 1);
+                    if !events.is_empty() {
+                        let resp = WatchResponse { header: zone.header(last), events };
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    replay_to = match reader.revision() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = tx.send(Err(ApiError::from(e).into())).await;
+                            return;
+                        }
+                    };
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `zone.v1.Cluster`.
+#[derive(Debug, Clone)]
+pub struct ClusterService(pub Zone);
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.0.zone_status().await?))
+    }
+}
+
+/// `zone.v1.Peer`.
+#[derive(Debug, Clone)]
+pub struct PeerService(pub Zone);
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<RaftAck>, Status> {
+        transport::receive_stream(&self.0.node, req.into_inner()).await
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotAck>, Status> {
+        transport::receive_snapshot(&self.0.node, req.into_inner()).await
+    }
+
+    async fn forward(
+        &self,
+        req: Request<ForwardRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        let budget = self.0.budget(&req);
+        let op = req
+            .into_inner()
+            .command
+            .and_then(|c| c.op)
+            .ok_or_else(|| Status::invalid_argument("command: empty"))?;
+        // Validate again: the limits are this server's to enforce too.
+        match &op {
+            command::Op::Put(r) => self.0.limits.put("", r)?,
+            command::Op::Delete(r) => self.0.limits.delete("", r)?,
+            command::Op::Txn(r) => self.0.limits.txn(r)?,
+        }
+        if self.0.node.view().role != StateRole::Leader {
+            return Err(ApiError::NotApplied("this server is no longer the leader".into()).into());
+        }
+        match tokio::time::timeout(budget, self.0.node.propose(op)).await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            Ok(Err(NodeError::NotLeader { .. } | NodeError::NoLeader | NodeError::Dropped)) => {
+                Err(ApiError::NotApplied("this server is no longer the leader".into()).into())
+            }
+            Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string()).into()),
+            Err(_) => Err(write_timeout(budget).into()),
+        }
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        Ok(Response::new(self.0.node_status().await?))
+    }
+}

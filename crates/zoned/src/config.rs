@@ -1,0 +1,476 @@
+//! Node configuration: one TOML file, then command-line overrides, then
+//! validation.
+//!
+//! Every field has a default, documented on the field and in
+//! `Config::example()`, so an empty file is a valid single-node zone. A bad
+//! file is rejected before anything is opened, with an error that names the
+//! field (`raft.election_ticks`) and the reason. Nothing here touches the
+//! disk except reading the file.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, always naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Parse {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole node configuration (`/etc/zoned/node.toml` in the image).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeSection,
+    /// The initial voters of the zone, the same list on every node. Default:
+    /// this node alone, at its peer address.
+    pub voters: Vec<Voter>,
+    pub raft: RaftSection,
+    pub limits: LimitsSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Raft id of this node, unique in the zone, at least 1. Default 1.
+    pub id: u64,
+    /// Human name shown by `zonectl show`. Default `zone-<id>`.
+    pub name: String,
+    /// Where RocksDB keeps the Raft log and the store. Default `/var/lib/zoned`.
+    pub data_dir: PathBuf,
+    /// gRPC address for clients. Default `0.0.0.0:7400`.
+    pub client_listen: SocketAddr,
+    /// gRPC address for other servers. Default `0.0.0.0:7401`.
+    pub peer_listen: SocketAddr,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: 1,
+            name: String::new(),
+            data_dir: PathBuf::from("/var/lib/zoned"),
+            client_listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
+        }
+    }
+}
+
+/// One initial voter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Voter {
+    pub id: u64,
+    /// `host:port` of the voter's peer listener.
+    pub peer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSection {
+    /// Length of one Raft tick in milliseconds. Default 100.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower campaigns (randomised up to
+    /// twice this). Default 10.
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats. Default 2.
+    pub heartbeat_ticks: usize,
+    /// Applied entries kept in the log before it is compacted. Default 10000.
+    pub log_retention: u64,
+    /// Largest append message in bytes. Default 1 MiB.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight to one follower. Default 256.
+    pub max_inflight_msgs: usize,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            log_retention: 10_000,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest key in bytes. Default 4096.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes. Default 1 MiB.
+    pub max_value_bytes: usize,
+    /// Most operations in one transaction (both branches). Default 128.
+    pub max_txn_ops: usize,
+    /// How long a write or linearizable read may wait for the zone, in
+    /// milliseconds. Default 10000.
+    pub request_timeout_ms: u64,
+    /// Revisions of change history kept for watchers. Default 100000.
+    pub watch_history: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_key_bytes: 4096,
+            max_value_bytes: 1 << 20,
+            max_txn_ops: 128,
+            request_timeout_ms: 10_000,
+            watch_history: 100_000,
+        }
+    }
+}
+
+/// Command-line values that replace what the file says.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub id: Option<u64>,
+    pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub client_listen: Option<SocketAddr>,
+    pub peer_listen: Option<SocketAddr>,
+    pub voters: Option<Vec<Voter>>,
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides`, fills derived defaults and
+    /// validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Config::parse(&text).map_err(|(field, reason)| ConfigError::Parse {
+                    path: path.to_owned(),
+                    field,
+                    reason,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply(overrides);
+        config.finish()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; on error returns the dotted field path and the reason.
+    pub fn parse(text: &str) -> Result<Config, (String, String)> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let mut reason = inner.message().to_owned();
+            if let Some(span) = inner.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                reason.push_str(&format!(" (line {line})"));
+            }
+            let field = if field == "." || field.is_empty() {
+                "(top level)".to_owned()
+            } else {
+                field
+            };
+            (field, reason)
+        })
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(id) = o.id {
+            self.node.id = id;
+        }
+        if let Some(name) = &o.name {
+            self.node.name = name.clone();
+        }
+        if let Some(dir) = &o.data_dir {
+            self.node.data_dir = dir.clone();
+        }
+        if let Some(addr) = o.client_listen {
+            self.node.client_listen = addr;
+        }
+        if let Some(addr) = o.peer_listen {
+            self.node.peer_listen = addr;
+        }
+        if let Some(voters) = &o.voters {
+            self.voters = voters.clone();
+        }
+    }
+
+    /// Fills the defaults that depend on other fields, then checks every
+    /// rule. Public so that tests and embedders can build a config in code.
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        if self.node.id == 0 {
+            return Err(invalid(
+                "node.id",
+                "must be at least 1 (0 means 'no node' in Raft)",
+            ));
+        }
+        if self.node.name.is_empty() {
+            self.node.name = format!("zone-{}", self.node.id);
+        }
+        if self.voters.is_empty() {
+            let addr = self.node.peer_listen;
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                addr.ip().to_string()
+            };
+            self.voters.push(Voter {
+                id: self.node.id,
+                peer: format!("{host}:{}", addr.port()),
+            });
+        }
+        let mut ids = BTreeSet::new();
+        for (i, v) in self.voters.iter().enumerate() {
+            if v.id == 0 {
+                return Err(invalid(format!("voters[{i}].id"), "must be at least 1"));
+            }
+            if !ids.insert(v.id) {
+                return Err(invalid(
+                    format!("voters[{i}].id"),
+                    format!("id {} is listed twice", v.id),
+                ));
+            }
+            check_host_port(&v.peer).map_err(|r| invalid(format!("voters[{i}].peer"), r))?;
+        }
+        if !ids.contains(&self.node.id) {
+            return Err(invalid(
+                "voters",
+                format!(
+                    "node.id {} is not among the initial voters ({})",
+                    self.node.id,
+                    ids.iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        if self.node.client_listen == self.node.peer_listen {
+            return Err(invalid(
+                "node.peer_listen",
+                "must differ from node.client_listen",
+            ));
+        }
+        let r = &self.raft;
+        if r.tick_ms == 0 || r.tick_ms > 10_000 {
+            return Err(invalid("raft.tick_ms", "must be between 1 and 10000"));
+        }
+        if r.heartbeat_ticks == 0 {
+            return Err(invalid("raft.heartbeat_ticks", "must be at least 1"));
+        }
+        if r.election_ticks <= r.heartbeat_ticks {
+            return Err(invalid(
+                "raft.election_ticks",
+                format!(
+                    "must be greater than raft.heartbeat_ticks ({}), or followers campaign against a live leader",
+                    r.heartbeat_ticks
+                ),
+            ));
+        }
+        if r.log_retention == 0 {
+            return Err(invalid("raft.log_retention", "must be at least 1"));
+        }
+        if r.max_size_per_msg == 0 {
+            return Err(invalid("raft.max_size_per_msg", "must be at least 1"));
+        }
+        if r.max_inflight_msgs == 0 {
+            return Err(invalid("raft.max_inflight_msgs", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_key_bytes == 0 || l.max_key_bytes > 64 << 10 {
+            return Err(invalid(
+                "limits.max_key_bytes",
+                "must be between 1 and 65536",
+            ));
+        }
+        if l.max_value_bytes == 0 || l.max_value_bytes > 64 << 20 {
+            return Err(invalid(
+                "limits.max_value_bytes",
+                "must be between 1 and 67108864 (64 MiB)",
+            ));
+        }
+        if l.max_txn_ops == 0 {
+            return Err(invalid("limits.max_txn_ops", "must be at least 1"));
+        }
+        if l.request_timeout_ms < 100 {
+            return Err(invalid("limits.request_timeout_ms", "must be at least 100"));
+        }
+        if l.watch_history == 0 {
+            return Err(invalid("limits.watch_history", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The peer address of voter `id`, if it is an initial voter.
+    pub fn peer_address(&self, id: u64) -> Option<&str> {
+        self.voters
+            .iter()
+            .find(|v| v.id == id)
+            .map(|v| v.peer.as_str())
+    }
+
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.raft.tick_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms)
+    }
+
+    /// A commented configuration with every default, for `zoned --print-config`.
+    pub fn example() -> &'static str {
+        include_str!("../node.example.toml")
+    }
+}
+
+/// Checks `host:port` with a non-empty host and a port from 1 to 65535.
+fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("'{s}' is not host:port"));
+    };
+    if host.is_empty() {
+        return Err(format!("'{s}' has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("'{s}' has no valid port (1-65535)")),
+    }
+}
+
+/// Parses the `--voters` flag: `1=host:port,2=host:port`.
+pub fn parse_voters(s: &str) -> Result<Vec<Voter>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|part| {
+            let (id, peer) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}' is not id=host:port"))?;
+            let id = id
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("'{id}' is not a node id"))?;
+            let peer = peer.trim().to_owned();
+            check_host_port(&peer)?;
+            Ok(Voter { id, peer })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text) {
+            Err((field, reason)) => format!("{field}: {reason}"),
+            Ok(mut c) => match c.finish() {
+                Err(e) => e.to_string(),
+                Ok(()) => panic!("accepted: {text}"),
+            },
+        }
+    }
+
+    #[test]
+    fn empty_file_is_a_single_node_zone() {
+        let mut c = Config::parse("").unwrap();
+        c.finish().unwrap();
+        assert_eq!(c.node.name, "zone-1");
+        assert_eq!(
+            c.voters,
+            vec![Voter {
+                id: 1,
+                peer: "127.0.0.1:7401".into()
+            }]
+        );
+        assert_eq!(c.limits.max_key_bytes, 4096);
+        assert_eq!(c.limits.max_value_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let mut example = Config::parse(Config::example()).unwrap();
+        example.finish().unwrap();
+        let mut default = Config::default();
+        default.finish().unwrap();
+        assert_eq!(example, default);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(err("[raft]\ntick_ms = \"fast\"\n").starts_with("raft.tick_ms: invalid type"));
+        assert!(err("[node]\nidd = 3\n").starts_with("node.idd: unknown field `idd`"));
+        assert!(err("[node]\nclient_listen = \"nowhere\"\n").starts_with("node.client_listen: "));
+        assert_eq!(
+            err("[raft]\nelection_ticks = 2\nheartbeat_ticks = 2\n"),
+            "raft.election_ticks: must be greater than raft.heartbeat_ticks (2), or followers campaign against a live leader"
+        );
+        assert_eq!(
+            err("[node]\nid = 0\n"),
+            "node.id: must be at least 1 (0 means 'no node' in Raft)"
+        );
+        assert_eq!(
+            err("[[voters]]\nid = 2\npeer = \"a:1\"\n"),
+            "voters: node.id 1 is not among the initial voters (2)"
+        );
+        assert_eq!(
+            err("[[voters]]\nid = 1\npeer = \"a\"\n"),
+            "voters[0].peer: 'a' is not host:port"
+        );
+        assert_eq!(
+            err("[[voters]]\nid = 1\npeer = \"a:1\"\n[[voters]]\nid = 1\npeer = \"b:1\"\n"),
+            "voters[1].id: id 1 is listed twice"
+        );
+        assert_eq!(
+            err("[limits]\nmax_key_bytes = 0\n"),
+            "limits.max_key_bytes: must be between 1 and 65536"
+        );
+    }
+
+    #[test]
+    fn parse_errors_carry_the_line() {
+        let (field, reason) = Config::parse("\n\n[raft]\ntick_ms = -5\n").unwrap_err();
+        assert_eq!(field, "raft.tick_ms");
+        assert!(reason.ends_with("(line 4)"), "{reason}");
+    }
+
+    #[test]
+    fn voters_flag() {
+        let v = parse_voters("1=127.0.0.1:7401, 2=127.0.0.2:7401").unwrap();
+        assert_eq!(
+            v[1],
+            Voter {
+                id: 2,
+                peer: "127.0.0.2:7401".into()
+            }
+        );
+        assert!(parse_voters("x=a:1").is_err());
+        assert!(parse_voters("1=a").is_err());
+    }
+}

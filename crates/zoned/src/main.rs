@@ -1,0 +1,98 @@
+//! `zoned`: parse arguments, load the configuration, run the daemon. The
+//! exit code is 0 after a clean stop, 2 for a configuration error, 1 for any
+//! other failure.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use zoned::config::{parse_voters, Config, Overrides, Voter};
+
+/// The Zoned control daemon: one server of a Raft-replicated zone.
+///
+/// Settings come from the TOML file given with --config (every field has a
+/// default; see --print-config), then from the flags below, which win.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Node configuration file (TOML).
+    #[arg(short, long, env = "ZONED_CONFIG")]
+    config: Option<PathBuf>,
+    /// Raft id of this server (node.id).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Display name (node.name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Data directory (node.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Client gRPC listen address (node.client_listen).
+    #[arg(long)]
+    client_listen: Option<SocketAddr>,
+    /// Peer gRPC listen address (node.peer_listen).
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// Initial voters as id=host:port,... (replaces [[voters]]).
+    #[arg(long, value_parser = parse_voters)]
+    voters: Option<Vec<Voter>>,
+    /// Log filter, RUST_LOG syntax (default: info).
+    #[arg(long)]
+    log: Option<String>,
+    /// Print a commented configuration with every default and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Validate the configuration, print it resolved, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_config {
+        print!("{}", Config::example());
+        return ExitCode::SUCCESS;
+    }
+    zoned::logging::init(args.log.as_deref());
+    let overrides = Overrides {
+        id: args.id,
+        name: args.name,
+        data_dir: args.data_dir,
+        client_listen: args.client_listen,
+        peer_listen: args.peer_listen,
+        voters: args.voters,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zoned: configuration error: {}", zoned::logging::chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        match toml::to_string_pretty(&config) {
+            Ok(text) => print!("{text}"),
+            Err(e) => eprintln!("zoned: cannot print the configuration: {e}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zoned: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(zoned::server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %zoned::logging::chain(&e), "zoned failed");
+            eprintln!("zoned: {}", zoned::logging::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Wiring: open the store, start the Raft driver and the transport, serve
+//! the client and peer ports, and stop cleanly on SIGTERM or SIGINT.
+//!
+//! Shutdown order matters: stop taking requests, stop the driver (it
+//! finishes the Ready in hand and syncs the WAL), then exit. A driver that
+//! stops on a storage failure takes the process down with an error, so
+//! systemd restarts it rather than leaving a server that cannot persist.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use zone_proto::v1::cluster_server::ClusterServer;
+use zone_proto::v1::kv_server::KvServer;
+use zone_proto::v1::peer_server::PeerServer;
+
+use crate::api::{ClusterService, KvService, PeerService, Zone};
+use crate::config::Config;
+use crate::node;
+use crate::storage::Engine;
+use crate::transport::{GrpcTransport, MAX_PEER_MESSAGE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the data directory {0}")]
+    Storage(String, #[source] crate::storage::StorageFailure),
+    #[error("cannot start Raft")]
+    Start(#[from] node::StartError),
+    #[error("invalid peer address")]
+    PeerAddress(#[from] tonic::transport::Error),
+    #[error("cannot listen on {field} {addr}")]
+    Listen {
+        field: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC reflection setup failed")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the Raft driver stopped on a storage failure")]
+    Driver(#[source] crate::storage::StorageFailure),
+    #[error("the Raft driver panicked")]
+    DriverPanic,
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+async fn listen(field: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            field,
+            addr,
+            source,
+        })
+}
+
+/// Runs the daemon until a signal or a fatal error.
+pub async fn run(config: Config) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let engine = Engine::open(&config.node.data_dir)
+        .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
+
+    // Bind first: a port in use must fail before Raft starts campaigning.
+    let client_listener = listen("node.client_listen", config.node.client_listen).await?;
+    let peer_listener = listen("node.peer_listen", config.node.peer_listen).await?;
+
+    let peers: Vec<(u64, String)> = config
+        .voters
+        .iter()
+        .map(|v| (v.id, v.peer.clone()))
+        .collect();
+    let transport = Arc::new(GrpcTransport::start(
+        config.node.id,
+        &peers,
+        tokio::runtime::Handle::current(),
+    )?);
+    let (node, driver) = node::start(&config, engine, transport.clone())?;
+    transport.attach(node.clone());
+    let zone = Zone::new(node.clone(), transport, config.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<KvServer<KvService>>().await;
+    health.set_serving::<ClusterServer<ClusterService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(zone_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let max_client = config.limits.max_value_bytes * 2 + config.limits.max_key_bytes + (1 << 20);
+    let client_server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            KvServer::new(KvService(zone.clone()))
+                .max_decoding_message_size(max_client)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(ClusterServer::new(ClusterService(zone.clone())))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(client_listener),
+            stopped(stop_rx.clone()),
+        );
+    let peer_server = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(PeerService(zone.clone()))
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx));
+    let client_task = tokio::spawn(client_server);
+    let peer_task = tokio::spawn(peer_server);
+
+    tracing::info!(
+        id = config.node.id,
+        name = %config.node.name,
+        client = %config.node.client_listen,
+        peer = %config.node.peer_listen,
+        data_dir = %config.node.data_dir.display(),
+        "zoned started"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    // Wait for a signal, or for the driver to die on its own.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServeError::Signals)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(ServeError::Signals)?;
+    let driver = tokio::task::spawn_blocking(move || driver.join());
+    tokio::pin!(driver);
+    let driver_result = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); None }
+        _ = int.recv() => { tracing::info!("SIGINT: stopping"); None }
+        r = &mut driver => Some(r),
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    node.shutdown();
+    let joined = match driver_result {
+        Some(r) => r,
+        None => driver.await,
+    };
+    // Streams (watches, Raft streams) may keep the servers open: give them a
+    // moment, then go.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = client_task.await;
+        let _ = peer_task.await;
+    })
+    .await;
+    match joined {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("zoned stopped cleanly");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(ServeError::Driver(e)),
+        _ => Err(ServeError::DriverPanic),
+    }
+}

@@ -1,0 +1,312 @@
+//! Raft traffic between servers over gRPC, on the peer port.
+//!
+//! Sending: one task per peer owns a client-streaming `Peer.Raft` call and
+//! feeds it batches of whatever messages queued up meanwhile. When the call
+//! breaks, queued messages are dropped (Raft retransmits), the peer is
+//! reported unreachable so Raft stops pipelining to it, and the task
+//! reconnects with exponential backoff. Snapshots go in their own
+//! `Peer.Snapshot` call, in chunks, and their outcome is reported to Raft.
+//! `send` never blocks the driver thread.
+//!
+//! Receiving: [`PeerService`] decodes each message and steps it into the
+//! local driver. Messages are rust-protobuf `eraftpb` bytes (RUSTSEC-2024-0437:
+//! a crafted message can exhaust the stack while parsing; the peer port must
+//! only be reachable by zone members, and mutual TLS is planned for it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use protobuf::Message as PbMessage;
+use raft::eraftpb::{Message, MessageType};
+use raft::SnapshotStatus;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status, Streaming};
+use zone_proto::v1::peer_client::PeerClient;
+use zone_proto::v1::{RaftAck, RaftBatch, SnapshotAck, SnapshotChunk};
+
+use crate::node::{NodeHandle, Transport};
+
+/// Largest gRPC message on the peer port.
+pub const MAX_PEER_MESSAGE: usize = 256 << 20;
+/// A batch is closed at this many encoded bytes or messages.
+const BATCH_BYTES: usize = 8 << 20;
+const BATCH_MESSAGES: usize = 1024;
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A lazily connected client for one peer, shared by the Raft stream,
+/// snapshots, forwarded writes and status calls.
+pub fn peer_client(addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(PeerClient::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE))
+}
+
+/// The driver's [`Transport`] over gRPC.
+#[derive(Debug)]
+pub struct GrpcTransport {
+    queues: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    clients: HashMap<u64, PeerClient<Channel>>,
+    node: Arc<OnceLock<NodeHandle>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GrpcTransport {
+    /// Starts one sender task per peer (`id`, `host:port`). Reports to Raft
+    /// begin once [`GrpcTransport::attach`] is called.
+    pub fn start(
+        self_id: u64,
+        peers: &[(u64, String)],
+        runtime: tokio::runtime::Handle,
+    ) -> Result<GrpcTransport, tonic::transport::Error> {
+        let node = Arc::new(OnceLock::new());
+        let mut queues = HashMap::new();
+        let mut clients = HashMap::new();
+        for (id, addr) in peers {
+            if *id == self_id {
+                continue;
+            }
+            let client = peer_client(addr)?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(run_peer(
+                *id,
+                addr.clone(),
+                client.clone(),
+                rx,
+                node.clone(),
+            ));
+            queues.insert(*id, tx);
+            clients.insert(*id, client);
+        }
+        Ok(GrpcTransport {
+            queues,
+            clients,
+            node,
+            runtime,
+        })
+    }
+
+    pub fn attach(&self, node: NodeHandle) {
+        let _ = self.node.set(node);
+    }
+
+    /// The client for peer `id`, for forwarding and status calls.
+    pub fn client(&self, id: u64) -> Option<PeerClient<Channel>> {
+        self.clients.get(&id).cloned()
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        for msg in msgs {
+            let to = msg.to;
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                match self.clients.get(&to) {
+                    Some(client) => {
+                        self.runtime
+                            .spawn(send_snapshot(client.clone(), msg, self.node.clone()));
+                    }
+                    None => report(&self.node, |n| {
+                        n.report_snapshot(to, SnapshotStatus::Failure)
+                    }),
+                }
+                continue;
+            }
+            match self.queues.get(&to) {
+                Some(q) => {
+                    let _ = q.send(msg);
+                }
+                None => {
+                    tracing::warn!(to, "no address known for server; message dropped");
+                    report(&self.node, |n| n.report_unreachable(to));
+                }
+            }
+        }
+    }
+}
+
+fn report(node: &OnceLock<NodeHandle>, f: impl FnOnce(&NodeHandle)) {
+    if let Some(n) = node.get() {
+        f(n);
+    }
+}
+
+fn encode(msg: &Message) -> Vec<u8> {
+    msg.write_to_bytes()
+        .expect("encoding to memory cannot fail")
+}
+
+/// Owns the stream to one peer for the life of the process.
+async fn run_peer(
+    id: u64,
+    addr: String,
+    client: PeerClient<Channel>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    node: Arc<OnceLock<NodeHandle>>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut healthy = true;
+    loop {
+        // Connect only when there is something to say.
+        let Some(first) = rx.recv().await else { return };
+        let (btx, brx) = mpsc::channel::<RaftBatch>(16);
+        let mut call_client = client.clone();
+        let mut call =
+            tokio::spawn(async move { call_client.raft(ReceiverStream::new(brx)).await });
+        let mut pending = vec![first];
+        let opened = std::time::Instant::now();
+        let outcome: Result<(), String> = loop {
+            let mut bytes = 0;
+            let mut batch = Vec::with_capacity(pending.len());
+            for m in pending.drain(..) {
+                let b = encode(&m);
+                bytes += b.len();
+                batch.push(b);
+            }
+            while batch.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        let b = encode(&m);
+                        bytes += b.len();
+                        batch.push(b);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if btx.send(RaftBatch { messages: batch }).await.is_err() {
+                break Err("stream closed".into());
+            }
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => pending.push(m),
+                    None => return,
+                },
+                r = &mut call => break match r {
+                    Ok(Ok(_)) => Err("peer ended the stream".into()),
+                    Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                    Err(e) => Err(e.to_string()),
+                },
+            }
+        };
+        let reason = outcome.err().unwrap_or_default();
+        // A stream that lived a while proves the peer was back: warn again
+        // on this failure and start the backoff from the bottom.
+        if opened.elapsed() > Duration::from_secs(1) {
+            healthy = true;
+            backoff = BACKOFF_MIN;
+        }
+        if healthy {
+            tracing::warn!(peer = id, %addr, reason, "Raft stream to peer broke; reconnecting");
+            healthy = false;
+        } else {
+            tracing::debug!(peer = id, %addr, reason, "Raft stream to peer still failing");
+        }
+        report(&node, |n| n.report_unreachable(id));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        // What queued meanwhile is stale: Raft resends what still matters.
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+/// Sends one snapshot message in chunks and reports the outcome to Raft.
+async fn send_snapshot(
+    mut client: PeerClient<Channel>,
+    mut msg: Message,
+    node: Arc<OnceLock<NodeHandle>>,
+) {
+    let to = msg.to;
+    let data = msg.mut_snapshot().take_data();
+    let header = encode(&msg);
+    let total = data.len();
+    let mut chunks = Vec::with_capacity(total / SNAPSHOT_CHUNK + 1);
+    let mut offset = 0;
+    loop {
+        let end = (offset + SNAPSHOT_CHUNK).min(total);
+        chunks.push(SnapshotChunk {
+            message: if offset == 0 {
+                header.clone()
+            } else {
+                Vec::new()
+            },
+            data: data[offset..end].to_vec(),
+            total_size: if offset == 0 { total as u64 } else { 0 },
+        });
+        offset = end;
+        if offset >= total {
+            break;
+        }
+    }
+    tracing::info!(to, bytes = total, chunks = chunks.len(), "sending snapshot");
+    let status = match client.snapshot(tokio_stream::iter(chunks)).await {
+        Ok(_) => SnapshotStatus::Finish,
+        Err(e) => {
+            tracing::warn!(to, code = ?e.code(), message = e.message(), "snapshot send failed");
+            SnapshotStatus::Failure
+        }
+    };
+    report(&node, |n| n.report_snapshot(to, status));
+}
+
+/// Receives Raft messages and snapshots from peers.
+pub async fn receive_stream(
+    node: &NodeHandle,
+    mut stream: Streaming<RaftBatch>,
+) -> Result<Response<RaftAck>, Status> {
+    while let Some(batch) = stream.message().await? {
+        for bytes in batch.messages {
+            let msg = Message::parse_from_bytes(&bytes).map_err(|e| {
+                Status::invalid_argument(format!("messages: not a Raft message: {e}"))
+            })?;
+            node.step(msg)
+                .map_err(|_| Status::unavailable("server is shutting down"))?;
+        }
+    }
+    Ok(Response::new(RaftAck {}))
+}
+
+/// Reassembles a chunked snapshot and steps it into Raft.
+pub async fn receive_snapshot(
+    node: &NodeHandle,
+    mut stream: Streaming<SnapshotChunk>,
+) -> Result<Response<SnapshotAck>, Status> {
+    let Some(first) = stream.message().await? else {
+        return Err(Status::invalid_argument("empty snapshot stream"));
+    };
+    let mut msg = Message::parse_from_bytes(&first.message)
+        .map_err(|e| Status::invalid_argument(format!("message: not a Raft message: {e}")))?;
+    if msg.get_msg_type() != MessageType::MsgSnapshot {
+        return Err(Status::invalid_argument("message: not a snapshot message"));
+    }
+    let total = first.total_size as usize;
+    let mut data = Vec::with_capacity(total.min(1 << 30));
+    data.extend_from_slice(&first.data);
+    while let Some(chunk) = stream.message().await? {
+        data.extend_from_slice(&chunk.data);
+        if data.len() > total {
+            return Err(Status::invalid_argument(
+                "snapshot: more data than announced",
+            ));
+        }
+    }
+    if data.len() != total {
+        return Err(Status::invalid_argument(format!(
+            "snapshot: {} bytes received of {total}",
+            data.len()
+        )));
+    }
+    msg.mut_snapshot().set_data(data.into());
+    node.step(msg)
+        .map_err(|_| Status::unavailable("server is shutting down"))?;
+    Ok(Response::new(SnapshotAck {}))
+}

@@ -1,0 +1,258 @@
+//! A harness for tests against real `zoned` processes on loopback, with
+//! their data on disk in a temporary directory.
+//!
+//! The harness owns every process it starts and kills them all when it is
+//! dropped, also when a test panics; it then prints each server's log so a
+//! failure can be read from the test output.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use zonectl::v1::cluster_client::ClusterClient;
+use zonectl::v1::kv_client::KvClient;
+use zonectl::v1::StatusRequest;
+use zonectl::ZoneView;
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Server {
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("zoned.log")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("node.toml")
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.client.to_string()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+pub struct TestZone {
+    pub servers: Vec<Server>,
+    pub root: tempfile::TempDir,
+    pub extra_config: String,
+}
+
+/// Raft timing for tests: 50 ms ticks, elections after 0.5-1 s.
+const TEST_RAFT: &str = "[raft]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2\n";
+
+impl TestZone {
+    /// Starts `n` servers forming one zone. `extra` is appended to every
+    /// config file (a `[limits]` table, say).
+    pub fn start(n: u64, extra: &str) -> TestZone {
+        let root = tempfile::tempdir().unwrap();
+        let servers: Vec<Server> = (1..=n)
+            .map(|id| Server {
+                id,
+                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                dir: root.path().join(format!("node-{id}")),
+                child: None,
+            })
+            .collect();
+        let mut zone = TestZone {
+            servers,
+            root,
+            extra_config: extra.to_owned(),
+        };
+        for s in &zone.servers {
+            std::fs::create_dir_all(&s.dir).unwrap();
+            let mut text = format!(
+                "[node]\nid = {}\nname = \"zone-{}\"\ndata_dir = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n\n{TEST_RAFT}\n{extra}\n",
+                s.id,
+                s.id,
+                s.dir.join("data").display(),
+                s.client,
+                s.peer
+            );
+            for v in &zone.servers {
+                text.push_str(&format!(
+                    "[[voters]]\nid = {}\npeer = \"{}\"\n",
+                    v.id, v.peer
+                ));
+            }
+            std::fs::write(s.config_path(), text).unwrap();
+        }
+        for i in 0..zone.servers.len() {
+            zone.launch(i);
+        }
+        zone
+    }
+
+    /// Starts server index `i` (0-based) from its config.
+    pub fn launch(&mut self, i: usize) {
+        let s = &mut self.servers[i];
+        assert!(s.child.is_none(), "server {} already running", s.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_zoned"))
+            .arg("--config")
+            .arg(s.config_path())
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start zoned");
+        s.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.servers[i].child.take().expect("server running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("server {} ignored SIGTERM for 20 s", self.servers[i].id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.servers.iter().map(Server::endpoint).collect()
+    }
+
+    pub async fn channel(&self, i: usize) -> Channel {
+        let ep = format!("http://{}", self.servers[i].client);
+        tonic::transport::Endpoint::from_shared(ep)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy()
+    }
+
+    pub async fn kv(&self, i: usize) -> KvClient<Channel> {
+        KvClient::new(self.channel(i).await)
+    }
+
+    pub async fn status(&self, i: usize) -> Option<ZoneView> {
+        let mut c = ClusterClient::new(self.channel(i).await);
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(Duration::from_secs(3));
+        let s = c.status(req).await.ok()?.into_inner();
+        Some(ZoneView::from_status(&s))
+    }
+
+    /// Waits until some running server reports a leader that every running
+    /// server agrees on; returns the leader's index in `servers`.
+    pub async fn wait_leader(&mut self) -> usize {
+        let running: Vec<usize> = (0..self.servers.len())
+            .filter(|&i| self.servers[i].is_running())
+            .collect();
+        let this = &*self;
+        poll(
+            Duration::from_secs(30),
+            "a leader every running server agrees on",
+            || {
+                let running = running.clone();
+                async move {
+                    let mut leader = None;
+                    for &i in &running {
+                        let v = this.status(i).await?;
+                        let l = v.leader_id;
+                        if l == 0 || leader.is_some_and(|x| x != l) {
+                            return None;
+                        }
+                        leader = Some(l);
+                    }
+                    let id = leader?;
+                    let idx = this.servers.iter().position(|s| s.id == id)?;
+                    // A dead leader may still be believed in for a moment.
+                    running.contains(&idx).then_some(idx)
+                }
+            },
+        )
+        .await
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.servers[i].log_path()).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.servers[i].dir
+    }
+}
+
+impl Drop for TestZone {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill9(i);
+        }
+        if std::thread::panicking() {
+            for s in &self.servers {
+                let log = std::fs::read_to_string(s.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("---- zoned {} log (last 60 lines) ----", s.id);
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
