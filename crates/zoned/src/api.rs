@@ -28,7 +28,7 @@ use zone_proto::v1::{
 };
 
 use crate::config::Config;
-use crate::node::{LocalStatus, NodeError, NodeHandle, RETRY_PAUSE};
+use crate::node::{Applied, LocalStatus, NodeError, NodeHandle, RETRY_PAUSE};
 use crate::storage::StorageFailure;
 use crate::transport::{self, GrpcTransport};
 
@@ -739,7 +739,7 @@ async fn run_watch(
     req: WatchRequest,
     mut next: u64,
     mut replay_to: u64,
-    mut live: broadcast::Receiver<Arc<Vec<Event>>>,
+    mut live: broadcast::Receiver<Arc<Applied>>,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
 ) {
     let reader = zone.node.reader().clone();
@@ -782,7 +782,19 @@ async fn run_watch(
         tokio::select! {
             _ = tx.closed() => return,
             got = live.recv() => match got {
-                Ok(batch) => {
+                Ok(applied) => {
+                    let batch = match &*applied {
+                        Applied::Events(events) => events,
+                        Applied::Snapshot(rev) if *rev >= next => {
+                            let msg = format!(
+                                "this server installed a snapshot at revision {rev}: changes from revision {next} are not available here; read the current state and watch from revision {}",
+                                rev + 1
+                            );
+                            let _ = tx.send(Err(Status::out_of_range(msg))).await;
+                            return;
+                        }
+                        Applied::Snapshot(_) => continue,
+                    };
                     let Some(last) = batch.last().map(event_revision) else { continue };
                     let events: Vec<Event> = batch
                         .iter()

@@ -52,6 +52,16 @@ pub enum NodeError {
     Stopped,
 }
 
+/// What the driver tells watchers after each applied batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The changes of one batch, in revision order.
+    Events(Vec<Event>),
+    /// The store was replaced by a snapshot at this revision: the changes
+    /// before it are not available on this server.
+    Snapshot(u64),
+}
+
 /// The Raft role and leader as last seen by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaftView {
@@ -116,7 +126,7 @@ pub struct NodeHandle {
     id: u64,
     tx: std_mpsc::Sender<Request>,
     view: watch::Receiver<RaftView>,
-    events: broadcast::Sender<Arc<Vec<Event>>>,
+    events: broadcast::Sender<Arc<Applied>>,
     reader: Reader,
 }
 
@@ -150,7 +160,7 @@ impl NodeHandle {
     }
 
     /// Live events of every applied batch, for watchers.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Vec<Event>>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Applied>> {
         self.events.subscribe()
     }
 
@@ -232,7 +242,7 @@ struct Driver {
     rx: std_mpsc::Receiver<Request>,
     transport: Arc<dyn Transport>,
     view_tx: watch::Sender<RaftView>,
-    events_tx: broadcast::Sender<Arc<Vec<Event>>>,
+    events_tx: broadcast::Sender<Arc<Applied>>,
     config: Config,
     proposals: VecDeque<Pending>,
     reads_new: Vec<Reply<()>>,
@@ -482,9 +492,10 @@ impl Driver {
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             let meta = snap.get_metadata();
-            kv::restore(&self.engine, &mut wb, &snap.data)?;
+            let revision = kv::restore(&self.engine, &mut wb, &snap.data)?;
             self.raw.mut_store().apply_snapshot_meta(&mut wb, meta);
             self.engine.write(std::mem::take(&mut wb), true)?;
+            let _ = self.events_tx.send(Arc::new(Applied::Snapshot(revision)));
             self.snapshots_received += 1;
             tracing::info!(index = meta.index, term = meta.term, "installed snapshot");
             // Proposals at or below the snapshot were replaced or applied
@@ -662,7 +673,7 @@ impl Driver {
             let _ = reply.send(outcome);
         }
         if !done.events.is_empty() {
-            let _ = self.events_tx.send(Arc::new(done.events));
+            let _ = self.events_tx.send(Arc::new(Applied::Events(done.events)));
         }
         let applied = self.raw.store().applied();
         if !self.reads_waiting.is_empty() {

@@ -488,11 +488,12 @@ mod tests {
     }
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("data-{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("data-{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     fn open(dir: &Path) -> RaftStorage {
@@ -526,10 +527,12 @@ mod tests {
                     wb,
                     &(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>(),
                 );
-                let mut hs = HardState::default();
-                hs.term = 3;
-                hs.vote = 2;
-                hs.commit = 7;
+                let hs = HardState {
+                    term: 3,
+                    vote: 2,
+                    commit: 7,
+                    ..Default::default()
+                };
                 s.set_hard_state(wb, &hs);
                 s.set_applied(wb, 6);
             });
