@@ -76,7 +76,7 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// One server as `zonectl show` presents it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServerRow {
     pub id: u64,
     pub name: String,
@@ -94,17 +94,33 @@ pub struct ServerRow {
     pub revision: u64,
     pub peer_endpoint: String,
     pub client_endpoint: String,
+    pub snapshots_received: u64,
+    /// Host figures the server reported; `None` when it did not answer.
+    pub host: Option<HostRow>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
 }
 
+/// A server's host, as it reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostRow {
+    pub load1: f64,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+}
+
 /// The zone as `zonectl show` presents it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ZoneView {
     /// Server that answered.
     pub member_id: u64,
     pub leader_id: u64,
     pub term: u64,
+    /// True while the zone is disabled for maintenance (writes refused).
+    pub disabled: bool,
     pub servers: Vec<ServerRow>,
 }
 
@@ -154,6 +170,15 @@ impl ZoneView {
                     revision: x.revision,
                     peer_endpoint: x.peer_endpoint.clone(),
                     client_endpoint: x.client_endpoint.clone(),
+                    snapshots_received: x.snapshots_received,
+                    host: x.host.as_ref().filter(|_| reachable).map(|h| HostRow {
+                        load1: h.load1,
+                        cpus: h.cpus,
+                        memory_total_bytes: h.memory_total_bytes,
+                        memory_available_bytes: h.memory_available_bytes,
+                        disk_total_bytes: h.disk_total_bytes,
+                        disk_free_bytes: h.disk_free_bytes,
+                    }),
                     error: x.error.clone(),
                 }
             })
@@ -163,6 +188,7 @@ impl ZoneView {
             member_id: s.member_id,
             leader_id: s.leader_id,
             term: s.term,
+            disabled: s.disabled,
             servers,
         }
     }
@@ -172,11 +198,41 @@ impl ZoneView {
     }
 }
 
+/// Bytes for people: 1023B, 1.5K, 20M, 3.2G, 1.1T.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else if v < 10.0 {
+        format!("{v:.1}{}", UNITS[unit])
+    } else {
+        format!("{v:.0}{}", UNITS[unit])
+    }
+}
+
 /// The `zonectl show` table. Unknown figures print as `-`; an unreachable
 /// server keeps its row, with the reason below the table.
 pub fn render_table(v: &ZoneView) -> String {
     let headers = [
-        "ID", "NAME", "STATE", "TERM", "INDEX", "COMMIT", "APPLIED", "VOTE", "LAG",
+        "ID",
+        "NAME",
+        "STATE",
+        "TERM",
+        "INDEX",
+        "COMMIT",
+        "APPLIED",
+        "VOTE",
+        "LAG",
+        "CONTACT",
+        "LOAD",
+        "MEM-FREE",
+        "DISK-FREE",
     ];
     let dash = |reachable: bool, n: u64| if reachable { n.to_string() } else { "-".into() };
     let rows: Vec<Vec<String>> = v
@@ -184,6 +240,7 @@ pub fn render_table(v: &ZoneView) -> String {
         .iter()
         .map(|s| {
             let ok = s.state != "unreachable";
+            let host = s.host.as_ref();
             vec![
                 s.id.to_string(),
                 if s.name.is_empty() {
@@ -198,6 +255,22 @@ pub fn render_table(v: &ZoneView) -> String {
                 dash(ok, s.applied),
                 dash(ok, s.vote),
                 s.lag.map_or("-".into(), |l| l.to_string()),
+                s.last_contact_ms.map_or("-".into(), |ms| format!("{ms}ms")),
+                host.map_or("-".into(), |h| format!("{:.2}/{}", h.load1, h.cpus)),
+                host.map_or("-".into(), |h| {
+                    format!(
+                        "{}/{}",
+                        human_bytes(h.memory_available_bytes),
+                        human_bytes(h.memory_total_bytes)
+                    )
+                }),
+                host.map_or("-".into(), |h| {
+                    format!(
+                        "{}/{}",
+                        human_bytes(h.disk_free_bytes),
+                        human_bytes(h.disk_total_bytes)
+                    )
+                }),
             ]
         })
         .collect();
@@ -227,6 +300,9 @@ pub fn render_table(v: &ZoneView) -> String {
     }
     if v.leader_id == 0 {
         out.push_str("no leader elected\n");
+    }
+    if v.disabled {
+        out.push_str("zone DISABLED for maintenance: writes are refused (zonectl zone enable)\n");
     }
     out
 }

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use zonectl::v1::{
-    cluster_client::ClusterClient, event::EventType, kv_client::KvClient, DeleteRequest,
-    GetRequest, KeyValue, PutRequest, RangeRequest, StatusRequest, WatchRequest,
+    cluster_client::ClusterClient, event::EventType, kv_client::KvClient, AddServerRequest,
+    DeleteRequest, GetRequest, KeyValue, Member, PutRequest, RangeRequest, RemoveServerRequest,
+    ResetServerRequest, SetMaintenanceRequest, StatusRequest, TransferLeaderRequest, WatchRequest,
 };
 use zonectl::{connect, parse_endpoints, render_table, ZoneView, DEFAULT_ENDPOINTS};
 
@@ -40,6 +41,51 @@ enum Command {
     /// Read and write the replicated key-value store.
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Add, remove or reset servers of the zone.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Move leadership.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+    /// Zone-wide switches.
+    #[command(subcommand)]
+    Zone(ZoneCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    /// Add a server as a learner; it is promoted to voter once caught up.
+    /// Then start zoned on it with an empty data directory and
+    /// `join = "<any member's client address>"`.
+    Add {
+        /// Raft id of the new server (unused in the zone).
+        #[arg(long)]
+        id: u64,
+        /// Display name (default zone-<id>).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// host:port of the new server's peer listener.
+        #[arg(long)]
+        peer: String,
+    },
+    /// Remove a server; the leader hands leadership over first.
+    Remove { id: u64 },
+    /// Make a follower receive a fresh snapshot from the leader.
+    Reset { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaderCommand {
+    /// Hand leadership to server ID, or to the most caught-up voter.
+    Transfer { id: Option<u64> },
+}
+
+#[derive(Debug, Subcommand)]
+enum ZoneCommand {
+    /// Refuse writes zone-wide for maintenance (reads still served).
+    Disable,
+    /// Accept writes again.
+    Enable,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +146,27 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+fn print_members(members: &[Member], json: bool) {
+    if json {
+        let v: Vec<_> = members
+            .iter()
+            .map(|m| serde_json::json!({"id": m.id, "name": m.name, "peer_endpoint": m.peer_endpoint, "learner": m.learner}))
+            .collect();
+        print_json(&serde_json::json!({ "members": v }));
+        return;
+    }
+    println!("ID  ROLE     NAME  PEER");
+    for m in members {
+        let role = if m.learner { "learner" } else { "voter" };
+        println!(
+            "{:<3} {role:<8} {}  {}",
+            m.id,
+            if m.name.is_empty() { "-" } else { &m.name },
+            m.peer_endpoint
+        );
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let endpoints = parse_endpoints(&args.endpoints);
     let (channel, _) = connect(&endpoints).await?;
@@ -115,6 +182,66 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print!("{}", render_table(&view));
+            }
+        }
+        Command::Server(cmd) => {
+            let mut c = ClusterClient::new(channel);
+            match cmd {
+                ServerCommand::Add { id, name, peer } => {
+                    let r = c
+                        .add_server(AddServerRequest { id, name, peer })
+                        .await?
+                        .into_inner();
+                    if !json {
+                        println!("server {id} added as a learner; start it with an empty data directory and join = \"<a member's client address>\"");
+                    }
+                    print_members(&r.members, json);
+                }
+                ServerCommand::Remove { id } => {
+                    let r = c
+                        .remove_server(RemoveServerRequest { id })
+                        .await?
+                        .into_inner();
+                    if !json {
+                        println!("server {id} removed");
+                    }
+                    print_members(&r.members, json);
+                }
+                ServerCommand::Reset { id } => {
+                    c.reset_server(ResetServerRequest { id }).await?;
+                    if json {
+                        print_json(&serde_json::json!({ "reset": id }));
+                    } else {
+                        println!("server {id} asked the leader for a fresh snapshot");
+                    }
+                }
+            }
+        }
+        Command::Leader(LeaderCommand::Transfer { id }) => {
+            let r = ClusterClient::new(channel)
+                .transfer_leader(TransferLeaderRequest {
+                    target: id.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({ "leader_id": r.leader_id, "term": r.term }));
+            } else {
+                println!("server {} leads (term {})", r.leader_id, r.term);
+            }
+        }
+        Command::Zone(cmd) => {
+            let disabled = matches!(cmd, ZoneCommand::Disable);
+            let r = ClusterClient::new(channel)
+                .set_maintenance(SetMaintenanceRequest { disabled })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({ "disabled": r.disabled }));
+            } else if r.disabled {
+                println!("zone disabled for maintenance: writes are refused, reads are served");
+            } else {
+                println!("zone enabled: writes are accepted");
             }
         }
         Command::Kv(cmd) => {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use zonectl::v1::{Role, ServerStatus, StatusResponse};
+use zonectl::v1::{HostFigures, Role, ServerStatus, StatusResponse};
 use zonectl::{render_table, ZoneView};
 
 fn check(name: &str, actual: &str) {
@@ -40,6 +40,14 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
         voter: true,
         leader_id: 1,
         revision: 1100,
+        host: Some(HostFigures {
+            load1: 0.25 * id as f64,
+            cpus: 2,
+            memory_total_bytes: 8 << 30,
+            memory_available_bytes: (5 << 30) + (id << 28),
+            disk_total_bytes: 100 << 30,
+            disk_free_bytes: (60 << 30) - (id << 30),
+        }),
         ..ServerStatus::default()
     }
 }
@@ -54,6 +62,7 @@ fn healthy() -> StatusResponse {
             server(1, Role::Leader, 1204, 1204, None),
             server(2, Role::Follower, 1204, 1204, Some(12)),
         ],
+        disabled: false,
     }
 }
 
@@ -94,6 +103,20 @@ fn show_table_without_leader() {
     }
     check(
         "show-no-leader.txt",
+        &render_table(&ZoneView::from_status(&s)),
+    );
+}
+
+#[test]
+fn show_table_with_a_learner_in_a_disabled_zone() {
+    let mut s = healthy();
+    s.disabled = true;
+    let mut learner = server(4, Role::Learner, 1100, 1100, Some(30));
+    learner.voter = false;
+    learner.name = "zone-4".into();
+    s.servers.push(learner);
+    check(
+        "show-learner-disabled.txt",
         &render_table(&ZoneView::from_status(&s)),
     );
 }

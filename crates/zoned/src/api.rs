@@ -14,20 +14,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use raft::eraftpb::{ConfChangeType, ConfChangeV2};
 use raft::StateRole;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use zone_proto::v1::{
-    cluster_server::Cluster, command, command_result, compare, kv_server::Kv, peer_server::Peer,
-    request_op, CommandResult, Compare, DeleteRequest, DeleteResponse, Event, ForwardRequest,
-    GetRequest, GetResponse, NodeStatusRequest, NodeStatusResponse, Progress, PutRequest,
-    PutResponse, RaftAck, RaftBatch, RangeRequest, RangeResponse, RequestOp, ResponseHeader, Role,
-    ServerStatus, SnapshotAck, SnapshotChunk, StatusRequest, StatusResponse, TxnRequest,
+    cluster_server::Cluster, command, command_result, compare, kv_server::Kv, manage_request,
+    manage_response, peer_server::Peer, request_op, AddServerRequest, CommandResult, Compare,
+    DeleteRequest, DeleteResponse, Event, ForwardRequest, GetRequest, GetResponse, ManageRequest,
+    ManageResponse, Member, MembersRequest, MembersResponse, NodeStatusRequest, NodeStatusResponse,
+    Progress, PutRequest, PutResponse, RaftAck, RaftBatch, RangeRequest, RangeResponse,
+    RemoveServerRequest, RemovedAck, RemovedNotice, RequestOp, RequestSnapshotRequest,
+    RequestSnapshotResponse, ResetServerRequest, ResetServerResponse, ResponseHeader, Role,
+    ServerStatus, SetMaintenanceRequest, SetMaintenanceResponse, SnapshotAck, SnapshotChunk,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TxnRequest,
     TxnResponse, WatchRequest, WatchResponse,
 };
 
-use crate::config::Config;
+use crate::config::{check_host_port, Config};
+use crate::kv;
 use crate::node::{Applied, LocalStatus, NodeError, NodeHandle, RETRY_PAUSE};
 use crate::storage::StorageFailure;
 use crate::transport::{self, GrpcTransport};
@@ -52,6 +58,16 @@ pub enum ApiError {
     Timeout(String),
     #[error("{0}")]
     Compacted(String),
+    /// The zone's state forbids it (maintenance, last voter).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// An error from the server the request was forwarded to, passed on.
+    #[error("{}", .0.message())]
+    Remote(Status),
     #[error("storage failure")]
     Storage(#[from] StorageFailure),
 }
@@ -69,6 +85,10 @@ impl From<ApiError> for Status {
             ApiError::Unavailable(m) => Status::unavailable(m.clone()),
             ApiError::Timeout(m) => Status::deadline_exceeded(m.clone()),
             ApiError::Compacted(m) => Status::out_of_range(m.clone()),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            ApiError::NotFound(m) => Status::not_found(m.clone()),
+            ApiError::AlreadyExists(m) => Status::already_exists(m.clone()),
+            ApiError::Remote(status) => status.clone(),
             ApiError::Storage(inner) => {
                 tracing::error!(error = %crate::logging::chain(inner), "storage failure serving a request");
                 Status::internal(format!("storage failure: {}", crate::logging::chain(inner)))
@@ -261,6 +281,7 @@ pub struct ServerInfo {
 /// What every service shares.
 #[derive(Clone)]
 pub struct Zone {
+    host: Arc<crate::host::Host>,
     node: NodeHandle,
     transport: Arc<GrpcTransport>,
     config: Arc<Config>,
@@ -298,6 +319,7 @@ impl Zone {
                 .unwrap_or_else(|| advertise(config.node.peer_listen)),
         };
         Zone {
+            host: Arc::default(),
             limits: Limits {
                 max_key: config.limits.max_key_bytes,
                 max_value: config.limits.max_value_bytes,
@@ -337,6 +359,27 @@ impl Zone {
     /// Runs a write on the leader, wherever it is, until `deadline`.
     /// Retries only what is known not to have been applied.
     async fn write(&self, op: command::Op, budget: Duration) -> Result<CommandResult, ApiError> {
+        let r = self.write_any(op, budget).await?;
+        if let Some(command_result::Result::FailedPrecondition(m)) = &r.result {
+            return Err(ApiError::FailedPrecondition(m.clone()));
+        }
+        Ok(r)
+    }
+
+    /// Refuses a write early while the zone is disabled (the state machine
+    /// refuses it too, for writes already on their way).
+    fn check_enabled(&self) -> Result<(), ApiError> {
+        if self.node.reader().disabled()? {
+            return Err(ApiError::FailedPrecondition(kv::DISABLED_MESSAGE.into()));
+        }
+        Ok(())
+    }
+
+    async fn write_any(
+        &self,
+        op: command::Op,
+        budget: Duration,
+    ) -> Result<CommandResult, ApiError> {
         let deadline = Instant::now() + budget;
         loop {
             let view = self.node.view();
@@ -345,7 +388,12 @@ impl Zone {
             if view.leader_id == self.node.id() && view.role == StateRole::Leader {
                 match tokio::time::timeout_at(deadline.into(), self.node.propose(op.clone())).await {
                     Ok(Ok(r)) => return Ok(r),
-                    Ok(Err(NodeError::NotLeader { .. } | NodeError::NoLeader | NodeError::Dropped)) => {}
+                                        Ok(Err(
+                        NodeError::NotLeader { .. }
+                        | NodeError::NoLeader
+                        | NodeError::Dropped
+                        | NodeError::ConfBusy,
+                    )) => {}
                     Ok(Err(NodeError::LeadershipChanged)) => {
                         return Err(ApiError::Unavailable(
                             "leadership changed while the write was in flight; it may or may not have been applied".into(),
@@ -354,6 +402,7 @@ impl Zone {
                     Ok(Err(NodeError::Stopped)) => {
                         return Err(ApiError::Unavailable("server is shutting down".into()))
                     }
+                    Ok(Err(NodeError::Rejected(m))) => return Err(ApiError::FailedPrecondition(m)),
                     Err(_) => return Err(write_timeout(budget)),
                 }
             } else if view.leader_id != 0 {
@@ -363,13 +412,20 @@ impl Zone {
                     Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
                         return Err(write_timeout(budget))
                     }
-                    Err(status) => {
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                        ) =>
+                    {
                         return Err(ApiError::Unavailable(format!(
-                            "forwarding to leader {}: {}",
+                            "forwarding to leader {}: {}; the write may or may not have been applied",
                             view.leader_id,
                             status.message()
                         )))
                     }
+                    // The leader's own answer (bad input, say): pass it on.
+                    Err(status) => return Err(ApiError::Remote(status)),
                 }
             }
             if Instant::now() + RETRY_PAUSE >= deadline {
@@ -481,6 +537,7 @@ impl Zone {
             leader_id: s.leader_id,
             revision: s.revision,
             snapshots_received: s.snapshots_received,
+            host: Some(self.host.figures(&self.config.node.data_dir)),
         }
     }
 
@@ -570,8 +627,312 @@ impl Zone {
             leader_id: local.leader_id,
             term: local.term,
             servers,
+            disabled: self.node.reader().disabled()?,
         })
     }
+}
+
+/// Management: membership changes, leadership, snapshots, maintenance.
+impl Zone {
+    /// Runs a management request at the leader, wherever it is, retrying
+    /// what is known not to have been applied until `budget` runs out.
+    async fn manage(
+        &self,
+        req: ManageRequest,
+        budget: Duration,
+    ) -> Result<ManageResponse, ApiError> {
+        let deadline = Instant::now() + budget;
+        let mut last = String::from("no leader could take the request");
+        loop {
+            let view = self.node.view();
+            if view.leader_id == self.node.id() && view.role == StateRole::Leader {
+                match self.manage_local(req.clone(), deadline).await {
+                    Err(ApiError::NotApplied(why)) => last = why,
+                    other => return other,
+                }
+            } else if view.leader_id != 0 {
+                if let Some(mut client) = self.transport.client(view.leader_id) {
+                    let mut fwd = Request::new(req.clone());
+                    fwd.set_timeout(deadline.saturating_duration_since(Instant::now()));
+                    match client.manage(fwd).await {
+                        Ok(r) => return Ok(r.into_inner()),
+                        Err(status) if status.metadata().get(NOT_APPLIED).is_some() => {
+                            last = status.message().to_owned()
+                        }
+                        Err(status) => return Err(ApiError::Remote(status)),
+                    }
+                }
+            }
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(ApiError::NotApplied(format!(
+                    "{last} (after {} ms); nothing changed",
+                    budget.as_millis()
+                )));
+            }
+            let _ = tokio::time::timeout(RETRY_PAUSE * 4, self.node.view_changed()).await;
+        }
+    }
+
+    /// A management request on the leader.
+    async fn manage_local(
+        &self,
+        req: ManageRequest,
+        deadline: Instant,
+    ) -> Result<ManageResponse, ApiError> {
+        use zone_proto::v1::{manage_request::Request as Q, manage_response::Response as A};
+        let response = match req.request {
+            Some(Q::AddServer(a)) => A::Members(self.add_server(a, deadline).await?),
+            Some(Q::RemoveServer(r)) => A::Members(self.remove_server(r.id, deadline).await?),
+            Some(Q::TransferLeader(t)) => {
+                A::TransferLeader(self.transfer(t.target, deadline).await?)
+            }
+            None => return Err(bad("request", "empty management request")),
+        };
+        Ok(ManageResponse {
+            response: Some(response),
+        })
+    }
+
+    async fn local(&self) -> Result<LocalStatus, ApiError> {
+        self.node
+            .status()
+            .await
+            .map_err(|_| ApiError::Unavailable("server is shutting down".into()))
+    }
+
+    async fn members(&self) -> Result<MembersResponse, ApiError> {
+        Ok(MembersResponse {
+            members: self.local().await?.members,
+        })
+    }
+
+    async fn conf_change(&self, cc: ConfChangeV2, deadline: Instant) -> Result<(), ApiError> {
+        match tokio::time::timeout_at(deadline.into(), self.node.propose_conf_change(cc)).await {
+            Ok(Ok(())) => Ok(()),
+                        Ok(Err(
+                NodeError::NotLeader { .. }
+                | NodeError::NoLeader
+                | NodeError::Dropped
+                | NodeError::ConfBusy,
+            )) => Err(ApiError::NotApplied(
+                "not applied yet: leadership changed or another change is in progress".into(),
+            )),
+            Ok(Err(NodeError::Rejected(m))) => Err(ApiError::FailedPrecondition(m)),
+            Ok(Err(e)) => Err(ApiError::Unavailable(e.to_string())),
+            Err(_) => Err(ApiError::Timeout(
+                "the membership change was not confirmed in time; check `zonectl show` before retrying".into(),
+            )),
+        }
+    }
+
+    async fn add_server(
+        &self,
+        a: AddServerRequest,
+        deadline: Instant,
+    ) -> Result<MembersResponse, ApiError> {
+        if a.id == 0 {
+            return Err(bad("id", "must be at least 1"));
+        }
+        check_host_port(&a.peer).map_err(|r| bad("peer", r))?;
+        let st = self.local().await?;
+        if let Some(m) = st.members.iter().find(|m| m.id == a.id) {
+            return Err(ApiError::AlreadyExists(format!(
+                "server {} is already a member ({}, peer {})",
+                a.id,
+                if m.learner { "learner" } else { "voter" },
+                m.peer_endpoint
+            )));
+        }
+        if let Some(m) = st.members.iter().find(|m| m.peer_endpoint == a.peer) {
+            return Err(ApiError::AlreadyExists(format!(
+                "peer address {} is already used by server {}",
+                a.peer, m.id
+            )));
+        }
+        let member = Member {
+            id: a.id,
+            name: if a.name.is_empty() {
+                format!("zone-{}", a.id)
+            } else {
+                a.name
+            },
+            peer_endpoint: a.peer,
+            learner: true,
+        };
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(raft_proto::new_conf_change_single(
+            a.id,
+            ConfChangeType::AddLearnerNode,
+        ));
+        cc.context = prost::Message::encode_to_vec(&member).into();
+        self.conf_change(cc, deadline).await?;
+        tracing::info!(id = member.id, name = %member.name, peer = %member.peer_endpoint, "server added as a learner");
+        self.members().await
+    }
+
+    async fn remove_server(&self, id: u64, deadline: Instant) -> Result<MembersResponse, ApiError> {
+        let st = self.local().await?;
+        if !st.members.iter().any(|m| m.id == id) {
+            return Err(ApiError::NotFound(format!(
+                "server {id} is not a member of the zone (members: {})",
+                id_list(st.members.iter().map(|m| m.id))
+            )));
+        }
+        if st.voters == [id] {
+            return Err(ApiError::FailedPrecondition(format!(
+                "server {id} is the last voter; a zone cannot remove its last voter"
+            )));
+        }
+        if id == self.node.id() {
+            // The leader leaves last: hand leadership over, then the new
+            // leader removes this server (the caller routes there).
+            let target = self.transfer(0, deadline).await?;
+            return Err(ApiError::NotApplied(format!(
+                "leadership handed to server {}; the removal continues there",
+                target.leader_id
+            )));
+        }
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(raft_proto::new_conf_change_single(
+            id,
+            ConfChangeType::RemoveNode,
+        ));
+        self.conf_change(cc, deadline).await?;
+        tracing::info!(id, "server removed from the zone");
+        self.members().await
+    }
+
+    /// Hands leadership to `target` (0: the most caught-up voter) and waits
+    /// until it leads.
+    async fn transfer(
+        &self,
+        target: u64,
+        deadline: Instant,
+    ) -> Result<TransferLeaderResponse, ApiError> {
+        let st = self.local().await?;
+        if target != 0 {
+            match st.members.iter().find(|m| m.id == target) {
+                None => {
+                    return Err(ApiError::NotFound(format!(
+                        "server {target} is not a member of the zone (members: {})",
+                        id_list(st.members.iter().map(|m| m.id))
+                    )))
+                }
+                Some(m) if m.learner => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "server {target} is a learner; only a voter can lead"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let chosen = match self.node.transfer_leader(target).await {
+            Ok(c) => c,
+            Err(NodeError::Rejected(m)) => return Err(ApiError::FailedPrecondition(m)),
+            Err(NodeError::NotLeader { .. } | NodeError::NoLeader) => {
+                return Err(ApiError::NotApplied(
+                    "this server is no longer the leader".into(),
+                ))
+            }
+            Err(e) => return Err(ApiError::Unavailable(e.to_string())),
+        };
+        loop {
+            let v = self.node.view();
+            if v.leader_id == chosen {
+                return Ok(TransferLeaderResponse {
+                    leader_id: chosen,
+                    term: v.term,
+                });
+            }
+            if v.leader_id != 0 && v.leader_id != self.node.id() {
+                return Err(ApiError::Unavailable(format!(
+                    "leadership went to server {} instead of {chosen}",
+                    v.leader_id
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(format!(
+                    "server {chosen} did not take leadership in time; the zone keeps its leader"
+                )));
+            }
+            let _ = tokio::time::timeout_at(deadline.into(), self.node.view_changed()).await;
+        }
+    }
+
+    /// Before a planned stop: if this server leads, hand leadership to the
+    /// most caught-up voter so clients see no election timeout. Best effort.
+    pub async fn hand_over_leadership(&self) {
+        let v = self.node.view();
+        if v.role != StateRole::Leader {
+            return;
+        }
+        let budget = self.config.tick() * (self.config.raft.election_ticks as u32 * 2)
+            + Duration::from_secs(1);
+        match self.transfer(0, Instant::now() + budget).await {
+            Ok(r) => tracing::info!(
+                leader = r.leader_id,
+                term = r.term,
+                "leadership handed over before stopping"
+            ),
+            Err(e) => tracing::warn!(reason = %e, "could not hand leadership over before stopping"),
+        }
+    }
+
+    async fn reset_server(&self, id: u64) -> Result<(), ApiError> {
+        let st = self.local().await?;
+        if !st.members.iter().any(|m| m.id == id) {
+            return Err(ApiError::NotFound(format!(
+                "server {id} is not a member of the zone (members: {})",
+                id_list(st.members.iter().map(|m| m.id))
+            )));
+        }
+        if id == st.leader_id {
+            return Err(ApiError::FailedPrecondition(format!(
+                "server {id} is the leader; only a follower or learner can be reset"
+            )));
+        }
+        if id == self.node.id() {
+            return self.node.request_snapshot().await.map_err(|e| match e {
+                NodeError::Rejected(m) => ApiError::FailedPrecondition(m),
+                e => ApiError::Unavailable(e.to_string()),
+            });
+        }
+        let mut client = self
+            .transport
+            .client(id)
+            .ok_or_else(|| ApiError::Unavailable(format!("no address known for server {id}")))?;
+        let mut req = Request::new(RequestSnapshotRequest {});
+        req.set_timeout(Duration::from_secs(5));
+        client
+            .request_snapshot(req)
+            .await
+            .map_err(ApiError::Remote)?;
+        Ok(())
+    }
+
+    async fn set_maintenance(
+        &self,
+        disabled: bool,
+        budget: Duration,
+    ) -> Result<SetMaintenanceResponse, ApiError> {
+        let r = self
+            .write_any(
+                command::Op::SetMaintenance(SetMaintenanceRequest { disabled }),
+                budget,
+            )
+            .await?;
+        match r.result {
+            Some(command_result::Result::SetMaintenance(m)) => {
+                tracing::info!(disabled = m.disabled, "maintenance mode set");
+                Ok(m)
+            }
+            _ => Err(ApiError::Unavailable("unexpected result".into())),
+        }
+    }
+}
+
+fn id_list(ids: impl Iterator<Item = u64>) -> String {
+    ids.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn write_timeout(budget: Duration) -> ApiError {
@@ -617,6 +978,7 @@ impl Kv for KvService {
         let budget = self.0.budget(&req);
         let req = req.into_inner();
         self.0.limits.put("", &req)?;
+        self.0.check_enabled()?;
         let r = self.0.write(command::Op::Put(req), budget).await?;
         Ok(Response::new(unwrap_result(r, |r| match r {
             command_result::Result::Put(p) => Some(p),
@@ -660,6 +1022,7 @@ impl Kv for KvService {
         let budget = self.0.budget(&req);
         let req = req.into_inner();
         self.0.limits.delete("", &req)?;
+        self.0.check_enabled()?;
         let r = self.0.write(command::Op::Delete(req), budget).await?;
         Ok(Response::new(unwrap_result(r, |r| match r {
             command_result::Result::Delete(d) => Some(d),
@@ -671,6 +1034,7 @@ impl Kv for KvService {
         let budget = self.0.budget(&req);
         let req = req.into_inner();
         self.0.limits.txn(&req)?;
+        self.0.check_enabled()?;
         let r = self.0.write(command::Op::Txn(req), budget).await?;
         Ok(Response::new(unwrap_result(r, |r| match r {
             command_result::Result::Txn(t) => Some(t),
@@ -841,6 +1205,75 @@ impl Cluster for ClusterService {
     ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.0.zone_status().await?))
     }
+
+    async fn members(
+        &self,
+        _req: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new(self.0.members().await?))
+    }
+
+    async fn add_server(
+        &self,
+        req: Request<AddServerRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = ManageRequest {
+            request: Some(manage_request::Request::AddServer(req.into_inner())),
+        };
+        match self.0.manage(req, budget).await?.response {
+            Some(manage_response::Response::Members(m)) => Ok(Response::new(m)),
+            _ => Err(Status::internal("unexpected management response")),
+        }
+    }
+
+    async fn remove_server(
+        &self,
+        req: Request<RemoveServerRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = ManageRequest {
+            request: Some(manage_request::Request::RemoveServer(req.into_inner())),
+        };
+        match self.0.manage(req, budget).await?.response {
+            Some(manage_response::Response::Members(m)) => Ok(Response::new(m)),
+            _ => Err(Status::internal("unexpected management response")),
+        }
+    }
+
+    async fn reset_server(
+        &self,
+        req: Request<ResetServerRequest>,
+    ) -> Result<Response<ResetServerResponse>, Status> {
+        self.0.reset_server(req.into_inner().id).await?;
+        Ok(Response::new(ResetServerResponse {}))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = ManageRequest {
+            request: Some(manage_request::Request::TransferLeader(req.into_inner())),
+        };
+        match self.0.manage(req, budget).await?.response {
+            Some(manage_response::Response::TransferLeader(t)) => Ok(Response::new(t)),
+            _ => Err(Status::internal("unexpected management response")),
+        }
+    }
+
+    async fn set_maintenance(
+        &self,
+        req: Request<SetMaintenanceRequest>,
+    ) -> Result<Response<SetMaintenanceResponse>, Status> {
+        let budget = self.0.budget(&req);
+        Ok(Response::new(
+            self.0
+                .set_maintenance(req.into_inner().disabled, budget)
+                .await?,
+        ))
+    }
 }
 
 /// `zone.v1.Peer`.
@@ -875,6 +1308,7 @@ impl Peer for PeerService {
             command::Op::Put(r) => self.0.limits.put("", r)?,
             command::Op::Delete(r) => self.0.limits.delete("", r)?,
             command::Op::Txn(r) => self.0.limits.txn(r)?,
+            command::Op::SetMaintenance(_) => {}
         }
         if self.0.node.view().role != StateRole::Leader {
             return Err(ApiError::NotApplied("this server is no longer the leader".into()).into());
@@ -894,5 +1328,43 @@ impl Peer for PeerService {
         _req: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
         Ok(Response::new(self.0.node_status().await?))
+    }
+
+    async fn manage(
+        &self,
+        req: Request<ManageRequest>,
+    ) -> Result<Response<ManageResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let v = self.0.node.view();
+        if v.role != StateRole::Leader {
+            return Err(ApiError::NotApplied("this server is no longer the leader".into()).into());
+        }
+        let r = self
+            .0
+            .manage_local(req.into_inner(), Instant::now() + budget)
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn request_snapshot(
+        &self,
+        _req: Request<RequestSnapshotRequest>,
+    ) -> Result<Response<RequestSnapshotResponse>, Status> {
+        self.0.node.request_snapshot().await.map_err(|e| match e {
+            NodeError::Rejected(m) => ApiError::FailedPrecondition(m),
+            e => ApiError::Unavailable(e.to_string()),
+        })?;
+        Ok(Response::new(RequestSnapshotResponse {}))
+    }
+
+    async fn removed(&self, req: Request<RemovedNotice>) -> Result<Response<RemovedAck>, Status> {
+        let n = req.into_inner();
+        tracing::warn!(
+            leader = n.leader_id,
+            index = n.index,
+            "the leader says this server was removed from the zone"
+        );
+        self.0.node.removed_notice(n.index);
+        Ok(Response::new(RemovedAck {}))
     }
 }

@@ -65,6 +65,12 @@ pub struct NodeSection {
     pub client_listen: SocketAddr,
     /// gRPC address for other servers. Default `0.0.0.0:7401`.
     pub peer_listen: SocketAddr,
+    /// Client address (`host:port`) of any member of an existing zone, for a
+    /// new server with an empty data directory: it checks there that it was
+    /// added (`zonectl server add`) and learns the members, then waits for
+    /// the leader. Ignored once the data directory holds Raft state.
+    /// Default: none (a founding member, see `voters`).
+    pub join: Option<String>,
 }
 
 impl Default for NodeSection {
@@ -75,6 +81,7 @@ impl Default for NodeSection {
             data_dir: PathBuf::from("/var/lib/zoned"),
             client_listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
+            join: None,
         }
     }
 }
@@ -104,6 +111,9 @@ pub struct RaftSection {
     pub max_size_per_msg: u64,
     /// Append messages in flight to one follower. Default 256.
     pub max_inflight_msgs: usize,
+    /// A learner becomes a voter once its log is within this many entries
+    /// of the leader's. Default 64.
+    pub promote_within: u64,
 }
 
 impl Default for RaftSection {
@@ -115,6 +125,7 @@ impl Default for RaftSection {
             log_retention: 10_000,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            promote_within: 64,
         }
     }
 }
@@ -156,6 +167,7 @@ pub struct Overrides {
     pub client_listen: Option<SocketAddr>,
     pub peer_listen: Option<SocketAddr>,
     pub voters: Option<Vec<Voter>>,
+    pub join: Option<String>,
 }
 
 impl Config {
@@ -220,6 +232,9 @@ impl Config {
         if let Some(voters) = &o.voters {
             self.voters = voters.clone();
         }
+        if let Some(join) = &o.join {
+            self.node.join = Some(join.clone());
+        }
     }
 
     /// Fills the defaults that depend on other fields, then checks every
@@ -234,7 +249,11 @@ impl Config {
         if self.node.name.is_empty() {
             self.node.name = format!("zone-{}", self.node.id);
         }
-        if self.voters.is_empty() {
+        if let Some(join) = &self.node.join {
+            check_host_port(join).map_err(|r| invalid("node.join", r))?;
+        }
+        let joining = self.node.join.is_some();
+        if self.voters.is_empty() && !joining {
             let addr = self.node.peer_listen;
             let host = if addr.ip().is_unspecified() {
                 "127.0.0.1".to_owned()
@@ -259,7 +278,7 @@ impl Config {
             }
             check_host_port(&v.peer).map_err(|r| invalid(format!("voters[{i}].peer"), r))?;
         }
-        if !ids.contains(&self.node.id) {
+        if !joining && !ids.contains(&self.node.id) {
             return Err(invalid(
                 "voters",
                 format!(
@@ -351,7 +370,7 @@ impl Config {
 }
 
 /// Checks `host:port` with a non-empty host and a port from 1 to 65535.
-fn check_host_port(s: &str) -> Result<(), String> {
+pub fn check_host_port(s: &str) -> Result<(), String> {
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(format!("'{s}' is not host:port"));
     };

@@ -23,15 +23,20 @@ use prost::Message as _;
 use rocksdb::{ReadOptions, WriteBatch};
 use zone_proto::v1::{
     command, compare, event::EventType, request_op, response_op, Command, CommandResult, Compare,
-    DeleteRequest, DeleteResponse, Event, GetRequest, GetResponse, KeyValue, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, ResponseHeader, ResponseOp, StoreSnapshot,
-    TxnRequest, TxnResponse,
+    DeleteRequest, DeleteResponse, Event, GetRequest, GetResponse, KeyValue, Member,
+    MembersResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    ResponseOp, SetMaintenanceResponse, StoreSnapshot, TxnRequest, TxnResponse,
 };
 
 use crate::storage::{decode_u64, encode_u64, Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
 
 const KEY_REVISION: &[u8] = b"revision";
 const KEY_HISTORY_FLOOR: &[u8] = b"history_floor";
+const KEY_DISABLED: &[u8] = b"disabled";
+const KEY_MEMBERS: &[u8] = b"members";
+
+/// The message a write gets while the zone is disabled for maintenance.
+pub const DISABLED_MESSAGE: &str = "zone disabled for maintenance";
 
 /// History is trimmed in steps of a quarter of the retention, at most this
 /// many revisions, not at every write.
@@ -155,6 +160,7 @@ pub struct Applier<'a> {
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
     revision: u64,
     floor: u64,
+    disabled: bool,
     dirty_meta: bool,
     /// Events of this batch, in revision order, for live watchers.
     pub events: Vec<Event>,
@@ -184,6 +190,7 @@ impl<'a> Applier<'a> {
             overlay: BTreeMap::new(),
             revision: read_u64(meta, KEY_REVISION, 0)?,
             floor: read_u64(meta, KEY_HISTORY_FLOOR, 1)?,
+            disabled: read_u64(meta, KEY_DISABLED, 0)? != 0,
             dirty_meta: false,
             events: Vec::new(),
         })
@@ -416,11 +423,30 @@ impl<'a> Applier<'a> {
     ) -> Result<Option<CommandResult>, StorageFailure> {
         use zone_proto::v1::command_result::Result as R;
         let started_at = self.revision;
+        if let Some(command::Op::SetMaintenance(m)) = &cmd.op {
+            // Not a change of the key space: no revision, no event.
+            self.disabled = m.disabled;
+            wb.put_cf(
+                self.engine.cf(CF_META),
+                KEY_DISABLED,
+                encode_u64(u64::from(m.disabled)),
+            );
+            return Ok(Some(CommandResult {
+                result: Some(R::SetMaintenance(SetMaintenanceResponse {
+                    disabled: m.disabled,
+                })),
+            }));
+        }
+        if self.disabled && cmd.op.is_some() {
+            return Ok(Some(CommandResult {
+                result: Some(R::FailedPrecondition(DISABLED_MESSAGE.to_owned())),
+            }));
+        }
         let result = match &cmd.op {
             Some(command::Op::Put(p)) => R::Put(self.put(wb, p, started_at)?),
             Some(command::Op::Delete(d)) => R::Delete(self.delete(wb, d, started_at)?),
             Some(command::Op::Txn(t)) => R::Txn(self.txn(wb, t, started_at)?),
-            None => return Ok(None),
+            Some(command::Op::SetMaintenance(_)) | None => return Ok(None),
         };
         Ok(Some(CommandResult {
             result: Some(result),
@@ -450,17 +476,54 @@ impl<'a> Applier<'a> {
     }
 }
 
-/// Serialises the whole store at its current revision (the caller holds the
-/// only writer still).
-pub fn snapshot_data(engine: &Engine) -> Result<Vec<u8>, StorageFailure> {
-    let snap = engine.db().snapshot();
-    let revision = read_u64(|k| snap.get_cf(engine.cf(CF_META), k), KEY_REVISION, 0)?;
+/// Serialises the whole store as seen by a RocksDB snapshot: every key,
+/// the revision, the membership and the maintenance flag.
+pub fn snapshot_data(
+    engine: &Engine,
+    snap: &rocksdb::Snapshot<'_>,
+) -> Result<Vec<u8>, StorageFailure> {
+    let meta = |k: &[u8]| snap.get_cf(engine.cf(CF_META), k);
+    let revision = read_u64(meta, KEY_REVISION, 0)?;
+    let disabled = read_u64(meta, KEY_DISABLED, 0)? != 0;
+    let members =
+        decode_members(meta(KEY_MEMBERS).map_err(StorageFailure::Read)?)?.unwrap_or_default();
     let mut kvs = Vec::new();
-    for item in prefix_scan(engine, b"", Some(&snap)) {
+    for item in prefix_scan(engine, b"", Some(snap)) {
         let (k, v) = item?;
         kvs.push(decode_kv(&k, &v)?);
     }
-    Ok(StoreSnapshot { revision, kvs }.encode_to_vec())
+    Ok(StoreSnapshot {
+        revision,
+        kvs,
+        members,
+        disabled,
+    }
+    .encode_to_vec())
+}
+
+fn decode_members(bytes: Option<Vec<u8>>) -> Result<Option<Vec<Member>>, StorageFailure> {
+    match bytes {
+        None => Ok(None),
+        Some(b) => MembersResponse::decode(&b[..])
+            .map(|m| Some(m.members))
+            .map_err(|_| StorageFailure::Corrupt {
+                what: "meta/members".into(),
+            }),
+    }
+}
+
+/// The replicated membership (addresses and names), if any was recorded.
+pub fn read_members(engine: &Engine) -> Result<Option<Vec<Member>>, StorageFailure> {
+    decode_members(engine.get(CF_META, KEY_MEMBERS)?)
+}
+
+/// Stages the membership, in the batch that applies the change.
+pub fn stage_members(engine: &Engine, wb: &mut WriteBatch, members: &[Member]) {
+    let bytes = MembersResponse {
+        members: members.to_vec(),
+    }
+    .encode_to_vec();
+    wb.put_cf(engine.cf(CF_META), KEY_MEMBERS, bytes);
 }
 
 /// Stages replacing the whole store with a snapshot's contents. History
@@ -486,6 +549,8 @@ pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64,
     let meta = engine.cf(CF_META);
     wb.put_cf(meta, KEY_REVISION, encode_u64(snap.revision));
     wb.put_cf(meta, KEY_HISTORY_FLOOR, encode_u64(snap.revision + 1));
+    wb.put_cf(meta, KEY_DISABLED, encode_u64(u64::from(snap.disabled)));
+    stage_members(engine, wb, &snap.members);
     Ok(snap.revision)
 }
 
@@ -506,6 +571,15 @@ impl Reader {
             KEY_REVISION,
             0,
         )
+    }
+
+    /// True while the zone is disabled for maintenance.
+    pub fn disabled(&self) -> Result<bool, StorageFailure> {
+        Ok(read_u64(
+            |k| self.engine.db().get_cf(self.engine.cf(CF_META), k),
+            KEY_DISABLED,
+            0,
+        )? != 0)
     }
 
     /// Oldest revision whose changes a watcher can still replay.
@@ -728,7 +802,7 @@ mod tests {
         let b = Engine::open(b_dir.path()).unwrap();
         apply_all(&a, &[put("x", "1"), put("y", "2")]);
         apply_all(&b, &[put("stale", "gone")]);
-        let data = snapshot_data(&a).unwrap();
+        let data = snapshot_data(&a, &a.db().snapshot()).unwrap();
         let mut wb = WriteBatch::default();
         assert_eq!(restore(&b, &mut wb, &data).unwrap(), 2);
         b.write(wb, true).unwrap();

@@ -9,7 +9,8 @@
 //! - [`node`]: the Raft driver thread (the one Ready loop) and its handle;
 //! - [`transport`]: Raft messages between servers over gRPC;
 //! - [`api`]: the client and peer gRPC services;
-//! - [`server`]: wiring and clean shutdown.
+//! - [`server`]: wiring and clean shutdown;
+//! - [`host`]: host figures for the zone status.
 //!
 //! Safety rules kept here: a write is acknowledged only once committed,
 //! applied and written; reads are linearizable unless asked otherwise; bad
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod config;
+pub mod host;
 pub mod kv;
 pub mod logging;
 pub mod node;

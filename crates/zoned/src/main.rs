@@ -1,6 +1,7 @@
 //! `zoned`: parse arguments, load the configuration, run the daemon. The
-//! exit code is 0 after a clean stop, 2 for a configuration error, 1 for any
-//! other failure.
+//! exit code is 0 after a clean stop, 2 for a configuration error (a join
+//! to a zone that does not list this server included), 3 when this server
+//! was removed from the zone, 1 for any other failure.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ struct Args {
     /// Initial voters as id=host:port,... (replaces [[voters]]).
     #[arg(long, value_parser = parse_voters)]
     voters: Option<Vec<Voter>>,
+    /// Join an existing zone through this member's client address
+    /// (node.join); the server must have been added with `zonectl server add`.
+    #[arg(long)]
+    join: Option<String>,
     /// Log filter, RUST_LOG syntax (default: info).
     #[arg(long)]
     log: Option<String>,
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         client_listen: args.client_listen,
         peer_listen: args.peer_listen,
         voters: args.voters,
+        join: args.join,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
@@ -92,7 +98,13 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %zoned::logging::chain(&e), "zoned failed");
             eprintln!("zoned: {}", zoned::logging::chain(&e));
-            ExitCode::FAILURE
+            match e {
+                // systemd: RestartPreventExitStatus=3, a removed server must
+                // not come back on its own.
+                zoned::server::ServeError::Removed { .. } => ExitCode::from(3),
+                zoned::server::ServeError::NotAMember { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

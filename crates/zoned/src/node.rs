@@ -21,20 +21,47 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use protobuf::Message as PbMessage;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use raft_proto::ConfChangeI;
 use rocksdb::WriteBatch;
 use tokio::sync::{broadcast, oneshot, watch};
-use zone_proto::v1::{command, Command, CommandResult, Event};
+use zone_proto::v1::{command, Command, CommandResult, Event, Member};
 
 use crate::config::Config;
 use crate::kv::{self, Applier, Reader};
 use crate::storage::{Engine, RaftStorage, StorageFailure};
 
-/// Where the driver's outgoing messages go. `send` must not block.
+/// Where the driver's outgoing messages go. No method may block.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
+    /// The membership changed: these are the servers to talk to now.
+    fn set_peers(&self, _members: &[Member]) {}
+    /// Tell server `id` that it was removed from the zone at `index`.
+    fn notify_removed(&self, _id: u64, _leader: u64, _index: u64) {}
+}
+
+/// How a blank data directory starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bootstrap {
+    /// A founding member: the initial voters, the same on every founder.
+    Voters(Vec<Member>),
+    /// Joining an existing zone that already lists this server: start with
+    /// no configuration and wait for the leader's snapshot and log.
+    Join(Vec<Member>),
+}
+
+/// Why the driver stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Shutdown,
+    /// This server was removed from the zone (at this entry index; 0 when
+    /// the leader's notice came before the entry).
+    Removed {
+        index: u64,
+    },
 }
 
 /// Why a request to the driver did not complete.
@@ -50,6 +77,12 @@ pub enum NodeError {
     Dropped,
     #[error("the server is shutting down")]
     Stopped,
+    #[error("{0}")]
+    Rejected(String),
+    /// A membership change is still being applied (or a new leader has not
+    /// yet applied its log): nothing was proposed; retry shortly.
+    #[error("another membership change is still in progress; retry in a moment")]
+    ConfBusy,
 }
 
 /// What the driver tells watchers after each applied batch.
@@ -98,6 +131,8 @@ pub struct LocalStatus {
     /// Filled only on the leader.
     pub progress: Vec<PeerProgress>,
     pub snapshots_received: u64,
+    pub snapshots_built: u64,
+    pub members: Vec<Member>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
@@ -117,6 +152,20 @@ enum Request {
     Unreachable(u64),
     SnapshotReport(u64, SnapshotStatus),
     Campaign,
+    ProposeConf {
+        cc: ConfChangeV2,
+        reply: Reply<()>,
+    },
+    Transfer {
+        target: u64,
+        reply: Reply<u64>,
+    },
+    RequestSnapshot {
+        reply: Reply<()>,
+    },
+    Removed {
+        index: u64,
+    },
     Shutdown,
 }
 
@@ -206,6 +255,28 @@ impl NodeHandle {
         self.ask(|reply| Request::Read { reply }).await
     }
 
+    /// Proposes a membership change on this server, which must be the
+    /// leader; resolves once it is applied here.
+    pub async fn propose_conf_change(&self, cc: ConfChangeV2) -> Result<(), NodeError> {
+        self.ask(|reply| Request::ProposeConf { cc, reply }).await
+    }
+
+    /// Starts handing leadership to `target` (0: the most caught-up voter);
+    /// returns the chosen target. The caller watches the view for the result.
+    pub async fn transfer_leader(&self, target: u64) -> Result<u64, NodeError> {
+        self.ask(|reply| Request::Transfer { target, reply }).await
+    }
+
+    /// As a follower, asks the leader for a fresh snapshot.
+    pub async fn request_snapshot(&self) -> Result<(), NodeError> {
+        self.ask(|reply| Request::RequestSnapshot { reply }).await
+    }
+
+    /// The leader says this server was removed.
+    pub fn removed_notice(&self, index: u64) {
+        let _ = self.tx.send(Request::Removed { index });
+    }
+
     pub async fn status(&self) -> Result<LocalStatus, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -221,17 +292,30 @@ impl NodeHandle {
     }
 }
 
-/// A write waiting for its entry to be applied.
+/// Who waits for a proposal.
+enum Waiter {
+    Command(Reply<CommandResult>),
+    Conf(Reply<()>),
+}
+
+/// A proposal waiting for its entry to be applied.
 struct Pending {
     index: u64,
     term: u64,
-    reply: Reply<CommandResult>,
+    waiter: Waiter,
+}
+
+/// What applying one entry produced, for its proposer.
+enum Outcome {
+    Command(Option<CommandResult>),
+    Conf(Result<(), String>),
+    Nothing,
 }
 
 /// Replies held until the batch that produced them is on disk.
 #[derive(Default)]
 struct Completions {
-    writes: Vec<(Reply<CommandResult>, Result<CommandResult, NodeError>)>,
+    writes: Vec<(Waiter, Result<Outcome, NodeError>)>,
     events: Vec<Event>,
 }
 
@@ -251,7 +335,10 @@ struct Driver {
     next_read_ctx: u64,
     last_heard: HashMap<u64, Instant>,
     snapshots_received: u64,
+    members: Vec<Member>,
+    ticks: u64,
     stopping: bool,
+    removed: Option<u64>,
 }
 
 /// Starts the driver thread over an opened engine. The returned join handle
@@ -260,15 +347,34 @@ pub fn start(
     config: &Config,
     engine: Engine,
     transport: Arc<dyn Transport>,
+    bootstrap: Bootstrap,
 ) -> Result<
     (
         NodeHandle,
-        std::thread::JoinHandle<Result<(), StorageFailure>>,
+        std::thread::JoinHandle<Result<Stopped, StorageFailure>>,
     ),
     StartError,
 > {
-    let voters: Vec<u64> = config.voters.iter().map(|v| v.id).collect();
+    if let Some(index) = RaftStorage::removed(&engine)? {
+        return Err(StartError::Removed { index });
+    }
+    let (voters, hint): (Vec<u64>, Vec<Member>) = match bootstrap {
+        Bootstrap::Voters(m) => (m.iter().map(|m| m.id).collect(), m),
+        Bootstrap::Join(m) => (Vec::new(), m),
+    };
     let storage = RaftStorage::open(engine.clone(), &voters, kv::snapshot_data)?;
+    let members = match kv::read_members(&engine)? {
+        Some(m) => m,
+        None if !voters.is_empty() => {
+            // Founding member: record the membership with the configuration.
+            let mut wb = WriteBatch::default();
+            kv::stage_members(&engine, &mut wb, &hint);
+            engine.write(wb, true)?;
+            hint
+        }
+        None => hint,
+    };
+    transport.set_peers(&members);
     let raft_config = raft::Config {
         id: config.node.id,
         election_tick: config.raft.election_ticks,
@@ -315,7 +421,10 @@ pub fn start(
         next_read_ctx: 1,
         last_heard: HashMap::new(),
         snapshots_received: 0,
+        members,
+        ticks: 0,
         stopping: false,
+        removed: None,
     };
     let thread = std::thread::Builder::new()
         .name(format!("raft-{}", config.node.id))
@@ -332,10 +441,12 @@ pub enum StartError {
     Raft(#[source] raft::Error),
     #[error("cannot start the Raft thread")]
     Thread(#[source] std::io::Error),
+    #[error("this server was removed from the zone (at entry {index}); to rejoin, wipe its data directory and add it again with `zonectl server add`")]
+    Removed { index: u64 },
 }
 
 impl Driver {
-    fn run(&mut self) -> Result<(), StorageFailure> {
+    fn run(&mut self) -> Result<Stopped, StorageFailure> {
         let tick = self.config.tick();
         let mut next_tick = Instant::now() + tick;
         let result = loop {
@@ -357,6 +468,10 @@ impl Driver {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
+                self.ticks += 1;
+                if self.ticks % 5 == 0 {
+                    self.promote_learners();
+                }
                 next_tick += tick;
                 if next_tick < now {
                     // The thread fell behind (a slow disk): do not burst ticks.
@@ -369,8 +484,15 @@ impl Driver {
                     break Err(e);
                 }
             }
+            if let Some(index) = self.removed {
+                tracing::warn!(
+                    index,
+                    "this server was removed from the zone; it stops serving and will not campaign"
+                );
+                break Ok(Stopped::Removed { index });
+            }
             if self.stopping {
-                break Ok(());
+                break Ok(Stopped::Shutdown);
             }
         };
         if let Err(e) = &result {
@@ -410,6 +532,29 @@ impl Driver {
                     tracing::warn!(error = %e, "campaign failed");
                 }
             }
+            Request::ProposeConf { cc, reply } => self.propose_conf(cc, reply),
+            Request::Transfer { target, reply } => {
+                let _ = reply.send(self.transfer(target));
+            }
+            Request::RequestSnapshot { reply } => {
+                let r = self
+                    .raw
+                    .request_snapshot()
+                    .map_err(|e| NodeError::Rejected(format!("cannot request a snapshot: {e}")));
+                let _ = reply.send(r);
+            }
+            Request::Removed { index } => {
+                // Only believe it if we are indeed no longer a member, or
+                // have no way to learn it from the log (the leader stopped
+                // replicating to us).
+                if self.raw.raft.state != StateRole::Leader {
+                    let mut wb = WriteBatch::default();
+                    self.raw.mut_store().set_removed(&mut wb, index);
+                    if self.engine.write(wb, true).is_ok() {
+                        self.removed = Some(index);
+                    }
+                }
+            }
             Request::Shutdown => self.stopping = true,
         }
     }
@@ -433,7 +578,7 @@ impl Driver {
                 self.proposals.push_back(Pending {
                     index,
                     term: self.raw.raft.term,
-                    reply,
+                    waiter: Waiter::Command(reply),
                 });
             }
             Err(e) => {
@@ -443,6 +588,124 @@ impl Driver {
                 let _ = reply.send(Err(NodeError::NotLeader {
                     leader: self.raw.raft.leader_id,
                 }));
+            }
+        }
+    }
+
+    fn propose_conf(&mut self, cc: ConfChangeV2, reply: Reply<()>) {
+        if self.raw.raft.state != StateRole::Leader {
+            let leader = self.raw.raft.leader_id;
+            let err = if leader == 0 {
+                NodeError::NoLeader
+            } else {
+                NodeError::NotLeader { leader }
+            };
+            let _ = reply.send(Err(err));
+            return;
+        }
+        // raft-rs turns a second concurrent change into an empty entry:
+        // refuse it here, with a reason.
+        if self.raw.raft.pending_conf_index > self.raw.raft.raft_log.applied {
+            let _ = reply.send(Err(NodeError::ConfBusy));
+            return;
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.propose_conf_change(Vec::new(), cc) {
+            Ok(()) if self.raw.raft.raft_log.last_index() > before => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.proposals.push_back(Pending {
+                    index,
+                    term: self.raw.raft.term,
+                    waiter: Waiter::Conf(reply),
+                });
+            }
+            Ok(()) => {
+                let _ = reply.send(Err(NodeError::Rejected(
+                    "the change was not accepted".into(),
+                )));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::Rejected(format!(
+                    "membership change refused: {e}"
+                ))));
+            }
+        }
+    }
+
+    /// The voter other than this one with the highest match index.
+    fn most_caught_up_voter(&self) -> Option<u64> {
+        let voters = &self.raw.store().conf_state().voters;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.id && voters.contains(id))
+            .max_by_key(|(id, pr)| (pr.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
+    }
+
+    fn transfer(&mut self, target: u64) -> Result<u64, NodeError> {
+        if self.raw.raft.state != StateRole::Leader {
+            let leader = self.raw.raft.leader_id;
+            return Err(if leader == 0 {
+                NodeError::NoLeader
+            } else {
+                NodeError::NotLeader { leader }
+            });
+        }
+        let target = if target == 0 {
+            self.most_caught_up_voter().ok_or_else(|| {
+                NodeError::Rejected("there is no other voter to hand leadership to".into())
+            })?
+        } else {
+            target
+        };
+        if target == self.id {
+            return Ok(target);
+        }
+        if !self.raw.store().conf_state().voters.contains(&target) {
+            return Err(NodeError::Rejected(format!(
+                "server {target} is not a voter of the zone; leadership can only go to a voter"
+            )));
+        }
+        tracing::info!(target, "handing leadership over");
+        self.raw.transfer_leader(target);
+        Ok(target)
+    }
+
+    /// On the leader: a learner whose log is close enough to ours becomes a
+    /// voter, one change at a time.
+    fn promote_learners(&mut self) {
+        if self.raw.raft.state != StateRole::Leader
+            || self.raw.raft.pending_conf_index > self.raw.raft.raft_log.applied
+        {
+            return;
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let within = self.config.raft.promote_within;
+        let ready = self
+            .raw
+            .store()
+            .conf_state()
+            .learners
+            .iter()
+            .copied()
+            .find(|id| {
+                self.raw
+                    .raft
+                    .prs()
+                    .get(*id)
+                    .is_some_and(|pr| pr.matched > 0 && pr.matched + within >= last)
+            });
+        if let Some(id) = ready {
+            tracing::info!(id, "learner caught up: promoting it to voter");
+            let mut cc = ConfChangeV2::default();
+            cc.mut_changes().push(raft_proto::new_conf_change_single(
+                id,
+                ConfChangeType::AddNode,
+            ));
+            if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
+                tracing::warn!(id, error = %e, "promotion not proposed");
             }
         }
     }
@@ -496,6 +759,10 @@ impl Driver {
             self.raw.mut_store().apply_snapshot_meta(&mut wb, meta);
             self.engine.write(std::mem::take(&mut wb), true)?;
             let _ = self.events_tx.send(Arc::new(Applied::Snapshot(revision)));
+            if let Some(members) = kv::read_members(&self.engine)? {
+                self.members = members;
+                self.transport.set_peers(&self.members);
+            }
             self.snapshots_received += 1;
             tracing::info!(index = meta.index, term = meta.term, "installed snapshot");
             // Proposals at or below the snapshot were replaced or applied
@@ -506,7 +773,8 @@ impl Driver {
                 .is_some_and(|p| p.index <= meta.index)
             {
                 let p = self.proposals.pop_front().expect("front exists");
-                let _ = p.reply.send(Err(NodeError::LeadershipChanged));
+                done.writes
+                    .push((p.waiter, Err(NodeError::LeadershipChanged)));
             }
         }
 
@@ -607,36 +875,41 @@ impl Driver {
             self.config.limits.watch_history,
         )?;
         for entry in entries {
-            let mut result = None;
-            match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => {} // a new leader's no-op
+            let outcome = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => Outcome::Nothing, // a new leader's no-op
                 EntryType::EntryNormal => match Command::decode(&entry.data[..]) {
-                    Ok(cmd) => result = applier.apply(wb, &cmd)?,
+                    Ok(cmd) => Outcome::Command(applier.apply(wb, &cmd)?),
                     Err(e) => {
-                        tracing::error!(index = entry.index, error = %e, "skipping an undecodable command")
+                        tracing::error!(index = entry.index, error = %e, "skipping an undecodable command");
+                        Outcome::Nothing
                     }
                 },
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&entry.data);
-                    self.apply_conf_change(wb, entry.index, cc.map(|cc| cc.into_v2()));
+                    Outcome::Conf(self.apply_conf_change(
+                        wb,
+                        entry.index,
+                        cc.map(|cc| cc.into_v2()),
+                    ))
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&entry.data);
-                    self.apply_conf_change(wb, entry.index, cc);
+                    Outcome::Conf(self.apply_conf_change(wb, entry.index, cc))
                 }
-            }
+            };
+            let mut outcome = Some(outcome);
             while self
                 .proposals
                 .front()
                 .is_some_and(|p| p.index <= entry.index)
             {
                 let p = self.proposals.pop_front().expect("front exists");
-                let outcome = if p.index == entry.index && p.term == entry.term {
-                    result.take().ok_or(NodeError::Dropped)
+                let result = if p.index == entry.index && p.term == entry.term {
+                    outcome.take().ok_or(NodeError::Dropped)
                 } else {
                     Err(NodeError::Dropped)
                 };
-                done.writes.push((p.reply, outcome));
+                done.writes.push((p.waiter, result));
             }
         }
         applier.finish(wb);
@@ -650,27 +923,69 @@ impl Driver {
         wb: &mut WriteBatch,
         index: u64,
         cc: Result<ConfChangeV2, protobuf::ProtobufError>,
-    ) {
+    ) -> Result<(), String> {
         let cc = match cc {
             Ok(cc) => cc,
             Err(e) => {
                 tracing::error!(index, error = %e, "skipping an undecodable configuration change");
-                return;
+                return Err(format!("undecodable configuration change: {e}"));
             }
         };
-        match self.raw.apply_conf_change(&cc) {
-            Ok(cs) => {
-                tracing::info!(index, voters = ?cs.voters, learners = ?cs.learners, "configuration changed");
-                self.raw.mut_store().set_conf_state(wb, &cs);
+        let before = self.raw.store().conf_state().clone();
+        let cs = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                tracing::error!(index, error = %e, "configuration change rejected");
+                return Err(format!("configuration change rejected: {e}"));
             }
-            Err(e) => tracing::error!(index, error = %e, "configuration change rejected"),
+        };
+        tracing::info!(index, voters = ?cs.voters, learners = ?cs.learners, "configuration changed");
+        self.raw.mut_store().set_conf_state(wb, &cs);
+        // The membership table follows the configuration; a new server's
+        // name and address travel in the change's context.
+        let added: Option<Member> = prost::Message::decode(&cc.context[..]).ok();
+        self.members = members_after(&self.members, &cs, added);
+        kv::stage_members(&self.engine, wb, &self.members);
+        let was_member = before.voters.contains(&self.id) || before.learners.contains(&self.id);
+        let is_member = cs.voters.contains(&self.id) || cs.learners.contains(&self.id);
+        if was_member && !is_member {
+            self.raw.mut_store().set_removed(wb, index);
+            self.removed = Some(index);
         }
+        if self.raw.raft.state == StateRole::Leader {
+            for gone in before.voters.iter().chain(&before.learners) {
+                if !cs.voters.contains(gone) && !cs.learners.contains(gone) && *gone != self.id {
+                    self.transport.notify_removed(*gone, self.id, index);
+                }
+            }
+        }
+        // After the notices: they still need the removed servers' links.
+        self.transport.set_peers(&self.members);
+        Ok(())
     }
 
     /// After a batch is durable: answer writers, wake watchers and readers.
     fn complete(&mut self, done: Completions) {
-        for (reply, outcome) in done.writes {
-            let _ = reply.send(outcome);
+        for (waiter, outcome) in done.writes {
+            match waiter {
+                Waiter::Command(reply) => {
+                    let r = match outcome {
+                        Ok(Outcome::Command(Some(r))) => Ok(r),
+                        Ok(_) => Err(NodeError::Dropped),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                }
+                Waiter::Conf(reply) => {
+                    let r = match outcome {
+                        Ok(Outcome::Conf(Ok(()))) => Ok(()),
+                        Ok(Outcome::Conf(Err(e))) => Err(NodeError::Rejected(e)),
+                        Ok(_) => Err(NodeError::Dropped),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
         }
         if !done.events.is_empty() {
             let _ = self.events_tx.send(Arc::new(Applied::Events(done.events)));
@@ -746,12 +1061,21 @@ impl Driver {
             learners: cs.learners.clone(),
             progress,
             snapshots_received: self.snapshots_received,
+            snapshots_built: store.snapshots_built(),
+            members: self.members.clone(),
         }
     }
 
     fn fail_all(&mut self, err: NodeError) {
         for p in self.proposals.drain(..) {
-            let _ = p.reply.send(Err(err.clone()));
+            match p.waiter {
+                Waiter::Command(r) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+                Waiter::Conf(r) => {
+                    let _ = r.send(Err(err.clone()));
+                }
+            }
         }
         for w in self.reads_new.drain(..) {
             let _ = w.send(Err(err.clone()));
@@ -771,3 +1095,33 @@ impl Driver {
 
 /// How long a caller should wait between retries while no leader is known.
 pub const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// The membership table after a configuration change: members keep their
+/// entry, a new one comes from the change's context, and the learner flag
+/// follows the configuration.
+fn members_after(old: &[Member], cs: &ConfState, added: Option<Member>) -> Vec<Member> {
+    let mut out: Vec<Member> = Vec::new();
+    for id in cs.voters.iter().chain(&cs.learners) {
+        let mut m = old
+            .iter()
+            .find(|m| m.id == *id)
+            .cloned()
+            .or_else(|| added.clone().filter(|a| a.id == *id))
+            .unwrap_or(Member {
+                id: *id,
+                ..Member::default()
+            });
+        if let Some(a) = added.as_ref().filter(|a| a.id == *id) {
+            if !a.peer_endpoint.is_empty() {
+                m.peer_endpoint = a.peer_endpoint.clone();
+            }
+            if !a.name.is_empty() {
+                m.name = a.name.clone();
+            }
+        }
+        m.learner = cs.learners.contains(id);
+        out.push(m);
+    }
+    out.sort_by_key(|m| m.id);
+    out
+}

@@ -13,14 +13,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use zone_proto::v1::cluster_client::ClusterClient;
 use zone_proto::v1::cluster_server::ClusterServer;
 use zone_proto::v1::kv_server::KvServer;
 use zone_proto::v1::peer_server::PeerServer;
+use zone_proto::v1::{Member, MembersRequest};
 
 use crate::api::{ClusterService, KvService, PeerService, Zone};
 use crate::config::Config;
-use crate::node;
-use crate::storage::Engine;
+use crate::node::{self, Bootstrap, Stopped};
+use crate::storage::{Engine, RaftStorage};
 use crate::transport::{GrpcTransport, MAX_PEER_MESSAGE};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,16 @@ pub enum ServeError {
     Driver(#[source] crate::storage::StorageFailure),
     #[error("the Raft driver panicked")]
     DriverPanic,
+    #[error("node.join: cannot reach {addr} to join the zone: {reason}")]
+    Join { addr: String, reason: String },
+    #[error("node.join: server {id} is not a member of the zone at {addr} (members: {members}); add it first with `zonectl server add --id {id} --name NAME --peer HOST:PORT`")]
+    NotAMember {
+        id: u64,
+        addr: String,
+        members: String,
+    },
+    #[error("this server was removed from the zone (at entry {index}); to rejoin, wipe its data directory and add it again with `zonectl server add`")]
+    Removed { index: u64 },
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
 }
@@ -68,17 +80,24 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let client_listener = listen("node.client_listen", config.node.client_listen).await?;
     let peer_listener = listen("node.peer_listen", config.node.peer_listen).await?;
 
-    let peers: Vec<(u64, String)> = config
-        .voters
-        .iter()
-        .map(|v| (v.id, v.peer.clone()))
-        .collect();
-    let transport = Arc::new(GrpcTransport::start(
+    let bootstrap = if RaftStorage::has_state(&engine)
+        .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?
+    {
+        // The stored membership wins; this is only its fallback.
+        Bootstrap::Voters(founders(&config))
+    } else if let Some(addr) = &config.node.join {
+        Bootstrap::Join(join_members(addr, config.node.id).await?)
+    } else {
+        Bootstrap::Voters(founders(&config))
+    };
+    let transport = Arc::new(GrpcTransport::new(
         config.node.id,
-        &peers,
         tokio::runtime::Handle::current(),
-    )?);
-    let (node, driver) = node::start(&config, engine, transport.clone())?;
+    ));
+    let (node, driver) = match node::start(&config, engine, transport.clone(), bootstrap) {
+        Err(node::StartError::Removed { index }) => return Err(ServeError::Removed { index }),
+        other => other?,
+    };
     transport.attach(node.clone());
     let zone = Zone::new(node.clone(), transport, config.clone());
 
@@ -141,6 +160,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         _ = int.recv() => { tracing::info!("SIGINT: stopping"); None }
         r = &mut driver => Some(r),
     };
+    if driver_result.is_none() {
+        // A planned stop of the leader costs clients no election timeout.
+        zone.hand_over_leadership().await;
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     node.shutdown();
@@ -156,11 +179,70 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     })
     .await;
     match joined {
-        Ok(Ok(Ok(()))) => {
+        Ok(Ok(Ok(Stopped::Shutdown))) => {
             tracing::info!("zoned stopped cleanly");
             Ok(())
         }
+        Ok(Ok(Ok(Stopped::Removed { index }))) => Err(ServeError::Removed { index }),
         Ok(Ok(Err(e))) => Err(ServeError::Driver(e)),
         _ => Err(ServeError::DriverPanic),
     }
+}
+
+/// The founding members, from the configured initial voters.
+fn founders(config: &Config) -> Vec<Member> {
+    config
+        .voters
+        .iter()
+        .map(|v| Member {
+            id: v.id,
+            name: if v.id == config.node.id {
+                config.node.name.clone()
+            } else {
+                String::new()
+            },
+            peer_endpoint: v.peer.clone(),
+            learner: false,
+        })
+        .collect()
+}
+
+/// Asks a member of the zone for the membership, and checks this server
+/// was added to it.
+async fn join_members(addr: &str, id: u64) -> Result<Vec<Member>, ServeError> {
+    let err = |reason: String| ServeError::Join {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| err(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| err(crate::logging::chain(&e)))?;
+    let mut req = tonic::Request::new(MembersRequest {});
+    req.set_timeout(std::time::Duration::from_secs(5));
+    let members = ClusterClient::new(channel)
+        .members(req)
+        .await
+        .map_err(|s| err(s.message().to_owned()))?
+        .into_inner()
+        .members;
+    if !members.iter().any(|m| m.id == id) {
+        return Err(ServeError::NotAMember {
+            id,
+            addr: addr.to_owned(),
+            members: members
+                .iter()
+                .map(|m| m.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    tracing::info!(
+        via = addr,
+        members = members.len(),
+        "joining the zone; waiting for the leader"
+    );
+    Ok(members)
 }

@@ -16,7 +16,7 @@
 //! write that did not happen.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -36,6 +36,18 @@ const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
 const KEY_TRUNCATED: &[u8] = b"truncated";
 const KEY_APPLIED: &[u8] = b"applied";
+const KEY_REMOVED: &[u8] = b"removed";
+
+/// Builds the state machine's part of a snapshot from a RocksDB snapshot.
+pub type SnapshotData = fn(&Engine, &rocksdb::Snapshot<'_>) -> Result<Vec<u8>, StorageFailure>;
+
+/// The snapshot last built in the background, and whether one is being built.
+#[derive(Debug, Default)]
+struct SnapshotSlot {
+    building: bool,
+    ready: Option<Snapshot>,
+    built: u64,
+}
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +161,35 @@ impl Engine {
     }
 }
 
+/// Where a founding member's log starts: its initial configuration stands
+/// as if applied from a snapshot at this index and term, identical on every
+/// founder. A server that joins later has no log before it, so the leader
+/// sends it a snapshot, which carries the configuration and the membership.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+pub const BOOTSTRAP_TERM: u64 = 5;
+
+/// Writes a founding member's initial Raft state, once.
+fn bootstrap(engine: &Engine, voters: &[u64]) -> Result<(), StorageFailure> {
+    let mut cs = ConfState::default();
+    cs.set_voters(voters.to_vec());
+    let hs = HardState {
+        term: BOOTSTRAP_TERM,
+        vote: 0,
+        commit: BOOTSTRAP_INDEX,
+        ..Default::default()
+    };
+    let mut truncated = Vec::with_capacity(16);
+    truncated.extend_from_slice(&encode_u64(BOOTSTRAP_INDEX));
+    truncated.extend_from_slice(&encode_u64(BOOTSTRAP_TERM));
+    let raft = engine.cf(CF_RAFT);
+    let mut wb = WriteBatch::default();
+    wb.put_cf(raft, KEY_CONF_STATE, encode_pb(&cs));
+    wb.put_cf(raft, KEY_HARD_STATE, encode_pb(&hs));
+    wb.put_cf(raft, KEY_TRUNCATED, truncated);
+    wb.put_cf(raft, KEY_APPLIED, encode_u64(BOOTSTRAP_INDEX));
+    engine.write(wb, true)
+}
+
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -186,8 +227,8 @@ pub struct RaftStorage {
     truncated: (u64, u64),
     last_index: u64,
     applied: u64,
-    /// Builds the state machine's part of a snapshot at the applied index.
-    snapshot_data: fn(&Engine) -> Result<Vec<u8>, StorageFailure>,
+    snapshot_data: SnapshotData,
+    snapshot: Arc<Mutex<SnapshotSlot>>,
 }
 
 impl RaftStorage {
@@ -197,19 +238,18 @@ impl RaftStorage {
     pub fn open(
         engine: Engine,
         initial_voters: &[u64],
-        snapshot_data: fn(&Engine) -> Result<Vec<u8>, StorageFailure>,
+        snapshot_data: SnapshotData,
     ) -> Result<RaftStorage, StorageFailure> {
+        if !initial_voters.is_empty() && !RaftStorage::has_state(&engine)? {
+            bootstrap(&engine, initial_voters)?;
+        }
         let hard_state = match engine.get(CF_RAFT, KEY_HARD_STATE)? {
             Some(b) => decode_pb(&b, "raft/hard_state")?,
             None => HardState::default(),
         };
         let conf_state = match engine.get(CF_RAFT, KEY_CONF_STATE)? {
             Some(b) => decode_pb(&b, "raft/conf_state")?,
-            None => {
-                let mut cs = ConfState::default();
-                cs.set_voters(initial_voters.to_vec());
-                cs
-            }
+            None => ConfState::default(),
         };
         let truncated = match engine.get(CF_RAFT, KEY_TRUNCATED)? {
             Some(b) if b.len() == 16 => (
@@ -245,7 +285,31 @@ impl RaftStorage {
             last_index,
             applied,
             snapshot_data,
+            snapshot: Arc::default(),
         })
+    }
+
+    /// True once the database holds Raft state: it is not a blank server.
+    pub fn has_state(engine: &Engine) -> Result<bool, StorageFailure> {
+        Ok(engine.get(CF_RAFT, KEY_HARD_STATE)?.is_some()
+            || engine.get(CF_RAFT, KEY_CONF_STATE)?.is_some())
+    }
+
+    /// The entry index at which this server learned it was removed, if it was.
+    pub fn removed(engine: &Engine) -> Result<Option<u64>, StorageFailure> {
+        engine
+            .get(CF_RAFT, KEY_REMOVED)?
+            .map(|b| decode_u64(&b, "raft/removed"))
+            .transpose()
+    }
+
+    pub fn set_removed(&mut self, wb: &mut WriteBatch, index: u64) {
+        wb.put_cf(self.engine.cf(CF_RAFT), KEY_REMOVED, encode_u64(index));
+    }
+
+    /// Snapshots built by this server since it started.
+    pub fn snapshots_built(&self) -> u64 {
+        self.snapshot.lock().map(|s| s.built).unwrap_or(0)
     }
 
     pub fn engine(&self) -> &Engine {
@@ -459,23 +523,104 @@ impl raft::Storage for RaftStorage {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.applied < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+    /// Hands out the last snapshot built if it is recent enough, else
+    /// starts building one in the background and asks Raft to retry: a big
+    /// store never stalls the driver (and so writes) while it is read.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let mut slot = self.snapshot.lock().expect("snapshot slot poisoned");
+        if let Some(snap) = &slot.ready {
+            let index = snap.get_metadata().index;
+            // Usable if it covers what was asked and the log still continues
+            // from it (not compacted past it).
+            if index >= request_index && index >= self.truncated.0 {
+                return Ok(snap.clone());
+            }
         }
-        // The driver thread is the only writer and is inside this call, so
-        // the state machine stands exactly at `applied` while we read it.
-        let data = (self.snapshot_data)(&self.engine).map_err(other)?;
-        let mut snap = Snapshot::default();
-        snap.set_data(data.into());
-        let meta = snap.mut_metadata();
-        meta.index = self.applied;
-        meta.term = raft::Storage::term(self, self.applied)?;
-        meta.set_conf_state(self.conf_state.clone());
-        Ok(snap)
+        if !slot.building {
+            slot.building = true;
+            let engine = self.engine.clone();
+            let data = self.snapshot_data;
+            let shared = self.snapshot.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshot".into())
+                .spawn(move || {
+                    let started = std::time::Instant::now();
+                    let built = build_snapshot(&engine, data);
+                    let mut slot = shared.lock().expect("snapshot slot poisoned");
+                    slot.building = false;
+                    match built {
+                        Ok(snap) => {
+                            tracing::info!(
+                                index = snap.get_metadata().index,
+                                bytes = snap.data.len(),
+                                ms = started.elapsed().as_millis() as u64,
+                                for_peer = to,
+                                "snapshot built"
+                            );
+                            slot.built += 1;
+                            slot.ready = Some(snap);
+                        }
+                        Err(e) => tracing::error!(error = %crate::logging::chain(&e), "snapshot build failed"),
+                    }
+                });
+            if let Err(e) = spawned {
+                slot.building = false;
+                tracing::error!(error = %e, "cannot start the snapshot thread");
+            }
+        }
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
+}
+
+/// Reads everything a snapshot needs from one RocksDB snapshot: the applied
+/// index and its term, the configuration, and the state machine, all
+/// written together by the driver, so they agree with each other.
+fn build_snapshot(engine: &Engine, data: SnapshotData) -> Result<Snapshot, StorageFailure> {
+    let view = engine.db().snapshot();
+    let get = |key: &[u8]| {
+        view.get_cf(engine.cf(CF_RAFT), key)
+            .map_err(StorageFailure::Read)
+    };
+    let truncated = match get(KEY_TRUNCATED)? {
+        Some(b) if b.len() == 16 => (
+            decode_u64(&b[..8], "raft/truncated")?,
+            decode_u64(&b[8..], "raft/truncated")?,
+        ),
+        Some(_) => {
+            return Err(StorageFailure::Corrupt {
+                what: "raft/truncated".into(),
+            })
+        }
+        None => (0, 0),
+    };
+    let applied = match get(KEY_APPLIED)? {
+        Some(b) => decode_u64(&b, "raft/applied")?,
+        None => truncated.0,
+    };
+    let term = if applied == truncated.0 {
+        truncated.1
+    } else {
+        let bytes = view
+            .get_cf(engine.cf(CF_LOG), index_key(applied))
+            .map_err(StorageFailure::Read)?
+            .ok_or_else(|| StorageFailure::Corrupt {
+                what: format!("log entry {applied} (the applied index) is missing"),
+            })?;
+        decode_pb::<Entry>(&bytes, "log entry")?.term
+    };
+    let conf_state: ConfState = match get(KEY_CONF_STATE)? {
+        Some(b) => decode_pb(&b, "raft/conf_state")?,
+        None => ConfState::default(),
+    };
+    let mut snap = Snapshot::default();
+    snap.set_data(data(engine, &view)?.into());
+    let meta = snap.mut_metadata();
+    meta.index = applied;
+    meta.term = term;
+    meta.set_conf_state(conf_state);
+    Ok(snap)
 }
 
 #[cfg(test)]
@@ -483,8 +628,22 @@ mod tests {
     use super::*;
     use raft::Storage;
 
-    fn no_data(_: &Engine) -> Result<Vec<u8>, StorageFailure> {
+    fn no_data(_: &Engine, _: &rocksdb::Snapshot<'_>) -> Result<Vec<u8>, StorageFailure> {
         Ok(b"state".to_vec())
+    }
+
+    /// Asks until the background build is done.
+    fn snapshot_now(s: &RaftStorage, request: u64) -> Snapshot {
+        for _ in 0..500 {
+            match s.snapshot(request, 2) {
+                Ok(snap) => return snap,
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("snapshot never built");
     }
 
     fn entry(index: u64, term: u64) -> Entry {
@@ -496,8 +655,9 @@ mod tests {
         }
     }
 
+    /// A blank store (a joining server): its log starts at index 1.
     fn open(dir: &Path) -> RaftStorage {
-        RaftStorage::open(Engine::open(dir).unwrap(), &[1, 2, 3], no_data).unwrap()
+        RaftStorage::open(Engine::open(dir).unwrap(), &[], no_data).unwrap()
     }
 
     fn write(s: &mut RaftStorage, f: impl FnOnce(&mut RaftStorage, &mut WriteBatch)) {
@@ -509,12 +669,19 @@ mod tests {
     #[test]
     fn fresh_storage_has_the_initial_voters() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path());
+        let s = RaftStorage::open(Engine::open(dir.path()).unwrap(), &[1, 2, 3], no_data).unwrap();
         let st = s.initial_state().unwrap();
         assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
-        assert_eq!(s.first_index().unwrap(), 1);
-        assert_eq!(s.last_index().unwrap(), 0);
-        assert_eq!(s.term(0).unwrap(), 0);
+        assert_eq!(st.hard_state.commit, BOOTSTRAP_INDEX);
+        assert_eq!(s.first_index().unwrap(), BOOTSTRAP_INDEX + 1);
+        assert_eq!(s.last_index().unwrap(), BOOTSTRAP_INDEX);
+        assert_eq!(s.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM);
+        assert_eq!(s.applied(), BOOTSTRAP_INDEX);
+        // A server that joins later starts blank.
+        let blank = tempfile::tempdir().unwrap();
+        let j = RaftStorage::open(Engine::open(blank.path()).unwrap(), &[], no_data).unwrap();
+        assert!(j.initial_state().unwrap().conf_state.voters.is_empty());
+        assert_eq!(j.last_index().unwrap(), 0);
     }
 
     #[test]
@@ -636,15 +803,20 @@ mod tests {
         let mut a = open(a_dir.path());
         write(&mut a, |s, wb| {
             s.append(wb, &(1..=10).map(|i| entry(i, 2)).collect::<Vec<_>>());
+            let mut cs = ConfState::default();
+            cs.set_voters(vec![1, 2, 3]);
+            s.set_conf_state(wb, &cs);
             s.set_applied(wb, 9);
         });
+        // Built in the background: the first answer is "try again".
         assert!(matches!(
-            a.snapshot(10, 2),
+            a.snapshot(0, 2),
             Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable
             ))
         ));
-        let snap = a.snapshot(0, 2).unwrap();
+        let snap = snapshot_now(&a, 0);
+        assert_eq!(a.snapshots_built(), 1);
         assert_eq!(snap.get_metadata().index, 9);
         assert_eq!(snap.get_metadata().term, 2);
         assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);

@@ -14,7 +14,7 @@
 //! only be reachable by zone members, and mutual TLS is planned for it).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as PbMessage;
@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status, Streaming};
 use zone_proto::v1::peer_client::PeerClient;
-use zone_proto::v1::{RaftAck, RaftBatch, SnapshotAck, SnapshotChunk};
+use zone_proto::v1::{Member, RaftAck, RaftBatch, RemovedNotice, SnapshotAck, SnapshotChunk};
 
 use crate::node::{NodeHandle, Transport};
 
@@ -52,48 +52,35 @@ pub fn peer_client(addr: &str) -> Result<PeerClient<Channel>, tonic::transport::
         .max_encoding_message_size(MAX_PEER_MESSAGE))
 }
 
-/// The driver's [`Transport`] over gRPC.
+/// One peer: its address, the queue its sender task drains, and a client
+/// for the other peer calls.
+#[derive(Debug)]
+struct Link {
+    addr: String,
+    queue: mpsc::UnboundedSender<Message>,
+    client: PeerClient<Channel>,
+}
+
+/// The driver's [`Transport`] over gRPC. Links follow the membership:
+/// [`Transport::set_peers`] opens links to new members and closes those of
+/// removed ones (their sender tasks end when their queue closes).
 #[derive(Debug)]
 pub struct GrpcTransport {
-    queues: HashMap<u64, mpsc::UnboundedSender<Message>>,
-    clients: HashMap<u64, PeerClient<Channel>>,
+    self_id: u64,
+    links: RwLock<HashMap<u64, Link>>,
     node: Arc<OnceLock<NodeHandle>>,
     runtime: tokio::runtime::Handle,
 }
 
 impl GrpcTransport {
-    /// Starts one sender task per peer (`id`, `host:port`). Reports to Raft
-    /// begin once [`GrpcTransport::attach`] is called.
-    pub fn start(
-        self_id: u64,
-        peers: &[(u64, String)],
-        runtime: tokio::runtime::Handle,
-    ) -> Result<GrpcTransport, tonic::transport::Error> {
-        let node = Arc::new(OnceLock::new());
-        let mut queues = HashMap::new();
-        let mut clients = HashMap::new();
-        for (id, addr) in peers {
-            if *id == self_id {
-                continue;
-            }
-            let client = peer_client(addr)?;
-            let (tx, rx) = mpsc::unbounded_channel();
-            runtime.spawn(run_peer(
-                *id,
-                addr.clone(),
-                client.clone(),
-                rx,
-                node.clone(),
-            ));
-            queues.insert(*id, tx);
-            clients.insert(*id, client);
-        }
-        Ok(GrpcTransport {
-            queues,
-            clients,
-            node,
+    /// Reports to Raft begin once [`GrpcTransport::attach`] is called.
+    pub fn new(self_id: u64, runtime: tokio::runtime::Handle) -> GrpcTransport {
+        GrpcTransport {
+            self_id,
+            links: RwLock::new(HashMap::new()),
+            node: Arc::new(OnceLock::new()),
             runtime,
-        })
+        }
     }
 
     pub fn attach(&self, node: NodeHandle) {
@@ -102,36 +89,97 @@ impl GrpcTransport {
 
     /// The client for peer `id`, for forwarding and status calls.
     pub fn client(&self, id: u64) -> Option<PeerClient<Channel>> {
-        self.clients.get(&id).cloned()
+        self.links
+            .read()
+            .expect("links poisoned")
+            .get(&id)
+            .map(|l| l.client.clone())
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, msgs: Vec<Message>) {
+        let links = self.links.read().expect("links poisoned");
         for msg in msgs {
             let to = msg.to;
-            if msg.get_msg_type() == MessageType::MsgSnapshot {
-                match self.clients.get(&to) {
-                    Some(client) => {
-                        self.runtime
-                            .spawn(send_snapshot(client.clone(), msg, self.node.clone()));
-                    }
-                    None => report(&self.node, |n| {
+            let Some(link) = links.get(&to) else {
+                tracing::debug!(to, "no address known for server; message dropped");
+                if msg.get_msg_type() == MessageType::MsgSnapshot {
+                    report(&self.node, |n| {
                         n.report_snapshot(to, SnapshotStatus::Failure)
-                    }),
-                }
-                continue;
-            }
-            match self.queues.get(&to) {
-                Some(q) => {
-                    let _ = q.send(msg);
-                }
-                None => {
-                    tracing::warn!(to, "no address known for server; message dropped");
+                    });
+                } else {
                     report(&self.node, |n| n.report_unreachable(to));
                 }
+                continue;
+            };
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.runtime
+                    .spawn(send_snapshot(link.client.clone(), msg, self.node.clone()));
+            } else {
+                let _ = link.queue.send(msg);
             }
         }
+    }
+
+    fn set_peers(&self, members: &[Member]) {
+        // Clients spawn their connection task on the runtime: enter it, as
+        // this may run on the driver thread.
+        let _guard = self.runtime.enter();
+        let mut links = self.links.write().expect("links poisoned");
+        links.retain(|id, link| {
+            let keep = members
+                .iter()
+                .any(|m| m.id == *id && m.peer_endpoint == link.addr);
+            if !keep {
+                tracing::info!(peer = id, addr = %link.addr, "closing the link to a former member");
+            }
+            keep
+        });
+        for m in members {
+            if m.id == self.self_id || m.peer_endpoint.is_empty() || links.contains_key(&m.id) {
+                continue;
+            }
+            let client = match peer_client(&m.peer_endpoint) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(peer = m.id, addr = %m.peer_endpoint, error = %e, "invalid peer address");
+                    continue;
+                }
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.runtime.spawn(run_peer(
+                m.id,
+                m.peer_endpoint.clone(),
+                client.clone(),
+                rx,
+                self.node.clone(),
+            ));
+            links.insert(
+                m.id,
+                Link {
+                    addr: m.peer_endpoint.clone(),
+                    queue: tx,
+                    client,
+                },
+            );
+        }
+    }
+
+    fn notify_removed(&self, id: u64, leader: u64, index: u64) {
+        let Some(mut client) = self.client(id) else {
+            return;
+        };
+        self.runtime.spawn(async move {
+            let mut req = tonic::Request::new(RemovedNotice {
+                leader_id: leader,
+                index,
+            });
+            req.set_timeout(Duration::from_secs(2));
+            if let Err(e) = client.removed(req).await {
+                tracing::info!(peer = id, error = %e.message(), "could not tell the removed server; it will learn from a peer or stay idle");
+            }
+        });
     }
 }
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use common::poll;
 use raft::eraftpb::{Message, MessageType};
 use raft::{SnapshotStatus, StateRole};
-use zone_proto::v1::{command, command_result, PutRequest};
+use zone_proto::v1::{command, command_result, Member, PutRequest};
 use zoned::config::{Config, Voter};
-use zoned::node::{self, NodeHandle, Transport};
+use zoned::node::{self, Bootstrap, NodeHandle, Transport};
 use zoned::storage::Engine;
 
 /// Delivers messages between in-process drivers unless the link is cut.
@@ -71,6 +71,18 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
 }
 
+fn founders() -> Bootstrap {
+    Bootstrap::Voters(
+        (1..=3)
+            .map(|id| Member {
+                id,
+                peer_endpoint: format!("n{id}:1"),
+                ..Member::default()
+            })
+            .collect(),
+    )
+}
+
 fn config(id: u64, dir: &std::path::Path) -> Config {
     let mut c = Config::default();
     c.node.id = id;
@@ -103,7 +115,7 @@ impl Cluster {
                 router: router.clone(),
                 from: id,
             });
-            let (handle, _thread) = node::start(&cfg, engine, port).unwrap();
+            let (handle, _thread) = node::start(&cfg, engine, port, founders()).unwrap();
             router.nodes.lock().unwrap().insert(id, handle.clone());
             nodes.insert(id, handle);
             dirs.push(dir);
@@ -169,18 +181,26 @@ async fn one_leader_per_term_and_committed_entries_survive_partitions() {
     let mut leaders_by_term: BTreeMap<u64, HashSet<u64>> = BTreeMap::new();
     let mut acked = Vec::new();
     for round in 0..6u64 {
-        let leader = c.wait_leader(&ids).await;
+        c.wait_leader(&ids).await;
         for (id, term) in c.leaders() {
             leaders_by_term.entry(term).or_default().insert(id);
         }
         for n in 0..5 {
-            let key = format!("r{round}-{n}");
-            let r = c.nodes[&leader].propose(put_op(&key, "v")).await;
-            if let Ok(res) = r {
-                assert!(matches!(res.result, Some(command_result::Result::Put(_))));
-                acked.push(key);
+            // On a loaded machine an election may interrupt a write: try
+            // again under a new key (an unacknowledged one may or may not
+            // exist, so it is never reused).
+            for attempt in 0.. {
+                assert!(attempt < 20, "no write acknowledged after 20 attempts");
+                let key = format!("r{round}-{n}-{attempt}");
+                let leader = c.wait_leader(&ids).await;
+                if let Ok(res) = c.nodes[&leader].propose(put_op(&key, "v")).await {
+                    assert!(matches!(res.result, Some(command_result::Result::Put(_))));
+                    acked.push(key);
+                    break;
+                }
             }
         }
+        let leader = c.wait_leader(&ids).await;
         // Cut the leader off; the others elect a new one.
         c.router.isolate(leader, &ids);
         let others: Vec<u64> = ids.iter().copied().filter(|&i| i != leader).collect();
@@ -287,7 +307,7 @@ async fn follower_behind_compacted_log_catches_up_by_snapshot() {
             router: router.clone(),
             from: id,
         });
-        let (handle, _thread) = node::start(&cfg, engine, port).unwrap();
+        let (handle, _thread) = node::start(&cfg, engine, port, founders()).unwrap();
         router.nodes.lock().unwrap().insert(id, handle.clone());
         nodes.insert(id, handle);
         dirs.push(dir);

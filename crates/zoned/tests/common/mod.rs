@@ -123,6 +123,59 @@ impl TestZone {
         zone
     }
 
+    /// Prepares (does not start) a new server that joins the zone through
+    /// server index `via`; returns its index.
+    pub fn prepare_joiner(&mut self, id: u64, via: usize) -> usize {
+        let s = Server {
+            id,
+            client: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            dir: self.root.path().join(format!("node-{id}")),
+            child: None,
+        };
+        std::fs::create_dir_all(&s.dir).unwrap();
+        let text = format!(
+            "[node]\nid = {id}\nname = \"zone-{id}\"\ndata_dir = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\njoin = \"{}\"\n\n{TEST_RAFT}\n{}\n",
+            s.dir.join("data").display(),
+            s.client,
+            s.peer,
+            self.servers[via].client,
+            self.extra_config
+        );
+        std::fs::write(s.config_path(), text).unwrap();
+        self.servers.push(s);
+        self.servers.len() - 1
+    }
+
+    /// Waits for server index `i` to exit by itself; returns its status.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> std::process::ExitStatus {
+        let mut c = self.servers[i].child.take().expect("server running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "server {} did not exit within {timeout:?}",
+                    self.servers[i].id
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn cluster(&self, i: usize) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel(i).await)
+    }
+
+    /// The server's own status row, as it reports it.
+    pub async fn own_row(&self, i: usize) -> Option<zonectl::ServerRow> {
+        let v = self.status(i).await?;
+        v.servers.into_iter().find(|s| s.id == self.servers[i].id)
+    }
+
     /// Starts server index `i` (0-based) from its config.
     pub fn launch(&mut self, i: usize) {
         let s = &mut self.servers[i];

@@ -1,0 +1,499 @@
+//! Zone management against real processes on loopback: servers join and
+//! leave while a client writes, snapshot catch-up, reset, leader handoff,
+//! maintenance mode, and bad management input.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{poll, TestZone};
+use tonic::Code;
+use zonectl::v1::{
+    AddServerRequest, GetRequest, MembersRequest, PutRequest, RangeRequest, RemoveServerRequest,
+    ResetServerRequest, SetMaintenanceRequest, TransferLeaderRequest,
+};
+
+fn put(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: key.into(),
+        value: value.into(),
+        prev_kv: false,
+    }
+}
+
+/// Writes continuously through whichever endpoint answers, remembering
+/// only acknowledged writes (key -> revision), until told to stop.
+fn start_writer(
+    endpoints: Arc<std::sync::Mutex<Vec<String>>>,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<BTreeMap<String, u64>>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut acked = BTreeMap::new();
+        let mut target = 0usize;
+        let mut n = 0u64;
+        while !*stop_rx.borrow() {
+            let ep = {
+                let eps = endpoints.lock().unwrap();
+                format!("http://{}", eps[target % eps.len()])
+            };
+            let ch = tonic::transport::Endpoint::from_shared(ep)
+                .unwrap()
+                .connect_timeout(Duration::from_millis(300))
+                .connect_lazy();
+            let mut kv = zonectl::v1::kv_client::KvClient::new(ch);
+            let key = format!("w{n:06}");
+            n += 1; // never reuse a key: an unacknowledged write may exist
+            let mut req = tonic::Request::new(put(&key, "v"));
+            req.set_timeout(Duration::from_secs(5));
+            match kv.put(req).await {
+                Ok(r) => {
+                    acked.insert(key, r.into_inner().header.unwrap().revision);
+                }
+                Err(_) => {
+                    target += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        acked
+    });
+    (stop_tx, task)
+}
+
+async fn members(zone: &TestZone, i: usize) -> Vec<(u64, bool)> {
+    let r = zone
+        .cluster(i)
+        .await
+        .members(MembersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    r.members.iter().map(|m| (m.id, m.learner)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_promote_remove_and_transfer_while_a_client_writes() {
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let endpoints = Arc::new(std::sync::Mutex::new(zone.endpoints()));
+    let (stop, writer) = start_writer(endpoints.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Add server 4: it enters as a learner, joins through server 2, and is
+    // promoted once caught up.
+    let four = zone.prepare_joiner(4, 1);
+    let peer = zone.servers[four].peer.to_string();
+    let r = zone
+        .cluster(0)
+        .await
+        .add_server(AddServerRequest {
+            id: 4,
+            name: "zone-4".into(),
+            peer,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.members.iter().any(|m| m.id == 4 && m.learner),
+        "{:?}",
+        r.members
+    );
+    zone.launch(four);
+    endpoints
+        .lock()
+        .unwrap()
+        .push(zone.servers[four].endpoint());
+    poll(
+        Duration::from_secs(30),
+        "server 4 to be promoted to voter",
+        || async {
+            let m = members(&zone, 0).await;
+            m.contains(&(4, false)).then_some(())
+        },
+    )
+    .await;
+
+    // Remove the current leader (an original server): it hands leadership
+    // over first, then leaves and stops.
+    let leader = zone.wait_leader().await;
+    let gone_id = zone.servers[leader].id;
+    let via = (0..3).find(|&i| i != leader).unwrap();
+    zone.cluster(via)
+        .await
+        .remove_server(RemoveServerRequest { id: gone_id })
+        .await
+        .unwrap();
+    let status = zone.wait_exit(leader, Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "a removed server exits with status 3"
+    );
+    assert!(
+        zone.log(leader).contains("removed from the zone"),
+        "the removed server says why"
+    );
+
+    // Transfer leadership twice: to server 4, then to the most caught-up.
+    let r = zone
+        .cluster(via)
+        .await
+        .transfer_leader(TransferLeaderRequest { target: 4 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.leader_id, 4);
+    let r = zone
+        .cluster(via)
+        .await
+        .transfer_leader(TransferLeaderRequest { target: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r.leader_id, 4);
+    assert_ne!(r.leader_id, gone_id);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    let acked = writer.await.unwrap();
+    assert!(
+        acked.len() > 50,
+        "too few writes acknowledged: {}",
+        acked.len()
+    );
+
+    // The membership is what was asked: three voters, the removed one gone.
+    let live: Vec<usize> = (0..4).filter(|&i| i != leader).collect();
+    let mut want: Vec<(u64, bool)> = live.iter().map(|&i| (zone.servers[i].id, false)).collect();
+    want.sort();
+    for &i in &live {
+        assert_eq!(
+            members(&zone, i).await,
+            want,
+            "membership seen by server {}",
+            zone.servers[i].id
+        );
+    }
+    // Every acknowledged write is on every member.
+    let last_rev = *acked.values().max().unwrap();
+    for &i in &live {
+        poll(
+            Duration::from_secs(20),
+            "every member to apply the last write",
+            || async { (zone.own_row(i).await?.revision >= last_rev).then_some(()) },
+        )
+        .await;
+        let r = zone
+            .kv(i)
+            .await
+            .range(RangeRequest {
+                prefix: b"w".to_vec(),
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let have: BTreeMap<Vec<u8>, u64> = r
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.mod_revision))
+            .collect();
+        for (k, rev) in &acked {
+            assert_eq!(
+                have.get(k.as_bytes()),
+                Some(rev),
+                "server {} lacks {k}",
+                zone.servers[i].id
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_retained_log_catches_up_by_snapshot() {
+    // Appended to the test's [raft] table.
+    let mut zone = TestZone::start(3, "log_retention = 50\n");
+    let leader = zone.wait_leader().await;
+    let f = (leader + 1) % 3;
+    zone.terminate(f);
+    let mut kv = zone.kv(leader).await;
+    for n in 0..300 {
+        kv.put(put(&format!("s{n:04}"), "v")).await.unwrap();
+    }
+    let rev = kv
+        .get(GetRequest {
+            key: b"s0299".to_vec(),
+            serializable: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    zone.launch(f);
+    poll(
+        Duration::from_secs(30),
+        "the follower to catch up",
+        || async {
+            let row = zone.own_row(f).await?;
+            (row.revision >= rev).then_some(row)
+        },
+    )
+    .await;
+    let row = zone.own_row(f).await.unwrap();
+    assert!(
+        row.snapshots_received >= 1,
+        "caught up without a snapshot: {row:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reset_sends_a_fresh_snapshot() {
+    let mut zone = TestZone::start(3, "");
+    let leader = zone.wait_leader().await;
+    let f = (leader + 2) % 3;
+    zone.kv(leader).await.put(put("r", "1")).await.unwrap();
+    assert_eq!(zone.own_row(f).await.unwrap().snapshots_received, 0);
+    let id = zone.servers[f].id;
+    zone.cluster(leader)
+        .await
+        .reset_server(ResetServerRequest { id })
+        .await
+        .unwrap();
+    poll(
+        Duration::from_secs(20),
+        "the reset follower to install a snapshot",
+        || async { (zone.own_row(f).await?.snapshots_received >= 1).then_some(()) },
+    )
+    .await;
+    // It still serves the data afterwards.
+    let r = zone
+        .kv(f)
+        .await
+        .get(GetRequest {
+            key: b"r".to_vec(),
+            serializable: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().kv.unwrap().value, b"1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_the_leader_hands_over_before_it_exits() {
+    let mut zone = TestZone::start(3, "");
+    let leader = zone.wait_leader().await;
+    let old_id = zone.servers[leader].id;
+    let others: Vec<String> = (0..3)
+        .filter(|&i| i != leader)
+        .map(|i| zone.servers[i].endpoint())
+        .collect();
+    // Watch the other servers' view of the leader, on the host's clock.
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let watcher = tokio::spawn(async move {
+        let mut seen_tx = Some(seen_tx);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for ep in &others {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{ep}"))
+                    .unwrap()
+                    .connect_lazy();
+                let mut c = zonectl::v1::cluster_client::ClusterClient::new(ch);
+                let mut req = tonic::Request::new(zonectl::v1::StatusRequest {});
+                req.set_timeout(Duration::from_millis(500));
+                if let Ok(r) = c.status(req).await {
+                    let r = r.into_inner();
+                    if r.leader_id != 0 && r.leader_id != old_id {
+                        if let Some(tx) = seen_tx.take() {
+                            let _ = tx.send(Instant::now());
+                        }
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let status = tokio::task::block_in_place(|| zone.terminate(leader));
+    let exited = Instant::now();
+    assert!(status.success(), "{status}");
+    let seen = seen_rx.await.expect("no new leader was seen");
+    watcher.await.unwrap();
+    assert!(
+        seen < exited,
+        "the new leader appeared {:?} after the old one exited",
+        seen - exited
+    );
+    assert!(zone
+        .log(leader)
+        .contains("leadership handed over before stopping"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_mode_refuses_writes_and_serves_reads() {
+    let mut zone = TestZone::start(3, "");
+    let leader = zone.wait_leader().await;
+    let f = (leader + 1) % 3;
+    zone.kv(f).await.put(put("m", "before")).await.unwrap();
+    let r = zone
+        .cluster(f)
+        .await
+        .set_maintenance(SetMaintenanceRequest { disabled: true })
+        .await
+        .unwrap();
+    assert!(r.into_inner().disabled);
+    for i in 0..3 {
+        let e = zone.kv(i).await.put(put("m", "during")).await.unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::FailedPrecondition, "zone disabled for maintenance")
+        );
+        let v = zone
+            .kv(i)
+            .await
+            .get(GetRequest {
+                key: b"m".to_vec(),
+                serializable: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(v.into_inner().kv.unwrap().value, b"before");
+        assert!(zone.status(i).await.unwrap().disabled);
+    }
+    // Management still works while disabled.
+    zone.cluster(leader)
+        .await
+        .transfer_leader(TransferLeaderRequest { target: 0 })
+        .await
+        .unwrap();
+    zone.cluster(0)
+        .await
+        .set_maintenance(SetMaintenanceRequest { disabled: false })
+        .await
+        .unwrap();
+    zone.kv(leader).await.put(put("m", "after")).await.unwrap();
+    assert!(!zone.status(0).await.unwrap().disabled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_management_input_changes_nothing() {
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let before = members(&zone, 0).await;
+    let mut c = zone.cluster(1).await;
+    let peer1 = zone.servers[0].peer.to_string();
+
+    let e = c
+        .add_server(AddServerRequest {
+            id: 2,
+            name: String::new(),
+            peer: "127.0.0.1:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(
+        e.message()
+            .starts_with("server 2 is already a member (voter"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .add_server(AddServerRequest {
+            id: 9,
+            name: String::new(),
+            peer: peer1.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().to_owned()),
+        (
+            Code::AlreadyExists,
+            format!("peer address {peer1} is already used by server 1")
+        )
+    );
+    let e = c
+        .add_server(AddServerRequest {
+            id: 0,
+            name: String::new(),
+            peer: "h:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "id: must be at least 1")
+    );
+    let e = c
+        .add_server(AddServerRequest {
+            id: 9,
+            name: String::new(),
+            peer: "nowhere".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "peer: 'nowhere' is not host:port")
+    );
+    let e = c
+        .remove_server(RemoveServerRequest { id: 7 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::NotFound,
+            "server 7 is not a member of the zone (members: 1, 2, 3)"
+        )
+    );
+    let e = c
+        .transfer_leader(TransferLeaderRequest { target: 7 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .reset_server(ResetServerRequest { id: 7 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(members(&zone, 0).await, before, "membership changed");
+
+    // A join to a zone that does not list the server is refused at start.
+    let j = zone.prepare_joiner(5, 0);
+    zone.launch(j);
+    let st = zone.wait_exit(j, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(2));
+    assert!(
+        zone.log(j)
+            .contains("node.join: server 5 is not a member of the zone at"),
+        "{}",
+        zone.log(j)
+    );
+    assert_eq!(members(&zone, 0).await, before, "membership changed");
+
+    // The last voter of a zone cannot be removed.
+    let mut single = TestZone::start(1, "");
+    single.wait_leader().await;
+    let e = single
+        .cluster(0)
+        .await
+        .remove_server(RemoveServerRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::FailedPrecondition,
+            "server 1 is the last voter; a zone cannot remove its last voter"
+        )
+    );
+}
