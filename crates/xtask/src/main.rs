@@ -172,7 +172,7 @@ fn write_config(dir: &Path, id: u64, nodes: u64) -> Result<PathBuf> {
     );
     for v in 1..=nodes {
         text.push_str(&format!(
-            "\n[[voters]]\nid = {v}\npeer = \"127.0.0.{v}:7401\"\n"
+            "\n[[voters]]\nid = {v}\nname = \"zone-{v}\"\npeer = \"127.0.0.{v}:7401\"\n"
         ));
     }
     let path = dir.join("node.toml");

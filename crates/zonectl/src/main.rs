@@ -155,14 +155,21 @@ fn print_members(members: &[Member], json: bool) {
         print_json(&serde_json::json!({ "members": v }));
         return;
     }
-    println!("ID  ROLE     NAME  PEER");
+    let name_w = members
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    println!("{:<4}{:<9}{:<w$}  PEER", "ID", "ROLE", "NAME", w = name_w);
     for m in members {
         let role = if m.learner { "learner" } else { "voter" };
+        let name = if m.name.is_empty() { "-" } else { &m.name };
         println!(
-            "{:<3} {role:<8} {}  {}",
+            "{:<4}{role:<9}{name:<w$}  {}",
             m.id,
-            if m.name.is_empty() { "-" } else { &m.name },
-            m.peer_endpoint
+            m.peer_endpoint,
+            w = name_w
         );
     }
 }

@@ -93,6 +93,9 @@ pub struct Voter {
     pub id: u64,
     /// `host:port` of the voter's peer listener.
     pub peer: String,
+    /// Display name; default `zone-<id>` (this node's own is `node.name`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +266,7 @@ impl Config {
             self.voters.push(Voter {
                 id: self.node.id,
                 peer: format!("{host}:{}", addr.port()),
+                name: String::new(),
             });
         }
         let mut ids = BTreeSet::new();
@@ -397,7 +401,11 @@ pub fn parse_voters(s: &str) -> Result<Vec<Voter>, String> {
                 .map_err(|_| format!("'{id}' is not a node id"))?;
             let peer = peer.trim().to_owned();
             check_host_port(&peer)?;
-            Ok(Voter { id, peer })
+            Ok(Voter {
+                id,
+                peer,
+                name: String::new(),
+            })
         })
         .collect()
 }
@@ -425,7 +433,8 @@ mod tests {
             c.voters,
             vec![Voter {
                 id: 1,
-                peer: "127.0.0.1:7401".into()
+                peer: "127.0.0.1:7401".into(),
+                name: String::new(),
             }]
         );
         assert_eq!(c.limits.max_key_bytes, 4096);
@@ -486,7 +495,8 @@ mod tests {
             v[1],
             Voter {
                 id: 2,
-                peer: "127.0.0.2:7401".into()
+                peer: "127.0.0.2:7401".into(),
+                name: String::new(),
             }
         );
         assert!(parse_voters("x=a:1").is_err());

@@ -198,8 +198,10 @@ fn founders(config: &Config) -> Vec<Member> {
             id: v.id,
             name: if v.id == config.node.id {
                 config.node.name.clone()
+            } else if v.name.is_empty() {
+                format!("zone-{}", v.id)
             } else {
-                String::new()
+                v.name.clone()
             },
             peer_endpoint: v.peer.clone(),
             learner: false,

@@ -93,6 +93,7 @@ fn config(id: u64, dir: &std::path::Path) -> Config {
         .map(|v| Voter {
             id: v,
             peer: format!("n{v}:1"),
+            name: String::new(),
         })
         .collect();
     c.raft.tick_ms = 20;
