@@ -167,8 +167,9 @@ impl Drop for Zone {
 fn write_config(dir: &Path, id: u64, nodes: u64) -> Result<PathBuf> {
     let mut text = format!(
         "# Written by `cargo xtask cluster up`.\n[node]\nid = {id}\nname = \"zone-{id}\"\n\
-         data_dir = \"{}\"\nclient_listen = \"127.0.0.{id}:7400\"\npeer_listen = \"127.0.0.{id}:7401\"\n",
-        dir.join("data").display()
+         data_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"127.0.0.{id}:7400\"\npeer_listen = \"127.0.0.{id}:7401\"\n",
+        dir.join("data").display(),
+        dir.join("agent.sock").display()
     );
     for v in 1..=nodes {
         text.push_str(&format!(

@@ -282,6 +282,7 @@ pub struct ServerInfo {
 #[derive(Clone)]
 pub struct Zone {
     host: Arc<crate::host::Host>,
+    agents: Arc<crate::agent::AgentRegistry>,
     node: NodeHandle,
     transport: Arc<GrpcTransport>,
     config: Arc<Config>,
@@ -296,7 +297,12 @@ impl std::fmt::Debug for Zone {
 }
 
 impl Zone {
-    pub fn new(node: NodeHandle, transport: Arc<GrpcTransport>, config: Arc<Config>) -> Zone {
+    pub fn new(
+        node: NodeHandle,
+        transport: Arc<GrpcTransport>,
+        config: Arc<Config>,
+        agents: Arc<crate::agent::AgentRegistry>,
+    ) -> Zone {
         let advertise = |addr: std::net::SocketAddr| {
             if addr.ip().is_unspecified() {
                 // Listening everywhere: advertise the host from the peer
@@ -320,6 +326,7 @@ impl Zone {
         };
         Zone {
             host: Arc::default(),
+            agents,
             limits: Limits {
                 max_key: config.limits.max_key_bytes,
                 max_value: config.limits.max_value_bytes,
@@ -366,10 +373,11 @@ impl Zone {
         Ok(r)
     }
 
-    /// Refuses a write early while the zone is disabled (the state machine
-    /// refuses it too, for writes already on their way).
+    /// Refuses a write early while the zone is disabled. Only the leader
+    /// asks its own state (a follower's may lag behind a `zone enable`); the
+    /// state machine refuses the write anyway when it is applied.
     fn check_enabled(&self) -> Result<(), ApiError> {
-        if self.node.reader().disabled()? {
+        if self.node.view().role == StateRole::Leader && self.node.reader().disabled()? {
             return Err(ApiError::FailedPrecondition(kv::DISABLED_MESSAGE.into()));
         }
         Ok(())
@@ -826,15 +834,36 @@ impl Zone {
                 Some(_) => {}
             }
         }
+        // Let go of the lease first, and wait until the local agents have
+        // released the VIP and leader-only services: the next leader's
+        // agents must never overlap ours. After the remaining lease time
+        // they would have let go anyway.
+        let revoked = self
+            .node
+            .revoke_lease(true)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        if !self
+            .agents
+            .wait_released(revoked.generation, self.config.lease())
+            .await
+        {
+            tracing::warn!(
+                "an agent did not confirm releasing the lease; the lease has expired meanwhile"
+            );
+        }
         let chosen = match self.node.transfer_leader(target).await {
             Ok(c) => c,
-            Err(NodeError::Rejected(m)) => return Err(ApiError::FailedPrecondition(m)),
-            Err(NodeError::NotLeader { .. } | NodeError::NoLeader) => {
-                return Err(ApiError::NotApplied(
-                    "this server is no longer the leader".into(),
-                ))
+            Err(e) => {
+                let _ = self.node.revoke_lease(false).await;
+                return Err(match e {
+                    NodeError::Rejected(m) => ApiError::FailedPrecondition(m),
+                    NodeError::NotLeader { .. } | NodeError::NoLeader => {
+                        ApiError::NotApplied("this server is no longer the leader".into())
+                    }
+                    e => ApiError::Unavailable(e.to_string()),
+                });
             }
-            Err(e) => return Err(ApiError::Unavailable(e.to_string())),
         };
         loop {
             let v = self.node.view();
@@ -851,6 +880,7 @@ impl Zone {
                 )));
             }
             if Instant::now() >= deadline {
+                let _ = self.node.revoke_lease(false).await;
                 return Err(ApiError::Unavailable(format!(
                     "server {chosen} did not take leadership in time; the zone keeps its leader"
                 )));
@@ -1364,7 +1394,7 @@ impl Peer for PeerService {
             index = n.index,
             "the leader says this server was removed from the zone"
         );
-        self.0.node.removed_notice(n.index);
+        self.0.node.removed_notice(n.index, n.leader_id);
         Ok(Response::new(RemovedAck {}))
     }
 }

@@ -71,6 +71,9 @@ pub struct NodeSection {
     /// the leader. Ignored once the data directory holds Raft state.
     /// Default: none (a founding member, see `voters`).
     pub join: Option<String>,
+    /// Unix socket for local agents (zone-vip): the leader lease. Empty
+    /// disables it. Default `/run/zoned/agent.sock`.
+    pub agent_socket: PathBuf,
 }
 
 impl Default for NodeSection {
@@ -82,6 +85,7 @@ impl Default for NodeSection {
             client_listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
             join: None,
+            agent_socket: PathBuf::from("/run/zoned/agent.sock"),
         }
     }
 }
@@ -117,6 +121,11 @@ pub struct RaftSection {
     /// A learner becomes a voter once its log is within this many entries
     /// of the leader's. Default 64.
     pub promote_within: u64,
+    /// The leader lease ends this long before any other server could be
+    /// elected ((election_ticks - 1) * tick_ms after the last quorum
+    /// heartbeat), to absorb clock-rate differences and agent reaction
+    /// time. Default 100.
+    pub lease_margin_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -129,6 +138,7 @@ impl Default for RaftSection {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             promote_within: 64,
+            lease_margin_ms: 100,
         }
     }
 }
@@ -317,6 +327,16 @@ impl Config {
                 ),
             ));
         }
+        let safe_ms = (r.election_ticks as u64 - 1) * r.tick_ms;
+        if r.lease_margin_ms >= safe_ms {
+            return Err(invalid(
+                "raft.lease_margin_ms",
+                format!(
+                    "{} ms leaves no lease: it must be below (election_ticks - 1) * tick_ms = {safe_ms} ms",
+                    r.lease_margin_ms
+                ),
+            ));
+        }
         if r.log_retention == 0 {
             return Err(invalid("raft.log_retention", "must be at least 1"));
         }
@@ -361,6 +381,12 @@ impl Config {
 
     pub fn tick(&self) -> Duration {
         Duration::from_millis(self.raft.tick_ms)
+    }
+
+    /// How long a lease lasts after the heartbeat round that renewed it.
+    pub fn lease(&self) -> Duration {
+        let r = &self.raft;
+        Duration::from_millis((r.election_ticks as u64 - 1) * r.tick_ms - r.lease_margin_ms)
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -9,6 +9,7 @@
 //! - [`node`]: the Raft driver thread (the one Ready loop) and its handle;
 //! - [`transport`]: Raft messages between servers over gRPC;
 //! - [`api`]: the client and peer gRPC services;
+//! - [`agent`]: the leader lease for local agents, on a unix socket;
 //! - [`server`]: wiring and clean shutdown;
 //! - [`host`]: host figures for the zone status.
 //!
@@ -16,6 +17,7 @@
 //! applied and written; reads are linearizable unless asked otherwise; bad
 //! input is refused before it reaches the log.
 
+pub mod agent;
 pub mod api;
 pub mod config;
 pub mod host;

@@ -95,6 +95,44 @@ pub enum Applied {
     Snapshot(u64),
 }
 
+/// The leader lease as the driver grants it to local agents.
+///
+/// The leader renews it with a ReadIndex round every heartbeat: when a
+/// quorum has answered a round sent at monotonic time `t`, each of those
+/// followers reset its election timer after `t`, and with check_quorum they
+/// refuse to vote for anyone else for a whole election timeout. No other
+/// server can therefore lead before `t + (election_ticks - 1) * tick` (one
+/// tick lost to timer phase); the lease ends `raft.lease_margin_ms` earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lease {
+    pub held: bool,
+    pub term: u64,
+    /// CLOCK_MONOTONIC nanoseconds; 0 when not held.
+    pub expires_ns: u64,
+    /// Increases with every change published.
+    pub generation: u64,
+    pub leader_id: u64,
+    /// CLOCK_MONOTONIC nanoseconds at which this state was published.
+    pub since_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock leases are stated in, shared by
+/// every process on the host.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// ReadIndex contexts of lease rounds: 9 bytes, `L` then the round number
+/// (client read batches use 16: server id and a counter).
+fn lease_ctx(round: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9);
+    v.push(b'L');
+    v.extend_from_slice(&round.to_be_bytes());
+    v
+}
+
 /// The Raft role and leader as last seen by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaftView {
@@ -165,6 +203,13 @@ enum Request {
     },
     Removed {
         index: u64,
+        leader: u64,
+    },
+    /// Stop granting the lease in this term (before a transfer); `false`
+    /// grants it again (the transfer failed).
+    RevokeLease {
+        revoke: bool,
+        reply: Reply<Lease>,
     },
     Shutdown,
 }
@@ -175,6 +220,7 @@ pub struct NodeHandle {
     id: u64,
     tx: std_mpsc::Sender<Request>,
     view: watch::Receiver<RaftView>,
+    lease: watch::Receiver<Lease>,
     events: broadcast::Sender<Arc<Applied>>,
     reader: Reader,
 }
@@ -206,6 +252,18 @@ impl NodeHandle {
 
     pub fn watch_view(&self) -> watch::Receiver<RaftView> {
         self.view.clone()
+    }
+
+    /// The leader lease, updated at every grant, renewal and revocation.
+    pub fn watch_lease(&self) -> watch::Receiver<Lease> {
+        self.lease.clone()
+    }
+
+    /// Revokes (or restores) the lease for the current term; returns the
+    /// lease state published.
+    pub async fn revoke_lease(&self, revoke: bool) -> Result<Lease, NodeError> {
+        self.ask(|reply| Request::RevokeLease { revoke, reply })
+            .await
     }
 
     /// Live events of every applied batch, for watchers.
@@ -273,8 +331,8 @@ impl NodeHandle {
     }
 
     /// The leader says this server was removed.
-    pub fn removed_notice(&self, index: u64) {
-        let _ = self.tx.send(Request::Removed { index });
+    pub fn removed_notice(&self, index: u64, leader: u64) {
+        let _ = self.tx.send(Request::Removed { index, leader });
     }
 
     pub async fn status(&self) -> Result<LocalStatus, NodeError> {
@@ -326,17 +384,25 @@ struct Driver {
     rx: std_mpsc::Receiver<Request>,
     transport: Arc<dyn Transport>,
     view_tx: watch::Sender<RaftView>,
+    lease_tx: watch::Sender<Lease>,
     events_tx: broadcast::Sender<Arc<Applied>>,
     config: Config,
     proposals: VecDeque<Pending>,
     reads_new: Vec<Reply<()>>,
-    reads_inflight: HashMap<u64, Vec<Reply<()>>>,
+    /// Read batches sent, by context, with the tick they were sent at.
+    reads_inflight: HashMap<Vec<u8>, (u64, Vec<Reply<()>>)>,
     reads_waiting: Vec<(u64, Vec<Reply<()>>)>,
     next_read_ctx: u64,
     last_heard: HashMap<u64, Instant>,
     snapshots_received: u64,
     members: Vec<Member>,
     ticks: u64,
+    /// The lease round in flight: (round, term, monotonic send time).
+    lease_round: Option<(u64, u64, u64)>,
+    next_lease_round: u64,
+    /// A term in which the lease must not be granted (transfer under way).
+    lease_revoked_term: u64,
+    lease_ns: u64,
     stopping: bool,
     removed: Option<u64>,
 }
@@ -396,12 +462,17 @@ pub fn start(
         role: raw.raft.state,
     };
     let (view_tx, view_rx) = watch::channel(view);
+    let (lease_tx, lease_rx) = watch::channel(Lease {
+        leader_id: view.leader_id,
+        ..Lease::default()
+    });
     let (events_tx, _) = broadcast::channel(1024);
     let (tx, rx) = std_mpsc::channel();
     let handle = NodeHandle {
         id: config.node.id,
         tx,
         view: view_rx,
+        lease: lease_rx,
         events: events_tx.clone(),
         reader: Reader::new(engine.clone()),
     };
@@ -412,17 +483,25 @@ pub fn start(
         rx,
         transport,
         view_tx,
+        lease_tx,
         events_tx,
         config: config.clone(),
         proposals: VecDeque::new(),
         reads_new: Vec::new(),
         reads_inflight: HashMap::new(),
         reads_waiting: Vec::new(),
-        next_read_ctx: 1,
+        // A random start: contexts must not repeat across restarts, and
+        // they carry the server id so that two servers never collide in the
+        // leader's pending reads.
+        next_read_ctx: rand::random::<u64>() >> 1,
         last_heard: HashMap::new(),
         snapshots_received: 0,
         members,
         ticks: 0,
+        lease_round: None,
+        next_lease_round: 1,
+        lease_revoked_term: 0,
+        lease_ns: config.lease().as_nanos() as u64,
         stopping: false,
         removed: None,
     };
@@ -472,6 +551,8 @@ impl Driver {
                 if self.ticks % 5 == 0 {
                     self.promote_learners();
                 }
+                self.lease_tick();
+                self.expire_reads();
                 next_tick += tick;
                 if next_tick < now {
                     // The thread fell behind (a slow disk): do not burst ticks.
@@ -507,6 +588,20 @@ impl Driver {
     fn handle(&mut self, req: Request) {
         match req {
             Request::Raft(msg) => {
+                // Just (re)started, we do not know whether a leader's lease
+                // is running that we helped renew: refuse to vote for one
+                // election timeout, as a live follower would.
+                if self.ticks < self.config.raft.election_ticks as u64
+                    && matches!(
+                        msg.get_msg_type(),
+                        raft::eraftpb::MessageType::MsgRequestVote
+                            | raft::eraftpb::MessageType::MsgRequestPreVote
+                    )
+                    && msg.get_context() != b"CampaignTransfer"
+                {
+                    tracing::debug!(from = msg.from, "vote request ignored while starting");
+                    return;
+                }
                 if msg.to != self.id {
                     tracing::warn!(
                         to = msg.to,
@@ -543,11 +638,28 @@ impl Driver {
                     .map_err(|e| NodeError::Rejected(format!("cannot request a snapshot: {e}")));
                 let _ = reply.send(r);
             }
-            Request::Removed { index } => {
-                // Only believe it if we are indeed no longer a member, or
-                // have no way to learn it from the log (the leader stopped
-                // replicating to us).
-                if self.raw.raft.state != StateRole::Leader {
+            Request::RevokeLease { revoke, reply } => {
+                self.lease_revoked_term = if revoke { self.raw.raft.term } else { 0 };
+                self.lease_round = None;
+                if revoke {
+                    tracing::info!(term = self.raw.raft.term, "lease revoked");
+                    self.publish_lease(false, 0);
+                } else {
+                    self.lease_tick();
+                }
+                let _ = reply.send(Ok(*self.lease_tx.borrow()));
+            }
+            Request::Removed { index, leader } => {
+                // Believe only the leader we follow, and not a stale notice
+                // from before a later re-admission (we applied past it and
+                // are a member).
+                let cs = self.raw.store().conf_state();
+                let member = cs.voters.contains(&self.id) || cs.learners.contains(&self.id);
+                let stale = member && self.raw.store().applied() >= index;
+                if self.raw.raft.state != StateRole::Leader
+                    && leader == self.raw.raft.leader_id
+                    && !stale
+                {
                     let mut wb = WriteBatch::default();
                     self.raw.mut_store().set_removed(&mut wb, index);
                     if self.engine.write(wb, true).is_ok() {
@@ -575,6 +687,7 @@ impl Driver {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 debug_assert_eq!(index, before + 1);
+                self.drop_overwritten(index);
                 self.proposals.push_back(Pending {
                     index,
                     term: self.raw.raft.term,
@@ -613,6 +726,7 @@ impl Driver {
         match self.raw.propose_conf_change(Vec::new(), cc) {
             Ok(()) if self.raw.raft.raft_log.last_index() > before => {
                 let index = self.raw.raft.raft_log.last_index();
+                self.drop_overwritten(index);
                 self.proposals.push_back(Pending {
                     index,
                     term: self.raw.raft.term,
@@ -628,6 +742,23 @@ impl Driver {
                 let _ = reply.send(Err(NodeError::Rejected(format!(
                     "membership change refused: {e}"
                 ))));
+            }
+        }
+    }
+
+    /// Proposals still queued at or after `index`, from an earlier term of
+    /// ours, were cut from our log when another leader overwrote it: they
+    /// will never apply.
+    fn drop_overwritten(&mut self, index: u64) {
+        while self.proposals.back().is_some_and(|p| p.index >= index) {
+            let p = self.proposals.pop_back().expect("back exists");
+            match p.waiter {
+                Waiter::Command(r) => {
+                    let _ = r.send(Err(NodeError::Dropped));
+                }
+                Waiter::Conf(r) => {
+                    let _ = r.send(Err(NodeError::Dropped));
+                }
             }
         }
     }
@@ -710,22 +841,107 @@ impl Driver {
         }
     }
 
+    /// Every heartbeat, the leader starts a lease round (a ReadIndex whose
+    /// quorum answer renews the lease); a round lost to the network is
+    /// abandoned after a lease length.
+    fn lease_tick(&mut self) {
+        if self.raw.raft.state != StateRole::Leader
+            || self.lease_revoked_term == self.raw.raft.term
+            || !self.raw.raft.commit_to_current_term()
+        {
+            return;
+        }
+        let now = monotonic_ns();
+        if let Some((_, _, sent)) = self.lease_round {
+            if now.saturating_sub(sent) < self.lease_ns {
+                return;
+            }
+        }
+        if self.ticks % self.config.raft.heartbeat_ticks as u64 != 0 && self.lease_round.is_some() {
+            return;
+        }
+        let round = self.next_lease_round;
+        self.next_lease_round += 1;
+        self.lease_round = Some((round, self.raw.raft.term, now));
+        self.raw.read_index(lease_ctx(round));
+    }
+
+    fn lease_confirmed(&mut self, ctx: &[u8]) {
+        let Some((round, term, sent)) = self.lease_round else {
+            return;
+        };
+        if ctx != lease_ctx(round).as_slice() {
+            return;
+        }
+        self.lease_round = None;
+        if self.raw.raft.state == StateRole::Leader
+            && self.raw.raft.term == term
+            && self.lease_revoked_term != term
+        {
+            self.publish_lease(true, sent + self.lease_ns);
+        }
+    }
+
+    fn publish_lease(&mut self, held: bool, expires_ns: u64) {
+        let leader = self.raw.raft.leader_id;
+        self.publish_lease_for(held, expires_ns, leader);
+    }
+
+    fn publish_lease_for(&mut self, held: bool, expires_ns: u64, leader_id: u64) {
+        let generation = self.lease_tx.borrow().generation + 1;
+        self.lease_tx.send_replace(Lease {
+            held,
+            term: self.raw.raft.term,
+            expires_ns: if held { expires_ns } else { 0 },
+            generation,
+            leader_id,
+            since_ns: monotonic_ns(),
+        });
+    }
+
     /// One ReadIndex for every read that arrived since the last one.
     fn flush_reads(&mut self) {
         if self.reads_new.is_empty() {
             return;
         }
-        let waiters = std::mem::take(&mut self.reads_new);
         if self.raw.raft.leader_id == 0 {
-            for w in waiters {
+            for w in self.reads_new.drain(..) {
                 let _ = w.send(Err(NodeError::NoLeader));
             }
             return;
         }
-        let ctx = self.next_read_ctx;
+        // raft-rs drops a ReadIndex on a leader that has not yet committed
+        // an entry of its term: hold the reads until it has.
+        if self.raw.raft.state == StateRole::Leader && !self.raw.raft.commit_to_current_term() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.reads_new);
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.id.to_be_bytes());
+        ctx.extend_from_slice(&self.next_read_ctx.to_be_bytes());
         self.next_read_ctx += 1;
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
-        self.reads_inflight.insert(ctx, waiters);
+        self.raw.read_index(ctx.clone());
+        self.reads_inflight.insert(ctx, (self.ticks, waiters));
+    }
+
+    /// A read batch unanswered for an election timeout was lost (a leader
+    /// that dropped it, a message lost): fail it, and the caller retries.
+    fn expire_reads(&mut self) {
+        let limit = self.config.raft.election_ticks as u64;
+        let now = self.ticks;
+        let stale: Vec<Vec<u8>> = self
+            .reads_inflight
+            .iter()
+            .filter(|(_, (sent, _))| now.saturating_sub(*sent) > limit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some((_, waiters)) = self.reads_inflight.remove(&k) {
+                for w in waiters {
+                    let _ = w.send(Err(NodeError::LeadershipChanged));
+                }
+            }
+        }
     }
 
     /// The Ready cycle, in the order raft-rs requires.
@@ -780,10 +996,11 @@ impl Driver {
 
         // 4. ReadIndex answers: release those already applied.
         for rs in ready.take_read_states() {
-            let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+            if rs.request_ctx.first() == Some(&b'L') {
+                self.lease_confirmed(&rs.request_ctx);
                 continue;
-            };
-            if let Some(waiters) = self.reads_inflight.remove(&u64::from_be_bytes(ctx)) {
+            }
+            if let Some((_, waiters)) = self.reads_inflight.remove(&rs.request_ctx) {
                 self.reads_waiting.push((rs.index, waiters));
             }
         }
@@ -843,12 +1060,19 @@ impl Driver {
         let term = self.raw.raft.term;
         let old = *self.view_tx.borrow();
         if old.leader_id != leader_id || old.term != term {
-            for (_, waiters) in self.reads_inflight.drain() {
+            for (_, (_, waiters)) in self.reads_inflight.drain() {
                 for w in waiters {
                     let _ = w.send(Err(NodeError::LeadershipChanged));
                 }
             }
             tracing::info!(leader = leader_id, term, role = ?role, "Raft view changed");
+        }
+        if role != StateRole::Leader || old.term != term {
+            self.lease_round = None;
+            let l = *self.lease_tx.borrow();
+            if l.held || l.leader_id != leader_id {
+                self.publish_lease_for(false, 0, leader_id);
+            }
         }
         self.view_tx.send_replace(RaftView {
             id: self.id,
@@ -1080,7 +1304,7 @@ impl Driver {
         for w in self.reads_new.drain(..) {
             let _ = w.send(Err(err.clone()));
         }
-        for (_, ws) in self.reads_inflight.drain() {
+        for (_, (_, ws)) in self.reads_inflight.drain() {
             for w in ws {
                 let _ = w.send(Err(err.clone()));
             }

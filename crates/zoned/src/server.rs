@@ -11,14 +11,16 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
+use zone_proto::v1::agent_server::AgentServer;
 use zone_proto::v1::cluster_client::ClusterClient;
 use zone_proto::v1::cluster_server::ClusterServer;
 use zone_proto::v1::kv_server::KvServer;
 use zone_proto::v1::peer_server::PeerServer;
 use zone_proto::v1::{Member, MembersRequest};
 
+use crate::agent::{self, AgentRegistry, AgentService};
 use crate::api::{ClusterService, KvService, PeerService, Zone};
 use crate::config::Config;
 use crate::node::{self, Bootstrap, Stopped};
@@ -33,6 +35,12 @@ pub enum ServeError {
     Start(#[from] node::StartError),
     #[error("invalid peer address")]
     PeerAddress(#[from] tonic::transport::Error),
+    #[error("node.agent_socket: cannot listen on {path}")]
+    AgentSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {field} {addr}")]
     Listen {
         field: &'static str,
@@ -99,7 +107,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         other => other?,
     };
     transport.attach(node.clone());
-    let zone = Zone::new(node.clone(), transport, config.clone());
+    let agents = Arc::new(AgentRegistry::default());
+    let zone = Zone::new(node.clone(), transport, config.clone(), agents.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;
@@ -134,9 +143,28 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx));
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(peer_listener),
+            stopped(stop_rx.clone()),
+        );
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
+    let agent_task = if config.node.agent_socket.as_os_str().is_empty() {
+        None
+    } else {
+        let path = &config.node.agent_socket;
+        let listener = agent::bind(path).map_err(|source| ServeError::AgentSocket {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let server = Server::builder()
+            .add_service(AgentServer::new(AgentService::new(node.clone(), agents)))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                stopped(stop_rx.clone()),
+            );
+        Some(tokio::spawn(server))
+    };
 
     tracing::info!(
         id = config.node.id,
@@ -176,6 +204,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         let _ = client_task.await;
         let _ = peer_task.await;
+        if let Some(t) = agent_task {
+            let _ = t.await;
+        }
     })
     .await;
     match joined {

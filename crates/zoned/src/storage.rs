@@ -381,6 +381,11 @@ impl RaftStorage {
     pub fn set_conf_state(&mut self, wb: &mut WriteBatch, cs: &ConfState) {
         wb.put_cf(self.engine.cf(CF_RAFT), KEY_CONF_STATE, encode_pb(cs));
         self.conf_state = cs.clone();
+        // A snapshot built before this change lacks it: a server just added
+        // would refuse it (raft-rs rejects a snapshot that does not list it).
+        if let Ok(mut slot) = self.snapshot.lock() {
+            slot.ready = None;
+        }
     }
 
     pub fn set_applied(&mut self, wb: &mut WriteBatch, applied: u64) {

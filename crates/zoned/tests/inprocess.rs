@@ -68,7 +68,9 @@ impl Transport for Port {
 struct Cluster {
     router: Arc<Router>,
     nodes: BTreeMap<u64, NodeHandle>,
+    threads: Vec<std::thread::JoinHandle<Result<node::Stopped, zoned::storage::StorageFailure>>>,
     _dirs: Vec<tempfile::TempDir>,
+    lease_ns: u64,
 }
 
 fn founders() -> Bootstrap {
@@ -105,26 +107,37 @@ fn config(id: u64, dir: &std::path::Path) -> Config {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(|_| {})
+    }
+
+    fn start_with(tune: impl Fn(&mut Config)) -> Cluster {
         let router = Arc::new(Router::default());
         let mut nodes = BTreeMap::new();
+        let mut threads = Vec::new();
         let mut dirs = Vec::new();
+        let mut lease_ns = 0;
         for id in 1..=3 {
             let dir = tempfile::tempdir().unwrap();
-            let cfg = config(id, dir.path());
+            let mut cfg = config(id, dir.path());
+            tune(&mut cfg);
+            lease_ns = cfg.lease().as_nanos() as u64;
             let engine = Engine::open(dir.path()).unwrap();
             let port = Arc::new(Port {
                 router: router.clone(),
                 from: id,
             });
-            let (handle, _thread) = node::start(&cfg, engine, port, founders()).unwrap();
+            let (handle, thread) = node::start(&cfg, engine, port, founders()).unwrap();
             router.nodes.lock().unwrap().insert(id, handle.clone());
             nodes.insert(id, handle);
+            threads.push(thread);
             dirs.push(dir);
         }
         Cluster {
             router,
             nodes,
+            threads,
             _dirs: dirs,
+            lease_ns,
         }
     }
 
@@ -151,11 +164,16 @@ impl Cluster {
 }
 
 impl Drop for Cluster {
+    /// Stops every driver and waits for it: RocksDB must not be torn down
+    /// under a running thread when the test process exits.
     fn drop(&mut self) {
         for n in self.nodes.values() {
             n.shutdown();
         }
         self.router.nodes.lock().unwrap().clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -296,28 +314,7 @@ async fn isolated_leader_cannot_commit_and_steps_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_behind_compacted_log_catches_up_by_snapshot() {
     // A small retention forces a snapshot when a follower comes back.
-    let router = Arc::new(Router::default());
-    let mut nodes = BTreeMap::new();
-    let mut dirs = Vec::new();
-    for id in 1..=3 {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(id, dir.path());
-        cfg.raft.log_retention = 20;
-        let engine = Engine::open(dir.path()).unwrap();
-        let port = Arc::new(Port {
-            router: router.clone(),
-            from: id,
-        });
-        let (handle, _thread) = node::start(&cfg, engine, port, founders()).unwrap();
-        router.nodes.lock().unwrap().insert(id, handle.clone());
-        nodes.insert(id, handle);
-        dirs.push(dir);
-    }
-    let c = Cluster {
-        router,
-        nodes,
-        _dirs: dirs,
-    };
+    let c = Cluster::start_with(|cfg| cfg.raft.log_retention = 20);
     let ids = [1, 2, 3];
     let leader = c.wait_leader(&ids).await;
     let lagging = ids.into_iter().find(|&i| i != leader).unwrap();
@@ -345,5 +342,96 @@ async fn follower_behind_compacted_log_catches_up_by_snapshot() {
     );
     for k in 0..100 {
         assert!(read(n, &format!("s{k:03}")).await.is_some());
+    }
+}
+
+/// Every lease publication of one node, as (node, lease).
+fn record_leases(c: &Cluster) -> Arc<Mutex<Vec<(u64, zoned::node::Lease)>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for n in c.nodes.values() {
+        let mut rx = n.watch_lease();
+        let log = log.clone();
+        let id = n.id();
+        tokio::spawn(async move {
+            loop {
+                let l = *rx.borrow_and_update();
+                log.lock().unwrap().push((id, l));
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_ends_before_any_other_server_can_hold_one() {
+    let c = Cluster::start();
+    let ids = [1, 2, 3];
+    let log = record_leases(&c);
+    for _round in 0..3 {
+        let old = c.wait_leader(&ids).await;
+        // The leader holds a lease that it keeps renewing.
+        let first = poll(
+            Duration::from_secs(10),
+            "the leader to hold a lease",
+            || async {
+                let l = *c.nodes[&old].watch_lease().borrow();
+                (l.held && l.expires_ns > zoned::node::monotonic_ns()).then_some(l)
+            },
+        )
+        .await;
+        poll(
+            Duration::from_secs(5),
+            "the lease to be renewed",
+            || async {
+                let l = *c.nodes[&old].watch_lease().borrow();
+                (l.expires_ns > first.expires_ns).then_some(())
+            },
+        )
+        .await;
+        for id in ids.iter().filter(|&&i| i != old) {
+            assert!(
+                !c.nodes[id].watch_lease().borrow().held,
+                "follower {id} holds a lease"
+            );
+        }
+        // Cut the leader off: its lease lapses, then another server leads
+        // and gets a lease; the two never overlap on the shared clock.
+        let cut_at = zoned::node::monotonic_ns();
+        c.router.isolate(old, &ids);
+        let others: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+        let new = c.wait_leader(&others).await;
+        poll(
+            Duration::from_secs(10),
+            "the new leader to hold a lease",
+            || async { c.nodes[&new].watch_lease().borrow().held.then_some(()) },
+        )
+        .await;
+        let entries = log.lock().unwrap().clone();
+        let old_last = entries
+            .iter()
+            .filter(|(id, l)| *id == old && l.held)
+            .map(|(_, l)| *l)
+            .max_by_key(|l| l.expires_ns)
+            .expect("the old leader held a lease");
+        let new_first = entries
+            .iter()
+            .filter(|(id, l)| *id == new && l.held && l.since_ns > cut_at)
+            .map(|(_, l)| *l)
+            .min_by_key(|l| l.since_ns)
+            .expect("the new leader holds a lease");
+        assert!(
+            old_last.expires_ns <= new_first.since_ns,
+            "overlap: old lease until {} ns, new lease from {} ns ({} ms)",
+            old_last.expires_ns,
+            new_first.since_ns,
+            (old_last.expires_ns - new_first.since_ns) / 1_000_000
+        );
+        // And the isolated leader did not renew after the cut by more than
+        // one round in flight.
+        assert!(old_last.expires_ns <= cut_at + c.lease_ns + 50_000_000);
+        c.router.heal();
     }
 }

@@ -102,10 +102,11 @@ impl TestZone {
         for s in &zone.servers {
             std::fs::create_dir_all(&s.dir).unwrap();
             let mut text = format!(
-                "[node]\nid = {}\nname = \"zone-{}\"\ndata_dir = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n\n{TEST_RAFT}\n{extra}\n",
+                "[node]\nid = {}\nname = \"zone-{}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n\n{TEST_RAFT}\n{extra}\n",
                 s.id,
                 s.id,
                 s.dir.join("data").display(),
+                s.dir.join("agent.sock").display(),
                 s.client,
                 s.peer
             );
@@ -135,8 +136,9 @@ impl TestZone {
         };
         std::fs::create_dir_all(&s.dir).unwrap();
         let text = format!(
-            "[node]\nid = {id}\nname = \"zone-{id}\"\ndata_dir = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\njoin = \"{}\"\n\n{TEST_RAFT}\n{}\n",
+            "[node]\nid = {id}\nname = \"zone-{id}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\njoin = \"{}\"\n\n{TEST_RAFT}\n{}\n",
             s.dir.join("data").display(),
+            s.dir.join("agent.sock").display(),
             s.client,
             s.peer,
             self.servers[via].client,
