@@ -1,0 +1,256 @@
+//! zone-vip configuration (`/etc/zoned/vip.toml` on the appliance): the
+//! VIPs, how they are announced, leader-only units and hooks. Every field
+//! but the VIPs has a default; errors name the field.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+/// One floating address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub prefix: u8,
+    pub interface: String,
+}
+
+impl std::fmt::Display for Vip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} on {}", self.address, self.prefix, self.interface)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipEntry {
+    /// `address/prefix`, IPv4 or IPv6.
+    address: String,
+    interface: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    socket: PathBuf,
+    vip: Vec<VipEntry>,
+    announce: Announce,
+    leader: Role,
+    follower: Role,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            socket: PathBuf::from("/run/zoned/agent.sock"),
+            vip: Vec::new(),
+            announce: Announce::default(),
+            leader: Role::default(),
+            follower: Role::default(),
+        }
+    }
+}
+
+/// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6):
+/// one burst at once when the VIP is added, then `count - 1` more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Announce {
+    /// Announcements in all, the first at once. Default 5.
+    pub count: u32,
+    /// Between two announcements, in milliseconds. Default 200.
+    pub interval_ms: u64,
+}
+
+impl Default for Announce {
+    fn default() -> Self {
+        Announce {
+            count: 5,
+            interval_ms: 200,
+        }
+    }
+}
+
+/// What to do on entering a role.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Role {
+    /// systemd units started on becoming leader and stopped on leaving
+    /// (only meaningful under `[leader]`).
+    pub units: Vec<String>,
+    /// A command run (through `sh -c`) after entering the role; the
+    /// generalisation of OpenNebula's RAFT_LEADER_HOOK/RAFT_FOLLOWER_HOOK.
+    pub hook: Option<String>,
+    /// Longest a hook may run, in milliseconds. Default 30000.
+    pub hook_timeout_ms: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub vips: Vec<Vip>,
+    pub announce: Announce,
+    pub leader: Role,
+    pub follower: Role,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|(field, reason)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        })
+    }
+
+    /// Parses and validates; on error, the dotted field and the reason.
+    pub fn parse(text: &str) -> Result<Config, (String, String)> {
+        let file: FileConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                (field, e.into_inner().message().to_owned())
+            })?;
+        if file.vip.is_empty() {
+            return Err(("vip".into(), "at least one [[vip]] is needed".into()));
+        }
+        let mut vips = Vec::new();
+        for (i, v) in file.vip.iter().enumerate() {
+            let (addr, prefix) = v.address.split_once('/').ok_or_else(|| {
+                (
+                    format!("vip[{i}].address"),
+                    format!("'{}' is not address/prefix", v.address),
+                )
+            })?;
+            let address: IpAddr = addr.parse().map_err(|_| {
+                (
+                    format!("vip[{i}].address"),
+                    format!("'{addr}' is not an IP address"),
+                )
+            })?;
+            let max = if address.is_ipv4() { 32 } else { 128 };
+            let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| {
+                (
+                    format!("vip[{i}].address"),
+                    format!("prefix '{prefix}' is not between 0 and {max}"),
+                )
+            })?;
+            if v.interface.is_empty() || v.interface.len() > 15 || v.interface.contains('/') {
+                return Err((
+                    format!("vip[{i}].interface"),
+                    format!("'{}' is not an interface name", v.interface),
+                ));
+            }
+            let vip = Vip {
+                address,
+                prefix,
+                interface: v.interface.clone(),
+            };
+            if vips.iter().any(|o: &Vip| o.address == vip.address) {
+                return Err((
+                    format!("vip[{i}].address"),
+                    format!("{address} is listed twice"),
+                ));
+            }
+            vips.push(vip);
+        }
+        if file.announce.count == 0 {
+            return Err(("announce.count".into(), "must be at least 1".into()));
+        }
+        if file.announce.interval_ms == 0 && file.announce.count > 1 {
+            return Err((
+                "announce.interval_ms".into(),
+                "must be at least 1 when count > 1".into(),
+            ));
+        }
+        if !file.follower.units.is_empty() {
+            return Err((
+                "follower.units".into(),
+                "units run only on the leader; list them under [leader]".into(),
+            ));
+        }
+        Ok(Config {
+            socket: file.socket,
+            vips,
+            announce: file.announce,
+            leader: file.leader,
+            follower: file.follower,
+        })
+    }
+
+    pub fn announce_interval(&self) -> Duration {
+        Duration::from_millis(self.announce.interval_ms)
+    }
+
+    pub fn example() -> &'static str {
+        include_str!("../vip.example.toml")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        let (f, r) = Config::parse(text).unwrap_err();
+        format!("{f}: {r}")
+    }
+
+    #[test]
+    fn example_parses() {
+        let c = Config::parse(Config::example()).unwrap();
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.vips[0].to_string(), "10.0.0.100/24 on eth0");
+        assert!(c.vips[1].address.is_ipv6());
+        assert_eq!(c.announce.count, 5);
+        assert_eq!(c.leader.units, vec!["opennebula.service".to_string()]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(err(""), "vip: at least one [[vip]] is needed");
+        assert_eq!(
+            err("[[vip]]\naddress = \"10.0.0.1\"\ninterface = \"eth0\"\n"),
+            "vip[0].address: '10.0.0.1' is not address/prefix"
+        );
+        assert_eq!(
+            err("[[vip]]\naddress = \"10.0.0.1/33\"\ninterface = \"eth0\"\n"),
+            "vip[0].address: prefix '33' is not between 0 and 32"
+        );
+        assert_eq!(
+            err("[[vip]]\naddress = \"10.0.0.300/24\"\ninterface = \"eth0\"\n"),
+            "vip[0].address: '10.0.0.300' is not an IP address"
+        );
+        assert_eq!(
+            err("[[vip]]\naddress = \"10.0.0.1/24\"\ninterface = \"a-very-long-interface-name\"\n"),
+            "vip[0].interface: 'a-very-long-interface-name' is not an interface name"
+        );
+        assert!(err("[announce]\ncount = \"x\"\n").starts_with("announce.count: invalid type"));
+        assert!(err("[leader]\nunit = []\n").starts_with("leader.unit: unknown field"));
+        assert_eq!(
+            err("[[vip]]\naddress = \"10.0.0.1/24\"\ninterface = \"eth0\"\n[follower]\nunits = [\"x\"]\n"),
+            "follower.units: units run only on the leader; list them under [leader]"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! The side effects of the VIP agent, behind small traits: addresses on an
+//! interface, announcements, systemd units and hook commands. [`Memory`]
+//! implements them all in memory for tests; [`Systemd`] runs `systemctl`
+//! and hooks for real. The netlink and ARP implementations live in their
+//! own modules.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::config::Vip;
+
+/// Adds and removes addresses on interfaces (netlink is asynchronous).
+pub trait Addresses: Send + Sync + 'static {
+    /// Adds the address; succeeds if it is already there.
+    fn add<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Removes the address; succeeds if it is not there.
+    fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>>;
+}
+
+/// Tells the segment where an address now lives.
+pub trait Announcer: Send + Sync + 'static {
+    fn announce(&self, vip: &Vip) -> std::io::Result<()>;
+}
+
+/// Leader-only units and role hooks. Called off the time-critical path.
+pub trait Services: Send + Sync + 'static {
+    fn start_unit(&self, unit: &str) -> Result<(), String>;
+    fn stop_unit(&self, unit: &str) -> Result<(), String>;
+    fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String>;
+}
+
+/// Everything in memory, with a log of what happened and when
+/// (CLOCK_MONOTONIC nanoseconds), for tests.
+#[derive(Debug, Default)]
+pub struct Memory {
+    pub held: Mutex<BTreeSet<String>>,
+    pub log: Mutex<Vec<(u64, String)>>,
+}
+
+impl Memory {
+    fn note(&self, s: String) {
+        let now = crate::runner::monotonic_ns();
+        self.log.lock().expect("log poisoned").push((now, s));
+    }
+
+    /// The intervals during which `vip` was held: `[added, removed)`, the
+    /// last one open (`u64::MAX`) if still held.
+    pub fn holding_intervals(&self, vip: &Vip) -> Vec<(u64, u64)> {
+        let add = format!("add {vip}");
+        let remove = format!("remove {vip}");
+        let mut out = Vec::new();
+        let mut since = None;
+        for (t, e) in self.log.lock().expect("log poisoned").iter() {
+            if *e == add && since.is_none() {
+                since = Some(*t);
+            } else if *e == remove {
+                if let Some(s) = since.take() {
+                    out.push((s, *t));
+                }
+            }
+        }
+        if let Some(s) = since {
+            out.push((s, u64::MAX));
+        }
+        out
+    }
+
+    pub fn holds(&self, vip: &Vip) -> bool {
+        self.held
+            .lock()
+            .expect("held poisoned")
+            .contains(&vip.to_string())
+    }
+
+    pub fn entries(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .expect("log poisoned")
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}
+
+impl Addresses for Memory {
+    fn add<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>> {
+        self.held
+            .lock()
+            .expect("held poisoned")
+            .insert(vip.to_string());
+        self.note(format!("add {vip}"));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>> {
+        self.held
+            .lock()
+            .expect("held poisoned")
+            .remove(&vip.to_string());
+        self.note(format!("remove {vip}"));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Announcer for Memory {
+    fn announce(&self, vip: &Vip) -> std::io::Result<()> {
+        self.note(format!("announce {vip}"));
+        Ok(())
+    }
+}
+
+impl Services for Memory {
+    fn start_unit(&self, unit: &str) -> Result<(), String> {
+        self.note(format!("start {unit}"));
+        Ok(())
+    }
+
+    fn stop_unit(&self, unit: &str) -> Result<(), String> {
+        self.note(format!("stop {unit}"));
+        Ok(())
+    }
+
+    fn hook(&self, command: &str, role: &str, _timeout: Duration) -> Result<(), String> {
+        self.note(format!("hook {role} {command}"));
+        Ok(())
+    }
+}
+
+/// Units through `systemctl`, hooks through `sh -c` with `ZONE_ROLE` set.
+#[derive(Debug, Default)]
+pub struct Systemd;
+
+fn run_with_timeout(mut cmd: std::process::Command, timeout: Duration) -> Result<(), String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => return Err(format!("{cmd:?} failed: {st}")),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{cmd:?} did not finish within {timeout:?}; killed"));
+            }
+            Err(e) => return Err(format!("{cmd:?}: {e}")),
+        }
+    }
+}
+
+impl Services for Systemd {
+    fn start_unit(&self, unit: &str) -> Result<(), String> {
+        let mut c = std::process::Command::new("systemctl");
+        c.args(["start", "--no-block", unit]);
+        run_with_timeout(c, Duration::from_secs(30))
+    }
+
+    fn stop_unit(&self, unit: &str) -> Result<(), String> {
+        let mut c = std::process::Command::new("systemctl");
+        c.args(["stop", unit]);
+        run_with_timeout(c, Duration::from_secs(90))
+    }
+
+    fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String> {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", command]).env("ZONE_ROLE", role);
+        run_with_timeout(c, timeout)
+    }
+}

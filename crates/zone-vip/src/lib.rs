@@ -1,0 +1,18 @@
+//! `zone-vip`: keeps the floating IP (VIP) and leader-only services on the
+//! server that holds the zone's leader lease, and nowhere else.
+//!
+//! A separate process from `zoned` on purpose: if `zoned` dies, its lease
+//! stream breaks and this agent removes the address at once; if this agent
+//! dies, the address goes with it through systemd's `ExecStopPost=`. It
+//! never adds an address without an unexpired lease, and removes it the
+//! moment the lease ends, is revoked, or cannot be followed.
+//!
+//! - [`config`]: VIPs, announcements, units and hooks;
+//! - [`machine`]: the decisions, pure and unit-tested;
+//! - [`effects`]: the side effects behind traits, with in-memory versions;
+//! - [`runner`]: the loop that follows zoned's lease.
+
+pub mod config;
+pub mod effects;
+pub mod machine;
+pub mod runner;

@@ -1,0 +1,229 @@
+//! The VIP agent's decisions, free of side effects and of the clock: given
+//! lease states, stream losses and the time, it says what to do, in order.
+//!
+//! The one rule: act as leader (hold the VIP, run leader-only units) only
+//! while holding a lease whose expiry is still in the future. Becoming
+//! leader: add the VIPs, announce them, start units, run the leader hook.
+//! Leaving: remove the VIPs first (the time-critical part), then stop units
+//! and run the follower hook.
+
+use crate::config::{Config, Vip};
+
+/// Something to do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    AddVip(Vip),
+    /// Start announcing (gratuitous ARP / unsolicited NA), `count` times.
+    Announce(Vip),
+    StartUnit(String),
+    LeaderHook(String),
+    RemoveVip(Vip),
+    /// Stop any announcements still running.
+    StopAnnouncing,
+    StopUnit(String),
+    FollowerHook(String),
+}
+
+/// What the lease says, in this agent's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseView {
+    pub held: bool,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub expires_ns: u64,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Follower,
+    Leader { expires_ns: u64 },
+}
+
+#[derive(Debug)]
+pub struct Machine {
+    config: Config,
+    role: Role,
+}
+
+impl Machine {
+    pub fn new(config: Config) -> Machine {
+        Machine {
+            config,
+            role: Role::Follower,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        matches!(self.role, Role::Leader { .. })
+    }
+
+    /// When the current lease runs out, if leading.
+    pub fn deadline_ns(&self) -> Option<u64> {
+        match self.role {
+            Role::Leader { expires_ns } => Some(expires_ns),
+            Role::Follower => None,
+        }
+    }
+
+    /// At start: whatever a previous run (or a crash) left on the
+    /// interfaces goes, before anything else.
+    pub fn startup(&self) -> Vec<Action> {
+        self.config
+            .vips
+            .iter()
+            .cloned()
+            .map(Action::RemoveVip)
+            .collect()
+    }
+
+    /// A lease state arrived at monotonic time `now_ns`.
+    pub fn on_lease(&mut self, lease: LeaseView, now_ns: u64) -> Vec<Action> {
+        let valid = lease.held && lease.expires_ns > now_ns;
+        match (self.role, valid) {
+            (Role::Follower, true) => {
+                self.role = Role::Leader {
+                    expires_ns: lease.expires_ns,
+                };
+                self.become_leader()
+            }
+            (Role::Leader { .. }, true) => {
+                self.role = Role::Leader {
+                    expires_ns: lease.expires_ns,
+                };
+                Vec::new()
+            }
+            (Role::Leader { .. }, false) => self.become_follower(),
+            (Role::Follower, false) => Vec::new(),
+        }
+    }
+
+    /// The clock reached `now_ns` with no new lease.
+    pub fn on_tick(&mut self, now_ns: u64) -> Vec<Action> {
+        match self.role {
+            Role::Leader { expires_ns } if now_ns >= expires_ns => self.become_follower(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The lease stream broke or zoned died: no lease can be trusted.
+    pub fn on_stream_lost(&mut self) -> Vec<Action> {
+        match self.role {
+            Role::Leader { .. } => self.become_follower(),
+            Role::Follower => Vec::new(),
+        }
+    }
+
+    fn become_leader(&self) -> Vec<Action> {
+        let c = &self.config;
+        let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::AddVip).collect();
+        a.extend(c.vips.iter().cloned().map(Action::Announce));
+        a.extend(c.leader.units.iter().cloned().map(Action::StartUnit));
+        a.extend(c.leader.hook.iter().cloned().map(Action::LeaderHook));
+        a
+    }
+
+    fn become_follower(&mut self) -> Vec<Action> {
+        self.role = Role::Follower;
+        let c = &self.config;
+        let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::RemoveVip).collect();
+        a.push(Action::StopAnnouncing);
+        a.extend(c.leader.units.iter().rev().cloned().map(Action::StopUnit));
+        a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            "[[vip]]\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\n\
+             [leader]\nunits = [\"a.service\", \"b.service\"]\nhook = \"up\"\n\
+             [follower]\nhook = \"down\"\n",
+        )
+        .unwrap()
+    }
+
+    fn lease(held: bool, expires_ns: u64) -> LeaseView {
+        LeaseView {
+            held,
+            expires_ns,
+            generation: 1,
+        }
+    }
+
+    fn vip() -> Vip {
+        config().vips[0].clone()
+    }
+
+    #[test]
+    fn a_valid_lease_makes_a_leader_in_order() {
+        let mut m = Machine::new(config());
+        let a = m.on_lease(lease(true, 1_000), 500);
+        assert_eq!(
+            a,
+            vec![
+                Action::AddVip(vip()),
+                Action::Announce(vip()),
+                Action::StartUnit("a.service".into()),
+                Action::StartUnit("b.service".into()),
+                Action::LeaderHook("up".into()),
+            ]
+        );
+        assert_eq!(m.deadline_ns(), Some(1_000));
+        // A renewal only moves the deadline.
+        assert!(m.on_lease(lease(true, 2_000), 900).is_empty());
+        assert_eq!(m.deadline_ns(), Some(2_000));
+    }
+
+    #[test]
+    fn an_expired_lease_is_never_acted_on() {
+        let mut m = Machine::new(config());
+        assert!(m.on_lease(lease(true, 1_000), 1_000).is_empty());
+        assert!(m.on_lease(lease(true, 1_000), 5_000).is_empty());
+        assert!(!m.is_leader());
+    }
+
+    #[test]
+    fn expiry_revocation_and_stream_loss_each_step_down_vip_first() {
+        let down = vec![
+            Action::RemoveVip(vip()),
+            Action::StopAnnouncing,
+            Action::StopUnit("b.service".into()),
+            Action::StopUnit("a.service".into()),
+            Action::FollowerHook("down".into()),
+        ];
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 1_000), 0);
+        assert!(m.on_tick(999).is_empty());
+        assert_eq!(m.on_tick(1_000), down);
+        assert!(m.on_tick(2_000).is_empty(), "steps down once");
+
+        m.on_lease(lease(true, 3_000), 2_000);
+        assert_eq!(m.on_lease(lease(false, 0), 2_100), down);
+
+        m.on_lease(lease(true, 5_000), 4_000);
+        assert_eq!(m.on_stream_lost(), down);
+        assert!(m.on_stream_lost().is_empty());
+    }
+
+    #[test]
+    fn a_renewal_that_arrives_late_does_not_resurrect_the_leader() {
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 1_000), 0);
+        m.on_tick(1_000);
+        // A stale renewal (already expired) is ignored.
+        assert!(m.on_lease(lease(true, 1_500), 1_600).is_empty());
+        assert!(!m.is_leader());
+    }
+
+    #[test]
+    fn startup_removes_stale_vips() {
+        assert_eq!(
+            Machine::new(config()).startup(),
+            vec![Action::RemoveVip(vip())]
+        );
+    }
+}

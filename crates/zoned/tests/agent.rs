@@ -1,0 +1,176 @@
+//! The leader lease as local agents see it: a zone-vip runner (with its
+//! side effects in memory) beside each real zoned process follows the lease
+//! over the agent socket. The VIP must be held by exactly one agent, move on
+//! transfer, on kill -9 of the leader's zoned and on SIGTERM, and never be
+//! held by two agents at once, on the host's one monotonic clock.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{poll, TestZone};
+use tokio::sync::watch;
+use zone_vip::config::Config;
+use zone_vip::effects::Memory;
+use zone_vip::runner::{self, Effects};
+use zonectl::v1::{PutRequest, TransferLeaderRequest};
+
+struct Agents {
+    mem: Vec<Arc<Memory>>,
+    config: Config,
+    stop: watch::Sender<bool>,
+}
+
+fn start_agents(zone: &TestZone) -> Agents {
+    let (stop, stop_rx) = watch::channel(false);
+    let mut mem = Vec::new();
+    let mut config = None;
+    for s in &zone.servers {
+        let text = format!(
+            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[announce]\ncount = 2\ninterval_ms = 50\n[leader]\nunits = [\"leader-only.service\"]\n",
+            s.dir.join("agent.sock").display()
+        );
+        let c = Config::parse(&text).unwrap();
+        let m = Arc::new(Memory::default());
+        let effects = Effects {
+            addresses: m.clone(),
+            announcer: m.clone(),
+            services: m.clone(),
+        };
+        tokio::spawn(runner::run(c.clone(), effects, stop_rx.clone()));
+        mem.push(m);
+        config = Some(c);
+    }
+    Agents {
+        mem,
+        config: config.unwrap(),
+        stop,
+    }
+}
+
+impl Agents {
+    fn holders(&self) -> Vec<usize> {
+        let vip = &self.config.vips[0];
+        (0..self.mem.len())
+            .filter(|&i| self.mem[i].holds(vip))
+            .collect()
+    }
+
+    /// No two agents ever held the VIP at the same instant.
+    fn assert_no_overlap(&self) {
+        let vip = &self.config.vips[0];
+        let all: Vec<Vec<(u64, u64)>> = self.mem.iter().map(|m| m.holding_intervals(vip)).collect();
+        for a in 0..all.len() {
+            for b in a + 1..all.len() {
+                for &(s1, e1) in &all[a] {
+                    for &(s2, e2) in &all[b] {
+                        assert!(
+                            e1 <= s2 || e2 <= s1,
+                            "agents {a} and {b} both held the VIP: [{s1}, {e1}) and [{s2}, {e2})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_holder(&self, zone: &TestZone, not: Option<usize>) -> usize {
+        poll(
+            Duration::from_secs(20),
+            "exactly one agent, the leader's, holding the VIP",
+            || async {
+                let h = self.holders();
+                if h.len() != 1 || Some(h[0]) == not {
+                    return None;
+                }
+                let leader = zone.status(h[0]).await?.leader_id;
+                (zone.servers[h[0]].id == leader).then_some(h[0])
+            },
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vip_follows_the_lease_with_no_two_holders() {
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let agents = start_agents(&zone);
+    let first = agents.wait_holder(&zone, None).await;
+    let log = agents.mem[first].entries();
+    assert_eq!(
+        log.iter()
+            .filter(|e| !e.starts_with("remove"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![
+            "add 10.99.0.100/24 on vip0".to_string(),
+            "announce 10.99.0.100/24 on vip0".into(),
+            "start leader-only.service".into(),
+            "announce 10.99.0.100/24 on vip0".into(),
+        ],
+        "VIP first, announced at once, then the leader-only unit"
+    );
+
+    // A graceful transfer: the lease is revoked and released before the
+    // transfer starts.
+    let target = (first + 1) % 3;
+    zone.cluster(target)
+        .await
+        .transfer_leader(TransferLeaderRequest {
+            target: zone.servers[target].id,
+        })
+        .await
+        .unwrap();
+    let second = agents.wait_holder(&zone, Some(first)).await;
+    assert_eq!(second, target);
+    assert!(agents.mem[first]
+        .entries()
+        .contains(&"stop leader-only.service".to_string()));
+    agents.assert_no_overlap();
+
+    // kill -9 of the leader's zoned: its agent's stream breaks and the VIP
+    // goes at once; the new leader's agent takes it.
+    let t0 = zone_vip::runner::monotonic_ns();
+    zone.kill9(second);
+    poll(
+        Duration::from_secs(5),
+        "the dead leader's agent to drop the VIP",
+        || async { (!agents.holders().contains(&second)).then_some(()) },
+    )
+    .await;
+    let dropped_after_ms = (zone_vip::runner::monotonic_ns() - t0) / 1_000_000;
+    let third = agents.wait_holder(&zone, Some(second)).await;
+    agents.assert_no_overlap();
+
+    // Writes through the new leader work.
+    zone.kv(third)
+        .await
+        .put(PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            prev_kv: false,
+        })
+        .await
+        .unwrap();
+
+    // SIGTERM of the leader: handed over, no overlap, VIP released.
+    zone.launch(second);
+    zone.wait_leader().await;
+    let status = tokio::task::block_in_place(|| zone.terminate(third));
+    assert!(status.success());
+    agents.wait_holder(&zone, Some(third)).await;
+    agents.assert_no_overlap();
+    assert!(
+        dropped_after_ms < 1000,
+        "the VIP stayed {dropped_after_ms} ms after zoned died"
+    );
+
+    // Stopping the agents releases everything.
+    agents.stop.send(true).unwrap();
+    poll(Duration::from_secs(5), "every agent to let go", || async {
+        agents.holders().is_empty().then_some(())
+    })
+    .await;
+}
