@@ -10,9 +10,12 @@
 //! - [`config`]: VIPs, announcements, units and hooks;
 //! - [`machine`]: the decisions, pure and unit-tested;
 //! - [`effects`]: the side effects behind traits, with in-memory versions;
-//! - [`runner`]: the loop that follows zoned's lease.
+//! - [`runner`]: the loop that follows zoned's lease;
+//! - [`netlink`], [`announce`]: the real address and ARP/NA side effects.
 
+pub mod announce;
 pub mod config;
 pub mod effects;
 pub mod machine;
+pub mod netlink;
 pub mod runner;

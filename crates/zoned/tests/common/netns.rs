@@ -1,0 +1,366 @@
+//! A network-namespace testbed: node namespaces and a client namespace on
+//! one bridge (in a namespace of its own, so the host's network is never
+//! touched), each node running `zoned` and `zone-vip` for real. Needs root
+//! and iproute2; a test that cannot build it fails and says why.
+//!
+//! Everything is torn down on drop, also when a test panics: processes
+//! killed, namespaces deleted (which deletes their interfaces).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The directory holding this test's sibling binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace's binaries first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test with a reason when the testbed cannot run here.
+pub fn require_root_and_netns() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the namespace testbed needs root (ip netns, veth, bridge); run the tests as root"
+    );
+    assert!(
+        Command::new("ip")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "the namespace testbed needs iproute2's `ip` (cargo xtask deps installs it)"
+    );
+}
+
+pub struct Node {
+    pub id: u64,
+    pub ns: String,
+    pub ip: String,
+    pub dir: PathBuf,
+    pub zoned: Option<Child>,
+    pub vip_agent: Option<Child>,
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    pub bridge_ns: String,
+    pub client_ns: String,
+    pub nodes: Vec<Node>,
+    pub vip: String,
+    pub root: tempfile::TempDir,
+}
+
+const SUBNET: &str = "10.77.0";
+
+impl Testbed {
+    /// Builds the network and starts `n` nodes (zoned + zone-vip each).
+    pub fn start(n: u64) -> Testbed {
+        require_root_and_netns();
+        // Short, unique names: interface names are limited to 15 bytes.
+        let prefix = format!("z{}{}", std::process::id() % 100_000, rand_suffix());
+        let root = tempfile::tempdir().unwrap();
+        let bridge_ns = format!("{prefix}b");
+        let client_ns = format!("{prefix}c");
+        let mut tb = Testbed {
+            prefix: prefix.clone(),
+            bridge_ns: bridge_ns.clone(),
+            client_ns: client_ns.clone(),
+            nodes: Vec::new(),
+            vip: format!("{SUBNET}.100"),
+            root,
+        };
+        sh(&["ip", "netns", "add", &bridge_ns]);
+        sh(&[
+            "ip", "-n", &bridge_ns, "link", "add", "br0", "type", "bridge",
+        ]);
+        sh(&["ip", "-n", &bridge_ns, "link", "set", "br0", "up"]);
+        tb.attach(&client_ns, &format!("{SUBNET}.10"), "c");
+        for id in 1..=n {
+            let ns = format!("{prefix}n{id}");
+            let ip = format!("{SUBNET}.{id}");
+            tb.attach(&ns, &ip, &format!("n{id}"));
+            let dir = tb.root.path().join(format!("node-{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            tb.nodes.push(Node {
+                id,
+                ns,
+                ip,
+                dir,
+                zoned: None,
+                vip_agent: None,
+            });
+        }
+        for i in 0..tb.nodes.len() {
+            tb.write_configs(i);
+            tb.start_zoned(i);
+            tb.start_agent(i);
+        }
+        tb
+    }
+
+    /// A namespace with `eth0` (address `ip/24`) plugged into the bridge.
+    fn attach(&self, ns: &str, ip: &str, tag: &str) {
+        let host_end = format!("{}{tag}", self.prefix);
+        sh(&["ip", "netns", "add", ns]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "add",
+            &host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &host_end,
+            "master",
+            "br0",
+            "up",
+        ]);
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+    }
+
+    /// Clients listen everywhere: they must be reachable on the VIP too.
+    fn write_configs(&self, i: usize) {
+        let node = &self.nodes[i];
+        let mut zoned = format!(
+            "[node]\nid = {}\nname = \"zone-{}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"0.0.0.0:7400\"\npeer_listen = \"{}:7401\"\n\n[raft]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2\n",
+            node.id,
+            node.id,
+            node.dir.join("data").display(),
+            node.dir.join("agent.sock").display(),
+            node.ip
+        );
+        for v in &self.nodes {
+            zoned.push_str(&format!(
+                "\n[[voters]]\nid = {}\npeer = \"{}:7401\"\n",
+                v.id, v.ip
+            ));
+        }
+        std::fs::write(node.dir.join("node.toml"), zoned).unwrap();
+        let vip = format!(
+            "socket = \"{}\"\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\n[announce]\ncount = 3\ninterval_ms = 100\n",
+            node.dir.join("agent.sock").display(),
+            self.vip
+        );
+        std::fs::write(node.dir.join("vip.toml"), vip).unwrap();
+    }
+
+    fn spawn_in(&self, i: usize, bin: &Path, args: &[&str], log: &str) -> Child {
+        let node = &self.nodes[i];
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join(log))
+            .unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &node.ns])
+            .arg(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn in namespace")
+    }
+
+    pub fn start_zoned(&mut self, i: usize) {
+        let cfg = self.nodes[i].dir.join("node.toml");
+        let child = self.spawn_in(
+            i,
+            &binary("zoned"),
+            &["--config", cfg.to_str().unwrap()],
+            "zoned.log",
+        );
+        self.nodes[i].zoned = Some(child);
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let cfg = self.nodes[i].dir.join("vip.toml");
+        let child = self.spawn_in(
+            i,
+            &binary("zone-vip"),
+            &["--config", cfg.to_str().unwrap()],
+            "zone-vip.log",
+        );
+        self.nodes[i].vip_agent = Some(child);
+    }
+
+    pub fn kill9_zoned(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].zoned.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill9_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].vip_agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Indexes of the nodes whose eth0 holds the VIP now.
+    pub fn holders(&self) -> Vec<usize> {
+        holders_of(&self.namespaces(), &self.vip)
+    }
+
+    pub fn namespaces(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.ns.clone()).collect()
+    }
+
+    /// Runs `zonectl` inside the client namespace.
+    pub fn zonectl(&self, endpoint: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.client_ns])
+            .arg(binary("zonectl"))
+            .args(["--endpoints", endpoint])
+            .args(args)
+            .output()
+            .expect("run zonectl")
+    }
+
+    /// The client namespace's neighbour entry (MAC) for the VIP, if any.
+    pub fn client_neighbour_mac(&self) -> Option<String> {
+        let out = sh(&["ip", "-n", &self.client_ns, "neigh", "show", &self.vip]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(str::to_owned)
+    }
+
+    pub fn mac_of(&self, i: usize) -> String {
+        let out = sh(&["ip", "-n", &self.nodes[i].ns, "-o", "link", "show", "eth0"]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .expect("eth0 has a MAC")
+            .to_owned()
+    }
+
+    pub fn log(&self, i: usize, name: &str) -> String {
+        std::fs::read_to_string(self.nodes[i].dir.join(name)).unwrap_or_default()
+    }
+}
+
+/// Indexes of the namespaces whose eth0 holds `vip` now.
+pub fn holders_of(namespaces: &[String], vip: &str) -> Vec<usize> {
+    (0..namespaces.len())
+        .filter(|&i| {
+            let out = Command::new("ip")
+                .args([
+                    "-n",
+                    &namespaces[i],
+                    "-o",
+                    "-4",
+                    "addr",
+                    "show",
+                    "dev",
+                    "eth0",
+                ])
+                .output();
+            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {vip}/")))
+        })
+        .collect()
+}
+
+fn rand_suffix() -> String {
+    format!("{:03x}", rand::random::<u16>() % 0x1000)
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill9_agent(i);
+            self.kill9_zoned(i);
+        }
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                for log in ["zoned.log", "zone-vip.log"] {
+                    let text = std::fs::read_to_string(n.dir.join(log)).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!("---- node {} {log} (last 30 lines) ----", n.id);
+                    for l in &lines[lines.len().saturating_sub(30)..] {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        let mut all: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
+        all.push(self.client_ns.clone());
+        all.push(self.bridge_ns.clone());
+        for ns in all {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+/// Polls until `f` holds, with a deadline.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

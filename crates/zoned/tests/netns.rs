@@ -1,0 +1,120 @@
+//! The VIP on a real network: node namespaces on a bridge, each running
+//! zoned and zone-vip, and a client namespace that talks to the zone only
+//! through the VIP. Root only; the testbed fails with the reason otherwise.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::netns::{holders_of, wait_for, Testbed};
+
+/// Samples VIP ownership in every namespace, one after the other on the
+/// host's clock, until stopped; records the most simultaneous holders.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Sampler {
+    fn start(tb: &Testbed) -> Sampler {
+        let (namespaces, vip) = (tb.namespaces(), tb.vip.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicUsize::new(0));
+        let (s, m) = (stop.clone(), max.clone());
+        let thread = std::thread::spawn(move || {
+            let mut samples = 0;
+            while !s.load(Ordering::Relaxed) {
+                m.fetch_max(holders_of(&namespaces, &vip).len(), Ordering::Relaxed);
+                samples += 1;
+            }
+            samples
+        });
+        Sampler { stop, max, thread }
+    }
+
+    /// Stops; returns (most simultaneous holders, samples taken).
+    fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self.thread.join().unwrap();
+        (self.max.load(Ordering::Relaxed), samples)
+    }
+}
+
+fn leader_holder(tb: &Testbed, not: Option<usize>) -> usize {
+    wait_for(
+        Duration::from_secs(30),
+        "exactly one namespace holding the VIP",
+        || {
+            let h = tb.holders();
+            (h.len() == 1 && Some(h[0]) != not).then(|| h[0])
+        },
+    )
+}
+
+fn write_through_vip(tb: &Testbed, key: &str) -> bool {
+    let out = tb.zonectl(&format!("{}:7400", tb.vip), &["kv", "put", key, "v"]);
+    out.status.success()
+}
+
+#[test]
+fn the_vip_sits_on_the_leader_and_moves_when_its_zoned_is_killed() {
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+
+    // The client reaches the leader's gRPC through the VIP.
+    let out = tb.zonectl(&format!("{}:7400", tb.vip), &["-o", "json", "show"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        show["member_id"], show["leader_id"],
+        "the VIP answers from the leader: {show}"
+    );
+    assert_eq!(show["leader_id"].as_u64(), Some(tb.nodes[first].id));
+    assert!(write_through_vip(&tb, "before"));
+    // The client's neighbour entry points at the leader's MAC.
+    assert_eq!(
+        tb.client_neighbour_mac().as_deref(),
+        Some(tb.mac_of(first).as_str())
+    );
+
+    // kill -9 of the leader's zoned: its zone-vip drops the VIP at once, a
+    // new leader's takes it; the client's writes through the VIP resume.
+    let sampler = Sampler::start(&tb);
+    let killed_at = Instant::now();
+    tb.kill9_zoned(first);
+    wait_for(
+        Duration::from_secs(5),
+        "the killed leader's namespace to drop the VIP",
+        || (!tb.holders().contains(&first)).then_some(()),
+    );
+    let dropped_ms = killed_at.elapsed().as_millis();
+    let second = leader_holder(&tb, Some(first));
+    let resumed = wait_for(Duration::from_secs(20), "a write through the VIP", || {
+        write_through_vip(&tb, "after").then(|| killed_at.elapsed())
+    });
+    assert_ne!(second, first);
+    assert!(
+        dropped_ms < 1000,
+        "the VIP stayed {dropped_ms} ms after zoned died"
+    );
+    // Gratuitous ARP: the client's neighbour entry now names the new holder.
+    wait_for(
+        Duration::from_secs(2),
+        "the client's neighbour entry to follow",
+        || (tb.client_neighbour_mac().as_deref() == Some(tb.mac_of(second).as_str())).then_some(()),
+    );
+    let (max, samples) = sampler.finish();
+    assert_eq!(
+        max, 1,
+        "two namespaces held the VIP at once ({samples} samples)"
+    );
+    assert!(samples > 10, "too few ownership samples: {samples}");
+    eprintln!("VIP dropped {dropped_ms} ms after kill -9; writes through the VIP resumed after {resumed:?}; {samples} samples, never two holders");
+}
