@@ -24,6 +24,9 @@ struct Args {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Seconds to wait for an answer (watch excepted).
+    #[arg(long, global = true, default_value_t = 15)]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -174,14 +177,22 @@ fn print_members(members: &[Member], json: bool) {
     }
 }
 
+/// A request with a deadline.
+fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    let timeout = std::time::Duration::from_secs(args.timeout.max(1));
     let endpoints = parse_endpoints(&args.endpoints);
     let (channel, _) = connect(&endpoints).await?;
     let json = args.output == Output::Json;
     match args.command {
         Command::Show => {
             let status = ClusterClient::new(channel)
-                .status(StatusRequest {})
+                .status(t(StatusRequest {}, timeout))
                 .await?
                 .into_inner();
             let view = ZoneView::from_status(&status);
@@ -196,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             match cmd {
                 ServerCommand::Add { id, name, peer } => {
                     let r = c
-                        .add_server(AddServerRequest { id, name, peer })
+                        .add_server(t(AddServerRequest { id, name, peer }, timeout))
                         .await?
                         .into_inner();
                     if !json {
@@ -206,7 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 ServerCommand::Remove { id } => {
                     let r = c
-                        .remove_server(RemoveServerRequest { id })
+                        .remove_server(t(RemoveServerRequest { id }, timeout))
                         .await?
                         .into_inner();
                     if !json {
@@ -215,7 +226,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     print_members(&r.members, json);
                 }
                 ServerCommand::Reset { id } => {
-                    c.reset_server(ResetServerRequest { id }).await?;
+                    c.reset_server(t(ResetServerRequest { id }, timeout))
+                        .await?;
                     if json {
                         print_json(&serde_json::json!({ "reset": id }));
                     } else {
@@ -226,21 +238,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Leader(LeaderCommand::Transfer { id }) => {
             let r = ClusterClient::new(channel)
-                .transfer_leader(TransferLeaderRequest {
-                    target: id.unwrap_or(0),
-                })
-                .await?
-                .into_inner();
+                .transfer_leader(t(
+                    TransferLeaderRequest {
+                        target: id.unwrap_or(0),
+                    },
+                    timeout,
+                ))
+                .await;
+            let (leader, term) = match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    (r.leader_id, r.term)
+                }
+                // Asked through the VIP, the answer is lost when the VIP
+                // moves with leadership: ask the zone afresh what happened.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Cancelled
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Unknown
+                    ) =>
+                {
+                    let (channel, _) = connect(&endpoints).await?;
+                    let s = ClusterClient::new(channel)
+                        .status(t(StatusRequest {}, timeout))
+                        .await?
+                        .into_inner();
+                    let moved = s.leader_id != 0 && id.is_none_or(|want| want == s.leader_id);
+                    if !moved {
+                        return Err(e.into());
+                    }
+                    eprintln!("(the answer was lost, as the VIP moved with leadership; the zone now says:)");
+                    (s.leader_id, s.term)
+                }
+                Err(e) => return Err(e.into()),
+            };
             if json {
-                print_json(&serde_json::json!({ "leader_id": r.leader_id, "term": r.term }));
+                print_json(&serde_json::json!({ "leader_id": leader, "term": term }));
             } else {
-                println!("server {} leads (term {})", r.leader_id, r.term);
+                println!("server {leader} leads (term {term})");
             }
         }
         Command::Zone(cmd) => {
             let disabled = matches!(cmd, ZoneCommand::Disable);
             let r = ClusterClient::new(channel)
-                .set_maintenance(SetMaintenanceRequest { disabled })
+                .set_maintenance(t(SetMaintenanceRequest { disabled }, timeout))
                 .await?
                 .into_inner();
             if json {
@@ -263,11 +307,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         value.into_bytes()
                     };
                     let r = kv
-                        .put(PutRequest {
-                            key: key.into_bytes(),
-                            value,
-                            prev_kv: false,
-                        })
+                        .put(t(
+                            PutRequest {
+                                key: key.into_bytes(),
+                                value,
+                                prev_kv: false,
+                            },
+                            timeout,
+                        ))
                         .await?
                         .into_inner();
                     let rev = r.header.map_or(0, |h| h.revision);
@@ -279,10 +326,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 KvCommand::Get { key, serializable } => {
                     let r = kv
-                        .get(GetRequest {
-                            key: key.clone().into_bytes(),
-                            serializable,
-                        })
+                        .get(t(
+                            GetRequest {
+                                key: key.clone().into_bytes(),
+                                serializable,
+                            },
+                            timeout,
+                        ))
                         .await?
                         .into_inner();
                     match (r.kv, json) {
@@ -296,11 +346,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 KvCommand::Del { key, prefix } => {
                     let r = kv
-                        .delete(DeleteRequest {
-                            key: key.into_bytes(),
-                            prefix,
-                            prev_kv: false,
-                        })
+                        .delete(t(
+                            DeleteRequest {
+                                key: key.into_bytes(),
+                                prefix,
+                                prev_kv: false,
+                            },
+                            timeout,
+                        ))
                         .await?
                         .into_inner();
                     if json {
@@ -319,12 +372,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     serializable,
                 } => {
                     let r = kv
-                        .range(RangeRequest {
-                            prefix: prefix.into_bytes(),
-                            limit,
-                            serializable,
-                            keys_only,
-                        })
+                        .range(t(
+                            RangeRequest {
+                                prefix: prefix.into_bytes(),
+                                limit,
+                                serializable,
+                                keys_only,
+                            },
+                            timeout,
+                        ))
                         .await?
                         .into_inner();
                     if json {

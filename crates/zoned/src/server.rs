@@ -199,9 +199,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         Some(r) => r,
         None => driver.await,
     };
-    // Streams (watches, Raft streams) may keep the servers open: give them a
-    // moment, then go.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+    // Long-lived streams (watches, peers' Raft streams) keep the servers
+    // open; the data is already flushed, so give answers in flight a moment
+    // and go.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), async {
         let _ = client_task.await;
         let _ = peer_task.await;
         if let Some(t) = agent_task {

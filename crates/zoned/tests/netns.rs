@@ -118,3 +118,92 @@ fn the_vip_sits_on_the_leader_and_moves_when_its_zoned_is_killed() {
     assert!(samples > 10, "too few ownership samples: {samples}");
     eprintln!("VIP dropped {dropped_ms} ms after kill -9; writes through the VIP resumed after {resumed:?}; {samples} samples, never two holders");
 }
+
+#[test]
+fn without_its_zoned_or_its_agent_the_leader_has_no_vip_within_the_lease() {
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    // zone-vip killed: systemd's ExecStopPost removes the VIP.
+    let t = Instant::now();
+    tb.kill9_agent(first);
+    tb.exec_stop_post(first);
+    assert!(!tb.holders().contains(&first), "the VIP survived its agent");
+    let removed_ms = t.elapsed().as_millis();
+    // Its zoned still leads: the VIP comes back with a new agent.
+    tb.start_agent(first);
+    assert_eq!(leader_holder(&tb, None), first);
+
+    // zoned killed alone: the agent's stream breaks, the VIP goes at once,
+    // well within one lease (350 ms here).
+    let t = Instant::now();
+    tb.kill9_zoned(first);
+    wait_for(
+        Duration::from_millis(350),
+        "the VIP to go with zoned",
+        || (!tb.holders().contains(&first)).then_some(()),
+    );
+    eprintln!(
+        "VIP removed {removed_ms} ms after zone-vip died (ExecStopPost), {} ms after zoned died",
+        t.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn a_cut_leader_drops_the_vip_before_the_new_leader_adds_it() {
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    let sampler = Sampler::start(&tb);
+    let t = Instant::now();
+    tb.set_link(first, false);
+    let second = leader_holder(&tb, Some(first));
+    let moved = t.elapsed();
+    let (max, samples) = sampler.finish();
+    assert_eq!(
+        max, 1,
+        "two namespaces held the VIP at once ({samples} samples)"
+    );
+    assert!(samples > 10, "too few samples: {samples}");
+    // The cut leader stepped down on its own (check_quorum) and let go.
+    assert!(tb.log(first, "zone-vip.log").contains("VIP removed"));
+    // Healed, it rejoins as a follower and the VIP stays put.
+    tb.set_link(first, true);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(tb.holders(), vec![second]);
+    let _ = &mut tb;
+    eprintln!("link cut: VIP moved in {moved:?}; {samples} samples, never two holders");
+}
+
+#[test]
+fn transfer_and_sigterm_move_the_vip_with_no_dual_holder() {
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    let sampler = Sampler::start(&tb);
+    // Graceful transfer, asked through the VIP.
+    let target = (first + 1) % 3;
+    let out = tb.zonectl(
+        &format!("{}:7400", tb.vip),
+        &["leader", "transfer", &tb.nodes[target].id.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = Instant::now();
+    assert_eq!(leader_holder(&tb, Some(first)), target);
+    let transfer = t.elapsed();
+    // SIGTERM of the leader: it hands over, then exits.
+    let t = Instant::now();
+    let st = tb.terminate_zoned(target);
+    assert!(st.success(), "{st}");
+    let third = leader_holder(&tb, Some(target));
+    let sigterm = t.elapsed();
+    assert_ne!(third, target);
+    let (max, samples) = sampler.finish();
+    assert_eq!(
+        max, 1,
+        "two namespaces held the VIP at once ({samples} samples)"
+    );
+    assert!(write_through_vip(&tb, "after-handoffs"));
+    eprintln!("transfer moved the VIP in {transfer:?}, SIGTERM in {sigterm:?}; {samples} samples, never two holders");
+}

@@ -255,6 +255,48 @@ impl Testbed {
         }
     }
 
+    /// What systemd does when zone-vip's main process dies: run the unit's
+    /// `ExecStopPost=zone-vip --remove-all` (rootfs/ carries that unit).
+    pub fn exec_stop_post(&self, i: usize) {
+        let cfg = self.nodes[i].dir.join("vip.toml");
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.nodes[i].ns])
+            .arg(binary("zone-vip"))
+            .args(["--config", cfg.to_str().unwrap(), "--remove-all"])
+            .status()
+            .expect("run zone-vip --remove-all");
+        assert!(st.success(), "zone-vip --remove-all failed: {st}");
+    }
+
+    /// SIGTERM to the node's zoned; waits for it to exit.
+    pub fn terminate_zoned(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.nodes[i].zoned.take().expect("zoned running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        wait_for(
+            Duration::from_secs(20),
+            "zoned to exit after SIGTERM",
+            || c.try_wait().unwrap(),
+        )
+    }
+
+    /// Cuts (or restores) node `i`'s link to the bridge.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let host_end = format!("{}n{}", self.prefix, self.nodes[i].id);
+        sh(&[
+            "ip",
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &host_end,
+            if up { "up" } else { "down" },
+        ]);
+    }
+
     /// Indexes of the nodes whose eth0 holds the VIP now.
     pub fn holders(&self) -> Vec<usize> {
         holders_of(&self.namespaces(), &self.vip)
