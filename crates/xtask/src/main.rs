@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Debug, Parser)]
 #[command(about = "Zoned developer tasks")]
 struct Args {
@@ -24,6 +26,20 @@ enum Task {
     /// A local zone of zoned processes.
     #[command(subcommand)]
     Cluster(ClusterTask),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(BenchTask),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchTask {
+    /// VIP failover seen by a client, zone-vip against keepalived, on a
+    /// namespace testbed (root). Writes target/bench/failover-<time>.json.
+    Failover {
+        /// Repetitions of each fault.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,7 +56,8 @@ enum ClusterTask {
     },
 }
 
-/// Packages for building RocksDB's bindings (libclang) and its C++.
+/// Packages for building RocksDB (libclang for its bindings, a C++ compiler),
+/// the namespace testbed (iproute2) and the failover benchmark (keepalived).
 const APT_PACKAGES: &[&str] = &[
     "libclang-dev",
     "clang",
@@ -54,6 +71,15 @@ fn main() -> Result<()> {
     match Args::parse().task {
         Task::Deps => deps(),
         Task::Cluster(ClusterTask::Up { nodes, fresh }) => cluster_up(nodes, fresh),
+        Task::Bench(BenchTask::Failover { runs }) => {
+            eprintln!("building zoned, zone-vip and zonectl...");
+            run(cargo().args([
+                "build", "--bin", "zoned", "--bin", "zone-vip", "--bin", "zonectl",
+            ]))?;
+            let target = target_dir()?;
+            std::env::set_var("ZONED_BIN_DIR", target.join("debug"));
+            bench::failover(runs.max(1), &target.join("bench"))
+        }
     }
 }
 

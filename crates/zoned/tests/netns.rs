@@ -2,13 +2,11 @@
 //! zoned and zone-vip, and a client namespace that talks to the zone only
 //! through the VIP. Root only; the testbed fails with the reason otherwise.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::{holders_of, wait_for, Testbed};
+use testbed::{holders_of, wait_for, Testbed};
 
 /// Samples VIP ownership in every namespace, one after the other on the
 /// host's clock, until stopped; records the most simultaneous holders.

@@ -7,8 +7,6 @@
 
 #![allow(dead_code)]
 
-pub mod netns;
-
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

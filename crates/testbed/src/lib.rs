@@ -6,8 +6,6 @@
 //! Everything is torn down on drop, also when a test panics: processes
 //! killed, namespaces deleted (which deletes their interfaces).
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,14 +26,20 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The directory holding this test's sibling binaries (target/debug).
+/// The directory holding the workspace's binaries: `ZONED_BIN_DIR`, else
+/// found from the running executable (target/debug/deps/<test>, or
+/// target/debug/<tool>).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/<test> -> target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_owned()
+    if let Some(dir) = std::env::var_os("ZONED_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -63,6 +67,17 @@ pub fn require_root_and_netns() {
     );
 }
 
+/// What moves the VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VipManager {
+    /// zone-vip, following zoned's leader lease.
+    ZoneVip,
+    /// keepalived with VRRP as operators commonly set it up (advert_int 1,
+    /// priorities 100/90/80, preemption on), independent of Raft.
+    Keepalived,
+}
+
+#[derive(Debug)]
 pub struct Node {
     pub id: u64,
     pub ns: String,
@@ -72,12 +87,14 @@ pub struct Node {
     pub vip_agent: Option<Child>,
 }
 
+#[derive(Debug)]
 pub struct Testbed {
     pub prefix: String,
     pub bridge_ns: String,
     pub client_ns: String,
     pub nodes: Vec<Node>,
     pub vip: String,
+    pub manager: VipManager,
     pub root: tempfile::TempDir,
 }
 
@@ -86,6 +103,11 @@ const SUBNET: &str = "10.77.0";
 impl Testbed {
     /// Builds the network and starts `n` nodes (zoned + zone-vip each).
     pub fn start(n: u64) -> Testbed {
+        Testbed::start_with(n, VipManager::ZoneVip)
+    }
+
+    /// Builds the network and starts `n` nodes: zoned, and the VIP manager.
+    pub fn start_with(n: u64, manager: VipManager) -> Testbed {
         require_root_and_netns();
         // Short, unique names: interface names are limited to 15 bytes.
         let prefix = format!("z{}{}", std::process::id() % 100_000, rand_suffix());
@@ -98,6 +120,7 @@ impl Testbed {
             client_ns: client_ns.clone(),
             nodes: Vec::new(),
             vip: format!("{SUBNET}.100"),
+            manager,
             root,
         };
         sh(&["ip", "netns", "add", &bridge_ns]);
@@ -197,6 +220,13 @@ impl Testbed {
             self.vip
         );
         std::fs::write(node.dir.join("vip.toml"), vip).unwrap();
+        let keepalived = format!(
+            "global_defs {{\n  router_id zone-{id}\n  script_user root\n}}\nvrrp_instance zone {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int 1\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
+            id = node.id,
+            prio = 110 - 10 * node.id,
+            vip = self.vip
+        );
+        std::fs::write(node.dir.join("keepalived.conf"), keepalived).unwrap();
     }
 
     fn spawn_in(&self, i: usize, bin: &Path, args: &[&str], log: &str) -> Child {
@@ -230,15 +260,59 @@ impl Testbed {
         self.nodes[i].zoned = Some(child);
     }
 
+    /// Starts the node's VIP manager (zone-vip, or keepalived).
     pub fn start_agent(&mut self, i: usize) {
-        let cfg = self.nodes[i].dir.join("vip.toml");
-        let child = self.spawn_in(
-            i,
-            &binary("zone-vip"),
-            &["--config", cfg.to_str().unwrap()],
-            "zone-vip.log",
-        );
+        let dir = self.nodes[i].dir.clone();
+        let child = match self.manager {
+            VipManager::ZoneVip => {
+                let cfg = dir.join("vip.toml");
+                self.spawn_in(
+                    i,
+                    &binary("zone-vip"),
+                    &["--config", cfg.to_str().unwrap()],
+                    "zone-vip.log",
+                )
+            }
+            VipManager::Keepalived => {
+                let arg = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+                let (cfg, pid, vrrp) = (
+                    arg("keepalived.conf"),
+                    arg("keepalived.pid"),
+                    arg("vrrp.pid"),
+                );
+                self.spawn_in(
+                    i,
+                    Path::new("/usr/sbin/keepalived"),
+                    &[
+                        "--dont-fork",
+                        "--log-console",
+                        "--no-syslog",
+                        "--vrrp",
+                        "-f",
+                        &cfg,
+                        "-p",
+                        &pid,
+                        "-r",
+                        &vrrp,
+                    ],
+                    "keepalived.log",
+                )
+            }
+        };
         self.nodes[i].vip_agent = Some(child);
+    }
+
+    /// SIGTERM to the node's VIP manager; waits for it to exit.
+    pub fn terminate_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].vip_agent.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = wait_for(Duration::from_secs(10), "the VIP manager to exit", || {
+                c.try_wait().ok().flatten()
+            });
+        }
     }
 
     pub fn kill9_zoned(&mut self, i: usize) {
@@ -363,6 +437,74 @@ pub fn holders_of(namespaces: &[String], vip: &str) -> Vec<usize> {
 
 fn rand_suffix() -> String {
     format!("{:03x}", rand::random::<u16>() % 0x1000)
+}
+
+/// A client inside the client namespace: a thread moved into it with
+/// setns(2), so that probes measure the network and not process start-up.
+#[derive(Debug)]
+pub struct ClientProbe {
+    tx: std::sync::mpsc::Sender<(String, Duration, std::sync::mpsc::Sender<bool>)>,
+}
+
+type Attempt = (String, Duration, std::sync::mpsc::Sender<bool>);
+
+impl ClientProbe {
+    /// `attempt(endpoint, timeout)` runs on the probe's thread (inside the
+    /// client namespace) and says whether one request succeeded.
+    pub fn start<F>(tb: &Testbed, attempt: F) -> ClientProbe
+    where
+        F: Fn(&str, Duration) -> bool + Send + 'static,
+    {
+        let ns_path = format!("/run/netns/{}", tb.client_ns);
+        let (tx, rx) = std::sync::mpsc::channel::<Attempt>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let entered = std::fs::File::open(&ns_path)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| e.to_string())
+                });
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered);
+            if !ok {
+                return;
+            }
+            while let Ok((endpoint, timeout, reply)) = rx.recv() {
+                let _ = reply.send(attempt(&endpoint, timeout));
+            }
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("cannot enter the client namespace: {e}"),
+            Err(_) => panic!("the probe thread died"),
+        }
+        ClientProbe { tx }
+    }
+
+    pub fn attempt(&self, endpoint: &str, timeout: Duration) -> bool {
+        let (reply, rx) = std::sync::mpsc::channel();
+        if self.tx.send((endpoint.to_owned(), timeout, reply)).is_err() {
+            return false;
+        }
+        rx.recv().unwrap_or(false)
+    }
+
+    /// Attempts until one succeeds; the time from `since` to that success.
+    pub fn until_success(
+        &self,
+        endpoint: &str,
+        since: Instant,
+        give_up: Duration,
+    ) -> Option<Duration> {
+        while since.elapsed() < give_up {
+            if self.attempt(endpoint, Duration::from_millis(100)) {
+                return Some(since.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
 }
 
 impl Drop for Testbed {
