@@ -189,7 +189,6 @@ enum Request {
     },
     Unreachable(u64),
     SnapshotReport(u64, SnapshotStatus),
-    Campaign,
     ProposeConf {
         cc: ConfChangeV2,
         reply: Reply<()>,
@@ -286,10 +285,6 @@ impl NodeHandle {
         let _ = self.tx.send(Request::SnapshotReport(id, status));
     }
 
-    /// Starts an election now (tests, and an operator's forced campaign).
-    pub fn campaign(&self) {
-        let _ = self.tx.send(Request::Campaign);
-    }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, NodeError> {
         let (reply, rx) = oneshot::channel();
@@ -622,11 +617,6 @@ impl Driver {
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id),
             Request::SnapshotReport(id, status) => self.raw.report_snapshot(id, status),
-            Request::Campaign => {
-                if let Err(e) = self.raw.campaign() {
-                    tracing::warn!(error = %e, "campaign failed");
-                }
-            }
             Request::ProposeConf { cc, reply } => self.propose_conf(cc, reply),
             Request::Transfer { target, reply } => {
                 let _ = reply.send(self.transfer(target));
@@ -671,14 +661,19 @@ impl Driver {
         }
     }
 
+    /// Why this server cannot take a leader's request, if it cannot.
+    fn not_leader(&self) -> Option<NodeError> {
+        if self.raw.raft.state == StateRole::Leader {
+            return None;
+        }
+        Some(match self.raw.raft.leader_id {
+            0 => NodeError::NoLeader,
+            leader => NodeError::NotLeader { leader },
+        })
+    }
+
     fn propose(&mut self, cmd: Command, reply: Reply<CommandResult>) {
-        if self.raw.raft.state != StateRole::Leader {
-            let leader = self.raw.raft.leader_id;
-            let err = if leader == 0 {
-                NodeError::NoLeader
-            } else {
-                NodeError::NotLeader { leader }
-            };
+        if let Some(err) = self.not_leader() {
             let _ = reply.send(Err(err));
             return;
         }
@@ -706,13 +701,7 @@ impl Driver {
     }
 
     fn propose_conf(&mut self, cc: ConfChangeV2, reply: Reply<()>) {
-        if self.raw.raft.state != StateRole::Leader {
-            let leader = self.raw.raft.leader_id;
-            let err = if leader == 0 {
-                NodeError::NoLeader
-            } else {
-                NodeError::NotLeader { leader }
-            };
+        if let Some(err) = self.not_leader() {
             let _ = reply.send(Err(err));
             return;
         }
@@ -776,13 +765,8 @@ impl Driver {
     }
 
     fn transfer(&mut self, target: u64) -> Result<u64, NodeError> {
-        if self.raw.raft.state != StateRole::Leader {
-            let leader = self.raw.raft.leader_id;
-            return Err(if leader == 0 {
-                NodeError::NoLeader
-            } else {
-                NodeError::NotLeader { leader }
-            });
+        if let Some(err) = self.not_leader() {
+            return Err(err);
         }
         let target = if target == 0 {
             self.most_caught_up_voter().ok_or_else(|| {

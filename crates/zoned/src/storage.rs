@@ -178,16 +178,38 @@ fn bootstrap(engine: &Engine, voters: &[u64]) -> Result<(), StorageFailure> {
         commit: BOOTSTRAP_INDEX,
         ..Default::default()
     };
-    let mut truncated = Vec::with_capacity(16);
-    truncated.extend_from_slice(&encode_u64(BOOTSTRAP_INDEX));
-    truncated.extend_from_slice(&encode_u64(BOOTSTRAP_TERM));
     let raft = engine.cf(CF_RAFT);
     let mut wb = WriteBatch::default();
     wb.put_cf(raft, KEY_CONF_STATE, encode_pb(&cs));
     wb.put_cf(raft, KEY_HARD_STATE, encode_pb(&hs));
-    wb.put_cf(raft, KEY_TRUNCATED, truncated);
+    wb.put_cf(
+        raft,
+        KEY_TRUNCATED,
+        encode_truncated(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
+    );
     wb.put_cf(raft, KEY_APPLIED, encode_u64(BOOTSTRAP_INDEX));
     engine.write(wb, true)
+}
+
+/// The truncated point: index and term, 8 bytes each.
+fn encode_truncated(index: u64, term: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&encode_u64(index));
+    v[8..].copy_from_slice(&encode_u64(term));
+    v
+}
+
+fn decode_truncated(bytes: Option<Vec<u8>>) -> Result<(u64, u64), StorageFailure> {
+    match bytes {
+        Some(b) if b.len() == 16 => Ok((
+            decode_u64(&b[..8], "raft/truncated")?,
+            decode_u64(&b[8..], "raft/truncated")?,
+        )),
+        Some(_) => Err(StorageFailure::Corrupt {
+            what: "raft/truncated".into(),
+        }),
+        None => Ok((0, 0)),
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -251,18 +273,7 @@ impl RaftStorage {
             Some(b) => decode_pb(&b, "raft/conf_state")?,
             None => ConfState::default(),
         };
-        let truncated = match engine.get(CF_RAFT, KEY_TRUNCATED)? {
-            Some(b) if b.len() == 16 => (
-                decode_u64(&b[..8], "raft/truncated")?,
-                decode_u64(&b[8..], "raft/truncated")?,
-            ),
-            Some(_) => {
-                return Err(StorageFailure::Corrupt {
-                    what: "raft/truncated".into(),
-                })
-            }
-            None => (0, 0),
-        };
+        let truncated = decode_truncated(engine.get(CF_RAFT, KEY_TRUNCATED)?)?;
         let applied = match engine.get(CF_RAFT, KEY_APPLIED)? {
             Some(b) => decode_u64(&b, "raft/applied")?,
             None => truncated.0,
@@ -394,10 +405,11 @@ impl RaftStorage {
     }
 
     fn set_truncated(&mut self, wb: &mut WriteBatch, index: u64, term: u64) {
-        let mut v = Vec::with_capacity(16);
-        v.extend_from_slice(&encode_u64(index));
-        v.extend_from_slice(&encode_u64(term));
-        wb.put_cf(self.engine.cf(CF_RAFT), KEY_TRUNCATED, v);
+        wb.put_cf(
+            self.engine.cf(CF_RAFT),
+            KEY_TRUNCATED,
+            encode_truncated(index, term),
+        );
         self.truncated = (index, term);
     }
 
@@ -588,18 +600,7 @@ fn build_snapshot(engine: &Engine, data: SnapshotData) -> Result<Snapshot, Stora
         view.get_cf(engine.cf(CF_RAFT), key)
             .map_err(StorageFailure::Read)
     };
-    let truncated = match get(KEY_TRUNCATED)? {
-        Some(b) if b.len() == 16 => (
-            decode_u64(&b[..8], "raft/truncated")?,
-            decode_u64(&b[8..], "raft/truncated")?,
-        ),
-        Some(_) => {
-            return Err(StorageFailure::Corrupt {
-                what: "raft/truncated".into(),
-            })
-        }
-        None => (0, 0),
-    };
+    let truncated = decode_truncated(get(KEY_TRUNCATED)?)?;
     let applied = match get(KEY_APPLIED)? {
         Some(b) => decode_u64(&b, "raft/applied")?,
         None => truncated.0,
