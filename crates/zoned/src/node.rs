@@ -559,6 +559,11 @@ impl Driver {
                 if let Err(e) = self.on_ready() {
                     break Err(e);
                 }
+                // A new leader that just committed its first entry need not
+                // wait for the next tick to get its lease.
+                if !self.lease_tx.borrow().held {
+                    self.lease_tick();
+                }
             }
             if let Some(index) = self.removed {
                 tracing::warn!(
