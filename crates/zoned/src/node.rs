@@ -285,7 +285,6 @@ impl NodeHandle {
         let _ = self.tx.send(Request::SnapshotReport(id, status));
     }
 
-
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).map_err(|_| NodeError::Stopped)?;
@@ -439,6 +438,8 @@ pub fn start(
     let raft_config = raft::Config {
         id: config.node.id,
         election_tick: config.raft.election_ticks,
+        min_election_tick: config.raft.election_ticks,
+        max_election_tick: config.max_election_ticks(),
         heartbeat_tick: config.raft.heartbeat_ticks,
         applied: storage.applied(),
         max_size_per_msg: config.raft.max_size_per_msg,

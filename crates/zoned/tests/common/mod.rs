@@ -36,13 +36,22 @@ where
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the server).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback network of its own for one test zone: 127.A.B.0/24, picked
+/// at random and checked free. Servers listen on the zone's fixed ports
+/// (7400 clients, 7401 peers) at 127.A.B.<id>: no port-0 games, so no race
+/// with the ephemeral ports other tests' connections use.
+fn loopback_net() -> [u8; 2] {
+    loop {
+        let net = [rand::random_range(1..=254u8), rand::random_range(0..=255u8)];
+        let probe = SocketAddr::from(([127, net[0], net[1], 1], 7400));
+        if TcpListener::bind(probe).is_ok() {
+            return net;
+        }
+    }
+}
+
+fn addr(net: [u8; 2], id: u64, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, net[0], net[1], id as u8], port))
 }
 
 pub struct Server {
@@ -72,6 +81,7 @@ impl Server {
 }
 
 pub struct TestZone {
+    pub net: [u8; 2],
     pub servers: Vec<Server>,
     pub root: tempfile::TempDir,
     pub extra_config: String,
@@ -85,16 +95,18 @@ impl TestZone {
     /// config file (a `[limits]` table, say).
     pub fn start(n: u64, extra: &str) -> TestZone {
         let root = tempfile::tempdir().unwrap();
+        let net = loopback_net();
         let servers: Vec<Server> = (1..=n)
             .map(|id| Server {
                 id,
-                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                client: addr(net, id, 7400),
+                peer: addr(net, id, 7401),
                 dir: root.path().join(format!("node-{id}")),
                 child: None,
             })
             .collect();
         let mut zone = TestZone {
+            net,
             servers,
             root,
             extra_config: extra.to_owned(),
@@ -129,8 +141,8 @@ impl TestZone {
     pub fn prepare_joiner(&mut self, id: u64, via: usize) -> usize {
         let s = Server {
             id,
-            client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            client: addr(self.net, id, 7400),
+            peer: addr(self.net, id, 7401),
             dir: self.root.path().join(format!("node-{id}")),
             child: None,
         };
