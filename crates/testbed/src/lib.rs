@@ -99,6 +99,7 @@ pub struct Testbed {
 }
 
 const SUBNET: &str = "10.77.0";
+const SUBNET6: &str = "fd77";
 
 impl Testbed {
     /// Builds the network and starts `n` nodes (zoned + zone-vip each).
@@ -193,6 +194,9 @@ impl Testbed {
             "dev",
             "eth0",
         ]);
+        let host = ip.rsplit('.').next().expect("dotted address");
+        let ip6 = format!("{SUBNET6}::{host}/64");
+        sh(&["ip", "-n", ns, "addr", "add", &ip6, "dev", "eth0", "nodad"]);
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
     }
 
@@ -216,9 +220,10 @@ impl Testbed {
         }
         std::fs::write(node.dir.join("node.toml"), zoned).unwrap();
         let vip = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\n[announce]\ncount = 3\ninterval_ms = 100\n",
+            "socket = \"{}\"\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\n[[vip]]\naddress = \"{}/64\"\ninterface = \"eth0\"\n[announce]\ncount = 3\ninterval_ms = 100\n",
             node.dir.join("agent.sock").display(),
-            self.vip
+            self.vip,
+            self.vip6()
         );
         std::fs::write(node.dir.join("vip.toml"), vip).unwrap();
         let keepalived = format!(
@@ -390,6 +395,49 @@ impl Testbed {
             .args(args)
             .output()
             .expect("run zonectl")
+    }
+
+    /// The IPv6 VIP (zone-vip only; keepalived runs the IPv4 one).
+    pub fn vip6(&self) -> String {
+        format!("{SUBNET6}::100")
+    }
+
+    /// The client namespace's IPv6 neighbour entry (MAC) for the IPv6 VIP.
+    pub fn client_neighbour6_mac(&self) -> Option<String> {
+        let out = sh(&[
+            "ip",
+            "-n",
+            &self.client_ns,
+            "-6",
+            "neigh",
+            "show",
+            &self.vip6(),
+        ]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(str::to_owned)
+    }
+
+    /// Gives the client a (stale) IPv6 neighbour entry for the VIP: Linux
+    /// applies an unsolicited advertisement only to an entry it has.
+    pub fn seed_client_neighbour6(&self, mac: &str) {
+        let vip6 = self.vip6();
+        sh(&[
+            "ip",
+            "-n",
+            &self.client_ns,
+            "-6",
+            "neigh",
+            "replace",
+            &vip6,
+            "lladdr",
+            mac,
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ]);
     }
 
     /// The client namespace's neighbour entry (MAC) for the VIP, if any.

@@ -237,6 +237,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Leader(LeaderCommand::Transfer { id }) => {
+            // Talk to the leader on its own address: through the VIP, the
+            // answer would be lost when the VIP moves with leadership.
+            let status = ClusterClient::new(channel.clone())
+                .status(t(StatusRequest {}, timeout))
+                .await?
+                .into_inner();
+            let direct = status
+                .servers
+                .iter()
+                .find(|s| s.id == status.leader_id && !s.client_endpoint.is_empty())
+                .map(|s| s.client_endpoint.clone());
+            let channel = match direct {
+                Some(ep) => connect(&[ep]).await.map(|(c, _)| c).unwrap_or(channel),
+                None => channel,
+            };
             let r = ClusterClient::new(channel)
                 .transfer_leader(t(
                     TransferLeaderRequest {

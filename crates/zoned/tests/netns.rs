@@ -84,6 +84,9 @@ fn the_vip_sits_on_the_leader_and_moves_when_its_zoned_is_killed() {
 
     // kill -9 of the leader's zoned: its zone-vip drops the VIP at once, a
     // new leader's takes it; the client's writes through the VIP resume.
+    // The client knows the IPv6 VIP at the leader's MAC (as after talking
+    // to it); the next holder's unsolicited advertisement must override it.
+    tb.seed_client_neighbour6(&tb.mac_of(first));
     let sampler = Sampler::start(&tb);
     let killed_at = Instant::now();
     tb.kill9_zoned(first);
@@ -107,6 +110,15 @@ fn the_vip_sits_on_the_leader_and_moves_when_its_zoned_is_killed() {
         Duration::from_secs(2),
         "the client's neighbour entry to follow",
         || (tb.client_neighbour_mac().as_deref() == Some(tb.mac_of(second).as_str())).then_some(()),
+    );
+    // IPv6: the unsolicited neighbour advertisement did the same.
+    wait_for(
+        Duration::from_secs(2),
+        "the client's IPv6 neighbour entry to follow",
+        || {
+            (tb.client_neighbour6_mac().as_deref() == Some(tb.mac_of(second).as_str()))
+                .then_some(())
+        },
     );
     let (max, samples) = sampler.finish();
     assert_eq!(
