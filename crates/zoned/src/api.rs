@@ -681,6 +681,21 @@ impl Zone {
         }
     }
 
+    /// A membership change, wherever the leader is; answers the members.
+    async fn manage_members(
+        &self,
+        request: manage_request::Request,
+        budget: Duration,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let req = ManageRequest {
+            request: Some(request),
+        };
+        match self.manage(req, budget).await?.response {
+            Some(manage_response::Response::Members(m)) => Ok(Response::new(m)),
+            _ => Err(Status::internal("unexpected management response")),
+        }
+    }
+
     /// A management request on the leader.
     async fn manage_local(
         &self,
@@ -1248,13 +1263,8 @@ impl Cluster for ClusterService {
         req: Request<AddServerRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
         let budget = self.0.budget(&req);
-        let req = ManageRequest {
-            request: Some(manage_request::Request::AddServer(req.into_inner())),
-        };
-        match self.0.manage(req, budget).await?.response {
-            Some(manage_response::Response::Members(m)) => Ok(Response::new(m)),
-            _ => Err(Status::internal("unexpected management response")),
-        }
+        let req = manage_request::Request::AddServer(req.into_inner());
+        self.0.manage_members(req, budget).await
     }
 
     async fn remove_server(
@@ -1262,13 +1272,8 @@ impl Cluster for ClusterService {
         req: Request<RemoveServerRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
         let budget = self.0.budget(&req);
-        let req = ManageRequest {
-            request: Some(manage_request::Request::RemoveServer(req.into_inner())),
-        };
-        match self.0.manage(req, budget).await?.response {
-            Some(manage_response::Response::Members(m)) => Ok(Response::new(m)),
-            _ => Err(Status::internal("unexpected management response")),
-        }
+        let req = manage_request::Request::RemoveServer(req.into_inner());
+        self.0.manage_members(req, budget).await
     }
 
     async fn reset_server(

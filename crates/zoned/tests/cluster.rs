@@ -92,41 +92,10 @@ async fn writes_through_any_server_are_read_everywhere() {
 async fn kill9_of_the_leader_loses_no_acknowledged_write() {
     let mut zone = TestZone::start(3, "");
     let leader = zone.wait_leader().await;
-    let endpoints = zone.endpoints();
-
     // A client writes continuously, trying the servers in turn on failure,
     // and remembers only what was acknowledged.
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(async move {
-        let mut acked = BTreeMap::new();
-        let mut errors = 0u32;
-        let mut target = 0usize;
-        let mut n = 0u64;
-        while !*stop_rx.borrow_and_update() {
-            let ep = format!("http://{}", endpoints[target % endpoints.len()]);
-            let ch = tonic::transport::Endpoint::from_shared(ep)
-                .unwrap()
-                .connect_timeout(Duration::from_millis(300))
-                .connect_lazy();
-            let mut kv = zonectl::v1::kv_client::KvClient::new(ch);
-            let key = format!("k{n:05}");
-            let mut req = tonic::Request::new(put(&key, &format!("value-{n}")));
-            req.set_timeout(Duration::from_secs(5));
-            match kv.put(req).await {
-                Ok(r) => {
-                    acked.insert(key, r.into_inner().header.unwrap().revision);
-                    n += 1;
-                }
-                Err(_) => {
-                    errors += 1;
-                    target += 1;
-                    n += 1; // a failed write may or may not exist; never reuse its key
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-        (acked, errors)
-    });
+    let endpoints = std::sync::Arc::new(std::sync::Mutex::new(zone.endpoints()));
+    let (stop_tx, writer) = common::start_writer(endpoints, "k");
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     zone.kill9(leader);

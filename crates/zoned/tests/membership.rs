@@ -23,48 +23,6 @@ fn put(key: &str, value: &str) -> PutRequest {
     }
 }
 
-/// Writes continuously through whichever endpoint answers, remembering
-/// only acknowledged writes (key -> revision), until told to stop.
-fn start_writer(
-    endpoints: Arc<std::sync::Mutex<Vec<String>>>,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<BTreeMap<String, u64>>,
-) {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(async move {
-        let mut acked = BTreeMap::new();
-        let mut target = 0usize;
-        let mut n = 0u64;
-        while !*stop_rx.borrow() {
-            let ep = {
-                let eps = endpoints.lock().unwrap();
-                format!("http://{}", eps[target % eps.len()])
-            };
-            let ch = tonic::transport::Endpoint::from_shared(ep)
-                .unwrap()
-                .connect_timeout(Duration::from_millis(300))
-                .connect_lazy();
-            let mut kv = zonectl::v1::kv_client::KvClient::new(ch);
-            let key = format!("w{n:06}");
-            n += 1; // never reuse a key: an unacknowledged write may exist
-            let mut req = tonic::Request::new(put(&key, "v"));
-            req.set_timeout(Duration::from_secs(5));
-            match kv.put(req).await {
-                Ok(r) => {
-                    acked.insert(key, r.into_inner().header.unwrap().revision);
-                }
-                Err(_) => {
-                    target += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-        acked
-    });
-    (stop_tx, task)
-}
-
 async fn members(zone: &TestZone, i: usize) -> Vec<(u64, bool)> {
     let r = zone
         .cluster(i)
@@ -81,7 +39,7 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     let mut zone = TestZone::start(3, "");
     zone.wait_leader().await;
     let endpoints = Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let (stop, writer) = start_writer(endpoints.clone());
+    let (stop, writer) = common::start_writer(endpoints.clone(), "w");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Add server 4: it enters as a learner, joins through server 2, and is
@@ -160,7 +118,7 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     assert_ne!(r.leader_id, gone_id);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.send(true).unwrap();
-    let acked = writer.await.unwrap();
+    let (acked, _errors) = writer.await.unwrap();
     assert!(
         acked.len() > 50,
         "too few writes acknowledged: {}",

@@ -323,3 +323,54 @@ impl Drop for TestZone {
         }
     }
 }
+
+/// Writes continuously through whichever endpoint answers (trying the next
+/// one on failure), keys `<prefix>000000`, `<prefix>000001`, ..., never
+/// reusing the key of a failed write (it may or may not exist). Returns the
+/// acknowledged writes (key -> revision) and the number of failures.
+pub fn start_writer(
+    endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    prefix: &'static str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, u32)>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut acked = std::collections::BTreeMap::new();
+        let mut errors = 0u32;
+        let mut target = 0usize;
+        let mut n = 0u64;
+        while !*stop_rx.borrow() {
+            let ep = {
+                let eps = endpoints.lock().unwrap();
+                format!("http://{}", eps[target % eps.len()])
+            };
+            let ch = tonic::transport::Endpoint::from_shared(ep)
+                .unwrap()
+                .connect_timeout(Duration::from_millis(300))
+                .connect_lazy();
+            let mut kv = KvClient::new(ch);
+            let key = format!("{prefix}{n:06}");
+            n += 1;
+            let mut req = tonic::Request::new(zonectl::v1::PutRequest {
+                key: key.clone().into_bytes(),
+                value: format!("value-{n}").into_bytes(),
+                prev_kv: false,
+            });
+            req.set_timeout(Duration::from_secs(5));
+            match kv.put(req).await {
+                Ok(r) => {
+                    acked.insert(key, r.into_inner().header.unwrap().revision);
+                }
+                Err(_) => {
+                    errors += 1;
+                    target += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        (acked, errors)
+    });
+    (stop_tx, task)
+}
