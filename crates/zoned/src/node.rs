@@ -586,6 +586,18 @@ impl Driver {
         result
     }
 
+    /// A pre-vote for the same next term from a server with a higher id
+    /// and the same log as ours, while we stand in a pre-election too.
+    fn tied_pre_vote(&self, msg: &raft::eraftpb::Message) -> bool {
+        let raft = &self.raw.raft;
+        msg.get_msg_type() == raft::eraftpb::MessageType::MsgRequestPreVote
+            && raft.state == StateRole::PreCandidate
+            && msg.from > self.id
+            && msg.term == raft.term + 1
+            && msg.log_term == raft.raft_log.last_term()
+            && msg.index == raft.raft_log.last_index()
+    }
+
     fn handle(&mut self, req: Request) {
         match req {
             Request::Raft(msg) => {
@@ -612,6 +624,23 @@ impl Driver {
                     return;
                 }
                 self.last_heard.insert(msg.from, Instant::now());
+                if self.tied_pre_vote(&msg) {
+                    // Two servers that time out together each grant the
+                    // other's pre-vote, both stand, and the votes split:
+                    // one more election timeout before anyone leads. So a
+                    // pre-candidate drops a tied pre-vote from a higher id
+                    // (losing a message is always safe in Raft) and asks
+                    // again: that peer, a pre-candidate itself and so with
+                    // no leader, grants ours.
+                    tracing::debug!(
+                        from = msg.from,
+                        "tied pre-vote from a higher id; standing again"
+                    );
+                    if let Err(e) = self.raw.campaign() {
+                        tracing::debug!(error = %e, "campaign failed");
+                    }
+                    return;
+                }
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "step failed");
                 }

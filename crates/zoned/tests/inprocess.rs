@@ -21,6 +21,10 @@ use zoned::storage::Engine;
 struct Router {
     nodes: Mutex<HashMap<u64, NodeHandle>>,
     cut: Mutex<HashSet<(u64, u64)>>,
+    /// While set, pre-vote requests are held back until two servers have
+    /// each sent one; then all are delivered at once, so that the two
+    /// pre-elections cross, as when two servers time out together.
+    cross_pre_votes: Mutex<Option<Vec<Message>>>,
 }
 
 impl Router {
@@ -46,6 +50,20 @@ impl Transport for Port {
     fn send(&self, msgs: Vec<Message>) {
         let nodes = self.router.nodes.lock().unwrap();
         let cut = self.router.cut.lock().unwrap();
+        let mut crossing = self.router.cross_pre_votes.lock().unwrap();
+        let mut msgs = msgs;
+        if let Some(held) = crossing.as_mut() {
+            let (pre_votes, rest): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
+                m.get_msg_type() == MessageType::MsgRequestPreVote
+                    && !cut.contains(&(self.from, m.to))
+            });
+            held.extend(pre_votes);
+            msgs = rest;
+            let senders: HashSet<u64> = held.iter().map(|m| m.from).collect();
+            if senders.len() >= 2 {
+                msgs.extend(crossing.take().unwrap_or_default());
+            }
+        }
         for m in msgs {
             let to = m.to;
             let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
@@ -257,6 +275,31 @@ async fn one_leader_per_term_and_committed_entries_survive_partitions() {
         }
     }
     assert_eq!(acked.len(), 30);
+}
+
+/// Two followers that time out together each grant the other's pre-vote
+/// unless one gives way; both would then stand and split the vote, costing
+/// a whole election timeout more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_that_stand_together_elect_in_one_term() {
+    let c = Cluster::start();
+    let ids = [1, 2, 3];
+    let old = c.wait_leader(&ids).await;
+    let term = c.nodes[&old].view().term;
+    *c.router.cross_pre_votes.lock().unwrap() = Some(Vec::new());
+    c.router.isolate(old, &ids);
+    let others: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    let new = c.wait_leader(&others).await;
+    assert!(
+        c.router.cross_pre_votes.lock().unwrap().is_none(),
+        "the two pre-elections did not cross"
+    );
+    assert_eq!(
+        c.nodes[&new].view().term,
+        term + 1,
+        "the crossed pre-elections split the vote"
+    );
+    assert_eq!(new, others[0], "the lower id should have won the tie");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
