@@ -1,6 +1,8 @@
 //! Developer tasks, reached as `cargo xtask <task>`:
 //! - `deps`: install the system packages the build and tests need (Debian);
-//! - `cluster up`: run a local three-node zone on 127.0.0.1-3 until Ctrl-C.
+//! - `cluster up`: run a local three-node zone on 127.0.0.1-3 until Ctrl-C;
+//! - `image`: build the appliance's disk image;
+//! - `bench failover`: VIP failover, zone-vip against keepalived.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 
 #[derive(Debug, Parser)]
 #[command(about = "Zoned developer tasks")]
@@ -29,6 +32,19 @@ enum Task {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchTask),
+    /// Build the appliance disk image (root): target/image/zoned-<profile>.raw
+    /// (for dd onto a disk), .qcow2 (for VMs), the kernel and initrd for
+    /// direct kernel boot, and manifest.json (versions, sizes, sha256).
+    Image {
+        /// vm: cloud kernel, virtio-only initramfs; metal: generic kernel
+        /// with hardware drivers.
+        #[arg(long, value_enum, default_value_t = image::Profile::Vm)]
+        profile: image::Profile,
+        /// Rebuild the cached Debian root tree (mmdebstrap) even if one made
+        /// from the same inputs exists.
+        #[arg(long)]
+        fresh_root: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,8 +72,10 @@ enum ClusterTask {
     },
 }
 
-/// Packages for building RocksDB (libclang for its bindings, a C++ compiler),
-/// the namespace testbed (iproute2) and the failover benchmark (keepalived).
+/// Debian packages: building RocksDB (libclang for its bindings, a C++
+/// compiler), the namespace testbed (iproute2), the failover benchmark
+/// (keepalived), the image (mmdebstrap, filesystem and partition tools, the
+/// systemd EFI stub) and the QEMU tests (qemu-system, OVMF firmware).
 const APT_PACKAGES: &[&str] = &[
     "libclang-dev",
     "clang",
@@ -65,12 +83,31 @@ const APT_PACKAGES: &[&str] = &[
     "make",
     "pkg-config",
     "iproute2",
+    "keepalived",
+    "mmdebstrap",
+    "e2fsprogs",
+    "dosfstools",
+    "mtools",
+    "fdisk",
+    "binutils",
+    "systemd-boot-efi",
+    "qemu-system-x86",
+    "ovmf",
 ];
+
+/// Installed after the rest: this machine kind may come with a newer
+/// qemu-utils than Debian's that qemu-system-x86 makes apt remove; this puts
+/// Debian's back.
+const APT_PACKAGES_AFTER: &[&str] = &["qemu-utils"];
 
 fn main() -> Result<()> {
     match Args::parse().task {
         Task::Deps => deps(),
         Task::Cluster(ClusterTask::Up { nodes, fresh }) => cluster_up(nodes, fresh),
+        Task::Image {
+            profile,
+            fresh_root,
+        } => image::build(profile, fresh_root, &target_dir()?),
         Task::Bench(BenchTask::Failover { runs }) => {
             eprintln!("building zoned, zone-vip and zonectl...");
             run(cargo().args([
@@ -112,6 +149,9 @@ fn deps() -> Result<()> {
     let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
     install.args(APT_PACKAGES).stdout(Stdio::null());
     run(&mut install)?;
+    let mut after = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    after.args(APT_PACKAGES_AFTER).stdout(Stdio::null());
+    run(&mut after)?;
     let has_nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .stdout(Stdio::null())

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -175,6 +176,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         "zoned started"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(watchdog(node.clone(), period));
+    }
 
     // Wait for a signal, or for the driver to die on its own.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -279,4 +283,26 @@ async fn join_members(addr: &str, id: u64) -> Result<Vec<Member>, ServeError> {
         "joining the zone; waiting for the leader"
     );
     Ok(members)
+}
+
+/// Pets systemd's watchdog (`WatchdogSec=`) three times per period, but only
+/// while the Raft driver answers: a wedged driver gets the process restarted
+/// by systemd, and with it the VIP released by zone-vip.
+async fn watchdog(node: crate::node::NodeHandle, period: Duration) {
+    let every = period / 3;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match tokio::time::timeout(every, node.status()).await {
+            Ok(Ok(_)) => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "watchdog: the Raft driver failed to answer"),
+            Err(_) => tracing::warn!(
+                waited_ms = every.as_millis() as u64,
+                "watchdog: the Raft driver did not answer in time"
+            ),
+        }
+    }
 }

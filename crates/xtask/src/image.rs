@@ -1,0 +1,615 @@
+//! `cargo xtask image --profile vm|metal`: the appliance's disk image.
+//!
+//! Built from files only, as root, with no loop device and no mount:
+//! mmdebstrap makes the Debian root tree (cached as a tarball keyed by what
+//! goes into it), `rootfs/` and the workspace's binaries are laid over it,
+//! `mke2fs -d` turns the trees into ext4 images, mtools fills the FAT EFI
+//! partition, objcopy makes the unified kernel image, sfdisk writes the GPT
+//! onto a plain file and the partitions are copied into place.
+//!
+//! Layout (GPT, partition names are what fstab and the kernel mount):
+//! `zoned-esp` (FAT32: EFI/BOOT/BOOTX64.EFI, zoned/identity.toml),
+//! `zoned-root-a` (ext4, read-only at run time), `zoned-root-b` (empty,
+//! reserved for A/B upgrades), `zoned-data` (ext4, mounted on /var).
+//!
+//! Outputs in target/image/: zoned-<profile>.raw, .qcow2, the kernel and
+//! initrd (for QEMU's direct kernel boot), and manifest.json.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+const MIB: u64 = 1024 * 1024;
+const ESP_MIB: u64 = 256;
+const DATA_MIB: u64 = 1024;
+const SUITE: &str = "bookworm";
+/// GPT partition type GUIDs (UEFI spec; Discoverable Partitions Spec).
+const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+const TYPE_LINUX_DATA: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+/// Host tools the build runs, and the Debian package that has each.
+const TOOLS: &[(&str, &str)] = &[
+    ("mmdebstrap", "mmdebstrap"),
+    ("mke2fs", "e2fsprogs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("sfdisk", "fdisk"),
+    ("objcopy", "binutils"),
+    ("objdump", "binutils"),
+    ("qemu-img", "qemu-utils"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// Debian's cloud kernel and a small virtio-only initramfs.
+    Vm,
+    /// Debian's generic kernel with hardware drivers, for real servers.
+    Metal,
+}
+
+impl Profile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Vm => "vm",
+            Profile::Metal => "metal",
+        }
+    }
+}
+
+struct Progress {
+    start: Instant,
+    step: usize,
+    steps: usize,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str) {
+        self.step += 1;
+        eprintln!(
+            "[{}/{}] {:>6.1}s  {what}",
+            self.step,
+            self.steps,
+            self.start.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn read_list(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The host's own apt sources: the image comes from the same archive as
+/// the machine that builds it.
+fn apt_sources() -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut files: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sources" || x == "list"))
+            .collect();
+        files.sort();
+        found.extend(files);
+    }
+    let list = Path::new("/etc/apt/sources.list");
+    if std::fs::metadata(list).is_ok_and(|m| m.len() > 0) {
+        found.push(list.to_owned());
+    }
+    if found.is_empty() {
+        bail!("no apt sources on this machine (/etc/apt/sources.list[.d]): mmdebstrap needs one");
+    }
+    Ok(found)
+}
+
+/// coreutils' sha256sum: native speed on multi-GiB images.
+fn sha256_file(path: &Path) -> Result<String> {
+    let out = output(Command::new("sha256sum").arg(path))?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("sha256sum printed nothing")
+}
+
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let out = output(Command::new("du").args(["-sb"]).arg(dir))?;
+    out.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("du printed no size")
+}
+
+/// The Debian root tree as a tarball, built by mmdebstrap unless a cached
+/// one made from the same inputs exists. Returns (path, built now).
+fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf, bool)> {
+    let root = repo_root();
+    let image = root.join("image");
+    let mut packages = read_list(&image.join("packages.txt"))?;
+    packages.extend(read_list(&image.join(profile.name()).join("packages.txt"))?);
+    // Files put in place before any package installs (initramfs settings).
+    let early = image.join(profile.name()).join("root");
+    let sources = apt_sources()?;
+    let excludes = [
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/info/*",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        "--dpkgopt=path-exclude=/usr/share/lintian/*",
+    ];
+    // The key covers everything that shapes the tree.
+    let mut key_input = format!("{SUITE}\n{packages:?}\n{excludes:?}\n");
+    for f in walk(&early)? {
+        key_input.push_str(&format!(
+            "{}\n{}\n",
+            f.display(),
+            std::fs::read_to_string(&f)?
+        ));
+    }
+    for s in &sources {
+        key_input.push_str(&std::fs::read_to_string(s)?);
+    }
+    let key = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(key_input.as_bytes()))
+    };
+    let tar = cache.join(format!("root-{}-{}.tar", profile.name(), &key[..16]));
+    if tar.exists() && !fresh {
+        eprintln!("         cached root tree {}", tar.display());
+        return Ok((tar, false));
+    }
+    std::fs::create_dir_all(cache)?;
+    let tmp = tar.with_extension("tar.part");
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg("--variant=essential")
+        .arg("--mode=root")
+        .arg("--format=tar")
+        .arg(format!("--include={}", packages.join(",")))
+        .args(excludes)
+        // The initramfs settings must be in place before the kernel's
+        // package builds the initramfs.
+        .arg(format!("--setup-hook=sync-in '{}' /", early.display()))
+        .arg(SUITE)
+        .arg(&tmp)
+        .args(&sources)
+        .stdin(Stdio::null());
+    run(&mut cmd)?;
+    std::fs::rename(&tmp, &tar)?;
+    Ok((tar, true))
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A unified kernel image: the systemd EFI stub with the kernel, initrd,
+/// command line and os-release as PE sections (ukify is not in bookworm).
+fn make_uki(
+    dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    osrel: &str,
+) -> Result<PathBuf> {
+    let p = output(Command::new("objdump").args(["-p", STUB]))?;
+    let align = p
+        .lines()
+        .find_map(|l| l.strip_prefix("SectionAlignment"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .context("no SectionAlignment in the EFI stub")?;
+    let h = output(Command::new("objdump").args(["-h", STUB]))?;
+    // Section lines: Idx Name Size VMA LMA File-off Algn.
+    let end = h
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 7 && f[0].parse::<u32>().is_ok()).then(|| {
+                let size = u64::from_str_radix(f[2], 16).unwrap_or(0);
+                let vma = u64::from_str_radix(f[3], 16).unwrap_or(0);
+                size + vma
+            })
+        })
+        .max()
+        .context("no sections in the EFI stub")?;
+    let up = |x: u64| x.div_ceil(align) * align;
+    let osrel_path = dir.join("os-release");
+    let cmdline_path = dir.join("cmdline");
+    std::fs::write(&osrel_path, osrel)?;
+    std::fs::write(&cmdline_path, format!("{}\0", cmdline.trim()))?;
+    let mut offset = up(end);
+    let mut cmd = Command::new("objcopy");
+    for (name, file) in [
+        (".osrel", osrel_path.as_path()),
+        (".cmdline", cmdline_path.as_path()),
+        (".linux", kernel),
+        (".initrd", initrd),
+    ] {
+        cmd.arg("--add-section")
+            .arg(format!("{name}={}", file.display()))
+            .arg("--change-section-vma")
+            .arg(format!("{name}={offset:#x}"));
+        offset = up(offset + std::fs::metadata(file)?.len());
+    }
+    let uki = dir.join("zoned.efi");
+    cmd.arg(STUB).arg(&uki);
+    run(&mut cmd)?;
+    Ok(uki)
+}
+
+pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("building the image needs root (mmdebstrap, and file ownership in the root tree): run it as root");
+    }
+    for (tool, package) in TOOLS {
+        if which(tool).is_none() {
+            bail!("`{tool}` is missing (Debian package {package}): run `cargo xtask deps`");
+        }
+    }
+    if !Path::new(STUB).exists() {
+        bail!("{STUB} is missing (Debian package systemd-boot-efi): run `cargo xtask deps`");
+    }
+    let started = Instant::now();
+    let mut progress = Progress {
+        start: started,
+        step: 0,
+        steps: 9,
+    };
+    let out = target.join("image");
+    let work = out.join(format!("work-{}", profile.name()));
+    let name = format!("zoned-{}", profile.name());
+
+    progress.step("building zoned, zone-vip, zonectl, zone-provision (the test profile)");
+    let bins = ["zoned", "zone-vip", "zonectl", "zone-provision"];
+    let mut cargo = crate::cargo();
+    cargo.arg("build");
+    for b in bins {
+        cargo.args(["--bin", b]);
+    }
+    run(&mut cargo)?;
+
+    progress.step("Debian root tree (mmdebstrap, cached)");
+    let root_started = Instant::now();
+    let (tarball, built_root) = root_tarball(profile, &out.join("cache"), fresh_root)?;
+    let root_secs = root_started.elapsed().as_secs_f64();
+
+    progress.step("unpacking the root tree, laying rootfs/ and the binaries over it");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    let root = work.join("root");
+    std::fs::create_dir_all(&root)?;
+    run(Command::new("tar")
+        .args(["-xpf"])
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&root)
+        .arg("--numeric-owner"))?;
+    run(Command::new("cp")
+        .args(["-a", "--remove-destination"])
+        .arg(repo_root().join("rootfs").join("."))
+        .arg(&root))?;
+    for b in bins {
+        let src = target.join("debug").join(b);
+        let dst = root.join("usr/bin").join(b);
+        // Debug info stays on the build machine; the code is the tests'.
+        run(Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&src)
+            .arg(&dst))?;
+    }
+    // Every shared library the binaries load must be in the tree.
+    for b in bins {
+        let ldd = Command::new("chroot")
+            .arg(&root)
+            .args(["/usr/bin/ldd", &format!("/usr/bin/{b}")])
+            .output()
+            .context("cannot run ldd in the root tree")?;
+        let text = String::from_utf8_lossy(&ldd.stdout);
+        if !ldd.status.success() || text.contains("not found") {
+            bail!(
+                "{b} cannot run in the image (add the package with the missing library to image/packages.txt):\n{text}"
+            );
+        }
+    }
+    let share = root.join("usr/share/zoned");
+    std::fs::create_dir_all(&share)?;
+    for (src, dst) in [
+        ("crates/zoned/node.example.toml", "node.example.toml"),
+        ("crates/zone-vip/vip.example.toml", "vip.example.toml"),
+        (
+            "crates/zone-provision/identity.example.toml",
+            "identity.example.toml",
+        ),
+    ] {
+        std::fs::copy(repo_root().join(src), share.join(dst))?;
+    }
+    run(Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "enable",
+            "--quiet",
+            "zone-provision.service",
+            "zoned.service",
+            "zone-vip.service",
+            "systemd-networkd.service",
+        ]))?;
+    // A read-only root: no first-boot questions, a machine id per boot.
+    run(Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args(["mask", "--quiet", "systemd-firstboot.service"]))?;
+    std::fs::write(root.join("etc/machine-id"), "")?;
+    let _ = std::fs::remove_file(root.join("etc/hostname"));
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = output(
+        Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(repo_root()),
+    )
+    .map(|s| s.trim().to_owned())
+    .unwrap_or_else(|_| "unknown".into());
+    let osrel_file = root.join("usr/lib/os-release");
+    let mut osrel = std::fs::read_to_string(&osrel_file)?;
+    osrel.push_str(&format!(
+        "IMAGE_ID=zoned-{}\nIMAGE_VERSION={version}+{commit}\n",
+        profile.name()
+    ));
+    std::fs::write(&osrel_file, &osrel)?;
+
+    // The kernel and initrd the kernel package installed.
+    let boot = root.join("boot");
+    let find = |prefix: &str| -> Result<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&boot)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+            })
+            .collect();
+        v.sort();
+        v.pop()
+            .with_context(|| format!("no {prefix}* in the root tree's /boot"))
+    };
+    let vmlinuz = find("vmlinuz-")?;
+    let initrd = find("initrd.img-")?;
+    let kernel_version = vmlinuz
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_owned();
+    let kernel_out = out.join(format!("{name}.vmlinuz"));
+    let initrd_out = out.join(format!("{name}.initrd"));
+    std::fs::copy(&vmlinuz, &kernel_out)?;
+    std::fs::copy(&initrd, &initrd_out)?;
+
+    // /var goes to the data partition; the root keeps an empty mount point.
+    let data = work.join("data");
+    std::fs::rename(root.join("var"), &data)?;
+    std::fs::create_dir(root.join("var"))?;
+    std::fs::create_dir_all(data.join("lib/zoned"))?;
+    std::fs::create_dir_all(root.join("boot/efi"))?;
+
+    progress.step("unified kernel image (EFI stub + kernel + initrd + command line)");
+    let cmdline = std::fs::read_to_string(repo_root().join("image/cmdline.txt"))?;
+    let uki = make_uki(&work, &vmlinuz, &initrd, &cmdline, &osrel)?;
+
+    progress.step("EFI system partition (FAT32)");
+    let esp = work.join("esp.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-n", "ZONED-ESP", "-C"])
+        .arg(&esp)
+        .arg((ESP_MIB * 1024).to_string())
+        .stdout(Stdio::null()))?;
+    let mtools = |args: &[&str]| {
+        let mut c = Command::new(args[0]);
+        c.arg("-i").arg(&esp).args(&args[1..]);
+        c
+    };
+    run(&mut mtools(&["mmd", "::/EFI", "::/EFI/BOOT", "::/zoned"]))?;
+    run(mtools(&["mcopy"]).arg(&uki).arg("::/EFI/BOOT/BOOTX64.EFI"))?;
+    run(mtools(&["mcopy"])
+        .arg(share.join("identity.example.toml"))
+        .arg("::/zoned/identity.example.toml"))?;
+
+    progress.step("root and data filesystems (mke2fs -d)");
+    let root_bytes = dir_bytes(&root)?;
+    // Room for an upgrade's growth; slot B gets the same size.
+    let root_mib = ((root_bytes as f64 * 1.4) as u64 / MIB + 128).next_multiple_of(64);
+    let mkfs = |label: &str, src: &Path, file: &Path, mib: u64| -> Result<()> {
+        let f = std::fs::File::create(file)?;
+        f.set_len(mib * MIB)?;
+        drop(f);
+        run(Command::new("mke2fs")
+            .args([
+                "-q",
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-L",
+                label,
+                "-E",
+                "root_owner=0:0",
+                "-d",
+            ])
+            .arg(src)
+            .arg(file))
+    };
+    let root_img = work.join("root.img");
+    let data_img = work.join("data.img");
+    mkfs("zoned-root-a", &root, &root_img, root_mib)?;
+    mkfs("zoned-data", &data, &data_img, DATA_MIB)?;
+
+    progress.step("GPT disk image (sfdisk on a file)");
+    let parts = [
+        ("zoned-esp", TYPE_ESP, ESP_MIB, Some(&esp)),
+        ("zoned-root-a", TYPE_ROOT_X86_64, root_mib, Some(&root_img)),
+        ("zoned-root-b", TYPE_ROOT_X86_64, root_mib, None),
+        ("zoned-data", TYPE_LINUX_DATA, DATA_MIB, Some(&data_img)),
+    ];
+    let total_mib = 1 + parts.iter().map(|p| p.2).sum::<u64>() + 1;
+    let raw = out.join(format!("{name}.raw"));
+    let raw_tmp = out.join(format!("{name}.raw.part"));
+    {
+        let f = std::fs::File::create(&raw_tmp)?;
+        f.set_len(total_mib * MIB)?;
+    }
+    let mut script = String::from("label: gpt\nunit: sectors\nfirst-lba: 2048\n");
+    let mut start_mib = 1;
+    let mut layout = Vec::new();
+    for (label, ty, mib, _) in &parts {
+        script.push_str(&format!(
+            "start={}, size={}, type={ty}, name=\"{label}\"\n",
+            start_mib * 2048,
+            mib * 2048
+        ));
+        layout.push(serde_json::json!({
+            "name": label, "type": ty, "start_bytes": start_mib * MIB, "size_bytes": mib * MIB,
+        }));
+        start_mib += mib;
+    }
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(&raw_tmp)
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("cannot run sfdisk")?;
+    {
+        use std::io::Write;
+        sfdisk
+            .stdin
+            .take()
+            .context("sfdisk stdin")?
+            .write_all(script.as_bytes())?;
+    }
+    if !sfdisk.wait()?.success() {
+        bail!("sfdisk failed on {}", raw_tmp.display());
+    }
+    let mut start_mib = 1;
+    for (_, _, mib, img) in &parts {
+        if let Some(img) = img {
+            run(Command::new("dd")
+                .arg(format!("if={}", img.display()))
+                .arg(format!("of={}", raw_tmp.display()))
+                .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+                .arg(format!("seek={start_mib}")))?;
+        }
+        start_mib += mib;
+    }
+    std::fs::rename(&raw_tmp, &raw)?;
+
+    progress.step("qcow2 (compressed)");
+    let qcow2 = out.join(format!("{name}.qcow2"));
+    let qcow2_tmp = out.join(format!("{name}.qcow2.part"));
+    run(Command::new("qemu-img")
+        .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2_tmp))?;
+    std::fs::rename(&qcow2_tmp, &qcow2)?;
+
+    progress.step("manifest.json");
+    let mut files = BTreeMap::new();
+    for p in [&raw, &qcow2, &kernel_out, &initrd_out] {
+        let meta = std::fs::metadata(p)?;
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            meta.blocks() * 512
+        };
+        files.insert(
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            serde_json::json!({
+                "bytes": meta.len(),
+                "allocated_bytes": allocated,
+                "sha256": sha256_file(p)?,
+            }),
+        );
+    }
+    let manifest = serde_json::json!({
+        "profile": profile.name(),
+        "version": version,
+        "commit": commit,
+        "debian": SUITE,
+        "kernel": kernel_version,
+        "kernel_cmdline": cmdline.trim(),
+        "root_tree": {
+            "tarball": tarball.file_name().unwrap_or_default().to_string_lossy(),
+            "built_now": built_root,
+            "seconds": root_secs,
+            "bytes": root_bytes,
+        },
+        "partitions": layout,
+        "files": files,
+        "build_seconds": started.elapsed().as_secs_f64(),
+    });
+    let manifest_path = out.join(format!("manifest-{}.json", profile.name()));
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest)?)?;
+    // The last profile built is also manifest.json.
+    std::fs::copy(&manifest_path, out.join("manifest.json"))?;
+    std::fs::remove_dir_all(&work)?;
+    let mib = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / MIB as f64);
+    eprintln!(
+        "image built in {:.0} s (root tree {}: {:.0} s)\n  {}  {:.0} MiB\n  {}  {:.0} MiB\n  {}",
+        started.elapsed().as_secs_f64(),
+        if built_root { "built" } else { "cached" },
+        root_secs,
+        raw.display(),
+        mib(&raw)?,
+        qcow2.display(),
+        mib(&qcow2)?,
+        manifest_path.display()
+    );
+    Ok(())
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,605 @@
+//! A node's identity, and the configuration rendered from it at boot.
+//!
+//! Every server of a zone boots the same image; what makes one server
+//! `zone-2` is a small identity: its id and name, its address on the cluster
+//! network, the founding peers, the VIPs. It comes from up to three places,
+//! merged field by field, later ones winning:
+//!
+//! 1. `zoned/identity.toml` on the EFI system partition (FAT, so an operator
+//!    can edit it from any OS before or after flashing);
+//! 2. QEMU's `-fw_cfg name=opt/zoned/identity.toml,file=...` (same format);
+//! 3. `zoned.KEY=VALUE` words on the kernel command line.
+//!
+//! [`Identity::resolve`] validates the merge (errors name the field and the
+//! source to fix) and the `render_*` functions produce zoned's node.toml,
+//! zone-vip's vip.toml and a systemd-networkd unit. This module only parses
+//! and renders; the binary does the reading and writing.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Port of zoned's client gRPC on every server.
+pub const CLIENT_PORT: u16 = 7400;
+/// Port of zoned's peer (Raft) gRPC on every server.
+pub const PEER_PORT: u16 = 7401;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{source_name}: {path}: {message}")]
+    Parse {
+        source_name: String,
+        path: String,
+        message: String,
+    },
+    #[error("kernel command line: `zoned.{key}` is not an identity field (known: {known})")]
+    UnknownKey { key: String, known: &'static str },
+    #[error("identity field `{field}` {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+    #[error(
+        "no node identity: `{field}` is not set. Put zoned/identity.toml on the EFI partition \
+         (see identity.example.toml there), pass it with QEMU -fw_cfg \
+         name=opt/zoned/identity.toml,file=..., or set zoned.{field}= on the kernel command line"
+    )]
+    Missing { field: &'static str },
+}
+
+const KNOWN: &str = "id, name, interface, address, gateway, dns, peers, vip, join, leader_units";
+
+/// An identity as one source gives it: any field may be missing.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// Raft id, unique in the zone, at least 1.
+    pub id: Option<u64>,
+    /// Name shown by `zonectl show`, and the host name; default `zone-<id>`.
+    pub name: Option<String>,
+    /// The cluster network interface: a kernel name (`eth0`) or a MAC
+    /// address (`52:54:00:12:34:56`).
+    pub interface: Option<String>,
+    /// This server's address on it, with prefix: `10.0.0.11/24`.
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    pub dns: Option<Vec<String>>,
+    /// The founding members as `ID@ADDRESS`, the same list on every server.
+    pub peers: Option<Vec<String>>,
+    /// Floating addresses held by the leader, with prefix.
+    pub vip: Option<Vec<String>>,
+    /// Join an existing zone through this member's address instead of
+    /// founding one (after `zonectl server add`).
+    pub join: Option<String>,
+    /// systemd units run only on the leader, after the VIP is up.
+    pub leader_units: Option<Vec<String>>,
+}
+
+impl Identity {
+    /// Parses the TOML form; `source_name` says where it came from in errors.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Identity, Error> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| Error::Parse {
+            source_name: source_name.to_owned(),
+            path: e.path().to_string(),
+            message: e.inner().message().to_owned(),
+        })
+    }
+
+    /// The `zoned.KEY=VALUE` words of a kernel command line; lists are
+    /// comma-separated. Other words are ignored.
+    pub fn from_cmdline(cmdline: &str) -> Result<Identity, Error> {
+        let mut id = Identity::default();
+        for word in cmdline.split_whitespace() {
+            let Some(rest) = word.strip_prefix("zoned.") else {
+                continue;
+            };
+            let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+            let list = || -> Vec<String> {
+                value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            match key {
+                "id" => {
+                    id.id = Some(value.parse().map_err(|_| Error::Parse {
+                        source_name: "kernel command line".into(),
+                        path: "zoned.id".into(),
+                        message: format!("`{value}` is not a number"),
+                    })?)
+                }
+                "name" => id.name = Some(value.to_owned()),
+                "interface" => id.interface = Some(value.to_owned()),
+                "address" => id.address = Some(value.to_owned()),
+                "gateway" => id.gateway = Some(value.to_owned()),
+                "dns" => id.dns = Some(list()),
+                "peers" => id.peers = Some(list()),
+                "vip" => id.vip = Some(list()),
+                "join" => id.join = Some(value.to_owned()),
+                "leader_units" => id.leader_units = Some(list()),
+                _ => {
+                    return Err(Error::UnknownKey {
+                        key: key.to_owned(),
+                        known: KNOWN,
+                    })
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// `over`'s fields where it has them, ours elsewhere.
+    pub fn merge(self, over: Identity) -> Identity {
+        Identity {
+            id: over.id.or(self.id),
+            name: over.name.or(self.name),
+            interface: over.interface.or(self.interface),
+            address: over.address.or(self.address),
+            gateway: over.gateway.or(self.gateway),
+            dns: over.dns.or(self.dns),
+            peers: over.peers.or(self.peers),
+            vip: over.vip.or(self.vip),
+            join: over.join.or(self.join),
+            leader_units: over.leader_units.or(self.leader_units),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Identity::default()
+    }
+
+    /// Checks every field and fills in defaults.
+    pub fn resolve(&self) -> Result<Resolved, Error> {
+        let id = self.id.ok_or(Error::Missing { field: "id" })?;
+        if id == 0 {
+            return Err(invalid("id", "must be at least 1".into()));
+        }
+        let name = match &self.name {
+            Some(n) => {
+                let ok = !n.is_empty()
+                    && n.len() <= 63
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !n.starts_with('-');
+                if !ok {
+                    return Err(invalid(
+                        "name",
+                        format!("`{n}` is not a host name (letters, digits and '-', at most 63)"),
+                    ));
+                }
+                n.clone()
+            }
+            None => format!("zone-{id}"),
+        };
+        let interface = match &self.interface {
+            None => return Err(Error::Missing { field: "interface" }),
+            Some(i) if is_mac(i) => Interface::Mac(i.to_ascii_lowercase()),
+            Some(i)
+                if !i.is_empty()
+                    && i.len() < 16
+                    && !i.contains(['/', ' ', ':'])
+                    && i != "."
+                    && i != ".." =>
+            {
+                Interface::Name(i.clone())
+            }
+            Some(i) => {
+                return Err(invalid(
+                    "interface",
+                    format!("`{i}` is neither an interface name nor a MAC address"),
+                ))
+            }
+        };
+        let address = match &self.address {
+            None => return Err(Error::Missing { field: "address" }),
+            Some(a) => Cidr::parse(a).map_err(|p| invalid("address", p))?,
+        };
+        let gateway = match &self.gateway {
+            None => None,
+            Some(g) => Some(
+                g.parse::<IpAddr>()
+                    .map_err(|_| invalid("gateway", format!("`{g}` is not an IP address")))?,
+            ),
+        };
+        let dns = self
+            .dns
+            .iter()
+            .flatten()
+            .map(|d| {
+                d.parse::<IpAddr>()
+                    .map_err(|_| invalid("dns", format!("`{d}` is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut peers = Vec::new();
+        let mut seen = BTreeSet::new();
+        for p in self.peers.iter().flatten() {
+            let Some((pid, host)) = p.split_once('@') else {
+                return Err(invalid("peers", format!("`{p}` is not ID@ADDRESS")));
+            };
+            let pid: u64 =
+                pid.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                    invalid("peers", format!("`{p}`: the id must be a number ≥ 1"))
+                })?;
+            let host: IpAddr = host
+                .parse()
+                .map_err(|_| invalid("peers", format!("`{p}`: `{host}` is not an IP address")))?;
+            if !seen.insert(pid) {
+                return Err(invalid("peers", format!("id {pid} is listed twice")));
+            }
+            peers.push(Peer {
+                id: pid,
+                address: host,
+            });
+        }
+        let join = match &self.join {
+            None => None,
+            Some(j) => Some(
+                j.parse::<IpAddr>()
+                    .map_err(|_| invalid("join", format!("`{j}` is not an IP address")))?,
+            ),
+        };
+        if join.is_none() && !peers.is_empty() {
+            match peers.iter().find(|p| p.id == id) {
+                None => {
+                    return Err(invalid(
+                        "peers",
+                        format!("does not list this server's id {id}: a founder must be a peer"),
+                    ))
+                }
+                Some(me) if me.address != address.addr => {
+                    return Err(invalid(
+                        "peers",
+                        format!(
+                            "gives {} for this server's id {id}, but `address` is {}",
+                            me.address, address.addr
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let vip = self
+            .vip
+            .iter()
+            .flatten()
+            .map(|v| Cidr::parse(v).map_err(|p| invalid("vip", p)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(v) = vip.iter().find(|v| v.addr == address.addr) {
+            return Err(invalid(
+                "vip",
+                format!("{} is this server's own address", v.addr),
+            ));
+        }
+        let leader_units = self.leader_units.clone().unwrap_or_default();
+        if let Some(u) = leader_units
+            .iter()
+            .find(|u| u.is_empty() || u.contains('/'))
+        {
+            return Err(invalid("leader_units", format!("`{u}` is not a unit name")));
+        }
+        Ok(Resolved {
+            id,
+            name,
+            interface,
+            address,
+            gateway,
+            dns,
+            peers,
+            vip,
+            join,
+            leader_units,
+        })
+    }
+}
+
+fn invalid(field: &'static str, problem: String) -> Error {
+    Error::Invalid { field, problem }
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// An address with its prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` needs a prefix length, as in 10.0.0.11/24"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = p
+            .parse::<u8>()
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or_else(|| format!("`{p}` is not a prefix length (0-{max})"))?;
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interface {
+    Name(String),
+    Mac(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u64,
+    pub address: IpAddr,
+}
+
+/// A complete, checked identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub id: u64,
+    pub name: String,
+    pub interface: Interface,
+    pub address: Cidr,
+    pub gateway: Option<IpAddr>,
+    pub dns: Vec<IpAddr>,
+    pub peers: Vec<Peer>,
+    pub vip: Vec<Cidr>,
+    pub join: Option<IpAddr>,
+    pub leader_units: Vec<String>,
+}
+
+fn host_port(addr: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
+#[derive(Serialize)]
+struct NodeFile {
+    node: NodeSection,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    voters: Vec<VoterEntry>,
+}
+
+#[derive(Serialize)]
+struct NodeSection {
+    id: u64,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    join: Option<String>,
+}
+
+#[derive(Serialize)]
+struct VoterEntry {
+    id: u64,
+    peer: String,
+}
+
+#[derive(Serialize)]
+struct VipFile {
+    vip: Vec<VipEntry>,
+    leader: LeaderSection,
+}
+
+#[derive(Serialize)]
+struct VipEntry {
+    address: String,
+    interface: String,
+}
+
+#[derive(Serialize)]
+struct LeaderSection {
+    units: Vec<String>,
+}
+
+const HEADER: &str = "# Written at boot by zone-provision from the node identity; edits here are\n\
+                      # lost at the next boot: change zoned/identity.toml on the EFI partition.\n";
+
+/// zoned's node.toml: everything not written here keeps zoned's default.
+pub fn render_node(r: &Resolved) -> String {
+    let file = NodeFile {
+        node: NodeSection {
+            id: r.id,
+            name: r.name.clone(),
+            join: r.join.map(|j| host_port(j, CLIENT_PORT)),
+        },
+        voters: if r.join.is_some() {
+            Vec::new()
+        } else {
+            r.peers
+                .iter()
+                .map(|p| VoterEntry {
+                    id: p.id,
+                    peer: host_port(p.address, PEER_PORT),
+                })
+                .collect()
+        },
+    };
+    format!(
+        "{HEADER}{}",
+        toml::to_string(&file).expect("plain structs serialise")
+    )
+}
+
+/// zone-vip's vip.toml, or None when the identity has no VIP.
+pub fn render_vip(r: &Resolved, interface: &str) -> Option<String> {
+    if r.vip.is_empty() {
+        return None;
+    }
+    let file = VipFile {
+        vip: r
+            .vip
+            .iter()
+            .map(|v| VipEntry {
+                address: v.to_string(),
+                interface: interface.to_owned(),
+            })
+            .collect(),
+        leader: LeaderSection {
+            units: r.leader_units.clone(),
+        },
+    };
+    Some(format!(
+        "{HEADER}{}",
+        toml::to_string(&file).expect("plain structs serialise")
+    ))
+}
+
+/// A systemd-networkd unit giving the interface its static address.
+pub fn render_network(r: &Resolved, interface: &str) -> String {
+    let mut s = format!(
+        "{HEADER}[Match]\nName={interface}\n\n[Network]\nAddress={}\n",
+        r.address
+    );
+    if let Some(g) = r.gateway {
+        s.push_str(&format!("Gateway={g}\n"));
+    }
+    for d in &r.dns {
+        s.push_str(&format!("DNS={d}\n"));
+    }
+    // No router advertisements or DHCP: a control plane's addresses are
+    // what the identity says, nothing else.
+    s.push_str("DHCP=no\nIPv6AcceptRA=no\nLinkLocalAddressing=ipv6\n");
+    s
+}
+
+/// /etc/resolv.conf's content (a link to /run/zoned/resolv.conf).
+pub fn render_resolv(r: &Resolved) -> String {
+    let mut s = String::from("# Written at boot by zone-provision from the node identity.\n");
+    for d in &r.dns {
+        s.push_str(&format!("nameserver {d}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three(id: u64) -> Identity {
+        Identity::from_toml(
+            &format!(
+                r#"
+                id = {id}
+                interface = "eth0"
+                address = "10.0.0.1{id}/24"
+                peers = ["1@10.0.0.11", "2@10.0.0.12", "3@10.0.0.13"]
+                vip = ["10.0.0.10/24"]
+                "#
+            ),
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn renders_a_founder() {
+        let r = three(2).resolve().unwrap();
+        let node = render_node(&r);
+        let parsed: toml::Value = toml::from_str(&node).unwrap();
+        assert_eq!(parsed["node"]["id"].as_integer(), Some(2));
+        assert_eq!(parsed["node"]["name"].as_str(), Some("zone-2"));
+        let voters = parsed["voters"].as_array().unwrap();
+        assert_eq!(voters.len(), 3);
+        assert_eq!(voters[2]["peer"].as_str(), Some("10.0.0.13:7401"));
+        let vip: toml::Value = toml::from_str(&render_vip(&r, "eth0").unwrap()).unwrap();
+        assert_eq!(vip["vip"][0]["address"].as_str(), Some("10.0.0.10/24"));
+        assert_eq!(vip["vip"][0]["interface"].as_str(), Some("eth0"));
+        let net = render_network(&r, "eth0");
+        assert!(net.contains("Name=eth0\n"), "{net}");
+        assert!(net.contains("Address=10.0.0.12/24\n"), "{net}");
+    }
+
+    #[test]
+    fn a_joiner_has_no_voters_and_names_its_contact() {
+        let mut i = three(4);
+        i.address = Some("10.0.0.14/24".into());
+        i.join = Some("10.0.0.11".into());
+        let node = render_node(&i.resolve().unwrap());
+        let parsed: toml::Value = toml::from_str(&node).unwrap();
+        assert_eq!(parsed["node"]["join"].as_str(), Some("10.0.0.11:7400"));
+        assert!(parsed.get("voters").is_none(), "{node}");
+    }
+
+    #[test]
+    fn later_sources_win_field_by_field() {
+        let file = three(1);
+        let cmd = Identity::from_cmdline(
+            "root=PARTLABEL=zoned-root-a ro zoned.id=3 zoned.address=10.0.0.13/24 quiet",
+        )
+        .unwrap();
+        let r = file.merge(cmd).resolve().unwrap();
+        assert_eq!(r.id, 3);
+        assert_eq!(r.address.to_string(), "10.0.0.13/24");
+        assert_eq!(r.peers.len(), 3, "peers kept from the file");
+    }
+
+    #[test]
+    fn the_command_line_alone_is_enough() {
+        let r = Identity::from_cmdline(
+            "zoned.id=1 zoned.interface=52:54:00:AB:cd:01 zoned.address=fd00::1/64 \
+             zoned.peers=1@fd00::1,2@fd00::2 zoned.vip=fd00::100/64,10.1.0.9/16",
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(r.interface, Interface::Mac("52:54:00:ab:cd:01".into()));
+        assert_eq!(r.vip.len(), 2);
+        let node = render_node(&r);
+        assert!(node.contains("\"[fd00::2]:7401\""), "{node}");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = |text: &str| {
+            three(1)
+                .merge(Identity::from_cmdline(text).unwrap())
+                .resolve()
+        };
+        let msg = |e: Error| e.to_string();
+        assert!(msg(bad("zoned.address=10.0.0.11").unwrap_err()).contains("`address`"));
+        assert!(msg(bad("zoned.address=10.0.0.11/33").unwrap_err()).contains("prefix length"));
+        assert!(msg(bad("zoned.peers=1@10.0.0.11,1@10.0.0.12").unwrap_err()).contains("twice"));
+        assert!(msg(bad("zoned.peers=2@10.0.0.12,3@10.0.0.13").unwrap_err())
+            .contains("does not list this server's id 1"));
+        assert!(msg(bad("zoned.address=10.0.0.99/24").unwrap_err()).contains("but `address`"));
+        assert!(msg(bad("zoned.vip=10.0.0.11/24").unwrap_err()).contains("own address"));
+        assert!(msg(bad("zoned.interface=a/b").unwrap_err()).contains("`interface`"));
+        assert!(msg(bad("zoned.name=-x").unwrap_err()).contains("`name`"));
+        assert!(matches!(
+            Identity::from_cmdline("zoned.vips=1.2.3.4/32"),
+            Err(Error::UnknownKey { .. })
+        ));
+        let e = Identity::from_toml("id = \"one\"", "identity.toml").unwrap_err();
+        assert!(msg(e).starts_with("identity.toml: id:"));
+        let e = Identity::from_toml("idd = 1", "identity.toml").unwrap_err();
+        assert!(msg(e).contains("idd"));
+        let missing = Identity::default().resolve().unwrap_err();
+        assert!(msg(missing).contains("`id` is not set"));
+    }
+
+    #[test]
+    fn the_example_file_parses_and_resolves() {
+        let text = include_str!("../identity.example.toml");
+        let r = Identity::from_toml(text, "identity.example.toml")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(r.id, 1);
+    }
+}

@@ -1,0 +1,272 @@
+//! `zone-provision`: run once per boot, before the network and zoned.
+//!
+//! Reads the node identity from the EFI partition, QEMU fw_cfg and the
+//! kernel command line (see the library), and writes zoned's node.toml,
+//! zone-vip's vip.toml, resolv.conf and a networkd unit under /run, then
+//! sets the host name. The root filesystem is read-only: nothing here
+//! writes to it. Exit code 2: no usable identity (the message says which
+//! field and where to set it).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use zone_provision::{render_network, render_node, render_resolv, render_vip, Identity, Interface};
+
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The identity file on the mounted EFI partition.
+    #[arg(long, default_value = "/boot/efi/zoned/identity.toml")]
+    identity: PathBuf,
+    /// Where QEMU's `-fw_cfg name=opt/zoned/identity.toml` appears (needs
+    /// the qemu_fw_cfg module).
+    #[arg(
+        long,
+        default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/zoned/identity.toml/raw"
+    )]
+    fw_cfg: PathBuf,
+    /// The kernel command line, for zoned.KEY=VALUE words.
+    #[arg(long, default_value = "/proc/cmdline")]
+    cmdline: PathBuf,
+    /// Directory for node.toml, vip.toml and resolv.conf.
+    #[arg(long, default_value = "/run/zoned")]
+    out: PathBuf,
+    /// Directory for the systemd-networkd unit.
+    #[arg(long, default_value = "/run/systemd/network")]
+    network_dir: PathBuf,
+    /// /sys/class/net, to find the interface (by MAC, or to wait for it).
+    #[arg(long, default_value = "/sys/class/net")]
+    sys_net: PathBuf,
+    /// How long to wait for the interface to appear, in seconds.
+    #[arg(long, default_value_t = 30)]
+    wait_interface: u64,
+    /// Leave the host name as it is.
+    #[arg(long)]
+    keep_hostname: bool,
+    /// Print what would be written, write nothing, leave the host name.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("zone-provision: {e:#}");
+            let code = if e.downcast_ref::<zone_provision::Error>().is_some() {
+                2
+            } else {
+                1
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let mut identity = Identity::default();
+    let mut sources = Vec::new();
+    if let Some(text) = read_optional(&args.identity)? {
+        let name = args.identity.display().to_string();
+        identity = identity.merge(Identity::from_toml(&text, &name)?);
+        sources.push(name);
+    }
+    if let Some(text) = read_optional(&args.fw_cfg)? {
+        identity = identity.merge(Identity::from_toml(
+            &text,
+            "fw_cfg opt/zoned/identity.toml",
+        )?);
+        sources.push("fw_cfg".to_owned());
+    }
+    if let Some(text) = read_optional(&args.cmdline)? {
+        let from_cmdline = Identity::from_cmdline(&text)?;
+        if !from_cmdline.is_empty() {
+            identity = identity.merge(from_cmdline);
+            sources.push("kernel command line".to_owned());
+        }
+    }
+    let r = identity.resolve()?;
+    println!(
+        "identity from {}: id {} name {} address {}",
+        if sources.is_empty() {
+            "nowhere".to_owned()
+        } else {
+            sources.join(", ")
+        },
+        r.id,
+        r.name,
+        r.address
+    );
+    let iface = find_interface(
+        &r.interface,
+        &args.sys_net,
+        Duration::from_secs(args.wait_interface),
+    )?;
+    let mut files = vec![
+        (args.out.join("node.toml"), render_node(&r)),
+        (args.out.join("resolv.conf"), render_resolv(&r)),
+        (
+            args.network_dir.join("10-zoned.network"),
+            render_network(&r, &iface),
+        ),
+    ];
+    let vip_path = args.out.join("vip.toml");
+    match render_vip(&r, &iface) {
+        Some(v) => files.push((vip_path, v)),
+        None => {
+            if !args.dry_run {
+                let _ = std::fs::remove_file(&vip_path);
+            }
+            println!("no VIP in the identity: zone-vip stays off");
+        }
+    }
+    for (path, text) in &files {
+        if args.dry_run {
+            println!("---- {}\n{text}", path.display());
+        } else {
+            write_atomically(path, text.as_bytes())?;
+            println!("wrote {}", path.display());
+        }
+    }
+    if !args.dry_run && !args.keep_hostname {
+        nix::unistd::sethostname(&r.name).context("setting the host name")?;
+    }
+    Ok(())
+}
+
+/// The kernel name of the interface: waited for (drivers load late on some
+/// servers), and looked up by MAC address when the identity gives one.
+fn find_interface(want: &Interface, sys_net: &Path, wait: Duration) -> Result<String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match want {
+            Interface::Name(n) if sys_net.join(n).exists() => return Ok(n.clone()),
+            Interface::Mac(mac) => {
+                if let Ok(dir) = std::fs::read_dir(sys_net) {
+                    for e in dir.flatten() {
+                        let addr =
+                            std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+                        if addr.trim().eq_ignore_ascii_case(mac) {
+                            return Ok(e.file_name().to_string_lossy().into_owned());
+                        }
+                    }
+                }
+            }
+            Interface::Name(_) => {}
+        }
+        if Instant::now() >= deadline {
+            let present: Vec<String> = std::fs::read_dir(sys_net)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            anyhow::bail!(
+                "identity field `interface`: no interface {} after {} s (present: {})",
+                match want {
+                    Interface::Name(n) => n.clone(),
+                    Interface::Mac(m) => format!("with MAC {m}"),
+                },
+                wait.as_secs(),
+                present.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Temp file, fsync, rename, fsync the directory: a reader sees the old
+/// file or the new one, never a part.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("a file path has a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_an_interface_by_mac() {
+        let d = tempfile::tempdir().unwrap();
+        for (name, mac) in [("lo", "00:00:00:00:00:00"), ("eth1", "52:54:00:aa:bb:02")] {
+            std::fs::create_dir(d.path().join(name)).unwrap();
+            std::fs::write(d.path().join(name).join("address"), format!("{mac}\n")).unwrap();
+        }
+        let got = find_interface(
+            &Interface::Mac("52:54:00:aa:bb:02".into()),
+            d.path(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(got, "eth1");
+        let e = find_interface(&Interface::Name("eth7".into()), d.path(), Duration::ZERO)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no interface eth7") && e.contains("eth1"), "{e}");
+    }
+
+    #[test]
+    fn writes_the_configuration_and_reports_errors_with_code_two() {
+        let d = tempfile::tempdir().unwrap();
+        let net = d.path().join("net");
+        std::fs::create_dir_all(net.join("eth0")).unwrap();
+        let cmdline = d.path().join("cmdline");
+        std::fs::write(
+            &cmdline,
+            "ro zoned.id=2 zoned.interface=eth0 zoned.address=10.9.0.2/24 \
+             zoned.peers=1@10.9.0.1,2@10.9.0.2,3@10.9.0.3 zoned.vip=10.9.0.100/24\n",
+        )
+        .unwrap();
+        let args = Args {
+            identity: d.path().join("missing.toml"),
+            fw_cfg: d.path().join("missing-fw"),
+            cmdline: cmdline.clone(),
+            out: d.path().join("run"),
+            network_dir: d.path().join("network"),
+            sys_net: net,
+            wait_interface: 0,
+            keep_hostname: true,
+            dry_run: true,
+        };
+        run(&args).unwrap();
+        assert!(!args.out.exists(), "a dry run writes nothing");
+        let args = Args {
+            dry_run: false,
+            ..args
+        };
+        run(&args).unwrap();
+        let node = std::fs::read_to_string(args.out.join("node.toml")).unwrap();
+        assert!(node.contains("id = 2"), "{node}");
+        assert!(args.out.join("vip.toml").exists());
+        assert!(args.network_dir.join("10-zoned.network").exists());
+        std::fs::write(&cmdline, "zoned.id=2\n").unwrap();
+        let e = run(&args).unwrap_err();
+        assert!(e.downcast_ref::<zone_provision::Error>().is_some(), "{e:#}");
+    }
+}

@@ -1,0 +1,501 @@
+//! A virtual Zoned cluster: VMs booted from the built appliance image under
+//! QEMU (TCG: no KVM here), on a bridge inside a network namespace of their
+//! own, with the host side of the bridge as the management client.
+//!
+//! The harness owns everything it starts: every VM is killed and the
+//! namespace deleted when the [`Lab`] drops, also when a test panics, and
+//! then each VM's serial console log is kept (and its tail printed) for the
+//! post-mortem. Readiness is always the gRPC health check answering, never a
+//! sleep or console text (TCG garbles the console).
+//!
+//! Needs root, /dev/net/tun, qemu-system-x86_64 and the image built by
+//! `cargo xtask image --profile vm`; a test that lacks one fails and says so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The cluster network: VM N is 10.79.0.N, the host side .254, the VIP .100.
+pub const NET: &str = "10.79.0";
+pub const HOST_ADDR: &str = "10.79.0.254";
+pub const VIP: &str = "10.79.0.100";
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The workspace's target directory (CARGO_TARGET_DIR or ./target), found
+/// from the running test executable: target/debug/deps/<test>.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.ancestors()
+        .find(|p| p.join("image").is_dir() || p.join("debug").is_dir())
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+/// The built image and what direct kernel boot needs.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub qcow2: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+impl Image {
+    /// The vm profile's image in target/image, or an error saying how to
+    /// build it.
+    pub fn find() -> Result<Image> {
+        let dir = target_dir().join("image");
+        let manifest = dir.join("manifest-vm.json");
+        let text = std::fs::read_to_string(&manifest).with_context(|| {
+            format!(
+                "{} is missing: build the image first with `cargo xtask image --profile vm` (as root)",
+                manifest.display()
+            )
+        })?;
+        let m: serde_json::Value = serde_json::from_str(&text)?;
+        let image = Image {
+            qcow2: dir.join("zoned-vm.qcow2"),
+            kernel: dir.join("zoned-vm.vmlinuz"),
+            initrd: dir.join("zoned-vm.initrd"),
+            cmdline: m["kernel_cmdline"]
+                .as_str()
+                .context("manifest has no kernel_cmdline")?
+                .to_owned(),
+        };
+        for p in [&image.qcow2, &image.kernel, &image.initrd] {
+            if !p.exists() {
+                bail!(
+                    "{} is missing: rebuild with `cargo xtask image --profile vm`",
+                    p.display()
+                );
+            }
+        }
+        Ok(image)
+    }
+}
+
+/// Fails with the reason when QEMU tests cannot run on this machine.
+pub fn require_host() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the QEMU tests need root (network namespace, bridge, tap devices): run them as root"
+        );
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun is missing: tap devices for the VMs cannot be made");
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        bail!("qemu-system-x86_64 is missing: run `cargo xtask deps` (Debian package qemu-system-x86)");
+    }
+    Ok(())
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// How a VM boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU loads the kernel and initrd itself; the identity is on the
+    /// kernel command line. Fastest.
+    DirectKernel,
+    /// OVMF firmware finds EFI/BOOT/BOOTX64.EFI (the unified kernel image)
+    /// on the disk, as a real server does; the identity comes by fw_cfg.
+    Uefi,
+}
+
+/// One VM's fixed parts: survive a kill and a new boot.
+#[derive(Debug)]
+pub struct Vm {
+    pub id: u64,
+    pub boot: Boot,
+    pub overlay: PathBuf,
+    pub serial: PathBuf,
+    pub identity: PathBuf,
+    vars: PathBuf,
+    tap: String,
+    process: Option<Child>,
+    boots: u32,
+}
+
+impl Vm {
+    pub fn addr(&self) -> String {
+        format!("{NET}.{}", self.id)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("{}:7400", self.addr())
+    }
+
+    pub fn mac(&self) -> String {
+        format!("52:54:00:79:00:{:02x}", self.id)
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.process.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+/// A namespace with a bridge, and the VMs on it.
+#[derive(Debug)]
+pub struct Lab {
+    pub ns: String,
+    pub dir: PathBuf,
+    pub image: Image,
+    pub vms: Vec<Vm>,
+    /// The founders' ids: every VM's identity lists them as peers.
+    founders: u64,
+    keep: bool,
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// A namespace and bridge for a cluster of `founders` VMs; none is
+    /// started yet. `name` names the log directory.
+    pub fn new(name: &str, founders: u64) -> Result<Lab> {
+        require_host()?;
+        let image = Image::find()?;
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let ns = format!("zq{}-{n}", std::process::id());
+        let dir = target_dir().join("qemu-tests").join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        sh(&["ip", "netns", "add", &ns])?;
+        let lab = Lab {
+            ns,
+            dir,
+            image,
+            vms: Vec::new(),
+            founders,
+            keep: false,
+        };
+        lab.ip(&["link", "set", "lo", "up"])?;
+        lab.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lab.ip(&["addr", "add", &format!("{HOST_ADDR}/24"), "dev", "br0"])?;
+        lab.ip(&["link", "set", "br0", "up"])?;
+        Ok(lab)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut v = vec!["ip", "-n", &self.ns];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// The identity of VM `id`, in the TOML form (for fw_cfg).
+    pub fn identity_toml(&self, id: u64) -> String {
+        let peers: Vec<String> = (1..=self.founders)
+            .map(|p| format!("\"{p}@{NET}.{p}\""))
+            .collect();
+        let mut s = format!(
+            "id = {id}\ninterface = \"eth0\"\naddress = \"{NET}.{id}/24\"\npeers = [{}]\nvip = [\"{VIP}/24\"]\n",
+            peers.join(", ")
+        );
+        if id > self.founders {
+            s.push_str(&format!("join = \"{NET}.1\"\n"));
+        }
+        s
+    }
+
+    /// The same identity as kernel command line words.
+    pub fn identity_cmdline(&self, id: u64) -> String {
+        let peers: Vec<String> = (1..=self.founders)
+            .map(|p| format!("{p}@{NET}.{p}"))
+            .collect();
+        let mut s = format!(
+            "zoned.id={id} zoned.interface=eth0 zoned.address={NET}.{id}/24 zoned.peers={} zoned.vip={VIP}/24",
+            peers.join(",")
+        );
+        if id > self.founders {
+            s.push_str(&format!(" zoned.join={NET}.1"));
+        }
+        s
+    }
+
+    /// Adds VM `id` (its disk is a fresh overlay of the image) and boots it.
+    pub fn add_vm(&mut self, id: u64, boot: Boot) -> Result<usize> {
+        let overlay = self.dir.join(format!("vm{id}.qcow2"));
+        let backing = std::fs::canonicalize(&self.image.qcow2)?;
+        sh(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &backing.to_string_lossy(),
+            &overlay.to_string_lossy(),
+        ])?;
+        let identity = self.dir.join(format!("vm{id}-identity.toml"));
+        std::fs::write(&identity, self.identity_toml(id))?;
+        let vars = self.dir.join(format!("vm{id}-vars.fd"));
+        if boot == Boot::Uefi {
+            std::fs::copy(OVMF_VARS, &vars).context("OVMF firmware (Debian package ovmf)")?;
+        }
+        let tap = format!("tap{id}");
+        self.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        self.ip(&["link", "set", &tap, "master", "br0"])?;
+        self.ip(&["link", "set", &tap, "up"])?;
+        self.vms.push(Vm {
+            id,
+            boot,
+            overlay,
+            serial: self.dir.join(format!("vm{id}-serial.log")),
+            identity,
+            vars,
+            tap,
+            process: None,
+            boots: 0,
+        });
+        let i = self.vms.len() - 1;
+        self.boot(i)?;
+        Ok(i)
+    }
+
+    /// Starts VM `i`'s QEMU (again, after a kill: same disk).
+    pub fn boot(&mut self, i: usize) -> Result<()> {
+        let cmdline = format!(
+            "{} {}",
+            self.image.cmdline,
+            self.identity_cmdline(self.vms[i].id)
+        );
+        let (kernel, initrd) = (self.image.kernel.clone(), self.image.initrd.clone());
+        let ns = self.ns.clone();
+        let vm = &mut self.vms[i];
+        if vm.running() {
+            bail!("VM {} is already running", vm.id);
+        }
+        vm.boots += 1;
+        // Each boot's console goes to its own file: vmN-serial.log, then
+        // vmN-serial.2.log, ...
+        let serial = if vm.boots == 1 {
+            vm.serial.clone()
+        } else {
+            vm.serial.with_extension(format!("{}.log", vm.boots))
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns, "qemu-system-x86_64"])
+            .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+            .args(["-smp", "1", "-m", "1024"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=qcow2,cache=unsafe",
+                vm.overlay.display()
+            ))
+            .arg("-netdev")
+            .arg(format!(
+                "tap,id=n0,ifname={},script=no,downscript=no",
+                vm.tap
+            ))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={}", vm.mac()))
+            .arg("-fw_cfg")
+            .arg(format!(
+                "name=opt/zoned/identity.toml,file={}",
+                vm.identity.display()
+            ));
+        match vm.boot {
+            Boot::DirectKernel => {
+                cmd.arg("-kernel")
+                    .arg(&kernel)
+                    .arg("-initrd")
+                    .arg(&initrd)
+                    .arg("-append")
+                    .arg(&cmdline);
+            }
+            Boot::Uefi => {
+                cmd.arg("-drive")
+                    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,file={}", vm.vars.display()));
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        vm.process = Some(cmd.spawn().context("cannot start qemu-system-x86_64")?);
+        Ok(())
+    }
+
+    /// SIGKILL to VM `i`'s QEMU: the whole machine stops at once, as on a
+    /// power cut (`ip netns exec` execs QEMU, so the child is QEMU).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.vms[i].process.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `f` on a thread inside the namespace, with a Tokio runtime.
+    pub fn in_ns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send + 'static,
+    ) -> Result<T> {
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || -> Result<T> {
+            let file = std::fs::File::open(&path).with_context(|| path.clone())?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("setns into the lab namespace")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(f(&rt))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    }
+
+    /// Whether zoned at `endpoint` answers the gRPC health check as SERVING.
+    pub fn healthy(&self, endpoint: &str) -> bool {
+        let ep = format!("http://{endpoint}");
+        self.in_ns(move |rt| {
+            rt.block_on(async move {
+                let Ok(ep) = tonic::transport::Endpoint::from_shared(ep) else {
+                    return false;
+                };
+                let ep = ep
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(2));
+                let Ok(ch) = ep.connect().await else {
+                    return false;
+                };
+                let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+                let req = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                matches!(
+                    c.check(req).await.map(|r| r.into_inner().status),
+                    Ok(s) if s == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                )
+            })
+        })
+        .unwrap_or(false)
+    }
+
+    /// Waits until VM `i`'s zoned answers its health check; the time from
+    /// `since`. Fails early if QEMU exits.
+    pub fn wait_ready(&mut self, i: usize, since: Instant, limit: Duration) -> Result<Duration> {
+        let endpoint = self.vms[i].endpoint();
+        while since.elapsed() < limit {
+            if !self.vms[i].running() {
+                bail!("VM {} (QEMU) exited during boot", self.vms[i].id);
+            }
+            if self.healthy(&endpoint) {
+                return Ok(since.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bail!(
+            "VM {}: zoned did not answer its health check within {} s",
+            self.vms[i].id,
+            limit.as_secs()
+        )
+    }
+
+    /// `zonectl` (the workspace's binary) run inside the namespace.
+    pub fn zonectl(&self, endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
+        let bin = zonectl_bin()?;
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(bin)
+            .args(["--endpoints", endpoint, "--timeout", "10"])
+            .args(args)
+            .output()
+            .context("cannot run zonectl")
+    }
+
+    /// `zonectl -o json show` through `endpoint`, parsed.
+    pub fn show(&self, endpoint: &str) -> Option<serde_json::Value> {
+        let out = self.zonectl(endpoint, &["-o", "json", "show"]).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Keeps the logs even if the test passes.
+    pub fn keep_logs(&mut self) {
+        self.keep = true;
+    }
+}
+
+fn zonectl_bin() -> Result<PathBuf> {
+    let p = target_dir().join("debug").join("zonectl");
+    if !p.exists() {
+        bail!(
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.vms.len() {
+            self.kill(i);
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        if std::thread::panicking() {
+            eprintln!("VM logs kept in {}", self.dir.display());
+            for vm in &self.vms {
+                let text = std::fs::read(&vm.serial).unwrap_or_default();
+                let text = String::from_utf8_lossy(&text);
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("---- VM {} serial console (last 40 lines) ----", vm.id);
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+            }
+        } else if !self.keep {
+            // The overlays are large; the logs are small, keep those.
+            for vm in &self.vms {
+                let _ = std::fs::remove_file(&vm.overlay);
+            }
+        }
+    }
+}
+
+/// Polls `f` until it gives a value or `limit` passes.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {} s waiting for {what}", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
