@@ -422,7 +422,28 @@ impl Lab {
         )
     }
 
-    /// `zonectl` (the workspace's binary) run inside the namespace.
+    /// A management client on the host side of the bridge.
+    pub fn client(&self) -> Client {
+        Client {
+            ns: self.ns.clone(),
+        }
+    }
+
+    /// Keeps the logs even if the test passes.
+    pub fn keep_logs(&mut self) {
+        self.keep = true;
+    }
+}
+
+/// `zonectl` (the workspace's binary) run inside the lab's namespace, as
+/// an operator on the management network would. Cheap to clone and to send
+/// to a writer thread.
+#[derive(Debug, Clone)]
+pub struct Client {
+    ns: String,
+}
+
+impl Client {
     pub fn zonectl(&self, endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
         let bin = zonectl_bin()?;
         Command::new("ip")
@@ -443,9 +464,22 @@ impl Lab {
         serde_json::from_slice(&out.stdout).ok()
     }
 
-    /// Keeps the logs even if the test passes.
-    pub fn keep_logs(&mut self) {
-        self.keep = true;
+    /// One write; true when acknowledged.
+    pub fn put(&self, endpoint: &str, key: &str, value: &str) -> bool {
+        self.zonectl(endpoint, &["kv", "put", key, value])
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// A linearizable read of `key` through `endpoint`.
+    pub fn get(&self, endpoint: &str, key: &str) -> Option<String> {
+        let out = self
+            .zonectl(endpoint, &["-o", "json", "kv", "get", key])
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["value"].as_str().map(str::to_owned)
     }
 }
 

@@ -277,7 +277,19 @@ fn make_uki(
     Ok(uki)
 }
 
-pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<()> {
+/// What a build took and made, for `bench qemu`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub profile: &'static str,
+    pub seconds: f64,
+    pub root_tree_built: bool,
+    pub root_tree_seconds: f64,
+    pub raw_bytes: u64,
+    pub raw_allocated_bytes: u64,
+    pub qcow2_bytes: u64,
+}
+
+pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats> {
     if !nix::unistd::geteuid().is_root() {
         bail!("building the image needs root (mmdebstrap, and file ownership in the root tree): run it as root");
     }
@@ -592,18 +604,29 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<()> {
     std::fs::copy(&manifest_path, out.join("manifest.json"))?;
     std::fs::remove_dir_all(&work)?;
     let mib = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / MIB as f64);
+    let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "image built in {:.0} s (root tree {}: {:.0} s)\n  {}  {:.0} MiB\n  {}  {:.0} MiB\n  {}",
-        started.elapsed().as_secs_f64(),
+        "image built in {seconds:.0} s (root tree {}: {root_secs:.0} s)\n  {}  {:.0} MiB\n  {}  {:.0} MiB\n  {}",
         if built_root { "built" } else { "cached" },
-        root_secs,
         raw.display(),
         mib(&raw)?,
         qcow2.display(),
         mib(&qcow2)?,
         manifest_path.display()
     );
-    Ok(())
+    let raw_meta = std::fs::metadata(&raw)?;
+    Ok(Stats {
+        profile: profile.name(),
+        seconds,
+        root_tree_built: built_root,
+        root_tree_seconds: root_secs,
+        raw_bytes: raw_meta.len(),
+        raw_allocated_bytes: {
+            use std::os::unix::fs::MetadataExt;
+            raw_meta.blocks() * 512
+        },
+        qcow2_bytes: std::fs::metadata(&qcow2)?.len(),
+    })
 }
 
 pub fn which(tool: &str) -> Option<PathBuf> {

@@ -2,7 +2,9 @@
 //! - `deps`: install the system packages the build and tests need (Debian);
 //! - `cluster up`: run a local three-node zone on 127.0.0.1-3 until Ctrl-C;
 //! - `image`: build the appliance's disk image;
-//! - `bench failover`: VIP failover, zone-vip against keepalived.
+//! - `qemu up`: three VMs booted from that image, until Ctrl-C;
+//! - `bench failover`: VIP failover, zone-vip against keepalived;
+//! - `bench qemu`: image build times and sizes, VM boot and failover times.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod image;
+mod qemu;
 
 #[derive(Debug, Parser)]
 #[command(about = "Zoned developer tasks")]
@@ -32,6 +35,9 @@ enum Task {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(BenchTask),
+    /// A virtual cluster of VMs booted from the image (root).
+    #[command(subcommand)]
+    Qemu(QemuTask),
     /// Build the appliance disk image (root): target/image/zoned-<profile>.raw
     /// (for dd onto a disk), .qcow2 (for VMs), the kernel and initrd for
     /// direct kernel boot, and manifest.json (versions, sizes, sha256).
@@ -56,6 +62,26 @@ enum BenchTask {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// The image and its VMs (root): build time from scratch and from the
+    /// cached root tree, sizes, QEMU start to zoned ready for one VM and
+    /// for three at once, failover through the VIP under QEMU. Writes
+    /// target/bench/qemu-<time>.json.
+    Qemu {
+        /// Leader VM kills to time.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Skip the from-scratch image build (reuse the cached root tree).
+        #[arg(long)]
+        skip_fresh: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QemuTask {
+    /// Boot three VMs from the built vm image (building it if missing) on a
+    /// bridge in a network namespace, wait for a leader behind the VIP,
+    /// print the zone and how to reach it; Ctrl-C stops everything.
+    Up,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,7 +133,7 @@ fn main() -> Result<()> {
         Task::Image {
             profile,
             fresh_root,
-        } => image::build(profile, fresh_root, &target_dir()?),
+        } => image::build(profile, fresh_root, &target_dir()?).map(|_| ()),
         Task::Bench(BenchTask::Failover { runs }) => {
             eprintln!("building zoned, zone-vip and zonectl...");
             run(cargo().args([
@@ -117,6 +143,10 @@ fn main() -> Result<()> {
             std::env::set_var("ZONED_BIN_DIR", target.join("debug"));
             bench::failover(runs.max(1), &target.join("bench"))
         }
+        Task::Bench(BenchTask::Qemu { runs, skip_fresh }) => {
+            qemu::bench(&target_dir()?, runs, skip_fresh)
+        }
+        Task::Qemu(QemuTask::Up) => qemu::up(&target_dir()?),
     }
 }
 
