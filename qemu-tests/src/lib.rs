@@ -22,6 +22,8 @@ use anyhow::{bail, Context, Result};
 pub const NET: &str = "10.79.0";
 pub const HOST_ADDR: &str = "10.79.0.254";
 pub const VIP: &str = "10.79.0.100";
+/// Each VM's disk: the image's 2.5 GiB grown to this.
+pub const DISK_SIZE: &str = "4G";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
@@ -252,6 +254,9 @@ impl Lab {
             "-b",
             &backing.to_string_lossy(),
             &overlay.to_string_lossy(),
+            // Bigger than the image, as a server's disk is: the data
+            // partition grows into the rest at the first boot.
+            DISK_SIZE,
         ])?;
         let identity = self.dir.join(format!("vm{id}-identity.toml"));
         std::fs::write(&identity, self.identity_toml(id))?;

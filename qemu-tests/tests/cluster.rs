@@ -103,6 +103,16 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
         .filter_map(|s| s["name"].as_str())
         .collect();
     assert_eq!(names.len(), 3, "{zone}");
+    // Each VM's disk is 4 GiB, the image 2.5: the data partition (1 GiB in
+    // the image) was grown to the end of the disk at the first boot.
+    for s in zone["servers"].as_array().context("servers")? {
+        let total = s["host"]["disk_total_bytes"].as_u64().unwrap_or(0);
+        assert!(
+            total > 2 * 1024 * 1024 * 1024,
+            "server {}: the data partition was not grown ({total} bytes): {s}",
+            s["id"]
+        );
+    }
     // The VIP is the leader's: zonectl through it reaches the leader itself.
     assert_eq!(
         zone["member_id"].as_u64(),

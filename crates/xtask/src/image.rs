@@ -313,12 +313,10 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
 
     progress.step("building zoned, zone-vip, zonectl, zone-provision (the test profile)");
     let bins = ["zoned", "zone-vip", "zonectl", "zone-provision"];
-    let mut cargo = crate::cargo();
-    cargo.arg("build");
-    for b in bins {
-        cargo.args(["--bin", b]);
-    }
-    run(&mut cargo)?;
+    // The same build as the test suite's (cargo nextest builds tests and
+    // binaries together): one profile, one set of features, so RocksDB and
+    // the binaries are compiled once for the tests and the image.
+    run(crate::cargo().args(["build", "--workspace", "--tests", "--bins"]))?;
 
     progress.step("Debian root tree (mmdebstrap, cached)");
     let root_started = Instant::now();
