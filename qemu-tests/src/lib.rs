@@ -40,6 +40,7 @@ pub fn target_dir() -> PathBuf {
 /// The built image and what direct kernel boot needs.
 #[derive(Debug, Clone)]
 pub struct Image {
+    pub raw: PathBuf,
     pub qcow2: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -60,6 +61,7 @@ impl Image {
         })?;
         let m: serde_json::Value = serde_json::from_str(&text)?;
         let image = Image {
+            raw: dir.join("zoned-vm.raw"),
             qcow2: dir.join("zoned-vm.qcow2"),
             kernel: dir.join("zoned-vm.vmlinuz"),
             initrd: dir.join("zoned-vm.initrd"),
@@ -68,7 +70,7 @@ impl Image {
                 .context("manifest has no kernel_cmdline")?
                 .to_owned(),
         };
-        for p in [&image.qcow2, &image.kernel, &image.initrd] {
+        for p in [&image.raw, &image.qcow2, &image.kernel, &image.initrd] {
             if !p.exists() {
                 bail!(
                     "{} is missing: rebuild with `cargo xtask image --profile vm`",
@@ -126,6 +128,11 @@ pub enum Boot {
     /// OVMF firmware finds EFI/BOOT/BOOTX64.EFI (the unified kernel image)
     /// on the disk, as a real server does; the identity comes by fw_cfg.
     Uefi,
+    /// As a server is installed: the raw image copied whole onto the
+    /// VM's disk, the identity written into zoned/identity.toml on its EFI
+    /// partition with mtools (no fw_cfg, nothing on the command line), and
+    /// a UEFI boot.
+    Flashed,
 }
 
 /// One VM's fixed parts: survive a kill and a new boot.
@@ -239,29 +246,67 @@ impl Lab {
         s
     }
 
-    /// Adds VM `id` (its disk is a fresh overlay of the image) and boots it.
+    /// Adds VM `id` (its disk is a fresh overlay of the image, or a copy of
+    /// the raw image for [`Boot::Flashed`]) and boots it.
     pub fn add_vm(&mut self, id: u64, boot: Boot) -> Result<usize> {
-        let overlay = self.dir.join(format!("vm{id}.qcow2"));
-        let backing = std::fs::canonicalize(&self.image.qcow2)?;
-        sh(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            &backing.to_string_lossy(),
-            &overlay.to_string_lossy(),
-            // Bigger than the image, as a server's disk is: the data
-            // partition grows into the rest at the first boot.
-            DISK_SIZE,
-        ])?;
         let identity = self.dir.join(format!("vm{id}-identity.toml"));
-        std::fs::write(&identity, self.identity_toml(id))?;
+        let mut text = self.identity_toml(id);
+        if boot == Boot::Flashed {
+            // A name no other source gives: seen in the zone, it proves the
+            // identity came from the EFI partition.
+            text.push_str(&format!("name = \"flashed-{id}\"\n"));
+        }
+        std::fs::write(&identity, text)?;
+        let overlay = if boot == Boot::Flashed {
+            let disk = self.dir.join(format!("vm{id}.raw"));
+            sh(&[
+                "cp",
+                "--sparse=always",
+                &self.image.raw.to_string_lossy(),
+                &disk.to_string_lossy(),
+            ])?;
+            // The EFI partition starts 1 MiB into the disk.
+            let target = format!("{}@@1M", disk.display());
+            sh(&[
+                "mcopy",
+                "-o",
+                "-i",
+                &target,
+                &identity.to_string_lossy(),
+                "::/zoned/identity.toml",
+            ])?;
+            sh(&[
+                "qemu-img",
+                "resize",
+                "-q",
+                "-f",
+                "raw",
+                &disk.to_string_lossy(),
+                DISK_SIZE,
+            ])?;
+            disk
+        } else {
+            let overlay = self.dir.join(format!("vm{id}.qcow2"));
+            let backing = std::fs::canonicalize(&self.image.qcow2)?;
+            sh(&[
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                &backing.to_string_lossy(),
+                &overlay.to_string_lossy(),
+                // Bigger than the image, as a server's disk is: the data
+                // partition grows into the rest at the first boot.
+                DISK_SIZE,
+            ])?;
+            overlay
+        };
         let vars = self.dir.join(format!("vm{id}-vars.fd"));
-        if boot == Boot::Uefi {
+        if boot != Boot::DirectKernel {
             std::fs::copy(OVMF_VARS, &vars).context("OVMF firmware (Debian package ovmf)")?;
         }
         let tap = format!("tap{id}");
@@ -314,8 +359,13 @@ impl Lab {
             .arg(format!("file:{}", serial.display()))
             .arg("-drive")
             .arg(format!(
-                "file={},if=virtio,format=qcow2,cache=unsafe",
-                vm.overlay.display()
+                "file={},if=virtio,format={},cache=unsafe",
+                vm.overlay.display(),
+                if vm.boot == Boot::Flashed {
+                    "raw"
+                } else {
+                    "qcow2"
+                }
             ))
             .arg("-netdev")
             .arg(format!(
@@ -323,12 +373,13 @@ impl Lab {
                 vm.tap
             ))
             .arg("-device")
-            .arg(format!("virtio-net-pci,netdev=n0,mac={}", vm.mac()))
-            .arg("-fw_cfg")
-            .arg(format!(
+            .arg(format!("virtio-net-pci,netdev=n0,mac={}", vm.mac()));
+        if vm.boot != Boot::Flashed {
+            cmd.arg("-fw_cfg").arg(format!(
                 "name=opt/zoned/identity.toml,file={}",
                 vm.identity.display()
             ));
+        }
         match vm.boot {
             Boot::DirectKernel => {
                 cmd.arg("-kernel")
@@ -338,7 +389,7 @@ impl Lab {
                     .arg("-append")
                     .arg(&cmdline);
             }
-            Boot::Uefi => {
+            Boot::Uefi | Boot::Flashed => {
                 cmd.arg("-drive")
                     .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
                     .arg("-drive")

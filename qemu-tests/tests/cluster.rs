@@ -1,7 +1,8 @@
 //! Three VMs booted from the built image form one zone; the VIP follows the
 //! leader across a VM killed outright; acknowledged writes survive the
-//! loss of every VM at once. One VM boots the way a real server does:
-//! OVMF firmware, then the unified kernel image from the EFI partition.
+//! loss of every VM at once. Two VMs boot the way a real server does:
+//! OVMF firmware, then the unified kernel image from the EFI partition; one
+//! of them from the raw image with its identity written on that partition.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -88,10 +89,12 @@ impl Writer {
 
 #[test]
 fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
-    // VM 3 boots through UEFI firmware and the unified kernel image.
+    // VM 2 is installed as a server is: the raw image on its disk, its
+    // identity on the EFI partition, UEFI boot. VM 3 boots through UEFI
+    // firmware and the unified kernel image too, its identity by fw_cfg.
     let lab = start_zone(
         "three_vms_form_one_zone",
-        [Boot::DirectKernel, Boot::DirectKernel, Boot::Uefi],
+        [Boot::DirectKernel, Boot::Flashed, Boot::Uefi],
     )?;
     let zone = wait_zone(&lab, Duration::from_secs(120))?;
     let leader = zone["leader_id"].as_u64().context("leader id")?;
@@ -103,6 +106,10 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
         .filter_map(|s| s["name"].as_str())
         .collect();
     assert_eq!(names.len(), 3, "{zone}");
+    assert!(
+        names.contains(&"flashed-2"),
+        "the flashed VM did not take its identity from its EFI partition: {names:?}"
+    );
     // Each VM's disk is 4 GiB, the image 2.5: the data partition (1 GiB in
     // the image) was grown to the end of the disk at the first boot.
     for s in zone["servers"].as_array().context("servers")? {
