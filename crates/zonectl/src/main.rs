@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+mod config_cmd;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use zonectl::v1::{
     cluster_client::ClusterClient, event::EventType, kv_client::KvClient, AddServerRequest,
@@ -53,6 +55,9 @@ enum Command {
     /// Zone-wide switches.
     #[command(subcommand)]
     Zone(ZoneCommand),
+    /// Configuration files kept identical on every server.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,6 +301,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 println!("server {leader} leads (term {term})");
             }
         }
+        Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::Zone(cmd) => {
             let disabled = matches!(cmd, ZoneCommand::Disable);
             let r = ClusterClient::new(channel)

@@ -342,7 +342,7 @@ impl Zone {
     /// How long a request may wait for the zone: the configured timeout,
     /// or less when the client's own deadline (`grpc-timeout`) is nearer,
     /// so that the client hears why rather than a bare cancellation.
-    fn budget<T>(&self, req: &Request<T>) -> Duration {
+    pub(crate) fn budget<T>(&self, req: &Request<T>) -> Duration {
         let configured = self.config.request_timeout();
         match req
             .metadata()
@@ -355,7 +355,11 @@ impl Zone {
         }
     }
 
-    fn header(&self, revision: u64) -> Option<ResponseHeader> {
+    pub(crate) fn reader(&self) -> &kv::Reader {
+        self.node.reader()
+    }
+
+    pub(crate) fn header(&self, revision: u64) -> Option<ResponseHeader> {
         Some(ResponseHeader {
             revision,
             member_id: self.node.id(),
@@ -365,7 +369,11 @@ impl Zone {
 
     /// Runs a write on the leader, wherever it is, until `deadline`.
     /// Retries only what is known not to have been applied.
-    async fn write(&self, op: command::Op, budget: Duration) -> Result<CommandResult, ApiError> {
+    pub(crate) async fn write(
+        &self,
+        op: command::Op,
+        budget: Duration,
+    ) -> Result<CommandResult, ApiError> {
         let r = self.write_any(op, budget).await?;
         if let Some(command_result::Result::FailedPrecondition(m)) = &r.result {
             return Err(ApiError::FailedPrecondition(m.clone()));
@@ -376,7 +384,7 @@ impl Zone {
     /// Refuses a write early while the zone is disabled. Only the leader
     /// asks its own state (a follower's may lag behind a `zone enable`); the
     /// state machine refuses the write anyway when it is applied.
-    fn check_enabled(&self) -> Result<(), ApiError> {
+    pub(crate) fn check_enabled(&self) -> Result<(), ApiError> {
         if self.node.view().role == StateRole::Leader && self.node.reader().disabled()? {
             return Err(ApiError::FailedPrecondition(kv::DISABLED_MESSAGE.into()));
         }
@@ -469,7 +477,7 @@ impl Zone {
     }
 
     /// Waits until this server has applied everything committed before now.
-    async fn linearize(&self, budget: Duration) -> Result<(), ApiError> {
+    pub(crate) async fn linearize(&self, budget: Duration) -> Result<(), ApiError> {
         let deadline = Instant::now() + budget;
         loop {
             match tokio::time::timeout_at(deadline.into(), self.node.read_barrier()).await {

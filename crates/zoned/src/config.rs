@@ -50,6 +50,7 @@ pub struct Config {
     pub voters: Vec<Voter>,
     pub raft: RaftSection,
     pub limits: LimitsSection,
+    pub files: FilesSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +178,47 @@ impl Default for LimitsSection {
     }
 }
 
+/// Managed configuration files (`zonectl config`, zone-sync).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesSection {
+    /// Only files under these directories can be pushed. Default
+    /// `["/etc/zoned/managed"]`; add such as `/etc/one`.
+    pub managed_roots: Vec<String>,
+    /// Largest file in bytes. Default 1 MiB.
+    pub max_file_bytes: u64,
+    /// All managed files together, in bytes. Default 128 MiB.
+    pub max_total_bytes: u64,
+    /// Versions kept per file for `history` and `rollback`. Default 20.
+    pub history_per_file: usize,
+}
+
+impl Config {
+    /// The managed-files policy (roots checked by `finish`).
+    pub fn files_policy(&self) -> crate::files::Policy {
+        crate::files::Policy {
+            roots: zone_sync::paths::Roots::new(&self.files.managed_roots).unwrap_or_else(|_| {
+                zone_sync::paths::Roots::new([zone_sync::paths::DEFAULT_ROOT])
+                    .expect("default root")
+            }),
+            max_file_bytes: self.files.max_file_bytes,
+            max_total_bytes: self.files.max_total_bytes,
+            history_per_file: self.files.history_per_file,
+        }
+    }
+}
+
+impl Default for FilesSection {
+    fn default() -> Self {
+        FilesSection {
+            managed_roots: vec![zone_sync::paths::DEFAULT_ROOT.to_owned()],
+            max_file_bytes: 1 << 20,
+            max_total_bytes: 128 << 20,
+            history_per_file: 20,
+        }
+    }
+}
+
 /// Command-line values that replace what the file says.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -284,6 +326,23 @@ impl Config {
                 peer: format!("{host}:{}", addr.port()),
                 name: String::new(),
             });
+        }
+        zone_sync::paths::Roots::new(&self.files.managed_roots)
+            .map_err(|e| invalid("files.managed_roots", e.to_string()))?;
+        if self.files.max_file_bytes == 0 || self.files.max_file_bytes > 16 << 20 {
+            return Err(invalid(
+                "files.max_file_bytes",
+                "must be between 1 and 16 MiB",
+            ));
+        }
+        if self.files.max_total_bytes < self.files.max_file_bytes {
+            return Err(invalid(
+                "files.max_total_bytes",
+                "must be at least files.max_file_bytes",
+            ));
+        }
+        if self.files.history_per_file == 0 {
+            return Err(invalid("files.history_per_file", "must be at least 1"));
         }
         let mut ids = BTreeSet::new();
         for (i, v) in self.voters.iter().enumerate() {

@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod files;
 pub mod host;
 pub mod kv;
 pub mod logging;

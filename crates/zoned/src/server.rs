@@ -133,6 +133,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
                 .max_encoding_message_size(usize::MAX),
         )
         .add_service(ClusterServer::new(ClusterService(zone.clone())))
+        .add_service(zone_proto::v1::config_server::ConfigServer::new(
+            crate::files::ConfigService::new(zone.clone(), config.files_policy()),
+        ))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(client_listener),
             stopped(stop_rx.clone()),

@@ -1,0 +1,262 @@
+//! `zonectl config`: managed configuration files in the zone's store.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use tonic::transport::Channel;
+use zonectl::v1::{
+    config_client::ConfigClient, DeleteFileRequest, FileHistoryRequest, GetFileRequest,
+    ListFilesRequest, ManagedFile, PushFileRequest, RollbackRequest,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Store FILE (or '-' for stdin) as the managed file PATH on every
+    /// server. Refused, with nothing changed, outside the managed roots
+    /// (zoned's files.managed_roots) or over the size limits.
+    Push {
+        file: PathBuf,
+        /// Absolute path on the servers, under a managed root.
+        #[arg(long)]
+        path: String,
+        /// A systemd unit to restart (one server at a time) when the file
+        /// changes on a server; repeat for several.
+        #[arg(long = "restart")]
+        restart: Vec<String>,
+        /// Permission bits, octal.
+        #[arg(long, default_value = "0644", value_parser = parse_mode)]
+        mode: u32,
+        #[arg(long, default_value = "")]
+        owner: String,
+        #[arg(long, default_value = "")]
+        group: String,
+        /// Render per server: {{id}}, {{id0}}, {{name}}, {{address}},
+        /// {{#node 1,3}}...{{/node}}, and {{{{ for a literal {{.
+        #[arg(long)]
+        template: bool,
+    },
+    /// Print the stored content of PATH (as pushed, before rendering).
+    Get { path: String },
+    /// List the managed files.
+    Ls,
+    /// Stop managing PATH and remove it from the store (servers keep their
+    /// copy on disk).
+    Rm { path: String },
+    /// Versions of PATH, or of every file, newest first.
+    History { path: Option<String> },
+    /// Make every managed file what it was right after revision REV (from
+    /// `history`): changed files restored, files created since removed.
+    Rollback {
+        #[arg(long = "to")]
+        to: u64,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("`{s}` is not an octal mode such as 0644"))
+}
+
+fn row(f: &ManagedFile) -> String {
+    let units = if f.restart_units.is_empty() {
+        "-".to_owned()
+    } else {
+        f.restart_units.join(",")
+    };
+    format!(
+        "{:<40} {:>4} {:>6} {:>8} {:>8} {:<5} {}",
+        f.path,
+        f.version,
+        format!("{:o}", f.mode),
+        f.size,
+        f.revision,
+        if f.template { "yes" } else { "no" },
+        units
+    )
+}
+
+fn header() -> String {
+    format!(
+        "{:<40} {:>4} {:>6} {:>8} {:>8} {:<5} {}",
+        "PATH", "VER", "MODE", "BYTES", "REV", "TMPL", "RESTART"
+    )
+}
+
+fn json(f: &ManagedFile) -> serde_json::Value {
+    serde_json::json!({
+        "path": f.path,
+        "version": f.version,
+        "revision": f.revision,
+        "mode": format!("{:o}", f.mode),
+        "owner": f.owner,
+        "group": f.group,
+        "size": f.size,
+        "sha256": f.sha256,
+        "template": f.template,
+        "restart_units": f.restart_units,
+        "deleted": f.deleted,
+    })
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+pub async fn run(
+    cmd: ConfigCommand,
+    channel: Channel,
+    timeout: std::time::Duration,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut c = ConfigClient::new(channel).max_decoding_message_size(64 << 20);
+    match cmd {
+        ConfigCommand::Push {
+            file,
+            path,
+            restart,
+            mode,
+            owner,
+            group,
+            template,
+        } => {
+            let content = if file.as_os_str() == "-" {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+                v
+            } else {
+                std::fs::read(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+            };
+            let r = c
+                .push(t(
+                    PushFileRequest {
+                        file: Some(ManagedFile {
+                            path: path.clone(),
+                            content,
+                            mode,
+                            owner,
+                            group,
+                            restart_units: restart,
+                            template,
+                            ..ManagedFile::default()
+                        }),
+                    },
+                    timeout,
+                ))
+                .await?
+                .into_inner();
+            let f = r.file.unwrap_or_default();
+            if as_json {
+                let mut v = json(&f);
+                v["changed"] = r.changed.into();
+                print_json(&v);
+            } else if r.changed {
+                println!(
+                    "{path}: version {} stored at revision {}",
+                    f.version, f.revision
+                );
+            } else {
+                println!(
+                    "{path}: unchanged (version {} already has this content)",
+                    f.version
+                );
+            }
+        }
+        ConfigCommand::Get { path } => {
+            let f = c
+                .get(t(GetFileRequest { path }, timeout))
+                .await?
+                .into_inner()
+                .file
+                .unwrap_or_default();
+            if as_json {
+                let mut v = json(&f);
+                v["content"] = String::from_utf8_lossy(&f.content).into_owned().into();
+                print_json(&v);
+            } else {
+                std::io::stdout().write_all(&f.content)?;
+            }
+        }
+        ConfigCommand::Ls => {
+            let r = c.list(t(ListFilesRequest {}, timeout)).await?.into_inner();
+            if as_json {
+                print_json(&serde_json::json!({
+                    "files": r.files.iter().map(json).collect::<Vec<_>>(),
+                    "revision": r.header.map_or(0, |h| h.revision),
+                }));
+            } else {
+                println!("{}", header());
+                for f in &r.files {
+                    println!("{}", row(f));
+                }
+            }
+        }
+        ConfigCommand::Rm { path } => {
+            let r = c
+                .delete(t(DeleteFileRequest { path: path.clone() }, timeout))
+                .await?
+                .into_inner();
+            let rev = r.header.map_or(0, |h| h.revision);
+            if as_json {
+                print_json(&serde_json::json!({ "deleted": r.deleted, "revision": rev }));
+            } else if r.deleted {
+                println!("{path}: no longer managed (revision {rev})");
+            } else {
+                println!("{path}: was not managed");
+            }
+        }
+        ConfigCommand::History { path } => {
+            let r = c
+                .history(t(
+                    FileHistoryRequest {
+                        path: path.unwrap_or_default(),
+                    },
+                    timeout,
+                ))
+                .await?
+                .into_inner();
+            if as_json {
+                print_json(&serde_json::json!({
+                    "versions": r.versions.iter().map(json).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!("{}", header());
+                for f in &r.versions {
+                    if f.deleted {
+                        println!(
+                            "{:<40} {:>4} {:>6} {:>8} {:>8} (deleted)",
+                            f.path, f.version, "-", "-", f.revision
+                        );
+                    } else {
+                        println!("{}", row(f));
+                    }
+                }
+            }
+        }
+        ConfigCommand::Rollback { to } => {
+            let r = c
+                .rollback(t(RollbackRequest { to_revision: to }, timeout))
+                .await?
+                .into_inner();
+            let rev = r.header.map_or(0, |h| h.revision);
+            if as_json {
+                print_json(&serde_json::json!({ "changed": r.changed, "revision": rev }));
+            } else if r.changed.is_empty() {
+                println!("nothing to do: every managed file is as it was at revision {to}");
+            } else {
+                for p in &r.changed {
+                    println!("{p}: restored as of revision {to}");
+                }
+                println!("(revision {rev})");
+            }
+        }
+    }
+    Ok(())
+}
