@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// What is on disk at a managed path compared with what should be.
@@ -70,11 +70,11 @@ pub struct RootedDisk {
 }
 
 impl RootedDisk {
-    /// `backup_dir` is an absolute path inside the same root, such as
-    /// `/var/lib/zone-sync/backups`.
-    pub fn new(root: impl Into<PathBuf>, backup_dir: &str) -> RootedDisk {
+    /// Managed paths are written under `root`; backups go to `backup_dir`
+    /// (a real path, such as `/var/lib/zone-sync/backups`).
+    pub fn new(root: impl Into<PathBuf>, backup_dir: impl Into<PathBuf>) -> RootedDisk {
         let root = root.into();
-        let backup_dir = root.join(backup_dir.trim_start_matches('/'));
+        let backup_dir = backup_dir.into();
         RootedDisk {
             root,
             backup_dir,
@@ -267,11 +267,6 @@ impl Disk for MemoryDisk {
     }
 }
 
-/// Where the backups of `path` live on a rooted disk (for operators).
-pub fn backup_location(backup_dir: &str, path: &str) -> PathBuf {
-    Path::new(backup_dir).join(path.trim_start_matches('/'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +283,7 @@ mod tests {
         ];
         for step in steps {
             let d = tempfile::tempdir().unwrap();
-            let disk = RootedDisk::new(d.path(), "/var/lib/zone-sync/backups");
+            let disk = RootedDisk::new(d.path(), d.path().join("var/lib/zone-sync/backups"));
             let path = "/etc/one/oned.conf";
             disk.write_atomic(path, b"old content\n", 0o640, None)
                 .unwrap();
@@ -324,7 +319,7 @@ mod tests {
     #[test]
     fn keeps_the_newest_backups() {
         let d = tempfile::tempdir().unwrap();
-        let disk = RootedDisk::new(d.path(), "/var/lib/zone-sync/backups");
+        let disk = RootedDisk::new(d.path(), d.path().join("var/lib/zone-sync/backups"));
         let path = "/etc/one/sched.conf";
         disk.backup(path, "000001", 2).unwrap();
         assert!(
@@ -351,7 +346,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         for disk in [
             Box::new(MemoryDisk::default()) as Box<dyn Disk>,
-            Box::new(RootedDisk::new(d.path(), "/backups")),
+            Box::new(RootedDisk::new(d.path(), d.path().join("backups"))),
         ] {
             let p = "/etc/zoned/managed/a";
             assert_eq!(disk.drift(p, b"x").unwrap(), Drift::Missing);

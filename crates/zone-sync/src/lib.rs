@@ -7,11 +7,18 @@
 //!   for OpenNebula's `SERVER_ID`, per-node blocks);
 //! - [`disk`]: atomic writes (temp file, fsync, rename, directory fsync),
 //!   backups of replaced versions and drift detection, behind a trait with
-//!   a real implementation rooted anywhere and one in memory.
+//!   a real implementation rooted anywhere and one in memory;
+//! - [`apply`]: one pass bringing this server's disk to a store revision,
+//!   remembering what it wrote so that nothing is applied twice;
+//! - [`keys`]: where managed files live in the store.
 //!
-//! Nothing here talks to zoned or systemd: the process that watches the
-//! store and rolls unit restarts is built on these.
+//! The `zone-sync` binary watches the store through the local zoned and runs
+//! passes; rolling unit restarts (followers first, the leader last, one
+//! server at a time) are not built yet: the units a pass would restart are
+//! recorded as pending.
 
+pub mod apply;
 pub mod disk;
+pub mod keys;
 pub mod paths;
 pub mod template;

@@ -32,9 +32,7 @@ use zone_sync::paths::Roots;
 
 use crate::api::{ApiError, Zone};
 
-pub const FILE_PREFIX: &[u8] = b"zone/config/file";
-pub const HIST_PREFIX: &[u8] = b"zone/config/hist";
-pub const GEN_KEY: &[u8] = b"zone/config/gen";
+pub use zone_sync::keys::{FILE_PREFIX, GEN_KEY, HIST_PREFIX};
 
 /// How many times a change is retried when another change raced it.
 const ATTEMPTS: usize = 5;
