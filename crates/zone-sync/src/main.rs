@@ -107,7 +107,7 @@ async fn main() {
     };
     if args.once {
         match connect(&args.endpoint).await {
-            Ok(ch) => match pass(&ch, &mut applier, &state_path).await {
+            Ok(ch) => match pass(&ch, &mut applier, &state_path, &mut None).await {
                 Ok(r) if r.refused.is_empty() => return,
                 Ok(_) => std::process::exit(1),
                 Err(e) => {
@@ -121,8 +121,9 @@ async fn main() {
             }
         }
     }
+    let mut last_status = None;
     loop {
-        if let Err(e) = follow(&args, &mut applier, &state_path).await {
+        if let Err(e) = follow(&args, &mut applier, &state_path, &mut last_status).await {
             tracing::warn!(error = %format!("{e:#}"), "lost the local zoned; retrying in 1 s");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -165,6 +166,7 @@ async fn pass(
     ch: &Channel,
     applier: &mut Applier<RootedDisk>,
     state_path: &Path,
+    last_status: &mut Option<serde_json::Value>,
 ) -> Result<Report> {
     let node = node_vars(ch).await?;
     let mut kv = KvClient::new(ch.clone()).max_decoding_message_size(256 << 20);
@@ -197,7 +199,7 @@ async fn pass(
         .state
         .save(state_path)
         .with_context(|| format!("saving {}", state_path.display()))?;
-    let status = serde_json::json!({
+    let mut status = serde_json::json!({
         "id": node.id,
         "name": node.name,
         "applied_revision": revision,
@@ -206,11 +208,17 @@ async fn pass(
         "drift_restored": report.drift_restored,
         "refused": report.refused,
         "pending_restarts": applier.state.pending_restarts,
-        "updated_unix": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
     });
+    // A drift pass that found nothing new is not worth a Raft write.
+    if last_status.as_ref() == Some(&status) {
+        return Ok(report);
+    }
+    *last_status = Some(status.clone());
+    status["updated_unix"] = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .into();
     kv.put(PutRequest {
         key: [STATUS_PREFIX, node.id.to_string().as_bytes()].concat(),
         value: serde_json::to_vec(&status)?,
@@ -233,9 +241,14 @@ async fn pass(
 
 /// Passes now, on every change to the managed files, and every drift
 /// interval, until the connection fails.
-async fn follow(args: &Args, applier: &mut Applier<RootedDisk>, state_path: &Path) -> Result<()> {
+async fn follow(
+    args: &Args,
+    applier: &mut Applier<RootedDisk>,
+    state_path: &Path,
+    last_status: &mut Option<serde_json::Value>,
+) -> Result<()> {
     let ch = connect(&args.endpoint).await?;
-    let report = pass(&ch, applier, state_path).await?;
+    let report = pass(&ch, applier, state_path, last_status).await?;
     let mut stream = KvClient::new(ch.clone())
         .watch(WatchRequest {
             prefix: FILE_PREFIX.to_vec(),
@@ -253,13 +266,13 @@ async fn follow(args: &Args, applier: &mut Applier<RootedDisk>, state_path: &Pat
                         // Changes often come in bursts (a rollback, a
                         // script pushing several files): settle first.
                         tokio::time::sleep(Duration::from_millis(200)).await;
-                        pass(&ch, applier, state_path).await?;
+                        pass(&ch, applier, state_path, last_status).await?;
                     }
                     None => anyhow::bail!("the watch ended"),
                 }
             }
             _ = tokio::time::sleep(drift) => {
-                pass(&ch, applier, state_path).await?;
+                pass(&ch, applier, state_path, last_status).await?;
             }
         }
     }

@@ -6,9 +6,12 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use tonic::transport::Channel;
 use zonectl::v1::{
-    config_client::ConfigClient, DeleteFileRequest, FileHistoryRequest, GetFileRequest,
-    ListFilesRequest, ManagedFile, PushFileRequest, RollbackRequest,
+    config_client::ConfigClient, kv_client::KvClient, DeleteFileRequest, FileHistoryRequest,
+    GetFileRequest, ListFilesRequest, ManagedFile, PushFileRequest, RangeRequest, RollbackRequest,
 };
+
+/// Where each server's zone-sync reports (zone_sync::keys::STATUS_PREFIX).
+const STATUS_PREFIX: &[u8] = b"zone/config/status/";
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -51,6 +54,10 @@ pub enum ConfigCommand {
         #[arg(long = "to")]
         to: u64,
     },
+    /// What each server's zone-sync last reported: the revision it applied,
+    /// files restored after a hand edit, files it refused, units waiting for
+    /// a restart.
+    Status,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -115,7 +122,7 @@ pub async fn run(
     timeout: std::time::Duration,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    let mut c = ConfigClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut c = ConfigClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     match cmd {
         ConfigCommand::Push {
             file,
@@ -238,6 +245,79 @@ pub async fn run(
                         println!("{}", row(f));
                     }
                 }
+            }
+        }
+        ConfigCommand::Status => {
+            let r = KvClient::new(channel)
+                .range(t(
+                    RangeRequest {
+                        prefix: STATUS_PREFIX.to_vec(),
+                        limit: 0,
+                        serializable: false,
+                        keys_only: false,
+                    },
+                    timeout,
+                ))
+                .await?
+                .into_inner();
+            let revision = r.header.map_or(0, |h| h.revision);
+            let reports: Vec<serde_json::Value> = r
+                .kvs
+                .iter()
+                .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+                .collect();
+            if as_json {
+                print_json(&serde_json::json!({ "servers": reports, "revision": revision }));
+            } else {
+                println!(
+                    "{:<4} {:<16} {:>8} {:>6} {:<24} {:<24} {}",
+                    "ID",
+                    "NAME",
+                    "APPLIED",
+                    "FILES",
+                    "PENDING-RESTARTS",
+                    "DRIFT-RESTORED",
+                    "REFUSED"
+                );
+                let list = |v: &serde_json::Value| -> String {
+                    let items: Vec<String> = v
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| match x {
+                                    serde_json::Value::String(s) => s.clone(),
+                                    serde_json::Value::Array(p) => p
+                                        .first()
+                                        .and_then(|s| s.as_str())
+                                        .unwrap_or_default()
+                                        .to_owned(),
+                                    other => other.to_string(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if items.is_empty() {
+                        "-".into()
+                    } else {
+                        items.join(",")
+                    }
+                };
+                for s in &reports {
+                    println!(
+                        "{:<4} {:<16} {:>8} {:>6} {:<24} {:<24} {}",
+                        s["id"].to_string(),
+                        s["name"].as_str().unwrap_or(""),
+                        s["applied_revision"].to_string(),
+                        s["files"].to_string(),
+                        list(&s["pending_restarts"]),
+                        list(&s["drift_restored"]),
+                        list(&s["refused"])
+                    );
+                }
+                if reports.is_empty() {
+                    println!("(no server has reported: is zone-sync running?)");
+                }
+                println!("store revision {revision}");
             }
         }
         ConfigCommand::Rollback { to } => {

@@ -258,4 +258,22 @@ async fn every_server_converges_on_the_latest_version() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after: Vec<Vec<String>> = syncers.iter().map(|s| tree(&s.root)).collect();
     assert_eq!(before, after);
+
+    // The operator's view: one row per server.
+    let out = Command::new(zone_sync_bin().with_file_name("zonectl"))
+        .args([
+            "--endpoints",
+            &zone.servers[1].endpoint(),
+            "config",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for name in ["zone-1", "zone-2", "zone-3"] {
+        assert!(text.contains(name), "{text}");
+    }
+    assert!(text.contains("opennebula.service"), "{text}");
+    eprintln!("{text}");
 }
