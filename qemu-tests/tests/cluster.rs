@@ -138,6 +138,40 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
             (client.get(&ep, "hello").as_deref() == Some("world")).then_some(())
         })?;
     }
+    // A managed file pushed through the VIP is written on every VM by its
+    // zone-sync, which reports the revision it applied.
+    let pushed = client.zonectl(
+        &vip(),
+        &[
+            "-o",
+            "json",
+            "config",
+            "push",
+            "/proc/self/cmdline",
+            "--path",
+            "/etc/zoned/managed/probe.conf",
+        ],
+    )?;
+    assert!(
+        pushed.status.success(),
+        "config push: {}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let rev = serde_json::from_slice::<serde_json::Value>(&pushed.stdout)?["revision"]
+        .as_u64()
+        .context("push revision")?;
+    wait_for(Duration::from_secs(60), "zone-sync on every VM", || {
+        let out = client
+            .zonectl(&vip(), &["-o", "json", "config", "status"])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let servers = v["servers"].as_array()?;
+        (servers.len() == 3
+            && servers.iter().all(|s| {
+                s["applied_revision"].as_u64() >= Some(rev) && s["files"].as_u64() == Some(1)
+            }))
+        .then_some(())
+    })?;
     Ok(())
 }
 

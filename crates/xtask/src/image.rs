@@ -311,8 +311,15 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     let work = out.join(format!("work-{}", profile.name()));
     let name = format!("zoned-{}", profile.name());
 
-    progress.step("building zoned, zone-vip, zonectl, zone-provision (the test profile)");
-    let bins = ["zoned", "zone-vip", "zonectl", "zone-provision"];
+    progress
+        .step("building zoned, zone-vip, zone-sync, zonectl, zone-provision (the test profile)");
+    let bins = [
+        "zoned",
+        "zone-vip",
+        "zone-sync",
+        "zonectl",
+        "zone-provision",
+    ];
     // The same build as the test suite's (cargo nextest builds tests and
     // binaries together): one profile, one set of features, so RocksDB and
     // the binaries are compiled once for the tests and the image.
@@ -382,6 +389,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             "zone-provision.service",
             "zoned.service",
             "zone-vip.service",
+            "zone-sync.service",
             "systemd-networkd.service",
         ]))?;
     // A read-only root: no first-boot questions, a machine id per boot.

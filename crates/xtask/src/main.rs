@@ -221,7 +221,8 @@ fn target_dir() -> Result<PathBuf> {
 
 /// Children are killed when this guard drops, also on an error path.
 struct Zone {
-    children: Vec<(u64, Child)>,
+    /// ("zoned 2", its process), ...
+    children: Vec<(String, Child)>,
 }
 
 impl Zone {
@@ -235,14 +236,14 @@ impl Zone {
             loop {
                 match child.try_wait() {
                     Ok(Some(status)) => {
-                        eprintln!("zoned {id} stopped ({status})");
+                        eprintln!("{id} stopped ({status})");
                         break;
                     }
                     Ok(None) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(50))
                     }
                     _ => {
-                        eprintln!("zoned {id} did not stop in time; killing it");
+                        eprintln!("{id} did not stop in time; killing it");
                         let _ = child.kill();
                         let _ = child.wait();
                         break;
@@ -287,8 +288,16 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
     if !(1..=9).contains(&nodes) {
         bail!("--nodes: {nodes} is not between 1 and 9");
     }
-    eprintln!("building zoned and zonectl (the first build compiles RocksDB: ~10-15 minutes)...");
-    run(cargo().args(["build", "--bin", "zoned", "--bin", "zonectl"]))?;
+    eprintln!("building zoned, zone-sync and zonectl (the first build compiles RocksDB: ~10-15 minutes)...");
+    run(cargo().args([
+        "build",
+        "--bin",
+        "zoned",
+        "--bin",
+        "zone-sync",
+        "--bin",
+        "zonectl",
+    ]))?;
     let target = target_dir()?;
     let bin = target.join("debug");
     let base = target.join("cluster");
@@ -314,8 +323,26 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
             .stderr(log_file)
             .spawn()
             .context("cannot start zoned")?;
-        zone.children.push((id, child));
+        zone.children.push((format!("zoned {id}"), child));
         logs.push(log);
+        // zone-sync writes this server's managed files under node-N/root.
+        let sync_log = std::fs::File::create(dir.join("zone-sync.log"))?;
+        let child = Command::new(bin.join("zone-sync"))
+            .arg("--endpoint")
+            .arg(format!("127.0.0.{id}:7400"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state-dir")
+            .arg(dir.join("sync"))
+            .args(["--drift-interval", "5"])
+            .stdin(Stdio::null())
+            .stdout(sync_log.try_clone()?)
+            .stderr(sync_log)
+            .spawn()
+            .context("cannot start zone-sync")?;
+        zone.children.push((format!("zone-sync {id}"), child));
     }
     let endpoints: Vec<String> = (1..=nodes).map(|i| format!("127.0.0.{i}:7400")).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -323,10 +350,10 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         .build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let view = loop {
-        for ((id, child), log) in zone.children.iter_mut().zip(&logs) {
+        for ((id, child), log) in zone.children.iter_mut().step_by(2).zip(&logs) {
             if let Some(status) = child.try_wait()? {
                 bail!(
-                    "zoned {id} exited ({status}); its log {}:\n{}",
+                    "{id} exited ({status}); its log {}:\n{}",
                     log.display(),
                     log_tail(log)
                 );
@@ -370,6 +397,11 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
     println!("  {} show", bin.join("zonectl").display());
     println!("  {} kv put greeting hello", bin.join("zonectl").display());
     println!("  {} kv get greeting", bin.join("zonectl").display());
+    println!(
+        "  {} config push FILE --path /etc/zoned/managed/NAME   (lands in {}/node-N/root/etc/zoned/managed/)",
+        bin.join("zonectl").display(),
+        base.display()
+    );
     println!("  grpcurl -plaintext 127.0.0.1:7400 list");
     println!("Press Ctrl-C to stop all {nodes} servers.");
     rt.block_on(async {

@@ -21,6 +21,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+/// The managed root every zone has (zone-sync's default).
+pub const DEFAULT_MANAGED_ROOT: &str = "/etc/zoned/managed";
+
 /// Port of zoned's client gRPC on every server.
 pub const CLIENT_PORT: u16 = 7400;
 /// Port of zoned's peer (Raft) gRPC on every server.
@@ -49,7 +52,8 @@ pub enum Error {
     Missing { field: &'static str },
 }
 
-const KNOWN: &str = "id, name, interface, address, gateway, dns, peers, vip, join, leader_units";
+const KNOWN: &str =
+    "id, name, interface, address, gateway, dns, peers, vip, join, leader_units, managed_roots";
 
 /// An identity as one source gives it: any field may be missing.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -75,6 +79,9 @@ pub struct Identity {
     pub join: Option<String>,
     /// systemd units run only on the leader, after the VIP is up.
     pub leader_units: Option<Vec<String>>,
+    /// Directories whose files `zonectl config push` may manage, besides
+    /// /etc/zoned/managed (such as /etc/one).
+    pub managed_roots: Option<Vec<String>>,
 }
 
 impl Identity {
@@ -121,6 +128,7 @@ impl Identity {
                 "vip" => id.vip = Some(list()),
                 "join" => id.join = Some(value.to_owned()),
                 "leader_units" => id.leader_units = Some(list()),
+                "managed_roots" => id.managed_roots = Some(list()),
                 _ => {
                     return Err(Error::UnknownKey {
                         key: key.to_owned(),
@@ -145,6 +153,7 @@ impl Identity {
             vip: over.vip.or(self.vip),
             join: over.join.or(self.join),
             leader_units: over.leader_units.or(self.leader_units),
+            managed_roots: over.managed_roots.or(self.managed_roots),
         }
     }
 
@@ -280,7 +289,25 @@ impl Identity {
         {
             return Err(invalid("leader_units", format!("`{u}` is not a unit name")));
         }
+        let mut managed_roots = vec![DEFAULT_MANAGED_ROOT.to_owned()];
+        for r in self.managed_roots.iter().flatten() {
+            let normal = r.starts_with('/')
+                && r.len() > 1
+                && !r.ends_with('/')
+                && !r.contains("//")
+                && r.split('/').all(|c| c != "." && c != "..");
+            if !normal {
+                return Err(invalid(
+                    "managed_roots",
+                    format!("`{r}` is not an absolute directory in normal form"),
+                ));
+            }
+            if !managed_roots.contains(r) {
+                managed_roots.push(r.clone());
+            }
+        }
         Ok(Resolved {
+            managed_roots,
             id,
             name,
             interface,
@@ -363,6 +390,8 @@ pub struct Resolved {
     pub vip: Vec<Cidr>,
     pub join: Option<IpAddr>,
     pub leader_units: Vec<String>,
+    /// Always starts with /etc/zoned/managed.
+    pub managed_roots: Vec<String>,
 }
 
 fn host_port(addr: IpAddr, port: u16) -> String {
@@ -372,8 +401,14 @@ fn host_port(addr: IpAddr, port: u16) -> String {
 #[derive(Serialize)]
 struct NodeFile {
     node: NodeSection,
+    files: FilesEntry,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     voters: Vec<VoterEntry>,
+}
+
+#[derive(Serialize)]
+struct FilesEntry {
+    managed_roots: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -417,6 +452,9 @@ pub fn render_node(r: &Resolved) -> String {
             id: r.id,
             name: r.name.clone(),
             join: r.join.map(|j| host_port(j, CLIENT_PORT)),
+        },
+        files: FilesEntry {
+            managed_roots: r.managed_roots.clone(),
         },
         voters: if r.join.is_some() {
             Vec::new()
@@ -553,7 +591,8 @@ mod tests {
     fn the_command_line_alone_is_enough() {
         let r = Identity::from_cmdline(
             "zoned.id=1 zoned.interface=52:54:00:AB:cd:01 zoned.address=fd00::1/64 \
-             zoned.peers=1@fd00::1,2@fd00::2 zoned.vip=fd00::100/64,10.1.0.9/16",
+             zoned.peers=1@fd00::1,2@fd00::2 zoned.vip=fd00::100/64,10.1.0.9/16 \
+             zoned.managed_roots=/etc/one",
         )
         .unwrap()
         .resolve()
@@ -562,6 +601,11 @@ mod tests {
         assert_eq!(r.vip.len(), 2);
         let node = render_node(&r);
         assert!(node.contains("\"[fd00::2]:7401\""), "{node}");
+        let parsed: toml::Value = toml::from_str(&node).unwrap();
+        assert_eq!(
+            parsed["files"]["managed_roots"],
+            toml::Value::from(vec!["/etc/zoned/managed", "/etc/one"])
+        );
     }
 
     #[test]
@@ -581,6 +625,9 @@ mod tests {
         assert!(msg(bad("zoned.vip=10.0.0.11/24").unwrap_err()).contains("own address"));
         assert!(msg(bad("zoned.interface=a/b").unwrap_err()).contains("`interface`"));
         assert!(msg(bad("zoned.name=-x").unwrap_err()).contains("`name`"));
+        assert!(
+            msg(bad("zoned.managed_roots=/etc/one/..").unwrap_err()).contains("`managed_roots`")
+        );
         assert!(matches!(
             Identity::from_cmdline("zoned.vips=1.2.3.4/32"),
             Err(Error::UnknownKey { .. })

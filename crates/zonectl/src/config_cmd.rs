@@ -327,12 +327,18 @@ pub async fn run(
                 .into_inner();
             let rev = r.header.map_or(0, |h| h.revision);
             if as_json {
-                print_json(&serde_json::json!({ "changed": r.changed, "revision": rev }));
+                print_json(
+                    &serde_json::json!({ "changed": r.changed, "removed": r.removed, "revision": rev }),
+                );
             } else if r.changed.is_empty() {
                 println!("nothing to do: every managed file is as it was at revision {to}");
             } else {
                 for p in &r.changed {
-                    println!("{p}: restored as of revision {to}");
+                    if r.removed.contains(p) {
+                        println!("{p}: not managed at revision {to}: removed from the store (servers keep their copy)");
+                    } else {
+                        println!("{p}: restored as of revision {to}");
+                    }
                 }
                 println!("(revision {rev})");
             }

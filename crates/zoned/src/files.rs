@@ -476,12 +476,14 @@ impl ConfigService {
                 return Ok(RollbackResponse {
                     header: self.zone.header(now),
                     changed: Vec::new(),
+                    removed: Vec::new(),
                 });
             }
             let mut ops = Vec::new();
             let mut total = gen.total;
             let mut seq = gen.seq;
             let mut changed = Vec::new();
+            let mut removed = Vec::new();
             for change in changes {
                 let path = match &change {
                     Change::Write(f) => f.path.clone(),
@@ -504,6 +506,7 @@ impl ConfigService {
                         f
                     }
                     Change::Remove(_) => {
+                        removed.push(path.clone());
                         total = total.saturating_sub(old_size);
                         ops.push(del(file_key(&path)));
                         ManagedFile {
@@ -521,6 +524,7 @@ impl ConfigService {
                 return Ok(RollbackResponse {
                     header: self.zone.header(revision),
                     changed,
+                    removed,
                 });
             }
         }
