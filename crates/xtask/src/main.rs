@@ -337,6 +337,8 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
             .arg("--state-dir")
             .arg(dir.join("sync"))
             .args(["--drift-interval", "5"])
+            // Restarts are this machine's units: only logged.
+            .arg("--no-restart")
             .stdin(Stdio::null())
             .stdout(sync_log.try_clone()?)
             .stderr(sync_log)

@@ -49,6 +49,12 @@ pub struct State {
     /// Units whose files changed and that have not been restarted yet.
     #[serde(default)]
     pub pending_restarts: BTreeSet<String>,
+    /// The revision at which units first became pending.
+    #[serde(default)]
+    pub pending_since: u64,
+    /// The restart that failed, stopping the roll, until a new push.
+    #[serde(default)]
+    pub restart_failed: Option<String>,
 }
 
 impl State {
@@ -163,11 +169,23 @@ impl<D: Disk> Applier<D> {
             }
         }
         let mut pending = std::mem::take(&mut self.state.pending_restarts);
+        let mut since = self.state.pending_since;
+        if pending.is_empty() {
+            since = revision;
+        }
         pending.extend(report.restart_units.iter().cloned());
+        // A new version (a fix, say) lets a halted roll go again.
+        let failed = if report.written.is_empty() {
+            self.state.restart_failed.take()
+        } else {
+            None
+        };
         self.state = State {
             revision,
             files: next,
             pending_restarts: pending,
+            pending_since: since,
+            restart_failed: failed,
         };
         report
     }
@@ -304,6 +322,8 @@ mod tests {
             revision: 12,
             files: [("/etc/one/a".to_string(), "ab".to_string())].into(),
             pending_restarts: ["opennebula.service".to_string()].into(),
+            pending_since: 11,
+            restart_failed: None,
         };
         s.save(&p).unwrap();
         assert_eq!(State::load(&p).unwrap(), s);

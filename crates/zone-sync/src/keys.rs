@@ -11,3 +11,5 @@ pub const HIST_PREFIX: &[u8] = b"zone/config/hist";
 pub const GEN_KEY: &[u8] = b"zone/config/gen";
 /// `zone/config/status/<id>`: each server's zone-sync report (JSON).
 pub const STATUS_PREFIX: &[u8] = b"zone/config/status/";
+/// The roll's lock: `<server id> <unix seconds>` while a server restarts.
+pub const ROLL_LOCK: &[u8] = b"zone/config/roll-lock";

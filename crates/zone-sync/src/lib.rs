@@ -10,15 +10,16 @@
 //!   a real implementation rooted anywhere and one in memory;
 //! - [`apply`]: one pass bringing this server's disk to a store revision,
 //!   remembering what it wrote so that nothing is applied twice;
+//! - [`roll`]: restarting the units of changed files one server at a
+//!   time, followers first and the leader last;
 //! - [`keys`]: where managed files live in the store.
 //!
-//! The `zone-sync` binary watches the store through the local zoned and runs
-//! passes; rolling unit restarts (followers first, the leader last, one
-//! server at a time) are not built yet: the units a pass would restart are
-//! recorded as pending.
+//! The `zone-sync` binary watches the store through the local zoned, runs
+//! passes and takes its turn in the roll.
 
 pub mod apply;
 pub mod disk;
 pub mod keys;
 pub mod paths;
+pub mod roll;
 pub mod template;

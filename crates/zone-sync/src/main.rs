@@ -13,13 +13,15 @@ use clap::Parser;
 use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 use zone_proto::v1::{
-    cluster_client::ClusterClient, kv_client::KvClient, ManagedFile, PutRequest, RangeRequest,
-    StatusRequest, WatchRequest,
+    cluster_client::ClusterClient, compare, kv_client::KvClient, request_op, Compare,
+    DeleteRequest, ManagedFile, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
+    WatchRequest,
 };
 use zone_sync::apply::{Applier, Report, State, Wanted};
 use zone_sync::disk::RootedDisk;
-use zone_sync::keys::{FILE_PREFIX, STATUS_PREFIX};
+use zone_sync::keys::{FILE_PREFIX, ROLL_LOCK, STATUS_PREFIX};
 use zone_sync::paths::{Roots, DEFAULT_ROOT};
+use zone_sync::roll::{restart_all, turn, PeerState, Systemctl, Turn};
 use zone_sync::template::NodeVars;
 
 #[derive(Debug, Parser)]
@@ -45,9 +47,20 @@ struct Args {
     /// Seconds between passes that look for files edited by hand.
     #[arg(long, default_value_t = 30)]
     drift_interval: u64,
-    /// One pass, then exit (0 when nothing was refused).
+    /// One pass, then exit (0 when nothing was refused); restarts nothing.
     #[arg(long)]
     once: bool,
+    /// What restarts units: `PROGRAM restart UNIT`, `PROGRAM is-active
+    /// --quiet UNIT` (tests use a stand-in that records them).
+    #[arg(long, default_value = "systemctl")]
+    systemctl: PathBuf,
+    /// Seconds a restarted unit has to become active before the roll stops.
+    #[arg(long, default_value_t = 120)]
+    restart_timeout: u64,
+    /// Take turns in the roll but only log the restarts (a development
+    /// cluster on a workstation must not restart the workstation's units).
+    #[arg(long)]
+    no_restart: bool,
 }
 
 fn managed_roots(config: &Path) -> Result<Roots> {
@@ -208,6 +221,7 @@ async fn pass(
         "drift_restored": report.drift_restored,
         "refused": report.refused,
         "pending_restarts": applier.state.pending_restarts,
+        "restart_failed": applier.state.restart_failed,
     });
     // A drift pass that found nothing new is not worth a Raft write.
     if last_status.as_ref() == Some(&status) {
@@ -249,6 +263,7 @@ async fn follow(
 ) -> Result<()> {
     let ch = connect(&args.endpoint).await?;
     let report = pass(&ch, applier, state_path, last_status).await?;
+    roll_step(args, &ch, applier, state_path, last_status).await?;
     let mut stream = KvClient::new(ch.clone())
         .watch(WatchRequest {
             prefix: FILE_PREFIX.to_vec(),
@@ -267,6 +282,7 @@ async fn follow(
                         // script pushing several files): settle first.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         pass(&ch, applier, state_path, last_status).await?;
+                        roll_step(args, &ch, applier, state_path, last_status).await?;
                     }
                     None => anyhow::bail!("the watch ended"),
                 }
@@ -274,6 +290,201 @@ async fn follow(
             _ = tokio::time::sleep(drift) => {
                 pass(&ch, applier, state_path, last_status).await?;
             }
+            // While units wait for their turn, look again often.
+            _ = tokio::time::sleep(Duration::from_secs(1)),
+                if !applier.state.pending_restarts.is_empty() =>
+            {
+                roll_step(args, &ch, applier, state_path, last_status).await?;
+            }
         }
     }
+}
+
+fn lock_txn(compare: Compare, op: request_op::Request) -> TxnRequest {
+    TxnRequest {
+        compare: vec![compare],
+        success: vec![RequestOp { request: Some(op) }],
+        failure: Vec::new(),
+    }
+}
+
+/// Takes the roll's lock: free, or held for longer than any restart can
+/// take by a server that must have died with it.
+async fn take_lock(
+    kv: &mut KvClient<Channel>,
+    me: u64,
+    stale: Duration,
+) -> Result<Option<Vec<u8>>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mine = format!("{me} {now}").into_bytes();
+    let held = kv
+        .get(zone_proto::v1::GetRequest {
+            key: ROLL_LOCK.to_vec(),
+            serializable: false,
+        })
+        .await?
+        .into_inner()
+        .kv;
+    let compare = match &held {
+        None => Compare {
+            key: ROLL_LOCK.to_vec(),
+            target: compare::Target::Version as i32,
+            op: compare::Op::Equal as i32,
+            target_value: Some(compare::TargetValue::Version(0)),
+        },
+        Some(kv) => {
+            let text = String::from_utf8_lossy(&kv.value).into_owned();
+            let mut it = text.split_whitespace();
+            let holder: u64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            let since: u64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            if holder != me && now.saturating_sub(since) < stale.as_secs() {
+                tracing::debug!(holder, "the roll lock is held");
+                return Ok(None);
+            }
+            tracing::warn!(holder, "taking over a stale roll lock");
+            Compare {
+                key: ROLL_LOCK.to_vec(),
+                target: compare::Target::ModRevision as i32,
+                op: compare::Op::Equal as i32,
+                target_value: Some(compare::TargetValue::ModRevision(kv.mod_revision)),
+            }
+        }
+    };
+    let r = kv
+        .txn(lock_txn(
+            compare,
+            request_op::Request::Put(PutRequest {
+                key: ROLL_LOCK.to_vec(),
+                value: mine.clone(),
+                prev_kv: false,
+            }),
+        ))
+        .await?
+        .into_inner();
+    Ok(r.succeeded.then_some(mine))
+}
+
+async fn release_lock(kv: &mut KvClient<Channel>, mine: Vec<u8>) -> Result<()> {
+    kv.txn(lock_txn(
+        Compare {
+            key: ROLL_LOCK.to_vec(),
+            target: compare::Target::Value as i32,
+            op: compare::Op::Equal as i32,
+            target_value: Some(compare::TargetValue::Value(mine)),
+        },
+        request_op::Request::Delete(DeleteRequest {
+            key: ROLL_LOCK.to_vec(),
+            prefix: false,
+            prev_kv: false,
+        }),
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Restarts this server's pending units if it is its turn in the roll.
+async fn roll_step(
+    args: &Args,
+    ch: &Channel,
+    applier: &mut Applier<RootedDisk>,
+    state_path: &Path,
+    last_status: &mut Option<serde_json::Value>,
+) -> Result<()> {
+    if applier.state.pending_restarts.is_empty() || applier.state.restart_failed.is_some() {
+        return Ok(());
+    }
+    let zone = ClusterClient::new(ch.clone())
+        .status(StatusRequest {})
+        .await?
+        .into_inner();
+    let me = zone.member_id;
+    let reachable: std::collections::BTreeSet<u64> = zone
+        .servers
+        .iter()
+        .filter(|s| s.error.is_empty())
+        .map(|s| s.id)
+        .collect();
+    let mut kv = KvClient::new(ch.clone());
+    let reports = kv
+        .range(RangeRequest {
+            prefix: STATUS_PREFIX.to_vec(),
+            limit: 0,
+            serializable: false,
+            keys_only: false,
+        })
+        .await?
+        .into_inner()
+        .kvs;
+    let mut peers = Vec::new();
+    for r in &reports {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.value) else {
+            continue;
+        };
+        let id = v["id"].as_u64().unwrap_or(0);
+        if id == me || !reachable.contains(&id) {
+            continue;
+        }
+        peers.push(PeerState {
+            id,
+            applied: v["applied_revision"].as_u64().unwrap_or(0),
+            pending: v["pending_restarts"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+            failed: v["restart_failed"].as_str().map(str::to_owned),
+        });
+    }
+    // A reachable server that never reported has not applied anything.
+    for id in &reachable {
+        if *id != me && !peers.iter().any(|p| p.id == *id) {
+            peers.push(PeerState {
+                id: *id,
+                applied: 0,
+                pending: false,
+                failed: None,
+            });
+        }
+    }
+    match turn(me, zone.leader_id, applier.state.pending_since, &peers) {
+        Turn::Go => {}
+        Turn::Wait(why) | Turn::Halted(why) => {
+            tracing::debug!(%why, "restarts wait");
+            return Ok(());
+        }
+    }
+    let restart_timeout = Duration::from_secs(args.restart_timeout.max(1));
+    let Some(mine) = take_lock(&mut kv, me, restart_timeout * 4).await? else {
+        return Ok(());
+    };
+    let units: Vec<String> = applier.state.pending_restarts.iter().cloned().collect();
+    tracing::info!(?units, "restarting, this server's turn in the roll");
+    let program = Systemctl {
+        program: args.systemctl.clone(),
+    };
+    let names = units.clone();
+    let outcome = if args.no_restart {
+        tracing::info!(?units, "--no-restart: not restarting");
+        Ok(())
+    } else {
+        tokio::task::spawn_blocking(move || restart_all(&program, &names, restart_timeout)).await?
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(?units, "restarted and active again");
+            applier.state.pending_restarts.clear();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a restarted unit did not come back: the roll stops here");
+            applier.state.restart_failed = Some(e);
+        }
+    }
+    applier
+        .state
+        .save(state_path)
+        .with_context(|| format!("saving {}", state_path.display()))?;
+    // Report before letting the next server go.
+    *last_status = None;
+    pass(ch, applier, state_path, last_status).await?;
+    release_lock(&mut kv, mine).await
 }

@@ -270,14 +270,8 @@ pub async fn run(
                 print_json(&serde_json::json!({ "servers": reports, "revision": revision }));
             } else {
                 println!(
-                    "{:<4} {:<16} {:>8} {:>6} {:<24} {:<24} {}",
-                    "ID",
-                    "NAME",
-                    "APPLIED",
-                    "FILES",
-                    "PENDING-RESTARTS",
-                    "DRIFT-RESTORED",
-                    "REFUSED"
+                    "{:<4} {:<16} {:>8} {:>6} {:<24} {:<24} REFUSED",
+                    "ID", "NAME", "APPLIED", "FILES", "PENDING-RESTARTS", "DRIFT-RESTORED"
                 );
                 let list = |v: &serde_json::Value| -> String {
                     let items: Vec<String> = v
@@ -313,6 +307,14 @@ pub async fn run(
                         list(&s["drift_restored"]),
                         list(&s["refused"])
                     );
+                }
+                for s in &reports {
+                    if let Some(e) = s["restart_failed"].as_str() {
+                        println!(
+                            "server {}: RESTART FAILED, the roll is stopped until a new push: {e}",
+                            s["id"]
+                        );
+                    }
                 }
                 if reports.is_empty() {
                     println!("(no server has reported: is zone-sync running?)");

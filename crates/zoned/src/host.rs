@@ -40,11 +40,8 @@ impl Host {
             };
         let (disk_total_bytes, disk_free_bytes) = match nix::sys::statvfs::statvfs(data_dir) {
             Ok(st) => {
-                let frag = st.fragment_size() as u64;
-                (
-                    st.blocks() as u64 * frag,
-                    st.blocks_available() as u64 * frag,
-                )
+                let frag = st.fragment_size();
+                (st.blocks() * frag, st.blocks_available() * frag)
             }
             Err(_) => (0, 0),
         };

@@ -197,7 +197,7 @@ enum Request {
         target: u64,
         reply: Reply<u64>,
     },
-    RequestSnapshot {
+    AskSnapshot {
         reply: Reply<()>,
     },
     Removed {
@@ -321,7 +321,7 @@ impl NodeHandle {
 
     /// As a follower, asks the leader for a fresh snapshot.
     pub async fn request_snapshot(&self) -> Result<(), NodeError> {
-        self.ask(|reply| Request::RequestSnapshot { reply }).await
+        self.ask(|reply| Request::AskSnapshot { reply }).await
     }
 
     /// The leader says this server was removed.
@@ -544,7 +544,7 @@ impl Driver {
             if now >= next_tick {
                 self.raw.tick();
                 self.ticks += 1;
-                if self.ticks % 5 == 0 {
+                if self.ticks.is_multiple_of(5) {
                     self.promote_learners();
                 }
                 self.lease_tick();
@@ -656,7 +656,7 @@ impl Driver {
             Request::Transfer { target, reply } => {
                 let _ = reply.send(self.transfer(target));
             }
-            Request::RequestSnapshot { reply } => {
+            Request::AskSnapshot { reply } => {
                 let r = self
                     .raw
                     .request_snapshot()
@@ -876,7 +876,11 @@ impl Driver {
                 return;
             }
         }
-        if self.ticks % self.config.raft.heartbeat_ticks as u64 != 0 && self.lease_round.is_some() {
+        if !self
+            .ticks
+            .is_multiple_of(self.config.raft.heartbeat_ticks as u64)
+            && self.lease_round.is_some()
+        {
             return;
         }
         let round = self.next_lease_round;

@@ -324,6 +324,9 @@ impl Drop for TestZone {
     }
 }
 
+/// The writer's outcome: acknowledged writes (key -> revision), failures.
+pub type WriterTask = tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, u32)>;
+
 /// Writes continuously through whichever endpoint answers (trying the next
 /// one on failure), keys `<prefix>000000`, `<prefix>000001`, ..., never
 /// reusing the key of a failed write (it may or may not exist). Returns the
@@ -331,10 +334,7 @@ impl Drop for TestZone {
 pub fn start_writer(
     endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     prefix: &'static str,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, u32)>,
-) {
+) -> (tokio::sync::watch::Sender<bool>, WriterTask) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         let mut acked = std::collections::BTreeMap::new();
