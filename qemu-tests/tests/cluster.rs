@@ -172,6 +172,72 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
             }))
         .then_some(())
     })?;
+
+    // A file whose change restarts zone-vip: the roll restarts it on each
+    // VM, followers first, the leader last (the VIP blinks then).
+    let pushed = client.zonectl(
+        &vip(),
+        &[
+            "config",
+            "push",
+            "/proc/self/cmdline",
+            "--path",
+            "/etc/zoned/managed/vip-extra.conf",
+            "--restart",
+            "zone-vip.service",
+        ],
+    )?;
+    assert!(
+        pushed.status.success(),
+        "config push: {}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let ep1 = lab.vms[0].endpoint();
+    let restarts = wait_for(Duration::from_secs(120), "the roll on every VM", || {
+        let out = client
+            .zonectl(&ep1, &["-o", "json", "config", "status"])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let servers = v["servers"].as_array()?.clone();
+        (servers.len() == 3
+            && servers.iter().all(|s| {
+                s["last_restart"]["ok"].as_bool() == Some(true)
+                    && s["last_restart"]["units"][0] == "zone-vip.service"
+                    && s["last_restart"]["active_since"]["zone-vip.service"].is_string()
+                    && s["pending_restarts"]
+                        .as_array()
+                        .is_some_and(|a| a.is_empty())
+            }))
+        .then_some(servers)
+    })?;
+    let leader_restart = restarts
+        .iter()
+        .find(|s| s["id"].as_u64() == Some(leader))
+        .context("the leader's report")?;
+    for s in &restarts {
+        eprintln!(
+            "VM {} restarted zone-vip: {} - {} ms (active since {})",
+            s["id"],
+            s["last_restart"]["started_unix_ms"],
+            s["last_restart"]["done_unix_ms"],
+            s["last_restart"]["active_since"]["zone-vip.service"]
+        );
+        if s["id"].as_u64() != Some(leader) {
+            // VM clocks come from the host's at boot and may drift apart a
+            // little under TCG: allow a second.
+            let done = s["last_restart"]["done_unix_ms"]
+                .as_u64()
+                .unwrap_or(u64::MAX);
+            let leader_started = leader_restart["last_restart"]["started_unix_ms"]
+                .as_u64()
+                .unwrap_or(0);
+            assert!(
+                leader_started + 1000 >= done,
+                "the leader restarted before follower {}: {restarts:?}",
+                s["id"]
+            );
+        }
+    }
     Ok(())
 }
 

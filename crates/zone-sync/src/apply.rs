@@ -55,6 +55,21 @@ pub struct State {
     /// The restart that failed, stopping the roll, until a new push.
     #[serde(default)]
     pub restart_failed: Option<String>,
+    /// The last restart this server did in a roll.
+    #[serde(default)]
+    pub last_restart: Option<LastRestart>,
+}
+
+/// One server's turn in a roll, for the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRestart {
+    pub units: Vec<String>,
+    /// This server's wall clock, milliseconds since the epoch.
+    pub started_unix_ms: u64,
+    pub done_unix_ms: u64,
+    /// Per unit, when the service manager saw it active again.
+    pub active_since: BTreeMap<String, String>,
+    pub ok: bool,
 }
 
 impl State {
@@ -186,6 +201,7 @@ impl<D: Disk> Applier<D> {
             pending_restarts: pending,
             pending_since: since,
             restart_failed: failed,
+            last_restart: self.state.last_restart.take(),
         };
         report
     }
@@ -324,6 +340,7 @@ mod tests {
             pending_restarts: ["opennebula.service".to_string()].into(),
             pending_since: 11,
             restart_failed: None,
+            last_restart: None,
         };
         s.save(&p).unwrap();
         assert_eq!(State::load(&p).unwrap(), s);

@@ -17,11 +17,11 @@ use zone_proto::v1::{
     DeleteRequest, ManagedFile, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
     WatchRequest,
 };
-use zone_sync::apply::{Applier, Report, State, Wanted};
+use zone_sync::apply::{Applier, LastRestart, Report, State, Wanted};
 use zone_sync::disk::RootedDisk;
 use zone_sync::keys::{FILE_PREFIX, ROLL_LOCK, STATUS_PREFIX};
 use zone_sync::paths::{Roots, DEFAULT_ROOT};
-use zone_sync::roll::{restart_all, turn, PeerState, Systemctl, Turn};
+use zone_sync::roll::{restart_all, turn, PeerState, Systemctl, Turn, Units};
 use zone_sync::template::NodeVars;
 
 #[derive(Debug, Parser)]
@@ -222,6 +222,7 @@ async fn pass(
         "refused": report.refused,
         "pending_restarts": applier.state.pending_restarts,
         "restart_failed": applier.state.restart_failed,
+        "last_restart": applier.state.last_restart,
     });
     // A drift pass that found nothing new is not worth a Raft write.
     if last_status.as_ref() == Some(&status) {
@@ -463,12 +464,34 @@ async fn roll_step(
         program: args.systemctl.clone(),
     };
     let names = units.clone();
-    let outcome = if args.no_restart {
-        tracing::info!(?units, "--no-restart: not restarting");
-        Ok(())
-    } else {
-        tokio::task::spawn_blocking(move || restart_all(&program, &names, restart_timeout)).await?
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     };
+    let started_unix_ms = unix_ms();
+    let (outcome, active_since) = if args.no_restart {
+        tracing::info!(?units, "--no-restart: not restarting");
+        (Ok(()), Default::default())
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let r = restart_all(&program, &names, restart_timeout);
+            let since = names
+                .iter()
+                .filter_map(|u| program.active_since(u).map(|t| (u.clone(), t)))
+                .collect();
+            (r, since)
+        })
+        .await?
+    };
+    applier.state.last_restart = Some(LastRestart {
+        units: units.clone(),
+        started_unix_ms,
+        done_unix_ms: unix_ms(),
+        active_since,
+        ok: outcome.is_ok(),
+    });
     match outcome {
         Ok(()) => {
             tracing::info!(?units, "restarted and active again");

@@ -77,6 +77,11 @@ pub fn turn(me: u64, leader: u64, since: u64, peers: &[PeerState]) -> Turn {
 pub trait Units: Send + Sync {
     fn restart(&self, unit: &str) -> Result<(), String>;
     fn is_active(&self, unit: &str) -> Result<bool, String>;
+    /// When the unit last became active, as the service manager says it
+    /// (for the report); None when it cannot tell.
+    fn active_since(&self, _unit: &str) -> Option<String> {
+        None
+    }
 }
 
 /// `systemctl` (or a stand-in with the same arguments).
@@ -109,6 +114,15 @@ impl Units for Systemctl {
             .status()
             .map(|s| s.success())
             .map_err(|e| format!("running {}: {e}", self.program.display()))
+    }
+
+    fn active_since(&self, unit: &str) -> Option<String> {
+        let out = Command::new(&self.program)
+            .args(["show", "-p", "ActiveEnterTimestamp", "--value", unit])
+            .output()
+            .ok()?;
+        let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !t.is_empty()).then_some(t)
     }
 }
 
