@@ -23,27 +23,28 @@ thread_local! {
         .expect("probe runtime");
 }
 
-/// One write through `endpoint` on a fresh connection.
+/// One write through `endpoint` on a fresh connection, as a client that
+/// just arrived would make it.
+pub async fn put_fresh(endpoint: &str, timeout: Duration) -> bool {
+    let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")) else {
+        return false;
+    };
+    let ep = ep.connect_timeout(timeout).timeout(timeout);
+    let Ok(Ok(ch)) = tokio::time::timeout(timeout, ep.connect()).await else {
+        return false;
+    };
+    let mut kv = zonectl::v1::kv_client::KvClient::new(ch);
+    let req = zonectl::v1::PutRequest {
+        key: b"bench".to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: false,
+    };
+    matches!(tokio::time::timeout(timeout, kv.put(req)).await, Ok(Ok(_)))
+}
+
+/// [`put_fresh`] on this thread's runtime.
 fn put_once(endpoint: &str, timeout: Duration) -> bool {
-    RT.with(|rt| {
-        rt.block_on(async {
-            let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
-            else {
-                return false;
-            };
-            let ep = ep.connect_timeout(timeout).timeout(timeout);
-            let Ok(Ok(ch)) = tokio::time::timeout(timeout, ep.connect()).await else {
-                return false;
-            };
-            let mut kv = zonectl::v1::kv_client::KvClient::new(ch);
-            let req = zonectl::v1::PutRequest {
-                key: b"bench".to_vec(),
-                value: b"v".to_vec(),
-                prev_kv: false,
-            };
-            matches!(tokio::time::timeout(timeout, kv.put(req)).await, Ok(Ok(_)))
-        })
-    })
+    RT.with(|rt| rt.block_on(put_fresh(endpoint, timeout)))
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]

@@ -119,7 +119,7 @@ fn failover_once(lab: &mut Lab) -> Result<Duration> {
                         }
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            if put_once(Duration::from_secs(2)).await {
+                            if crate::bench::put_fresh(&format!("{VIP}:7400"), Duration::from_secs(2)).await {
                                 let _ = tx.send(t0.elapsed());
                             }
                         });
@@ -134,23 +134,6 @@ fn failover_once(lab: &mut Lab) -> Result<Duration> {
     lab.boot(li)?;
     lab.wait_ready(li, t1, BOOT_LIMIT)?;
     Ok(took)
-}
-
-async fn put_once(timeout: Duration) -> bool {
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{VIP}:7400")) else {
-        return false;
-    };
-    let ep = ep.connect_timeout(timeout).timeout(timeout);
-    let Ok(Ok(ch)) = tokio::time::timeout(timeout, ep.connect()).await else {
-        return false;
-    };
-    let mut kv = zonectl::v1::kv_client::KvClient::new(ch);
-    let req = zonectl::v1::PutRequest {
-        key: b"bench".to_vec(),
-        value: b"v".to_vec(),
-        prev_kv: false,
-    };
-    matches!(tokio::time::timeout(timeout, kv.put(req)).await, Ok(Ok(_)))
 }
 
 pub fn bench(target: &Path, runs: usize, skip_fresh: bool) -> Result<()> {
