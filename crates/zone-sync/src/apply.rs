@@ -58,6 +58,10 @@ pub struct State {
     /// The last restart this server did in a roll.
     #[serde(default)]
     pub last_restart: Option<LastRestart>,
+    /// Files found edited by hand (and restored), with when, in seconds
+    /// since the epoch: reported for a day, or until a new version.
+    #[serde(default)]
+    pub drift_seen: BTreeMap<String, u64>,
 }
 
 /// One server's turn in a roll, for the report.
@@ -195,6 +199,16 @@ impl<D: Disk> Applier<D> {
         } else {
             None
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut drift_seen = std::mem::take(&mut self.state.drift_seen);
+        drift_seen
+            .retain(|path, at| now.saturating_sub(*at) < 86_400 && !report.written.contains(path));
+        for path in &report.drift_restored {
+            drift_seen.insert(path.clone(), now);
+        }
         self.state = State {
             revision,
             files: next,
@@ -202,6 +216,7 @@ impl<D: Disk> Applier<D> {
             pending_since: since,
             restart_failed: failed,
             last_restart: self.state.last_restart.take(),
+            drift_seen,
         };
         report
     }
@@ -297,6 +312,7 @@ mod tests {
         let r = a.apply(std::slice::from_ref(&oned), 6, &node(3));
         assert_eq!(r.drift_restored, vec!["/etc/one/oned.conf"]);
         assert!(r.restart_units.is_empty());
+        assert!(a.state.drift_seen.contains_key("/etc/one/oned.conf"));
         assert_eq!(
             a.disk.backups("/etc/one/oned.conf").unwrap(),
             vec!["000000000006"]
@@ -306,6 +322,10 @@ mod tests {
         let r = a.apply(std::slice::from_ref(&oned), 9, &node(3));
         assert_eq!(r.written, vec!["/etc/one/oned.conf"]);
         assert_eq!(a.state.revision, 9);
+        assert!(
+            a.state.drift_seen.is_empty(),
+            "a new version clears the drift"
+        );
     }
 
     #[test]
@@ -341,6 +361,7 @@ mod tests {
             pending_since: 11,
             restart_failed: None,
             last_restart: None,
+            drift_seen: BTreeMap::new(),
         };
         s.save(&p).unwrap();
         assert_eq!(State::load(&p).unwrap(), s);

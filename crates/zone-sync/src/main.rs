@@ -218,7 +218,7 @@ async fn pass(
         "applied_revision": revision,
         "files": applier.state.files.len(),
         "written": report.written,
-        "drift_restored": report.drift_restored,
+        "drift_restored": applier.state.drift_seen.keys().collect::<Vec<_>>(),
         "refused": report.refused,
         "pending_restarts": applier.state.pending_restarts,
         "restart_failed": applier.state.restart_failed,
@@ -494,7 +494,9 @@ async fn roll_step(
     });
     match outcome {
         Ok(()) => {
-            tracing::info!(?units, "restarted and active again");
+            if !args.no_restart {
+                tracing::info!(?units, "restarted and active again");
+            }
             applier.state.pending_restarts.clear();
         }
         Err(e) => {

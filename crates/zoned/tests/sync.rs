@@ -247,6 +247,25 @@ async fn every_server_converges_on_the_latest_version() {
         "{}",
         syncers[0].log()
     );
+    poll(
+        Duration::from_secs(20),
+        "the drift in server 1's report",
+        || async {
+            let r = zone
+                .kv(0)
+                .await
+                .get(zone_proto::v1::GetRequest {
+                    key: [zone_sync::keys::STATUS_PREFIX, b"1"].concat(),
+                    serializable: false,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let v: serde_json::Value = serde_json::from_slice(&r.kv?.value).ok()?;
+            (v["drift_restored"][0] == "/etc/one/oned.conf").then_some(())
+        },
+    )
+    .await;
 
     // A push outside the managed roots is refused by the zone and changes
     // nothing on any disk.
