@@ -111,6 +111,24 @@ fn tree(root: &Path) -> Vec<String> {
     v
 }
 
+/// Every server's zone-sync report, as stored.
+async fn reports(zone: &TestZone) -> Option<Vec<serde_json::Value>> {
+    let r = zone
+        .kv(0)
+        .await
+        .range(RangeRequest {
+            prefix: zone_sync::keys::STATUS_PREFIX.to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    r.kvs
+        .iter()
+        .map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect()
+}
+
 async fn push(zone: &TestZone, f: ManagedFile) -> Result<u64, tonic::Status> {
     let mut c = ConfigClient::new(zone.channel(0).await);
     let r = c
@@ -166,19 +184,9 @@ async fn every_server_converges_on_the_latest_version() {
     }
     // Each server reports what it applied.
     poll(Duration::from_secs(20), "three status reports", || async {
-        let r = zone
-            .kv(0)
-            .await
-            .range(RangeRequest {
-                prefix: zone_sync::keys::STATUS_PREFIX.to_vec(),
-                ..RangeRequest::default()
-            })
-            .await
-            .ok()?
-            .into_inner();
-        let ok = r.kvs.len() == 3
-            && r.kvs.iter().all(|kv| {
-                let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        let all = reports(&zone).await?;
+        let ok = all.len() == 3
+            && all.iter().all(|v| {
                 v["applied_revision"].as_u64() >= Some(rev) && v["files"].as_u64() == Some(1)
             });
         ok.then_some(())
@@ -390,22 +398,10 @@ async fn restarts_roll_one_server_at_a_time_leader_last() {
         Duration::from_secs(60),
         "the failed restart reported",
         || async {
-            let r = zone
-                .kv(0)
-                .await
-                .range(RangeRequest {
-                    prefix: zone_sync::keys::STATUS_PREFIX.to_vec(),
-                    ..RangeRequest::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-            r.kvs
+            reports(&zone)
+                .await?
                 .iter()
-                .any(|kv| {
-                    let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
-                    v["id"].as_u64() == Some(followers[0]) && v["restart_failed"].is_string()
-                })
+                .any(|v| v["id"].as_u64() == Some(followers[0]) && v["restart_failed"].is_string())
                 .then_some(())
         },
     )
