@@ -30,6 +30,17 @@ async fn push(
         .map(|r| r.into_inner())
 }
 
+async fn get(
+    c: &mut ConfigClient<tonic::transport::Channel>,
+    path: &str,
+) -> Result<ManagedFile, tonic::Status> {
+    let r = c
+        .get(GetFileRequest { path: path.into() })
+        .await?
+        .into_inner();
+    Ok(r.file.unwrap_or_default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_are_checked_versioned_and_rolled_back() {
     let mut zone = TestZone::start(3, EXTRA);
@@ -144,15 +155,7 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
             list.files[0].content.is_empty(),
             "a listing carries no content"
         );
-        let got = ci
-            .get(GetFileRequest {
-                path: "/etc/one/oned.conf".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .file
-            .unwrap();
+        let got = get(&mut ci, "/etc/one/oned.conf").await.unwrap();
         assert_eq!(got.content, b"SERVER_ID = {{id0}}\nLOG = 3\n");
         assert_eq!(got.restart_units, vec!["opennebula.service"]);
     }
@@ -198,23 +201,10 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
         rb.changed,
         vec!["/etc/one/oned.conf", "/etc/one/sched.conf"]
     );
-    let got = c
-        .get(GetFileRequest {
-            path: "/etc/one/oned.conf".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .file
-        .unwrap();
+    let got = get(&mut c, "/etc/one/oned.conf").await.unwrap();
     assert_eq!(got.content, b"SERVER_ID = {{id0}}\n");
     assert_eq!(got.version, 3, "a rollback is a new version");
-    let e = c
-        .get(GetFileRequest {
-            path: "/etc/one/sched.conf".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = get(&mut c, "/etc/one/sched.conf").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     // Only three versions are kept per file: push two more and the first
