@@ -206,6 +206,14 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
             }))
         .then_some(())
     })?;
+    // Each VM's zoned reads its own copy for `config diff`: all match.
+    let diff = client.zonectl(&vip(), &["config", "diff"])?;
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff.status.success() && text.contains("3 copies checked (1 file on 3 servers): 0 differ"),
+        "config diff: {text}{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
 
     // A file whose change restarts zone-vip: the roll restarts it on each
     // VM, followers first, the leader last (the VIP blinks then).

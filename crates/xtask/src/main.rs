@@ -268,6 +268,11 @@ fn write_config(dir: &Path, id: u64, nodes: u64) -> Result<PathBuf> {
         dir.join("data").display(),
         dir.join("agent.sock").display()
     );
+    // Managed files (zone-sync, `zonectl config diff`) live under node-N/root.
+    text.push_str(&format!(
+        "\n[files]\nlocal_root = \"{}\"\n",
+        dir.join("root").display()
+    ));
     for v in 1..=nodes {
         text.push_str(&format!(
             "\n[[voters]]\nid = {v}\nname = \"zone-{v}\"\npeer = \"127.0.0.{v}:7401\"\n"
@@ -332,8 +337,6 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
             .arg(format!("127.0.0.{id}:7400"))
             .arg("--config")
             .arg(&config)
-            .arg("--root")
-            .arg(dir.join("root"))
             .arg("--state-dir")
             .arg(dir.join("sync"))
             .args(["--drift-interval", "5"])

@@ -31,13 +31,15 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:7400")]
     endpoint: String,
     /// zoned's node.toml: its [files].managed_roots limit what this server
-    /// writes, whatever the store says.
+    /// writes, whatever the store says; its [files].local_root is the
+    /// default for --root.
     #[arg(long, default_value = "/etc/zoned/node.toml")]
     config: PathBuf,
-    /// The filesystem managed paths are written under (tests use a
-    /// temporary directory).
-    #[arg(long, default_value = "/")]
-    root: PathBuf,
+    /// The filesystem managed paths are written under. Default: zoned's
+    /// [files].local_root, which is `/` unless set (tests and development
+    /// clusters use a directory of their own).
+    #[arg(long)]
+    root: Option<PathBuf>,
     /// State (applied revision, what was written) and backups.
     #[arg(long, default_value = "/var/lib/zone-sync")]
     state_dir: PathBuf,
@@ -63,28 +65,45 @@ struct Args {
     no_restart: bool,
 }
 
-fn managed_roots(config: &Path) -> Result<Roots> {
-    let roots: Vec<String> = match std::fs::read_to_string(config) {
-        Ok(text) => {
-            let v: toml::Value =
-                toml::from_str(&text).with_context(|| format!("{}: not TOML", config.display()))?;
-            match v.get("files").and_then(|f| f.get("managed_roots")) {
-                None => vec![DEFAULT_ROOT.to_owned()],
-                Some(list) => list
-                    .as_array()
-                    .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_owned)).collect())
-                    .with_context(|| {
-                        format!(
-                            "{}: files.managed_roots must be a list of paths",
-                            config.display()
-                        )
-                    })?,
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![DEFAULT_ROOT.to_owned()],
+/// zoned's `[files]` settings zone-sync obeys: the managed roots, and the
+/// local root (absolute; `/` when unset).
+fn files_settings(config: &Path) -> Result<(Roots, PathBuf)> {
+    let text = match std::fs::read_to_string(config) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", config.display())),
     };
-    Roots::new(&roots).with_context(|| format!("{}: files.managed_roots", config.display()))
+    let v: toml::Value =
+        toml::from_str(&text).with_context(|| format!("{}: not TOML", config.display()))?;
+    let files = v.get("files");
+    let local_root = match files.and_then(|f| f.get("local_root")) {
+        None => PathBuf::from("/"),
+        Some(r) => r
+            .as_str()
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .with_context(|| {
+                format!(
+                    "{}: files.local_root must be an absolute path",
+                    config.display()
+                )
+            })?,
+    };
+    let roots: Vec<String> = match files.and_then(|f| f.get("managed_roots")) {
+        None => vec![DEFAULT_ROOT.to_owned()],
+        Some(list) => list
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_owned)).collect())
+            .with_context(|| {
+                format!(
+                    "{}: files.managed_roots must be a list of paths",
+                    config.display()
+                )
+            })?,
+    };
+    let roots =
+        Roots::new(&roots).with_context(|| format!("{}: files.managed_roots", config.display()))?;
+    Ok((roots, local_root))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -96,7 +115,7 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let roots = match managed_roots(&args.config) {
+    let (roots, local_root) = match files_settings(&args.config) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("zone-sync: {e:#}");
@@ -111,10 +130,11 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let fs_root = args.root.clone().unwrap_or(local_root);
     let mut applier = Applier {
-        disk: RootedDisk::new(&args.root, args.state_dir.join("backups")),
+        disk: RootedDisk::new(&fs_root, args.state_dir.join("backups")),
         roots,
-        fs_root: args.root.clone(),
+        fs_root,
         backups_keep: args.backups.max(1),
         state,
     };
@@ -163,16 +183,7 @@ async fn node_vars(ch: &Channel) -> Result<NodeVars> {
         .iter()
         .find(|x| x.id == s.member_id)
         .context("the local zoned does not list itself")?;
-    let host = |ep: &str| {
-        ep.rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
-            .unwrap_or_default()
-    };
-    Ok(NodeVars {
-        id: me.id,
-        name: me.name.clone(),
-        address: host(&me.peer_endpoint),
-    })
+    Ok(NodeVars::from_member(me.id, &me.name, &me.peer_endpoint))
 }
 
 async fn pass(

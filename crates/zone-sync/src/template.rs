@@ -25,6 +25,23 @@ pub struct NodeVars {
     pub address: String,
 }
 
+impl NodeVars {
+    /// A member as the zone lists it (`Status`): `address` is the host
+    /// part of its peer endpoint, without brackets for IPv6. zone-sync
+    /// renders with these, and `zonectl config diff` renders the same way.
+    pub fn from_member(id: u64, name: &str, peer_endpoint: &str) -> NodeVars {
+        let address = peer_endpoint
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+            .unwrap_or_default();
+        NodeVars {
+            id,
+            name: name.to_owned(),
+            address,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("template line {line}, column {column}: {problem}")]
 pub struct TemplateError {
@@ -183,6 +200,17 @@ fn render_pieces(pieces: &[Piece], node: &NodeVars, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_address_is_its_peer_host() {
+        let v = NodeVars::from_member(2, "fe-2", "10.0.0.2:7401");
+        assert_eq!(v.address, "10.0.0.2");
+        assert_eq!(v.name, "fe-2");
+        assert_eq!(
+            NodeVars::from_member(3, "x", "[fd00::3]:7401").address,
+            "fd00::3"
+        );
+    }
 
     fn node(id: u64) -> NodeVars {
         NodeVars {

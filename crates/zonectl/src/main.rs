@@ -1,5 +1,6 @@
 //! `zonectl`: the Zoned management client. Exit code 0 on success, 1 when
-//! the zone answered with an error or could not be reached, 2 for bad usage.
+//! the zone answered with an error or could not be reached, 2 for bad usage,
+//! 3 when `config diff` found a server's copy differing from the zone's.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -466,6 +467,10 @@ async fn main() -> ExitCode {
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(d) = e.downcast_ref::<config_cmd::Differ>() {
+                eprintln!("zonectl: {d}");
+                return ExitCode::from(3);
+            }
             if let Some(status) = e.downcast_ref::<tonic::Status>() {
                 eprintln!("zonectl: {:?}: {}", status.code(), status.message());
             } else {

@@ -355,6 +355,11 @@ impl Zone {
         }
     }
 
+    /// This server's id and name.
+    pub(crate) fn identity(&self) -> (u64, &str) {
+        (self.node.id(), &self.info.name)
+    }
+
     pub(crate) fn reader(&self) -> &kv::Reader {
         self.node.reader()
     }

@@ -191,6 +191,11 @@ pub struct FilesSection {
     pub max_total_bytes: u64,
     /// Versions kept per file for `history` and `rollback`. Default 20.
     pub history_per_file: usize,
+    /// The filesystem the managed paths live in on this server: zone-sync
+    /// writes under it (unless given `--root`), and `zonectl config diff`
+    /// and `import` read this server's copies under it. Default `/`; tests
+    /// and development clusters use a directory of their own.
+    pub local_root: PathBuf,
 }
 
 impl Config {
@@ -204,6 +209,7 @@ impl Config {
             max_file_bytes: self.files.max_file_bytes,
             max_total_bytes: self.files.max_total_bytes,
             history_per_file: self.files.history_per_file,
+            local_root: self.files.local_root.clone(),
         }
     }
 }
@@ -215,6 +221,7 @@ impl Default for FilesSection {
             max_file_bytes: 1 << 20,
             max_total_bytes: 128 << 20,
             history_per_file: 20,
+            local_root: PathBuf::from("/"),
         }
     }
 }
@@ -343,6 +350,15 @@ impl Config {
         }
         if self.files.history_per_file == 0 {
             return Err(invalid("files.history_per_file", "must be at least 1"));
+        }
+        if !self.files.local_root.is_absolute() {
+            return Err(invalid(
+                "files.local_root",
+                format!(
+                    "`{}` must be an absolute path",
+                    self.files.local_root.display()
+                ),
+            ));
         }
         let mut ids = BTreeSet::new();
         for (i, v) in self.voters.iter().enumerate() {

@@ -25,8 +25,8 @@ use zone_proto::v1::{
     command, command_result, compare, config_server, request_op, Compare, DeleteFileRequest,
     DeleteFileResponse, DeleteRequest, FileHistoryRequest, FileHistoryResponse, GetFileRequest,
     GetFileResponse, GetRequest, KeyValue, ListFilesRequest, ListFilesResponse, ManagedFile,
-    PushFileRequest, PushFileResponse, PutRequest, RangeRequest, RequestOp, RollbackRequest,
-    RollbackResponse, TxnRequest,
+    PushFileRequest, PushFileResponse, PutRequest, RangeRequest, ReadLocalRequest,
+    ReadLocalResponse, RequestOp, RollbackRequest, RollbackResponse, TxnRequest,
 };
 use zone_sync::paths::Roots;
 
@@ -63,6 +63,8 @@ pub struct Policy {
     pub max_file_bytes: u64,
     pub max_total_bytes: u64,
     pub history_per_file: usize,
+    /// Where this server's copies live (`/` on an appliance).
+    pub local_root: std::path::PathBuf,
 }
 
 fn plausible_name(s: &str) -> bool {
@@ -120,6 +122,91 @@ impl Policy {
         f.version = 0;
         f.deleted = false;
         Ok(())
+    }
+}
+
+/// This server's own copy of a managed path, read under `local_root`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalCopy {
+    pub exists: bool,
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+impl Policy {
+    /// Reads `path` from this server's disk: only under a managed root,
+    /// never through a symbolic link, only a regular file, at most
+    /// `max_file_bytes` (what could not be pushed is not worth reading).
+    pub fn read_local(&self, path: &str) -> Result<LocalCopy, ApiError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        zone_sync::paths::check_on_disk(&self.roots, &self.local_root, path)
+            .map_err(|e| bad("path", e.to_string()))?;
+        let on_disk = self.local_root.join(path.trim_start_matches('/'));
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            // The last component too: no link, whatever raced the check.
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&on_disk)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LocalCopy::default());
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+                return Err(bad(
+                    "path",
+                    format!("{path} is a symbolic link on this server: refused"),
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "cannot open {path} on this server: {e}"
+                )))
+            }
+        };
+        let meta = file.metadata().map_err(|e| {
+            ApiError::FailedPrecondition(format!("cannot stat {path} on this server: {e}"))
+        })?;
+        if !meta.is_file() {
+            return Err(bad(
+                "path",
+                format!("{path} is not a regular file on this server"),
+            ));
+        }
+        if meta.len() > self.max_file_bytes {
+            return Err(bad(
+                "path",
+                format!(
+                    "{path} is {} bytes on this server, over the limit of {} (files.max_file_bytes)",
+                    meta.len(),
+                    self.max_file_bytes
+                ),
+            ));
+        }
+        let mut content = Vec::with_capacity(meta.len() as usize);
+        file.take(self.max_file_bytes + 1)
+            .read_to_end(&mut content)
+            .map_err(|e| {
+                ApiError::FailedPrecondition(format!("cannot read {path} on this server: {e}"))
+            })?;
+        let owner = nix::unistd::User::from_uid(meta.uid().into())
+            .ok()
+            .flatten()
+            .map_or_else(|| meta.uid().to_string(), |u| u.name);
+        let group = nix::unistd::Group::from_gid(meta.gid().into())
+            .ok()
+            .flatten()
+            .map_or_else(|| meta.gid().to_string(), |g| g.name);
+        Ok(LocalCopy {
+            exists: true,
+            content,
+            mode: meta.mode() & 0o7777,
+            owner,
+            group,
+        })
     }
 }
 
@@ -634,6 +721,29 @@ impl config_server::Config for ConfigService {
             ConfigService::rollback(self, to, budget).await?,
         ))
     }
+
+    async fn read_local(
+        &self,
+        req: Request<ReadLocalRequest>,
+    ) -> Result<Response<ReadLocalResponse>, Status> {
+        let path = req.into_inner().path;
+        let policy = self.policy.clone();
+        let copy = tokio::task::spawn_blocking(move || policy.read_local(&path))
+            .await
+            .map_err(|e| Status::internal(format!("reading the local copy: {e}")))??;
+        let (id, name) = self.zone.identity();
+        let revision = self.zone.reader().revision().map_err(ApiError::from)?;
+        Ok(Response::new(ReadLocalResponse {
+            header: self.zone.header(revision),
+            id,
+            name: name.to_owned(),
+            exists: copy.exists,
+            content: copy.content,
+            mode: copy.mode,
+            owner: copy.owner,
+            group: copy.group,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -646,6 +756,7 @@ mod tests {
             max_file_bytes: 16,
             max_total_bytes: 64,
             history_per_file: 3,
+            local_root: "/".into(),
         }
     }
 
@@ -751,5 +862,52 @@ mod tests {
             plan,
             vec![Change::Write(version("/etc/one/a", "a3", 30, 3))]
         );
+    }
+
+    #[test]
+    fn a_local_copy_is_read_only_under_the_roots_and_never_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Policy {
+            local_root: dir.path().to_owned(),
+            ..policy()
+        };
+        let one = dir.path().join("etc/one");
+        std::fs::create_dir_all(&one).unwrap();
+        std::fs::write(one.join("oned.conf"), "SERVER_ID = 0\n").unwrap();
+        std::fs::write(dir.path().join("etc/secret"), "no").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            one.join("oned.conf"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let copy = p.read_local("/etc/one/oned.conf").unwrap();
+        assert!(copy.exists);
+        assert_eq!(copy.content, b"SERVER_ID = 0\n");
+        assert_eq!(copy.mode, 0o640);
+        let me = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .unwrap()
+            .unwrap();
+        assert_eq!(copy.owner, me.name);
+
+        assert_eq!(
+            p.read_local("/etc/one/absent").unwrap(),
+            LocalCopy::default()
+        );
+        let err = |path: &str| p.read_local(path).unwrap_err().to_string();
+        assert!(err("/etc/secret").contains("outside the managed roots"));
+        assert!(err("/etc/one/../secret").contains("normal form"));
+        std::os::unix::fs::symlink(dir.path().join("etc/secret"), one.join("link")).unwrap();
+        assert!(
+            err("/etc/one/link").contains("symbolic link"),
+            "{}",
+            err("/etc/one/link")
+        );
+        std::os::unix::fs::symlink(dir.path().join("etc"), one.join("up")).unwrap();
+        assert!(err("/etc/one/up/secret").contains("symbolic link"));
+        std::fs::create_dir(one.join("dir")).unwrap();
+        assert!(err("/etc/one/dir").contains("not a regular file"));
+        std::fs::write(one.join("big"), "0123456789abcdefX").unwrap();
+        assert!(err("/etc/one/big").contains("files.max_file_bytes"));
     }
 }

@@ -34,6 +34,9 @@ fn zone_sync_bin() -> PathBuf {
 
 struct Syncer {
     root: PathBuf,
+    /// Leave --root out: zone-sync takes zoned's [files].local_root, which
+    /// the test set to `root`.
+    root_from_config: bool,
     state: PathBuf,
     child: Option<Child>,
     /// Extra arguments and environment (the systemctl stand-in).
@@ -50,14 +53,18 @@ impl Syncer {
             .open(self.state.with_extension("log"))
             .unwrap();
         std::fs::create_dir_all(&self.root).unwrap();
+        let root: &[&Path] = if self.root_from_config {
+            &[]
+        } else {
+            &[Path::new("--root"), &self.root]
+        };
         self.child = Some(
             Command::new(zone_sync_bin())
                 .arg("--endpoint")
                 .arg(zone.servers[i].endpoint())
                 .arg("--config")
                 .arg(zone.servers[i].config_path())
-                .arg("--root")
-                .arg(&self.root)
+                .args(root)
                 .arg("--state-dir")
                 .arg(&self.state)
                 .args(["--drift-interval", "1"])
@@ -80,6 +87,14 @@ impl Syncer {
 
     fn read(&self, path: &str) -> Option<String> {
         std::fs::read_to_string(self.root.join(path.trim_start_matches('/'))).ok()
+    }
+
+    /// Waits until `path` on this server holds `want`.
+    async fn wait_for(&self, path: &str, want: &str, what: &str) {
+        poll(Duration::from_secs(20), what, || async {
+            (self.read(path).as_deref() == Some(want)).then_some(())
+        })
+        .await;
     }
 
     fn log(&self) -> String {
@@ -156,6 +171,7 @@ async fn every_server_converges_on_the_latest_version() {
     let mut syncers: Vec<Syncer> = (0..3)
         .map(|i| Syncer {
             root: base.join(format!("sync-{i}/root")),
+            root_from_config: false,
             state: base.join(format!("sync-{i}/state")),
             child: None,
             // Never this machine's systemctl.
@@ -173,14 +189,8 @@ async fn every_server_converges_on_the_latest_version() {
         .unwrap();
     for (i, s) in syncers.iter().enumerate() {
         let want = format!("SERVER_ID = {i}\nNAME = zone-{}\n", i + 1);
-        poll(
-            Duration::from_secs(20),
-            "the file on every server",
-            || async {
-                (s.read("/etc/one/oned.conf").as_deref() == Some(want.as_str())).then_some(())
-            },
-        )
-        .await;
+        s.wait_for("/etc/one/oned.conf", &want, "the file on every server")
+            .await;
     }
     // Each server reports what it applied.
     poll(Duration::from_secs(20), "three status reports", || async {
@@ -201,30 +211,26 @@ async fn every_server_converges_on_the_latest_version() {
             .await
             .unwrap();
     }
-    poll(
-        Duration::from_secs(20),
-        "server 1 at the latest",
-        || async {
-            (syncers[0].read("/etc/one/oned.conf").as_deref() == Some("SERVER_ID = 0\nV = 3\n"))
-                .then_some(())
-        },
-    )
-    .await;
+    syncers[0]
+        .wait_for(
+            "/etc/one/oned.conf",
+            "SERVER_ID = 0\nV = 3\n",
+            "server 1 at the latest",
+        )
+        .await;
     assert_eq!(
         syncers[2].read("/etc/one/oned.conf").as_deref(),
         Some("SERVER_ID = 2\nNAME = zone-3\n"),
         "written while its zone-sync was down"
     );
     syncers[2].start(&zone, 2);
-    poll(
-        Duration::from_secs(20),
-        "server 3 at the latest",
-        || async {
-            (syncers[2].read("/etc/one/oned.conf").as_deref() == Some("SERVER_ID = 2\nV = 3\n"))
-                .then_some(())
-        },
-    )
-    .await;
+    syncers[2]
+        .wait_for(
+            "/etc/one/oned.conf",
+            "SERVER_ID = 2\nV = 3\n",
+            "server 3 at the latest",
+        )
+        .await;
     // One backup, of the version before: V = 1 and V = 2 never reached it.
     let backups = syncers[2].state.join("backups/etc/one/oned.conf");
     let kept: Vec<String> = std::fs::read_dir(&backups)
@@ -241,15 +247,13 @@ async fn every_server_converges_on_the_latest_version() {
 
     // A hand edit on server 1 is restored.
     std::fs::write(syncers[0].root.join("etc/one/oned.conf"), "SERVER_ID = 9\n").unwrap();
-    poll(
-        Duration::from_secs(20),
-        "the hand edit restored",
-        || async {
-            (syncers[0].read("/etc/one/oned.conf").as_deref() == Some("SERVER_ID = 0\nV = 3\n"))
-                .then_some(())
-        },
-    )
-    .await;
+    syncers[0]
+        .wait_for(
+            "/etc/one/oned.conf",
+            "SERVER_ID = 0\nV = 3\n",
+            "the hand edit restored",
+        )
+        .await;
     assert!(
         syncers[0].log().contains("edited on disk: restored"),
         "{}",
@@ -355,6 +359,7 @@ async fn restarts_roll_one_server_at_a_time_leader_last() {
     let mut syncers: Vec<Syncer> = (0..3)
         .map(|i| Syncer {
             root: base.join(format!("sync-{i}/root")),
+            root_from_config: false,
             state: base.join(format!("sync-{i}/state")),
             child: None,
             extra: vec![
@@ -437,4 +442,150 @@ async fn restarts_roll_one_server_at_a_time_leader_last() {
             leader
         ]
     );
+}
+
+fn zonectl(zone: &TestZone, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(zone_sync_bin().with_file_name("zonectl"))
+        .args(["--endpoints", &zone.servers[0].endpoint(), "config"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!(
+        "zonectl config {}: {:?}\n{stdout}{stderr}",
+        args.join(" "),
+        out.status
+    );
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// `zonectl config diff` compares the zone's version, rendered for each
+/// server, with each server's disk (read by that server's zoned under its
+/// own [files].local_root); `import` takes one server's copy into the zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_shows_each_servers_disk_and_import_takes_one_copy() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let extra = format!("{EXTRA}local_root = \"{{dir}}/root\"\n");
+    let mut zone = TestZone::start(3, &extra);
+    zone.wait_leader().await;
+    let mut syncers: Vec<Syncer> = (0..3)
+        .map(|i| Syncer {
+            root: zone.servers[i].dir.join("root"),
+            root_from_config: true,
+            state: zone.servers[i].dir.join("sync"),
+            child: None,
+            extra: vec!["--no-restart".into()],
+            env: Vec::new(),
+        })
+        .collect();
+    for (i, s) in syncers.iter_mut().enumerate() {
+        s.start(&zone, i);
+    }
+    push(&zone, oned("SERVER_ID = {{id0}}\nLOG = info\n"))
+        .await
+        .unwrap();
+    for (i, s) in syncers.iter().enumerate() {
+        let want = format!("SERVER_ID = {i}\nLOG = info\n");
+        s.wait_for(
+            "/etc/one/oned.conf",
+            &want,
+            "the file under every server's local_root",
+        )
+        .await;
+    }
+    let (code, out, _) = zonectl(&zone, &["diff"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("3 copies checked (1 file on 3 servers): 0 differ"),
+        "{out}"
+    );
+
+    // Server 2's zone-sync is stopped and its copy edited by hand.
+    syncers[1].stop();
+    let on2 = syncers[1].root.join("etc/one/oned.conf");
+    std::fs::write(&on2, "SERVER_ID = 1\nLOG = debug\n").unwrap();
+    std::fs::set_permissions(&on2, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = zonectl(&zone, &["diff", "/etc/one/oned.conf"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("--- zone /etc/one/oned.conf (version 1, rendered for server 2)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+++ server 2 (zone-2) /etc/one/oned.conf"),
+        "{out}"
+    );
+    assert!(out.contains("-LOG = info\n+LOG = debug"), "{out}");
+    assert!(
+        out.contains("server 2 (zone-2): /etc/one/oned.conf: mode 600 on disk, 644 in the zone"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("server 1 (") && !out.contains("server 3 ("),
+        "{out}"
+    );
+    assert!(out.contains("1 differ"), "{out}");
+    assert_eq!(zonectl(&zone, &["diff", "--server", "3"]).0, 0);
+
+    // Import: a file only server 3 has becomes managed, mode kept, and
+    // reaches the others.
+    let sched = syncers[2].root.join("etc/one/sched.conf");
+    std::fs::write(&sched, "MAX_HOST = 1\n").unwrap();
+    std::fs::set_permissions(&sched, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, out, err) = zonectl(&zone, &["import", "--from", "3", "/etc/one/sched.conf"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("server 3's copy (13 bytes, mode 640) stored as version 1"),
+        "{out}"
+    );
+    let s1 = &syncers[0];
+    s1.wait_for(
+        "/etc/one/sched.conf",
+        "MAX_HOST = 1\n",
+        "the imported file on server 1",
+    )
+    .await;
+    let mode = std::fs::metadata(s1.root.join("etc/one/sched.conf"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o640);
+    // Once only: a second import must say what it would replace.
+    let (code, _, err) = zonectl(&zone, &["import", "--from", "1", "/etc/one/sched.conf"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("already managed") && err.contains("--replace"),
+        "{err}"
+    );
+    let (code, _, err) = zonectl(&zone, &["import", "--from", "3", "/etc/one/absent.conf"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist on server 3"), "{err}");
+    // Nothing outside the managed roots can be read through zoned.
+    std::fs::write(syncers[0].root.join("etc/shadow-copy"), "secret").unwrap();
+    let (code, _, err) = zonectl(&zone, &["import", "--from", "1", "/etc/shadow-copy"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("outside the managed roots"), "{err}");
+    std::os::unix::fs::symlink(
+        syncers[0].root.join("etc/shadow-copy"),
+        syncers[0].root.join("etc/one/link.conf"),
+    )
+    .unwrap();
+    let (code, _, err) = zonectl(&zone, &["import", "--from", "1", "/etc/one/link.conf"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("symbolic link"), "{err}");
+
+    // Server 2's zone-sync, back, restores its copy: no difference left.
+    syncers[1].start(&zone, 1);
+    let s2 = &syncers[1];
+    s2.wait_for(
+        "/etc/one/oned.conf",
+        "SERVER_ID = 1\nLOG = info\n",
+        "server 2's copy restored",
+    )
+    .await;
+    poll(Duration::from_secs(20), "no copy differing", || async {
+        (zonectl(&zone, &["diff"]).0 == 0).then_some(())
+    })
+    .await;
 }

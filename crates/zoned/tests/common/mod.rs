@@ -92,7 +92,8 @@ const TEST_RAFT: &str = "[raft]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ti
 
 impl TestZone {
     /// Starts `n` servers forming one zone. `extra` is appended to every
-    /// config file (a `[limits]` table, say).
+    /// config file (a `[limits]` table, say), `{dir}` in it replaced by the
+    /// server's own directory.
     pub fn start(n: u64, extra: &str) -> TestZone {
         let root = tempfile::tempdir().unwrap();
         let net = loopback_net();
@@ -121,7 +122,8 @@ impl TestZone {
                 s.dir.join("agent.sock").display(),
                 s.client,
                 s.peer
-            );
+            )
+            .replace("{dir}", &s.dir.display().to_string());
             for v in &zone.servers {
                 text.push_str(&format!(
                     "[[voters]]\nid = {}\npeer = \"{}\"\n",
@@ -155,7 +157,8 @@ impl TestZone {
             s.peer,
             self.servers[via].client,
             self.extra_config
-        );
+        )
+        .replace("{dir}", &s.dir.display().to_string());
         std::fs::write(s.config_path(), text).unwrap();
         self.servers.push(s);
         self.servers.len() - 1
