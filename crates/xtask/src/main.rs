@@ -4,7 +4,8 @@
 //! - `image`: build the appliance's disk image;
 //! - `qemu up`: three VMs booted from that image, until Ctrl-C;
 //! - `bench failover`: VIP failover, zone-vip against keepalived;
-//! - `bench qemu`: image build times and sizes, VM boot and failover times.
+//! - `bench qemu`: image build times and sizes, VM boot and failover times;
+//! - `bench kv`: the key-value store against etcd, side by side.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,6 +75,29 @@ enum BenchTask {
         #[arg(long)]
         skip_fresh: bool,
     },
+    /// Zoned against etcd (Debian's etcd-server), three servers each on
+    /// loopback, data on the same disk, fsync on: sequential puts, puts
+    /// from 16, 64 and 256 clients, linearizable reads from 1 and 64, a
+    /// 90/10 mix; throughput and p50/p99/p99.9 latency per system, the
+    /// ratio, and the machine's fsync and loopback round trip. Builds a
+    /// release zoned first (RocksDB's C++ once more: ~15 min the first
+    /// time). Writes target/bench/kv-<time>.json.
+    Kv(KvArgs),
+}
+
+/// `bench kv` options, handed to kvbench.
+#[derive(Debug, clap::Args)]
+struct KvArgs {
+    /// Seconds per workload and system.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Stop each workload after this many operations.
+    #[arg(long)]
+    max_ops: Option<u64>,
+    /// Build and run the debug profile instead of release (the binaries
+    /// the tests use; much slower, not for figures).
+    #[arg(long)]
+    debug: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,7 +124,7 @@ enum ClusterTask {
 
 /// Debian packages: building RocksDB (libclang for its bindings, a C++
 /// compiler), the namespace testbed (iproute2), the failover benchmark
-/// (keepalived), the image (mmdebstrap, filesystem and partition tools, the
+/// (keepalived), the kv benchmark (etcd, protoc), the image (mmdebstrap, filesystem and partition tools, the
 /// systemd EFI stub) and the QEMU tests (qemu-system, OVMF firmware).
 const APT_PACKAGES: &[&str] = &[
     "libclang-dev",
@@ -119,6 +143,11 @@ const APT_PACKAGES: &[&str] = &[
     "systemd-boot-efi",
     "qemu-system-x86",
     "ovmf",
+    // The kv benchmark: etcd to compare with, and protoc with its
+    // well-known types for the etcd-client crate's build.
+    "etcd-server",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// Installed after the rest: this machine kind may come with a newer
@@ -146,8 +175,31 @@ fn main() -> Result<()> {
         Task::Bench(BenchTask::Qemu { runs, skip_fresh }) => {
             qemu::bench(&target_dir()?, runs, skip_fresh)
         }
+        Task::Bench(BenchTask::Kv(kv)) => bench_kv(kv),
         Task::Qemu(QemuTask::Up) => qemu::up(&target_dir()?),
     }
+}
+
+fn bench_kv(kv: KvArgs) -> Result<()> {
+    let profile = if kv.debug { "debug" } else { "release" };
+    eprintln!("building zoned and kvbench ({profile}; the first release build compiles RocksDB: ~15 minutes)...");
+    let mut build = cargo();
+    build.args(["build", "--bin", "zoned", "--bin", "kvbench"]);
+    if !kv.debug {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let target = target_dir()?;
+    let mut bench = Command::new(target.join(profile).join("kvbench"));
+    bench
+        .arg("--out")
+        .arg(target.join("bench"))
+        .arg("--seconds")
+        .arg(kv.seconds.to_string());
+    if let Some(n) = kv.max_ops {
+        bench.arg("--max-ops").arg(n.to_string());
+    }
+    run(&mut bench)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

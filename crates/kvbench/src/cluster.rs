@@ -1,0 +1,250 @@
+//! Three-server clusters of zoned and of etcd on one loopback network of
+//! their own, data in one directory (so on one disk), fsync on for both.
+//! Every process is killed when its cluster is dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tonic::transport::{Channel, Endpoint};
+use zone_proto::v1::{cluster_client::ClusterClient, StatusRequest};
+
+/// A loopback /24 of our own, 127.A.B.0, checked free on the ports used.
+pub fn loopback_net() -> [u8; 2] {
+    loop {
+        let net = [rand::random_range(1..=254u8), rand::random_range(0..=255u8)];
+        let free = [(1, 7400), (11, 2379)].iter().all(|&(h, p)| {
+            TcpListener::bind(SocketAddr::from(([127, net[0], net[1], h], p))).is_ok()
+        });
+        if free {
+            return net;
+        }
+    }
+}
+
+fn ip(net: [u8; 2], host: u8) -> String {
+    format!("127.{}.{}.{host}", net[0], net[1])
+}
+
+/// Processes killed on drop, each with its log.
+struct Procs(Vec<(String, Child, PathBuf)>);
+
+impl Procs {
+    fn spawn(&mut self, name: String, cmd: &mut Command, log: PathBuf) -> Result<()> {
+        let f =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        self.0.push((name, child, log));
+        Ok(())
+    }
+
+    /// Fails, with the log's tail, if a process has exited.
+    fn check(&mut self) -> Result<()> {
+        for (name, child, log) in &mut self.0 {
+            if let Some(st) = child.try_wait()? {
+                let text = std::fs::read_to_string(&*log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "{name} exited ({st}); {}:\n{}",
+                    log.display(),
+                    tail.join("\n")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c, _) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct Zoned {
+    procs: Procs,
+    /// Client endpoints (host:port), by server.
+    pub endpoints: Vec<String>,
+}
+
+pub async fn zoned(
+    bin: &Path,
+    dir: &Path,
+    net: [u8; 2],
+    timeout: Duration,
+) -> Result<(Zoned, String)> {
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --bin zoned), or give --zoned",
+            bin.display()
+        );
+    }
+    let mut procs = Procs(Vec::new());
+    let mut endpoints = Vec::new();
+    for id in 1..=3u8 {
+        let d = dir.join(format!("zoned-{id}"));
+        std::fs::create_dir_all(&d)?;
+        let mut text = format!(
+            "[node]\nid = {id}\nname = \"zoned-{id}\"\ndata_dir = \"{}\"\nagent_socket = \"\"\nclient_listen = \"{}:7400\"\npeer_listen = \"{}:7401\"\n",
+            d.join("data").display(),
+            ip(net, id),
+            ip(net, id)
+        );
+        for v in 1..=3u8 {
+            text.push_str(&format!(
+                "\n[[voters]]\nid = {v}\npeer = \"{}:7401\"\n",
+                ip(net, v)
+            ));
+        }
+        let config = d.join("node.toml");
+        std::fs::write(&config, text)?;
+        procs.spawn(
+            format!("zoned {id}"),
+            Command::new(bin)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "warn"),
+            d.join("zoned.log"),
+        )?;
+        endpoints.push(format!("{}:7400", ip(net, id)));
+    }
+    let mut z = Zoned { procs, endpoints };
+    let deadline = Instant::now() + timeout;
+    loop {
+        z.procs.check()?;
+        if let Some(leader) = z.leader().await {
+            return Ok((z, leader));
+        }
+        if Instant::now() > deadline {
+            bail!("no zoned leader within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Zoned {
+    /// The leader's client endpoint, once every server follows it.
+    async fn leader(&self) -> Option<String> {
+        let mut c = ClusterClient::new(channel(&self.endpoints[0]).await.ok()?);
+        let s = c.status(StatusRequest {}).await.ok()?.into_inner();
+        let leader = s.servers.iter().find(|x| x.id == s.leader_id)?;
+        let all = s.servers.len() == 3
+            && s.servers.iter().all(|x| {
+                x.leader_id == s.leader_id && x.applied >= leader.applied.saturating_sub(1)
+            });
+        (s.leader_id != 0 && all).then(|| leader.client_endpoint.clone())
+    }
+}
+
+pub async fn channel(endpoint: &str) -> Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{endpoint}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?)
+}
+
+pub struct Etcd {
+    procs: Procs,
+    pub endpoints: Vec<String>,
+    pub version: String,
+}
+
+pub async fn etcd(
+    bin: &Path,
+    dir: &Path,
+    net: [u8; 2],
+    timeout: Duration,
+) -> Result<(Etcd, String)> {
+    let version = Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {}: install Debian's etcd-server (cargo xtask deps does), or give --etcd",
+                bin.display()
+            )
+        })?;
+    let version = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .next()
+        .unwrap_or("etcd")
+        .to_owned();
+    let peer = |id: u8| format!("http://{}:2380", ip(net, 10 + id));
+    let initial: Vec<String> = (1..=3u8)
+        .map(|id| format!("etcd-{id}={}", peer(id)))
+        .collect();
+    let mut procs = Procs(Vec::new());
+    let mut endpoints = Vec::new();
+    for id in 1..=3u8 {
+        let d = dir.join(format!("etcd-{id}"));
+        std::fs::create_dir_all(&d)?;
+        let client = format!("http://{}:2379", ip(net, 10 + id));
+        procs.spawn(
+            format!("etcd {id}"),
+            Command::new(bin)
+                .arg(format!("--name=etcd-{id}"))
+                .arg(format!("--data-dir={}", d.join("data").display()))
+                .arg(format!("--listen-client-urls={client}"))
+                .arg(format!("--advertise-client-urls={client}"))
+                .arg(format!("--listen-peer-urls={}", peer(id)))
+                .arg(format!("--initial-advertise-peer-urls={}", peer(id)))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new")
+                .arg("--initial-cluster-token=kvbench")
+                .arg("--logger=zap")
+                .arg("--log-level=warn"),
+            d.join("etcd.log"),
+        )?;
+        endpoints.push(format!("{}:2379", ip(net, 10 + id)));
+    }
+    let mut e = Etcd {
+        procs,
+        endpoints,
+        version,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        e.procs.check()?;
+        if let Some(leader) = e.leader().await {
+            return Ok((e, leader));
+        }
+        if Instant::now() > deadline {
+            bail!("no etcd leader within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Etcd {
+    async fn leader(&self) -> Option<String> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(2));
+        let mut leader = None;
+        for ep in &self.endpoints {
+            let mut c = etcd_client::Client::connect([ep], Some(opts.clone()))
+                .await
+                .ok()?;
+            let s = c.status().await.ok()?;
+            if s.leader() == 0 {
+                return None;
+            }
+            if s.header()?.member_id() == s.leader() {
+                leader = Some(ep.clone());
+            }
+        }
+        leader
+    }
+}

@@ -1,0 +1,241 @@
+//! Workloads, the same for both systems: puts, linearizable reads, and a
+//! 90/10 read/write mix, from N concurrent clients sharing a few
+//! connections, each op timed on its own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tonic::transport::Channel;
+use zone_proto::v1::{kv_client::KvClient, GetRequest, PutRequest};
+
+pub const KEY_BYTES: usize = 16;
+pub const VALUE_BYTES: usize = 256;
+/// Clients per connection (an HTTP/2 connection multiplexes them).
+const CLIENTS_PER_CONN: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Put,
+    Read,
+    /// 90 % linearizable reads, 10 % puts.
+    Mixed,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Put => "put",
+            Kind::Read => "read",
+            Kind::Mixed => "mixed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    Zoned,
+    Etcd,
+}
+
+/// One client's handle to one system.
+#[derive(Clone)]
+enum Conn {
+    Zoned(KvClient<Channel>),
+    Etcd(Box<etcd_client::KvClient>),
+}
+
+impl Conn {
+    async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        match self {
+            Conn::Zoned(c) => {
+                c.put(PutRequest {
+                    key,
+                    value,
+                    prev_kv: false,
+                })
+                .await?;
+            }
+            Conn::Etcd(c) => {
+                c.put(key, value, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A linearizable read (the default of both).
+    async fn get(&mut self, key: Vec<u8>) -> Result<()> {
+        match self {
+            Conn::Zoned(c) => {
+                c.get(GetRequest {
+                    key,
+                    serializable: false,
+                })
+                .await?;
+            }
+            Conn::Etcd(c) => {
+                c.get(key, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn connect(system: System, endpoint: &str) -> Result<Conn> {
+    Ok(match system {
+        System::Zoned => Conn::Zoned(KvClient::new(crate::cluster::channel(endpoint).await?)),
+        System::Etcd => {
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(3))
+                .with_timeout(Duration::from_secs(10));
+            Conn::Etcd(Box::new(
+                etcd_client::Client::connect([endpoint], Some(opts))
+                    .await
+                    .with_context(|| format!("connecting to etcd at {endpoint}"))?
+                    .kv_client(),
+            ))
+        }
+    })
+}
+
+pub fn key(n: u64) -> Vec<u8> {
+    let k = format!("k{n:015}").into_bytes();
+    debug_assert_eq!(k.len(), KEY_BYTES);
+    k
+}
+
+/// What one workload measured.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub ops: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+/// Latency at quantile `q` of sorted microseconds, in ms.
+pub fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted_us.len() as f64).ceil() as usize).clamp(1, sorted_us.len());
+    f64::from(sorted_us[rank - 1]) / 1000.0
+}
+
+/// Runs `kind` from `clients` concurrent clients against `endpoint` for
+/// `seconds`, or until `max_ops` operations are done, on keys drawn from
+/// the first `keys`.
+pub async fn run(
+    system: System,
+    endpoint: &str,
+    kind: Kind,
+    clients: usize,
+    seconds: f64,
+    max_ops: u64,
+    keys: u64,
+) -> Result<Figures> {
+    let conns = clients.div_ceil(CLIENTS_PER_CONN);
+    let mut pool = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        pool.push(connect(system, endpoint).await?);
+    }
+    let issued = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let mut conn = pool[i % conns].clone();
+        let issued = issued.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u32> = Vec::with_capacity(4096);
+            let value = vec![b'v'; VALUE_BYTES];
+            while Instant::now() < deadline && issued.fetch_add(1, Ordering::Relaxed) < max_ops {
+                let k = key(rand::random_range(0..keys));
+                let write = match kind {
+                    Kind::Put => true,
+                    Kind::Read => false,
+                    Kind::Mixed => rand::random_range(0..10) == 0,
+                };
+                let t0 = Instant::now();
+                let r = if write {
+                    conn.put(k, value.clone()).await
+                } else {
+                    conn.get(k).await
+                };
+                let us = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                match r {
+                    Ok(()) => lat.push(us),
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("  {system:?} {}: {e:#}", kind.name());
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let ops = all.len() as u64;
+    Ok(Figures {
+        ops,
+        errors: errors.load(Ordering::Relaxed),
+        seconds,
+        ops_per_sec: ops as f64 / seconds,
+        p50_ms: quantile_ms(&all, 0.50),
+        p99_ms: quantile_ms(&all, 0.99),
+        p999_ms: quantile_ms(&all, 0.999),
+    })
+}
+
+/// Writes each of the first `keys` keys once (64 clients), so reads find
+/// values.
+pub async fn fill(system: System, endpoint: &str, keys: u64) -> Result<()> {
+    let mut conn = connect(system, endpoint).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut c = conn.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= keys {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                c.put(key(n), vec![b'v'; VALUE_BYTES]).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    conn.get(key(0)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_ranks_of_the_sorted_latencies() {
+        let v: Vec<u32> = (1..=1000).map(|i| i * 1000).collect();
+        assert_eq!(quantile_ms(&v, 0.5), 500.0);
+        assert_eq!(quantile_ms(&v, 0.99), 990.0);
+        assert_eq!(quantile_ms(&v, 0.999), 999.0);
+        assert_eq!(quantile_ms(&[7000], 0.999), 7.0);
+        assert_eq!(quantile_ms(&[], 0.5), 0.0);
+        assert_eq!(key(42).len(), KEY_BYTES);
+    }
+}

@@ -1,0 +1,314 @@
+//! `kvbench`: Zoned against etcd on one machine, in one run. Starts a
+//! three-server cluster of each on loopback (data in one directory, fsync
+//! on for both), drives the same workloads through each one's own gRPC API
+//! (for etcd, the etcd-client crate), always at the leader, and prints one
+//! table: throughput, p50, p99 and p99.9 latency, and the ratio Zoned/etcd.
+//! The same goes to `<out>/kv-<unix time>.json`. Run it as `cargo xtask
+//! bench kv` (a release build of zoned and of this).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+mod cluster;
+mod load;
+mod machine;
+
+use load::{Figures, Kind, System};
+
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The zoned binary. Default: `zoned` beside this program.
+    #[arg(long)]
+    zoned: Option<PathBuf>,
+    /// The etcd binary (Debian's etcd-server).
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd: PathBuf,
+    /// Where the JSON report goes; both clusters keep their data in
+    /// <out>/kv-data (removed before and after), so on the same disk.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Seconds per workload and system.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Stop a workload after this many operations (a smoke run).
+    #[arg(long, default_value_t = u64::MAX)]
+    max_ops: u64,
+    /// Keys drawn from (16 bytes each; values are 256 bytes). Written once
+    /// before the reads.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Concurrent clients for the put workloads (one client is always run
+    /// first).
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+    put_clients: Vec<usize>,
+    /// Concurrent clients for the linearizable reads.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    read_clients: Vec<usize>,
+    /// Concurrent clients for the 90/10 read/write mix.
+    #[arg(long, default_value_t = 64)]
+    mixed_clients: usize,
+}
+
+struct Row {
+    kind: Kind,
+    clients: usize,
+    zoned: Figures,
+    etcd: Figures,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        if self.etcd.ops_per_sec > 0.0 {
+            self.zoned.ops_per_sec / self.etcd.ops_per_sec
+        } else {
+            0.0
+        }
+    }
+}
+
+fn figures_json(f: &Figures) -> serde_json::Value {
+    serde_json::json!({
+        "ops": f.ops,
+        "errors": f.errors,
+        "seconds": round(f.seconds, 3),
+        "ops_per_sec": round(f.ops_per_sec, 1),
+        "p50_ms": round(f.p50_ms, 3),
+        "p99_ms": round(f.p99_ms, 3),
+        "p999_ms": round(f.p999_ms, 3),
+    })
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("kvbench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.seconds <= 0.0 {
+        bail!("--seconds must be more than 0");
+    }
+    if args.keys == 0 {
+        bail!("--keys must be at least 1");
+    }
+    let zoned_bin = match &args.zoned {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this program's directory")?
+            .join("zoned"),
+    };
+    let data = args.out.join("kv-data");
+    if data.exists() {
+        std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+    }
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+
+    eprintln!("the machine: fsync and loopback round trip...");
+    let fsync_ms = machine::fsync_p50_ms(&data, 200)?;
+    let rtt_ms = machine::loopback_rtt_p50_ms(2000)?;
+    eprintln!("  fsync (256 B append + fdatasync) p50 {fsync_ms:.3} ms, loopback TCP round trip p50 {rtt_ms:.3} ms");
+
+    let net = cluster::loopback_net();
+    let up = Duration::from_secs(60);
+    eprintln!(
+        "starting three zoned ({}) and three etcd ({}) on 127.{}.{}.0/24, data in {}...",
+        zoned_bin.display(),
+        args.etcd.display(),
+        net[0],
+        net[1],
+        data.display()
+    );
+    let (zoned, zoned_leader) = cluster::zoned(&zoned_bin, &data, net, up).await?;
+    let (etcd, etcd_leader) = cluster::etcd(&args.etcd, &data, net, up).await?;
+    eprintln!(
+        "  zoned leader {zoned_leader}; {} leader {etcd_leader}",
+        etcd.version
+    );
+
+    let systems = [
+        (System::Zoned, zoned_leader.as_str()),
+        (System::Etcd, etcd_leader.as_str()),
+    ];
+    let mut plan: Vec<(Kind, usize)> = vec![(Kind::Put, 1)];
+    plan.extend(args.put_clients.iter().map(|&c| (Kind::Put, c)));
+    plan.extend(args.read_clients.iter().map(|&c| (Kind::Read, c)));
+    plan.push((Kind::Mixed, args.mixed_clients));
+    if plan.iter().any(|&(_, c)| c == 0) {
+        bail!("client counts must be at least 1");
+    }
+
+    let mut rows = Vec::new();
+    let mut filled = false;
+    for (kind, clients) in plan {
+        if kind != Kind::Put && !filled {
+            for (system, ep) in systems {
+                eprintln!("writing the {} keys once on {system:?}...", args.keys);
+                load::fill(system, ep, args.keys).await?;
+            }
+            filled = true;
+        }
+        let mut got = Vec::new();
+        for (system, ep) in systems {
+            let f = load::run(
+                system,
+                ep,
+                kind,
+                clients,
+                args.seconds,
+                args.max_ops,
+                args.keys,
+            )
+            .await?;
+            eprintln!(
+                "  {:<6} {:>4} clients {:<6} {:>9.0} ops/s  p50 {:>7.3} ms  p99 {:>7.3} ms{}",
+                kind.name(),
+                clients,
+                format!("{system:?}"),
+                f.ops_per_sec,
+                f.p50_ms,
+                f.p99_ms,
+                if f.errors > 0 {
+                    format!("  ({} errors)", f.errors)
+                } else {
+                    String::new()
+                }
+            );
+            got.push(f);
+        }
+        let etcd_f = got.pop().expect("two systems");
+        let zoned_f = got.pop().expect("two systems");
+        rows.push(Row {
+            kind,
+            clients,
+            zoned: zoned_f,
+            etcd: etcd_f,
+        });
+    }
+    let etcd_version = etcd.version.clone();
+    drop(zoned);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&data);
+
+    // The table.
+    println!();
+    println!(
+        "{:<8} {:>7} | {:>9} {:>8} {:>8} {:>8} | {:>9} {:>8} {:>8} {:>8} | {:>6}",
+        "WORKLOAD",
+        "CLIENTS",
+        "ZONED/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "ETCD/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "RATIO"
+    );
+    for r in &rows {
+        println!(
+            "{:<8} {:>7} | {:>9.0} {:>8.3} {:>8.3} {:>8.3} | {:>9.0} {:>8.3} {:>8.3} {:>8.3} | {:>5.2}x",
+            r.kind.name(),
+            r.clients,
+            r.zoned.ops_per_sec,
+            r.zoned.p50_ms,
+            r.zoned.p99_ms,
+            r.zoned.p999_ms,
+            r.etcd.ops_per_sec,
+            r.etcd.p50_ms,
+            r.etcd.p99_ms,
+            r.etcd.p999_ms,
+            r.ratio()
+        );
+    }
+    let errors: u64 = rows.iter().map(|r| r.zoned.errors + r.etcd.errors).sum();
+    println!(
+        "machine: fsync p50 {fsync_ms:.3} ms, loopback round trip p50 {rtt_ms:.3} ms; {}; {} s per workload{}",
+        etcd_version,
+        args.seconds,
+        if errors > 0 { format!("; {errors} failed operations (not counted)") } else { String::new() }
+    );
+
+    // The targets, printed, not asserted.
+    let find = |k: Kind, c: usize| rows.iter().find(|r| r.kind == k && r.clients == c);
+    let mut targets = Vec::new();
+    if let Some(r) = find(Kind::Put, 1) {
+        let bound = 1.5 * (fsync_ms + rtt_ms);
+        targets.push((
+            "sequential put p50 no worse than etcd's".to_owned(),
+            r.zoned.p50_ms <= r.etcd.p50_ms,
+            format!("{:.3} vs {:.3} ms", r.zoned.p50_ms, r.etcd.p50_ms),
+        ));
+        targets.push((
+            "sequential put p50 within 1.5 x (fsync + round trip)".to_owned(),
+            r.zoned.p50_ms <= bound,
+            format!("{:.3} vs {:.3} ms", r.zoned.p50_ms, bound),
+        ));
+    }
+    for c in [64, 256] {
+        if let Some(r) = find(Kind::Put, c) {
+            targets.push((
+                format!("put, {c} clients: at least 1.5 x etcd's throughput"),
+                r.ratio() >= 1.5,
+                format!("{:.2}x", r.ratio()),
+            ));
+        }
+    }
+    if let Some(r) = find(Kind::Read, 64) {
+        targets.push((
+            "linearizable read, 64 clients: at least etcd's throughput".to_owned(),
+            r.ratio() >= 1.0,
+            format!("{:.2}x", r.ratio()),
+        ));
+    }
+    for (what, met, detail) in &targets {
+        println!(
+            "target: {what}: {} ({detail})",
+            if *met { "met" } else { "NOT met" }
+        );
+    }
+
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let report = serde_json::json!({
+        "machine": {
+            "fsync_p50_ms": round(fsync_ms, 3),
+            "loopback_rtt_p50_ms": round(rtt_ms, 3),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        },
+        "etcd_version": etcd_version,
+        "zoned": zoned_bin.display().to_string(),
+        "seconds_per_workload": args.seconds,
+        "max_ops": if args.max_ops == u64::MAX { serde_json::Value::Null } else { args.max_ops.into() },
+        "keys": args.keys,
+        "key_bytes": load::KEY_BYTES,
+        "value_bytes": load::VALUE_BYTES,
+        "rows": rows.iter().map(|r| serde_json::json!({
+            "workload": r.kind.name(),
+            "clients": r.clients,
+            "zoned": figures_json(&r.zoned),
+            "etcd": figures_json(&r.etcd),
+            "ratio": round(r.ratio(), 3),
+        })).collect::<Vec<_>>(),
+        "targets": targets.iter().map(|(w, m, d)| serde_json::json!({"target": w, "met": m, "figures": d})).collect::<Vec<_>>(),
+    });
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join(format!("kv-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("written to {}", path.display());
+    Ok(())
+}
