@@ -446,10 +446,19 @@ async fn the_lease_ends_before_any_other_server_can_hold_one() {
         c.router.isolate(old, &ids);
         let others: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
         let new = c.wait_leader(&others).await;
-        poll(
+        // Waits on the recorded log, not on the watch: the recorder task
+        // may not have run yet when the watch already shows the lease.
+        let new_first = poll(
             Duration::from_secs(10),
             "the new leader to hold a lease",
-            || async { c.nodes[&new].watch_lease().borrow().held.then_some(()) },
+            || async {
+                log.lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(id, l)| *id == new && l.held && l.since_ns > cut_at)
+                    .map(|(_, l)| *l)
+                    .min_by_key(|l| l.since_ns)
+            },
         )
         .await;
         let entries = log.lock().unwrap().clone();
@@ -459,12 +468,6 @@ async fn the_lease_ends_before_any_other_server_can_hold_one() {
             .map(|(_, l)| *l)
             .max_by_key(|l| l.expires_ns)
             .expect("the old leader held a lease");
-        let new_first = entries
-            .iter()
-            .filter(|(id, l)| *id == new && l.held && l.since_ns > cut_at)
-            .map(|(_, l)| *l)
-            .min_by_key(|l| l.since_ns)
-            .expect("the new leader holds a lease");
         assert!(
             old_last.expires_ns <= new_first.since_ns,
             "overlap: old lease until {} ns, new lease from {} ns ({} ms)",
