@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -275,6 +275,62 @@ async fn one_leader_per_term_and_committed_entries_survive_partitions() {
         }
     }
     assert_eq!(acked.len(), 30);
+}
+
+/// Commands that reach the leader together are proposed together (one
+/// Raft append for the lot): each caller still gets the answer of its own
+/// command at its own revision, and every server applies the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_each_get_their_own_answer() {
+    let c = Cluster::start();
+    let ids = [1, 2, 3];
+    let leader = c.wait_leader(&ids).await;
+    let n = 300;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let node = c.nodes[&leader].clone();
+            tokio::spawn(async move {
+                let key = format!("c{i:03}");
+                let r = node.propose(put_op(&key, &format!("value of {key}"))).await;
+                (key, r)
+            })
+        })
+        .collect();
+    let mut revisions = BTreeMap::new();
+    for t in tasks {
+        let (key, r) = t.await.unwrap();
+        let r = r.unwrap_or_else(|e| panic!("{key}: {e}"));
+        let Some(command_result::Result::Put(p)) = r.result else {
+            panic!("{key}: not a put's answer: {r:?}");
+        };
+        revisions.insert(key, p.header.unwrap().revision);
+    }
+    let distinct: BTreeSet<u64> = revisions.values().copied().collect();
+    assert_eq!(distinct.len(), n, "two writes answered with one revision");
+    assert_eq!(
+        distinct.last().unwrap() - distinct.first().unwrap() + 1,
+        n as u64,
+        "the revisions have gaps"
+    );
+    for node in c.nodes.values() {
+        let get = |key: &str| {
+            let req = zone_proto::v1::GetRequest {
+                key: key.into(),
+                serializable: true,
+            };
+            node.reader().get(&req).unwrap().0
+        };
+        let last = revisions.iter().max_by_key(|(_, r)| **r).unwrap().0;
+        poll(Duration::from_secs(10), "every write applied", || async {
+            get(last).map(|_| ())
+        })
+        .await;
+        for (key, rev) in &revisions {
+            let kv = get(key).unwrap_or_else(|| panic!("{key} missing on {}", node.id()));
+            assert_eq!(kv.mod_revision, *rev, "{key} on server {}", node.id());
+            assert_eq!(kv.value, format!("value of {key}").into_bytes());
+        }
+    }
 }
 
 /// Two followers that time out together each grant the other's pre-vote
