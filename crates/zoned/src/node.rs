@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use zone_proto::v1::{command, Command, CommandResult, Event, Member};
 
 use crate::config::Config;
-use crate::kv::{self, Applier, Reader};
+use crate::kv::{self, Applier, KvCache, Reader};
 use crate::storage::{Engine, RaftStorage, StorageFailure};
 
 /// Where the driver's outgoing messages go. No method may block.
@@ -386,6 +386,8 @@ struct Driver {
     /// Raft message: one append per follower for the lot instead of one
     /// per command (each costing a message, a step and an ack per peer).
     to_propose: Vec<(Vec<u8>, Reply<CommandResult>)>,
+    /// Records of recently applied keys, for the applier.
+    kv_cache: KvCache,
     reads_new: Vec<Reply<()>>,
     /// Read batches sent, by context, with the tick they were sent at.
     reads_inflight: HashMap<Vec<u8>, (u64, Vec<Reply<()>>)>,
@@ -488,6 +490,7 @@ pub fn start(
         config: config.clone(),
         proposals: VecDeque::new(),
         to_propose: Vec::new(),
+        kv_cache: KvCache::default(),
         reads_new: Vec::new(),
         reads_inflight: HashMap::new(),
         reads_waiting: Vec::new(),
@@ -1033,6 +1036,7 @@ impl Driver {
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             let meta = snap.get_metadata();
+            self.kv_cache.clear();
             let revision = kv::restore(&self.engine, &mut wb, &snap.data)?;
             self.raw.mut_store().apply_snapshot_meta(&mut wb, meta);
             self.engine.write(std::mem::take(&mut wb), true)?;
@@ -1154,8 +1158,13 @@ impl Driver {
             return Ok(());
         };
         let engine = self.engine.clone();
+        // Taken out of self for the applier's lifetime (apply_conf_change
+        // needs self); put back below. On a storage failure the driver
+        // stops, and the cache with it.
+        let mut cache = std::mem::take(&mut self.kv_cache);
         let mut applier = Applier::new(
             &engine,
+            &mut cache,
             self.id,
             self.raw.raft.term,
             self.config.limits.watch_history,
@@ -1200,6 +1209,8 @@ impl Driver {
         }
         applier.finish(wb);
         done.events = std::mem::take(&mut applier.events);
+        drop(applier);
+        self.kv_cache = cache;
         self.raw.mut_store().set_applied(wb, last);
         Ok(())
     }
