@@ -126,6 +126,43 @@ pub fn quantile_ms(sorted_us: &[u32], q: f64) -> f64 {
     f64::from(sorted_us[rank - 1]) / 1000.0
 }
 
+/// What one timed slice of a workload measured, to be merged with the
+/// other slices of the same workload and system.
+#[derive(Debug, Default)]
+pub struct Sample {
+    /// Latency of each successful operation, microseconds.
+    pub latencies_us: Vec<u32>,
+    pub errors: u64,
+    pub seconds: f64,
+}
+
+impl Sample {
+    pub fn merge(&mut self, other: Sample) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+        self.seconds += other.seconds;
+    }
+
+    pub fn figures(mut self) -> Figures {
+        self.latencies_us.sort_unstable();
+        let all = &self.latencies_us;
+        let ops = all.len() as u64;
+        Figures {
+            ops,
+            errors: self.errors,
+            seconds: self.seconds,
+            ops_per_sec: if self.seconds > 0.0 {
+                ops as f64 / self.seconds
+            } else {
+                0.0
+            },
+            p50_ms: quantile_ms(all, 0.50),
+            p99_ms: quantile_ms(all, 0.99),
+            p999_ms: quantile_ms(all, 0.999),
+        }
+    }
+}
+
 /// Runs `kind` from `clients` concurrent clients against `endpoint` for
 /// `seconds`, or until `max_ops` operations are done, on keys drawn from
 /// the first `keys`.
@@ -137,7 +174,7 @@ pub async fn run(
     seconds: f64,
     max_ops: u64,
     keys: u64,
-) -> Result<Figures> {
+) -> Result<Sample> {
     let conns = clients.div_ceil(CLIENTS_PER_CONN);
     let mut pool = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -185,17 +222,10 @@ pub async fn run(
     for t in tasks {
         all.extend(t.await?);
     }
-    let seconds = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let ops = all.len() as u64;
-    Ok(Figures {
-        ops,
+    Ok(Sample {
+        latencies_us: all,
         errors: errors.load(Ordering::Relaxed),
-        seconds,
-        ops_per_sec: ops as f64 / seconds,
-        p50_ms: quantile_ms(&all, 0.50),
-        p99_ms: quantile_ms(&all, 0.99),
-        p999_ms: quantile_ms(&all, 0.999),
+        seconds: start.elapsed().as_secs_f64(),
     })
 }
 

@@ -34,6 +34,12 @@ struct Args {
     /// Seconds per workload and system.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Each workload's time is cut into this many rounds, the two systems
+    /// taking turns (Zoned first in odd rounds, etcd in even ones), so that
+    /// a change in the machine's speed during the run (other tenants,
+    /// writeback) falls on both alike.
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
     /// Stop a workload after this many operations (a smoke run).
     #[arg(long, default_value_t = u64::MAX)]
     max_ops: u64,
@@ -102,6 +108,9 @@ async fn run(args: Args) -> Result<()> {
     if args.keys == 0 {
         bail!("--keys must be at least 1");
     }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     let zoned_bin = match &args.zoned {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -159,18 +168,25 @@ async fn run(args: Args) -> Result<()> {
             }
             filled = true;
         }
-        let mut got = Vec::new();
-        for (system, ep) in systems {
-            let f = load::run(
-                system,
-                ep,
-                kind,
-                clients,
-                args.seconds,
-                args.max_ops,
-                args.keys,
-            )
-            .await?;
+        let rounds = args.rounds;
+        let slice = args.seconds / f64::from(rounds);
+        let max_ops = if args.max_ops == u64::MAX {
+            u64::MAX
+        } else {
+            args.max_ops.div_ceil(u64::from(rounds))
+        };
+        let mut samples = [load::Sample::default(), load::Sample::default()];
+        for round in 0..rounds {
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let (system, ep) = systems[i];
+                let s = load::run(system, ep, kind, clients, slice, max_ops, args.keys).await?;
+                samples[i].merge(s);
+            }
+        }
+        let [zoned_s, etcd_s] = samples;
+        let (zoned_f, etcd_f) = (zoned_s.figures(), etcd_s.figures());
+        for (system, f) in [(System::Zoned, &zoned_f), (System::Etcd, &etcd_f)] {
             eprintln!(
                 "  {:<6} {:>4} clients {:<6} {:>9.0} ops/s  p50 {:>7.3} ms  p99 {:>7.3} ms{}",
                 kind.name(),
@@ -185,10 +201,7 @@ async fn run(args: Args) -> Result<()> {
                     String::new()
                 }
             );
-            got.push(f);
         }
-        let etcd_f = got.pop().expect("two systems");
-        let zoned_f = got.pop().expect("two systems");
         rows.push(Row {
             kind,
             clients,
@@ -235,9 +248,10 @@ async fn run(args: Args) -> Result<()> {
     }
     let errors: u64 = rows.iter().map(|r| r.zoned.errors + r.etcd.errors).sum();
     println!(
-        "machine: fsync p50 {fsync_ms:.3} ms, loopback round trip p50 {rtt_ms:.3} ms; {}; {} s per workload{}",
+        "machine: fsync p50 {fsync_ms:.3} ms, loopback round trip p50 {rtt_ms:.3} ms; {}; {} s per workload and system in {} alternating rounds{}",
         etcd_version,
         args.seconds,
+        args.rounds,
         if errors > 0 { format!("; {errors} failed operations (not counted)") } else { String::new() }
     );
 
@@ -292,6 +306,7 @@ async fn run(args: Args) -> Result<()> {
         "etcd_version": etcd_version,
         "zoned": zoned_bin.display().to_string(),
         "seconds_per_workload": args.seconds,
+        "rounds": args.rounds,
         "max_ops": if args.max_ops == u64::MAX { serde_json::Value::Null } else { args.max_ops.into() },
         "keys": args.keys,
         "key_bytes": load::KEY_BYTES,

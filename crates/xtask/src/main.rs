@@ -94,6 +94,9 @@ struct KvArgs {
     /// Stop each workload after this many operations.
     #[arg(long)]
     max_ops: Option<u64>,
+    /// Rounds per workload, the two systems taking turns.
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
     /// Build and run the debug profile instead of release (the binaries
     /// the tests use; much slower, not for figures).
     #[arg(long)]
@@ -195,7 +198,9 @@ fn bench_kv(kv: KvArgs) -> Result<()> {
         .arg("--out")
         .arg(target.join("bench"))
         .arg("--seconds")
-        .arg(kv.seconds.to_string());
+        .arg(kv.seconds.to_string())
+        .arg("--rounds")
+        .arg(kv.rounds.to_string());
     if let Some(n) = kv.max_ops {
         bench.arg("--max-ops").arg(n.to_string());
     }
