@@ -45,6 +45,15 @@ impl Procs {
         Ok(())
     }
 
+    /// CPU time all these processes have used so far, ms.
+    fn cpu_ms(&self) -> Result<f64> {
+        let mut sum = 0.0;
+        for (_, child, _) in &self.0 {
+            sum += crate::machine::cpu_ms(Some(child.id()))?;
+        }
+        Ok(sum)
+    }
+
     /// Fails, with the log's tail, if a process has exited.
     fn check(&mut self) -> Result<()> {
         for (name, child, log) in &mut self.0 {
@@ -76,6 +85,13 @@ pub struct Zoned {
     procs: Procs,
     /// Client endpoints (host:port), by server.
     pub endpoints: Vec<String>,
+}
+
+impl Zoned {
+    /// CPU time the three servers have used so far, ms.
+    pub fn cpu_ms(&self) -> Result<f64> {
+        self.procs.cpu_ms()
+    }
 }
 
 pub async fn zoned(
@@ -159,6 +175,13 @@ pub struct Etcd {
     procs: Procs,
     pub endpoints: Vec<String>,
     pub version: String,
+}
+
+impl Etcd {
+    /// CPU time the three servers have used so far, ms.
+    pub fn cpu_ms(&self) -> Result<f64> {
+        self.procs.cpu_ms()
+    }
 }
 
 pub async fn etcd(

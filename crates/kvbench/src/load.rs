@@ -115,6 +115,10 @@ pub struct Figures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// CPU time of the three servers per operation, µs.
+    pub server_cpu_us_per_op: f64,
+    /// CPU time of the benchmark's clients per operation, µs.
+    pub client_cpu_us_per_op: f64,
 }
 
 /// Latency at quantile `q` of sorted microseconds, in ms.
@@ -134,6 +138,10 @@ pub struct Sample {
     pub latencies_us: Vec<u32>,
     pub errors: u64,
     pub seconds: f64,
+    /// CPU time the system's three servers used meanwhile, ms.
+    pub server_cpu_ms: f64,
+    /// CPU time the benchmark's own clients used meanwhile, ms.
+    pub client_cpu_ms: f64,
 }
 
 impl Sample {
@@ -141,12 +149,21 @@ impl Sample {
         self.latencies_us.extend(other.latencies_us);
         self.errors += other.errors;
         self.seconds += other.seconds;
+        self.server_cpu_ms += other.server_cpu_ms;
+        self.client_cpu_ms += other.client_cpu_ms;
     }
 
     pub fn figures(mut self) -> Figures {
         self.latencies_us.sort_unstable();
         let all = &self.latencies_us;
         let ops = all.len() as u64;
+        let per_op = |ms: f64| {
+            if ops > 0 {
+                ms * 1000.0 / ops as f64
+            } else {
+                0.0
+            }
+        };
         Figures {
             ops,
             errors: self.errors,
@@ -159,6 +176,8 @@ impl Sample {
             p50_ms: quantile_ms(all, 0.50),
             p99_ms: quantile_ms(all, 0.99),
             p999_ms: quantile_ms(all, 0.999),
+            server_cpu_us_per_op: per_op(self.server_cpu_ms),
+            client_cpu_us_per_op: per_op(self.client_cpu_ms),
         }
     }
 }
@@ -226,6 +245,8 @@ pub async fn run(
         latencies_us: all,
         errors: errors.load(Ordering::Relaxed),
         seconds: start.elapsed().as_secs_f64(),
+        server_cpu_ms: 0.0,
+        client_cpu_ms: 0.0,
     })
 }
 

@@ -10,6 +10,31 @@ use anyhow::{Context, Result};
 
 use crate::load::quantile_ms;
 
+/// CPU time (user + system) used so far by process `pid` (all its
+/// threads), or by this process for `None`, in ms: /proc/<pid>/stat, in
+/// USER_HZ ticks (100 per second on Linux, whatever the kernel's HZ).
+pub fn cpu_ms(pid: Option<u32>) -> Result<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name, in parentheses, may hold spaces: count from after it.
+    let rest = text
+        .rsplit_once(')')
+        .with_context(|| format!("{path}: no command name"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{path}: field {} is not a number", i + 3))
+    };
+    // Fields 14 and 15 of the line (utime, stime); the rest starts at 3.
+    Ok((tick(11)? + tick(12)?) as f64 * 10.0)
+}
+
 /// p50 of `n` appends of 256 bytes each followed by fdatasync, in a file
 /// in `dir` (the benchmark's data directory, so the data disk).
 pub fn fsync_p50_ms(dir: &Path, n: usize) -> Result<f64> {

@@ -85,6 +85,8 @@ fn figures_json(f: &Figures) -> serde_json::Value {
         "p50_ms": round(f.p50_ms, 3),
         "p99_ms": round(f.p99_ms, 3),
         "p999_ms": round(f.p999_ms, 3),
+        "server_cpu_us_per_op": round(f.server_cpu_us_per_op, 1),
+        "client_cpu_us_per_op": round(f.client_cpu_us_per_op, 1),
     })
 }
 
@@ -180,7 +182,14 @@ async fn run(args: Args) -> Result<()> {
             let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 let (system, ep) = systems[i];
-                let s = load::run(system, ep, kind, clients, slice, max_ops, args.keys).await?;
+                let server_cpu = || match system {
+                    System::Zoned => zoned.cpu_ms(),
+                    System::Etcd => etcd.cpu_ms(),
+                };
+                let (server0, client0) = (server_cpu()?, machine::cpu_ms(None)?);
+                let mut s = load::run(system, ep, kind, clients, slice, max_ops, args.keys).await?;
+                s.server_cpu_ms = server_cpu()? - server0;
+                s.client_cpu_ms = machine::cpu_ms(None)? - client0;
                 samples[i].merge(s);
             }
         }
@@ -244,6 +253,29 @@ async fn run(args: Args) -> Result<()> {
             r.etcd.p99_ms,
             r.etcd.p999_ms,
             r.ratio()
+        );
+    }
+    // CPU per operation does not depend on how fast the shared machine
+    // happened to be, so it compares the two more steadily than throughput.
+    println!();
+    println!(
+        "{:<8} {:>7} | {:>11} {:>11} | {:>11} {:>11} | {:>6}",
+        "CPU us/op", "CLIENTS", "ZONED srv", "client", "ETCD srv", "client", "E/Z"
+    );
+    for r in &rows {
+        println!(
+            "{:<8} {:>8} | {:>11.0} {:>11.0} | {:>11.0} {:>11.0} | {:>5.2}x",
+            r.kind.name(),
+            r.clients,
+            r.zoned.server_cpu_us_per_op,
+            r.zoned.client_cpu_us_per_op,
+            r.etcd.server_cpu_us_per_op,
+            r.etcd.client_cpu_us_per_op,
+            if r.zoned.server_cpu_us_per_op > 0.0 {
+                r.etcd.server_cpu_us_per_op / r.zoned.server_cpu_us_per_op
+            } else {
+                0.0
+            }
         );
     }
     let errors: u64 = rows.iter().map(|r| r.zoned.errors + r.etcd.errors).sum();

@@ -79,6 +79,15 @@ fn a_short_run_measures_every_workload_on_both_systems() {
         }
         assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
     }
+    // CPU is counted in 10 ms ticks: a few hundred operations may round to
+    // zero for one workload, never for all of them.
+    for system in ["zoned", "etcd"] {
+        let cpu: f64 = rows
+            .iter()
+            .map(|r| r[system]["server_cpu_us_per_op"].as_f64().unwrap())
+            .sum();
+        assert!(cpu > 0.0, "no server CPU counted for {system}");
+    }
     assert!(v["machine"]["fsync_p50_ms"].as_f64().unwrap() > 0.0);
     assert!(
         stdout.contains("WORKLOAD") && stdout.contains("target: "),
