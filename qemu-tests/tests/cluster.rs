@@ -118,22 +118,26 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
     let zone = wait_zone(&lab, Duration::from_secs(120))?;
     let leader = zone["leader_id"].as_u64().context("leader id")?;
     eprintln!("zone formed; leader {leader}");
-    let names: Vec<&str> = zone["servers"]
-        .as_array()
-        .context("servers")?
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
-    assert_eq!(names.len(), 3, "{zone}");
+    // A server's name arrives with its own answer to the leader, which may
+    // come a moment after the zone formed: ask until all three have one.
+    let client = lab.client();
+    let names: Vec<String> = wait_for(Duration::from_secs(60), "every server's name", || {
+        let v = client.show(&vip())?;
+        let names: Vec<String> = v["servers"]
+            .as_array()?
+            .iter()
+            .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        (names.len() == 3 && names.iter().all(|n| !n.is_empty())).then_some(names)
+    })?;
     assert!(
-        names.contains(&"flashed-2"),
+        names.iter().any(|n| n == "flashed-2"),
         "the flashed VM did not take its identity from its EFI partition: {names:?}"
     );
     // Each VM's disk is 4 GiB, the image 2.5: the data partition (1 GiB in
     // the image) was grown to the end of the disk at the first boot. Each
     // server's figures arrive with its answer to the leader: ask until all
     // three have answered.
-    let client = lab.client();
     let grown = wait_for(
         Duration::from_secs(60),
         "every server's disk figures",
