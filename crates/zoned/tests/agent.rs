@@ -98,12 +98,23 @@ async fn the_vip_follows_the_lease_with_no_two_holders() {
     zone.wait_leader().await;
     let agents = start_agents(&zone);
     let first = agents.wait_holder(&zone, None).await;
-    let log = agents.mem[first].entries();
+    // The second announcement follows the first by interval_ms: wait for
+    // it (or for anything more) before comparing.
+    let log = poll(
+        Duration::from_secs(5),
+        "the second announcement",
+        || async {
+            let log: Vec<String> = agents.mem[first]
+                .entries()
+                .into_iter()
+                .filter(|e| !e.starts_with("remove"))
+                .collect();
+            (log.len() >= 4).then_some(log)
+        },
+    )
+    .await;
     assert_eq!(
-        log.iter()
-            .filter(|e| !e.starts_with("remove"))
-            .cloned()
-            .collect::<Vec<_>>(),
+        log,
         vec![
             "add 10.99.0.100/24 on vip0".to_string(),
             "announce 10.99.0.100/24 on vip0".into(),
