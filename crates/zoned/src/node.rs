@@ -397,8 +397,13 @@ struct Driver {
     snapshots_received: u64,
     members: Vec<Member>,
     ticks: u64,
-    /// The lease round in flight: (round, term, monotonic send time).
-    lease_round: Option<(u64, u64, u64)>,
+    /// Lease rounds in flight, oldest first: (round, term, monotonic send
+    /// time). A new one starts every heartbeat without waiting for the
+    /// last, so a round trip longer than a heartbeat delays each renewal
+    /// but does not space them out.
+    lease_rounds: VecDeque<(u64, u64, u64)>,
+    /// The tick at which the newest round started.
+    lease_round_tick: Option<u64>,
     next_lease_round: u64,
     /// A term in which the lease must not be granted (transfer under way).
     lease_revoked_term: u64,
@@ -502,7 +507,8 @@ pub fn start(
         snapshots_received: 0,
         members,
         ticks: 0,
-        lease_round: None,
+        lease_rounds: VecDeque::new(),
+        lease_round_tick: None,
         next_lease_round: 1,
         lease_revoked_term: 0,
         lease_ns: config.lease().as_nanos() as u64,
@@ -680,7 +686,7 @@ impl Driver {
             }
             Request::RevokeLease { revoke, reply } => {
                 self.lease_revoked_term = if revoke { self.raw.raft.term } else { 0 };
-                self.lease_round = None;
+                self.lease_rounds.clear();
                 if revoke {
                     tracing::info!(term = self.raw.raft.term, "lease revoked");
                     self.publish_lease(false, 0);
@@ -903,8 +909,10 @@ impl Driver {
     }
 
     /// Every heartbeat, the leader starts a lease round (a ReadIndex whose
-    /// quorum answer renews the lease); a round lost to the network is
-    /// abandoned after a lease length.
+    /// quorum answer renews the lease), whether or not earlier rounds have
+    /// been answered; a leader without a lease starts one at once when none
+    /// is in flight. A round older than a lease length can no longer extend
+    /// the lease and is forgotten (lost to the network).
     fn lease_tick(&mut self) {
         if self.raw.raft.state != StateRole::Leader
             || self.lease_revoked_term == self.raw.raft.term
@@ -913,37 +921,49 @@ impl Driver {
             return;
         }
         let now = monotonic_ns();
-        if let Some((_, _, sent)) = self.lease_round {
-            if now.saturating_sub(sent) < self.lease_ns {
-                return;
-            }
-        }
-        if !self
-            .ticks
-            .is_multiple_of(self.config.raft.heartbeat_ticks as u64)
-            && self.lease_round.is_some()
+        while self
+            .lease_rounds
+            .front()
+            .is_some_and(|&(_, _, sent)| now.saturating_sub(sent) >= self.lease_ns)
         {
+            self.lease_rounds.pop_front();
+        }
+        let heartbeat_due = self
+            .lease_round_tick
+            .is_none_or(|t| self.ticks >= t + self.config.raft.heartbeat_ticks as u64);
+        let unheld_and_idle = self.lease_rounds.is_empty() && !self.lease_tx.borrow().held;
+        if !heartbeat_due && !unheld_and_idle {
             return;
         }
         let round = self.next_lease_round;
         self.next_lease_round += 1;
-        self.lease_round = Some((round, self.raw.raft.term, now));
+        self.lease_rounds
+            .push_back((round, self.raw.raft.term, now));
+        self.lease_round_tick = Some(self.ticks);
         self.raw.read_index(lease_ctx(round));
     }
 
+    /// A quorum answered lease round `ctx`, and with it every earlier round
+    /// (raft-rs answers ReadIndex requests in order): the lease runs from
+    /// that round's send time.
     fn lease_confirmed(&mut self, ctx: &[u8]) {
-        let Some((round, term, sent)) = self.lease_round else {
+        let Some(pos) = self
+            .lease_rounds
+            .iter()
+            .position(|&(round, _, _)| lease_ctx(round) == ctx)
+        else {
             return;
         };
-        if ctx != lease_ctx(round).as_slice() {
-            return;
-        }
-        self.lease_round = None;
+        let (_, term, sent) = self.lease_rounds[pos];
+        self.lease_rounds.drain(..=pos);
+        let expires = sent + self.lease_ns;
+        let current = *self.lease_tx.borrow();
         if self.raw.raft.state == StateRole::Leader
             && self.raw.raft.term == term
             && self.lease_revoked_term != term
+            && !(current.held && current.term == term && current.expires_ns >= expires)
         {
-            self.publish_lease(true, sent + self.lease_ns);
+            self.publish_lease(true, expires);
         }
     }
 
@@ -1060,15 +1080,20 @@ impl Driver {
             }
         }
 
-        // 4. ReadIndex answers: release those already applied.
+        // 4. ReadIndex answers: release those already applied. Of lease
+        //    rounds, the last answered (the newest) is the one that counts.
+        let mut lease_answer = None;
         for rs in ready.take_read_states() {
             if rs.request_ctx.first() == Some(&b'L') {
-                self.lease_confirmed(&rs.request_ctx);
+                lease_answer = Some(rs.request_ctx);
                 continue;
             }
             if let Some((_, waiters)) = self.reads_inflight.remove(&rs.request_ctx) {
                 self.reads_waiting.push((rs.index, waiters));
             }
+        }
+        if let Some(ctx) = lease_answer {
+            self.lease_confirmed(&ctx);
         }
 
         // 5. Committed entries: applied into the same batch as the new
@@ -1134,7 +1159,7 @@ impl Driver {
             tracing::info!(leader = leader_id, term, role = ?role, "Raft view changed");
         }
         if role != StateRole::Leader || old.term != term {
-            self.lease_round = None;
+            self.lease_rounds.clear();
             let l = *self.lease_tx.borrow();
             if l.held || l.leader_id != leader_id {
                 self.publish_lease_for(false, 0, leader_id);

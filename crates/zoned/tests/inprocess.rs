@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::poll;
 use raft::eraftpb::{Message, MessageType};
@@ -25,6 +25,9 @@ struct Router {
     /// each sent one; then all are delivered at once, so that the two
     /// pre-elections cross, as when two servers time out together.
     cross_pre_votes: Mutex<Option<Vec<Message>>>,
+    /// While set, every message is delivered this long after it was sent,
+    /// in order, by a thread of its own: a slow network.
+    delayed: Mutex<Option<(Duration, std::sync::mpsc::Sender<Delayed>)>>,
 }
 
 impl Router {
@@ -39,38 +42,34 @@ impl Router {
     fn heal(&self) {
         self.cut.lock().unwrap().clear();
     }
-}
 
-struct Port {
-    router: Arc<Router>,
-    from: u64,
-}
-
-impl Transport for Port {
-    fn send(&self, msgs: Vec<Message>) {
-        let nodes = self.router.nodes.lock().unwrap();
-        let cut = self.router.cut.lock().unwrap();
-        let mut crossing = self.router.cross_pre_votes.lock().unwrap();
-        let mut msgs = msgs;
-        if let Some(held) = crossing.as_mut() {
-            let (pre_votes, rest): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
-                m.get_msg_type() == MessageType::MsgRequestPreVote
-                    && !cut.contains(&(self.from, m.to))
-            });
-            held.extend(pre_votes);
-            msgs = rest;
-            let senders: HashSet<u64> = held.iter().map(|m| m.from).collect();
-            if senders.len() >= 2 {
-                msgs.extend(crossing.take().unwrap_or_default());
+    /// Delays every message from now on by `by` (one way).
+    fn delay(self: &Arc<Self>, by: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel::<Delayed>();
+        let router = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            // Ends when the router, and with it the sender, is gone.
+            while let Ok((due, from, m)) = rx.recv() {
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                router.deliver(from, vec![m]);
             }
-        }
+        });
+        *self.delayed.lock().unwrap() = Some((by, tx));
+    }
+
+    fn deliver(&self, from: u64, msgs: Vec<Message>) {
+        let nodes = self.nodes.lock().unwrap();
+        let cut = self.cut.lock().unwrap();
         for m in msgs {
             let to = m.to;
             let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let delivered = !cut.contains(&(self.from, to))
-                && nodes.get(&to).is_some_and(|n| n.step(m).is_ok());
+            let delivered =
+                !cut.contains(&(from, to)) && nodes.get(&to).is_some_and(|n| n.step(m).is_ok());
             if snapshot {
-                if let Some(me) = nodes.get(&self.from) {
+                if let Some(me) = nodes.get(&from) {
                     let status = if delivered {
                         SnapshotStatus::Finish
                     } else {
@@ -80,6 +79,44 @@ impl Transport for Port {
                 }
             }
         }
+    }
+}
+
+/// A message on its way through the slow network: (due, from, message).
+type Delayed = (Instant, u64, Message);
+
+struct Port {
+    router: Arc<Router>,
+    from: u64,
+}
+
+impl Transport for Port {
+    fn send(&self, msgs: Vec<Message>) {
+        if let Some((by, tx)) = self.router.delayed.lock().unwrap().as_ref() {
+            let due = Instant::now() + *by;
+            for m in msgs {
+                let _ = tx.send((due, self.from, m));
+            }
+            return;
+        }
+        let mut msgs = msgs;
+        {
+            let cut = self.router.cut.lock().unwrap();
+            let mut crossing = self.router.cross_pre_votes.lock().unwrap();
+            if let Some(held) = crossing.as_mut() {
+                let (pre_votes, rest): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
+                    m.get_msg_type() == MessageType::MsgRequestPreVote
+                        && !cut.contains(&(self.from, m.to))
+                });
+                held.extend(pre_votes);
+                msgs = rest;
+                let senders: HashSet<u64> = held.iter().map(|m| m.from).collect();
+                if senders.len() >= 2 {
+                    msgs.extend(crossing.take().unwrap_or_default());
+                }
+            }
+        }
+        self.router.deliver(self.from, msgs);
     }
 }
 
@@ -536,4 +573,66 @@ async fn the_lease_ends_before_any_other_server_can_hold_one() {
         assert!(old_last.expires_ns <= cut_at + c.lease_ns + 50_000_000);
         c.router.heal();
     }
+}
+
+/// Round trips of 200 ms, longer than a heartbeat (40 ms) and more than half
+/// the lease (360 ms): each renewal arrives late, but rounds overlap, so the
+/// lease never lapses while a quorum answers within the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holds_over_round_trips_longer_than_a_heartbeat() {
+    let c = Cluster::start_with(|cfg| {
+        cfg.raft.election_ticks = 20;
+        cfg.raft.lease_margin_ms = 20;
+    });
+    assert_eq!(c.lease_ns, 360_000_000);
+    let ids = [1, 2, 3];
+    let leader = c.wait_leader(&ids).await;
+    let term = c.nodes[&leader].view().term;
+    let log = record_leases(&c);
+    poll(
+        Duration::from_secs(10),
+        "the leader to hold a lease",
+        || async { c.nodes[&leader].watch_lease().borrow().held.then_some(()) },
+    )
+    .await;
+    c.router.delay(Duration::from_millis(100));
+    // Rounds sent before the delay was set may arrive quickly; watch from
+    // one lease length after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let from = zoned::node::monotonic_ns();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let to = zoned::node::monotonic_ns();
+    assert_eq!(
+        c.nodes[&leader].view().term,
+        term,
+        "the leader changed under the slow network"
+    );
+    let entries = log.lock().unwrap().clone();
+    let mine: Vec<_> = entries
+        .iter()
+        .filter(|(id, _)| *id == leader)
+        .map(|(_, l)| *l)
+        .collect();
+    // The publication in force at `from`, and every one after it until `to`.
+    let start = mine
+        .iter()
+        .rposition(|l| l.since_ns <= from)
+        .expect("a lease before the window");
+    let window: Vec<_> = mine[start..].iter().filter(|l| l.since_ns <= to).collect();
+    assert!(
+        window.len() >= 10,
+        "only {} renewals in 3 s: {window:?}",
+        window.len()
+    );
+    let mut until = from;
+    for l in &window {
+        assert!(l.held, "the lease was let go under a slow network: {l:?}");
+        assert!(
+            l.since_ns <= until,
+            "the lease lapsed for {} ms before it was renewed",
+            (l.since_ns - until) / 1_000_000
+        );
+        until = until.max(l.expires_ns);
+    }
+    assert!(until >= to, "the lease lapsed at the end of the window");
 }
