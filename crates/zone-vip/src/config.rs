@@ -52,6 +52,7 @@ struct FileConfig {
     socket: PathBuf,
     vip: Vec<VipEntry>,
     announce: Announce,
+    lease: LeaseConfig,
     leader: Role,
     follower: Role,
 }
@@ -62,6 +63,7 @@ impl Default for FileConfig {
             socket: PathBuf::from("/run/zoned/agent.sock"),
             vip: Vec::new(),
             announce: Announce::default(),
+            lease: LeaseConfig::default(),
             leader: Role::default(),
             follower: Role::default(),
         }
@@ -88,6 +90,25 @@ impl Default for Announce {
     }
 }
 
+/// How the agent treats a lease that ran out without renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// After the lease ran out without renewal (an overloaded host or a
+    /// slow network), the VIP and leader units are taken again only once
+    /// the lease has been renewed without a gap for this long, in
+    /// milliseconds: a lease that keeps lapsing does not make the VIP and
+    /// the units flap. A change of leader ends the wait. 0: take them back
+    /// at once. Default 1000.
+    pub settle_ms: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { settle_ms: 1000 }
+    }
+}
+
 /// What to do on entering a role.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -108,6 +129,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub vips: Vec<Vip>,
     pub announce: Announce,
+    pub lease: LeaseConfig,
     pub leader: Role,
     pub follower: Role,
 }
@@ -194,6 +216,7 @@ impl Config {
             socket: file.socket,
             vips,
             announce: file.announce,
+            lease: file.lease,
             leader: file.leader,
             follower: file.follower,
         })
@@ -224,6 +247,7 @@ mod tests {
         assert_eq!(c.vips[0].to_string(), "10.0.0.100/24 on eth0");
         assert!(c.vips[1].address.is_ipv6());
         assert_eq!(c.announce.count, 5);
+        assert_eq!(c.lease.settle_ms, 1000);
         assert_eq!(c.leader.units, vec!["opennebula.service".to_string()]);
     }
 
@@ -248,6 +272,7 @@ mod tests {
         );
         assert!(err("[announce]\ncount = \"x\"\n").starts_with("announce.count: invalid type"));
         assert!(err("[leader]\nunit = []\n").starts_with("leader.unit: unknown field"));
+        assert!(err("[lease]\nsettle_ms = -1\n").starts_with("lease.settle_ms: invalid value"));
         assert_eq!(
             err("[[vip]]\naddress = \"10.0.0.1/24\"\ninterface = \"eth0\"\n[follower]\nunits = [\"x\"]\n"),
             "follower.units: units run only on the leader; list them under [leader]"

@@ -6,6 +6,12 @@
 //! leader: add the VIPs, announce them, start units, run the leader hook.
 //! Leaving: remove the VIPs first (the time-critical part), then stop units
 //! and run the follower hook.
+//!
+//! Damping: after a lease ran out without renewal, a lease that comes back
+//! makes this agent leader again only once it has been renewed without a
+//! gap for `lease.settle_ms`, so that a lease which keeps lapsing (an
+//! overloaded host) does not make the VIP and the units flap. A change of
+//! leader (zoned says the lease is not held) ends the wait.
 
 use crate::config::{Config, Vip};
 
@@ -39,10 +45,19 @@ enum Role {
     Leader { expires_ns: u64 },
 }
 
+/// Waiting, after a lapse, for the lease to hold without a gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Settling {
+    /// The current run of valid leases: since when, and until when the
+    /// last one runs. None before the first or after a gap.
+    run: Option<(u64, u64)>,
+}
+
 #[derive(Debug)]
 pub struct Machine {
     config: Config,
     role: Role,
+    settling: Option<Settling>,
 }
 
 impl Machine {
@@ -50,6 +65,7 @@ impl Machine {
         Machine {
             config,
             role: Role::Follower,
+            settling: None,
         }
     }
 
@@ -79,8 +95,15 @@ impl Machine {
     /// A lease state arrived at monotonic time `now_ns`.
     pub fn on_lease(&mut self, lease: LeaseView, now_ns: u64) -> Vec<Action> {
         let valid = lease.held && lease.expires_ns > now_ns;
+        if !lease.held {
+            // Another leader, or this one handing over: a new start.
+            self.settling = None;
+        }
         match (self.role, valid) {
             (Role::Follower, true) => {
+                if !self.settled(lease.expires_ns, now_ns) {
+                    return Vec::new();
+                }
                 self.role = Role::Leader {
                     expires_ns: lease.expires_ns,
                 };
@@ -93,20 +116,57 @@ impl Machine {
                 Vec::new()
             }
             (Role::Leader { .. }, false) => self.become_follower(),
-            (Role::Follower, false) => Vec::new(),
+            (Role::Follower, false) => {
+                if let Some(s) = self.settling.as_mut() {
+                    s.run = None;
+                }
+                Vec::new()
+            }
         }
+    }
+
+    /// Whether a valid lease (until `expires_ns`) may make this agent
+    /// leader now: always, unless settling after a lapse.
+    fn settled(&mut self, expires_ns: u64, now_ns: u64) -> bool {
+        let Some(s) = self.settling.as_mut() else {
+            return true;
+        };
+        let since = match s.run {
+            Some((since, until)) if now_ns < until => since,
+            _ => now_ns,
+        };
+        s.run = Some((since, expires_ns));
+        if now_ns - since < self.config.lease.settle_ms * 1_000_000 {
+            return false;
+        }
+        tracing::info!(
+            settle_ms = self.config.lease.settle_ms,
+            "the lease has held without a gap since its lapse; taking over again"
+        );
+        self.settling = None;
+        true
     }
 
     /// The clock reached `now_ns` with no new lease.
     pub fn on_tick(&mut self, now_ns: u64) -> Vec<Action> {
         match self.role {
-            Role::Leader { expires_ns } if now_ns >= expires_ns => self.become_follower(),
+            Role::Leader { expires_ns } if now_ns >= expires_ns => {
+                if self.config.lease.settle_ms > 0 {
+                    tracing::info!(
+                        settle_ms = self.config.lease.settle_ms,
+                        "leading again once the lease holds without a gap for settle_ms"
+                    );
+                    self.settling = Some(Settling { run: None });
+                }
+                self.become_follower()
+            }
             _ => Vec::new(),
         }
     }
 
     /// The lease stream broke or zoned died: no lease can be trusted.
     pub fn on_stream_lost(&mut self) -> Vec<Action> {
+        self.settling = None;
         match self.role {
             Role::Leader { .. } => self.become_follower(),
             Role::Follower => Vec::new(),
@@ -201,6 +261,8 @@ mod tests {
         assert_eq!(m.on_tick(1_000), down);
         assert!(m.on_tick(2_000).is_empty(), "steps down once");
 
+        // (A revocation ends the settling after the lapse.)
+        m.on_lease(lease(false, 0), 1_500);
         m.on_lease(lease(true, 3_000), 2_000);
         assert_eq!(m.on_lease(lease(false, 0), 2_100), down);
 
@@ -217,6 +279,61 @@ mod tests {
         // A stale renewal (already expired) is ignored.
         assert!(m.on_lease(lease(true, 1_500), 1_600).is_empty());
         assert!(!m.is_leader());
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn after_a_lapse_the_lease_must_hold_without_a_gap_for_settle_ms() {
+        let mut m = Machine::new(config());
+        assert_eq!(m.config.lease.settle_ms, 1000);
+        m.on_lease(lease(true, 350 * MS), 0);
+        assert!(!m.on_tick(350 * MS).is_empty(), "the lapse steps down");
+        // Renewals every 100 ms from 400 ms: not yet a second of them.
+        for t in (400..1400).step_by(100) {
+            assert!(m.on_lease(lease(true, (t + 350) * MS), t * MS).is_empty());
+            assert!(!m.is_leader(), "leader again at {t} ms");
+        }
+        // A gap (the lease ran out at 1650 ms) starts the second again.
+        assert!(m.on_lease(lease(true, 2_050 * MS), 1_700 * MS).is_empty());
+        assert!(m.on_lease(lease(true, 2_600 * MS), 2_600 * MS).is_empty());
+        assert!(m.on_lease(lease(true, 3_000 * MS), 2_650 * MS).is_empty());
+        for t in (2_700..3_650).step_by(100) {
+            assert!(m.on_lease(lease(true, (t + 350) * MS), t * MS).is_empty());
+        }
+        // A second without a gap since 2650 ms.
+        assert_eq!(
+            m.on_lease(lease(true, 4_000 * MS), 3_650 * MS)[0],
+            Action::AddVip(vip())
+        );
+        assert!(m.is_leader());
+        // Settled: a later renewal is an ordinary one.
+        assert!(m.on_lease(lease(true, 4_100 * MS), 3_750 * MS).is_empty());
+        assert!(m.is_leader());
+    }
+
+    #[test]
+    fn a_change_of_leader_or_of_zoned_ends_the_settling() {
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 350 * MS), 0);
+        m.on_tick(350 * MS);
+        // zoned says the lease is not held (a new leader elsewhere); when
+        // this server leads again, it takes over at once.
+        assert!(m.on_lease(lease(false, 0), 400 * MS).is_empty());
+        assert!(!m.on_lease(lease(true, 900 * MS), 500 * MS).is_empty());
+        m.on_tick(900 * MS);
+        assert!(m.on_stream_lost().is_empty());
+        assert!(!m.on_lease(lease(true, 1_400 * MS), 1_000 * MS).is_empty());
+    }
+
+    #[test]
+    fn settle_ms_0_takes_the_lease_back_at_once() {
+        let mut c = config();
+        c.lease.settle_ms = 0;
+        let mut m = Machine::new(c);
+        m.on_lease(lease(true, 350 * MS), 0);
+        m.on_tick(350 * MS);
+        assert!(!m.on_lease(lease(true, 800 * MS), 450 * MS).is_empty());
     }
 
     #[test]
