@@ -78,6 +78,7 @@ fn a_short_run_measures_every_workload_on_both_systems() {
             assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{r}");
         }
         assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["server_cpu_ratio"].as_f64().unwrap() >= 0.0, "{r}");
     }
     // CPU is counted in 10 ms ticks: a few hundred operations may round to
     // zero for one workload, never for all of them.
