@@ -1,7 +1,7 @@
 //! Raft traffic between servers over gRPC, on the peer port.
 //!
-//! Sending: one task per peer owns a client-streaming `Peer.Raft` call and
-//! feeds it batches of whatever messages queued up meanwhile. When the call
+//! Sending: one task per peer owns a client-streaming `Peer.Raft` call whose
+//! body takes, at each poll, whatever messages queued up meanwhile. When the call
 //! breaks, queued messages are dropped (Raft retransmits), the peer is
 //! reported unreachable so Raft stops pipelining to it, and the task
 //! reconnects with exponential backoff. Snapshots go in their own
@@ -14,14 +14,13 @@
 //! only be reachable by zone members, and mutual TLS is planned for it).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as PbMessage;
 use raft::eraftpb::{Message, MessageType};
 use raft::SnapshotStatus;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status, Streaming};
 use zone_proto::v1::peer_client::PeerClient;
@@ -194,59 +193,83 @@ fn encode(msg: &Message) -> Vec<u8> {
         .expect("encoding to memory cannot fail")
 }
 
+/// The queue of one peer, shared by [`run_peer`] and the body of its
+/// current call. Locked only for a poll: never contended but at a reconnect.
+type Queue = Arc<Mutex<mpsc::UnboundedReceiver<Message>>>;
+
+/// The body of a `Peer.Raft` call: each item is every message queued at the
+/// time it is polled, up to the batch bounds. gRPC's own body task polls it,
+/// so a message goes from the driver thread to the connection in one wake-up
+/// (a sender task between them cost one more per batch, on each side of each
+/// round trip).
+struct Batches {
+    queue: Queue,
+    first: Option<Message>,
+}
+
+impl futures::Stream for Batches {
+    type Item = RaftBatch;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<RaftBatch>> {
+        use std::task::Poll;
+        let queue = self.queue.clone();
+        let mut rx = queue.lock().expect("peer queue poisoned");
+        let first = match self.first.take() {
+            Some(m) => m,
+            None => match rx.poll_recv(cx) {
+                Poll::Ready(Some(m)) => m,
+                // The link was closed: end the call.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let mut bytes = 0;
+        let mut messages = Vec::with_capacity(1 + rx.len().min(BATCH_MESSAGES));
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            let b = encode(&m);
+            bytes += b.len();
+            messages.push(b);
+            if messages.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        Poll::Ready(Some(RaftBatch { messages }))
+    }
+}
+
 /// Owns the stream to one peer for the life of the process.
 async fn run_peer(
     id: u64,
     addr: String,
     client: PeerClient<Channel>,
-    mut rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::UnboundedReceiver<Message>,
     node: Arc<OnceLock<NodeHandle>>,
 ) {
+    let queue: Queue = Arc::new(Mutex::new(rx));
     let mut backoff = BACKOFF_MIN;
     let mut healthy = true;
     loop {
         // Connect only when there is something to say.
-        let Some(first) = rx.recv().await else { return };
-        let (btx, brx) = mpsc::channel::<RaftBatch>(16);
-        let mut call_client = client.clone();
-        let mut call =
-            tokio::spawn(async move { call_client.raft(ReceiverStream::new(brx)).await });
-        let mut pending = vec![first];
-        let opened = std::time::Instant::now();
-        let outcome: Result<(), String> = loop {
-            let mut bytes = 0;
-            let mut batch = Vec::with_capacity(pending.len());
-            for m in pending.drain(..) {
-                let b = encode(&m);
-                bytes += b.len();
-                batch.push(b);
-            }
-            while batch.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        let b = encode(&m);
-                        bytes += b.len();
-                        batch.push(b);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if btx.send(RaftBatch { messages: batch }).await.is_err() {
-                break Err("stream closed".into());
-            }
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => pending.push(m),
-                    None => return,
-                },
-                r = &mut call => break match r {
-                    Ok(Ok(_)) => Err("peer ended the stream".into()),
-                    Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
-                    Err(e) => Err(e.to_string()),
-                },
-            }
+        let first =
+            std::future::poll_fn(|cx| queue.lock().expect("peer queue poisoned").poll_recv(cx))
+                .await;
+        let Some(first) = first else { return };
+        let body = Batches {
+            queue: queue.clone(),
+            first: Some(first),
         };
-        let reason = outcome.err().unwrap_or_default();
+        let opened = std::time::Instant::now();
+        // A client-streaming call answers once its body ends (the link
+        // was closed) or the call broke.
+        let reason = match client.clone().raft(body).await {
+            Ok(_) if queue.lock().expect("peer queue poisoned").is_closed() => return,
+            Ok(_) => "peer ended the stream".to_owned(),
+            Err(status) => format!("{}: {}", status.code(), status.message()),
+        };
         // A stream that lived a while proves the peer was back: warn again
         // on this failure and start the backoff from the bottom.
         if opened.elapsed() > Duration::from_secs(1) {
@@ -263,6 +286,7 @@ async fn run_peer(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
         // What queued meanwhile is stale: Raft resends what still matters.
+        let mut rx = queue.lock().expect("peer queue poisoned");
         while rx.try_recv().is_ok() {}
     }
 }
