@@ -390,7 +390,7 @@ impl Zone {
     /// asks its own state (a follower's may lag behind a `zone enable`); the
     /// state machine refuses the write anyway when it is applied.
     pub(crate) fn check_enabled(&self) -> Result<(), ApiError> {
-        if self.node.view().role == StateRole::Leader && self.node.reader().disabled()? {
+        if self.node.view().role == StateRole::Leader && self.node.reader().disabled() {
             return Err(ApiError::FailedPrecondition(kv::DISABLED_MESSAGE.into()));
         }
         Ok(())
@@ -648,7 +648,7 @@ impl Zone {
             leader_id: local.leader_id,
             term: local.term,
             servers,
-            disabled: self.node.reader().disabled()?,
+            disabled: self.node.reader().disabled(),
         })
     }
 }

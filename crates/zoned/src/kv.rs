@@ -18,6 +18,8 @@
 //! at one revision even while the driver keeps applying.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use prost::Message as _;
 use rocksdb::{ReadOptions, WriteBatch};
@@ -161,6 +163,16 @@ fn prefix_scan<'a>(
 pub struct KvCache {
     map: HashMap<Vec<u8>, Option<KeyValue>>,
     bytes: usize,
+    /// The store's meta (revision, history floor, maintenance flag) as the
+    /// last applier left it: three reads less per batch.
+    meta: Option<Meta>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    revision: u64,
+    floor: u64,
+    disabled: bool,
 }
 
 /// Bound of [`KvCache`].
@@ -170,6 +182,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.map.clear();
         self.bytes = 0;
+        self.meta = None;
     }
 
     fn insert(&mut self, key: Vec<u8>, kv: Option<KeyValue>) {
@@ -179,7 +192,8 @@ impl KvCache {
         };
         let new = size(key.len(), &kv);
         if self.bytes + new > KV_CACHE_BYTES {
-            self.clear();
+            self.map.clear();
+            self.bytes = 0;
         }
         let key_len = key.len();
         if let Some(old) = self.map.insert(key, kv) {
@@ -221,7 +235,17 @@ impl<'a> Applier<'a> {
         term: u64,
         watch_history: u64,
     ) -> Result<Applier<'a>, StorageFailure> {
-        let meta = |k: &[u8]| engine.db().get_cf(engine.cf(CF_META), k);
+        let meta = match cache.meta {
+            Some(m) => m,
+            None => {
+                let get = |k: &[u8]| engine.db().get_cf(engine.cf(CF_META), k);
+                Meta {
+                    revision: read_u64(get, KEY_REVISION, 0)?,
+                    floor: read_u64(get, KEY_HISTORY_FLOOR, 1)?,
+                    disabled: read_u64(get, KEY_DISABLED, 0)? != 0,
+                }
+            }
+        };
         Ok(Applier {
             engine,
             cache,
@@ -229,9 +253,9 @@ impl<'a> Applier<'a> {
             term,
             watch_history,
             overlay: BTreeMap::new(),
-            revision: read_u64(meta, KEY_REVISION, 0)?,
-            floor: read_u64(meta, KEY_HISTORY_FLOOR, 1)?,
-            disabled: read_u64(meta, KEY_DISABLED, 0)? != 0,
+            revision: meta.revision,
+            floor: meta.floor,
+            disabled: meta.disabled,
             dirty_meta: false,
             events: Vec::new(),
         })
@@ -239,6 +263,11 @@ impl<'a> Applier<'a> {
 
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// True while the zone is disabled, as of the commands applied so far.
+    pub fn disabled(&self) -> bool {
+        self.disabled
     }
 
     fn header(&self) -> Option<ResponseHeader> {
@@ -509,6 +538,15 @@ impl<'a> Applier<'a> {
         for (key, kv) in std::mem::take(&mut self.overlay) {
             self.cache.insert(key, kv);
         }
+        self.stage_meta(wb);
+        self.cache.meta = Some(Meta {
+            revision: self.revision,
+            floor: self.floor,
+            disabled: self.disabled,
+        });
+    }
+
+    fn stage_meta(&mut self, wb: &mut WriteBatch) {
         if !self.dirty_meta {
             return;
         }
@@ -611,11 +649,37 @@ pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64,
 #[derive(Debug, Clone)]
 pub struct Reader {
     engine: Engine,
+    /// The maintenance flag, kept by the Raft driver after each write so
+    /// that every write request need not read it from RocksDB.
+    disabled: Arc<AtomicBool>,
 }
 
 impl Reader {
-    pub fn new(engine: Engine) -> Reader {
-        Reader { engine }
+    /// Reads the maintenance flag from the store once.
+    pub fn new(engine: Engine) -> Result<Reader, StorageFailure> {
+        let reader = Reader {
+            engine,
+            disabled: Arc::new(AtomicBool::new(false)),
+        };
+        reader.reload()?;
+        Ok(reader)
+    }
+
+    /// Reads the maintenance flag from the store again (after a snapshot
+    /// replaced it).
+    pub(crate) fn reload(&self) -> Result<(), StorageFailure> {
+        let disabled = read_u64(
+            |k| self.engine.db().get_cf(self.engine.cf(CF_META), k),
+            KEY_DISABLED,
+            0,
+        )? != 0;
+        self.set_disabled(disabled);
+        Ok(())
+    }
+
+    /// Sets the flag [`Reader::disabled`] answers, once the store holds it.
+    pub(crate) fn set_disabled(&self, disabled: bool) {
+        self.disabled.store(disabled, Ordering::Release);
     }
 
     pub fn revision(&self) -> Result<u64, StorageFailure> {
@@ -627,12 +691,8 @@ impl Reader {
     }
 
     /// True while the zone is disabled for maintenance.
-    pub fn disabled(&self) -> Result<bool, StorageFailure> {
-        Ok(read_u64(
-            |k| self.engine.db().get_cf(self.engine.cf(CF_META), k),
-            KEY_DISABLED,
-            0,
-        )? != 0)
+    pub fn disabled(&self) -> bool {
+        self.disabled.load(Ordering::Acquire)
     }
 
     /// Oldest revision whose changes a watcher can still replay.
@@ -702,7 +762,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zone_proto::v1::RequestOp;
+    use zone_proto::v1::{command_result, RequestOp, SetMaintenanceRequest};
 
     fn put(key: &str, value: &str) -> Command {
         Command {
@@ -730,7 +790,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path()).unwrap();
         apply_all(&engine, &[put("a", "1"), put("a", "2"), put("b", "x")]);
-        let r = Reader::new(engine.clone());
+        let r = Reader::new(engine.clone()).unwrap();
         let (kv, rev) = r
             .get(&GetRequest {
                 key: b"a".to_vec(),
@@ -792,6 +852,19 @@ mod tests {
                     cmds.push(del("a", false));
                 }
                 cmds.push(put(&format!("p/{}", (b + 1) % 4), "late"));
+                if b == 5 || b == 7 {
+                    // Disabled, then enabled again: the commands between
+                    // are refused, whatever the cache holds.
+                    cmds.insert(
+                        1,
+                        Command {
+                            id: 0,
+                            op: Some(command::Op::SetMaintenance(SetMaintenanceRequest {
+                                disabled: b == 5,
+                            })),
+                        },
+                    );
+                }
                 cmds
             })
             .collect();
@@ -805,7 +878,8 @@ mod tests {
                     cache.clear();
                 }
                 let mut wb = WriteBatch::default();
-                let mut a = Applier::new(&engine, &mut cache, 1, 1, 1000).unwrap();
+                // A short history, so that the floor moves too.
+                let mut a = Applier::new(&engine, &mut cache, 1, 1, 16).unwrap();
                 for c in cmds {
                     results.push(a.apply(&mut wb, c).unwrap());
                     if mode == 2 {
@@ -816,11 +890,14 @@ mod tests {
                 a.finish(&mut wb);
                 engine.write(wb, true).unwrap();
             }
-            let r = Reader::new(engine.clone());
+            let r = Reader::new(engine.clone()).unwrap();
             let (kvs, _, rev) = r.range(&RangeRequest::default()).unwrap();
-            let history = r.history(1, rev, b"").unwrap();
+            let floor = r.history_floor().unwrap();
+            let history = r.history(floor, rev, b"").unwrap();
             (
                 results,
+                r.disabled(),
+                floor,
                 kvs,
                 rev,
                 history,
@@ -828,14 +905,33 @@ mod tests {
             )
         };
         let warm = run(0);
-        assert!(warm.4, "the warm run kept nothing in its cache");
-        assert!(warm.2 > 40, "too few revisions: {}", warm.2);
+        assert!(warm.6, "the warm run kept nothing in its cache");
+        assert!(warm.4 > 30, "too few revisions: {}", warm.4);
+        assert!(warm.2 > 20, "the history floor did not move: {}", warm.2);
+        assert!(!warm.1, "the zone was left disabled");
+        let refused = warm
+            .0
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Some(CommandResult {
+                        result: Some(command_result::Result::FailedPrecondition(_))
+                    })
+                )
+            })
+            .count();
+        assert!(
+            refused >= 4,
+            "only {refused} commands were refused while disabled"
+        );
         for mode in [1, 2] {
             let other = run(mode);
             assert_eq!(warm.0, other.0, "results differ (mode {mode})");
-            assert_eq!(warm.1, other.1, "stores differ (mode {mode})");
-            assert_eq!(warm.2, other.2, "revisions differ (mode {mode})");
-            assert_eq!(warm.3, other.3, "histories differ (mode {mode})");
+            assert_eq!(warm.3, other.3, "stores differ (mode {mode})");
+            assert_eq!(warm.4, other.4, "revisions differ (mode {mode})");
+            assert_eq!(warm.5, other.5, "histories differ (mode {mode})");
+            assert_eq!(warm.2, other.2, "history floors differ (mode {mode})");
         }
     }
 
@@ -890,7 +986,7 @@ mod tests {
             4,
             "one revision for the whole txn"
         );
-        let r = Reader::new(engine);
+        let r = Reader::new(engine).unwrap();
         let (kvs, more, rev) = r.range(&RangeRequest::default()).unwrap();
         assert_eq!((kvs.len(), more, rev), (1, false, 4));
         assert_eq!(r.history(4, 4, b"").unwrap().len(), 2);
@@ -904,7 +1000,7 @@ mod tests {
             &engine,
             &[put("p/1", ""), put("p/2", ""), put("p/3", ""), put("q", "")],
         );
-        let r = Reader::new(engine);
+        let r = Reader::new(engine).unwrap();
         let req = RangeRequest {
             prefix: b"p/".to_vec(),
             limit: 2,
@@ -929,7 +1025,7 @@ mod tests {
             .map(|i| put(&format!("k{}", i % 7), "v"))
             .collect();
         apply_all(&engine, &cmds);
-        let r = Reader::new(engine);
+        let r = Reader::new(engine).unwrap();
         // Retention 100, trimmed in steps of 25: between 100 and 125
         // revisions are kept, and nothing older.
         let floor = r.history_floor().unwrap();
@@ -953,7 +1049,7 @@ mod tests {
         let mut wb = WriteBatch::default();
         assert_eq!(restore(&b, &mut wb, &data).unwrap(), 2);
         b.write(wb, true).unwrap();
-        let r = Reader::new(b);
+        let r = Reader::new(b).unwrap();
         let (kvs, _, rev) = r.range(&RangeRequest::default()).unwrap();
         assert_eq!(rev, 2);
         assert_eq!(

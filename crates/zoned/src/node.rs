@@ -369,6 +369,8 @@ enum Outcome {
 struct Completions {
     writes: Vec<(Waiter, Result<Outcome, NodeError>)>,
     events: Vec<Event>,
+    /// The maintenance flag after the applied commands.
+    disabled: Option<bool>,
 }
 
 struct Driver {
@@ -388,6 +390,8 @@ struct Driver {
     to_propose: Vec<(Vec<u8>, Reply<CommandResult>)>,
     /// Records of recently applied keys, for the applier.
     kv_cache: KvCache,
+    /// The handle's reader: the driver keeps its maintenance flag.
+    reader: Reader,
     reads_new: Vec<Reply<()>>,
     /// Read batches sent, by context, with the tick they were sent at.
     reads_inflight: HashMap<Vec<u8>, (u64, Vec<Reply<()>>)>,
@@ -481,7 +485,7 @@ pub fn start(
         view: view_rx,
         lease: lease_rx,
         events: events_tx.clone(),
-        reader: Reader::new(engine.clone()),
+        reader: Reader::new(engine.clone())?,
     };
     let mut driver = Driver {
         id: config.node.id,
@@ -496,6 +500,7 @@ pub fn start(
         proposals: VecDeque::new(),
         to_propose: Vec::new(),
         kv_cache: KvCache::default(),
+        reader: handle.reader.clone(),
         reads_new: Vec::new(),
         reads_inflight: HashMap::new(),
         reads_waiting: Vec::new(),
@@ -1060,6 +1065,7 @@ impl Driver {
             let revision = kv::restore(&self.engine, &mut wb, &snap.data)?;
             self.raw.mut_store().apply_snapshot_meta(&mut wb, meta);
             self.engine.write(std::mem::take(&mut wb), true)?;
+            self.reader.reload()?;
             let _ = self.events_tx.send(Arc::new(Applied::Snapshot(revision)));
             if let Some(members) = kv::read_members(&self.engine)? {
                 self.members = members;
@@ -1234,6 +1240,7 @@ impl Driver {
         }
         applier.finish(wb);
         done.events = std::mem::take(&mut applier.events);
+        done.disabled = Some(applier.disabled());
         drop(applier);
         self.kv_cache = cache;
         self.raw.mut_store().set_applied(wb, last);
@@ -1287,7 +1294,11 @@ impl Driver {
     }
 
     /// After a batch is durable: answer writers, wake watchers and readers.
+    /// Answers what the batch just written settled.
     fn complete(&mut self, done: Completions) {
+        if let Some(disabled) = done.disabled {
+            self.reader.set_disabled(disabled);
+        }
         for (waiter, outcome) in done.writes {
             match waiter {
                 Waiter::Command(reply) => {
@@ -1378,7 +1389,7 @@ impl Driver {
             last_index: raft.raft_log.last_index(),
             commit: raft.raft_log.committed,
             applied: store.applied(),
-            revision: Reader::new(self.engine.clone()).revision().unwrap_or(0),
+            revision: self.reader.revision().unwrap_or(0),
             voters: cs.voters.clone(),
             learners: cs.learners.clone(),
             progress,
