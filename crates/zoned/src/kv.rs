@@ -59,13 +59,13 @@ fn decode_kv(key: &[u8], bytes: &[u8]) -> Result<KeyValue, StorageFailure> {
     Ok(kv)
 }
 
-fn encode_kv(kv: &KeyValue) -> Vec<u8> {
-    // The key is the RocksDB key; do not store it twice.
-    let stored = KeyValue {
-        key: Vec::new(),
-        ..kv.clone()
-    };
-    stored.encode_to_vec()
+fn encode_kv(kv: &mut KeyValue) -> Vec<u8> {
+    // The key is the RocksDB key; do not store it twice (lent out for the
+    // encoding rather than copied: this is on every write's path).
+    let key = std::mem::take(&mut kv.key);
+    let bytes = kv.encode_to_vec();
+    kv.key = key;
+    bytes
 }
 
 fn read_u64(
@@ -334,31 +334,33 @@ impl<'a> Applier<'a> {
     fn put(
         &mut self,
         wb: &mut WriteBatch,
-        req: &PutRequest,
+        req: PutRequest,
         started_at: u64,
     ) -> Result<PutResponse, StorageFailure> {
         let prev = self.get(&req.key)?;
         let rev = self.change_revision(started_at);
-        let kv = KeyValue {
-            key: req.key.clone(),
-            value: req.value.clone(),
+        let mut kv = KeyValue {
+            key: req.key,
+            value: req.value,
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
             mod_revision: rev,
             version: prev.as_ref().map_or(0, |p| p.version) + 1,
         };
-        wb.put_cf(self.engine.cf(CF_KV), &req.key, encode_kv(&kv));
-        self.overlay.insert(req.key.clone(), Some(kv.clone()));
+        let record = encode_kv(&mut kv);
+        wb.put_cf(self.engine.cf(CF_KV), &kv.key, record);
+        self.overlay.insert(kv.key.clone(), Some(kv.clone()));
+        let prev_kv = if req.prev_kv { prev.clone() } else { None };
         self.record(
             wb,
             Event {
                 r#type: EventType::Put as i32,
                 kv: Some(kv),
-                prev_kv: prev.clone(),
+                prev_kv: prev,
             },
         );
         Ok(PutResponse {
             header: self.header(),
-            prev_kv: if req.prev_kv { prev } else { None },
+            prev_kv,
         })
     }
 
@@ -428,7 +430,7 @@ impl<'a> Applier<'a> {
     fn txn(
         &mut self,
         wb: &mut WriteBatch,
-        req: &TxnRequest,
+        req: TxnRequest,
         started_at: u64,
     ) -> Result<TxnResponse, StorageFailure> {
         let mut succeeded = true;
@@ -438,19 +440,15 @@ impl<'a> Applier<'a> {
                 break;
             }
         }
-        let ops = if succeeded {
-            &req.success
-        } else {
-            &req.failure
-        };
+        let ops = if succeeded { req.success } else { req.failure };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
-            let response = match &op.request {
+            let response = match op.request {
                 Some(request_op::Request::Put(p)) => {
                     response_op::Response::Put(self.put(wb, p, started_at)?)
                 }
                 Some(request_op::Request::Delete(d)) => {
-                    response_op::Response::Delete(self.delete(wb, d, started_at)?)
+                    response_op::Response::Delete(self.delete(wb, &d, started_at)?)
                 }
                 Some(request_op::Request::Get(g)) => response_op::Response::Get(GetResponse {
                     header: self.header(),
@@ -496,7 +494,7 @@ impl<'a> Applier<'a> {
     pub fn apply(
         &mut self,
         wb: &mut WriteBatch,
-        cmd: &Command,
+        cmd: Command,
     ) -> Result<Option<CommandResult>, StorageFailure> {
         use zone_proto::v1::command_result::Result as R;
         let started_at = self.revision;
@@ -519,9 +517,9 @@ impl<'a> Applier<'a> {
                 result: Some(R::FailedPrecondition(DISABLED_MESSAGE.to_owned())),
             }));
         }
-        let result = match &cmd.op {
+        let result = match cmd.op {
             Some(command::Op::Put(p)) => R::Put(self.put(wb, p, started_at)?),
-            Some(command::Op::Delete(d)) => R::Delete(self.delete(wb, d, started_at)?),
+            Some(command::Op::Delete(d)) => R::Delete(self.delete(wb, &d, started_at)?),
             Some(command::Op::Txn(t)) => R::Txn(self.txn(wb, t, started_at)?),
             Some(command::Op::SetMaintenance(_)) | None => return Ok(None),
         };
@@ -629,8 +627,10 @@ pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64,
         let (k, _) = item?;
         wb.delete_cf(kv, k);
     }
-    for pair in &snap.kvs {
-        wb.put_cf(kv, &pair.key, encode_kv(pair));
+    let mut snap = snap;
+    for pair in &mut snap.kvs {
+        let record = encode_kv(pair);
+        wb.put_cf(kv, &pair.key, record);
     }
     wb.delete_range_cf(
         engine.cf(CF_HISTORY),
@@ -779,7 +779,10 @@ mod tests {
         let mut wb = WriteBatch::default();
         let mut cache = KvCache::default();
         let mut a = Applier::new(engine, &mut cache, 1, 1, 100).unwrap();
-        let out = cmds.iter().map(|c| a.apply(&mut wb, c).unwrap()).collect();
+        let out = cmds
+            .iter()
+            .map(|c| a.apply(&mut wb, c.clone()).unwrap())
+            .collect();
         a.finish(&mut wb);
         engine.write(wb, true).unwrap();
         out
@@ -881,7 +884,7 @@ mod tests {
                 // A short history, so that the floor moves too.
                 let mut a = Applier::new(&engine, &mut cache, 1, 1, 16).unwrap();
                 for c in cmds {
-                    results.push(a.apply(&mut wb, c).unwrap());
+                    results.push(a.apply(&mut wb, c.clone()).unwrap());
                     if mode == 2 {
                         // As if the cache had filled up mid-batch.
                         a.cache.clear();

@@ -1204,7 +1204,7 @@ impl Driver {
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => Outcome::Nothing, // a new leader's no-op
                 EntryType::EntryNormal => match Command::decode(&entry.data[..]) {
-                    Ok(cmd) => Outcome::Command(applier.apply(wb, &cmd)?),
+                    Ok(cmd) => Outcome::Command(applier.apply(wb, cmd)?),
                     Err(e) => {
                         tracing::error!(index = entry.index, error = %e, "skipping an undecodable command");
                         Outcome::Nothing
