@@ -133,6 +133,14 @@ fn lease_ctx(round: u64) -> Vec<u8> {
     v
 }
 
+/// The round of a context made by [`lease_ctx`].
+fn lease_round(ctx: &[u8]) -> Option<u64> {
+    match ctx {
+        [b'L', round @ ..] => Some(u64::from_be_bytes(round.try_into().ok()?)),
+        _ => None,
+    }
+}
+
 /// The Raft role and leader as last seen by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RaftView {
@@ -952,10 +960,13 @@ impl Driver {
     /// (raft-rs answers ReadIndex requests in order): the lease runs from
     /// that round's send time.
     fn lease_confirmed(&mut self, ctx: &[u8]) {
+        let Some(answered) = lease_round(ctx) else {
+            return;
+        };
         let Some(pos) = self
             .lease_rounds
             .iter()
-            .position(|&(round, _, _)| lease_ctx(round) == ctx)
+            .position(|&(round, _, _)| round == answered)
         else {
             return;
         };
@@ -1460,4 +1471,21 @@ fn members_after(old: &[Member], cs: &ConfState, added: Option<Member>) -> Vec<M
     }
     out.sort_by_key(|m| m.id);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_context_gives_back_its_round_and_nothing_else_does() {
+        for round in [0, 1, 255, 256, u64::MAX] {
+            assert_eq!(lease_round(&lease_ctx(round)), Some(round));
+        }
+        assert_eq!(lease_round(b""), None);
+        assert_eq!(lease_round(b"L"), None);
+        assert_eq!(lease_round(b"L1234567"), None, "one byte short");
+        assert_eq!(lease_round(b"L123456789"), None, "one byte over");
+        assert_eq!(lease_round(b"R12345678"), None, "a read's context");
+    }
 }
