@@ -113,13 +113,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    fn key(&self, field: &str, key: &[u8]) -> Result<(), ApiError> {
+    /// Checks the field `at` + `name` (joined only for an error: this is on
+    /// every request's path).
+    fn key(&self, at: &str, name: &str, key: &[u8]) -> Result<(), ApiError> {
         if key.is_empty() {
-            return Err(bad(field, "must not be empty"));
+            return Err(bad(format!("{at}{name}"), "must not be empty"));
         }
         if key.len() > self.max_key {
             return Err(bad(
-                field,
+                format!("{at}{name}"),
                 format!(
                     "{} bytes is over the limit of {} bytes",
                     key.len(),
@@ -130,10 +132,10 @@ impl Limits {
         Ok(())
     }
 
-    fn prefix(&self, field: &str, prefix: &[u8]) -> Result<(), ApiError> {
+    fn prefix(&self, at: &str, prefix: &[u8]) -> Result<(), ApiError> {
         if prefix.len() > self.max_key {
             return Err(bad(
-                field,
+                format!("{at}prefix"),
                 format!(
                     "{} bytes is over the key limit of {} bytes",
                     prefix.len(),
@@ -145,7 +147,7 @@ impl Limits {
     }
 
     pub fn put(&self, at: &str, r: &PutRequest) -> Result<(), ApiError> {
-        self.key(&format!("{at}key"), &r.key)?;
+        self.key(at, "key", &r.key)?;
         if r.value.len() > self.max_value {
             return Err(bad(
                 format!("{at}value"),
@@ -162,19 +164,19 @@ impl Limits {
     pub fn delete(&self, at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
         // Even with `prefix`, an empty key (everything) must be meant: it is
         // refused; delete by an explicit prefix instead.
-        self.key(&format!("{at}key"), &r.key)
+        self.key(at, "key", &r.key)
     }
 
     pub fn get(&self, at: &str, r: &GetRequest) -> Result<(), ApiError> {
-        self.key(&format!("{at}key"), &r.key)
+        self.key(at, "key", &r.key)
     }
 
     pub fn range(&self, at: &str, r: &RangeRequest) -> Result<(), ApiError> {
-        self.prefix(&format!("{at}prefix"), &r.prefix)
+        self.prefix(at, &r.prefix)
     }
 
     fn compare(&self, at: &str, c: &Compare) -> Result<(), ApiError> {
-        self.key(&format!("{at}key"), &c.key)?;
+        self.key(at, "key", &c.key)?;
         let target = compare::Target::try_from(c.target).map_err(|_| {
             bad(
                 format!("{at}target"),
