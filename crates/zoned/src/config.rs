@@ -513,27 +513,22 @@ pub fn check_host_port(s: &str) -> Result<(), String> {
     }
 }
 
-/// Parses the `--voters` flag: `1=host:port,2=host:port`.
-pub fn parse_voters(s: &str) -> Result<Vec<Voter>, String> {
-    s.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|part| {
-            let (id, peer) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{part}' is not id=host:port"))?;
-            let id = id
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| format!("'{id}' is not a node id"))?;
-            let peer = peer.trim().to_owned();
-            check_host_port(&peer)?;
-            Ok(Voter {
-                id,
-                peer,
-                name: String::new(),
-            })
-        })
-        .collect()
+/// Parses one voter of the `--voters` flag: `id=host:port`.
+pub fn parse_voter(part: &str) -> Result<Voter, String> {
+    let (id, peer) = part
+        .split_once('=')
+        .ok_or_else(|| format!("'{part}' is not id=host:port"))?;
+    let id = id
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("'{}' is not a node id", id.trim()))?;
+    let peer = peer.trim().to_owned();
+    check_host_port(&peer)?;
+    Ok(Voter {
+        id,
+        peer,
+        name: String::new(),
+    })
 }
 
 #[cfg(test)]
@@ -616,7 +611,10 @@ mod tests {
 
     #[test]
     fn voters_flag() {
-        let v = parse_voters("1=127.0.0.1:7401, 2=127.0.0.2:7401").unwrap();
+        let v: Vec<Voter> = "1=127.0.0.1:7401, 2=127.0.0.2:7401"
+            .split(',')
+            .map(|p| parse_voter(p).unwrap())
+            .collect();
         assert_eq!(
             v[1],
             Voter {
@@ -625,7 +623,7 @@ mod tests {
                 name: String::new(),
             }
         );
-        assert!(parse_voters("x=a:1").is_err());
-        assert!(parse_voters("1=a").is_err());
+        assert!(parse_voter("x=a:1").is_err());
+        assert!(parse_voter("1=a").is_err());
     }
 }

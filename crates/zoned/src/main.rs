@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use zoned::config::{parse_voters, Config, Overrides, Voter};
+use zoned::config::{parse_voter, Config, Overrides, Voter};
 
 /// mimalloc instead of glibc's malloc for Rust's allocations: requests,
 /// entries and records are allocated on one thread and freed on another
@@ -42,8 +42,9 @@ struct Args {
     /// Peer gRPC listen address (node.peer_listen).
     #[arg(long)]
     peer_listen: Option<SocketAddr>,
-    /// Initial voters as id=host:port,... (replaces [[voters]]).
-    #[arg(long, value_parser = parse_voters)]
+    /// Initial voters as id=host:port,... (replaces [[voters]]); may be
+    /// given more than once.
+    #[arg(long, value_parser = parse_voter, value_delimiter = ',')]
     voters: Option<Vec<Voter>>,
     /// Join an existing zone through this member's client address
     /// (node.join); the server must have been added with `zonectl server add`.

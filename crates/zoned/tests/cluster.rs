@@ -468,6 +468,49 @@ fn malformed_config_is_rejected_naming_the_field() {
     assert!(!dir.path().join("db").exists());
 }
 
+#[test]
+fn voters_given_as_flags_replace_the_configured_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |voters: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zoned"));
+        cmd.args(["--id", "2", "--data-dir"])
+            .arg(dir.path().join("data"));
+        for v in voters {
+            cmd.args(["--voters", v]);
+        }
+        let out = cmd.arg("--check-config").output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    // A list, and the flag given again.
+    let (code, stdout, stderr) = run(&["1=127.0.0.1:7401,2=127.0.0.2:7401", "3=127.0.0.3:7401"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let config: toml::Value = toml::from_str(&stdout).unwrap();
+    let voters: Vec<(i64, &str)> = config["voters"]
+        .as_array()
+        .expect("voters in the effective configuration")
+        .iter()
+        .map(|v| (v["id"].as_integer().unwrap(), v["peer"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        voters,
+        [
+            (1, "127.0.0.1:7401"),
+            (2, "127.0.0.2:7401"),
+            (3, "127.0.0.3:7401")
+        ]
+    );
+    // A bad one is named, and nothing starts.
+    let (code, _, stderr) = run(&["1=127.0.0.1:7401,x=127.0.0.2:7401"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--voters") && stderr.contains("'x' is not a node id"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serializable_read_is_served_by_an_isolated_follower_only_when_asked() {
     let mut zone = TestZone::start(3, "");
