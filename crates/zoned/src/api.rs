@@ -429,7 +429,10 @@ impl Zone {
                     Err(_) => return Err(write_timeout(budget)),
                 }
             } else if view.leader_id != 0 {
-                match self.forward(view.leader_id, op.clone(), deadline).await {
+                // Boxed: this rare path's future is large (write_any's was
+                // 2400 bytes with it inline, 552 boxed), and every write's
+                // future is moved a few times before it is pinned.
+                match Box::pin(self.forward(view.leader_id, op.clone(), deadline)).await {
                     Ok(r) => return Ok(r),
                     Err(status) if status.metadata().get(NOT_APPLIED).is_some() => {}
                     Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
