@@ -956,13 +956,10 @@ impl Driver {
         self.raw.read_index(lease_ctx(round));
     }
 
-    /// A quorum answered lease round `ctx`, and with it every earlier round
-    /// (raft-rs answers ReadIndex requests in order): the lease runs from
-    /// that round's send time.
-    fn lease_confirmed(&mut self, ctx: &[u8]) {
-        let Some(answered) = lease_round(ctx) else {
-            return;
-        };
+    /// A quorum answered lease round `answered`, and with it every earlier
+    /// round (raft-rs answers ReadIndex requests in order): the lease runs
+    /// from that round's send time.
+    fn lease_confirmed(&mut self, answered: u64) {
         let Some(pos) = self
             .lease_rounds
             .iter()
@@ -1101,16 +1098,16 @@ impl Driver {
         //    rounds, the last answered (the newest) is the one that counts.
         let mut lease_answer = None;
         for rs in ready.take_read_states() {
-            if rs.request_ctx.first() == Some(&b'L') {
-                lease_answer = Some(rs.request_ctx);
+            if let Some(round) = lease_round(&rs.request_ctx) {
+                lease_answer = Some(round);
                 continue;
             }
             if let Some((_, waiters)) = self.reads_inflight.remove(&rs.request_ctx) {
                 self.reads_waiting.push((rs.index, waiters));
             }
         }
-        if let Some(ctx) = lease_answer {
-            self.lease_confirmed(&ctx);
+        if let Some(round) = lease_answer {
+            self.lease_confirmed(round);
         }
 
         // 5. Committed entries: applied into the same batch as the new
