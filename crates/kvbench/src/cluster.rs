@@ -99,7 +99,7 @@ pub async fn zoned(
     dir: &Path,
     net: [u8; 2],
     timeout: Duration,
-) -> Result<(Zoned, String)> {
+) -> Result<(Zoned, Leader)> {
     if !bin.exists() {
         bail!(
             "{} is missing: build it first (cargo build --bin zoned), or give --zoned",
@@ -136,22 +136,36 @@ pub async fn zoned(
         endpoints.push(format!("{}:7400", ip(net, id)));
     }
     let mut z = Zoned { procs, endpoints };
-    let deadline = Instant::now() + timeout;
-    loop {
-        z.procs.check()?;
-        if let Some(leader) = z.leader().await {
-            return Ok((z, leader));
-        }
-        if Instant::now() > deadline {
-            bail!("no zoned leader within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let leader = z.wait_leader(timeout).await?;
+    Ok((z, leader))
+}
+
+/// A cluster's leader as the benchmark found it: where its clients go, and
+/// the Raft term it leads in (a new term is a new election).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub endpoint: String,
+    pub term: u64,
 }
 
 impl Zoned {
-    /// The leader's client endpoint, once every server follows it.
-    async fn leader(&self) -> Option<String> {
+    /// The leader, once every server follows it and has applied what it
+    /// has (give or take one entry), retried for up to `timeout`.
+    pub async fn wait_leader(&mut self, timeout: Duration) -> Result<Leader> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.procs.check()?;
+            if let Some(leader) = self.leader().await {
+                return Ok(leader);
+            }
+            if Instant::now() > deadline {
+                bail!("no zoned leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn leader(&self) -> Option<Leader> {
         let mut c = ClusterClient::new(channel(&self.endpoints[0]).await.ok()?);
         let s = c.status(StatusRequest {}).await.ok()?.into_inner();
         let leader = s.servers.iter().find(|x| x.id == s.leader_id)?;
@@ -159,7 +173,16 @@ impl Zoned {
             && s.servers.iter().all(|x| {
                 x.leader_id == s.leader_id && x.applied >= leader.applied.saturating_sub(1)
             });
-        (s.leader_id != 0 && all).then(|| leader.client_endpoint.clone())
+        (s.leader_id != 0 && all).then(|| Leader {
+            endpoint: leader.client_endpoint.clone(),
+            term: leader.term,
+        })
+    }
+
+    /// The term `endpoint` is in now, if it answers.
+    pub async fn term(&self, endpoint: &str) -> Option<u64> {
+        let mut c = ClusterClient::new(channel(endpoint).await.ok()?);
+        Some(c.status(StatusRequest {}).await.ok()?.into_inner().term)
     }
 }
 
@@ -189,7 +212,7 @@ pub async fn etcd(
     dir: &Path,
     net: [u8; 2],
     timeout: Duration,
-) -> Result<(Etcd, String)> {
+) -> Result<(Etcd, Leader)> {
     let version = Command::new(bin)
         .arg("--version")
         .output()
@@ -237,27 +260,36 @@ pub async fn etcd(
         endpoints,
         version,
     };
-    let deadline = Instant::now() + timeout;
-    loop {
-        e.procs.check()?;
-        if let Some(leader) = e.leader().await {
-            return Ok((e, leader));
-        }
-        if Instant::now() > deadline {
-            bail!("no etcd leader within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let leader = e.wait_leader(timeout).await?;
+    Ok((e, leader))
+}
+
+fn etcd_options() -> etcd_client::ConnectOptions {
+    etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(2))
 }
 
 impl Etcd {
-    async fn leader(&self) -> Option<String> {
-        let opts = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(2));
+    /// The leader, once every member knows one, retried for up to `timeout`.
+    pub async fn wait_leader(&mut self, timeout: Duration) -> Result<Leader> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.procs.check()?;
+            if let Some(leader) = self.leader().await {
+                return Ok(leader);
+            }
+            if Instant::now() > deadline {
+                bail!("no etcd leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn leader(&self) -> Option<Leader> {
         let mut leader = None;
         for ep in &self.endpoints {
-            let mut c = etcd_client::Client::connect([ep], Some(opts.clone()))
+            let mut c = etcd_client::Client::connect([ep], Some(etcd_options()))
                 .await
                 .ok()?;
             let s = c.status().await.ok()?;
@@ -265,9 +297,20 @@ impl Etcd {
                 return None;
             }
             if s.header()?.member_id() == s.leader() {
-                leader = Some(ep.clone());
+                leader = Some(Leader {
+                    endpoint: ep.clone(),
+                    term: s.raft_term(),
+                });
             }
         }
         leader
+    }
+
+    /// The term `endpoint` is in now, if it answers.
+    pub async fn term(&self, endpoint: &str) -> Option<u64> {
+        let mut c = etcd_client::Client::connect([endpoint], Some(etcd_options()))
+            .await
+            .ok()?;
+        Some(c.status().await.ok()?.raft_term())
     }
 }

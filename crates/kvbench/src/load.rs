@@ -119,6 +119,8 @@ pub struct Figures {
     pub server_cpu_us_per_op: f64,
     /// CPU time of the benchmark's clients per operation, µs.
     pub client_cpu_us_per_op: f64,
+    /// Leader elections (new terms) seen while the workload ran.
+    pub elections: u64,
 }
 
 /// Latency at quantile `q` of sorted microseconds, in ms.
@@ -142,6 +144,8 @@ pub struct Sample {
     pub server_cpu_ms: f64,
     /// CPU time the benchmark's own clients used meanwhile, ms.
     pub client_cpu_ms: f64,
+    /// Leader elections (new terms) seen meanwhile.
+    pub elections: u64,
 }
 
 impl Sample {
@@ -151,6 +155,7 @@ impl Sample {
         self.seconds += other.seconds;
         self.server_cpu_ms += other.server_cpu_ms;
         self.client_cpu_ms += other.client_cpu_ms;
+        self.elections += other.elections;
     }
 
     pub fn figures(mut self) -> Figures {
@@ -178,6 +183,7 @@ impl Sample {
             p999_ms: quantile_ms(all, 0.999),
             server_cpu_us_per_op: per_op(self.server_cpu_ms),
             client_cpu_us_per_op: per_op(self.client_cpu_ms),
+            elections: self.elections,
         }
     }
 }
@@ -247,6 +253,7 @@ pub async fn run(
         seconds: start.elapsed().as_secs_f64(),
         server_cpu_ms: 0.0,
         client_cpu_ms: 0.0,
+        elections: 0,
     })
 }
 

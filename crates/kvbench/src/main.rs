@@ -97,6 +97,7 @@ fn figures_json(f: &Figures) -> serde_json::Value {
         "p999_ms": round(f.p999_ms, 3),
         "server_cpu_us_per_op": round(f.server_cpu_us_per_op, 1),
         "client_cpu_us_per_op": round(f.client_cpu_us_per_op, 1),
+        "elections": f.elections,
     })
 }
 
@@ -151,17 +152,23 @@ async fn run(args: Args) -> Result<()> {
         net[1],
         data.display()
     );
-    let (zoned, zoned_leader) = cluster::zoned(&zoned_bin, &data, net, up).await?;
-    let (etcd, etcd_leader) = cluster::etcd(&args.etcd, &data, net, up).await?;
+    let (mut zoned, zoned_leader) = cluster::zoned(&zoned_bin, &data, net, up).await?;
+    let (mut etcd, etcd_leader) = cluster::etcd(&args.etcd, &data, net, up).await?;
     eprintln!(
-        "  zoned leader {zoned_leader}; {} leader {etcd_leader}",
-        etcd.version
+        "  zoned leader {} (term {}); {} leader {} (term {})",
+        zoned_leader.endpoint,
+        zoned_leader.term,
+        etcd.version,
+        etcd_leader.endpoint,
+        etcd_leader.term
     );
 
-    let systems = [
-        (System::Zoned, zoned_leader.as_str()),
-        (System::Etcd, etcd_leader.as_str()),
-    ];
+    // The leader each system's clients go to. It is looked up again before
+    // every round: after an election the next round goes to the new
+    // leader, not through a follower, and the election is reported.
+    let systems = [System::Zoned, System::Etcd];
+    let mut leaders = [zoned_leader, etcd_leader];
+    let settle = Duration::from_secs(30);
     let mut plan: Vec<(Kind, usize)> = vec![(Kind::Put, 1)];
     plan.extend(args.put_clients.iter().map(|&c| (Kind::Put, c)));
     plan.extend(args.read_clients.iter().map(|&c| (Kind::Read, c)));
@@ -174,9 +181,9 @@ async fn run(args: Args) -> Result<()> {
     let mut filled = false;
     for (kind, clients) in plan {
         if kind != Kind::Put && !filled {
-            for (system, ep) in systems {
+            for (system, leader) in systems.iter().zip(&leaders) {
                 eprintln!("writing the {} keys once on {system:?}...", args.keys);
-                load::fill(system, ep, args.keys).await?;
+                load::fill(*system, &leader.endpoint, args.keys).await?;
             }
             filled = true;
         }
@@ -191,7 +198,21 @@ async fn run(args: Args) -> Result<()> {
         for round in 0..rounds {
             let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
-                let (system, ep) = systems[i];
+                let system = systems[i];
+                let leader = match system {
+                    System::Zoned => zoned.wait_leader(settle).await?,
+                    System::Etcd => etcd.wait_leader(settle).await?,
+                };
+                let mut elections = 0;
+                if leader.term != leaders[i].term {
+                    eprintln!(
+                        "  note: {system:?} elected a leader in term {} (was {}), now {}",
+                        leader.term, leaders[i].term, leader.endpoint
+                    );
+                    elections += 1;
+                }
+                leaders[i] = leader;
+                let ep = leaders[i].endpoint.as_str();
                 let server_cpu = || match system {
                     System::Zoned => zoned.cpu_ms(),
                     System::Etcd => etcd.cpu_ms(),
@@ -200,6 +221,23 @@ async fn run(args: Args) -> Result<()> {
                 let mut s = load::run(system, ep, kind, clients, slice, max_ops, args.keys).await?;
                 s.server_cpu_ms = server_cpu()? - server0;
                 s.client_cpu_ms = machine::cpu_ms(None)? - client0;
+                // An election during the round: the leader moved on while
+                // the clients still sent to it.
+                let term = match system {
+                    System::Zoned => zoned.term(ep).await,
+                    System::Etcd => etcd.term(ep).await,
+                };
+                if let Some(t) = term.filter(|&t| t != leaders[i].term) {
+                    eprintln!(
+                        "  note: {system:?} left term {} for {t} during {} {clients} round {}",
+                        leaders[i].term,
+                        kind.name(),
+                        round + 1
+                    );
+                    elections += 1;
+                    leaders[i].term = t;
+                }
+                s.elections = elections;
                 samples[i].merge(s);
             }
         }
@@ -214,10 +252,11 @@ async fn run(args: Args) -> Result<()> {
                 f.ops_per_sec,
                 f.p50_ms,
                 f.p99_ms,
-                if f.errors > 0 {
-                    format!("  ({} errors)", f.errors)
-                } else {
-                    String::new()
+                match (f.errors, f.elections) {
+                    (0, 0) => String::new(),
+                    (e, 0) => format!("  ({e} errors)"),
+                    (0, n) => format!("  ({n} elections)"),
+                    (e, n) => format!("  ({e} errors, {n} elections)"),
                 }
             );
         }
@@ -292,6 +331,24 @@ async fn run(args: Args) -> Result<()> {
         args.rounds,
         if errors > 0 { format!("; {errors} failed operations (not counted)") } else { String::new() }
     );
+    let of = |r: &Row, system: System| match system {
+        System::Zoned => r.zoned.elections,
+        System::Etcd => r.etcd.elections,
+    };
+    for system in systems {
+        let at: Vec<String> = rows
+            .iter()
+            .filter(|r| of(r, system) > 0)
+            .map(|r| format!("{} {}", r.kind.name(), r.clients))
+            .collect();
+        if !at.is_empty() {
+            let n: u64 = rows.iter().map(|r| of(r, system)).sum();
+            println!(
+                "warning: {system:?} elected a new leader {n} time(s), in or before: {}; those rows did not measure a steady cluster",
+                at.join(", ")
+            );
+        }
+    }
 
     // The targets, printed, not asserted.
     let find = |k: Kind, c: usize| rows.iter().find(|r| r.kind == k && r.clients == c);
