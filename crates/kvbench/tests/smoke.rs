@@ -76,6 +76,8 @@ fn a_short_run_measures_every_workload_on_both_systems() {
                 f["p999_ms"].as_f64().unwrap(),
             );
             assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{r}");
+            // Counted, not required to be 0: a loaded CI host may see one.
+            assert!(f["elections"].is_u64(), "elections counted: {r}");
         }
         assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["server_cpu_ratio"].as_f64().unwrap() >= 0.0, "{r}");
