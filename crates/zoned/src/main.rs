@@ -91,17 +91,10 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    // Without tokio's LIFO slot, a connection's task is polled after the
-    // request tasks woken with it, not right after the first: the answers
-    // to a batch of writes committed together leave in one write to the
-    // socket instead of one each (server writev halved at 64 clients, put
-    // throughput +8% in kvbench). Needs `--cfg tokio_unstable`, set in
-    // .cargo/config.toml.
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
-    let runtime = match builder.build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zoned: cannot start the runtime: {e}");
