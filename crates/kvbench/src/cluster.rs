@@ -70,6 +70,26 @@ impl Procs {
         }
         Ok(())
     }
+
+    /// `probe`'s answer, asked every 100 ms; fails if a process exits or
+    /// no answer comes within `timeout`.
+    async fn until<T, F, Fut>(&mut self, what: &str, timeout: Duration, mut probe: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check()?;
+            if let Some(v) = probe().await {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("no {what} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Procs {
@@ -152,21 +172,14 @@ impl Zoned {
     /// The leader, once every server follows it and has applied what it
     /// has (give or take one entry), retried for up to `timeout`.
     pub async fn wait_leader(&mut self, timeout: Duration) -> Result<Leader> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.procs.check()?;
-            if let Some(leader) = self.leader().await {
-                return Ok(leader);
-            }
-            if Instant::now() > deadline {
-                bail!("no zoned leader within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let endpoints = &self.endpoints;
+        self.procs
+            .until("zoned leader", timeout, || Self::leader(endpoints))
+            .await
     }
 
-    async fn leader(&self) -> Option<Leader> {
-        let mut c = ClusterClient::new(channel(&self.endpoints[0]).await.ok()?);
+    async fn leader(endpoints: &[String]) -> Option<Leader> {
+        let mut c = ClusterClient::new(channel(&endpoints[0]).await.ok()?);
         let s = c.status(StatusRequest {}).await.ok()?.into_inner();
         let leader = s.servers.iter().find(|x| x.id == s.leader_id)?;
         let all = s.servers.len() == 3
@@ -273,22 +286,15 @@ fn etcd_options() -> etcd_client::ConnectOptions {
 impl Etcd {
     /// The leader, once every member knows one, retried for up to `timeout`.
     pub async fn wait_leader(&mut self, timeout: Duration) -> Result<Leader> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.procs.check()?;
-            if let Some(leader) = self.leader().await {
-                return Ok(leader);
-            }
-            if Instant::now() > deadline {
-                bail!("no etcd leader within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let endpoints = &self.endpoints;
+        self.procs
+            .until("etcd leader", timeout, || Self::leader(endpoints))
+            .await
     }
 
-    async fn leader(&self) -> Option<Leader> {
+    async fn leader(endpoints: &[String]) -> Option<Leader> {
         let mut leader = None;
-        for ep in &self.endpoints {
+        for ep in endpoints {
             let mut c = etcd_client::Client::connect([ep], Some(etcd_options()))
                 .await
                 .ok()?;
