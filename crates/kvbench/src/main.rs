@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 mod cluster;
+mod floor;
 mod load;
 mod machine;
 
@@ -144,6 +145,10 @@ async fn run(args: Args) -> Result<()> {
     let bare_ms = machine::bare_replicated_write_p50_ms(&data, 1000)?;
     eprintln!(
         "  bare replicated write (client -> leader -> follower, both fsync) p50 {bare_ms:.3} ms"
+    );
+    let grpc_ms = floor::grpc_replicated_write_p50_ms(&data, 1000).await?;
+    eprintln!(
+        "  the same over gRPC (tonic unary hops, a disk thread per server) p50 {grpc_ms:.3} ms"
     );
 
     let net = cluster::loopback_net();
@@ -329,7 +334,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let errors: u64 = rows.iter().map(|r| r.zoned.errors + r.etcd.errors).sum();
     println!(
-        "machine: fsync p50 {fsync_ms:.3} ms, loopback round trip p50 {rtt_ms:.3} ms, bare replicated write p50 {bare_ms:.3} ms; {}; {} s per workload and system in {} alternating rounds{}",
+        "machine: fsync p50 {fsync_ms:.3} ms, loopback round trip p50 {rtt_ms:.3} ms, bare replicated write p50 {bare_ms:.3} ms, over gRPC {grpc_ms:.3} ms; {}; {} s per workload and system in {} alternating rounds{}",
         etcd_version,
         args.seconds,
         args.rounds,
@@ -368,7 +373,7 @@ async fn run(args: Args) -> Result<()> {
             "sequential put p50 within 1.5 x (fsync + round trip)".to_owned(),
             r.zoned.p50_ms <= bound,
             format!(
-                "{:.3} vs {:.3} ms; a bare replicated write here: {bare_ms:.3} ms",
+                "{:.3} vs {:.3} ms; a bare replicated write here: {bare_ms:.3} ms, over gRPC {grpc_ms:.3} ms",
                 r.zoned.p50_ms, bound
             ),
         ));
@@ -404,6 +409,7 @@ async fn run(args: Args) -> Result<()> {
             "fsync_p50_ms": round(fsync_ms, 3),
             "loopback_rtt_p50_ms": round(rtt_ms, 3),
             "bare_replicated_write_p50_ms": round(bare_ms, 3),
+            "grpc_replicated_write_p50_ms": round(grpc_ms, 3),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         },
         "etcd_version": etcd_version,
