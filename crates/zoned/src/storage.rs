@@ -70,6 +70,27 @@ pub enum StorageFailure {
     Read(#[source] rocksdb::Error),
     #[error("corrupt record {what}")]
     Corrupt { what: String },
+    #[error("this CPU lacks {missing}, which the store's checksums were built to use (every x86-64 server since about 2010 has it; under QEMU, use `-cpu host` or `-cpu max`)")]
+    Cpu { missing: &'static str },
+}
+
+/// RocksDB is built with SSE4.2 and PCLMUL (see `.cargo/config.toml`) for
+/// its CRC-32C: without them the first checksum would stop the process
+/// with an illegal instruction. Checked before the store is opened, to
+/// fail with a message instead.
+fn check_cpu() -> Result<(), StorageFailure> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("sse4.2") {
+            return Err(StorageFailure::Cpu { missing: "SSE4.2" });
+        }
+        if !std::arch::is_x86_feature_detected!("pclmulqdq") {
+            return Err(StorageFailure::Cpu {
+                missing: "PCLMULQDQ",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The opened database, shared by the Raft driver (the only writer) and the
@@ -89,6 +110,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Opens (creating if needed) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Engine, StorageFailure> {
+        check_cpu()?;
         let path = dir.join("db");
         std::fs::create_dir_all(&path).map_err(|source| StorageFailure::CreateDir {
             path: path.clone(),
