@@ -8,13 +8,13 @@
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use zone_proto::v1::kv_client::KvClient;
 use zone_proto::v1::kv_server::{Kv, KvServer};
@@ -139,10 +139,7 @@ fn serve(runtime: &tokio::runtime::Runtime, replica: Replica) -> Result<String> 
 }
 
 async fn client(addr: &str) -> Result<KvClient<Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
+    let channel = crate::cluster::channel(addr)
         .await
         .with_context(|| format!("connecting to the probe at {addr}"))?;
     Ok(KvClient::new(channel))
