@@ -11,6 +11,7 @@
 //! - [`api`]: the client and peer gRPC services;
 //! - [`agent`]: the leader lease for local agents, on a unix socket;
 //! - [`server`]: wiring and clean shutdown;
+//! - [`coalesce`]: one socket write per connection per scheduler round;
 //! - [`host`]: host figures for the zone status.
 //!
 //! Safety rules kept here: a write is acknowledged only once committed,
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod coalesce;
 pub mod config;
 pub mod files;
 pub mod host;
