@@ -409,6 +409,9 @@ struct Driver {
     snapshots_received: u64,
     members: Vec<Member>,
     ticks: u64,
+    /// The highest commit index this leader sent to its followers on its
+    /// own (see [`Driver::tell_commit`]).
+    commit_told: u64,
     /// Lease rounds in flight, oldest first: (round, term, monotonic send
     /// time). A new one starts every heartbeat without waiting for the
     /// last, so a round trip longer than a heartbeat delays each renewal
@@ -469,6 +472,14 @@ pub fn start(
         max_inflight_msgs: config.raft.max_inflight_msgs,
         check_quorum: true,
         pre_vote: true,
+        // A new commit index is not sent on its own (an empty append per
+        // follower for every batch committed) while later entries are in
+        // flight: their appends carry it. `Driver::tell_commit` sends the
+        // last one when the pipeline drains.
+        skip_bcast_commit: true,
+        // Appends to one follower produced before the same Ready go as one
+        // message.
+        batch_append: true,
         ..Default::default()
     };
     raft_config.validate().map_err(StartError::Raft)?;
@@ -520,6 +531,7 @@ pub fn start(
         snapshots_received: 0,
         members,
         ticks: 0,
+        commit_told: 0,
         lease_rounds: VecDeque::new(),
         lease_round_tick: None,
         next_lease_round: 1,
@@ -584,15 +596,28 @@ impl Driver {
                 }
             }
             self.flush_reads();
-            if self.raw.has_ready() {
+            self.tell_commit();
+            // A second round sends the commit index that the first one's
+            // acknowledgements made final (bounded: tell_commit only moves
+            // forward).
+            let mut failed = None;
+            for _ in 0..2 {
+                if !self.raw.has_ready() {
+                    break;
+                }
                 if let Err(e) = self.on_ready() {
-                    break Err(e);
+                    failed = Some(e);
+                    break;
                 }
                 // A new leader that just committed its first entry need not
                 // wait for the next tick to get its lease.
                 if !self.lease_tx.borrow().held {
                     self.lease_tick();
                 }
+                self.tell_commit();
+            }
+            if let Some(e) = failed {
+                break Err(e);
             }
             if let Some(index) = self.removed {
                 tracing::warn!(
@@ -727,6 +752,26 @@ impl Driver {
                 }
             }
             Request::Shutdown => self.stopping = true,
+        }
+    }
+
+    /// With `skip_bcast_commit`, raft-rs does not tell followers each new
+    /// commit index with an empty append of its own. While entries beyond
+    /// it are in flight that costs nothing: their acknowledgements move the
+    /// commit on, and the appends of new proposals carry it. Once the
+    /// leader's whole log is committed nothing more would carry it, so it is
+    /// sent here, at once, as raft-rs would have (followers apply, answer
+    /// their watchers and release their reads without waiting for the next
+    /// heartbeat).
+    fn tell_commit(&mut self) {
+        let raft = &mut self.raw.raft;
+        if raft.state != StateRole::Leader {
+            return;
+        }
+        let committed = raft.raft_log.committed;
+        if committed > self.commit_told && raft.raft_log.last_index() == committed {
+            raft.bcast_append();
+            self.commit_told = committed;
         }
     }
 

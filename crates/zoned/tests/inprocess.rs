@@ -370,6 +370,42 @@ async fn concurrent_writes_each_get_their_own_answer() {
     }
 }
 
+/// The leader does not send each new commit index on its own
+/// (`skip_bcast_commit`): the next append carries it. When no write
+/// follows, it must still tell the followers at once, not leave them a
+/// write behind until the next heartbeat: a follower's reads and watchers
+/// would lag by up to a heartbeat. Heartbeats here are 1 s apart; without
+/// that, each of five lone writes would reach the followers after 0-1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_apply_a_lone_write_without_waiting_for_a_heartbeat() {
+    let c = Cluster::start_with(|cfg| {
+        cfg.raft.heartbeat_ticks = 50;
+        cfg.raft.election_ticks = 100;
+    });
+    let ids = [1, 2, 3];
+    let leader = c.wait_leader(&ids).await;
+    let limit = Duration::from_millis(300);
+    for n in 0..5 {
+        let key = format!("lone{n}");
+        c.nodes[&leader]
+            .propose(put_op(&key, "v"))
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        let acked = Instant::now();
+        for id in ids.into_iter().filter(|&i| i != leader) {
+            while read(&c.nodes[&id], &key).await.is_none() {
+                assert!(
+                    acked.elapsed() < limit,
+                    "server {id} had not applied {key} {limit:?} after the leader answered"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        // Apart, so that no write's append carries the last one's commit.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
 /// Two followers that time out together each grant the other's pre-vote
 /// unless one gives way; both would then stand and split the vote, costing
 /// a whole election timeout more.
