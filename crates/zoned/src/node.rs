@@ -597,26 +597,7 @@ impl Driver {
             }
             self.flush_reads();
             self.tell_commit();
-            // A second round sends the commit index that the first one's
-            // acknowledgements made final (bounded: tell_commit only moves
-            // forward).
-            let mut failed = None;
-            for _ in 0..2 {
-                if !self.raw.has_ready() {
-                    break;
-                }
-                if let Err(e) = self.on_ready() {
-                    failed = Some(e);
-                    break;
-                }
-                // A new leader that just committed its first entry need not
-                // wait for the next tick to get its lease.
-                if !self.lease_tx.borrow().held {
-                    self.lease_tick();
-                }
-                self.tell_commit();
-            }
-            if let Some(e) = failed {
+            if let Err(e) = self.ready_rounds() {
                 break Err(e);
             }
             if let Some(index) = self.removed {
@@ -753,6 +734,25 @@ impl Driver {
             }
             Request::Shutdown => self.stopping = true,
         }
+    }
+
+    /// Handles what raft-rs has ready. A second round sends the commit index
+    /// that the first one's acknowledgements made final (bounded:
+    /// `tell_commit` only moves forward).
+    fn ready_rounds(&mut self) -> Result<(), StorageFailure> {
+        for _ in 0..2 {
+            if !self.raw.has_ready() {
+                break;
+            }
+            self.on_ready()?;
+            // A new leader that just committed its first entry need not
+            // wait for the next tick to get its lease.
+            if !self.lease_tx.borrow().held {
+                self.lease_tick();
+            }
+            self.tell_commit();
+        }
+        Ok(())
     }
 
     /// With `skip_bcast_commit`, raft-rs does not tell followers each new
