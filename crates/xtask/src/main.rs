@@ -146,6 +146,8 @@ const APT_PACKAGES: &[&str] = &[
     "systemd-boot-efi",
     "qemu-system-x86",
     "ovmf",
+    // zoned's CPU test: a server on an emulated CPU without SSE4.2.
+    "qemu-user",
     // The kv benchmark: etcd to compare with, and protoc with its
     // well-known types for the etcd-client crate's build.
     "etcd-server",

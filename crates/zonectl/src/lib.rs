@@ -110,6 +110,9 @@ pub struct HostRow {
     pub memory_available_bytes: u64,
     pub disk_total_bytes: u64,
     pub disk_free_bytes: u64,
+    /// The store's checksums run from lookup tables: the CPU has no SSE4.2
+    /// or no PCLMULQDQ.
+    pub software_checksums: bool,
 }
 
 /// The zone as `zonectl show` presents it.
@@ -178,6 +181,7 @@ impl ZoneView {
                         memory_available_bytes: h.memory_available_bytes,
                         disk_total_bytes: h.disk_total_bytes,
                         disk_free_bytes: h.disk_free_bytes,
+                        software_checksums: h.software_checksums,
                     }),
                     error: x.error.clone(),
                 }
@@ -297,6 +301,16 @@ pub fn render_table(v: &ZoneView) -> String {
     }
     for s in v.servers.iter().filter(|s| !s.error.is_empty()) {
         out.push_str(&format!("server {} unreachable: {}\n", s.id, s.error));
+    }
+    for s in v
+        .servers
+        .iter()
+        .filter(|s| s.host.as_ref().is_some_and(|h| h.software_checksums))
+    {
+        out.push_str(&format!(
+            "server {}: store checksums from lookup tables (its CPU has no SSE4.2 or no PCLMULQDQ)\n",
+            s.id
+        ));
     }
     if v.leader_id == 0 {
         out.push_str("no leader elected\n");

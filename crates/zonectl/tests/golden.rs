@@ -47,6 +47,8 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
             memory_available_bytes: (5 << 30) + (id << 28),
             disk_total_bytes: 100 << 30,
             disk_free_bytes: (60 << 30) - (id << 30),
+            // Server 3 runs on a CPU without SSE4.2 (a VM's qemu64 model).
+            software_checksums: id == 3,
         }),
         ..ServerStatus::default()
     }

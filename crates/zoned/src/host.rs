@@ -52,6 +52,7 @@ impl Host {
             memory_available_bytes,
             disk_total_bytes,
             disk_free_bytes,
+            software_checksums: !crate::storage::hardware_checksums(),
         }
     }
 }

@@ -95,6 +95,15 @@ impl TestZone {
     /// config file (a `[limits]` table, say), `{dir}` in it replaced by the
     /// server's own directory.
     pub fn start(n: u64, extra: &str) -> TestZone {
+        let mut zone = TestZone::prepare(n, extra);
+        for i in 0..zone.servers.len() {
+            zone.launch(i);
+        }
+        zone
+    }
+
+    /// As [`TestZone::start`], but starts none of the servers.
+    pub fn prepare(n: u64, extra: &str) -> TestZone {
         let root = tempfile::tempdir().unwrap();
         let net = loopback_net();
         let servers: Vec<Server> = (1..=n)
@@ -106,7 +115,7 @@ impl TestZone {
                 child: None,
             })
             .collect();
-        let mut zone = TestZone {
+        let zone = TestZone {
             net,
             servers,
             root,
@@ -131,9 +140,6 @@ impl TestZone {
                 ));
             }
             std::fs::write(s.config_path(), text).unwrap();
-        }
-        for i in 0..zone.servers.len() {
-            zone.launch(i);
         }
         zone
     }
@@ -195,6 +201,12 @@ impl TestZone {
 
     /// Starts server index `i` (0-based) from its config.
     pub fn launch(&mut self, i: usize) {
+        self.launch_under(i, &[]);
+    }
+
+    /// Starts server index `i` as the argument of `runner` (a program and
+    /// its arguments, e.g. an emulator), or directly if `runner` is empty.
+    pub fn launch_under(&mut self, i: usize, runner: &[&str]) {
         let s = &mut self.servers[i];
         assert!(s.child.is_none(), "server {} already running", s.id);
         let log = std::fs::OpenOptions::new()
@@ -202,7 +214,16 @@ impl TestZone {
             .append(true)
             .open(s.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_zoned"))
+        let zoned = env!("CARGO_BIN_EXE_zoned");
+        let mut cmd = match runner.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(zoned);
+                c
+            }
+            None => Command::new(zoned),
+        };
+        let child = cmd
             .arg("--config")
             .arg(s.config_path())
             .env("RUST_LOG", "info")
