@@ -51,20 +51,26 @@ impl Image {
     /// The vm profile's image in target/image, or an error saying how to
     /// build it.
     pub fn find() -> Result<Image> {
+        Image::find_profile("vm")
+    }
+
+    /// The image of `profile` (`vm` or `metal`) in target/image, or an
+    /// error saying how to build it.
+    pub fn find_profile(profile: &str) -> Result<Image> {
         let dir = target_dir().join("image");
-        let manifest = dir.join("manifest-vm.json");
+        let manifest = dir.join(format!("manifest-{profile}.json"));
         let text = std::fs::read_to_string(&manifest).with_context(|| {
             format!(
-                "{} is missing: build the image first with `cargo xtask image --profile vm` (as root)",
+                "{} is missing: build the image first with `cargo xtask image --profile {profile}` (as root)",
                 manifest.display()
             )
         })?;
         let m: serde_json::Value = serde_json::from_str(&text)?;
         let image = Image {
-            raw: dir.join("zoned-vm.raw"),
-            qcow2: dir.join("zoned-vm.qcow2"),
-            kernel: dir.join("zoned-vm.vmlinuz"),
-            initrd: dir.join("zoned-vm.initrd"),
+            raw: dir.join(format!("zoned-{profile}.raw")),
+            qcow2: dir.join(format!("zoned-{profile}.qcow2")),
+            kernel: dir.join(format!("zoned-{profile}.vmlinuz")),
+            initrd: dir.join(format!("zoned-{profile}.initrd")),
             cmdline: m["kernel_cmdline"]
                 .as_str()
                 .context("manifest has no kernel_cmdline")?
@@ -73,7 +79,7 @@ impl Image {
         for p in [&image.raw, &image.qcow2, &image.kernel, &image.initrd] {
             if !p.exists() {
                 bail!(
-                    "{} is missing: rebuild with `cargo xtask image --profile vm`",
+                    "{} is missing: rebuild with `cargo xtask image --profile {profile}`",
                     p.display()
                 );
             }
@@ -135,11 +141,32 @@ pub enum Boot {
     Flashed,
 }
 
+/// The virtual CPU a VM gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cpu {
+    /// Every feature QEMU's TCG emulates (SSE4.2, PCLMULQDQ, AVX2, ...).
+    Max,
+    /// QEMU's default model: x86-64's baseline and little more, no SSE4.2
+    /// and no PCLMULQDQ, like `kvm64` (the default CPU type of older
+    /// Proxmox VE versions).
+    Qemu64,
+}
+
+impl Cpu {
+    pub fn model(self) -> &'static str {
+        match self {
+            Cpu::Max => "max",
+            Cpu::Qemu64 => "qemu64",
+        }
+    }
+}
+
 /// One VM's fixed parts: survive a kill and a new boot.
 #[derive(Debug)]
 pub struct Vm {
     pub id: u64,
     pub boot: Boot,
+    pub cpu: Cpu,
     pub overlay: PathBuf,
     pub serial: PathBuf,
     pub identity: PathBuf,
@@ -182,11 +209,17 @@ pub struct Lab {
 static LABS: AtomicU32 = AtomicU32::new(0);
 
 impl Lab {
-    /// A namespace and bridge for a cluster of `founders` VMs; none is
-    /// started yet. `name` names the log directory.
+    /// A namespace and bridge for a cluster of `founders` VMs of the vm
+    /// image; none is started yet. `name` names the log directory.
     pub fn new(name: &str, founders: u64) -> Result<Lab> {
+        // The host first: without root, a missing image is not the news.
         require_host()?;
-        let image = Image::find()?;
+        Lab::with_image(name, founders, Image::find()?)
+    }
+
+    /// [`Lab::new`] with the VMs booting `image`.
+    pub fn with_image(name: &str, founders: u64, image: Image) -> Result<Lab> {
+        require_host()?;
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let ns = format!("zq{}-{n}", std::process::id());
         let dir = target_dir().join("qemu-tests").join(name);
@@ -247,8 +280,13 @@ impl Lab {
     }
 
     /// Adds VM `id` (its disk is a fresh overlay of the image, or a copy of
-    /// the raw image for [`Boot::Flashed`]) and boots it.
+    /// the raw image for [`Boot::Flashed`]) and boots it, on [`Cpu::Max`].
     pub fn add_vm(&mut self, id: u64, boot: Boot) -> Result<usize> {
+        self.add_vm_on(id, boot, Cpu::Max)
+    }
+
+    /// [`Lab::add_vm`] with the VM's CPU model.
+    pub fn add_vm_on(&mut self, id: u64, boot: Boot, cpu: Cpu) -> Result<usize> {
         let identity = self.dir.join(format!("vm{id}-identity.toml"));
         let mut text = self.identity_toml(id);
         if boot == Boot::Flashed {
@@ -316,6 +354,7 @@ impl Lab {
         self.vms.push(Vm {
             id,
             boot,
+            cpu,
             overlay,
             serial: self.dir.join(format!("vm{id}-serial.log")),
             identity,
@@ -352,7 +391,7 @@ impl Lab {
         };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns, "qemu-system-x86_64"])
-            .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+            .args(["-machine", "q35", "-accel", "tcg", "-cpu", vm.cpu.model()])
             .args(["-smp", "1", "-m", "1024"])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-serial")
