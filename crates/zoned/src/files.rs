@@ -30,7 +30,7 @@ use zone_proto::v1::{
 };
 use zone_sync::paths::Roots;
 
-use crate::api::{ApiError, Zone};
+use crate::api::{ApiError, ServerContext};
 
 pub use zone_sync::keys::{FILE_PREFIX, GEN_KEY, HIST_PREFIX};
 
@@ -351,12 +351,12 @@ pub fn plan_rollback(
 
 #[derive(Debug, Clone)]
 pub struct ConfigService {
-    zone: Zone,
+    zone: ServerContext,
     policy: Policy,
 }
 
 impl ConfigService {
-    pub fn new(zone: Zone, policy: Policy) -> ConfigService {
+    pub fn new(zone: ServerContext, policy: Policy) -> ConfigService {
         ConfigService { zone, policy }
     }
 

@@ -8,7 +8,8 @@
 //! - [`kv`]: the deterministic state machine and consistent reads;
 //! - [`node`]: the Raft driver thread (the one Ready loop) and its handle;
 //! - [`transport`]: Raft messages between servers over gRPC;
-//! - [`api`]: the client and peer gRPC services;
+//! - [`peer`]: the peer port's gRPC service (inbound Raft, forwarded requests);
+//! - [`api`]: the client gRPC services, and what every request does;
 //! - [`agent`]: the leader lease for local agents, on a unix socket;
 //! - [`server`]: wiring and clean shutdown;
 //! - [`coalesce`]: one socket write per connection per scheduler round;
@@ -27,6 +28,7 @@ pub mod host;
 pub mod kv;
 pub mod logging;
 pub mod node;
+pub mod peer;
 pub mod server;
 pub mod storage;
 pub mod transport;

@@ -23,10 +23,11 @@ use zone_proto::v1::peer_server::PeerServer;
 use zone_proto::v1::{Member, MembersRequest};
 
 use crate::agent::{self, AgentRegistry, AgentService};
-use crate::api::{ClusterService, KvService, PeerService, Zone};
+use crate::api::{ClusterService, KvService, ServerContext};
 use crate::coalesce::Coalesced;
 use crate::config::Config;
 use crate::node::{self, Bootstrap, Stopped};
+use crate::peer::PeerService;
 use crate::storage::{Engine, RaftStorage};
 use crate::transport::{GrpcTransport, MAX_PEER_MESSAGE};
 
@@ -124,7 +125,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     };
     transport.attach(node.clone());
     let agents = Arc::new(AgentRegistry::default());
-    let zone = Zone::new(node.clone(), transport, config.clone(), agents.clone());
+    let zone = ServerContext::new(node.clone(), transport, config.clone(), agents.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;

@@ -1,0 +1,180 @@
+//! The client-facing tonic services, thin: each handler takes its
+//! budget from the request, calls the [`ServerContext`] and shapes the
+//! answer.
+
+use tonic::{Request, Response, Status};
+use zone_proto::v1::{
+    cluster_server::Cluster, command, command_result, kv_server::Kv, manage_request,
+    manage_response, AddServerRequest, CommandResult, DeleteRequest, DeleteResponse, GetRequest,
+    GetResponse, ManageRequest, MembersRequest, MembersResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RemoveServerRequest, ResetServerRequest, ResetServerResponse,
+    SetMaintenanceRequest, SetMaintenanceResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse, TxnRequest, TxnResponse, WatchRequest,
+};
+
+use super::watch::WatchStream;
+use super::{ApiError, ServerContext};
+
+/// The applied command's own result, or INTERNAL when it is of another kind.
+fn unwrap_result<T>(
+    r: CommandResult,
+    pick: impl FnOnce(command_result::Result) -> Option<T>,
+) -> Result<T, Status> {
+    r.result
+        .and_then(pick)
+        .ok_or_else(|| Status::internal("the applied command returned an unexpected result"))
+}
+
+/// `zone.v1.KV`.
+#[derive(Debug, Clone)]
+pub struct KvService(pub ServerContext);
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let r = self
+            .0
+            .client_write(command::Op::Put(req.into_inner()), budget)
+            .await?;
+        Ok(Response::new(unwrap_result(r, |r| match r {
+            command_result::Result::Put(p) => Some(p),
+            _ => None,
+        })?))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits().get("", &req)?;
+        if !req.serializable {
+            self.0.linearize(budget).await?;
+        }
+        let (kv, revision) = self.0.reader().get(&req).map_err(ApiError::from)?;
+        Ok(Response::new(GetResponse {
+            header: self.0.header(revision),
+            kv,
+        }))
+    }
+
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = req.into_inner();
+        self.0.limits().range("", &req)?;
+        if !req.serializable {
+            self.0.linearize(budget).await?;
+        }
+        let (kvs, more, revision) = self.0.reader().range(&req).map_err(ApiError::from)?;
+        Ok(Response::new(RangeResponse {
+            header: self.0.header(revision),
+            kvs,
+            more,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let r = self
+            .0
+            .client_write(command::Op::Delete(req.into_inner()), budget)
+            .await?;
+        Ok(Response::new(unwrap_result(r, |r| match r {
+            command_result::Result::Delete(d) => Some(d),
+            _ => None,
+        })?))
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let r = self
+            .0
+            .client_write(command::Op::Txn(req.into_inner()), budget)
+            .await?;
+        Ok(Response::new(unwrap_result(r, |r| match r {
+            command_result::Result::Txn(t) => Some(t),
+            _ => None,
+        })?))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        Ok(Response::new(self.0.watch(req.into_inner())?))
+    }
+}
+
+/// `zone.v1.Cluster`.
+#[derive(Debug, Clone)]
+pub struct ClusterService(pub ServerContext);
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.0.zone_status().await?))
+    }
+
+    async fn members(
+        &self,
+        _req: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new(self.0.members().await?))
+    }
+
+    async fn add_server(
+        &self,
+        req: Request<AddServerRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = manage_request::Request::AddServer(req.into_inner());
+        self.0.manage_members(req, budget).await
+    }
+
+    async fn remove_server(
+        &self,
+        req: Request<RemoveServerRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = manage_request::Request::RemoveServer(req.into_inner());
+        self.0.manage_members(req, budget).await
+    }
+
+    async fn reset_server(
+        &self,
+        req: Request<ResetServerRequest>,
+    ) -> Result<Response<ResetServerResponse>, Status> {
+        self.0.reset_server(req.into_inner().id).await?;
+        Ok(Response::new(ResetServerResponse {}))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let budget = self.0.budget(&req);
+        let req = ManageRequest {
+            request: Some(manage_request::Request::TransferLeader(req.into_inner())),
+        };
+        match self.0.manage(req, budget).await?.response {
+            Some(manage_response::Response::TransferLeader(t)) => Ok(Response::new(t)),
+            _ => Err(Status::internal("unexpected management response")),
+        }
+    }
+
+    async fn set_maintenance(
+        &self,
+        req: Request<SetMaintenanceRequest>,
+    ) -> Result<Response<SetMaintenanceResponse>, Status> {
+        let budget = self.0.budget(&req);
+        Ok(Response::new(
+            self.0
+                .set_maintenance(req.into_inner().disabled, budget)
+                .await?,
+        ))
+    }
+}

@@ -1,0 +1,190 @@
+//! Request checks against the configured limits, before anything reaches
+//! Raft: a bad request gets INVALID_ARGUMENT naming the field (`compare[2].key`,
+//! `success[0].put.value`) and changes nothing.
+
+use zone_proto::v1::{
+    command, compare, request_op, Compare, DeleteRequest, GetRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest,
+};
+
+use super::error::{bad, ApiError};
+
+/// The configured limits, and the checks of each request against them.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_key: usize,
+    pub max_value: usize,
+    pub max_txn_ops: usize,
+}
+
+impl Limits {
+    /// A command of any kind, as the leader is asked to run it: a client's
+    /// write, or one forwarded by another server (the limits are each
+    /// server's to enforce).
+    pub fn command(&self, op: &command::Op) -> Result<(), ApiError> {
+        match op {
+            command::Op::Put(r) => self.put("", r),
+            command::Op::Delete(r) => self.delete("", r),
+            command::Op::Txn(r) => self.txn(r),
+            command::Op::SetMaintenance(_) => Ok(()),
+        }
+    }
+
+    /// Checks the field `at` + `name` (joined only for an error: this is on
+    /// every request's path).
+    fn key(&self, at: &str, name: &str, key: &[u8]) -> Result<(), ApiError> {
+        if key.is_empty() {
+            return Err(bad(format!("{at}{name}"), "must not be empty"));
+        }
+        if key.len() > self.max_key {
+            return Err(bad(
+                format!("{at}{name}"),
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    key.len(),
+                    self.max_key
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn prefix(&self, at: &str, prefix: &[u8]) -> Result<(), ApiError> {
+        if prefix.len() > self.max_key {
+            return Err(bad(
+                format!("{at}prefix"),
+                format!(
+                    "{} bytes is over the key limit of {} bytes",
+                    prefix.len(),
+                    self.max_key
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn put(&self, at: &str, r: &PutRequest) -> Result<(), ApiError> {
+        self.key(at, "key", &r.key)?;
+        if r.value.len() > self.max_value {
+            return Err(bad(
+                format!("{at}value"),
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    r.value.len(),
+                    self.max_value
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn delete(&self, at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
+        // Even with `prefix`, an empty key (everything) must be meant: it is
+        // refused; delete by an explicit prefix instead.
+        self.key(at, "key", &r.key)
+    }
+
+    pub fn get(&self, at: &str, r: &GetRequest) -> Result<(), ApiError> {
+        self.key(at, "key", &r.key)
+    }
+
+    pub fn range(&self, at: &str, r: &RangeRequest) -> Result<(), ApiError> {
+        self.prefix(at, &r.prefix)
+    }
+
+    fn compare(&self, at: &str, c: &Compare) -> Result<(), ApiError> {
+        self.key(at, "key", &c.key)?;
+        let target = compare::Target::try_from(c.target).map_err(|_| {
+            bad(
+                format!("{at}target"),
+                format!("unknown target {}", c.target),
+            )
+        })?;
+        match compare::Op::try_from(c.op) {
+            Ok(compare::Op::Unspecified) | Err(_) => {
+                return Err(bad(
+                    format!("{at}op"),
+                    "must be EQUAL, NOT_EQUAL, LESS or GREATER",
+                ))
+            }
+            Ok(_) => {}
+        }
+        let value_matches = matches!(
+            (target, &c.target_value),
+            (compare::Target::Value, Some(compare::TargetValue::Value(_)))
+                | (
+                    compare::Target::ModRevision,
+                    Some(compare::TargetValue::ModRevision(_))
+                )
+                | (
+                    compare::Target::CreateRevision,
+                    Some(compare::TargetValue::CreateRevision(_))
+                )
+                | (
+                    compare::Target::Version,
+                    Some(compare::TargetValue::Version(_))
+                )
+        );
+        if target == compare::Target::Unspecified {
+            return Err(bad(
+                format!("{at}target"),
+                "must be VALUE, MOD_REVISION, CREATE_REVISION or VERSION",
+            ));
+        }
+        if !value_matches {
+            let want = match target {
+                compare::Target::Value => "value",
+                compare::Target::ModRevision => "mod_revision",
+                compare::Target::CreateRevision => "create_revision",
+                _ => "version",
+            };
+            return Err(bad(
+                format!("{at}{want}"),
+                format!(
+                    "target {} needs the field {want} set, and only it",
+                    target.as_str_name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn op(&self, at: &str, op: &RequestOp) -> Result<(), ApiError> {
+        match &op.request {
+            Some(request_op::Request::Put(r)) => self.put(&format!("{at}put."), r),
+            Some(request_op::Request::Delete(r)) => self.delete(&format!("{at}delete."), r),
+            Some(request_op::Request::Get(r)) => self.get(&format!("{at}get."), r),
+            Some(request_op::Request::Range(r)) => self.range(&format!("{at}range."), r),
+            None => Err(bad(at.trim_end_matches('.'), "empty operation")),
+        }
+    }
+
+    pub fn txn(&self, r: &TxnRequest) -> Result<(), ApiError> {
+        let ops = r.success.len() + r.failure.len();
+        if ops > self.max_txn_ops {
+            return Err(bad(
+                "success",
+                format!(
+                    "{ops} operations in both branches is over the limit of {}",
+                    self.max_txn_ops
+                ),
+            ));
+        }
+        if r.compare.len() > self.max_txn_ops {
+            return Err(bad(
+                "compare",
+                format!("over the limit of {}", self.max_txn_ops),
+            ));
+        }
+        for (i, c) in r.compare.iter().enumerate() {
+            self.compare(&format!("compare[{i}]."), c)?;
+        }
+        for (i, op) in r.success.iter().enumerate() {
+            self.op(&format!("success[{i}]."), op)?;
+        }
+        for (i, op) in r.failure.iter().enumerate() {
+            self.op(&format!("failure[{i}]."), op)?;
+        }
+        Ok(())
+    }
+}
