@@ -255,8 +255,26 @@ fn deps() -> Result<()> {
     Ok(())
 }
 
+/// cargo, as if run from the shell: without the variables `cargo run` set
+/// for xtask itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...). Some
+/// build scripts watch them (ring's): with them, every switch between a
+/// plain `cargo build` and one run by xtask rebuilt ring and everything
+/// above it (rustls, tonic, the whole workspace).
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
 }
 
 fn target_dir() -> Result<PathBuf> {
