@@ -6,7 +6,8 @@
 //! - [`config`]: the node's TOML configuration and its validation;
 //! - [`storage`]: RocksDB column families and raft-rs `Storage`;
 //! - [`kv`]: the deterministic state machine and consistent reads;
-//! - [`node`]: the Raft driver thread (the one Ready loop) and its handle;
+//! - [`node`]: the Raft driver (the one Ready loop), its handle, and what it
+//!   tracks: proposals, reads, the lease, membership;
 //! - [`transport`]: Raft messages between servers over gRPC;
 //! - [`peer`]: the peer port's gRPC service (inbound Raft, forwarded requests);
 //! - [`api`]: the client gRPC services, and what every request does;

@@ -213,7 +213,7 @@ impl ServerContext {
         // released the VIP and leader-only services: the next leader's
         // agents must never overlap ours. After the remaining lease time
         // they would have let go anyway.
-        let revoked = self.node.revoke_lease(true).await?;
+        let revoked = self.node.revoke_lease().await?;
         if !self
             .agents
             .wait_released(revoked.generation, self.config.lease())
@@ -226,7 +226,7 @@ impl ServerContext {
         let chosen = match self.node.transfer_leader(target).await {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.node.revoke_lease(false).await;
+                let _ = self.node.restore_lease().await;
                 return Err(e.into());
             }
         };
@@ -245,7 +245,7 @@ impl ServerContext {
                 )));
             }
             if Instant::now() >= deadline {
-                let _ = self.node.revoke_lease(false).await;
+                let _ = self.node.restore_lease().await;
                 return Err(ApiError::Unavailable(format!(
                     "server {chosen} did not take leadership in time; the zone keeps its leader"
                 )));

@@ -1,0 +1,281 @@
+//! The Raft node: one driver that owns the `RawNode`, its storage and the
+//! state machine, and the handle request handlers use to reach it.
+//!
+//! Laid out as tikv's raftstore is:
+//! - [`handle`]: the cheap, cloneable way in ([`NodeHandle`]);
+//! - [`driver`]: the Ready cycle, in the order raft-rs requires, and the
+//!   thread that runs it;
+//! - `apply`: committed entries into the store, and the answers they settle;
+//! - `proposals`, `reads`, [`lease`]: what the driver tracks, as plain
+//!   structs with tests of their own;
+//! - `membership`: configuration changes, promotion and leadership transfer;
+//! - [`clock`]: the time the driver reads, injected, so that an in-process
+//!   zone can run on simulated time.
+//!
+//! Everything that changes Raft state happens in the driver. It never waits
+//! on the network: outgoing messages go to a [`Transport`] that queues them.
+//! It waits on the disk once per Ready (one batch, one fsync).
+//!
+//! A client's write is acknowledged only after its entry is committed and
+//! applied and the batch that applied it is written. Proposals are matched
+//! to callers by (index, term): an entry applied at a proposal's index with
+//! another term means a new leader replaced it, and the caller is told that
+//! it was not applied. Linearizable reads batch every waiting caller behind
+//! one ReadIndex request and are released once the state machine has
+//! applied up to the index the leader confirmed.
+
+mod apply;
+pub mod clock;
+pub mod driver;
+pub mod handle;
+pub mod lease;
+mod membership;
+mod proposals;
+mod reads;
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft::eraftpb::Message;
+use raft::{RawNode, StateRole};
+use rocksdb::WriteBatch;
+use tokio::sync::{broadcast, watch};
+use zone_proto::v1::{Event, Member};
+
+use crate::config::Config;
+use crate::kv::{self, Reader};
+use crate::storage::{Engine, RaftStorage, StorageFailure};
+
+pub use clock::{monotonic_ns, Clock, ManualClock, Monotonic};
+pub use driver::Driver;
+pub use handle::NodeHandle;
+pub use lease::Lease;
+
+/// Where the driver's outgoing messages go. No method may block.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, msgs: Vec<Message>);
+    /// The membership changed: these are the servers to talk to now.
+    fn set_peers(&self, _members: &[Member]) {}
+    /// Tell server `id` that it was removed from the zone at `index`.
+    fn notify_removed(&self, _id: u64, _leader: u64, _index: u64) {}
+}
+
+/// How a blank data directory starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bootstrap {
+    /// A founding member: the initial voters, the same on every founder.
+    Voters(Vec<Member>),
+    /// Joining an existing zone that already lists this server: start with
+    /// no configuration and wait for the leader's snapshot and log.
+    Join(Vec<Member>),
+}
+
+/// Why the driver stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Shutdown,
+    /// This server was removed from the zone (at this entry index; 0 when
+    /// the leader's notice came before the entry).
+    Removed {
+        index: u64,
+    },
+}
+
+/// Why a request to the driver did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("this server is not the leader (leader is {leader})")]
+    NotLeader { leader: u64 },
+    #[error("no leader is elected")]
+    NoLeader,
+    #[error("leadership changed before the request completed")]
+    LeadershipChanged,
+    #[error("a new leader replaced the proposed entry; it was not applied")]
+    Dropped,
+    #[error("the server is shutting down")]
+    Stopped,
+    #[error("{0}")]
+    Rejected(String),
+    /// A membership change is still being applied (or a new leader has not
+    /// yet applied its log): nothing was proposed; retry shortly.
+    #[error("another membership change is still in progress; retry in a moment")]
+    ConfBusy,
+}
+
+/// What the driver tells watchers after each applied batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The changes of one batch, in revision order.
+    Events(Vec<Event>),
+    /// The store was replaced by a snapshot at this revision: the changes
+    /// before it are not available on this server.
+    Snapshot(u64),
+}
+
+/// The Raft role and leader as last seen by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftView {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub role: StateRole,
+}
+
+/// The leader's view of one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub matched: u64,
+    pub voter: bool,
+    pub last_contact_ms: Option<u64>,
+}
+
+/// One server's own figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalStatus {
+    pub id: u64,
+    pub role: StateRole,
+    pub learner: bool,
+    pub term: u64,
+    pub vote: u64,
+    pub leader_id: u64,
+    pub last_index: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub revision: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Filled only on the leader.
+    pub progress: Vec<PeerProgress>,
+    pub snapshots_received: u64,
+    pub snapshots_built: u64,
+    pub members: Vec<Member>,
+}
+
+/// How long a caller should wait between retries while no leader is known.
+pub const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot load Raft state")]
+    Storage(#[from] StorageFailure),
+    #[error("invalid Raft setup")]
+    Raft(#[source] raft::Error),
+    #[error("cannot start the Raft thread")]
+    Thread(#[source] std::io::Error),
+    #[error("this server was removed from the zone (at entry {index}); to rejoin, wipe its data directory and add it again with `zonectl server add`")]
+    Removed { index: u64 },
+}
+
+/// The driver's thread: it yields the driver's fatal error, if it stopped
+/// on one.
+pub type DriverThread = std::thread::JoinHandle<Result<Stopped, StorageFailure>>;
+
+/// Starts the driver on a thread of its own over an opened engine, on
+/// CLOCK_MONOTONIC, ticking every `raft.tick_ms`.
+pub fn start(
+    config: &Config,
+    engine: Engine,
+    transport: Arc<dyn Transport>,
+    bootstrap: Bootstrap,
+) -> Result<(NodeHandle, DriverThread), StartError> {
+    let (handle, driver) = build(config, engine, transport, bootstrap, Arc::new(Monotonic))?;
+    let thread = std::thread::Builder::new()
+        .name(format!("raft-{}", config.node.id))
+        .spawn(move || driver.run())
+        .map_err(StartError::Thread)?;
+    Ok((handle, thread))
+}
+
+/// Builds the driver over an opened engine without starting it: the caller
+/// runs it ([`Driver::run`]) or steps it itself ([`Driver::pump`],
+/// [`Driver::tick`], [`Driver::advance`]) on the clock it gives.
+pub fn build(
+    config: &Config,
+    engine: Engine,
+    transport: Arc<dyn Transport>,
+    bootstrap: Bootstrap,
+    clock: Arc<dyn Clock>,
+) -> Result<(NodeHandle, Driver), StartError> {
+    if let Some(index) = RaftStorage::removed(&engine)? {
+        return Err(StartError::Removed { index });
+    }
+    let (voters, hint): (Vec<u64>, Vec<Member>) = match bootstrap {
+        Bootstrap::Voters(m) => (m.iter().map(|m| m.id).collect(), m),
+        Bootstrap::Join(m) => (Vec::new(), m),
+    };
+    let storage = RaftStorage::open(engine.clone(), &voters, kv::snapshot_data)?;
+    let members = match kv::read_members(&engine)? {
+        Some(m) => m,
+        None if !voters.is_empty() => {
+            // Founding member: record the membership with the configuration.
+            let mut wb = WriteBatch::default();
+            kv::stage_members(&engine, &mut wb, &hint);
+            engine.write(wb, true)?;
+            hint
+        }
+        None => hint,
+    };
+    transport.set_peers(&members);
+    let raft_config = raft::Config {
+        id: config.node.id,
+        election_tick: config.raft.election_ticks,
+        min_election_tick: config.raft.election_ticks,
+        max_election_tick: config.max_election_ticks(),
+        heartbeat_tick: config.raft.heartbeat_ticks,
+        applied: storage.applied(),
+        max_size_per_msg: config.raft.max_size_per_msg,
+        max_inflight_msgs: config.raft.max_inflight_msgs,
+        check_quorum: true,
+        pre_vote: true,
+        // A new commit index is not sent on its own (an empty append per
+        // follower for every batch committed) while later entries are in
+        // flight: their appends carry it. `Driver::tell_commit` sends the
+        // last one when the pipeline drains.
+        skip_bcast_commit: true,
+        // Appends to one follower produced before the same Ready go as one
+        // message.
+        batch_append: true,
+        ..Default::default()
+    };
+    raft_config.validate().map_err(StartError::Raft)?;
+    let logger = crate::logging::raft_logger(config.node.id);
+    let raw = RawNode::new(&raft_config, storage, &logger).map_err(StartError::Raft)?;
+    let view = RaftView {
+        id: config.node.id,
+        leader_id: raw.raft.leader_id,
+        term: raw.raft.term,
+        role: raw.raft.state,
+    };
+    let (view_tx, view_rx) = watch::channel(view);
+    let (lease_tx, lease_rx) = watch::channel(Lease {
+        leader_id: view.leader_id,
+        ..Lease::default()
+    });
+    let (events_tx, _) = broadcast::channel(1024);
+    let (tx, rx) = std_mpsc::channel();
+    let reader = Reader::new(engine.clone())?;
+    let handle = NodeHandle {
+        id: config.node.id,
+        tx,
+        view: view_rx,
+        lease: lease_rx,
+        events: events_tx.clone(),
+        reader: reader.clone(),
+    };
+    let driver = Driver::new(driver::Parts {
+        config: config.clone(),
+        raw,
+        engine,
+        rx,
+        transport,
+        clock,
+        view_tx,
+        lease_tx,
+        events_tx,
+        reader,
+        members,
+    });
+    Ok((handle, driver))
+}

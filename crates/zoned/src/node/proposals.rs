@@ -1,0 +1,237 @@
+//! Proposals waiting for their entries. Each is matched to its caller by
+//! the (index, term) it was appended at: the entry applied at that index
+//! settles it, as applied if the term is the same, as not applied (another
+//! leader's entry took the index) if not. Answers are held until the batch
+//! that applied the entry is written.
+
+use std::collections::VecDeque;
+
+use zone_proto::v1::CommandResult;
+
+use super::handle::Reply;
+use super::NodeError;
+
+/// Who waits for a proposal.
+#[derive(Debug)]
+pub(crate) enum Waiter {
+    Command(Reply<CommandResult>),
+    Conf(Reply<()>),
+}
+
+/// What applying one entry produced, for its proposer.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    /// A command's answer (`None`: the command gave none).
+    Command(Option<CommandResult>),
+    /// A configuration change, applied or rejected with a reason.
+    Conf(Result<(), String>),
+    /// A new leader's empty entry, or an entry that could not be decoded.
+    Nothing,
+}
+
+/// A proposer and what it is told.
+pub(crate) type Settled = (Waiter, Result<Outcome, NodeError>);
+
+impl Waiter {
+    /// Tells the proposer how its entry ended: an outcome of another kind
+    /// than its proposal means the entry at its index was not its own.
+    pub(crate) fn answer(self, outcome: Result<Outcome, NodeError>) {
+        match self {
+            Waiter::Command(reply) => {
+                let r = match outcome {
+                    Ok(Outcome::Command(Some(r))) => Ok(r),
+                    Ok(_) => Err(NodeError::Dropped),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Waiter::Conf(reply) => {
+                let r = match outcome {
+                    Ok(Outcome::Conf(Ok(()))) => Ok(()),
+                    Ok(Outcome::Conf(Err(e))) => Err(NodeError::Rejected(e)),
+                    Ok(_) => Err(NodeError::Dropped),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+/// A proposal waiting for its entry to be applied.
+#[derive(Debug)]
+struct Pending {
+    index: u64,
+    term: u64,
+    waiter: Waiter,
+}
+
+/// The proposals of this server, in index order.
+#[derive(Debug, Default)]
+pub(crate) struct Proposals {
+    queue: VecDeque<Pending>,
+}
+
+impl Proposals {
+    /// A proposal appended at `index` in `term`. Indexes only grow: call
+    /// [`Proposals::drop_from`] with the first new index before.
+    pub(crate) fn push(&mut self, index: u64, term: u64, waiter: Waiter) {
+        debug_assert!(self.queue.back().is_none_or(|p| p.index < index));
+        self.queue.push_back(Pending {
+            index,
+            term,
+            waiter,
+        });
+    }
+
+    /// Proposals still queued at or after `index`, from an earlier term of
+    /// ours, were cut from our log when another leader overwrote it: they
+    /// will never apply, and are answered so at once.
+    pub(crate) fn drop_from(&mut self, index: u64) {
+        while self.queue.back().is_some_and(|p| p.index >= index) {
+            let p = self.queue.pop_back().expect("back exists");
+            p.waiter.answer(Err(NodeError::Dropped));
+        }
+    }
+
+    /// The entry at `index` of `term` was applied with `outcome`: it settles
+    /// the proposal made at that index in that term, and every proposal
+    /// before it that is still queued (their entries were replaced).
+    pub(crate) fn applied(
+        &mut self,
+        index: u64,
+        term: u64,
+        outcome: Outcome,
+        out: &mut Vec<Settled>,
+    ) {
+        let mut outcome = Some(outcome);
+        while self.queue.front().is_some_and(|p| p.index <= index) {
+            let p = self.queue.pop_front().expect("front exists");
+            let result = if p.index == index && p.term == term {
+                outcome.take().ok_or(NodeError::Dropped)
+            } else {
+                Err(NodeError::Dropped)
+            };
+            out.push((p.waiter, result));
+        }
+    }
+
+    /// A snapshot up to `index` replaced the log: the proposals at or below
+    /// it were replaced or applied elsewhere, and which cannot be told.
+    pub(crate) fn overtaken_by_snapshot(&mut self, index: u64, out: &mut Vec<Settled>) {
+        while self.queue.front().is_some_and(|p| p.index <= index) {
+            let p = self.queue.pop_front().expect("front exists");
+            out.push((p.waiter, Err(NodeError::LeadershipChanged)));
+        }
+    }
+
+    /// Fails every proposal (the driver stops).
+    pub(crate) fn fail_all(&mut self, err: NodeError) {
+        for p in self.queue.drain(..) {
+            p.waiter.answer(Err(err.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot::{self, error::TryRecvError};
+    use zone_proto::v1::{command_result, PutResponse, ResponseHeader};
+
+    type Rx = oneshot::Receiver<Result<CommandResult, NodeError>>;
+
+    fn command(p: &mut Proposals, index: u64, term: u64) -> Rx {
+        let (tx, rx) = oneshot::channel();
+        p.push(index, term, Waiter::Command(tx));
+        rx
+    }
+
+    /// A command's answer, told apart by its revision.
+    fn result(revision: u64) -> CommandResult {
+        CommandResult {
+            result: Some(command_result::Result::Put(PutResponse {
+                header: Some(ResponseHeader {
+                    revision,
+                    ..ResponseHeader::default()
+                }),
+                prev_kv: None,
+            })),
+        }
+    }
+
+    fn answer_all(settled: Vec<Settled>) {
+        for (w, r) in settled {
+            w.answer(r);
+        }
+    }
+
+    #[test]
+    fn a_proposal_is_settled_by_the_entry_at_its_index_and_term_only() {
+        let mut p = Proposals::default();
+        let mut mine = command(&mut p, 5, 2);
+        let mut replaced = command(&mut p, 6, 2);
+        let mut later = command(&mut p, 7, 2);
+        let mut out = Vec::new();
+        p.applied(5, 2, Outcome::Command(Some(result(1))), &mut out);
+        // Index 6 carries another leader's entry (term 3).
+        p.applied(6, 3, Outcome::Command(Some(result(2))), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(later.try_recv(), Err(TryRecvError::Empty)));
+        answer_all(out);
+        assert_eq!(mine.try_recv(), Ok(Ok(result(1))));
+        assert_eq!(replaced.try_recv(), Ok(Err(NodeError::Dropped)));
+    }
+
+    #[test]
+    fn an_entry_settles_the_proposals_left_behind_it_as_not_applied() {
+        let mut p = Proposals::default();
+        let mut skipped = command(&mut p, 3, 1);
+        let mut mine = command(&mut p, 9, 4);
+        let mut out = Vec::new();
+        p.applied(9, 4, Outcome::Command(Some(result(7))), &mut out);
+        answer_all(out);
+        assert_eq!(skipped.try_recv(), Ok(Err(NodeError::Dropped)));
+        assert_eq!(mine.try_recv(), Ok(Ok(result(7))));
+    }
+
+    #[test]
+    fn an_outcome_of_another_kind_is_not_the_proposal_own() {
+        let mut p = Proposals::default();
+        let mut cmd = command(&mut p, 2, 1);
+        let (tx, mut conf) = oneshot::channel();
+        p.push(3, 1, Waiter::Conf(tx));
+        let (tx, mut rejected) = oneshot::channel();
+        p.push(4, 1, Waiter::Conf(tx));
+        let mut out = Vec::new();
+        p.applied(2, 1, Outcome::Nothing, &mut out);
+        p.applied(3, 1, Outcome::Conf(Ok(())), &mut out);
+        p.applied(4, 1, Outcome::Conf(Err("no".into())), &mut out);
+        answer_all(out);
+        assert_eq!(cmd.try_recv(), Ok(Err(NodeError::Dropped)));
+        assert_eq!(conf.try_recv(), Ok(Ok(())));
+        assert_eq!(
+            rejected.try_recv(),
+            Ok(Err(NodeError::Rejected("no".into())))
+        );
+    }
+
+    #[test]
+    fn proposals_cut_from_the_log_are_answered_at_once() {
+        let mut p = Proposals::default();
+        let mut kept = command(&mut p, 4, 1);
+        let mut cut = command(&mut p, 5, 1);
+        let mut cut_too = command(&mut p, 6, 1);
+        p.drop_from(5);
+        assert_eq!(cut.try_recv(), Ok(Err(NodeError::Dropped)));
+        assert_eq!(cut_too.try_recv(), Ok(Err(NodeError::Dropped)));
+        assert!(matches!(kept.try_recv(), Err(TryRecvError::Empty)));
+        let mut next = command(&mut p, 5, 2);
+        let mut out = Vec::new();
+        p.overtaken_by_snapshot(4, &mut out);
+        answer_all(out);
+        assert_eq!(kept.try_recv(), Ok(Err(NodeError::LeadershipChanged)));
+        p.fail_all(NodeError::Stopped);
+        assert_eq!(next.try_recv(), Ok(Err(NodeError::Stopped)));
+    }
+}
