@@ -1,0 +1,437 @@
+//! A zone of in-process Raft drivers on simulated time: real RocksDB
+//! storage, one thread, one [`ManualClock`] that moves only when the
+//! simulation moves it, and a simulated network that can cut links, delay
+//! messages and hold some back.
+//!
+//! The simulation is the drivers' caller: it hands each its requests,
+//! ticks it when its tick is due, lets it work, and delivers what it sent.
+//! Time jumps from one event (a tick, a message due) to the next, so an
+//! election or a lease's lifetime takes no wall-clock time beyond the work
+//! and the fsyncs, and every timing is exact: "within one heartbeat" is a
+//! statement about the simulated clock, not about the machine's load.
+//!
+//! Tests drive it with futures of the real [`NodeHandle`] API
+//! ([`Sim::run_until`]) and conditions checked after every step
+//! ([`Sim::wait`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use raft::eraftpb::{Message, MessageType};
+use raft::{SnapshotStatus, StateRole};
+use zone_proto::v1::Member;
+use zoned::config::{Config, Voter};
+use zoned::node::{self, Bootstrap, Clock, Driver, Lease, ManualClock, NodeHandle, Transport};
+use zoned::storage::Engine;
+
+/// A message on the simulated network.
+struct InFlight {
+    due_ns: u64,
+    from: u64,
+    msg: Message,
+}
+
+/// The simulated network, shared by the drivers' transports.
+#[derive(Default)]
+pub struct Net {
+    in_flight: Mutex<Vec<InFlight>>,
+    cut: Mutex<HashSet<(u64, u64)>>,
+    /// One-way delay of every message sent from now on.
+    delay: Mutex<Duration>,
+    /// While set, pre-vote requests are held back until two servers have
+    /// each sent one; then all are delivered at once, so that the two
+    /// pre-elections cross, as when two servers time out together.
+    crossing_pre_votes: Mutex<Option<Vec<InFlight>>>,
+}
+
+impl Net {
+    /// Cuts every link between `id` and the others of `ids`, both ways.
+    pub fn isolate(&self, id: u64, ids: &[u64]) {
+        let mut cut = self.cut.lock().unwrap();
+        for &o in ids.iter().filter(|&&o| o != id) {
+            cut.insert((id, o));
+            cut.insert((o, id));
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.lock().unwrap().clear();
+    }
+
+    /// Every message sent from now on arrives `by` later.
+    pub fn delay(&self, by: Duration) {
+        *self.delay.lock().unwrap() = by;
+    }
+
+    /// Holds pre-votes back until two pre-elections can cross.
+    pub fn cross_pre_votes(&self) {
+        *self.crossing_pre_votes.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Whether pre-votes held back were released.
+    pub fn pre_votes_crossed(&self) -> bool {
+        self.crossing_pre_votes.lock().unwrap().is_none()
+    }
+
+    fn send(&self, from: u64, now_ns: u64, msgs: Vec<Message>) {
+        let due_ns = now_ns + self.delay.lock().unwrap().as_nanos() as u64;
+        let mut msgs: Vec<InFlight> = msgs
+            .into_iter()
+            .map(|msg| InFlight { due_ns, from, msg })
+            .collect();
+        let mut crossing = self.crossing_pre_votes.lock().unwrap();
+        if let Some(held) = crossing.as_mut() {
+            let cut = self.cut.lock().unwrap();
+            let (pre_votes, rest): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|m| {
+                m.msg.get_msg_type() == MessageType::MsgRequestPreVote
+                    && !cut.contains(&(from, m.msg.to))
+            });
+            held.extend(pre_votes);
+            msgs = rest;
+            let senders: HashSet<u64> = held.iter().map(|m| m.from).collect();
+            if senders.len() >= 2 {
+                msgs.extend(crossing.take().unwrap_or_default());
+            }
+        }
+        self.in_flight.lock().unwrap().extend(msgs);
+    }
+
+    /// The messages due by `now_ns`, in the order sent.
+    fn take_due(&self, now_ns: u64) -> Vec<InFlight> {
+        let mut in_flight = self.in_flight.lock().unwrap();
+        let (due, later) = std::mem::take(&mut *in_flight)
+            .into_iter()
+            .partition(|m| m.due_ns <= now_ns);
+        *in_flight = later;
+        due
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        self.in_flight
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.due_ns)
+            .min()
+    }
+}
+
+/// One driver's way onto the simulated network.
+struct Port {
+    net: Arc<Net>,
+    from: u64,
+    clock: ManualClock,
+}
+
+impl Transport for Port {
+    fn send(&self, msgs: Vec<Message>) {
+        self.net.send(self.from, self.clock.now_ns(), msgs);
+    }
+}
+
+struct SimNode {
+    handle: NodeHandle,
+    /// None once stopped.
+    driver: Option<Driver>,
+    next_tick_ns: u64,
+    lease: tokio::sync::watch::Receiver<Lease>,
+}
+
+/// A zone of three founders on simulated time.
+pub struct Sim {
+    pub clock: ManualClock,
+    pub net: Arc<Net>,
+    nodes: BTreeMap<u64, SimNode>,
+    tick_ns: u64,
+    /// The lease's length, from the configuration.
+    pub lease_ns: u64,
+    /// Every lease publication seen, as (server, lease), in order.
+    pub leases: Vec<(u64, Lease)>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// Where simulated time starts: far from 0, as CLOCK_MONOTONIC is.
+const START_NS: u64 = 1_000_000_000_000;
+
+/// The most rounds of work and delivery in one instant before the
+/// simulation decides the zone does not settle.
+const ROUNDS_PER_INSTANT: usize = 10_000;
+
+fn founders(ids: &[u64]) -> Bootstrap {
+    Bootstrap::Voters(
+        ids.iter()
+            .map(|&id| Member {
+                id,
+                peer_endpoint: format!("n{id}:1"),
+                ..Member::default()
+            })
+            .collect(),
+    )
+}
+
+/// The configuration of server `id` of `ids`: ticks of 20 ms, elections
+/// after 10-15 ticks, a heartbeat every 2.
+pub fn config(id: u64, ids: &[u64], dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.node.id = id;
+    c.node.data_dir = dir.to_owned();
+    c.node.client_listen = ([127, 0, 0, 1], 1).into();
+    c.node.peer_listen = ([127, 0, 0, 1], 2).into();
+    c.voters = ids
+        .iter()
+        .map(|&v| Voter {
+            id: v,
+            peer: format!("n{v}:1"),
+            name: String::new(),
+        })
+        .collect();
+    c.raft.tick_ms = 20;
+    c.raft.election_ticks = 10;
+    c.raft.heartbeat_ticks = 2;
+    c.finish().unwrap();
+    c
+}
+
+impl Sim {
+    /// Three founders, 1 to 3, with [`config`].
+    pub fn start() -> Sim {
+        Sim::start_with(|_| {})
+    }
+
+    /// Three founders whose configuration `tune` changes first.
+    pub fn start_with(tune: impl Fn(&mut Config)) -> Sim {
+        let ids = [1, 2, 3];
+        let clock = ManualClock::new(START_NS);
+        let net = Arc::new(Net::default());
+        let mut nodes = BTreeMap::new();
+        let mut dirs = Vec::new();
+        let mut tick_ns = 0;
+        let mut lease_ns = 0;
+        for id in ids {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(id, &ids, dir.path());
+            tune(&mut cfg);
+            tick_ns = cfg.tick().as_nanos() as u64;
+            lease_ns = cfg.lease().as_nanos() as u64;
+            let engine = Engine::open(dir.path()).unwrap();
+            let port = Arc::new(Port {
+                net: net.clone(),
+                from: id,
+                clock: clock.clone(),
+            });
+            let (handle, driver) =
+                node::build(&cfg, engine, port, founders(&ids), Arc::new(clock.clone())).unwrap();
+            // Servers do not tick in phase: each starts a third of a tick
+            // after the one before.
+            let next_tick_ns = START_NS + tick_ns + (id - 1) * tick_ns / 3;
+            let lease = handle.watch_lease();
+            nodes.insert(
+                id,
+                SimNode {
+                    handle,
+                    driver: Some(driver),
+                    next_tick_ns,
+                    lease,
+                },
+            );
+            dirs.push(dir);
+        }
+        Sim {
+            clock,
+            net,
+            nodes,
+            tick_ns,
+            lease_ns,
+            leases: Vec::new(),
+            _dirs: dirs,
+        }
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    pub fn node(&self, id: u64) -> NodeHandle {
+        self.nodes[&id].handle.clone()
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// The servers that see themselves as leader, with their terms.
+    pub fn leaders(&self) -> Vec<(u64, u64)> {
+        self.nodes
+            .values()
+            .map(|n| n.handle.view())
+            .filter(|v| v.role == StateRole::Leader)
+            .map(|v| (v.id, v.term))
+            .collect()
+    }
+
+    /// The leader every server of `among` agrees on, if there is one.
+    pub fn agreed_leader(&self, among: &[u64]) -> Option<u64> {
+        let views: Vec<_> = among
+            .iter()
+            .map(|id| self.nodes[id].handle.view())
+            .collect();
+        let l = views.iter().find(|v| v.role == StateRole::Leader)?;
+        views
+            .iter()
+            .all(|v| v.leader_id == l.id && v.term == l.term)
+            .then_some(l.id)
+    }
+
+    /// Runs until the servers of `among` agree on a leader (at most 20 s
+    /// of simulated time).
+    pub fn wait_leader(&mut self, among: &[u64]) -> u64 {
+        self.wait(Duration::from_secs(20), "a leader", |s| {
+            s.agreed_leader(among)
+        })
+    }
+
+    /// One instant of the zone, then time moves on to the next event: every
+    /// driver takes its requests and works, and what they send that is due
+    /// is delivered, until nothing moves; then the clock jumps to the next
+    /// tick or message due, and the servers whose tick it is tick.
+    pub fn step(&mut self) {
+        self.settle();
+        let next_tick = self.nodes.values().map(|n| n.next_tick_ns).min();
+        let next = [next_tick, self.net.next_due()]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("a running zone always has a tick ahead");
+        let now = self.clock.now_ns();
+        if next > now {
+            self.clock.advance(Duration::from_nanos(next - now));
+        }
+        let now = self.clock.now_ns();
+        let tick_ns = self.tick_ns;
+        for n in self.nodes.values_mut() {
+            let Some(driver) = n.driver.as_mut() else {
+                continue;
+            };
+            while n.next_tick_ns <= now {
+                driver.tick();
+                n.next_tick_ns += tick_ns;
+            }
+        }
+    }
+
+    /// Works and delivers at the current instant until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..ROUNDS_PER_INSTANT {
+            for (id, n) in self.nodes.iter_mut() {
+                let Some(driver) = n.driver.as_mut() else {
+                    continue;
+                };
+                driver.pump();
+                match driver.advance() {
+                    Ok(None) => {}
+                    Ok(Some(stopped)) => {
+                        let driver = n.driver.take().expect("running");
+                        driver.close(Ok(stopped)).unwrap();
+                    }
+                    Err(e) => panic!("server {id}: storage failure: {e}"),
+                }
+                if n.lease.has_changed().unwrap_or(false) {
+                    self.leases.push((*id, *n.lease.borrow_and_update()));
+                }
+            }
+            let due = self.net.take_due(self.clock.now_ns());
+            if due.is_empty() {
+                return;
+            }
+            for m in due {
+                self.deliver(m);
+            }
+        }
+        panic!("the zone did not settle in {ROUNDS_PER_INSTANT} rounds at one instant");
+    }
+
+    fn deliver(&self, m: InFlight) {
+        let to = m.msg.to;
+        let snapshot = m.msg.get_msg_type() == MessageType::MsgSnapshot;
+        let cut = self.net.cut.lock().unwrap().contains(&(m.from, to));
+        let delivered = !cut
+            && self
+                .nodes
+                .get(&to)
+                .is_some_and(|n| n.driver.is_some() && n.handle.step(m.msg).is_ok());
+        if snapshot {
+            if let Some(sender) = self.nodes.get(&m.from) {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                sender.handle.report_snapshot(to, status);
+            }
+        }
+    }
+
+    /// Runs for `d` of simulated time.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.clock.now_ns() + d.as_nanos() as u64;
+        while self.clock.now_ns() < end {
+            self.step();
+        }
+    }
+
+    /// Runs until `cond` gives a value, checked after every step; panics
+    /// naming `what` after `limit` of simulated time.
+    pub fn wait<T>(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut cond: impl FnMut(&Sim) -> Option<T>,
+    ) -> T {
+        let end = self.clock.now_ns() + limit.as_nanos() as u64;
+        loop {
+            if let Some(v) = cond(self) {
+                return v;
+            }
+            assert!(
+                self.clock.now_ns() < end,
+                "no {what} after {limit:?} of simulated time"
+            );
+            self.step();
+        }
+    }
+
+    /// Runs until `fut` resolves, polled after every step; panics naming
+    /// `what` after `limit` of simulated time.
+    pub fn run_until<T>(&mut self, limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(Waker::noop());
+        self.wait(limit, what, |_| match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    }
+}
+
+impl Drop for Sim {
+    /// Stops every driver with its data flushed: RocksDB must not be torn
+    /// down under a driver.
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            if let Some(driver) = n.driver.take() {
+                let _ = driver.close(Ok(node::Stopped::Shutdown));
+            }
+        }
+    }
+}
+
+/// Polls `fut` once: its value if it is ready.
+pub fn poll_once<T>(fut: &mut std::pin::Pin<Box<dyn Future<Output = T>>>) -> Option<T> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
