@@ -115,15 +115,16 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     } else {
         Bootstrap::Voters(founders(&config))
     };
+    let inbox = node::Inbox::default();
     let transport = Arc::new(GrpcTransport::new(
         config.node.id,
         tokio::runtime::Handle::current(),
+        inbox.reports(),
     ));
-    let (node, driver) = match node::start(&config, engine, transport.clone(), bootstrap) {
+    let (node, driver) = match node::start(&config, engine, inbox, transport.clone(), bootstrap) {
         Err(node::StartError::Removed { index }) => return Err(ServeError::Removed { index }),
         other => other?,
     };
-    transport.attach(node.clone());
     let agents = Arc::new(AgentRegistry::default());
     let zone = ServerContext::new(node.clone(), transport, config.clone(), agents.clone());
 

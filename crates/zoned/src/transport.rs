@@ -14,7 +14,7 @@
 //! only be reachable by zone members, and mutual TLS is planned for it).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as PbMessage;
@@ -26,7 +26,7 @@ use tonic::{Response, Status, Streaming};
 use zone_proto::v1::peer_client::PeerClient;
 use zone_proto::v1::{Member, RaftAck, RaftBatch, RemovedNotice, SnapshotAck, SnapshotChunk};
 
-use crate::node::{NodeHandle, Transport};
+use crate::node::{NodeHandle, PeerReports, Transport};
 
 /// Largest gRPC message on the peer port.
 pub const MAX_PEER_MESSAGE: usize = 256 << 20;
@@ -67,23 +67,24 @@ struct Link {
 pub struct GrpcTransport {
     self_id: u64,
     links: RwLock<HashMap<u64, Link>>,
-    node: Arc<OnceLock<NodeHandle>>,
+    reports: PeerReports,
     runtime: tokio::runtime::Handle,
 }
 
 impl GrpcTransport {
-    /// Reports to Raft begin once [`GrpcTransport::attach`] is called.
-    pub fn new(self_id: u64, runtime: tokio::runtime::Handle) -> GrpcTransport {
+    /// Tasks run on `runtime`; what becomes of peers and snapshots goes to
+    /// the driver through `reports`.
+    pub fn new(
+        self_id: u64,
+        runtime: tokio::runtime::Handle,
+        reports: PeerReports,
+    ) -> GrpcTransport {
         GrpcTransport {
             self_id,
             links: RwLock::new(HashMap::new()),
-            node: Arc::new(OnceLock::new()),
+            reports,
             runtime,
         }
-    }
-
-    pub fn attach(&self, node: NodeHandle) {
-        let _ = self.node.set(node);
     }
 
     /// The client for peer `id`, for forwarding and status calls.
@@ -104,17 +105,18 @@ impl Transport for GrpcTransport {
             let Some(link) = links.get(&to) else {
                 tracing::debug!(to, "no address known for server; message dropped");
                 if msg.get_msg_type() == MessageType::MsgSnapshot {
-                    report(&self.node, |n| {
-                        n.report_snapshot(to, SnapshotStatus::Failure)
-                    });
+                    self.reports.snapshot(to, SnapshotStatus::Failure);
                 } else {
-                    report(&self.node, |n| n.report_unreachable(to));
+                    self.reports.unreachable(to);
                 }
                 continue;
             };
             if msg.get_msg_type() == MessageType::MsgSnapshot {
-                self.runtime
-                    .spawn(send_snapshot(link.client.clone(), msg, self.node.clone()));
+                self.runtime.spawn(send_snapshot(
+                    link.client.clone(),
+                    msg,
+                    self.reports.clone(),
+                ));
             } else {
                 let _ = link.queue.send(msg);
             }
@@ -152,7 +154,7 @@ impl Transport for GrpcTransport {
                 m.peer_endpoint.clone(),
                 client.clone(),
                 rx,
-                self.node.clone(),
+                self.reports.clone(),
             ));
             links.insert(
                 m.id,
@@ -179,12 +181,6 @@ impl Transport for GrpcTransport {
                 tracing::info!(peer = id, error = %e.message(), "could not tell the removed server; it will learn from a peer or stay idle");
             }
         });
-    }
-}
-
-fn report(node: &OnceLock<NodeHandle>, f: impl FnOnce(&NodeHandle)) {
-    if let Some(n) = node.get() {
-        f(n);
     }
 }
 
@@ -247,7 +243,7 @@ async fn run_peer(
     addr: String,
     client: PeerClient<Channel>,
     rx: mpsc::UnboundedReceiver<Message>,
-    node: Arc<OnceLock<NodeHandle>>,
+    reports: PeerReports,
 ) {
     let queue: Queue = Arc::new(Mutex::new(rx));
     let mut backoff = BACKOFF_MIN;
@@ -282,7 +278,7 @@ async fn run_peer(
         } else {
             tracing::debug!(peer = id, %addr, reason, "Raft stream to peer still failing");
         }
-        report(&node, |n| n.report_unreachable(id));
+        reports.unreachable(id);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
         // What queued meanwhile is stale: Raft resends what still matters.
@@ -292,11 +288,7 @@ async fn run_peer(
 }
 
 /// Sends one snapshot message in chunks and reports the outcome to Raft.
-async fn send_snapshot(
-    mut client: PeerClient<Channel>,
-    mut msg: Message,
-    node: Arc<OnceLock<NodeHandle>>,
-) {
+async fn send_snapshot(mut client: PeerClient<Channel>, mut msg: Message, reports: PeerReports) {
     let to = msg.to;
     let data = msg.mut_snapshot().take_data();
     let header = encode(&msg);
@@ -327,7 +319,7 @@ async fn send_snapshot(
             SnapshotStatus::Failure
         }
     };
-    report(&node, |n| n.report_snapshot(to, status));
+    reports.snapshot(to, status);
 }
 
 /// Receives Raft messages and snapshots from peers.

@@ -57,6 +57,50 @@ pub(crate) enum Request {
     Shutdown,
 }
 
+/// The driver's request channel, made before the driver, so that what the
+/// driver is built with (its transport) can report to it from the start.
+#[derive(Debug)]
+pub struct Inbox {
+    pub(super) tx: std_mpsc::Sender<Request>,
+    pub(super) rx: std_mpsc::Receiver<Request>,
+}
+
+impl Default for Inbox {
+    fn default() -> Inbox {
+        let (tx, rx) = std_mpsc::channel();
+        Inbox { tx, rx }
+    }
+}
+
+impl Inbox {
+    /// The way for the transport to tell the driver about its peers.
+    pub fn reports(&self) -> PeerReports {
+        PeerReports {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+/// What the transport tells the driver about its peers: Raft then stops
+/// pipelining to an unreachable peer, and learns how a snapshot it sent
+/// ended.
+#[derive(Debug, Clone)]
+pub struct PeerReports {
+    tx: std_mpsc::Sender<Request>,
+}
+
+impl PeerReports {
+    /// Messages to `id` could not be delivered.
+    pub fn unreachable(&self, id: u64) {
+        let _ = self.tx.send(Request::Unreachable(id));
+    }
+
+    /// How the snapshot sent to `id` ended.
+    pub fn snapshot(&self, id: u64, status: SnapshotStatus) {
+        let _ = self.tx.send(Request::SnapshotReport(id, status));
+    }
+}
+
 /// A cheap, cloneable way into the driver.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -124,14 +168,6 @@ impl NodeHandle {
         self.tx
             .send(Request::Raft(Box::new(msg)))
             .map_err(|_| NodeError::Stopped)
-    }
-
-    pub fn report_unreachable(&self, id: u64) {
-        let _ = self.tx.send(Request::Unreachable(id));
-    }
-
-    pub fn report_snapshot(&self, id: u64, status: SnapshotStatus) {
-        let _ = self.tx.send(Request::SnapshotReport(id, status));
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, NodeError> {

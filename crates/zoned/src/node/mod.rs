@@ -33,7 +33,6 @@ mod membership;
 mod proposals;
 mod reads;
 
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +48,7 @@ use crate::storage::{Engine, RaftStorage, StorageFailure};
 
 pub use clock::{monotonic_ns, Clock, ManualClock, Monotonic};
 pub use driver::Driver;
-pub use handle::NodeHandle;
+pub use handle::{Inbox, NodeHandle, PeerReports};
 pub use lease::Lease;
 
 /// Where the driver's outgoing messages go. No method may block.
@@ -173,14 +172,17 @@ pub enum StartError {
 pub type DriverThread = std::thread::JoinHandle<Result<Stopped, StorageFailure>>;
 
 /// Starts the driver on a thread of its own over an opened engine, on
-/// CLOCK_MONOTONIC, ticking every `raft.tick_ms`.
+/// CLOCK_MONOTONIC, ticking every `raft.tick_ms`. Its requests come through
+/// `inbox`, to which the transport may already report.
 pub fn start(
     config: &Config,
     engine: Engine,
+    inbox: Inbox,
     transport: Arc<dyn Transport>,
     bootstrap: Bootstrap,
 ) -> Result<(NodeHandle, DriverThread), StartError> {
-    let (handle, driver) = build(config, engine, transport, bootstrap, Arc::new(Monotonic))?;
+    let clock = Arc::new(Monotonic);
+    let (handle, driver) = build(config, engine, inbox, transport, bootstrap, clock)?;
     let thread = std::thread::Builder::new()
         .name(format!("raft-{}", config.node.id))
         .spawn(move || driver.run())
@@ -194,6 +196,7 @@ pub fn start(
 pub fn build(
     config: &Config,
     engine: Engine,
+    inbox: Inbox,
     transport: Arc<dyn Transport>,
     bootstrap: Bootstrap,
     clock: Arc<dyn Clock>,
@@ -254,7 +257,7 @@ pub fn build(
         ..Lease::default()
     });
     let (events_tx, _) = broadcast::channel(1024);
-    let (tx, rx) = std_mpsc::channel();
+    let Inbox { tx, rx } = inbox;
     let reader = Reader::new(engine.clone())?;
     let handle = NodeHandle {
         id: config.node.id,

@@ -24,7 +24,9 @@ use raft::eraftpb::{Message, MessageType};
 use raft::{SnapshotStatus, StateRole};
 use zone_proto::v1::Member;
 use zoned::config::{Config, Voter};
-use zoned::node::{self, Bootstrap, Clock, Driver, Lease, ManualClock, NodeHandle, Transport};
+use zoned::node::{
+    self, Bootstrap, Clock, Driver, Inbox, Lease, ManualClock, NodeHandle, PeerReports, Transport,
+};
 use zoned::storage::Engine;
 
 /// A message on the simulated network.
@@ -134,6 +136,7 @@ impl Transport for Port {
 
 struct SimNode {
     handle: NodeHandle,
+    reports: PeerReports,
     /// None once stopped.
     driver: Option<Driver>,
     next_tick_ns: u64,
@@ -222,8 +225,11 @@ impl Sim {
                 from: id,
                 clock: clock.clone(),
             });
+            let inbox = Inbox::default();
+            let reports = inbox.reports();
+            let clock_of_node = Arc::new(clock.clone());
             let (handle, driver) =
-                node::build(&cfg, engine, port, founders(&ids), Arc::new(clock.clone())).unwrap();
+                node::build(&cfg, engine, inbox, port, founders(&ids), clock_of_node).unwrap();
             // Servers do not tick in phase: each starts a third of a tick
             // after the one before.
             let next_tick_ns = START_NS + tick_ns + (id - 1) * tick_ns / 3;
@@ -232,6 +238,7 @@ impl Sim {
                 id,
                 SimNode {
                     handle,
+                    reports,
                     driver: Some(driver),
                     next_tick_ns,
                     lease,
@@ -369,7 +376,7 @@ impl Sim {
                 } else {
                     SnapshotStatus::Failure
                 };
-                sender.handle.report_snapshot(to, status);
+                sender.reports.snapshot(to, status);
             }
         }
     }
