@@ -7,7 +7,6 @@
 //! writes to it. Exit code 2: no usable identity (the message says which
 //! field and where to set it).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -136,7 +135,9 @@ fn run(args: &Args) -> Result<()> {
         if args.dry_run {
             println!("---- {}\n{text}", path.display());
         } else {
-            write_atomically(path, text.as_bytes())?;
+            // Atomic: a reader sees the old file or the new, never a part.
+            zone_files::atomic::write(path, text.as_bytes(), 0o644, None)
+                .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
         }
     }
@@ -186,25 +187,6 @@ fn find_interface(want: &Interface, sys_net: &Path, wait: Duration) -> Result<St
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Temp file, fsync, rename, fsync the directory: a reader sees the old
-/// file or the new one, never a part.
-fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().context("a file path has a directory")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::disk::{Disk, Drift};
-use crate::paths::{check_on_disk, Roots};
-use crate::template::{NodeVars, Template};
+use zone_files::paths::{check_on_disk, Roots};
+use zone_files::template::{NodeVars, Template};
 
 /// One managed file as the store holds it (the fields zone-sync uses).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -2,15 +2,14 @@
 //! implementation rooted anywhere (`/` in production, a temporary directory
 //! in the process tests) and one in memory for the logic's unit tests.
 //!
-//! Writes are atomic: a temporary file in the same directory, written,
-//! fsynced, given its mode and owner, renamed over the target, then the
-//! directory fsynced. A crash at any step leaves the old content or the
-//! new, never a part; a temporary file left behind is overwritten by the
-//! next write. Before a managed file is replaced its current content is
+//! Writes are atomic (`zone_files::atomic`: a temporary file in the same
+//! directory, written, given its mode and owner, fsynced, renamed over the
+//! target, then the directory fsynced). A crash at any step leaves the old
+//! content or the new, never a part; a temporary file left behind is
+//! removed by the next write. Before a managed file is replaced its current content is
 //! kept as a backup, the newest `keep` per file.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -50,15 +49,7 @@ pub trait Disk: Send + Sync {
     }
 }
 
-/// The steps of an atomic write, for fault injection in tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Step {
-    CreateTemp,
-    WriteTemp,
-    SyncTemp,
-    Rename,
-    SyncDir,
-}
+pub use zone_files::atomic::Step;
 
 /// The real filesystem under `root`.
 #[derive(Debug)]
@@ -120,42 +111,7 @@ impl Disk for RootedDisk {
         mode: u32,
         owner: Option<(u32, u32)>,
     ) -> std::io::Result<()> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let target = self.real(path);
-        let dir = target
-            .parent()
-            .ok_or_else(|| std::io::Error::other("a managed path has a directory"))?;
-        std::fs::create_dir_all(dir)?;
-        let name = target
-            .file_name()
-            .ok_or_else(|| std::io::Error::other("a managed path has a file name"))?;
-        let tmp = dir.join(format!(".{}.zone-sync", name.to_string_lossy()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        self.step(Step::CreateTemp)?;
-        f.write_all(data)?;
-        self.step(Step::WriteTemp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
-            nix::unistd::fchown(
-                &f,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            )
-            .map_err(std::io::Error::from)?;
-        }
-        f.sync_all()?;
-        drop(f);
-        self.step(Step::SyncTemp)?;
-        std::fs::rename(&tmp, &target)?;
-        self.step(Step::Rename)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        self.step(Step::SyncDir)?;
-        Ok(())
+        zone_files::atomic::write_with(&self.real(path), data, mode, owner, &mut |s| self.step(s))
     }
 
     fn backup(&self, path: &str, tag: &str, keep: usize) -> std::io::Result<()> {
@@ -164,12 +120,7 @@ impl Disk for RootedDisk {
         };
         let dir = self.backup_path(path);
         std::fs::create_dir_all(&dir)?;
-        let file = dir.join(tag);
-        let tmp = dir.join(format!(".{tag}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&current)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &file)?;
+        zone_files::atomic::write(&dir.join(tag), &current, 0o644, None)?;
         let all = self.backups(path)?;
         for old in &all[..all.len().saturating_sub(keep)] {
             std::fs::remove_file(dir.join(old))?;

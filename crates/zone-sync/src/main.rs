@@ -12,6 +12,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
+use zone_files::keys::{FILE_PREFIX, ROLL_LOCK, STATUS_PREFIX};
+use zone_files::paths::{Roots, DEFAULT_ROOT};
+use zone_files::template::NodeVars;
 use zone_proto::v1::{
     cluster_client::ClusterClient, compare, kv_client::KvClient, request_op, Compare,
     DeleteRequest, ManagedFile, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
@@ -19,10 +22,7 @@ use zone_proto::v1::{
 };
 use zone_sync::apply::{Applier, LastRestart, Report, State, Wanted};
 use zone_sync::disk::RootedDisk;
-use zone_sync::keys::{FILE_PREFIX, ROLL_LOCK, STATUS_PREFIX};
-use zone_sync::paths::{Roots, DEFAULT_ROOT};
 use zone_sync::roll::{restart_all, turn, PeerState, Systemctl, Turn, Units};
-use zone_sync::template::NodeVars;
 
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]

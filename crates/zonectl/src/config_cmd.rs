@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use tonic::transport::Channel;
-use zone_sync::template::{NodeVars, Template};
+use zone_files::keys::STATUS_PREFIX;
+use zone_files::template::{NodeVars, Template};
 use zonectl::v1::{
     cluster_client::ClusterClient, config_client::ConfigClient, kv_client::KvClient,
     DeleteFileRequest, FileHistoryRequest, GetFileRequest, ListFilesRequest, ManagedFile,
@@ -18,9 +19,6 @@ use zonectl::ZoneView;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Differ(pub String);
-
-/// Where each server's zone-sync reports (zone_sync::keys::STATUS_PREFIX).
-const STATUS_PREFIX: &[u8] = b"zone/config/status/";
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {

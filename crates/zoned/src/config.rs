@@ -200,10 +200,10 @@ pub struct FilesSection {
 
 impl Config {
     /// The managed-files policy (roots checked by `finish`).
-    pub fn files_policy(&self) -> crate::files::Policy {
-        crate::files::Policy {
-            roots: zone_sync::paths::Roots::new(&self.files.managed_roots).unwrap_or_else(|_| {
-                zone_sync::paths::Roots::new([zone_sync::paths::DEFAULT_ROOT])
+    pub fn files_policy(&self) -> zone_files::policy::Policy {
+        zone_files::policy::Policy {
+            roots: zone_files::paths::Roots::new(&self.files.managed_roots).unwrap_or_else(|_| {
+                zone_files::paths::Roots::new([zone_files::paths::DEFAULT_ROOT])
                     .expect("default root")
             }),
             max_file_bytes: self.files.max_file_bytes,
@@ -217,7 +217,7 @@ impl Config {
 impl Default for FilesSection {
     fn default() -> Self {
         FilesSection {
-            managed_roots: vec![zone_sync::paths::DEFAULT_ROOT.to_owned()],
+            managed_roots: vec![zone_files::paths::DEFAULT_ROOT.to_owned()],
             max_file_bytes: 1 << 20,
             max_total_bytes: 128 << 20,
             history_per_file: 20,
@@ -334,7 +334,7 @@ impl Config {
                 name: String::new(),
             });
         }
-        zone_sync::paths::Roots::new(&self.files.managed_roots)
+        zone_files::paths::Roots::new(&self.files.managed_roots)
             .map_err(|e| invalid("files.managed_roots", e.to_string()))?;
         if self.files.max_file_bytes == 0 || self.files.max_file_bytes > 16 << 20 {
             return Err(invalid(

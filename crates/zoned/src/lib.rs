@@ -24,7 +24,6 @@ pub mod agent;
 pub mod api;
 pub mod coalesce;
 pub mod config;
-pub mod files;
 pub mod host;
 pub mod kv;
 pub mod logging;

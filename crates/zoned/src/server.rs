@@ -151,7 +151,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         )
         .add_service(ClusterServer::new(ClusterService(zone.clone())))
         .add_service(zone_proto::v1::config_server::ConfigServer::new(
-            crate::files::ConfigService::new(zone.clone(), config.files_policy()),
+            crate::api::ConfigService::new(zone.clone(), config.files_policy()),
         ))
         .serve_with_incoming_shutdown(accepted(client_listener), stopped(stop_rx.clone()));
     let peer_server = Server::builder()

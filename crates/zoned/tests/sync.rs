@@ -132,7 +132,7 @@ async fn reports(zone: &TestZone) -> Option<Vec<serde_json::Value>> {
         .kv(0)
         .await
         .range(RangeRequest {
-            prefix: zone_sync::keys::STATUS_PREFIX.to_vec(),
+            prefix: zone_files::keys::STATUS_PREFIX.to_vec(),
             ..RangeRequest::default()
         })
         .await
@@ -272,7 +272,7 @@ async fn every_server_converges_on_the_latest_version() {
                 .kv(0)
                 .await
                 .get(zone_proto::v1::GetRequest {
-                    key: [zone_sync::keys::STATUS_PREFIX, b"1"].concat(),
+                    key: [zone_files::keys::STATUS_PREFIX, b"1"].concat(),
                     serializable: false,
                 })
                 .await

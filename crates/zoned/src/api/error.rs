@@ -48,6 +48,17 @@ pub enum ApiError {
     Storage(#[from] StorageFailure),
 }
 
+impl From<zone_files::FileError> for ApiError {
+    fn from(e: zone_files::FileError) -> ApiError {
+        use zone_files::FileError;
+        match e {
+            FileError::Invalid { field, reason } => ApiError::InvalidArgument { field, reason },
+            FileError::Unavailable(m) => ApiError::FailedPrecondition(m),
+            FileError::Compacted(m) => ApiError::Compacted(m),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         match &e {

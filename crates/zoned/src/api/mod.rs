@@ -18,6 +18,7 @@
 //! - [`service`]: the tonic service impls, thin.
 
 mod admin;
+mod config;
 mod error;
 mod leader;
 mod service;
@@ -37,6 +38,7 @@ use crate::kv;
 use crate::node::{LocalStatus, NodeHandle};
 use crate::transport::GrpcTransport;
 
+pub use config::ConfigService;
 pub use error::ApiError;
 pub use service::{ClusterService, KvService};
 pub use validate::Limits;

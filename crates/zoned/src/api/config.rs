@@ -1,4 +1,5 @@
-//! The Config service: managed configuration files in the replicated store.
+//! The Config service: managed configuration files in the replicated store
+//! (their model, checks and planning are the `zone-files` crate's).
 //!
 //! Every push is checked here, on the server, before anything is stored:
 //! the path is under a managed root and in normal form, the sizes are
@@ -19,8 +20,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use prost::Message as _;
-use sha2::Digest as _;
 use tonic::{Request, Response, Status};
+use zone_files::keys::{file_key, hist_key, hist_prefix, Gen, FILE_PREFIX, GEN_KEY, HIST_PREFIX};
+use zone_files::paths::Roots;
+use zone_files::policy::Policy;
+use zone_files::rollback::{plan_rollback, same, Change};
 use zone_proto::v1::{
     command, command_result, compare, config_server, request_op, Compare, DeleteFileRequest,
     DeleteFileResponse, DeleteRequest, FileHistoryRequest, FileHistoryResponse, GetFileRequest,
@@ -28,208 +32,16 @@ use zone_proto::v1::{
     PushFileRequest, PushFileResponse, PutRequest, RangeRequest, ReadLocalRequest,
     ReadLocalResponse, RequestOp, RollbackRequest, RollbackResponse, TxnRequest,
 };
-use zone_sync::paths::Roots;
 
-use crate::api::{ApiError, ServerContext};
-
-pub use zone_sync::keys::{FILE_PREFIX, GEN_KEY, HIST_PREFIX};
+use super::{ApiError, ServerContext};
 
 /// How many times a change is retried when another change raced it.
 const ATTEMPTS: usize = 5;
-
-fn file_key(path: &str) -> Vec<u8> {
-    [FILE_PREFIX, path.as_bytes()].concat()
-}
-
-fn hist_prefix(path: &str) -> Vec<u8> {
-    [HIST_PREFIX, path.as_bytes(), b"\0"].concat()
-}
-
-fn hist_key(path: &str, seq: u64) -> Vec<u8> {
-    [hist_prefix(path), format!("{seq:020}").into_bytes()].concat()
-}
 
 fn bad(field: &str, reason: impl Into<String>) -> ApiError {
     ApiError::InvalidArgument {
         field: field.to_owned(),
         reason: reason.into(),
-    }
-}
-
-/// The `[files]` limits and roots, checked once at start.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub roots: Roots,
-    pub max_file_bytes: u64,
-    pub max_total_bytes: u64,
-    pub history_per_file: usize,
-    /// Where this server's copies live (`/` on an appliance).
-    pub local_root: std::path::PathBuf,
-}
-
-fn plausible_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '\\'))
-}
-
-impl Policy {
-    /// Checks a pushed file; fills in the defaults it leaves out.
-    pub fn check(&self, f: &mut ManagedFile) -> Result<(), ApiError> {
-        self.roots
-            .check(&f.path)
-            .map_err(|e| bad("file.path", e.to_string()))?;
-        if f.content.len() as u64 > self.max_file_bytes {
-            return Err(bad(
-                "file.content",
-                format!(
-                    "{} bytes, over the limit of {} (files.max_file_bytes)",
-                    f.content.len(),
-                    self.max_file_bytes
-                ),
-            ));
-        }
-        if f.mode == 0 {
-            f.mode = 0o644;
-        }
-        if f.mode > 0o7777 {
-            return Err(bad(
-                "file.mode",
-                format!("{:o} is not a permission mode (at most 7777 octal)", f.mode),
-            ));
-        }
-        for (field, v) in [("file.owner", &f.owner), ("file.group", &f.group)] {
-            if !v.is_empty() && !plausible_name(v) {
-                return Err(bad(field, format!("`{v}` is not a user or group name")));
-            }
-        }
-        if let Some(u) = f.restart_units.iter().find(|u| !plausible_name(u)) {
-            return Err(bad(
-                "file.restart_units",
-                format!("`{u}` is not a systemd unit name"),
-            ));
-        }
-        if f.template {
-            let text = std::str::from_utf8(&f.content)
-                .map_err(|_| bad("file.content", "a template must be UTF-8 text"))?;
-            zone_sync::template::Template::parse(text)
-                .map_err(|e| bad("file.content", e.to_string()))?;
-        }
-        f.size = f.content.len() as u64;
-        f.sha256 = format!("{:x}", sha2::Sha256::digest(&f.content));
-        f.revision = 0;
-        f.version = 0;
-        f.deleted = false;
-        Ok(())
-    }
-}
-
-/// This server's own copy of a managed path, read under `local_root`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LocalCopy {
-    pub exists: bool,
-    pub content: Vec<u8>,
-    pub mode: u32,
-    pub owner: String,
-    pub group: String,
-}
-
-impl Policy {
-    /// Reads `path` from this server's disk: only under a managed root,
-    /// never through a symbolic link, only a regular file, at most
-    /// `max_file_bytes` (what could not be pushed is not worth reading).
-    pub fn read_local(&self, path: &str) -> Result<LocalCopy, ApiError> {
-        use std::io::Read as _;
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-        zone_sync::paths::check_on_disk(&self.roots, &self.local_root, path)
-            .map_err(|e| bad("path", e.to_string()))?;
-        let on_disk = self.local_root.join(path.trim_start_matches('/'));
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            // The last component too: no link, whatever raced the check.
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .open(&on_disk)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(LocalCopy::default());
-            }
-            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
-                return Err(bad(
-                    "path",
-                    format!("{path} is a symbolic link on this server: refused"),
-                ));
-            }
-            Err(e) => {
-                return Err(ApiError::FailedPrecondition(format!(
-                    "cannot open {path} on this server: {e}"
-                )))
-            }
-        };
-        let meta = file.metadata().map_err(|e| {
-            ApiError::FailedPrecondition(format!("cannot stat {path} on this server: {e}"))
-        })?;
-        if !meta.is_file() {
-            return Err(bad(
-                "path",
-                format!("{path} is not a regular file on this server"),
-            ));
-        }
-        if meta.len() > self.max_file_bytes {
-            return Err(bad(
-                "path",
-                format!(
-                    "{path} is {} bytes on this server, over the limit of {} (files.max_file_bytes)",
-                    meta.len(),
-                    self.max_file_bytes
-                ),
-            ));
-        }
-        let mut content = Vec::with_capacity(meta.len() as usize);
-        file.take(self.max_file_bytes + 1)
-            .read_to_end(&mut content)
-            .map_err(|e| {
-                ApiError::FailedPrecondition(format!("cannot read {path} on this server: {e}"))
-            })?;
-        let owner = nix::unistd::User::from_uid(meta.uid().into())
-            .ok()
-            .flatten()
-            .map_or_else(|| meta.uid().to_string(), |u| u.name);
-        let group = nix::unistd::Group::from_gid(meta.gid().into())
-            .ok()
-            .flatten()
-            .map_or_else(|| meta.gid().to_string(), |g| g.name);
-        Ok(LocalCopy {
-            exists: true,
-            content,
-            mode: meta.mode() & 0o7777,
-            owner,
-            group,
-        })
-    }
-}
-
-/// The `gen` key as read.
-#[derive(Debug, Clone, Copy, Default)]
-struct Gen {
-    seq: u64,
-    total: u64,
-    mod_revision: u64,
-}
-
-fn parse_gen(kv: Option<&KeyValue>) -> Gen {
-    let Some(kv) = kv else {
-        return Gen::default();
-    };
-    let text = String::from_utf8_lossy(&kv.value);
-    let mut it = text
-        .split_whitespace()
-        .map(|s| s.parse::<u64>().unwrap_or(0));
-    Gen {
-        seq: it.next().unwrap_or(0),
-        total: it.next().unwrap_or(0),
-        mod_revision: kv.mod_revision,
     }
 }
 
@@ -247,17 +59,6 @@ fn decode(kv: &KeyValue) -> Result<ManagedFile, ApiError> {
 fn without_content(mut f: ManagedFile) -> ManagedFile {
     f.content.clear();
     f
-}
-
-/// Same content and settings: pushing it again changes nothing.
-fn same(a: &ManagedFile, b: &ManagedFile) -> bool {
-    a.path == b.path
-        && a.content == b.content
-        && a.mode == b.mode
-        && a.owner == b.owner
-        && a.group == b.group
-        && a.restart_units == b.restart_units
-        && a.template == b.template
 }
 
 fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
@@ -280,75 +81,6 @@ fn del(key: Vec<u8>) -> RequestOp {
     }
 }
 
-/// One change to one path, as a rollback plans it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    Write(ManagedFile),
-    Remove(String),
-}
-
-/// What to change so that every file is as it was right after revision
-/// `to`, given the history kept (each version with its revision) and the
-/// files now. Fails, naming the oldest revision it could restore, when the
-/// history of a file changed since `to` does not reach back far enough.
-pub fn plan_rollback(
-    history: &[ManagedFile],
-    current: &BTreeMap<String, ManagedFile>,
-    to: u64,
-) -> Result<Vec<Change>, ApiError> {
-    let mut by_path: BTreeMap<&str, Vec<&ManagedFile>> = BTreeMap::new();
-    for h in history {
-        by_path.entry(&h.path).or_default().push(h);
-    }
-    let mut changes = Vec::new();
-    let mut floor = 0;
-    let paths: std::collections::BTreeSet<&str> = by_path
-        .keys()
-        .copied()
-        .chain(current.keys().map(String::as_str))
-        .collect();
-    for path in paths {
-        let mut versions = by_path.get(path).cloned().unwrap_or_default();
-        versions.sort_by_key(|v| v.revision);
-        let now = current.get(path);
-        let changed_since = versions.last().is_some_and(|v| v.revision > to);
-        if !changed_since {
-            continue;
-        }
-        let then = versions.iter().rev().find(|v| v.revision <= to);
-        match then {
-            Some(v) if v.deleted => {
-                if now.is_some() {
-                    changes.push(Change::Remove(path.to_owned()));
-                }
-            }
-            Some(v) => {
-                if now.is_none_or(|n| !same(n, v)) {
-                    changes.push(Change::Write((*v).clone()));
-                }
-            }
-            None => {
-                // Every version kept is newer than `to`: if the oldest is
-                // the file's first, it did not exist then.
-                let oldest = versions.first().expect("changed_since");
-                if oldest.version == 1 {
-                    if now.is_some() {
-                        changes.push(Change::Remove(path.to_owned()));
-                    }
-                } else {
-                    floor = floor.max(oldest.revision);
-                }
-            }
-        }
-    }
-    if floor > 0 {
-        return Err(ApiError::Compacted(format!(
-            "the history kept does not reach back to revision {to}; the oldest revision that can be restored is {floor} (files.history_per_file)"
-        )));
-    }
-    Ok(changes)
-}
-
 #[derive(Debug, Clone)]
 pub struct ConfigService {
     zone: ServerContext,
@@ -365,7 +97,7 @@ impl ConfigService {
             key: GEN_KEY.to_vec(),
             serializable: true,
         })?;
-        Ok(parse_gen(kv.as_ref()))
+        Ok(Gen::read(kv.as_ref()))
     }
 
     fn read_file(&self, path: &str) -> Result<Option<ManagedFile>, ApiError> {
@@ -415,7 +147,7 @@ impl ConfigService {
         total: u64,
         budget: Duration,
     ) -> Result<Option<u64>, ApiError> {
-        ops.push(put(GEN_KEY.to_vec(), format!("{seq} {total}").into_bytes()));
+        ops.push(put(GEN_KEY.to_vec(), Gen::value(seq, total)));
         let txn = TxnRequest {
             compare: vec![Compare {
                 key: GEN_KEY.to_vec(),
@@ -730,7 +462,8 @@ impl config_server::Config for ConfigService {
         let policy = self.policy.clone();
         let copy = tokio::task::spawn_blocking(move || policy.read_local(&path))
             .await
-            .map_err(|e| Status::internal(format!("reading the local copy: {e}")))??;
+            .map_err(|e| Status::internal(format!("reading the local copy: {e}")))?
+            .map_err(ApiError::from)?;
         let (id, name) = self.zone.identity();
         let revision = self.zone.reader().revision().map_err(ApiError::from)?;
         Ok(Response::new(ReadLocalResponse {
@@ -743,171 +476,5 @@ impl config_server::Config for ConfigService {
             owner: copy.owner,
             group: copy.group,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy() -> Policy {
-        Policy {
-            roots: Roots::new(["/etc/zoned/managed", "/etc/one"]).unwrap(),
-            max_file_bytes: 16,
-            max_total_bytes: 64,
-            history_per_file: 3,
-            local_root: "/".into(),
-        }
-    }
-
-    fn file(path: &str, content: &str) -> ManagedFile {
-        ManagedFile {
-            path: path.into(),
-            content: content.as_bytes().to_vec(),
-            ..ManagedFile::default()
-        }
-    }
-
-    #[test]
-    fn a_push_is_checked_field_by_field() {
-        let p = policy();
-        let mut ok = file("/etc/one/oned.conf", "x");
-        p.check(&mut ok).unwrap();
-        assert_eq!(ok.mode, 0o644);
-        assert_eq!(ok.size, 1);
-        assert_eq!(ok.sha256.len(), 64);
-        let err = |mut f: ManagedFile| p.check(&mut f).unwrap_err().to_string();
-        assert!(err(file("/etc/passwd", "x")).starts_with("file.path: "));
-        assert!(err(file("/etc/one/../passwd", "x")).contains("normal form"));
-        assert!(err(file("/etc/one/big", "0123456789abcdefX")).contains("files.max_file_bytes"));
-        let mut m = file("/etc/one/a", "x");
-        m.mode = 0o10000;
-        assert!(err(m).starts_with("file.mode: "));
-        let mut o = file("/etc/one/a", "x");
-        o.owner = "root:root".into();
-        assert!(err(o).starts_with("file.owner: "));
-        let mut u = file("/etc/one/a", "x");
-        u.restart_units = vec!["../x".into()];
-        assert!(err(u).starts_with("file.restart_units: "));
-        let mut t = file("/etc/one/a", "{{nope}}");
-        t.template = true;
-        assert!(err(t).contains("template line 1, column 1"));
-    }
-
-    fn version(path: &str, content: &str, revision: u64, version: u64) -> ManagedFile {
-        let mut f = file(path, content);
-        f.revision = revision;
-        f.version = version;
-        f
-    }
-
-    fn tomb(path: &str, revision: u64, version: u64) -> ManagedFile {
-        ManagedFile {
-            path: path.into(),
-            deleted: true,
-            revision,
-            version,
-            ..ManagedFile::default()
-        }
-    }
-
-    #[test]
-    fn rollback_restores_changed_removes_created_and_revives_deleted() {
-        let history = vec![
-            version("/etc/one/a", "a1", 10, 1),
-            version("/etc/one/a", "a2", 20, 2),
-            version("/etc/one/b", "b1", 12, 1),
-            tomb("/etc/one/b", 22, 2),
-            version("/etc/one/c", "c1", 25, 1),
-            version("/etc/one/d", "d1", 5, 1),
-        ];
-        let mut current = BTreeMap::new();
-        for f in [
-            version("/etc/one/a", "a2", 20, 2),
-            version("/etc/one/c", "c1", 25, 1),
-            version("/etc/one/d", "d1", 5, 1),
-        ] {
-            current.insert(f.path.clone(), f);
-        }
-        let plan = plan_rollback(&history, &current, 15).unwrap();
-        assert_eq!(
-            plan,
-            vec![
-                Change::Write(version("/etc/one/a", "a1", 10, 1)),
-                Change::Write(version("/etc/one/b", "b1", 12, 1)),
-                Change::Remove("/etc/one/c".into()),
-            ]
-        );
-        assert!(plan_rollback(&history, &current, 30).unwrap().is_empty());
-    }
-
-    #[test]
-    fn rollback_past_the_kept_history_names_the_oldest_revision() {
-        // Versions 1 and 2 of a fell out of the history kept.
-        let history = vec![
-            version("/etc/one/a", "a3", 30, 3),
-            version("/etc/one/a", "a4", 40, 4),
-        ];
-        let current: BTreeMap<String, ManagedFile> =
-            [("/etc/one/a".to_string(), version("/etc/one/a", "a4", 40, 4))].into();
-        let e = plan_rollback(&history, &current, 20)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("oldest revision that can be restored is 30"),
-            "{e}"
-        );
-        let plan = plan_rollback(&history, &current, 35).unwrap();
-        assert_eq!(
-            plan,
-            vec![Change::Write(version("/etc/one/a", "a3", 30, 3))]
-        );
-    }
-
-    #[test]
-    fn a_local_copy_is_read_only_under_the_roots_and_never_through_a_link() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = Policy {
-            local_root: dir.path().to_owned(),
-            ..policy()
-        };
-        let one = dir.path().join("etc/one");
-        std::fs::create_dir_all(&one).unwrap();
-        std::fs::write(one.join("oned.conf"), "SERVER_ID = 0\n").unwrap();
-        std::fs::write(dir.path().join("etc/secret"), "no").unwrap();
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(
-            one.join("oned.conf"),
-            std::fs::Permissions::from_mode(0o640),
-        )
-        .unwrap();
-        let copy = p.read_local("/etc/one/oned.conf").unwrap();
-        assert!(copy.exists);
-        assert_eq!(copy.content, b"SERVER_ID = 0\n");
-        assert_eq!(copy.mode, 0o640);
-        let me = nix::unistd::User::from_uid(nix::unistd::getuid())
-            .unwrap()
-            .unwrap();
-        assert_eq!(copy.owner, me.name);
-
-        assert_eq!(
-            p.read_local("/etc/one/absent").unwrap(),
-            LocalCopy::default()
-        );
-        let err = |path: &str| p.read_local(path).unwrap_err().to_string();
-        assert!(err("/etc/secret").contains("outside the managed roots"));
-        assert!(err("/etc/one/../secret").contains("normal form"));
-        std::os::unix::fs::symlink(dir.path().join("etc/secret"), one.join("link")).unwrap();
-        assert!(
-            err("/etc/one/link").contains("symbolic link"),
-            "{}",
-            err("/etc/one/link")
-        );
-        std::os::unix::fs::symlink(dir.path().join("etc"), one.join("up")).unwrap();
-        assert!(err("/etc/one/up/secret").contains("symbolic link"));
-        std::fs::create_dir(one.join("dir")).unwrap();
-        assert!(err("/etc/one/dir").contains("not a regular file"));
-        std::fs::write(one.join("big"), "0123456789abcdefX").unwrap();
-        assert!(err("/etc/one/big").contains("files.max_file_bytes"));
     }
 }
