@@ -1,0 +1,125 @@
+//! Consistent reads for request handlers, from RocksDB snapshots.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prost::Message as _;
+use zone_proto::v1::{Event, GetRequest, KeyValue, RangeRequest};
+
+use super::*;
+use crate::storage::{Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
+
+/// Consistent reads for request handlers.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    engine: Engine,
+    /// The maintenance flag, kept by the Raft driver after each write so
+    /// that every write request need not read it from RocksDB.
+    disabled: Arc<AtomicBool>,
+}
+
+impl Reader {
+    /// Reads the maintenance flag from the store once.
+    pub fn new(engine: Engine) -> Result<Reader, StorageFailure> {
+        let reader = Reader {
+            engine,
+            disabled: Arc::new(AtomicBool::new(false)),
+        };
+        reader.reload()?;
+        Ok(reader)
+    }
+
+    /// Reads the maintenance flag from the store again (after a snapshot
+    /// replaced it).
+    pub(crate) fn reload(&self) -> Result<(), StorageFailure> {
+        let disabled = read_u64(
+            |k| self.engine.db().get_cf(self.engine.cf(CF_META), k),
+            KEY_DISABLED,
+            0,
+        )? != 0;
+        self.set_disabled(disabled);
+        Ok(())
+    }
+
+    /// Sets the flag [`Reader::disabled`] answers, once the store holds it.
+    pub(crate) fn set_disabled(&self, disabled: bool) {
+        self.disabled.store(disabled, Ordering::Release);
+    }
+
+    pub fn revision(&self) -> Result<u64, StorageFailure> {
+        read_u64(
+            |k| self.engine.db().get_cf(self.engine.cf(CF_META), k),
+            KEY_REVISION,
+            0,
+        )
+    }
+
+    /// True while the zone is disabled for maintenance.
+    pub fn disabled(&self) -> bool {
+        self.disabled.load(Ordering::Acquire)
+    }
+
+    /// Oldest revision whose changes a watcher can still replay.
+    pub fn history_floor(&self) -> Result<u64, StorageFailure> {
+        read_u64(
+            |k| self.engine.db().get_cf(self.engine.cf(CF_META), k),
+            KEY_HISTORY_FLOOR,
+            1,
+        )
+    }
+
+    /// One key and the revision it was read at.
+    pub fn get(&self, req: &GetRequest) -> Result<(Option<KeyValue>, u64), StorageFailure> {
+        let snap = self.engine.db().snapshot();
+        let revision = read_u64(|k| snap.get_cf(self.engine.cf(CF_META), k), KEY_REVISION, 0)?;
+        let kv = match snap.get_cf(self.engine.cf(CF_KV), &req.key) {
+            Ok(Some(b)) => Some(decode_kv(&req.key, &b)?),
+            Ok(None) => None,
+            Err(e) => return Err(StorageFailure::Read(e)),
+        };
+        Ok((kv, revision))
+    }
+
+    /// Keys under a prefix, the `more` flag, and the revision.
+    pub fn range(&self, req: &RangeRequest) -> Result<(Vec<KeyValue>, bool, u64), StorageFailure> {
+        let snap = self.engine.db().snapshot();
+        let revision = read_u64(|k| snap.get_cf(self.engine.cf(CF_META), k), KEY_REVISION, 0)?;
+        let (mut kvs, more) = scan_merged(
+            prefix_scan(&self.engine, &req.prefix, Some(&snap)),
+            &BTreeMap::new(),
+            &req.prefix,
+            req.limit,
+        )?;
+        if req.keys_only {
+            kvs.iter_mut().for_each(|kv| kv.value.clear());
+        }
+        Ok((kvs, more, revision))
+    }
+
+    /// History events with revision in `from..=to` under `prefix`, oldest
+    /// first.
+    pub fn history(&self, from: u64, to: u64, prefix: &[u8]) -> Result<Vec<Event>, StorageFailure> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_HISTORY));
+        it.seek(history_key(from, 0));
+        let end = history_key(to.saturating_add(1), 0);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k >= end.as_slice() {
+                break;
+            }
+            let ev = Event::decode(v).map_err(|_| StorageFailure::Corrupt {
+                what: "history event".into(),
+            })?;
+            if ev.kv.as_ref().is_some_and(|kv| kv.key.starts_with(prefix)) {
+                out.push(ev);
+            }
+            it.next();
+        }
+        it.status().map_err(StorageFailure::Read)?;
+        Ok(out)
+    }
+}

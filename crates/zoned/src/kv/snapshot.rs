@@ -1,0 +1,88 @@
+//! The whole store as a snapshot, its restore, and the membership record.
+
+use prost::Message as _;
+use rocksdb::WriteBatch;
+use zone_proto::v1::{Member, MembersResponse, StoreSnapshot};
+
+use super::*;
+use crate::storage::{encode_u64, Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
+
+/// Serialises the whole store as seen by a RocksDB snapshot: every key,
+/// the revision, the membership and the maintenance flag.
+pub fn snapshot_data(
+    engine: &Engine,
+    snap: &rocksdb::Snapshot<'_>,
+) -> Result<Vec<u8>, StorageFailure> {
+    let meta = |k: &[u8]| snap.get_cf(engine.cf(CF_META), k);
+    let revision = read_u64(meta, KEY_REVISION, 0)?;
+    let disabled = read_u64(meta, KEY_DISABLED, 0)? != 0;
+    let members =
+        decode_members(meta(KEY_MEMBERS).map_err(StorageFailure::Read)?)?.unwrap_or_default();
+    let mut kvs = Vec::new();
+    for item in prefix_scan(engine, b"", Some(snap)) {
+        let (k, v) = item?;
+        kvs.push(decode_kv(&k, &v)?);
+    }
+    Ok(StoreSnapshot {
+        revision,
+        kvs,
+        members,
+        disabled,
+    }
+    .encode_to_vec())
+}
+
+fn decode_members(bytes: Option<Vec<u8>>) -> Result<Option<Vec<Member>>, StorageFailure> {
+    match bytes {
+        None => Ok(None),
+        Some(b) => MembersResponse::decode(&b[..])
+            .map(|m| Some(m.members))
+            .map_err(|_| StorageFailure::Corrupt {
+                what: "meta/members".into(),
+            }),
+    }
+}
+
+/// The replicated membership (addresses and names), if any was recorded.
+pub fn read_members(engine: &Engine) -> Result<Option<Vec<Member>>, StorageFailure> {
+    decode_members(engine.get(CF_META, KEY_MEMBERS)?)
+}
+
+/// Stages the membership, in the batch that applies the change.
+pub fn stage_members(engine: &Engine, wb: &mut WriteBatch, members: &[Member]) {
+    let bytes = MembersResponse {
+        members: members.to_vec(),
+    }
+    .encode_to_vec();
+    wb.put_cf(engine.cf(CF_META), KEY_MEMBERS, bytes);
+}
+
+/// Stages replacing the whole store with a snapshot's contents. History
+/// before the snapshot is not carried: watchers older than it are told the
+/// oldest revision available.
+pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64, StorageFailure> {
+    let snap = StoreSnapshot::decode(data).map_err(|_| StorageFailure::Corrupt {
+        what: "snapshot data".into(),
+    })?;
+    let kv = engine.cf(CF_KV);
+    for item in prefix_scan(engine, b"", None) {
+        let (k, _) = item?;
+        wb.delete_cf(kv, k);
+    }
+    let mut snap = snap;
+    for pair in &mut snap.kvs {
+        let record = encode_kv(pair);
+        wb.put_cf(kv, &pair.key, record);
+    }
+    wb.delete_range_cf(
+        engine.cf(CF_HISTORY),
+        history_key(0, 0),
+        history_key(u64::MAX, u32::MAX),
+    );
+    let meta = engine.cf(CF_META);
+    wb.put_cf(meta, KEY_REVISION, encode_u64(snap.revision));
+    wb.put_cf(meta, KEY_HISTORY_FLOOR, encode_u64(snap.revision + 1));
+    wb.put_cf(meta, KEY_DISABLED, encode_u64(u64::from(snap.disabled)));
+    stage_members(engine, wb, &snap.members);
+    Ok(snap.revision)
+}

@@ -1,0 +1,157 @@
+//! The opened database: column families, options, writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
+    WriteBatch, WriteOptions, DB,
+};
+
+use super::*;
+
+/// Whether RocksDB's checksums run on the CPU's CRC-32C instructions.
+///
+/// On x86-64 RocksDB is built for the baseline instruction set, and its
+/// CRC-32C chooses at run time (`build-support/rocksdb-cxx`): SSE4.2's
+/// crc32 with PCLMULQDQ where the CPU has both, lookup tables elsewhere
+/// (QEMU's default `qemu64` and `kvm64` CPU models). This asks the same
+/// question of the CPU, to say which one runs.
+pub fn hardware_checksums() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("sse4.2")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    // Elsewhere RocksDB detects its CRC instructions itself (arm64).
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
+/// Says once, at open, which checksum code the store runs on.
+fn log_checksums() {
+    if hardware_checksums() {
+        tracing::info!("store checksums: CRC-32C in hardware (SSE4.2 and PCLMULQDQ)");
+    } else {
+        tracing::warn!(
+            "store checksums: CRC-32C from lookup tables, this CPU has no SSE4.2 or no \
+             PCLMULQDQ (a few percent more CPU per write); on a VM, a CPU type of `host`, \
+             or a model with both (x86-64-v2-AES, Westmere or later), gives them"
+        );
+    }
+}
+
+/// The opened database, shared by the Raft driver (the only writer) and the
+/// request handlers (readers).
+#[derive(Clone)]
+pub struct Engine {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("path", &self.path).finish()
+    }
+}
+
+impl Engine {
+    /// Opens (creating if needed) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Engine, StorageFailure> {
+        log_checksums();
+        let path = dir.join("db");
+        std::fs::create_dir_all(&path).map_err(|source| StorageFailure::CreateDir {
+            path: path.clone(),
+            source,
+        })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(4);
+        opts.set_max_total_wal_size(256 << 20);
+        opts.increase_parallelism(2);
+
+        // The Raft log is written once, read rarely and deleted in ranges:
+        // no compression, small blocks are not worth it.
+        let mut log_opts = Options::default();
+        log_opts.set_compression_type(DBCompressionType::None);
+        log_opts.set_write_buffer_size(16 << 20);
+
+        // Small memtables where keys arrive out of order. A skiplist insert
+        // that does not follow the previous one searches from the top, and
+        // its cost grows with the entries held: the KV family (keys in any
+        // order) and the Raft and meta families (the same few keys
+        // rewritten every Ready) took an eighth of the leader's Raft thread
+        // with 8 and 1 MiB memtables. The log and history families are
+        // written in key order and keep larger ones. More memtables may
+        // wait for their flush, so that a flush thread starved by a busy
+        // host stalls no write.
+        let memtables = |o: &mut Options, bytes: usize| {
+            o.set_write_buffer_size(bytes);
+            o.set_max_write_buffer_number(4);
+        };
+        let mut kv_opts = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        kv_opts.set_block_based_table_factory(&table);
+        kv_opts.set_compression_type(DBCompressionType::Lz4);
+        memtables(&mut kv_opts, 2 << 20);
+        kv_opts.set_memtable_whole_key_filtering(true);
+        kv_opts.set_memtable_prefix_bloom_ratio(0.05);
+
+        let small = || {
+            let mut o = Options::default();
+            memtables(&mut o, 256 << 10);
+            o
+        };
+        let mut history_opts = Options::default();
+        history_opts.set_write_buffer_size(16 << 20);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_LOG, log_opts),
+            ColumnFamilyDescriptor::new(CF_RAFT, small()),
+            ColumnFamilyDescriptor::new(CF_KV, kv_opts),
+            ColumnFamilyDescriptor::new(CF_HISTORY, history_opts),
+            ColumnFamilyDescriptor::new(CF_META, small()),
+        ];
+        let db =
+            DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| StorageFailure::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Engine {
+            db: Arc::new(db),
+            path,
+        })
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        // Every family is created at open; a missing one is a programming error.
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    /// Commits a batch; with `sync` it is on disk (fsync) when this returns.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageFailure> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo).map_err(StorageFailure::Write)
+    }
+
+    /// Syncs the write-ahead log, for a clean shutdown.
+    pub fn flush(&self) -> Result<(), StorageFailure> {
+        self.db.flush_wal(true).map_err(StorageFailure::Write)
+    }
+
+    pub(crate) fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFailure> {
+        self.db
+            .get_cf(self.cf(cf), key)
+            .map_err(StorageFailure::Read)
+    }
+}
