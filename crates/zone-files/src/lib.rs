@@ -12,6 +12,10 @@
 //!   owners and units, a template that parses), and a server's own copy of
 //!   a managed path, read safely;
 //! - [`rollback`]: what to change to bring every file back to a revision;
+//! - [`settings`]: the `[files]` section of `node.toml`, read by zoned and
+//!   zone-sync alike;
+//! - [`report`]: what zone-sync reports of each pass, for the roll and for
+//!   `zonectl config status`;
 //! - [`atomic`]: the one atomic file write (temp file, fsync, rename,
 //!   directory fsync) of everything that writes configuration on a server.
 
@@ -19,7 +23,9 @@ pub mod atomic;
 pub mod keys;
 pub mod paths;
 pub mod policy;
+pub mod report;
 pub mod rollback;
+pub mod settings;
 pub mod template;
 
 /// Why a request about managed files was refused.

@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::disk::{Disk, Drift};
 use zone_files::paths::{check_on_disk, Roots};
+use zone_files::report::LastRestart;
 use zone_files::template::{NodeVars, Template};
+
+use crate::disk::{Disk, Drift};
 
 /// One managed file as the store holds it (the fields zone-sync uses).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -64,18 +66,6 @@ pub struct State {
     pub drift_seen: BTreeMap<String, u64>,
 }
 
-/// One server's turn in a roll, for the report.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastRestart {
-    pub units: Vec<String>,
-    /// This server's wall clock, milliseconds since the epoch.
-    pub started_unix_ms: u64,
-    pub done_unix_ms: u64,
-    /// Per unit, when the service manager saw it active again.
-    pub active_since: BTreeMap<String, String>,
-    pub ok: bool,
-}
-
 impl State {
     pub fn load(path: &Path) -> std::io::Result<State> {
         match std::fs::read(path) {
@@ -86,17 +76,11 @@ impl State {
         }
     }
 
-    /// Temp file, fsync, rename, directory fsync.
+    /// Atomically (`zone_files::atomic`): a crash leaves the old state or
+    /// the new.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        zone_files::atomic::write(path, &bytes, 0o644, None)
     }
 }
 

@@ -13,14 +13,14 @@ use clap::Parser;
 use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 use zone_files::keys::{FILE_PREFIX, ROLL_LOCK, STATUS_PREFIX};
-use zone_files::paths::{Roots, DEFAULT_ROOT};
+use zone_files::report::{LastRestart, SyncReport};
 use zone_files::template::NodeVars;
 use zone_proto::v1::{
     cluster_client::ClusterClient, compare, kv_client::KvClient, request_op, Compare,
     DeleteRequest, ManagedFile, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
     WatchRequest,
 };
-use zone_sync::apply::{Applier, LastRestart, Report, State, Wanted};
+use zone_sync::apply::{Applier, Report, State, Wanted};
 use zone_sync::disk::RootedDisk;
 use zone_sync::roll::{restart_all, turn, PeerState, Systemctl, Turn, Units};
 
@@ -65,47 +65,6 @@ struct Args {
     no_restart: bool,
 }
 
-/// zoned's `[files]` settings zone-sync obeys: the managed roots, and the
-/// local root (absolute; `/` when unset).
-fn files_settings(config: &Path) -> Result<(Roots, PathBuf)> {
-    let text = match std::fs::read_to_string(config) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", config.display())),
-    };
-    let v: toml::Value =
-        toml::from_str(&text).with_context(|| format!("{}: not TOML", config.display()))?;
-    let files = v.get("files");
-    let local_root = match files.and_then(|f| f.get("local_root")) {
-        None => PathBuf::from("/"),
-        Some(r) => r
-            .as_str()
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .with_context(|| {
-                format!(
-                    "{}: files.local_root must be an absolute path",
-                    config.display()
-                )
-            })?,
-    };
-    let roots: Vec<String> = match files.and_then(|f| f.get("managed_roots")) {
-        None => vec![DEFAULT_ROOT.to_owned()],
-        Some(list) => list
-            .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_owned)).collect())
-            .with_context(|| {
-                format!(
-                    "{}: files.managed_roots must be a list of paths",
-                    config.display()
-                )
-            })?,
-    };
-    let roots =
-        Roots::new(&roots).with_context(|| format!("{}: files.managed_roots", config.display()))?;
-    Ok((roots, local_root))
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     tracing_subscriber::fmt()
@@ -115,10 +74,13 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let (roots, local_root) = match files_settings(&args.config) {
-        Ok(r) => r,
+    // zoned's [files] settings: the managed roots limit what this server
+    // writes, whatever the store says; the local root is the default for
+    // --root.
+    let (roots, local_root) = match zone_files::settings::read_node_toml(&args.config) {
+        Ok(files) => (files.check().expect("checked when read"), files.local_root),
         Err(e) => {
-            eprintln!("zone-sync: {e:#}");
+            eprintln!("zone-sync: {:#}", anyhow::Error::from(e));
             std::process::exit(2);
         }
     };
@@ -190,7 +152,7 @@ async fn pass(
     ch: &Channel,
     applier: &mut Applier<RootedDisk>,
     state_path: &Path,
-    last_status: &mut Option<serde_json::Value>,
+    last_status: &mut Option<SyncReport>,
 ) -> Result<Report> {
     let node = node_vars(ch).await?;
     let mut kv = KvClient::new(ch.clone()).max_decoding_message_size(256 << 20);
@@ -223,31 +185,31 @@ async fn pass(
         .state
         .save(state_path)
         .with_context(|| format!("saving {}", state_path.display()))?;
-    let mut status = serde_json::json!({
-        "id": node.id,
-        "name": node.name,
-        "applied_revision": revision,
-        "files": applier.state.files.len(),
-        "written": report.written,
-        "drift_restored": applier.state.drift_seen.keys().collect::<Vec<_>>(),
-        "refused": report.refused,
-        "pending_restarts": applier.state.pending_restarts,
-        "restart_failed": applier.state.restart_failed,
-        "last_restart": applier.state.last_restart,
-    });
+    let mut status = SyncReport {
+        id: node.id,
+        name: node.name.clone(),
+        applied_revision: revision,
+        files: applier.state.files.len() as u64,
+        written: report.written.clone(),
+        drift_restored: applier.state.drift_seen.keys().cloned().collect(),
+        refused: report.refused.clone(),
+        pending_restarts: applier.state.pending_restarts.clone(),
+        restart_failed: applier.state.restart_failed.clone(),
+        last_restart: applier.state.last_restart.clone(),
+        updated_unix: 0,
+    };
     // A drift pass that found nothing new is not worth a Raft write.
     if last_status.as_ref() == Some(&status) {
         return Ok(report);
     }
     *last_status = Some(status.clone());
-    status["updated_unix"] = std::time::SystemTime::now()
+    status.updated_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .into();
+        .unwrap_or(0);
     kv.put(PutRequest {
         key: [STATUS_PREFIX, node.id.to_string().as_bytes()].concat(),
-        value: serde_json::to_vec(&status)?,
+        value: status.encode(),
         prev_kv: false,
     })
     .await
@@ -271,7 +233,7 @@ async fn follow(
     args: &Args,
     applier: &mut Applier<RootedDisk>,
     state_path: &Path,
-    last_status: &mut Option<serde_json::Value>,
+    last_status: &mut Option<SyncReport>,
 ) -> Result<()> {
     let ch = connect(&args.endpoint).await?;
     let report = pass(&ch, applier, state_path, last_status).await?;
@@ -402,7 +364,7 @@ async fn roll_step(
     ch: &Channel,
     applier: &mut Applier<RootedDisk>,
     state_path: &Path,
-    last_status: &mut Option<serde_json::Value>,
+    last_status: &mut Option<SyncReport>,
 ) -> Result<()> {
     if applier.state.pending_restarts.is_empty() || applier.state.restart_failed.is_some() {
         return Ok(());
@@ -430,21 +392,18 @@ async fn roll_step(
         .into_inner()
         .kvs;
     let mut peers = Vec::new();
-    for r in &reports {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.value) else {
-            continue;
-        };
-        let id = v["id"].as_u64().unwrap_or(0);
-        if id == me || !reachable.contains(&id) {
+    for r in reports
+        .iter()
+        .filter_map(|kv| SyncReport::decode(&kv.value))
+    {
+        if r.id == me || !reachable.contains(&r.id) {
             continue;
         }
         peers.push(PeerState {
-            id,
-            applied: v["applied_revision"].as_u64().unwrap_or(0),
-            pending: v["pending_restarts"]
-                .as_array()
-                .is_some_and(|a| !a.is_empty()),
-            failed: v["restart_failed"].as_str().map(str::to_owned),
+            id: r.id,
+            applied: r.applied_revision,
+            pending: !r.pending_restarts.is_empty(),
+            failed: r.restart_failed,
         });
     }
     // A reachable server that never reported has not applied anything.

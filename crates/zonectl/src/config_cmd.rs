@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use tonic::transport::Channel;
 use zone_files::keys::STATUS_PREFIX;
+use zone_files::report::SyncReport;
 use zone_files::template::{NodeVars, Template};
 use zonectl::v1::{
     cluster_client::ClusterClient, config_client::ConfigClient, kv_client::KvClient,
@@ -412,10 +413,10 @@ pub async fn run(
                 .await?
                 .into_inner();
             let revision = r.header.map_or(0, |h| h.revision);
-            let reports: Vec<serde_json::Value> = r
+            let reports: Vec<SyncReport> = r
                 .kvs
                 .iter()
-                .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+                .filter_map(|kv| SyncReport::decode(&kv.value))
                 .collect();
             if as_json {
                 print_json(&serde_json::json!({ "servers": reports, "revision": revision }));
@@ -424,46 +425,31 @@ pub async fn run(
                     "{:<4} {:<16} {:>8} {:>6} {:<24} {:<24} REFUSED",
                     "ID", "NAME", "APPLIED", "FILES", "PENDING-RESTARTS", "DRIFT-RESTORED"
                 );
-                let list = |v: &serde_json::Value| -> String {
-                    let items: Vec<String> = v
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|x| match x {
-                                    serde_json::Value::String(s) => s.clone(),
-                                    serde_json::Value::Array(p) => p
-                                        .first()
-                                        .and_then(|s| s.as_str())
-                                        .unwrap_or_default()
-                                        .to_owned(),
-                                    other => other.to_string(),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                fn list<'a>(items: impl Iterator<Item = &'a String>) -> String {
+                    let items: Vec<&str> = items.map(String::as_str).collect();
                     if items.is_empty() {
                         "-".into()
                     } else {
                         items.join(",")
                     }
-                };
+                }
                 for s in &reports {
                     println!(
                         "{:<4} {:<16} {:>8} {:>6} {:<24} {:<24} {}",
-                        s["id"].to_string(),
-                        s["name"].as_str().unwrap_or(""),
-                        s["applied_revision"].to_string(),
-                        s["files"].to_string(),
-                        list(&s["pending_restarts"]),
-                        list(&s["drift_restored"]),
-                        list(&s["refused"])
+                        s.id,
+                        s.name,
+                        s.applied_revision,
+                        s.files,
+                        list(s.pending_restarts.iter()),
+                        list(s.drift_restored.iter()),
+                        list(s.refused.iter().map(|(path, _)| path))
                     );
                 }
                 for s in &reports {
-                    if let Some(e) = s["restart_failed"].as_str() {
+                    if let Some(e) = &s.restart_failed {
                         println!(
                             "server {}: RESTART FAILED, the roll is stopped until a new push: {e}",
-                            s["id"]
+                            s.id
                         );
                     }
                 }

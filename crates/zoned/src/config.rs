@@ -50,7 +50,7 @@ pub struct Config {
     pub voters: Vec<Voter>,
     pub raft: RaftSection,
     pub limits: LimitsSection,
-    pub files: FilesSection,
+    pub files: zone_files::settings::FilesSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,51 +178,12 @@ impl Default for LimitsSection {
     }
 }
 
-/// Managed configuration files (`zonectl config`, zone-sync).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilesSection {
-    /// Only files under these directories can be pushed. Default
-    /// `["/etc/zoned/managed"]`; add such as `/etc/one`.
-    pub managed_roots: Vec<String>,
-    /// Largest file in bytes. Default 1 MiB.
-    pub max_file_bytes: u64,
-    /// All managed files together, in bytes. Default 128 MiB.
-    pub max_total_bytes: u64,
-    /// Versions kept per file for `history` and `rollback`. Default 20.
-    pub history_per_file: usize,
-    /// The filesystem the managed paths live in on this server: zone-sync
-    /// writes under it (unless given `--root`), and `zonectl config diff`
-    /// and `import` read this server's copies under it. Default `/`; tests
-    /// and development clusters use a directory of their own.
-    pub local_root: PathBuf,
-}
-
 impl Config {
     /// The managed-files policy (roots checked by `finish`).
     pub fn files_policy(&self) -> zone_files::policy::Policy {
-        zone_files::policy::Policy {
-            roots: zone_files::paths::Roots::new(&self.files.managed_roots).unwrap_or_else(|_| {
-                zone_files::paths::Roots::new([zone_files::paths::DEFAULT_ROOT])
-                    .expect("default root")
-            }),
-            max_file_bytes: self.files.max_file_bytes,
-            max_total_bytes: self.files.max_total_bytes,
-            history_per_file: self.files.history_per_file,
-            local_root: self.files.local_root.clone(),
-        }
-    }
-}
-
-impl Default for FilesSection {
-    fn default() -> Self {
-        FilesSection {
-            managed_roots: vec![zone_files::paths::DEFAULT_ROOT.to_owned()],
-            max_file_bytes: 1 << 20,
-            max_total_bytes: 128 << 20,
-            history_per_file: 20,
-            local_root: PathBuf::from("/"),
-        }
+        self.files
+            .policy()
+            .expect("the [files] section is checked by Config::finish")
     }
 }
 
@@ -334,32 +295,10 @@ impl Config {
                 name: String::new(),
             });
         }
-        zone_files::paths::Roots::new(&self.files.managed_roots)
-            .map_err(|e| invalid("files.managed_roots", e.to_string()))?;
-        if self.files.max_file_bytes == 0 || self.files.max_file_bytes > 16 << 20 {
-            return Err(invalid(
-                "files.max_file_bytes",
-                "must be between 1 and 16 MiB",
-            ));
-        }
-        if self.files.max_total_bytes < self.files.max_file_bytes {
-            return Err(invalid(
-                "files.max_total_bytes",
-                "must be at least files.max_file_bytes",
-            ));
-        }
-        if self.files.history_per_file == 0 {
-            return Err(invalid("files.history_per_file", "must be at least 1"));
-        }
-        if !self.files.local_root.is_absolute() {
-            return Err(invalid(
-                "files.local_root",
-                format!(
-                    "`{}` must be an absolute path",
-                    self.files.local_root.display()
-                ),
-            ));
-        }
+        self.files.check().map_err(|e| match e {
+            zone_files::FileError::Invalid { field, reason } => invalid(field, reason),
+            other => invalid("files", other.to_string()),
+        })?;
         let mut ids = BTreeSet::new();
         for (i, v) in self.voters.iter().enumerate() {
             if v.id == 0 {
