@@ -1,10 +1,13 @@
-//! A network-namespace testbed: node namespaces and a client namespace on
+//! The system tests' harness. [`zone`]: zones of real `zoned` processes on
+//! loopback. The rest: a network-namespace testbed, node namespaces and a client namespace on
 //! one bridge (in a namespace of its own, so the host's network is never
 //! touched), each node running `zoned` and `zone-vip` for real. Needs root
 //! and iproute2; a test that cannot build it fails and says why.
 //!
 //! Everything is torn down on drop, also when a test panics: processes
 //! killed, namespaces deleted (which deletes their interfaces).
+
+pub mod zone;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

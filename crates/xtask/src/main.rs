@@ -5,7 +5,9 @@
 //! - `qemu up`: three VMs booted from that image, until Ctrl-C;
 //! - `bench failover`: VIP failover, zone-vip against keepalived;
 //! - `bench qemu`: image build times and sizes, VM boot and failover times;
-//! - `bench kv`: the key-value store against etcd, side by side.
+//! - `bench kv`: the key-value store against etcd, side by side;
+//! - `test --tier N`: one tier of the test suite; `test --tiers`: how many
+//!   tests each tier has, and that each test is in exactly one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod image;
 mod qemu;
+mod test;
 
 #[derive(Debug, Parser)]
 #[command(about = "Zoned developer tasks")]
@@ -39,6 +42,18 @@ enum Task {
     /// A virtual cluster of VMs booted from the image (root).
     #[command(subcommand)]
     Qemu(QemuTask),
+    /// One tier of the test suite, fastest first: 1 unit, 2 in-process
+    /// zones on simulated time, 3 processes on loopback, 4 network
+    /// namespaces (root), 5 VMs under QEMU (root, the images built).
+    Test {
+        /// The tier to run (1-5).
+        #[arg(long, required_unless_present = "tiers")]
+        tier: Option<u8>,
+        /// Instead: list how many tests each tier holds, and fail if a test
+        /// is in no tier or in two.
+        #[arg(long, conflicts_with = "tier")]
+        tiers: bool,
+    },
     /// Build the appliance disk image (root): target/image/zoned-<profile>.raw
     /// (for dd onto a disk), .qcow2 (for VMs), the kernel and initrd for
     /// direct kernel boot, and manifest.json (versions, sizes, sha256).
@@ -182,6 +197,8 @@ fn main() -> Result<()> {
         }
         Task::Bench(BenchTask::Kv(kv)) => bench_kv(kv),
         Task::Qemu(QemuTask::Up) => qemu::up(&target_dir()?),
+        Task::Test { tiers: true, .. } => test::check(cargo),
+        Task::Test { tier, .. } => test::run(cargo, tier.expect("required by clap")),
     }
 }
 

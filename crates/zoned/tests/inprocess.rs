@@ -1,17 +1,17 @@
 //! Three Raft drivers in one process, with real RocksDB storage, on
-//! simulated time (`common::sim`): elections, safety under partitions,
+//! simulated time (`sim`): elections, safety under partitions,
 //! check_quorum, the commit index, the lease. Every timing below is on the
 //! simulated clock, so it holds exactly whatever the machine's load.
 
-mod common;
+mod sim;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use common::sim::{poll_once, Sim};
 use raft::StateRole;
+use sim::{poll_once, Sim};
 use zone_proto::v1::{command, command_result, CommandResult, PutRequest};
 use zoned::node::{Lease, NodeError, NodeHandle};
 

@@ -2,9 +2,7 @@
 //! push checked on the server (a refused one changes nothing anywhere),
 //! versions and history, rollback, and the same answers from every server.
 
-mod common;
-
-use common::TestZone;
+use testbed::zone::TestZone;
 use tonic::Code;
 use zone_proto::v1::{
     config_client::ConfigClient, DeleteFileRequest, FileHistoryRequest, GetFileRequest,

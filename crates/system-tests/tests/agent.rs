@@ -4,12 +4,10 @@
 //! transfer, on kill -9 of the leader's zoned and on SIGTERM, and never be
 //! held by two agents at once, on the host's one monotonic clock.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{poll, TestZone};
+use testbed::zone::{poll, TestZone};
 use tokio::sync::watch;
 use zone_vip::config::Config;
 use zone_vip::effects::Memory;

@@ -4,32 +4,17 @@
 //! never writes the versions in between; a hand edit is restored; a push
 //! outside the managed roots changes nothing on any disk.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{poll, TestZone};
+use testbed::zone::{poll, TestZone};
 use zone_proto::v1::{config_client::ConfigClient, ManagedFile, PushFileRequest, RangeRequest};
 
 const EXTRA: &str = "[files]\nmanaged_roots = [\"/etc/zoned/managed\", \"/etc/one\"]\n";
 
 fn zone_sync_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") {
-        dir.parent().unwrap()
-    } else {
-        dir
-    };
-    let bin = dir.join("zone-sync");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace's binaries first (cargo build --workspace --bins)",
-        bin.display()
-    );
-    bin
+    testbed::binary("zone-sync")
 }
 
 struct Syncer {

@@ -2,13 +2,11 @@
 //! leave while a client writes, snapshot catch-up, reset, leader handoff,
 //! maintenance mode, and bad management input.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{poll, TestZone};
+use testbed::zone::{poll, TestZone};
 use tonic::Code;
 use zonectl::v1::{
     AddServerRequest, GetRequest, MembersRequest, PutRequest, RangeRequest, RemoveServerRequest,
@@ -39,7 +37,7 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     let mut zone = TestZone::start(3, "");
     zone.wait_leader().await;
     let endpoints = Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let (stop, writer) = common::start_writer(endpoints.clone(), "w");
+    let (stop, writer) = testbed::zone::start_writer(endpoints.clone(), "w");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Add server 4: it enters as a learner, joins through server 2, and is

@@ -1,11 +1,9 @@
 //! Three real `zoned` processes on loopback, real gRPC, RocksDB on disk.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{poll, TestZone};
+use testbed::zone::{poll, TestZone};
 use tonic::Code;
 use zonectl::v1::{
     compare, request_op, Compare, GetRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
@@ -95,7 +93,7 @@ async fn kill9_of_the_leader_loses_no_acknowledged_write() {
     // A client writes continuously, trying the servers in turn on failure,
     // and remembers only what was acknowledged.
     let endpoints = std::sync::Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let (stop_tx, writer) = common::start_writer(endpoints, "k");
+    let (stop_tx, writer) = testbed::zone::start_writer(endpoints, "k");
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     zone.kill9(leader);
@@ -452,7 +450,7 @@ fn malformed_config_is_rejected_naming_the_field() {
     ];
     for (text, want) in cases {
         std::fs::write(&path, text).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zoned"))
+        let out = std::process::Command::new(testbed::binary("zoned"))
             .arg("--config")
             .arg(&path)
             .output()
@@ -472,7 +470,7 @@ fn malformed_config_is_rejected_naming_the_field() {
 fn voters_given_as_flags_replace_the_configured_ones() {
     let dir = tempfile::tempdir().unwrap();
     let run = |voters: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_zoned"));
+        let mut cmd = std::process::Command::new(testbed::binary("zoned"));
         cmd.args(["--id", "2", "--data-dir"])
             .arg(dir.path().join("data"));
         for v in voters {

@@ -1,13 +1,9 @@
-//! A harness for tests against real `zoned` processes on loopback, with
+//! Zones of real `zoned` processes on loopback, for the system tests, with
 //! their data on disk in a temporary directory.
 //!
 //! The harness owns every process it starts and kills them all when it is
 //! dropped, also when a test panics; it then prints each server's log so a
 //! failure can be read from the test output.
-
-#![allow(dead_code)]
-
-pub mod sim;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -56,6 +52,7 @@ fn addr(net: [u8; 2], id: u64, port: u16) -> SocketAddr {
     SocketAddr::from(([127, net[0], net[1], id as u8], port))
 }
 
+#[derive(Debug)]
 pub struct Server {
     pub id: u64,
     pub client: SocketAddr,
@@ -82,6 +79,7 @@ impl Server {
     }
 }
 
+#[derive(Debug)]
 pub struct TestZone {
     pub net: [u8; 2],
     pub servers: Vec<Server>,
@@ -216,7 +214,7 @@ impl TestZone {
             .append(true)
             .open(s.log_path())
             .unwrap();
-        let zoned = env!("CARGO_BIN_EXE_zoned");
+        let zoned = crate::binary("zoned");
         let mut cmd = match runner.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);

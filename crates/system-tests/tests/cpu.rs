@@ -10,15 +10,13 @@
 
 #![cfg(target_arch = "x86_64")]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{poll, TestZone};
+use testbed::zone::{poll, TestZone};
 use zonectl::v1::{GetRequest, PutRequest};
 
 /// Instructions of extensions beyond x86-64's baseline (SSE2), as objdump
@@ -191,7 +189,8 @@ fn demangle(names: &[&String]) -> Vec<String> {
 
 #[test]
 fn rocksdb_uses_nothing_beyond_baseline_x86_64_but_its_hardware_crc() {
-    let bin = Path::new(env!("CARGO_BIN_EXE_zoned"));
+    let bin = testbed::binary("zoned");
+    let bin = bin.as_path();
     let scan = scan(bin);
     assert!(
         scan.rocksdb_functions > 1000,
