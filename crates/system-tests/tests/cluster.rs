@@ -93,9 +93,9 @@ async fn kill9_of_the_leader_loses_no_acknowledged_write() {
     // A client writes continuously, trying the servers in turn on failure,
     // and remembers only what was acknowledged.
     let endpoints = std::sync::Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let (stop_tx, writer) = testbed::zone::start_writer(endpoints, "k");
-
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let writer = testbed::zone::start_writer(endpoints, "k");
+    // The leader dies under load: once a hundred writes are acknowledged.
+    writer.wait_more(100).await;
     zone.kill9(leader);
     let new_leader = zone.wait_leader().await;
     assert_ne!(new_leader, leader);
@@ -116,8 +116,7 @@ async fn kill9_of_the_leader_loses_no_acknowledged_write() {
         },
     )
     .await;
-    stop_tx.send(true).unwrap();
-    let (acked, errors) = writer.await.unwrap();
+    let (acked, errors) = writer.finish().await;
     assert!(
         acked.len() > 20,
         "too few writes acknowledged: {} (errors {errors})",

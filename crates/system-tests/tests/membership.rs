@@ -37,8 +37,8 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     let mut zone = TestZone::start(3, "");
     zone.wait_leader().await;
     let endpoints = Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let (stop, writer) = testbed::zone::start_writer(endpoints.clone(), "w");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writer = testbed::zone::start_writer(endpoints.clone(), "w");
+    writer.wait_more(20).await;
 
     // Add server 4: it enters as a learner, joins through server 2, and is
     // promoted once caught up.
@@ -114,9 +114,9 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
         .into_inner();
     assert_ne!(r.leader_id, 4);
     assert_ne!(r.leader_id, gone_id);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(true).unwrap();
-    let (acked, _errors) = writer.await.unwrap();
+    // The zone takes writes under its last leader.
+    writer.wait_more(20).await;
+    let (acked, _errors) = writer.finish().await;
     assert!(
         acked.len() > 50,
         "too few writes acknowledged: {}",

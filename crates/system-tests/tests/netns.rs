@@ -175,9 +175,30 @@ fn a_cut_leader_drops_the_vip_before_the_new_leader_adds_it() {
     assert!(samples > 10, "too few samples: {samples}");
     // The cut leader stepped down on its own (check_quorum) and let go.
     assert!(tb.log(first, "zone-vip.log").contains("VIP removed"));
-    // Healed, it rejoins as a follower and the VIP stays put.
+    // Healed, it rejoins as a follower and the VIP stays put. A barrier:
+    // once the healed server follows the new leader in its term (as it
+    // tells itself), its lease and its agent have had every chance to act.
     tb.set_link(first, true);
-    std::thread::sleep(Duration::from_secs(1));
+    let (first_id, second_id) = (tb.nodes[first].id, tb.nodes[second].id);
+    let endpoint = format!("{}:7400", tb.nodes[first].ip);
+    wait_for(
+        Duration::from_secs(20),
+        "the healed server following the new leader",
+        || {
+            let out = tb.zonectl(&endpoint, &["-o", "json", "show"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let me = v["servers"]
+                .as_array()?
+                .iter()
+                .find(|s| s["id"] == first_id)?
+                .clone();
+            (v["member_id"] == first_id
+                && v["leader_id"] == second_id
+                && me["state"] == "follower"
+                && me["term"] == v["term"])
+                .then_some(())
+        },
+    );
     assert_eq!(tb.holders(), vec![second]);
     let _ = &mut tb;
     eprintln!("link cut: VIP moved in {moved:?}; {samples} samples, never two holders");

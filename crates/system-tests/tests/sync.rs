@@ -138,6 +138,16 @@ async fn push(zone: &TestZone, f: ManagedFile) -> Result<u64, tonic::Status> {
     Ok(r.file.map_or(0, |f| f.revision))
 }
 
+/// A file with no unit to restart, pushed to know when every server has
+/// handled what came before it.
+fn barrier(path: &str, content: &str) -> ManagedFile {
+    ManagedFile {
+        path: path.into(),
+        content: content.as_bytes().to_vec(),
+        ..ManagedFile::default()
+    }
+}
+
 fn oned(content: &str) -> ManagedFile {
     ManagedFile {
         path: "/etc/one/oned.conf".into(),
@@ -283,9 +293,23 @@ async fn every_server_converges_on_the_latest_version() {
     .await
     .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A barrier: a file pushed after the refusal. Once every server wrote
+    // it, each has handled everything before it, and the refused push
+    // changed nothing but the barrier on any disk.
+    push(&zone, barrier("/etc/one/barrier", "after the refusal"))
+        .await
+        .unwrap();
+    for s in &syncers {
+        s.wait_for("/etc/one/barrier", "after the refusal", "the barrier")
+            .await;
+    }
     let after: Vec<Vec<String>> = syncers.iter().map(|s| tree(&s.root)).collect();
-    assert_eq!(before, after);
+    for (before, after) in before.into_iter().zip(after) {
+        let mut expected = before;
+        expected.push("etc/one/barrier".into());
+        expected.sort();
+        assert_eq!(after, expected);
+    }
 
     // The operator's view: one row per server.
     let out = Command::new(zone_sync_bin().with_file_name("zonectl"))

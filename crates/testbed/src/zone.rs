@@ -351,15 +351,51 @@ impl Drop for TestZone {
 /// The writer's outcome: acknowledged writes (key -> revision), failures.
 pub type WriterTask = tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, u32)>;
 
+/// A client writing continuously (see [`start_writer`]).
+#[derive(Debug)]
+pub struct Writer {
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub task: WriterTask,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Writer {
+    /// How many writes were acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` writes are acknowledged beyond those so far: the
+    /// zone is taking writes (instead of sleeping and hoping it did).
+    pub async fn wait_more(&self, more: u64) {
+        let target = self.acked() + more;
+        poll(
+            Duration::from_secs(30),
+            &format!("{more} more acknowledged writes"),
+            || async { (self.acked() >= target).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Stops the writer: the acknowledged writes and the failures.
+    pub async fn finish(self) -> (std::collections::BTreeMap<String, u64>, u32) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap()
+    }
+}
+
 /// Writes continuously through whichever endpoint answers (trying the next
 /// one on failure), keys `<prefix>000000`, `<prefix>000001`, ..., never
-/// reusing the key of a failed write (it may or may not exist). Returns the
-/// acknowledged writes (key -> revision) and the number of failures.
+/// reusing the key of a failed write (it may or may not exist). Finished,
+/// it returns the acknowledged writes (key -> revision) and the number of
+/// failures.
 pub fn start_writer(
     endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     prefix: &'static str,
-) -> (tokio::sync::watch::Sender<bool>, WriterTask) {
+) -> Writer {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let acked_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = acked_count.clone();
     let task = tokio::spawn(async move {
         let mut acked = std::collections::BTreeMap::new();
         let mut errors = 0u32;
@@ -386,6 +422,7 @@ pub fn start_writer(
             match kv.put(req).await {
                 Ok(r) => {
                     acked.insert(key, r.into_inner().header.unwrap().revision);
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(_) => {
                     errors += 1;
@@ -396,5 +433,9 @@ pub fn start_writer(
         }
         (acked, errors)
     });
-    (stop_tx, task)
+    Writer {
+        stop: stop_tx,
+        task,
+        acked: acked_count,
+    }
 }
