@@ -12,8 +12,6 @@
 //! [`turn`] is the decision, from every server's last report; [`Units`] is
 //! systemctl, behind a trait so that tests record restarts instead.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One server's last report, as the roll needs it.
@@ -84,45 +82,21 @@ pub trait Units: Send + Sync {
     }
 }
 
-/// `systemctl` (or a stand-in with the same arguments).
-#[derive(Debug, Clone)]
-pub struct Systemctl {
-    pub program: PathBuf,
-}
+/// Units restarted through `systemctl` (or a stand-in taking the same
+/// arguments).
+pub use zone_units::Systemctl;
 
 impl Units for Systemctl {
     fn restart(&self, unit: &str) -> Result<(), String> {
-        let out = Command::new(&self.program)
-            .args(["restart", unit])
-            .output()
-            .map_err(|e| format!("running {}: {e}", self.program.display()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} restart {unit}: {} {}",
-                self.program.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        Systemctl::restart(self, unit)
     }
 
     fn is_active(&self, unit: &str) -> Result<bool, String> {
-        Command::new(&self.program)
-            .args(["is-active", "--quiet", unit])
-            .status()
-            .map(|s| s.success())
-            .map_err(|e| format!("running {}: {e}", self.program.display()))
+        Systemctl::is_active(self, unit)
     }
 
     fn active_since(&self, unit: &str) -> Option<String> {
-        let out = Command::new(&self.program)
-            .args(["show", "-p", "ActiveEnterTimestamp", "--value", unit])
-            .output()
-            .ok()?;
-        let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (out.status.success() && !t.is_empty()).then_some(t)
+        Systemctl::active_since(self, unit)
     }
 }
 

@@ -5,7 +5,6 @@
 //! own modules.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -134,45 +133,18 @@ impl Services for Memory {
 #[derive(Debug, Default)]
 pub struct Systemd;
 
-fn run_with_timeout(mut cmd: std::process::Command, timeout: Duration) -> Result<(), String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if st.success() => return Ok(()),
-            Ok(Some(st)) => return Err(format!("{cmd:?} failed: {st}")),
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{cmd:?} did not finish within {timeout:?}; killed"));
-            }
-            Err(e) => return Err(format!("{cmd:?}: {e}")),
-        }
-    }
-}
-
 impl Services for Systemd {
     fn start_unit(&self, unit: &str) -> Result<(), String> {
-        let mut c = std::process::Command::new("systemctl");
-        c.args(["start", "--no-block", unit]);
-        run_with_timeout(c, Duration::from_secs(30))
+        zone_units::Systemctl::default().start_no_block(unit, Duration::from_secs(30))
     }
 
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
-        let mut c = std::process::Command::new("systemctl");
-        c.args(["stop", unit]);
-        run_with_timeout(c, Duration::from_secs(90))
+        zone_units::Systemctl::default().stop(unit, Duration::from_secs(90))
     }
 
     fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String> {
         let mut c = std::process::Command::new("sh");
         c.args(["-c", command]).env("ZONE_ROLE", role);
-        run_with_timeout(c, timeout)
+        zone_units::run_with_timeout(c, timeout)
     }
 }

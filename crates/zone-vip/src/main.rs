@@ -41,14 +41,7 @@ fn main() -> ExitCode {
         print!("{}", Config::example());
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    zone_log::init(None);
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -19,12 +19,7 @@ use crate::config::{Config, Vip};
 use crate::effects::{Addresses, Announcer, Services};
 use crate::machine::{Action, LeaseView, Machine};
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock zoned states leases in.
-pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
+pub use zone_proto::monotonic_ns;
 
 /// The side effects the runner uses.
 #[derive(Clone)]

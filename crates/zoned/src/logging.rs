@@ -1,6 +1,7 @@
-//! Logging: `tracing` everywhere; journald when started by systemd with its
-//! journal on stdout/stderr (`JOURNAL_STREAM` set), stderr otherwise. raft-rs
-//! logs through `slog`; [`raft_logger`] bridges it into `tracing`.
+//! Logging: `tracing` everywhere, set up by `zone-log` (per-target filters;
+//! journald when started by systemd with its journal on stdout/stderr,
+//! stderr otherwise). raft-rs logs through `slog`; [`raft_logger`] bridges
+//! it into `tracing`.
 
 use std::fmt::Write as _;
 
@@ -18,49 +19,10 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Installs the process-wide logger. `filter` uses `RUST_LOG` syntax; the
-/// default is `info`.
+/// Installs the process-wide logger (`zone_log::init`): `filter` uses
+/// `RUST_LOG` syntax; the default is `info`.
 pub fn init(filter: Option<&str>) {
-    let directive = filter
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        // Without a tracing subscriber, `tracing` events become `log`
-        // records (its `log` feature); systemd-journal-logger sends those
-        // to journald with structured fields.
-        if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
-            if journal.install().is_ok() {
-                log::set_max_level(level_of(&directive));
-                return;
-            }
-        }
-    }
-    let env = tracing_subscriber::EnvFilter::try_new(&directive)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(env)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
-}
-
-fn level_of(directive: &str) -> log::LevelFilter {
-    // The journal path takes only a global level: the most verbose named.
-    let d = directive.to_ascii_lowercase();
-    for (name, level) in [
-        ("trace", log::LevelFilter::Trace),
-        ("debug", log::LevelFilter::Debug),
-        ("info", log::LevelFilter::Info),
-        ("warn", log::LevelFilter::Warn),
-        ("error", log::LevelFilter::Error),
-    ] {
-        if d.contains(name) {
-            return level;
-        }
-    }
-    log::LevelFilter::Info
+    zone_log::init(filter);
 }
 
 /// A slog drain that re-emits raft-rs records as `tracing` events.

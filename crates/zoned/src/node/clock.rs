@@ -13,13 +13,7 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ns(&self) -> u64;
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock leases are stated in, shared by
-/// every process on the host.
-pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
+pub use zone_proto::monotonic_ns;
 
 /// CLOCK_MONOTONIC: the clock of a server.
 #[derive(Debug, Clone, Copy, Default)]
