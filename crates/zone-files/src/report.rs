@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SyncReport {
+    /// The reporting server's id: the key's suffix too.
     pub id: u64,
+    /// Its name in the membership.
     pub name: String,
     /// The store revision the server's disk was brought to.
     pub applied_revision: u64,

@@ -14,7 +14,7 @@ use zone_files::report::{LastRestart, SyncReport};
 use crate::apply::{Applier, Report};
 use crate::disk::Disk;
 use crate::roll::{restart_all, turn, PeerState, Turn, Units};
-use crate::store::Store;
+use crate::store::{take_lock, Store};
 
 /// How the daemon restarts units.
 #[derive(Debug, Clone)]
@@ -183,10 +183,7 @@ where
         }
         let restart_timeout = self.roll.restart_timeout.max(Duration::from_secs(1));
         let now_unix = self.clock.unix_ms() / 1000;
-        let Some(mine) = self
-            .store
-            .take_lock(me, now_unix, restart_timeout * 4)
-            .await?
+        let Some(mine) = take_lock(&mut self.store, me, now_unix, restart_timeout * 4).await?
         else {
             return Ok(Turn::Wait("another server holds the roll's lock".into()));
         };
@@ -249,7 +246,7 @@ mod tests {
     use super::*;
     use crate::apply::{State, Wanted};
     use crate::disk::MemoryDisk;
-    use crate::store::{Memory, ZoneNow};
+    use crate::store::{Held, Memory, ZoneNow};
     use std::sync::{Arc, Mutex};
     use zone_files::paths::Roots;
     use zone_files::template::NodeVars;
@@ -469,7 +466,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut d = daemon(2, 1, dir.path());
         d.pass().await.unwrap();
-        d.store.lock = Some(b"3 1800000000".to_vec());
+        d.store.lock = Some(Held {
+            value: b"3 1800000000".to_vec(),
+            revision: 4,
+        });
         assert!(matches!(d.roll_step().await.unwrap(), Turn::Wait(w) if w.contains("lock")));
         assert!(d.units.restarted.lock().unwrap().is_empty());
     }

@@ -52,17 +52,46 @@ pub trait Store {
     async fn reports(&mut self) -> Result<Vec<SyncReport>, StoreError>;
     /// The leader and who answers: asked only when restarts wait.
     async fn zone(&mut self) -> Result<ZoneNow, StoreError>;
-    /// Takes the roll's lock for `me` at `now_unix` (seconds): free, held
-    /// by `me`, or held longer than `stale` by a server that must have died
-    /// with it. The value to release it with, or None.
-    async fn take_lock(
-        &mut self,
-        me: u64,
-        now_unix: u64,
-        stale: Duration,
-    ) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The roll's lock, if held.
+    async fn lock(&mut self) -> Result<Option<Held>, StoreError>;
+    /// Writes `value` into the lock if it is still as read (`held`; None:
+    /// free); whether it was.
+    async fn swap_lock(&mut self, held: Option<&Held>, value: Vec<u8>) -> Result<bool, StoreError>;
     /// Releases the lock, if it still holds `mine`.
     async fn release_lock(&mut self, mine: Vec<u8>) -> Result<(), StoreError>;
+}
+
+/// The roll's lock as read: `<holder> <unix seconds>`, and the revision
+/// it was written at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+/// Takes the roll's lock for `me` at `now_unix` (seconds): free, held by
+/// `me`, or held longer than `stale` by a server that must have died with
+/// it; and only if nobody changed it since it was read. The value to
+/// release it with, or None.
+pub async fn take_lock<S: Store>(
+    store: &mut S,
+    me: u64,
+    now_unix: u64,
+    stale: Duration,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let held = store.lock().await?;
+    if !may_take(held.as_ref().map(|h| &h.value[..]), me, now_unix, stale) {
+        tracing::debug!("the roll lock is held");
+        return Ok(None);
+    }
+    if let Some(h) = &held {
+        tracing::warn!(held = %String::from_utf8_lossy(&h.value), "taking over a stale roll lock");
+    }
+    let mine = lock_value(me, now_unix);
+    Ok(store
+        .swap_lock(held.as_ref(), mine.clone())
+        .await?
+        .then_some(mine))
 }
 
 /// The lock's value: `<holder> <unix seconds>`.
@@ -203,14 +232,9 @@ impl Store for Grpc {
         })
     }
 
-    async fn take_lock(
-        &mut self,
-        me: u64,
-        now_unix: u64,
-        stale: Duration,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut kv = self.kv();
-        let held = kv
+    async fn lock(&mut self) -> Result<Option<Held>, StoreError> {
+        let held = self
+            .kv()
             .get(GetRequest {
                 key: ROLL_LOCK.to_vec(),
                 serializable: false,
@@ -218,41 +242,38 @@ impl Store for Grpc {
             .await?
             .into_inner()
             .kv;
-        if !may_take(held.as_ref().map(|kv| &kv.value[..]), me, now_unix, stale) {
-            tracing::debug!("the roll lock is held");
-            return Ok(None);
-        }
-        // Taken only if nobody changed it since it was read.
-        let compare = match &held {
+        Ok(held.map(|kv| Held {
+            value: kv.value,
+            revision: kv.mod_revision,
+        }))
+    }
+
+    async fn swap_lock(&mut self, held: Option<&Held>, value: Vec<u8>) -> Result<bool, StoreError> {
+        let compare = match held {
             None => Compare {
                 key: ROLL_LOCK.to_vec(),
                 target: compare::Target::Version as i32,
                 op: compare::Op::Equal as i32,
                 target_value: Some(compare::TargetValue::Version(0)),
             },
-            Some(kv) => {
-                tracing::warn!(held = %String::from_utf8_lossy(&kv.value), "taking over a stale roll lock");
-                Compare {
-                    key: ROLL_LOCK.to_vec(),
-                    target: compare::Target::ModRevision as i32,
-                    op: compare::Op::Equal as i32,
-                    target_value: Some(compare::TargetValue::ModRevision(kv.mod_revision)),
-                }
-            }
+            Some(h) => Compare {
+                key: ROLL_LOCK.to_vec(),
+                target: compare::Target::ModRevision as i32,
+                op: compare::Op::Equal as i32,
+                target_value: Some(compare::TargetValue::ModRevision(h.revision)),
+            },
         };
-        let mine = lock_value(me, now_unix);
-        let r = kv
-            .txn(Self::lock_txn(
-                compare,
-                request_op::Request::Put(PutRequest {
-                    key: ROLL_LOCK.to_vec(),
-                    value: mine.clone(),
-                    prev_kv: false,
-                }),
-            ))
+        let put = request_op::Request::Put(PutRequest {
+            key: ROLL_LOCK.to_vec(),
+            value,
+            prev_kv: false,
+        });
+        let r = self
+            .kv()
+            .txn(Self::lock_txn(compare, put))
             .await?
             .into_inner();
-        Ok(r.succeeded.then_some(mine))
+        Ok(r.succeeded)
     }
 
     async fn release_lock(&mut self, mine: Vec<u8>) -> Result<(), StoreError> {
@@ -287,7 +308,7 @@ pub struct Memory {
     /// How many reports were written.
     pub reports_written: usize,
     pub zone: ZoneNow,
-    pub lock: Option<Vec<u8>>,
+    pub lock: Option<Held>,
 }
 
 impl Store for Memory {
@@ -320,22 +341,24 @@ impl Store for Memory {
         Ok(self.zone.clone())
     }
 
-    async fn take_lock(
-        &mut self,
-        me: u64,
-        now_unix: u64,
-        stale: Duration,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        if !may_take(self.lock.as_deref(), me, now_unix, stale) {
-            return Ok(None);
+    async fn lock(&mut self) -> Result<Option<Held>, StoreError> {
+        Ok(self.lock.clone())
+    }
+
+    async fn swap_lock(&mut self, held: Option<&Held>, value: Vec<u8>) -> Result<bool, StoreError> {
+        if self.lock.as_ref() != held {
+            return Ok(false);
         }
-        let mine = lock_value(me, now_unix);
-        self.lock = Some(mine.clone());
-        Ok(Some(mine))
+        self.revision += 1;
+        self.lock = Some(Held {
+            value,
+            revision: self.revision,
+        });
+        Ok(true)
     }
 
     async fn release_lock(&mut self, mine: Vec<u8>) -> Result<(), StoreError> {
-        if self.lock.as_ref() == Some(&mine) {
+        if self.lock.as_ref().is_some_and(|h| h.value == mine) {
             self.lock = None;
         }
         Ok(())

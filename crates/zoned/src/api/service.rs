@@ -29,18 +29,30 @@ fn unwrap_result<T>(
 #[derive(Debug, Clone)]
 pub struct KvService(pub ServerContext);
 
+impl KvService {
+    /// A client's write (put, delete, txn): run at the leader, answered
+    /// with the part of the result `pick` takes.
+    async fn write<T>(
+        &self,
+        op: command::Op,
+        budget: std::time::Duration,
+        pick: fn(command_result::Result) -> Option<T>,
+    ) -> Result<Response<T>, Status> {
+        let r = self.0.client_write(op, budget).await?;
+        Ok(Response::new(unwrap_result(r, pick)?))
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let budget = self.0.budget(&req);
-        let r = self
-            .0
-            .client_write(command::Op::Put(req.into_inner()), budget)
-            .await?;
-        Ok(Response::new(unwrap_result(r, |r| match r {
+        let op = command::Op::Put(req.into_inner());
+        self.write(op, budget, |r| match r {
             command_result::Result::Put(p) => Some(p),
             _ => None,
-        })?))
+        })
+        .await
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -77,26 +89,22 @@ impl Kv for KvService {
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let budget = self.0.budget(&req);
-        let r = self
-            .0
-            .client_write(command::Op::Delete(req.into_inner()), budget)
-            .await?;
-        Ok(Response::new(unwrap_result(r, |r| match r {
+        let op = command::Op::Delete(req.into_inner());
+        self.write(op, budget, |r| match r {
             command_result::Result::Delete(d) => Some(d),
             _ => None,
-        })?))
+        })
+        .await
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let budget = self.0.budget(&req);
-        let r = self
-            .0
-            .client_write(command::Op::Txn(req.into_inner()), budget)
-            .await?;
-        Ok(Response::new(unwrap_result(r, |r| match r {
+        let op = command::Op::Txn(req.into_inner());
+        self.write(op, budget, |r| match r {
             command_result::Result::Txn(t) => Some(t),
             _ => None,
-        })?))
+        })
+        .await
     }
 
     type WatchStream = WatchStream;

@@ -36,45 +36,16 @@ impl Limits {
         if key.is_empty() {
             return Err(bad(format!("{at}{name}"), "must not be empty"));
         }
-        if key.len() > self.max_key {
-            return Err(bad(
-                format!("{at}{name}"),
-                format!(
-                    "{} bytes is over the limit of {} bytes",
-                    key.len(),
-                    self.max_key
-                ),
-            ));
-        }
-        Ok(())
+        at_most(at, name, key.len(), self.max_key, "")
     }
 
     fn prefix(&self, at: &str, prefix: &[u8]) -> Result<(), ApiError> {
-        if prefix.len() > self.max_key {
-            return Err(bad(
-                format!("{at}prefix"),
-                format!(
-                    "{} bytes is over the key limit of {} bytes",
-                    prefix.len(),
-                    self.max_key
-                ),
-            ));
-        }
-        Ok(())
+        at_most(at, "prefix", prefix.len(), self.max_key, "key ")
     }
 
     pub fn put(&self, at: &str, r: &PutRequest) -> Result<(), ApiError> {
         self.key(at, "key", &r.key)?;
-        if r.value.len() > self.max_value {
-            return Err(bad(
-                format!("{at}value"),
-                format!(
-                    "{} bytes is over the limit of {} bytes",
-                    r.value.len(),
-                    self.max_value
-                ),
-            ));
-        }
+        at_most(at, "value", r.value.len(), self.max_value, "")?;
         Ok(())
     }
 
@@ -187,4 +158,16 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// Field `at` + `name` holds `len` bytes: at most `limit` (the message
+/// names the limit `what`: "" or "key ").
+fn at_most(at: &str, name: &str, len: usize, limit: usize, what: &str) -> Result<(), ApiError> {
+    if len > limit {
+        return Err(bad(
+            format!("{at}{name}"),
+            format!("{len} bytes is over the {what}limit of {limit} bytes"),
+        ));
+    }
+    Ok(())
 }
