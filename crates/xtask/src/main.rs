@@ -47,7 +47,7 @@ enum Task {
     /// namespaces (root), 5 VMs under QEMU (root, the images built).
     Test {
         /// The tier to run (1-5).
-        #[arg(long, required_unless_present = "tiers")]
+        #[arg(long, required_unless_present = "tiers", value_parser = clap::value_parser!(u8).range(1..=5))]
         tier: Option<u8>,
         /// Instead: list how many tests each tier holds, and fail if a test
         /// is in no tier or in two.
