@@ -425,7 +425,30 @@ async fn restarts_roll_one_server_at_a_time_leader_last() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A barrier: the two other servers report their roll halted. Their roll
+    // steps run one after another, so any restart a step decided before
+    // seeing the failure is in the log by then, and none can follow until
+    // a new push.
+    let others: Vec<u64> = (1..=3).filter(|&id| id != followers[0]).collect();
+    poll(
+        Duration::from_secs(60),
+        "the other servers to report the roll halted",
+        || async {
+            let reports = reports(&zone).await?;
+            others
+                .iter()
+                .all(|id| {
+                    reports.iter().any(|v| {
+                        v["id"].as_u64() == Some(*id)
+                            && v["roll_wait"]
+                                .as_str()
+                                .is_some_and(|w| w.starts_with("halted: "))
+                    })
+                })
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         restarts(&log)[6..],
         [

@@ -31,6 +31,11 @@ pub struct SyncReport {
     pub restart_failed: Option<String>,
     /// The last restart this server did in a roll.
     pub last_restart: Option<LastRestart>,
+    /// Why this server's pending restarts wait, as it last decided:
+    /// `waiting: <why>` (not its turn yet) or `halted: <why>` (a restart
+    /// failed somewhere). None when nothing waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roll_wait: Option<String>,
     /// The server's wall clock when it reported, seconds since the epoch
     /// (0 in a report not yet stamped).
     #[serde(skip_serializing_if = "is_zero")]

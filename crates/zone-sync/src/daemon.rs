@@ -57,6 +57,8 @@ pub struct Daemon<S, D: Disk, U, C = SystemClock> {
     /// The last report stored, stamp left out: a pass that changes nothing
     /// is not worth a Raft write.
     last_report: Option<SyncReport>,
+    /// Why the pending restarts wait, as the last roll step decided.
+    roll_wait: Option<String>,
 }
 
 impl<S, D, U, C> Daemon<S, D, U, C>
@@ -82,6 +84,7 @@ where
             roll,
             state_path,
             last_report: None,
+            roll_wait: None,
         }
     }
 
@@ -113,8 +116,13 @@ where
             pending_restarts: state.pending_restarts.clone(),
             restart_failed: state.restart_failed.clone(),
             last_restart: state.last_restart.clone(),
+            roll_wait: None,
             updated_unix: 0,
         };
+        if state.pending_restarts.is_empty() {
+            self.roll_wait = None;
+        }
+        status.roll_wait = self.roll_wait.clone();
         if self.last_report.as_ref() == Some(&status) {
             return Ok(report);
         }
@@ -139,9 +147,40 @@ where
         Ok(report)
     }
 
+    /// Records why this server's restarts wait in its report: the roll's
+    /// state for the operator, and a barrier for tests (once a server
+    /// reports itself halted, no restart of its can follow until a new
+    /// push). A Raft write only when the reason changed.
+    async fn note_roll(&mut self, wait: Option<String>) -> anyhow::Result<()> {
+        if self.roll_wait == wait {
+            return Ok(());
+        }
+        self.roll_wait = wait;
+        let Some(mut status) = self.last_report.clone() else {
+            return Ok(());
+        };
+        status.roll_wait = self.roll_wait.clone();
+        self.last_report = Some(status.clone());
+        status.updated_unix = self.clock.unix_ms() / 1000;
+        self.store.report(&status).await.context("reporting status")
+    }
+
     /// Restarts this server's pending units if it is its turn in the roll;
-    /// returns what it decided.
+    /// returns what it decided, and reports why it waits if it does.
     pub async fn roll_step(&mut self) -> anyhow::Result<Turn> {
+        let decision = self.decide_and_restart().await?;
+        let wait = match &decision {
+            Turn::Wait(why) if !self.applier.state.pending_restarts.is_empty() => {
+                Some(format!("waiting: {why}"))
+            }
+            Turn::Halted(why) => Some(format!("halted: {why}")),
+            _ => None,
+        };
+        self.note_roll(wait).await?;
+        Ok(decision)
+    }
+
+    async fn decide_and_restart(&mut self) -> anyhow::Result<Turn> {
         let state = &self.applier.state;
         if state.pending_restarts.is_empty() {
             return Ok(Turn::Wait("nothing to restart".into()));
@@ -235,6 +274,7 @@ where
         self.save()?;
         // Report before letting the next server go.
         self.last_report = None;
+        self.roll_wait = None;
         self.pass().await?;
         self.store.release_lock(mine).await?;
         Ok(Turn::Go)
@@ -424,6 +464,10 @@ mod tests {
         assert!(
             matches!(d.roll_step().await.unwrap(), Turn::Wait(w) if w.contains("server 2 restarts first"))
         );
+        assert!(d.store.reports[&1]
+            .roll_wait
+            .as_deref()
+            .is_some_and(|w| w.starts_with("waiting: server 2 restarts first")));
         d.store.reports.insert(
             2,
             SyncReport {
@@ -433,6 +477,10 @@ mod tests {
             },
         );
         assert!(matches!(d.roll_step().await.unwrap(), Turn::Halted(_)));
+        assert!(d.store.reports[&1]
+            .roll_wait
+            .as_deref()
+            .is_some_and(|w| w.starts_with("halted: server 2 could not restart")));
         assert!(d.units.restarted.lock().unwrap().is_empty());
     }
 

@@ -347,6 +347,9 @@ pub async fn run(
                     );
                 }
                 for s in &reports {
+                    if let (None, Some(why)) = (&s.restart_failed, &s.roll_wait) {
+                        println!("server {}: restarts {why}", s.id);
+                    }
                     if let Some(e) = &s.restart_failed {
                         println!(
                             "server {}: RESTART FAILED, the roll is stopped until a new push: {e}",
