@@ -168,9 +168,11 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
     // The key covers everything that shapes the tree.
     let mut key_input = format!("{SUITE}\n{packages:?}\n{excludes:?}\n");
     for f in walk(&early)? {
+        // Relative: a clone elsewhere has the same tree (keyed by the
+        // absolute path, every clone path built and kept one more).
         key_input.push_str(&format!(
             "{}\n{}\n",
-            f.display(),
+            f.strip_prefix(&early).unwrap_or(&f).display(),
             std::fs::read_to_string(&f)?
         ));
     }
@@ -203,6 +205,16 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
         .stdin(Stdio::null());
     run(&mut cmd)?;
     std::fs::rename(&tmp, &tar)?;
+    // One tree per profile is kept (860 MB for both): those of older
+    // inputs go.
+    let prefix = format!("root-{}-", profile.name());
+    for e in std::fs::read_dir(cache)? {
+        let p = e?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        if p != tar && name.starts_with(&prefix) && name.ends_with(".tar") {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
     Ok((tar, true))
 }
 
