@@ -97,14 +97,18 @@ async fn main() {
     let units = Systemctl {
         program: args.systemctl.clone(),
     };
-    let ch = match connect(&args.endpoint).await {
-        Ok(ch) => ch,
-        Err(e) if args.once => {
-            eprintln!("zone-sync: {e:#}");
-            std::process::exit(1);
+    // One pass needs the zone now; the daemon connects in `follow`, which
+    // sets its store each time it (re)connects.
+    let ch = if args.once {
+        match connect(&args.endpoint).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                eprintln!("zone-sync: {e:#}");
+                std::process::exit(1);
+            }
         }
-        // Not up yet: the channel connects when first used.
-        Err(_) => lazy(&args.endpoint),
+    } else {
+        lazy(&args.endpoint)
     };
     let mut daemon = Daemon::new(Grpc::new(ch), applier, units, SystemClock, roll, state_path);
     if args.once {
@@ -141,7 +145,7 @@ async fn connect(addr: &str) -> Result<Channel> {
 
 fn lazy(addr: &str) -> Channel {
     endpoint(addr)
-        .expect("an endpoint that connected before, or a host:port checked by tonic")
+        .expect("--endpoint: a host:port")
         .connect_lazy()
 }
 

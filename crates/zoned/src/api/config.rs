@@ -33,17 +33,11 @@ use zone_proto::v1::{
     ReadLocalResponse, RequestOp, RollbackRequest, RollbackResponse, TxnRequest,
 };
 
+use super::error::bad;
 use super::{ApiError, ServerContext};
 
 /// How many times a change is retried when another change raced it.
 const ATTEMPTS: usize = 5;
-
-fn bad(field: &str, reason: impl Into<String>) -> ApiError {
-    ApiError::InvalidArgument {
-        field: field.to_owned(),
-        reason: reason.into(),
-    }
-}
 
 fn decode(kv: &KeyValue) -> Result<ManagedFile, ApiError> {
     let mut f = ManagedFile::decode(kv.value.as_slice()).map_err(|e| {
