@@ -1,13 +1,11 @@
 //! Three real `zoned` processes on loopback, real gRPC, RocksDB on disk.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use testbed::zone::{poll, TestZone};
 use tonic::Code;
 use zonectl::v1::{
-    compare, request_op, Compare, GetRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-    WatchRequest,
+    compare, request_op, Compare, GetRequest, PutRequest, RequestOp, TxnRequest, WatchRequest,
 };
 
 fn put(key: &str, value: &str) -> PutRequest {
@@ -25,17 +23,6 @@ fn get(key: &str, serializable: bool) -> GetRequest {
     }
 }
 
-async fn value_at(zone: &TestZone, i: usize, key: &str, serializable: bool) -> Option<Vec<u8>> {
-    zone.kv(i)
-        .await
-        .get(get(key, serializable))
-        .await
-        .ok()?
-        .into_inner()
-        .kv
-        .map(|kv| kv.value)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_any_server_are_read_everywhere() {
     let mut zone = TestZone::start(3, "");
@@ -51,7 +38,7 @@ async fn writes_through_any_server_are_read_everywhere() {
     }
     for i in 0..3 {
         for j in 0..3 {
-            let v = value_at(&zone, i, &format!("from-{j}"), false).await;
+            let v = zone.value(i, &format!("from-{j}"), false).await;
             assert_eq!(
                 v.as_deref(),
                 Some(format!("v{j}").as_bytes()),
@@ -125,20 +112,7 @@ async fn kill9_of_the_leader_loses_no_acknowledged_write() {
 
     // Every acknowledged write is readable on both survivors.
     for i in (0..3).filter(|&i| i != leader) {
-        let mut kv = zone.kv(i).await;
-        let r = kv
-            .range(RangeRequest {
-                prefix: b"k".to_vec(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let have: BTreeMap<String, u64> = r
-            .kvs
-            .iter()
-            .map(|kv| (String::from_utf8(kv.key.clone()).unwrap(), kv.mod_revision))
-            .collect();
+        let have = zone.mod_revisions(i, b"k", false).await;
         for (k, rev) in &acked {
             assert_eq!(
                 have.get(k),
@@ -169,7 +143,7 @@ async fn kill9_of_the_leader_loses_no_acknowledged_write() {
     .await;
     for (k, _) in acked.iter().step_by(7) {
         assert!(
-            value_at(&zone, leader, k, true).await.is_some(),
+            zone.value(leader, k, true).await.is_some(),
             "restarted server misses {k}"
         );
     }
@@ -185,14 +159,7 @@ async fn full_stop_and_start_keeps_every_acknowledged_write() {
             .await
             .unwrap();
     }
-    let rev = kv
-        .get(get("p049", false))
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = zone.revision(leader).await;
     // No clean shutdown: SIGKILL all three at once.
     for i in 0..3 {
         zone.kill9(i);
@@ -202,16 +169,7 @@ async fn full_stop_and_start_keeps_every_acknowledged_write() {
     }
     zone.wait_leader().await;
     for i in 0..3 {
-        let r = zone
-            .kv(i)
-            .await
-            .range(RangeRequest {
-                prefix: b"p".to_vec(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = zone.range(i, b"p", false).await;
         assert_eq!(r.kvs.len(), 50, "server {i} after restart");
         assert!(r.header.unwrap().revision >= rev);
     }
@@ -426,7 +384,7 @@ async fn health_reflection_and_clean_sigterm() {
     zone.launch(0);
     zone.wait_leader().await;
     assert_eq!(
-        value_at(&zone, 0, "before-term", false).await.as_deref(),
+        zone.value(0, "before-term", false).await.as_deref(),
         Some(&b"1"[..])
     );
 }
@@ -515,17 +473,14 @@ async fn serializable_read_is_served_by_an_isolated_follower_only_when_asked() {
     zone.kv(leader).await.put(put("s", "1")).await.unwrap();
     let f = (leader + 1) % 3;
     poll(Duration::from_secs(10), "follower to apply", || async {
-        (value_at(&zone, f, "s", true).await.as_deref() == Some(&b"1"[..])).then_some(())
+        (zone.value(f, "s", true).await.as_deref() == Some(&b"1"[..])).then_some(())
     })
     .await;
     // Stop the two others: the follower has no quorum.
     for i in (0..3).filter(|&i| i != f) {
         zone.kill9(i);
     }
-    assert_eq!(
-        value_at(&zone, f, "s", true).await.as_deref(),
-        Some(&b"1"[..])
-    );
+    assert_eq!(zone.value(f, "s", true).await.as_deref(), Some(&b"1"[..]));
     let mut req = tonic::Request::new(get("s", false));
     req.set_timeout(Duration::from_secs(3));
     let e = zone.kv(f).await.get(req).await.unwrap_err();

@@ -6,7 +6,7 @@ use testbed::zone::TestZone;
 use tonic::Code;
 use zone_proto::v1::{
     config_client::ConfigClient, DeleteFileRequest, FileHistoryRequest, GetFileRequest,
-    ListFilesRequest, ManagedFile, PushFileRequest, RangeRequest, RollbackRequest,
+    ListFilesRequest, ManagedFile, PushFileRequest, RollbackRequest,
 };
 
 const EXTRA: &str = "[files]\nmanaged_roots = [\"/etc/zoned/managed\", \"/etc/one\"]\nmax_file_bytes = 64\nmax_total_bytes = 80\nhistory_per_file = 3\n";
@@ -39,6 +39,15 @@ async fn get(
     Ok(r.file.unwrap_or_default())
 }
 
+async fn rollback(
+    c: &mut ConfigClient<tonic::transport::Channel>,
+    to_revision: u64,
+) -> Result<zone_proto::v1::RollbackResponse, tonic::Status> {
+    c.rollback(RollbackRequest { to_revision })
+        .await
+        .map(|r| r.into_inner())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_are_checked_versioned_and_rolled_back() {
     let mut zone = TestZone::start(3, EXTRA);
@@ -60,13 +69,7 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
     assert_eq!(again.file.unwrap().version, 1);
 
     // Refused pushes, each naming its field; none changes the store.
-    let kv_before = zone
-        .kv(leader)
-        .await
-        .range(RangeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let kv_before = zone.range(leader, b"", false).await;
     let refused = [
         (file("/etc/shadow", "x"), "file.path"),
         (file("/etc/one/../shadow", "x"), "file.path"),
@@ -104,13 +107,7 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
         "{}",
         e.message()
     );
-    let kv_after = zone
-        .kv(leader)
-        .await
-        .range(RangeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let kv_after = zone.range(leader, b"", false).await;
     assert_eq!(
         kv_before.header.unwrap().revision,
         kv_after.header.unwrap().revision,
@@ -179,22 +176,10 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
 
     // Back to right after sched.conf was created: oned.conf version 2
     // stays (it is older), sched.conf comes back.
-    let rb = c
-        .rollback(RollbackRequest {
-            to_revision: sched.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rb = rollback(&mut c, sched.revision).await.unwrap();
     assert_eq!(rb.changed, vec!["/etc/one/sched.conf"]);
     // Back to version 1: oned.conf restored, sched.conf removed.
-    let rb = c
-        .rollback(RollbackRequest {
-            to_revision: v1.revision,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rb = rollback(&mut c, v1.revision).await.unwrap();
     assert_eq!(
         rb.changed,
         vec!["/etc/one/oned.conf", "/etc/one/sched.conf"]
@@ -213,12 +198,7 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
             .await
             .unwrap();
     }
-    let e = c
-        .rollback(RollbackRequest {
-            to_revision: v1.revision,
-        })
-        .await
-        .unwrap_err();
+    let e = rollback(&mut c, v1.revision).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     assert!(
         e.message().contains("oldest revision that can be restored"),

@@ -2,15 +2,14 @@
 //! leave while a client writes, snapshot catch-up, reset, leader handoff,
 //! maintenance mode, and bad management input.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use testbed::zone::{poll, TestZone};
 use tonic::Code;
 use zonectl::v1::{
-    AddServerRequest, GetRequest, MembersRequest, PutRequest, RangeRequest, RemoveServerRequest,
-    ResetServerRequest, SetMaintenanceRequest, TransferLeaderRequest,
+    AddServerRequest, MembersRequest, PutRequest, RemoveServerRequest, ResetServerRequest,
+    SetMaintenanceRequest, TransferLeaderRequest,
 };
 
 fn put(key: &str, value: &str) -> PutRequest {
@@ -97,23 +96,15 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     );
 
     // Transfer leadership twice: to server 4, then to the most caught-up.
-    let r = zone
-        .cluster(via)
-        .await
-        .transfer_leader(TransferLeaderRequest { target: 4 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.leader_id, 4);
-    let r = zone
-        .cluster(via)
-        .await
-        .transfer_leader(TransferLeaderRequest { target: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(r.leader_id, 4);
-    assert_ne!(r.leader_id, gone_id);
+    let mut c = zone.cluster(via).await;
+    let mut transfer = async |target| {
+        let r = c.transfer_leader(TransferLeaderRequest { target }).await;
+        r.unwrap().into_inner().leader_id
+    };
+    assert_eq!(transfer(4).await, 4);
+    let last = transfer(0).await;
+    assert_ne!(last, 4);
+    assert_ne!(last, gone_id);
     // The zone takes writes under its last leader.
     writer.wait_more(20).await;
     let (acked, _errors) = writer.finish().await;
@@ -144,25 +135,10 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
             || async { (zone.own_row(i).await?.revision >= last_rev).then_some(()) },
         )
         .await;
-        let r = zone
-            .kv(i)
-            .await
-            .range(RangeRequest {
-                prefix: b"w".to_vec(),
-                serializable: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let have: BTreeMap<Vec<u8>, u64> = r
-            .kvs
-            .into_iter()
-            .map(|kv| (kv.key, kv.mod_revision))
-            .collect();
+        let have = zone.mod_revisions(i, b"w", true).await;
         for (k, rev) in &acked {
             assert_eq!(
-                have.get(k.as_bytes()),
+                have.get(k),
                 Some(rev),
                 "server {} lacks {k}",
                 zone.servers[i].id
@@ -182,17 +158,7 @@ async fn a_follower_behind_the_retained_log_catches_up_by_snapshot() {
     for n in 0..300 {
         kv.put(put(&format!("s{n:04}"), "v")).await.unwrap();
     }
-    let rev = kv
-        .get(GetRequest {
-            key: b"s0299".to_vec(),
-            serializable: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = zone.revision(leader).await;
     zone.launch(f);
     poll(
         Duration::from_secs(30),
@@ -230,16 +196,7 @@ async fn server_reset_sends_a_fresh_snapshot() {
     )
     .await;
     // It still serves the data afterwards.
-    let r = zone
-        .kv(f)
-        .await
-        .get(GetRequest {
-            key: b"r".to_vec(),
-            serializable: true,
-        })
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().kv.unwrap().value, b"1");
+    assert_eq!(zone.value(f, "r", true).await.as_deref(), Some(&b"1"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,16 +268,8 @@ async fn maintenance_mode_refuses_writes_and_serves_reads() {
             (e.code(), e.message()),
             (Code::FailedPrecondition, "zone disabled for maintenance")
         );
-        let v = zone
-            .kv(i)
-            .await
-            .get(GetRequest {
-                key: b"m".to_vec(),
-                serializable: false,
-            })
-            .await
-            .unwrap();
-        assert_eq!(v.into_inner().kv.unwrap().value, b"before");
+        let v = zone.value(i, "m", false).await;
+        assert_eq!(v.as_deref(), Some(&b"before"[..]));
         assert!(zone.status(i).await.unwrap().disabled);
     }
     // Management still works while disabled.
@@ -345,15 +294,13 @@ async fn bad_management_input_changes_nothing() {
     let before = members(&zone, 0).await;
     let mut c = zone.cluster(1).await;
     let peer1 = zone.servers[0].peer.to_string();
+    let add = |id: u64, peer: &str| AddServerRequest {
+        id,
+        name: String::new(),
+        peer: peer.into(),
+    };
 
-    let e = c
-        .add_server(AddServerRequest {
-            id: 2,
-            name: String::new(),
-            peer: "127.0.0.1:1".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.add_server(add(2, "127.0.0.1:1")).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     assert!(
         e.message()
@@ -361,45 +308,27 @@ async fn bad_management_input_changes_nothing() {
         "{}",
         e.message()
     );
-    let e = c
-        .add_server(AddServerRequest {
-            id: 9,
-            name: String::new(),
-            peer: peer1.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message().to_owned()),
+    let refused = [
         (
+            add(9, &peer1),
             Code::AlreadyExists,
-            format!("peer address {peer1} is already used by server 1")
-        )
-    );
-    let e = c
-        .add_server(AddServerRequest {
-            id: 0,
-            name: String::new(),
-            peer: "h:1".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (Code::InvalidArgument, "id: must be at least 1")
-    );
-    let e = c
-        .add_server(AddServerRequest {
-            id: 9,
-            name: String::new(),
-            peer: "nowhere".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (Code::InvalidArgument, "peer: 'nowhere' is not host:port")
-    );
+            format!("peer address {peer1} is already used by server 1"),
+        ),
+        (
+            add(0, "h:1"),
+            Code::InvalidArgument,
+            "id: must be at least 1".into(),
+        ),
+        (
+            add(9, "nowhere"),
+            Code::InvalidArgument,
+            "peer: 'nowhere' is not host:port".into(),
+        ),
+    ];
+    for (req, code, message) in refused {
+        let e = c.add_server(req).await.unwrap_err();
+        assert_eq!((e.code(), e.message()), (code, message.as_str()));
+    }
     let e = c
         .remove_server(RemoveServerRequest { id: 7 })
         .await

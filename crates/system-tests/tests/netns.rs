@@ -90,11 +90,7 @@ fn the_vip_sits_on_the_leader_and_moves_when_its_zoned_is_killed() {
     let sampler = Sampler::start(&tb);
     let killed_at = Instant::now();
     tb.kill9_zoned(first);
-    wait_for(
-        Duration::from_secs(5),
-        "the killed leader's namespace to drop the VIP",
-        || (!tb.holders().contains(&first)).then_some(()),
-    );
+    tb.wait_released(first, Duration::from_secs(5), "the VIP to leave the dead");
     let dropped_ms = killed_at.elapsed().as_millis();
     let second = leader_holder(&tb, Some(first));
     let resumed = wait_for(Duration::from_secs(20), "a write through the VIP", || {
@@ -147,10 +143,10 @@ fn without_its_zoned_or_its_agent_the_leader_has_no_vip_within_the_lease() {
     // well within one lease (350 ms here).
     let t = Instant::now();
     tb.kill9_zoned(first);
-    wait_for(
+    tb.wait_released(
+        first,
         Duration::from_millis(350),
         "the VIP to go with zoned",
-        || (!tb.holders().contains(&first)).then_some(()),
     );
     eprintln!(
         "VIP removed {removed_ms} ms after zone-vip died (ExecStopPost), {} ms after zoned died",

@@ -30,6 +30,19 @@ struct Syncer {
 }
 
 impl Syncer {
+    /// zone-sync writing under `root`, keeping its state in `state`,
+    /// restarting nothing (never this machine's systemctl).
+    fn new(root: PathBuf, state: PathBuf) -> Syncer {
+        Syncer {
+            root,
+            root_from_config: false,
+            state,
+            child: None,
+            extra: vec!["--no-restart".into()],
+            env: Vec::new(),
+        }
+    }
+
     fn start(&mut self, zone: &TestZone, i: usize) {
         std::fs::create_dir_all(&self.state).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -64,10 +77,7 @@ impl Syncer {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        testbed::kill9(self.child.take());
     }
 
     fn read(&self, path: &str) -> Option<String> {
@@ -85,6 +95,17 @@ impl Syncer {
     fn log(&self) -> String {
         std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
     }
+}
+
+/// One zone-sync for each of the zone's three servers, started.
+fn start_syncers(zone: &TestZone, make: impl Fn(usize) -> Syncer) -> Vec<Syncer> {
+    (0..3)
+        .map(|i| {
+            let mut s = make(i);
+            s.start(zone, i);
+            s
+        })
+        .collect()
 }
 
 impl Drop for Syncer {
@@ -163,20 +184,12 @@ async fn every_server_converges_on_the_latest_version() {
     let mut zone = TestZone::start(3, EXTRA);
     zone.wait_leader().await;
     let base = zone.root.path().to_owned();
-    let mut syncers: Vec<Syncer> = (0..3)
-        .map(|i| Syncer {
-            root: base.join(format!("sync-{i}/root")),
-            root_from_config: false,
-            state: base.join(format!("sync-{i}/state")),
-            child: None,
-            // Never this machine's systemctl.
-            extra: vec!["--no-restart".into()],
-            env: Vec::new(),
-        })
-        .collect();
-    for (i, s) in syncers.iter_mut().enumerate() {
-        s.start(&zone, i);
-    }
+    let mut syncers = start_syncers(&zone, |i| {
+        Syncer::new(
+            base.join(format!("sync-{i}/root")),
+            base.join(format!("sync-{i}/state")),
+        )
+    });
 
     // A push reaches every server, rendered for each.
     let rev = push(&zone, oned("SERVER_ID = {{id0}}\nNAME = {{name}}\n"))
@@ -370,28 +383,24 @@ async fn restarts_roll_one_server_at_a_time_leader_last() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = base.join("restarts.log");
     let fail = base.join("fail");
-    let mut syncers: Vec<Syncer> = (0..3)
-        .map(|i| Syncer {
-            root: base.join(format!("sync-{i}/root")),
-            root_from_config: false,
-            state: base.join(format!("sync-{i}/state")),
-            child: None,
-            extra: vec![
-                "--systemctl".into(),
-                script.display().to_string(),
-                "--restart-timeout".into(),
-                "2".into(),
-            ],
-            env: vec![
-                ("ZS_NODE".into(), (i + 1).to_string()),
-                ("ZS_LOG".into(), log.display().to_string()),
-                ("ZS_FAIL".into(), fail.display().to_string()),
-            ],
-        })
-        .collect();
-    for (i, s) in syncers.iter_mut().enumerate() {
-        s.start(&zone, i);
-    }
+    let syncers = start_syncers(&zone, |i| {
+        let mut s = Syncer::new(
+            base.join(format!("sync-{i}/root")),
+            base.join(format!("sync-{i}/state")),
+        );
+        s.extra = vec![
+            "--systemctl".into(),
+            script.display().to_string(),
+            "--restart-timeout".into(),
+            "2".into(),
+        ];
+        s.env = vec![
+            ("ZS_NODE".into(), (i + 1).to_string()),
+            ("ZS_LOG".into(), log.display().to_string()),
+            ("ZS_FAIL".into(), fail.display().to_string()),
+        ];
+        s
+    });
     let mut followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     followers.sort();
 
@@ -506,19 +515,12 @@ async fn diff_shows_each_servers_disk_and_import_takes_one_copy() {
     let extra = format!("{EXTRA}local_root = \"{{dir}}/root\"\n");
     let mut zone = TestZone::start(3, &extra);
     zone.wait_leader().await;
-    let mut syncers: Vec<Syncer> = (0..3)
-        .map(|i| Syncer {
-            root: zone.servers[i].dir.join("root"),
-            root_from_config: true,
-            state: zone.servers[i].dir.join("sync"),
-            child: None,
-            extra: vec!["--no-restart".into()],
-            env: Vec::new(),
-        })
-        .collect();
-    for (i, s) in syncers.iter_mut().enumerate() {
-        s.start(&zone, i);
-    }
+    let mut syncers = start_syncers(&zone, |i| {
+        let dir = &zone.servers[i].dir;
+        let mut s = Syncer::new(dir.join("root"), dir.join("sync"));
+        s.root_from_config = true;
+        s
+    });
     push(&zone, oned("SERVER_ID = {{id0}}\nLOG = info\n"))
         .await
         .unwrap();

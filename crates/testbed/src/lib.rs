@@ -29,6 +29,101 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ip -n NS ARGS...`, panicking with its output if it fails.
+pub fn ip_in(ns: &str, args: &[&str]) -> String {
+    sh(&[&["ip", "-n", ns], args].concat())
+}
+
+/// SIGTERM to `child`, then its exit status; SIGKILL and a panic naming
+/// `what` if it has not exited within `timeout`.
+pub fn terminate(child: &mut Child, what: &str, timeout: Duration) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_exit(child, &format!("{what} after SIGTERM"), timeout)
+}
+
+/// Waits for `child` to exit; SIGKILL and a panic naming `what` if it has
+/// not within `timeout`.
+pub fn wait_exit(child: &mut Child, what: &str, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A test server's zoned configuration file.
+#[derive(Debug, Default)]
+pub struct ZonedConfig {
+    pub id: u64,
+    /// Holds the data directory and the agent socket.
+    pub dir: PathBuf,
+    pub client: String,
+    pub peer: String,
+    /// A member's client address, for a server that joins.
+    pub join: Option<String>,
+    /// More tables, after [node].
+    pub extra: String,
+    /// The founders, as (id, peer address).
+    pub voters: Vec<(u64, String)>,
+}
+
+impl ZonedConfig {
+    pub fn render(&self) -> String {
+        let id = self.id;
+        let mut text = format!(
+            "[node]\nid = {id}\nname = \"zone-{id}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n",
+            self.dir.join("data").display(),
+            self.dir.join("agent.sock").display(),
+            self.client,
+            self.peer,
+        );
+        if let Some(join) = &self.join {
+            text.push_str(&format!("join = \"{join}\"\n"));
+        }
+        text.push_str(&format!("\n{}\n", self.extra));
+        for (id, peer) in &self.voters {
+            text.push_str(&format!("[[voters]]\nid = {id}\npeer = \"{peer}\"\n"));
+        }
+        text
+    }
+}
+
+/// Starts a server process for a test: its output appended to `log`,
+/// logging at info, and not to journald even when the test runs under it.
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+    cmd.env("RUST_LOG", "info")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
+/// SIGKILL, and reaps it: a crash, as far as the process can tell.
+pub fn kill9(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// The directory holding the workspace's binaries: `ZONED_BIN_DIR`, else
 /// found from the running executable (target/debug/deps/<test>, or
 /// target/debug/<tool>).
@@ -160,67 +255,41 @@ impl Testbed {
     fn attach(&self, ns: &str, ip: &str, tag: &str) {
         let host_end = format!("{}{tag}", self.prefix);
         sh(&["ip", "netns", "add", ns]);
-        sh(&[
-            "ip",
-            "-n",
+        ip_in(
             &self.bridge_ns,
-            "link",
-            "add",
-            &host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
+            &[
+                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+        );
+        ip_in(
             &self.bridge_ns,
-            "link",
-            "set",
-            &host_end,
-            "master",
-            "br0",
-            "up",
-        ]);
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
+            &["link", "set", &host_end, "master", "br0", "up"],
+        );
+        ip_in(ns, &["link", "set", "lo", "up"]);
+        ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         let host = ip.rsplit('.').next().expect("dotted address");
         let ip6 = format!("{SUBNET6}::{host}/64");
-        sh(&["ip", "-n", ns, "addr", "add", &ip6, "dev", "eth0", "nodad"]);
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        ip_in(ns, &["addr", "add", &ip6, "dev", "eth0", "nodad"]);
+        ip_in(ns, &["link", "set", "eth0", "up"]);
     }
 
     /// Clients listen everywhere: they must be reachable on the VIP too.
     /// Raft timing is zoned's default: what operators get.
     fn write_configs(&self, i: usize) {
         let node = &self.nodes[i];
-        let mut zoned = format!(
-            "[node]\nid = {}\nname = \"zone-{}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"0.0.0.0:7400\"\npeer_listen = \"{}:7401\"\n",
-            node.id,
-            node.id,
-            node.dir.join("data").display(),
-            node.dir.join("agent.sock").display(),
-            node.ip
-        );
-        for v in &self.nodes {
-            zoned.push_str(&format!(
-                "\n[[voters]]\nid = {}\npeer = \"{}:7401\"\n",
-                v.id, v.ip
-            ));
+        let zoned = ZonedConfig {
+            id: node.id,
+            dir: node.dir.clone(),
+            client: "0.0.0.0:7400".into(),
+            peer: format!("{}:7401", node.ip),
+            voters: self
+                .nodes
+                .iter()
+                .map(|v| (v.id, format!("{}:7401", v.ip)))
+                .collect(),
+            ..ZonedConfig::default()
         }
+        .render();
         std::fs::write(node.dir.join("node.toml"), zoned).unwrap();
         let vip = format!(
             "socket = \"{}\"\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\n[[vip]]\naddress = \"{}/64\"\ninterface = \"eth0\"\n[announce]\ncount = 3\ninterval_ms = 100\n",
@@ -240,22 +309,9 @@ impl Testbed {
 
     fn spawn_in(&self, i: usize, bin: &Path, args: &[&str], log: &str) -> Child {
         let node = &self.nodes[i];
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.join(log))
-            .unwrap();
-        Command::new("ip")
-            .args(["netns", "exec", &node.ns])
-            .arg(bin)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn in namespace")
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.ns]).arg(bin).args(args);
+        spawn_logged(cmd, &node.dir.join(log))
     }
 
     pub fn start_zoned(&mut self, i: usize) {
@@ -314,28 +370,16 @@ impl Testbed {
     /// SIGTERM to the node's VIP manager; waits for it to exit.
     pub fn terminate_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].vip_agent.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = wait_for(Duration::from_secs(10), "the VIP manager to exit", || {
-                c.try_wait().ok().flatten()
-            });
+            terminate(&mut c, "the VIP manager", Duration::from_secs(10));
         }
     }
 
     pub fn kill9_zoned(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].zoned.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(self.nodes[i].zoned.take());
     }
 
     pub fn kill9_agent(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].vip_agent.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill9(self.nodes[i].vip_agent.take());
     }
 
     /// What systemd does when zone-vip's main process dies: run the unit's
@@ -354,30 +398,21 @@ impl Testbed {
     /// SIGTERM to the node's zoned; waits for it to exit.
     pub fn terminate_zoned(&mut self, i: usize) -> std::process::ExitStatus {
         let mut c = self.nodes[i].zoned.take().expect("zoned running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        wait_for(
-            Duration::from_secs(20),
-            "zoned to exit after SIGTERM",
-            || c.try_wait().unwrap(),
-        )
+        terminate(&mut c, "zoned", Duration::from_secs(20))
     }
 
     /// Cuts (or restores) node `i`'s link to the bridge.
     pub fn set_link(&self, i: usize, up: bool) {
         let host_end = format!("{}n{}", self.prefix, self.nodes[i].id);
-        sh(&[
-            "ip",
-            "-n",
-            &self.bridge_ns,
-            "link",
-            "set",
-            &host_end,
-            if up { "up" } else { "down" },
-        ]);
+        let state = if up { "up" } else { "down" };
+        ip_in(&self.bridge_ns, &["link", "set", &host_end, state]);
+    }
+
+    /// Waits until node `i`'s eth0 no longer holds the VIP.
+    pub fn wait_released(&self, i: usize, timeout: Duration, what: &str) {
+        wait_for(timeout, what, || {
+            (!self.holders().contains(&i)).then_some(())
+        });
     }
 
     /// Indexes of the nodes whose eth0 holds the VIP now.

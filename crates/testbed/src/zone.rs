@@ -5,16 +5,19 @@
 //! dropped, also when a test panics; it then prints each server's log so a
 //! failure can be read from the test output.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use zonectl::v1::cluster_client::ClusterClient;
 use zonectl::v1::kv_client::KvClient;
-use zonectl::v1::StatusRequest;
+use zonectl::v1::{GetRequest, RangeRequest, RangeResponse, StatusRequest};
 use zonectl::ZoneView;
+
+use crate::ZonedConfig;
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn poll<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -121,24 +124,18 @@ impl TestZone {
             root,
             extra_config: extra.to_owned(),
         };
+        let voters: Vec<(u64, String)> = zone
+            .servers
+            .iter()
+            .map(|v| (v.id, v.peer.to_string()))
+            .collect();
         for s in &zone.servers {
             std::fs::create_dir_all(&s.dir).unwrap();
-            let mut text = format!(
-                "[node]\nid = {}\nname = \"zone-{}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\n\n{TEST_RAFT}\n{extra}\n",
-                s.id,
-                s.id,
-                s.dir.join("data").display(),
-                s.dir.join("agent.sock").display(),
-                s.client,
-                s.peer
-            )
-            .replace("{dir}", &s.dir.display().to_string());
-            for v in &zone.servers {
-                text.push_str(&format!(
-                    "[[voters]]\nid = {}\npeer = \"{}\"\n",
-                    v.id, v.peer
-                ));
+            let text = ZonedConfig {
+                voters: voters.clone(),
+                ..zone.config_of(s)
             }
+            .render();
             std::fs::write(s.config_path(), text).unwrap();
         }
         zone
@@ -155,38 +152,35 @@ impl TestZone {
             child: None,
         };
         std::fs::create_dir_all(&s.dir).unwrap();
-        let text = format!(
-            "[node]\nid = {id}\nname = \"zone-{id}\"\ndata_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"{}\"\npeer_listen = \"{}\"\njoin = \"{}\"\n\n{TEST_RAFT}\n{}\n",
-            s.dir.join("data").display(),
-            s.dir.join("agent.sock").display(),
-            s.client,
-            s.peer,
-            self.servers[via].client,
-            self.extra_config
-        )
-        .replace("{dir}", &s.dir.display().to_string());
+        let text = ZonedConfig {
+            join: Some(self.servers[via].client.to_string()),
+            ..self.config_of(&s)
+        }
+        .render();
         std::fs::write(s.config_path(), text).unwrap();
         self.servers.push(s);
         self.servers.len() - 1
     }
 
+    /// Server `s`'s configuration, without voters or join: the test Raft
+    /// timing, then the zone's extra tables with `{dir}` made `s`'s.
+    fn config_of(&self, s: &Server) -> ZonedConfig {
+        ZonedConfig {
+            id: s.id,
+            dir: s.dir.clone(),
+            client: s.client.to_string(),
+            peer: s.peer.to_string(),
+            extra: format!("{TEST_RAFT}\n{}", self.extra_config)
+                .replace("{dir}", &s.dir.display().to_string()),
+            ..ZonedConfig::default()
+        }
+    }
+
     /// Waits for server index `i` to exit by itself; returns its status.
     pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> std::process::ExitStatus {
         let mut c = self.servers[i].child.take().expect("server running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!(
-                    "server {} did not exit within {timeout:?}",
-                    self.servers[i].id
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("server {}", self.servers[i].id);
+        crate::wait_exit(&mut c, &what, timeout)
     }
 
     pub async fn cluster(&self, i: usize) -> ClusterClient<Channel> {
@@ -209,11 +203,6 @@ impl TestZone {
     pub fn launch_under(&mut self, i: usize, runner: &[&str]) {
         let s = &mut self.servers[i];
         assert!(s.child.is_none(), "server {} already running", s.id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(s.log_path())
-            .unwrap();
         let zoned = crate::binary("zoned");
         let mut cmd = match runner.split_first() {
             Some((program, args)) => {
@@ -223,46 +212,21 @@ impl TestZone {
             }
             None => Command::new(zoned),
         };
-        let child = cmd
-            .arg("--config")
-            .arg(s.config_path())
-            .env("RUST_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start zoned");
+        cmd.arg("--config").arg(s.config_path());
+        let child = crate::spawn_logged(cmd, &s.log_path());
         s.child = Some(child);
     }
 
     /// SIGKILL: no chance to flush anything.
     pub fn kill9(&mut self, i: usize) {
-        if let Some(mut c) = self.servers[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        crate::kill9(self.servers[i].child.take());
     }
 
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
         let mut c = self.servers[i].child.take().expect("server running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("server {} ignored SIGTERM for 20 s", self.servers[i].id);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("server {}", self.servers[i].id);
+        crate::terminate(&mut c, &what, Duration::from_secs(20))
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -279,6 +243,66 @@ impl TestZone {
 
     pub async fn kv(&self, i: usize) -> KvClient<Channel> {
         KvClient::new(self.channel(i).await)
+    }
+
+    /// The pairs under `prefix` (every pair if empty) on server `i`: a
+    /// linearizable read, or the server's own copy if `serializable`.
+    pub async fn range(&self, i: usize, prefix: &[u8], serializable: bool) -> RangeResponse {
+        self.kv(i)
+            .await
+            .range(RangeRequest {
+                prefix: prefix.to_vec(),
+                serializable,
+                ..RangeRequest::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("range on server {i}: {e}"))
+            .into_inner()
+    }
+
+    /// The value of `key` on server `i` (linearizable, or the server's own
+    /// copy if `serializable`); None if absent or the read failed.
+    pub async fn value(&self, i: usize, key: &str, serializable: bool) -> Option<Vec<u8>> {
+        let req = GetRequest {
+            key: key.as_bytes().to_vec(),
+            serializable,
+        };
+        let r = self.kv(i).await.get(req).await.ok()?.into_inner();
+        r.kv.map(|kv| kv.value)
+    }
+
+    /// Each key under `prefix` with its mod revision, as `range` reads them.
+    pub async fn mod_revisions(
+        &self,
+        i: usize,
+        prefix: &[u8],
+        serializable: bool,
+    ) -> BTreeMap<String, u64> {
+        let r = self.range(i, prefix, serializable).await;
+        r.kvs
+            .into_iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    kv.mod_revision,
+                )
+            })
+            .collect()
+    }
+
+    /// The store's revision, read linearizably on server `i`.
+    pub async fn revision(&self, i: usize) -> u64 {
+        let mut kv = self.kv(i).await;
+        let r = kv
+            .range(RangeRequest {
+                limit: 1,
+                keys_only: true,
+                ..RangeRequest::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("range on server {i}: {e}"))
+            .into_inner();
+        r.header.expect("response header").revision
     }
 
     pub async fn status(&self, i: usize) -> Option<ZoneView> {
@@ -349,7 +373,7 @@ impl Drop for TestZone {
 }
 
 /// The writer's outcome: acknowledged writes (key -> revision), failures.
-pub type WriterTask = tokio::task::JoinHandle<(std::collections::BTreeMap<String, u64>, u32)>;
+pub type WriterTask = tokio::task::JoinHandle<(BTreeMap<String, u64>, u32)>;
 
 /// A client writing continuously (see [`start_writer`]).
 #[derive(Debug)]
@@ -378,7 +402,7 @@ impl Writer {
     }
 
     /// Stops the writer: the acknowledged writes and the failures.
-    pub async fn finish(self) -> (std::collections::BTreeMap<String, u64>, u32) {
+    pub async fn finish(self) -> (BTreeMap<String, u64>, u32) {
         self.stop.send(true).unwrap();
         self.task.await.unwrap()
     }
@@ -397,7 +421,7 @@ pub fn start_writer(
     let acked_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = acked_count.clone();
     let task = tokio::spawn(async move {
-        let mut acked = std::collections::BTreeMap::new();
+        let mut acked = BTreeMap::new();
         let mut errors = 0u32;
         let mut target = 0usize;
         let mut n = 0u64;

@@ -276,12 +276,5 @@ pub fn failover(runs: usize, out_dir: &Path) -> Result<()> {
     ) {
         println!("\nungraceful p50: keepalived / zone-vip = {:.1}x", k / z);
     }
-    std::fs::create_dir_all(out_dir)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let path = out_dir.join(format!("failover-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
-    println!("written to {}", path.display());
-    Ok(())
+    crate::write_results(out_dir, "failover", &serde_json::to_value(&all)?)
 }

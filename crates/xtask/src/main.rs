@@ -314,12 +314,39 @@ fn target_dir() -> Result<PathBuf> {
 }
 
 /// Children are killed when this guard drops, also on an error path.
+/// Writes a benchmark's figures to `dir/<name>-<unix time>.json` and says
+/// where.
+fn write_results(dir: &Path, name: &str, figures: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let path = dir.join(format!("{name}-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(figures)?)?;
+    println!("written to {}", path.display());
+    Ok(())
+}
+
 struct Zone {
     /// ("zoned 2", its process), ...
     children: Vec<(String, Child)>,
 }
 
 impl Zone {
+    /// Starts `cmd` with its output in `log` (truncated), as `name`.
+    fn spawn(&mut self, name: String, mut cmd: Command, log: &Path) -> Result<()> {
+        let out = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.children.push((name, child));
+        Ok(())
+    }
+
     fn stop(&mut self) {
         for (_, child) in &self.children {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -413,21 +440,13 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         let config = write_config(&dir, id, nodes)?;
         let log = dir.join("zoned.log");
-        let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(bin.join("zoned"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("cannot start zoned")?;
-        zone.children.push((format!("zoned {id}"), child));
+        let mut zoned = Command::new(bin.join("zoned"));
+        zoned.arg("--config").arg(&config);
+        zone.spawn(format!("zoned {id}"), zoned, &log)?;
         logs.push(log);
         // zone-sync writes this server's managed files under node-N/root.
-        let sync_log = std::fs::File::create(dir.join("zone-sync.log"))?;
-        let child = Command::new(bin.join("zone-sync"))
-            .arg("--endpoint")
+        let mut sync = Command::new(bin.join("zone-sync"));
+        sync.arg("--endpoint")
             .arg(format!("127.0.0.{id}:7400"))
             .arg("--config")
             .arg(&config)
@@ -435,13 +454,8 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
             .arg(dir.join("sync"))
             .args(["--drift-interval", "5"])
             // Restarts are this machine's units: only logged.
-            .arg("--no-restart")
-            .stdin(Stdio::null())
-            .stdout(sync_log.try_clone()?)
-            .stderr(sync_log)
-            .spawn()
-            .context("cannot start zone-sync")?;
-        zone.children.push((format!("zone-sync {id}"), child));
+            .arg("--no-restart");
+        zone.spawn(format!("zone-sync {id}"), sync, &dir.join("zone-sync.log"))?;
     }
     let endpoints: Vec<String> = (1..=nodes).map(|i| format!("127.0.0.{i}:7400")).collect();
     let rt = tokio::runtime::Builder::new_current_thread()

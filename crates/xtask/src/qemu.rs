@@ -235,13 +235,5 @@ pub fn bench(target: &Path, runs: usize, skip_fresh: bool) -> Result<()> {
         "leader_behind_vip_s": zone_after.as_secs_f64(),
         "failover_s": failovers,
     });
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let path = dir.join(format!("qemu-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-    println!("written to {}", path.display());
-    Ok(())
+    crate::write_results(&target.join("bench"), "qemu", &json)
 }

@@ -112,28 +112,31 @@ fn sha(data: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(data))
 }
 
+/// The id of user or group `name` (`kind`) on this server; 0 (root) for
+/// an empty name.
+fn id_of(
+    kind: &str,
+    name: &str,
+    lookup: impl FnOnce(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
+    if name.is_empty() {
+        return Ok(0);
+    }
+    lookup(name)
+        .map_err(|e| format!("looking up {kind} {name}: {e}"))?
+        .ok_or_else(|| format!("no {kind} {name} on this server"))
+}
+
 fn owner_ids(owner: &str, group: &str) -> Result<Option<(u32, u32)>, String> {
     if owner.is_empty() && group.is_empty() {
         return Ok(None);
     }
-    let uid = if owner.is_empty() {
-        0
-    } else {
-        nix::unistd::User::from_name(owner)
-            .map_err(|e| format!("looking up user {owner}: {e}"))?
-            .ok_or_else(|| format!("no user {owner} on this server"))?
-            .uid
-            .as_raw()
-    };
-    let gid = if group.is_empty() {
-        0
-    } else {
-        nix::unistd::Group::from_name(group)
-            .map_err(|e| format!("looking up group {group}: {e}"))?
-            .ok_or_else(|| format!("no group {group} on this server"))?
-            .gid
-            .as_raw()
-    };
+    let uid = id_of("user", owner, |n| {
+        nix::unistd::User::from_name(n).map(|u| u.map(|u| u.uid.as_raw()))
+    })?;
+    let gid = id_of("group", group, |n| {
+        nix::unistd::Group::from_name(n).map(|g| g.map(|g| g.gid.as_raw()))
+    })?;
     Ok(Some((uid, gid)))
 }
 

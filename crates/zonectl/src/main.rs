@@ -155,6 +155,14 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// What a membership change did (`said`, on a terminal), then the members.
+fn print_change(members: &[Member], said: &str, json: bool) {
+    if !json {
+        println!("{said}");
+    }
+    print_members(members, json);
+}
+
 fn print_members(members: &[Member], json: bool) {
     if json {
         let v: Vec<_> = members
@@ -212,24 +220,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut c = ClusterClient::new(channel);
             match cmd {
                 ServerCommand::Add { id, name, peer } => {
-                    let r = c
-                        .add_server(t(AddServerRequest { id, name, peer }, timeout))
-                        .await?
-                        .into_inner();
-                    if !json {
-                        println!("server {id} added as a learner; start it with an empty data directory and join = \"<a member's client address>\"");
-                    }
-                    print_members(&r.members, json);
+                    let r = c.add_server(t(AddServerRequest { id, name, peer }, timeout));
+                    let said = format!("server {id} added as a learner; start it with an empty data directory and join = \"<a member's client address>\"");
+                    print_change(&r.await?.into_inner().members, &said, json);
                 }
                 ServerCommand::Remove { id } => {
-                    let r = c
-                        .remove_server(t(RemoveServerRequest { id }, timeout))
-                        .await?
-                        .into_inner();
-                    if !json {
-                        println!("server {id} removed");
-                    }
-                    print_members(&r.members, json);
+                    let r = c.remove_server(t(RemoveServerRequest { id }, timeout));
+                    let said = format!("server {id} removed");
+                    print_change(&r.await?.into_inner().members, &said, json);
                 }
                 ServerCommand::Reset { id } => {
                     c.reset_server(t(ResetServerRequest { id }, timeout))

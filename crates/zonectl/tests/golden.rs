@@ -23,6 +23,11 @@ fn check(name: &str, actual: &str) {
     assert_eq!(actual, expected, "output differs from {}", path.display());
 }
 
+/// `zonectl show`'s table for `s`, checked against golden file `name`.
+fn check_show(name: &str, s: &StatusResponse) {
+    check(name, &render_table(&ZoneView::from_status(s)));
+}
+
 fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) -> ServerStatus {
     ServerStatus {
         id,
@@ -70,10 +75,7 @@ fn healthy() -> StatusResponse {
 
 #[test]
 fn show_table_healthy_zone() {
-    check(
-        "show-healthy.txt",
-        &render_table(&ZoneView::from_status(&healthy())),
-    );
+    check_show("show-healthy.txt", &healthy());
 }
 
 #[test]
@@ -88,10 +90,7 @@ fn show_table_with_an_unreachable_server() {
         last_contact_ms: Some(5300),
         ..ServerStatus::default()
     };
-    check(
-        "show-unreachable.txt",
-        &render_table(&ZoneView::from_status(&s)),
-    );
+    check_show("show-unreachable.txt", &s);
 }
 
 #[test]
@@ -103,10 +102,7 @@ fn show_table_without_leader() {
         x.match_index = 0;
         x.last_contact_ms = None;
     }
-    check(
-        "show-no-leader.txt",
-        &render_table(&ZoneView::from_status(&s)),
-    );
+    check_show("show-no-leader.txt", &s);
 }
 
 #[test]
@@ -117,10 +113,7 @@ fn show_table_with_a_learner_in_a_disabled_zone() {
     learner.voter = false;
     learner.name = "zone-4".into();
     s.servers.push(learner);
-    check(
-        "show-learner-disabled.txt",
-        &render_table(&ZoneView::from_status(&s)),
-    );
+    check_show("show-learner-disabled.txt", &s);
 }
 
 #[test]
