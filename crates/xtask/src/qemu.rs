@@ -1,5 +1,5 @@
 //! `cargo xtask qemu up` (a three-VM zone to work with) and `cargo xtask
-//! bench qemu` (image and boot figures), on the qemu-tests harness: the VMs
+//! bench qemu` (image and boot figures), on testbed's VM harness: the VMs
 //! boot the built vm-profile image under TCG on a bridge in a namespace of
 //! their own, and are all killed when the command ends.
 
@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qemu_tests::{wait_for, Boot, Lab, VIP};
+use testbed::vm::{wait_for, Boot, Lab, VIP};
 
 use crate::image::{self, Profile};
 
@@ -15,7 +15,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
 /// Builds the vm image unless one is there.
 fn ensure_image(target: &Path) -> Result<()> {
-    if qemu_tests::Image::find().is_err() {
+    if testbed::vm::Image::find().is_err() {
         eprintln!("no vm image yet: building it (cargo xtask image --profile vm)");
         image::build(Profile::Vm, false, target)?;
     }

@@ -33,7 +33,7 @@ pub const TIERS: [Tier; 5] = [
         number: 3,
         what: "real processes on loopback (zoned, zone-sync, zonectl, kvbench)",
         needs: "the workspace's binaries (built first); etcd for kvbench; qemu-user for cpu",
-        filter: "(package(system-tests) & kind(test) & !binary(netns)) | (package(kvbench) & kind(test))",
+        filter: "(package(system-tests) & kind(test) & !binary(netns) & !binary(/^vm_/)) | (package(kvbench) & kind(test))",
     },
     Tier {
         number: 4,
@@ -45,7 +45,7 @@ pub const TIERS: [Tier; 5] = [
         number: 5,
         what: "three VMs booted from the image under QEMU",
         needs: "root; the images (cargo xtask image --profile vm and --profile metal)",
-        filter: "package(qemu-tests) & kind(test)",
+        filter: "package(system-tests) & binary(/^vm_/)",
     },
 ];
 

@@ -9,7 +9,7 @@ use zonectl::v1::{
     ReadLocalResponse,
 };
 
-use super::{json, print_json, push_file, t, zone_view, Differ};
+use super::{print_json, push_file, t, zone_view, Differ};
 
 /// The zone's version of a file as a server renders it.
 fn rendered(f: &ManagedFile, vars: &NodeVars) -> Result<Vec<u8>, String> {
@@ -273,7 +273,7 @@ pub(super) async fn import(
         anyhow::bail!("{path} does not exist on server {from} ({})", s.name);
     }
     let canon = |n: String| if n == "root" { String::new() } else { n };
-    let (f, changed) = push_file(
+    push_file(
         c,
         ManagedFile {
             path: path.clone(),
@@ -285,20 +285,16 @@ pub(super) async fn import(
             ..ManagedFile::default()
         },
         timeout,
+        as_json,
+        &[("from", from.into())],
+        |f, _| {
+            format!(
+                "{path}: server {from}'s copy ({} bytes, mode {:o}) stored as version {} at revision {}",
+                f.size, f.mode, f.version, f.revision
+            )
+        },
     )
-    .await?;
-    if as_json {
-        let mut v = json(&f);
-        v["changed"] = changed.into();
-        v["from"] = from.into();
-        print_json(&v);
-    } else {
-        println!(
-            "{path}: server {from}'s copy ({} bytes, mode {:o}) stored as version {} at revision {}",
-            f.size, f.mode, f.version, f.revision
-        );
-    }
-    Ok(())
+    .await
 }
 
 #[cfg(test)]

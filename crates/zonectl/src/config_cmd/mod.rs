@@ -155,16 +155,32 @@ async fn zone_view(channel: &Channel, timeout: std::time::Duration) -> anyhow::R
 
 /// Pushes `file`; answers what is stored (content left out) and whether
 /// anything changed.
+/// Stores `file`, then says what happened: as JSON (the file, `changed`,
+/// and `more` fields), or as `text(file, changed)`.
 async fn push_file(
     c: &mut ConfigClient<Channel>,
     file: ManagedFile,
     timeout: std::time::Duration,
-) -> anyhow::Result<(ManagedFile, bool)> {
+    as_json: bool,
+    more: &[(&str, serde_json::Value)],
+    text: impl FnOnce(&ManagedFile, bool) -> String,
+) -> anyhow::Result<()> {
     let r = c
         .push(t(PushFileRequest { file: Some(file) }, timeout))
         .await?
         .into_inner();
-    Ok((r.file.unwrap_or_default(), r.changed))
+    let f = r.file.unwrap_or_default();
+    if as_json {
+        let mut v = json(&f);
+        v["changed"] = r.changed.into();
+        for (k, x) in more {
+            v[*k] = x.clone();
+        }
+        print_json(&v);
+    } else {
+        println!("{}", text(&f, r.changed));
+    }
+    Ok(())
 }
 
 fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
@@ -198,7 +214,7 @@ pub async fn run(
                 std::fs::read(&file)
                     .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
             };
-            let (f, changed) = push_file(
+            push_file(
                 &mut c,
                 ManagedFile {
                     path: path.clone(),
@@ -211,23 +227,23 @@ pub async fn run(
                     ..ManagedFile::default()
                 },
                 timeout,
+                as_json,
+                &[],
+                |f, changed| {
+                    if changed {
+                        format!(
+                            "{path}: version {} stored at revision {}",
+                            f.version, f.revision
+                        )
+                    } else {
+                        format!(
+                            "{path}: unchanged (version {} already has this content)",
+                            f.version
+                        )
+                    }
+                },
             )
             .await?;
-            if as_json {
-                let mut v = json(&f);
-                v["changed"] = changed.into();
-                print_json(&v);
-            } else if changed {
-                println!(
-                    "{path}: version {} stored at revision {}",
-                    f.version, f.revision
-                );
-            } else {
-                println!(
-                    "{path}: unchanged (version {} already has this content)",
-                    f.version
-                );
-            }
         }
         ConfigCommand::Get { path } => {
             let f = c

@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use qemu_tests::{wait_for, Boot, Cpu, Image, Lab, VIP};
+use testbed::vm::{wait_for, Boot, Cpu, Image, Lab, VIP};
 
 #[test]
 fn the_metal_image_runs_a_zone_on_qemus_default_cpu() -> Result<()> {
-    qemu_tests::require_host()?;
+    testbed::vm::require_host()?;
     let image = Image::find_profile("metal")?;
     let mut lab = Lab::with_image("metal_on_qemu64", 1, image)?;
     let t0 = Instant::now();

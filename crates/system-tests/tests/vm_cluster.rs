@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use qemu_tests::{wait_for, Boot, Client, Cpu, Lab, VIP};
+use testbed::vm::{wait_for, Boot, Client, Cpu, Lab, VIP};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
 
@@ -128,6 +128,24 @@ fn through_vip(client: &Client, args: &[&str]) -> Result<std::process::Output> {
     }
 }
 
+/// `zonectl [global] config push /proc/self/cmdline --path PATH [more]`
+/// through the VIP, which must succeed.
+fn push_through_vip(
+    client: &Client,
+    path: &str,
+    global: &[&str],
+    more: &[&str],
+) -> Result<std::process::Output> {
+    let push = ["config", "push", "/proc/self/cmdline", "--path", path];
+    let out = through_vip(client, &[global, &push[..], more].concat())?;
+    assert!(
+        out.status.success(),
+        "config push {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
 #[test]
 fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
     // VM 2 is installed as a server is: the raw image on its disk, its
@@ -217,23 +235,12 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
     }
     // A managed file pushed through the VIP is written on every VM by its
     // zone-sync, which reports the revision it applied.
-    let pushed = through_vip(
+    let pushed = push_through_vip(
         &client,
-        &[
-            "-o",
-            "json",
-            "config",
-            "push",
-            "/proc/self/cmdline",
-            "--path",
-            "/etc/zoned/managed/probe.conf",
-        ],
+        "/etc/zoned/managed/probe.conf",
+        &["-o", "json"],
+        &[],
     )?;
-    assert!(
-        pushed.status.success(),
-        "config push: {}",
-        String::from_utf8_lossy(&pushed.stderr)
-    );
     let rev = serde_json::from_slice::<serde_json::Value>(&pushed.stdout)?["revision"]
         .as_u64()
         .context("push revision")?;
@@ -260,23 +267,12 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
 
     // A file whose change restarts zone-vip: the roll restarts it on each
     // VM, followers first, the leader last (the VIP blinks then).
-    let pushed = through_vip(
+    push_through_vip(
         &client,
-        &[
-            "config",
-            "push",
-            "/proc/self/cmdline",
-            "--path",
-            "/etc/zoned/managed/vip-extra.conf",
-            "--restart",
-            "zone-vip.service",
-        ],
+        "/etc/zoned/managed/vip-extra.conf",
+        &[],
+        &["--restart", "zone-vip.service"],
     )?;
-    assert!(
-        pushed.status.success(),
-        "config push: {}",
-        String::from_utf8_lossy(&pushed.stderr)
-    );
     let ep1 = lab.vms[0].endpoint();
     let restarts = wait_for(Duration::from_secs(120), "the roll on every VM", || {
         let out = client

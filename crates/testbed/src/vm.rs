@@ -222,7 +222,7 @@ impl Lab {
         require_host()?;
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let ns = format!("zq{}-{n}", std::process::id());
-        let dir = target_dir().join("qemu-tests").join(name);
+        let dir = target_dir().join("vm-tests").join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
