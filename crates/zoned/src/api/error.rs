@@ -85,8 +85,8 @@ impl From<ApiError> for Status {
 }
 
 /// What a driver error means for the caller. The driver refused before
-/// proposing, or the entry was cut from the log by a new leader: not
-/// applied, try again (at the new leader). Leadership changed after the
+/// proposing, or another entry was applied at the proposal's index (see
+/// `node::proposals`): not applied, try again (at the new leader). Leadership changed after the
 /// entry was appended: it may yet be committed by the new leader, so the
 /// outcome is unknown and nothing may retry it.
 impl From<NodeError> for ApiError {

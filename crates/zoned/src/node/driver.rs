@@ -407,7 +407,6 @@ impl Driver {
             Ok(()) => {
                 let last = self.raw.raft.raft_log.last_index();
                 debug_assert_eq!(last, before + n);
-                self.proposals.drop_from(before + 1);
                 let term = self.raw.raft.term;
                 for (i, reply) in (before + 1..).zip(replies) {
                     self.proposals.push(i, term, Waiter::Command(reply));

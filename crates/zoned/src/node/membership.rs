@@ -29,7 +29,6 @@ impl Driver {
         match self.raw.propose_conf_change(Vec::new(), cc) {
             Ok(()) if self.raw.raft.raft_log.last_index() > before => {
                 let index = self.raw.raft.raft_log.last_index();
-                self.proposals.drop_from(index);
                 self.proposals
                     .push(index, self.raw.raft.term, Waiter::Conf(reply));
             }

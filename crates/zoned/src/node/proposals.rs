@@ -3,6 +3,14 @@
 //! settles it, as applied if the term is the same, as not applied (another
 //! leader's entry took the index) if not. Answers are held until the batch
 //! that applied the entry is written.
+//!
+//! Safety: that is the only way a proposal is ever told "not applied"
+//! (which lets the API retry it). An entry cut from this server's log by
+//! another leader is *not* settled then: another server may still hold it
+//! and, as leader of a later term, commit it at the same index and term
+//! (Raft's log matching makes (index, term) name one entry zone-wide). So
+//! a cut proposal stays queued beside the one that took its index here,
+//! until whatever is committed at that index is applied.
 
 use std::collections::VecDeque;
 
@@ -73,30 +81,31 @@ pub(crate) struct Proposals {
 }
 
 impl Proposals {
-    /// A proposal appended at `index` in `term`. Indexes only grow: call
-    /// [`Proposals::drop_from`] with the first new index before.
+    /// A proposal appended at `index` in `term`. A proposal of an earlier
+    /// term at the same or a later index (cut from this server's log) stays
+    /// queued: see the module doc.
     pub(crate) fn push(&mut self, index: u64, term: u64, waiter: Waiter) {
-        debug_assert!(self.queue.back().is_none_or(|p| p.index < index));
-        self.queue.push_back(Pending {
-            index,
-            term,
-            waiter,
-        });
-    }
-
-    /// Proposals still queued at or after `index`, from an earlier term of
-    /// ours, were cut from our log when another leader overwrote it: they
-    /// will never apply, and are answered so at once.
-    pub(crate) fn drop_from(&mut self, index: u64) {
-        while self.queue.back().is_some_and(|p| p.index >= index) {
-            let p = self.queue.pop_back().expect("back exists");
-            p.waiter.answer(Err(NodeError::Dropped));
-        }
+        let at = self
+            .queue
+            .partition_point(|p| (p.index, p.term) < (index, term));
+        debug_assert!(self
+            .queue
+            .get(at)
+            .is_none_or(|p| (p.index, p.term) != (index, term)));
+        self.queue.insert(
+            at,
+            Pending {
+                index,
+                term,
+                waiter,
+            },
+        );
     }
 
     /// The entry at `index` of `term` was applied with `outcome`: it settles
-    /// the proposal made at that index in that term, and every proposal
-    /// before it that is still queued (their entries were replaced).
+    /// the proposal made at that index in that term, and as not applied the
+    /// others made at that index (in other terms: their entries can no
+    /// longer be committed anywhere) and any still queued before it.
     pub(crate) fn applied(
         &mut self,
         index: u64,
@@ -217,20 +226,29 @@ mod tests {
     }
 
     #[test]
-    fn proposals_cut_from_the_log_are_answered_at_once() {
+    fn a_proposal_cut_from_the_log_waits_for_what_is_applied_at_its_index() {
+        // Term 2 proposed at 5 and 6; a term-3 leader cut both here and this
+        // server, leading term 4, proposed at 5 again. Another server may
+        // still commit the term-2 entries: nothing is settled yet.
         let mut p = Proposals::default();
-        let mut kept = command(&mut p, 4, 1);
-        let mut cut = command(&mut p, 5, 1);
-        let mut cut_too = command(&mut p, 6, 1);
-        p.drop_from(5);
-        assert_eq!(cut.try_recv(), Ok(Err(NodeError::Dropped)));
-        assert_eq!(cut_too.try_recv(), Ok(Err(NodeError::Dropped)));
-        assert!(matches!(kept.try_recv(), Err(TryRecvError::Empty)));
-        let mut next = command(&mut p, 5, 2);
+        let mut cut5 = command(&mut p, 5, 2);
+        let mut cut6 = command(&mut p, 6, 2);
+        let mut new5 = command(&mut p, 5, 4);
+        assert!(matches!(cut5.try_recv(), Err(TryRecvError::Empty)));
+        assert!(matches!(cut6.try_recv(), Err(TryRecvError::Empty)));
+        // The term-2 entry was committed at 5 after all (by a leader that
+        // had it): it was applied, and the term-4 one was not.
         let mut out = Vec::new();
-        p.overtaken_by_snapshot(4, &mut out);
+        p.applied(5, 2, Outcome::Command(Some(result(9))), &mut out);
         answer_all(out);
-        assert_eq!(kept.try_recv(), Ok(Err(NodeError::LeadershipChanged)));
+        assert_eq!(cut5.try_recv(), Ok(Ok(result(9))));
+        assert_eq!(new5.try_recv(), Ok(Err(NodeError::Dropped)));
+        assert!(matches!(cut6.try_recv(), Err(TryRecvError::Empty)));
+        let mut out = Vec::new();
+        p.overtaken_by_snapshot(6, &mut out);
+        answer_all(out);
+        assert_eq!(cut6.try_recv(), Ok(Err(NodeError::LeadershipChanged)));
+        let mut next = command(&mut p, 7, 5);
         p.fail_all(NodeError::Stopped);
         assert_eq!(next.try_recv(), Ok(Err(NodeError::Stopped)));
     }

@@ -13,6 +13,9 @@
 //! Tests drive it with futures of the real [`NodeHandle`] API
 //! ([`Sim::run_until`]) and conditions checked after every step
 //! ([`Sim::wait`]).
+//!
+//! Several test binaries include this module, each using part of it.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -36,11 +39,16 @@ struct InFlight {
     msg: Message,
 }
 
+/// A rule that drops the messages it matches: (from, message).
+pub type Rule = Box<dyn Fn(u64, &Message) -> bool + Send>;
+
 /// The simulated network, shared by the drivers' transports.
 #[derive(Default)]
 pub struct Net {
     in_flight: Mutex<Vec<InFlight>>,
     cut: Mutex<HashSet<(u64, u64)>>,
+    /// Messages any of these match are lost, like those on a cut link.
+    rules: Mutex<Vec<Rule>>,
     /// One-way delay of every message sent from now on.
     delay: Mutex<Duration>,
     /// While set, pre-vote requests are held back until two servers have
@@ -59,8 +67,21 @@ impl Net {
         }
     }
 
+    /// Loses every message `rule` matches, from now until [`Net::heal`].
+    pub fn drop_when(&self, rule: impl Fn(u64, &Message) -> bool + Send + 'static) {
+        self.rules.lock().unwrap().push(Box::new(rule));
+    }
+
+    /// Every link up again, every rule gone.
     pub fn heal(&self) {
         self.cut.lock().unwrap().clear();
+        self.rules.lock().unwrap().clear();
+    }
+
+    /// Whether a message from `from` is lost on the way.
+    fn lost(&self, from: u64, msg: &Message) -> bool {
+        self.cut.lock().unwrap().contains(&(from, msg.to))
+            || self.rules.lock().unwrap().iter().any(|r| r(from, msg))
     }
 
     /// Every message sent from now on arrives `by` later.
@@ -143,7 +164,7 @@ struct SimNode {
     lease: tokio::sync::watch::Receiver<Lease>,
 }
 
-/// A zone of three founders on simulated time.
+/// A zone of founders on simulated time.
 pub struct Sim {
     pub clock: ManualClock,
     pub net: Arc<Net>,
@@ -206,14 +227,19 @@ impl Sim {
 
     /// Three founders whose configuration `tune` changes first.
     pub fn start_with(tune: impl Fn(&mut Config)) -> Sim {
-        let ids = [1, 2, 3];
+        Sim::start_n(3, tune)
+    }
+
+    /// Founders 1 to `n` whose configuration `tune` changes first.
+    pub fn start_n(n: u64, tune: impl Fn(&mut Config)) -> Sim {
+        let ids: Vec<u64> = (1..=n).collect();
         let clock = ManualClock::new(START_NS);
         let net = Arc::new(Net::default());
         let mut nodes = BTreeMap::new();
         let mut dirs = Vec::new();
         let mut tick_ns = 0;
         let mut lease_ns = 0;
-        for id in ids {
+        for &id in &ids {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(id, &ids, dir.path());
             tune(&mut cfg);
@@ -363,8 +389,7 @@ impl Sim {
     fn deliver(&self, m: InFlight) {
         let to = m.msg.to;
         let snapshot = m.msg.get_msg_type() == MessageType::MsgSnapshot;
-        let cut = self.net.cut.lock().unwrap().contains(&(m.from, to));
-        let delivered = !cut
+        let delivered = !self.net.lost(m.from, &m.msg)
             && self
                 .nodes
                 .get(&to)

@@ -1,0 +1,217 @@
+//! Safety defects found in review, each replayed on the simulated zone
+//! (`sim`) by the schedule that exposed it.
+
+mod sim;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use raft::eraftpb::MessageType;
+use raft::StateRole;
+use sim::{poll_once, Sim};
+use zone_proto::v1::{command, CommandResult, GetRequest, PutRequest};
+use zoned::api::ApiError;
+use zoned::node::{LocalStatus, NodeError, NodeHandle};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+type Answer = Pin<Box<dyn Future<Output = Result<CommandResult, NodeError>>>>;
+
+fn put_op(k: &str, v: &str) -> command::Op {
+    command::Op::Put(PutRequest {
+        key: k.into(),
+        value: v.into(),
+        prev_kv: false,
+    })
+}
+
+/// Proposes on server `id` without waiting (polled once, so the request
+/// is on its way to the driver): the answer, to poll.
+fn propose(sim: &Sim, id: u64, op: command::Op) -> Answer {
+    let n = sim.node(id);
+    let mut answer: Answer = Box::pin(async move { n.propose(op).await });
+    assert!(poll_once(&mut answer).is_none(), "answered at once");
+    answer
+}
+
+fn status(sim: &mut Sim, id: u64) -> LocalStatus {
+    let n = sim.node(id);
+    sim.run_until(SECOND, "a status", async move { n.status().await })
+        .unwrap()
+}
+
+/// `key`'s version on server `id`, from its own copy (0: absent).
+fn version(n: &NodeHandle, key: &str) -> u64 {
+    let req = GetRequest {
+        key: key.into(),
+        serializable: true,
+    };
+    n.reader().get(&req).unwrap().0.map_or(0, |kv| kv.version)
+}
+
+/// Issue 20, defect 1: an entry cut from its proposer's log can still be
+/// committed by a leader that has it. Five servers:
+/// 1. leader 1 appends A1, A2 and W; only server 2 gets them;
+/// 2. with 1 and 2 out of reach, 3, 4 and 5 elect one of them, X, whose
+///    no-op reaches only server 1, which cuts A1, A2 and W from its log;
+/// 3. X dies; the other two elect server 1, whose appends reach no one:
+///    its no-op and a new write Y take the indexes of A2 and W;
+/// 4. server 1 is cut off; server 2 (its log still ends with W) wins with
+///    the other two and commits W;
+/// 5. everything heals but the dead server: server 1 follows 2.
+///
+/// W was applied, so its proposer must say so: a "not applied" answer is
+/// retried by the API (as here), and then W is applied twice. On the old
+/// code W was answered `Dropped` in step 3, the moment Y took its index.
+#[test]
+fn a_write_cut_from_its_proposers_log_but_committed_elsewhere_is_applied_once() {
+    let mut sim = Sim::start_n(5, |_| {});
+    let all = sim.ids();
+    let first = sim.wait_leader(&all);
+    if first != 1 {
+        let n = sim.node(first);
+        sim.run_until(5 * SECOND, "a transfer to server 1", async move {
+            n.transfer_leader(1).await
+        })
+        .unwrap();
+    }
+    assert_eq!(sim.wait_leader(&all), 1);
+    let mut base = propose(&sim, 1, put_op("base", "0"));
+    sim.wait(5 * SECOND, "the base write", |_| poll_once(&mut base))
+        .unwrap();
+    let base_index = status(&mut sim, 1).last_index;
+    wait_until(
+        &mut sim,
+        5 * SECOND,
+        "every server at the base write",
+        |sim| {
+            all.iter()
+                .all(|&id| status(sim, id).last_index == base_index)
+        },
+    );
+
+    // 1. Server 1's messages reach only server 2.
+    sim.net.drop_when(|from, m| from == 1 && m.to != 2);
+    let term = status(&mut sim, 1).term;
+    let mut a1 = propose(&sim, 1, put_op("a1", "1"));
+    let mut a2 = propose(&sim, 1, put_op("a2", "2"));
+    let mut w = propose(&sim, 1, put_op("w", "W"));
+    wait_until(&mut sim, SECOND, "A1, A2 and W on server 2", |sim| {
+        status(sim, 2).last_index == base_index + 3
+    });
+    assert_eq!(status(&mut sim, 1).last_index, base_index + 3);
+
+    // 2. Server 1 mute, server 2 cut off; 3, 4 and 5 elect one of them,
+    //    whose appends reach server 1 alone.
+    sim.net.heal();
+    sim.net.drop_when(|from, _| from == 1);
+    sim.net.isolate(2, &all);
+    sim.net
+        .drop_when(|from, m| m.get_msg_type() == MessageType::MsgAppend && from >= 3 && m.to >= 3);
+    let x = sim.wait(10 * SECOND, "a leader among 3, 4 and 5", |s| {
+        s.leaders()
+            .into_iter()
+            .find(|&(id, t)| id >= 3 && t > term)
+            .map(|(id, _)| id)
+    });
+    wait_until(
+        &mut sim,
+        5 * SECOND,
+        "server 1 to take the new no-op",
+        |sim| {
+            let s = status(sim, 1);
+            s.term > term && s.last_index == base_index + 1
+        },
+    );
+    assert!(
+        poll_once(&mut w).is_none(),
+        "W answered while still in server 2's log"
+    );
+
+    // 3. X dies; server 1 wins with the other two, its appends lost.
+    sim.net.heal();
+    sim.net.isolate(x, &all);
+    sim.net.isolate(2, &all);
+    sim.net
+        .drop_when(|from, m| from == 1 && m.get_msg_type() == MessageType::MsgAppend);
+    sim.wait(20 * SECOND, "server 1 to lead again", |s| {
+        let v = s.node(1).view();
+        (v.role == StateRole::Leader).then_some(())
+    });
+    let mut y = propose(&sim, 1, put_op("y", "Y"));
+    wait_until(&mut sim, SECOND, "Y in server 1's log", |sim| {
+        status(sim, 1).last_index == base_index + 3
+    });
+
+    // 4. Server 1 cut off; server 2 wins with the other two, commits W.
+    sim.net.heal();
+    sim.net.isolate(x, &all);
+    sim.net.isolate(1, &all);
+    let others: Vec<u64> = [2, 3, 4, 5].into_iter().filter(|&id| id != x).collect();
+    assert_eq!(sim.wait_leader(&others), 2);
+    wait_until(
+        &mut sim,
+        5 * SECOND,
+        "W applied on 2 and the other two",
+        |sim| others.iter().all(|&id| version(&sim.node(id), "w") == 1),
+    );
+
+    // 5. Server 1 back: it follows server 2 and applies W at W's index.
+    sim.net.heal();
+    sim.net.isolate(x, &all);
+    let live: Vec<u64> = all.iter().copied().filter(|&id| id != x).collect();
+    sim.wait_leader(&live);
+    // What the API does with each answer: retry at the leader only what is
+    // known not to have been applied.
+    for (name, answer, op) in [
+        ("A1", &mut a1, put_op("a1", "1")),
+        ("A2", &mut a2, put_op("a2", "2")),
+        ("W", &mut w, put_op("w", "W")),
+        ("Y", &mut y, put_op("y", "Y")),
+    ] {
+        let mut answer = std::mem::replace(answer, Box::pin(std::future::pending()));
+        loop {
+            let r = sim.wait(10 * SECOND, name, |_| poll_once(&mut answer));
+            match r.map_err(ApiError::from) {
+                Ok(_) => break,
+                Err(ApiError::NotApplied(why)) => {
+                    eprintln!("{name}: not applied ({why}): retried at the leader");
+                    let leader = sim.wait_leader(&live);
+                    answer = propose(&sim, leader, op.clone());
+                }
+                Err(e) => panic!("{name}: {e:?}"),
+            }
+        }
+    }
+    wait_until(
+        &mut sim,
+        5 * SECOND,
+        "every live server applied all",
+        |sim| live.iter().all(|&id| version(&sim.node(id), "y") == 1),
+    );
+    for &id in &live {
+        let n = sim.node(id);
+        for key in ["a1", "a2", "w", "y"] {
+            assert_eq!(
+                version(&n, key),
+                1,
+                "server {id}: {key} applied {} times",
+                version(&n, key)
+            );
+        }
+    }
+}
+
+/// Runs the zone until `cond` holds, checked after every step; panics
+/// naming `what` after `limit` of simulated time.
+fn wait_until(sim: &mut Sim, limit: Duration, what: &str, mut cond: impl FnMut(&mut Sim) -> bool) {
+    let end = sim.now_ns() + limit.as_nanos() as u64;
+    while !cond(sim) {
+        assert!(
+            sim.now_ns() < end,
+            "not {what} after {limit:?} of simulated time"
+        );
+        sim.step();
+    }
+}
