@@ -489,3 +489,44 @@ async fn serializable_read_is_served_by_an_isolated_follower_only_when_asked() {
         "a linearizable read without quorum must fail: {e:?}"
     );
 }
+
+/// Issue 20, defect 1: a write through a follower whose leader freezes
+/// (SIGSTOP: a hung process, a paused VM) is sent again to the next leader
+/// as soon as there is one (it carries a request id, so it cannot be
+/// applied twice), instead of waiting out its whole deadline; and it is
+/// applied once. On the old code it waited until the deadline and failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_follower_of_a_frozen_leader_goes_to_the_next_one_once() {
+    use nix::sys::signal::Signal;
+    let mut zone = TestZone::start(3, "");
+    let leader = zone.wait_leader().await;
+    let follower = (leader + 1) % 3;
+    let mut kv = zone.kv(follower).await;
+    kv.put(put("warm", "1")).await.unwrap();
+    zone.signal(leader, Signal::SIGSTOP);
+    let started = std::time::Instant::now();
+    let mut req = tonic::Request::new(put("during-freeze", "1"));
+    req.set_timeout(Duration::from_secs(8));
+    let r = kv.put(req).await;
+    let took = started.elapsed();
+    zone.signal(leader, Signal::SIGCONT);
+    eprintln!("the write through server {follower} took {took:?}");
+    r.unwrap_or_else(|e| panic!("the write failed after {took:?}: {e}"));
+    // An election takes 0.5-1 s here (ticks of 50 ms, 10 to 20 of them).
+    assert!(
+        took < Duration::from_secs(4),
+        "the write waited {took:?} for a frozen leader"
+    );
+    let rev = zone.revision(follower).await;
+    for i in 0..3 {
+        poll(
+            Duration::from_secs(20),
+            "every server to catch up",
+            || async { (zone.own_row(i).await?.revision >= rev).then_some(()) },
+        )
+        .await;
+        let r = zone.range(i, b"during-freeze", true).await;
+        assert_eq!(r.kvs.len(), 1);
+        assert_eq!(r.kvs[0].version, 1, "server {i}: applied more than once");
+    }
+}

@@ -217,6 +217,14 @@ impl TestZone {
         s.child = Some(child);
     }
 
+    /// Sends `signal` to server `i` (SIGSTOP freezes it: a hung server, a
+    /// paused VM; SIGCONT thaws it).
+    pub fn signal(&self, i: usize, signal: nix::sys::signal::Signal) {
+        let c = self.servers[i].child.as_ref().expect("server running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), signal)
+            .unwrap_or_else(|e| panic!("{signal} to server {}: {e}", self.servers[i].id));
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill9(&mut self, i: usize) {
         crate::kill9(self.servers[i].child.take());

@@ -39,12 +39,12 @@ impl Peer for PeerService {
         req: Request<ForwardRequest>,
     ) -> Result<Response<CommandResult>, Status> {
         let budget = self.0.budget(&req);
-        let op = req
+        let cmd = req
             .into_inner()
             .command
-            .and_then(|c| c.op)
+            .filter(|c| c.op.is_some())
             .ok_or_else(|| Status::invalid_argument("command: empty"))?;
-        Ok(Response::new(self.0.propose_forwarded(op, budget).await?))
+        Ok(Response::new(self.0.propose_forwarded(cmd, budget).await?))
     }
 
     async fn node_status(

@@ -100,6 +100,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let engine = Engine::open(&config.node.data_dir)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
+    let incarnation = engine
+        .next_incarnation()
+        .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
 
     // Bind first: a port in use must fail before Raft starts campaigning.
     let client_listener = listen("node.client_listen", config.node.client_listen).await?;
@@ -126,7 +129,13 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         other => other?,
     };
     let agents = Arc::new(AgentRegistry::default());
-    let zone = ServerContext::new(node.clone(), transport, config.clone(), agents.clone());
+    let zone = ServerContext::new(
+        node.clone(),
+        transport,
+        config.clone(),
+        agents.clone(),
+        incarnation,
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KvServer<KvService>>().await;

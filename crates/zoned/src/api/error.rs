@@ -3,9 +3,11 @@
 //! meaning for the caller ([`From<NodeError> for ApiError`]).
 //!
 //! What matters most is whether a failed write may have been applied: only
-//! [`ApiError::NotApplied`] promises it was not, so only it is retried (by
-//! this server, or by a server that forwarded the request here, which reads
-//! the promise from the [`NOT_APPLIED`] metadata key).
+//! [`ApiError::NotApplied`] promises it was not, so it is retried (by this
+//! server, or by a server that forwarded the request here, which reads the
+//! promise from the [`NOT_APPLIED`] metadata key). A client write is also
+//! retried when its outcome is unknown ([`ApiError::Retry`]): it carries a
+//! request id, and the zone applies it at most once.
 
 use std::time::Duration;
 
@@ -30,6 +32,12 @@ pub enum ApiError {
     /// The outcome of a write is unknown (a forwarding hop failed).
     #[error("{0}")]
     Unavailable(String),
+    /// The outcome of an attempt is unknown, but the write may be sent
+    /// again: it carries a request id, so the zone applies it at most once
+    /// (`kv::sessions`). Retried like [`ApiError::NotApplied`]; never
+    /// sent to a client as such.
+    #[error("{0}")]
+    Retry(String),
     #[error("{0}")]
     Timeout(String),
     #[error("{0}")]
@@ -69,7 +77,7 @@ impl From<ApiError> for Status {
                     .insert(NOT_APPLIED, "1".parse().expect("ascii"));
                 s
             }
-            ApiError::Unavailable(m) => Status::unavailable(m.clone()),
+            ApiError::Unavailable(m) | ApiError::Retry(m) => Status::unavailable(m.clone()),
             ApiError::Timeout(m) => Status::deadline_exceeded(m.clone()),
             ApiError::Compacted(m) => Status::out_of_range(m.clone()),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
@@ -139,7 +147,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_what_was_not_proposed_or_was_cut_is_retried() {
+    fn only_what_was_not_proposed_or_lost_its_index_is_retried() {
         let retried = [
             NodeError::NotLeader { leader: 2 },
             NodeError::NoLeader,

@@ -21,6 +21,7 @@ mod admin;
 mod config;
 mod error;
 mod leader;
+mod requests;
 mod service;
 mod status;
 mod validate;
@@ -63,6 +64,8 @@ pub struct ServerContext {
     config: Arc<Config>,
     limits: Limits,
     info: ServerInfo,
+    /// This server's client writes, numbered.
+    requests: Arc<requests::Requests>,
 }
 
 impl std::fmt::Debug for ServerContext {
@@ -74,11 +77,14 @@ impl std::fmt::Debug for ServerContext {
 }
 
 impl ServerContext {
+    /// `incarnation` counts this server's starts
+    /// ([`crate::storage::Engine::next_incarnation`]).
     pub fn new(
         node: NodeHandle,
         transport: Arc<GrpcTransport>,
         config: Arc<Config>,
         agents: Arc<crate::agent::AgentRegistry>,
+        incarnation: u64,
     ) -> ServerContext {
         let advertise = |addr: std::net::SocketAddr| {
             if addr.ip().is_unspecified() {
@@ -109,6 +115,7 @@ impl ServerContext {
                 max_value: config.limits.max_value_bytes,
                 max_txn_ops: config.limits.max_txn_ops,
             },
+            requests: Arc::new(requests::Requests::new(node.id(), incarnation)),
             node,
             transport,
             config,

@@ -10,6 +10,7 @@ use zone_proto::v1::{
     RangeResponse, ResponseHeader, ResponseOp, SetMaintenanceResponse, TxnRequest, TxnResponse,
 };
 
+use super::sessions::{Seen, Sessions};
 use super::*;
 use crate::storage::{encode_u64, Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
 
@@ -26,6 +27,8 @@ pub struct KvCache {
     /// The store's meta (revision, history floor, maintenance flag) as the
     /// last applier left it: three reads less per batch.
     meta: Option<Meta>,
+    /// The client sessions read so far.
+    pub(super) sessions: Sessions,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +46,7 @@ impl KvCache {
         self.map.clear();
         self.bytes = 0;
         self.meta = None;
+        self.sessions.clear();
     }
 
     fn insert(&mut self, key: Vec<u8>, kv: Option<KeyValue>) {
@@ -354,6 +358,36 @@ impl<'a> Applier<'a> {
     pub fn apply(
         &mut self,
         wb: &mut WriteBatch,
+        mut cmd: Command,
+    ) -> Result<Option<CommandResult>, StorageFailure> {
+        let Some(req) = cmd.request.take() else {
+            return self.apply_op(wb, cmd);
+        };
+        let seen = self
+            .cache
+            .sessions
+            .check(self.engine, &req, self.member_id, self.term)?;
+        let answer = match seen {
+            Seen::New => {
+                let answer = self.apply_op(wb, cmd)?;
+                self.cache.sessions.record(&req, answer.as_ref());
+                return Ok(answer);
+            }
+            Seen::Repeat(first) => first,
+            Seen::Refused(why) => CommandResult {
+                result: Some(zone_proto::v1::command_result::Result::FailedPrecondition(
+                    why,
+                )),
+            },
+        };
+        self.cache.sessions.record(&req, None);
+        Ok(Some(answer))
+    }
+
+    /// Applies a command's operation.
+    fn apply_op(
+        &mut self,
+        wb: &mut WriteBatch,
         cmd: Command,
     ) -> Result<Option<CommandResult>, StorageFailure> {
         use zone_proto::v1::command_result::Result as R;
@@ -397,6 +431,7 @@ impl<'a> Applier<'a> {
             self.cache.insert(key, kv);
         }
         self.stage_meta(wb);
+        self.cache.sessions.stage(self.engine, wb);
         self.cache.meta = Some(Meta {
             revision: self.revision,
             floor: self.floor,

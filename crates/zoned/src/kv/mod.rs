@@ -12,7 +12,8 @@
 //! Layout: `kv` maps a key to its [`KeyValue`] (key field empty); `history`
 //! maps `revision (8 bytes) ++ sequence (4 bytes)` to the [`Event`]s of that
 //! revision; `meta` holds the current revision and the oldest revision whose
-//! history is kept.
+//! history is kept; `sessions` the answers of recent client writes, so that
+//! none is applied twice (`sessions`).
 //!
 //! Laid out as: [`Applier`] (with its [`KvCache`]) in `apply`, [`Reader`]
 //! in `read`, snapshots and the membership record in `snapshot`; the
@@ -23,6 +24,7 @@
 
 mod apply;
 mod read;
+pub mod sessions;
 mod snapshot;
 #[cfg(test)]
 mod tests;

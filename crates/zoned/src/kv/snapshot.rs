@@ -28,6 +28,7 @@ pub fn snapshot_data(
         kvs,
         members,
         disabled,
+        sessions: sessions::read_all(engine, snap)?,
     }
     .encode_to_vec())
 }
@@ -84,5 +85,6 @@ pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64,
     wb.put_cf(meta, KEY_HISTORY_FLOOR, encode_u64(snap.revision + 1));
     wb.put_cf(meta, KEY_DISABLED, encode_u64(u64::from(snap.disabled)));
     stage_members(engine, wb, &snap.members);
+    sessions::restore(engine, wb, &snap.sessions);
     Ok(snap.revision)
 }

@@ -11,7 +11,7 @@ use crate::storage::Engine;
 
 fn put(key: &str, value: &str) -> Command {
     Command {
-        id: 0,
+        request: None,
         op: Some(command::Op::Put(PutRequest {
             key: key.into(),
             value: value.into(),
@@ -62,7 +62,7 @@ fn revisions_versions_and_overlay_within_one_batch() {
 #[test]
 fn the_applied_records_cache_changes_nothing() {
     let del = |k: &str, prefix: bool| Command {
-        id: 0,
+        request: None,
         op: Some(command::Op::Delete(DeleteRequest {
             key: k.into(),
             prefix,
@@ -70,7 +70,7 @@ fn the_applied_records_cache_changes_nothing() {
         })),
     };
     let cas = |k: &str, version: u64, v: &str| Command {
-        id: 0,
+        request: None,
         op: Some(command::Op::Txn(TxnRequest {
             compare: vec![Compare {
                 key: k.into(),
@@ -106,7 +106,7 @@ fn the_applied_records_cache_changes_nothing() {
                 cmds.insert(
                     1,
                     Command {
-                        id: 0,
+                        request: None,
                         op: Some(command::Op::SetMaintenance(SetMaintenanceRequest {
                             disabled: b == 5,
                         })),
@@ -216,7 +216,7 @@ fn txn_compares_and_deletes_by_prefix() {
         &[put("cfg/a", "1"), put("cfg/b", "2"), put("other", "3")],
     );
     let txn = |compare_rev: u64| Command {
-        id: 0,
+        request: None,
         op: Some(command::Op::Txn(TxnRequest {
             compare: vec![Compare {
                 key: b"cfg/a".to_vec(),
@@ -329,4 +329,138 @@ fn snapshot_round_trip() {
         vec![b"x".to_vec(), b"y".to_vec()]
     );
     assert_eq!(r.history_floor().unwrap(), 3);
+}
+
+/// A client write: `cmd` sent by server `origin` in incarnation `inc`, as
+/// its write `seq`, with everything below `done_below` answered.
+fn sent(cmd: Command, origin: u64, inc: u64, seq: u64, done_below: u64) -> Command {
+    Command {
+        request: Some(zone_proto::v1::RequestId {
+            origin,
+            incarnation: inc,
+            seq,
+            done_below,
+        }),
+        ..cmd
+    }
+}
+
+/// A compare-and-swap: `key` to `value` if its version is `version`.
+fn cas(key: &str, version: u64, value: &str) -> Command {
+    Command {
+        request: None,
+        op: Some(command::Op::Txn(TxnRequest {
+            compare: vec![Compare {
+                key: key.into(),
+                target: compare::Target::Version as i32,
+                op: compare::Op::Equal as i32,
+                target_value: Some(compare::TargetValue::Version(version)),
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::Put(PutRequest {
+                    key: key.into(),
+                    value: value.into(),
+                    prev_kv: false,
+                })),
+            }],
+            failure: vec![],
+        })),
+    }
+}
+
+fn version_of(engine: &Engine, key: &str) -> u64 {
+    let r = Reader::new(engine.clone()).unwrap();
+    let req = GetRequest {
+        key: key.into(),
+        serializable: true,
+    };
+    r.get(&req).unwrap().0.map_or(0, |kv| kv.version)
+}
+
+fn refused(r: &Option<CommandResult>) -> bool {
+    matches!(
+        r.as_ref().and_then(|r| r.result.as_ref()),
+        Some(command_result::Result::FailedPrecondition(_))
+    )
+}
+
+/// Issue 20, defect 1: a write sent again (a retry after a leader stopped
+/// answering) is applied once, and its repeat gets the first answer: a
+/// compare-and-swap applied then sent again reports success, not failure.
+#[test]
+fn a_client_write_sent_twice_is_applied_once_and_answered_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    apply_all(&engine, &[put("k", "0")]);
+    let swap = sent(cas("k", 1, "1"), 2, 1, 1, 1);
+    // In one batch, and again in a later one.
+    let first = apply_all(&engine, &[swap.clone(), swap.clone()]);
+    let later = apply_all(&engine, std::slice::from_ref(&swap));
+    assert_eq!(version_of(&engine, "k"), 2, "applied more than once");
+    let succeeded = |r: &Option<CommandResult>| match r.as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::Txn(t)) => t.succeeded,
+        other => panic!("not a txn answer: {other:?}"),
+    };
+    assert!(succeeded(&first[0]));
+    assert_eq!(first[1], first[0]);
+    assert_eq!(later[0], first[0]);
+    // The same operation under another number is another write.
+    let again = apply_all(&engine, &[sent(put("k", "2"), 2, 1, 2, 1)]);
+    assert!(!refused(&again[0]));
+    assert_eq!(version_of(&engine, "k"), 3);
+}
+
+#[test]
+fn answers_are_forgotten_once_the_origin_has_them_and_late_copies_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let w1 = sent(put("a", "1"), 3, 1, 1, 1);
+    apply_all(&engine, std::slice::from_ref(&w1));
+    // Write 2 says 1 was answered: 1's answer is forgotten, and a late
+    // copy of 1 changes nothing.
+    apply_all(&engine, &[sent(put("b", "1"), 3, 1, 2, 2)]);
+    let late = apply_all(&engine, &[w1]);
+    assert!(refused(&late[0]), "{late:?}");
+    assert_eq!(version_of(&engine, "a"), 1);
+    // Server 3 restarts: its old session ends; a write of the old one is
+    // refused, the new one's first write applies.
+    let new = apply_all(&engine, &[sent(put("c", "1"), 3, 2, 1, 1)]);
+    assert!(!refused(&new[0]));
+    let old = apply_all(&engine, &[sent(put("c", "old"), 3, 1, 3, 2)]);
+    assert!(refused(&old[0]), "{old:?}");
+    assert_eq!(version_of(&engine, "c"), 1);
+    // Another origin's numbers are its own.
+    let other = apply_all(&engine, &[sent(put("d", "1"), 4, 1, 1, 1)]);
+    assert!(!refused(&other[0]));
+}
+
+/// Sessions travel with a snapshot, and a repeat is answered with the
+/// answering server's id and term, as a new write is.
+#[test]
+fn sessions_survive_a_snapshot_and_repeats_carry_this_servers_header() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = Engine::open(a_dir.path()).unwrap();
+    let b = Engine::open(b_dir.path()).unwrap();
+    let w = sent(put("x", "1"), 2, 5, 9, 9);
+    let first = apply_all(&a, std::slice::from_ref(&w));
+    let data = snapshot_data(&a, &a.db().snapshot()).unwrap();
+    let mut wb = WriteBatch::default();
+    restore(&b, &mut wb, &data).unwrap();
+    b.write(wb, true).unwrap();
+    let mut wb = WriteBatch::default();
+    let mut cache = KvCache::default();
+    let mut applier = Applier::new(&b, &mut cache, 3, 7, 100).unwrap();
+    let repeat = applier.apply(&mut wb, w).unwrap();
+    applier.finish(&mut wb);
+    b.write(wb, true).unwrap();
+    assert_eq!(version_of(&b, "x"), 1, "applied again after a snapshot");
+    let header = |r: &Option<CommandResult>| match r.as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::Put(p)) => p.header.unwrap(),
+        other => panic!("not a put answer: {other:?}"),
+    };
+    let (h1, h2) = (header(&first[0]), header(&repeat));
+    assert_eq!(h2.revision, h1.revision);
+    assert_eq!((h1.member_id, h1.raft_term), (1, 1));
+    assert_eq!((h2.member_id, h2.raft_term), (3, 7));
 }

@@ -179,10 +179,16 @@ impl NodeHandle {
     /// Proposes a write on this server, which must be the leader; resolves
     /// once it is committed and applied here.
     pub async fn propose(&self, op: command::Op) -> Result<CommandResult, NodeError> {
-        let cmd = Command {
-            id: 0,
+        self.propose_command(Command {
             op: Some(op),
-        };
+            request: None,
+        })
+        .await
+    }
+
+    /// [`NodeHandle::propose`] for a whole command: a client write with its
+    /// request id, applied at most once however often it is proposed.
+    pub async fn propose_command(&self, cmd: Command) -> Result<CommandResult, NodeError> {
         self.ask(|reply| Request::Propose { cmd, reply }).await
     }
 

@@ -114,6 +114,7 @@ impl Engine {
             ColumnFamilyDescriptor::new(CF_KV, kv_opts),
             ColumnFamilyDescriptor::new(CF_HISTORY, history_opts),
             ColumnFamilyDescriptor::new(CF_META, small()),
+            ColumnFamilyDescriptor::new(CF_SESSIONS, small()),
         ];
         let db =
             DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| StorageFailure::Open {
@@ -147,6 +148,21 @@ impl Engine {
     /// Syncs the write-ahead log, for a clean shutdown.
     pub fn flush(&self) -> Result<(), StorageFailure> {
         self.db.flush_wal(true).map_err(StorageFailure::Write)
+    }
+
+    /// Counts this server's starts: the number of this one, stored (synced)
+    /// before it is returned, so that no two starts share one. Client
+    /// writes are numbered per start (see `kv::sessions`).
+    pub fn next_incarnation(&self) -> Result<u64, StorageFailure> {
+        const KEY: &[u8] = b"incarnation";
+        let n = match self.get(CF_RAFT, KEY)? {
+            Some(b) => decode_u64(&b, "raft/incarnation")? + 1,
+            None => 1,
+        };
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cf(CF_RAFT), KEY, encode_u64(n));
+        self.write(wb, true)?;
+        Ok(n)
     }
 
     pub(crate) fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageFailure> {

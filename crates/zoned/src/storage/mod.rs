@@ -34,6 +34,9 @@ pub(crate) const CF_RAFT: &str = "raft";
 pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_HISTORY: &str = "history";
 pub(crate) const CF_META: &str = "meta";
+/// Client sessions: the answers of recent client writes, by origin server
+/// (see `kv::sessions`). Replicated state, like `kv`.
+pub(crate) const CF_SESSIONS: &str = "sessions";
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
