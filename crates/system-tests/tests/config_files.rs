@@ -206,3 +206,82 @@ async fn pushes_are_checked_versioned_and_rolled_back() {
         e.message()
     );
 }
+
+/// Issue 20, defect 11: the managed files' records are the Config
+/// service's alone. A key-value write there (a put, a delete, a delete by
+/// a prefix covering them, inside a transaction too) would bypass every
+/// file check; it is refused with PERMISSION_DENIED naming the field, and
+/// changes nothing. zone-sync's reports beside them stay writable. On the
+/// old code the put was applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_value_writes_to_the_managed_files_records_are_refused() {
+    use zone_proto::v1::{request_op, DeleteRequest, PutRequest, RequestOp, TxnRequest};
+    let mut zone = TestZone::start(3, EXTRA);
+    let leader = zone.wait_leader().await;
+    let mut c = ConfigClient::new(zone.channel(leader).await);
+    push(&mut c, file("/etc/one/oned.conf", "A = 1\n"))
+        .await
+        .unwrap();
+    let before = zone.revision(leader).await;
+    let put = |k: &str| PutRequest {
+        key: k.into(),
+        value: b"x".to_vec(),
+        prev_kv: false,
+    };
+    let del = |k: &str, prefix: bool| DeleteRequest {
+        key: k.into(),
+        prefix,
+        prev_kv: false,
+    };
+    let mut kv = zone.kv((leader + 1) % 3).await;
+    let e = kv
+        .put(put("zone/config/file/etc/one/oned.conf"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("key: 'zone/config/file/etc/one/oned.conf'"),
+        "{}",
+        e.message()
+    );
+    for (what, e) in [
+        ("gen", kv.put(put("zone/config/gen")).await.unwrap_err()),
+        (
+            "hist",
+            kv.delete(del("zone/config/hist", true)).await.unwrap_err(),
+        ),
+        ("zone/", kv.delete(del("zone/", true)).await.unwrap_err()),
+        (
+            "file",
+            kv.delete(del("zone/config/file/etc/one/oned.conf", false))
+                .await
+                .unwrap_err(),
+        ),
+    ] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+    }
+    let txn = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::Put(put("zone/config/file/etc/one/x"))),
+        }],
+        ..TxnRequest::default()
+    };
+    let e = kv.txn(txn).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().starts_with("success[0].put.key: "),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        zone.revision(leader).await,
+        before,
+        "a refused write changed the store"
+    );
+    let f = get(&mut c, "/etc/one/oned.conf").await.unwrap();
+    assert_eq!(f.content, b"A = 1\n");
+    // zone-sync's report keys are not the Config service's.
+    kv.put(put("zone/config/status/9")).await.unwrap();
+    kv.put(put("zone/other")).await.unwrap();
+}

@@ -21,8 +21,11 @@ pub struct Policy {
     pub local_root: std::path::PathBuf,
 }
 
+/// A unit, user or group name: letters, digits and `-_.@\`, not starting
+/// with `-` (it would read as an option).
 fn plausible_name(s: &str) -> bool {
     !s.is_empty()
+        && !s.starts_with('-')
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '\\'))
@@ -207,6 +210,13 @@ mod tests {
         let mut u = file("/etc/one/a", "x");
         u.restart_units = vec!["../x".into()];
         assert!(err(u).starts_with("file.restart_units: "));
+        // Issue 20, defect 11: accepted on the old code.
+        let mut u = file("/etc/one/a", "x");
+        u.restart_units = vec!["--help".into()];
+        assert!(err(u).starts_with("file.restart_units: "));
+        let mut o = file("/etc/one/a", "x");
+        o.group = "-g".into();
+        assert!(err(o).starts_with("file.group: "));
         let mut t = file("/etc/one/a", "{{nope}}");
         t.template = true;
         assert!(err(t).contains("template line 1, column 1"));

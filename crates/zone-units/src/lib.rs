@@ -22,27 +22,29 @@ impl Default for Systemctl {
 }
 
 impl Systemctl {
-    fn command(&self, args: &[&str]) -> Command {
+    /// `systemctl VERB OPTIONS... -- UNIT`: after `--`, a unit name that
+    /// starts with `-` is a name, never an option.
+    fn command(&self, verb_and_options: &[&str], unit: &str) -> Command {
         let mut c = Command::new(&self.program);
-        c.args(args);
+        c.args(verb_and_options).arg("--").arg(unit);
         c
     }
 
     /// Queues a start job and returns (`--no-block`).
     pub fn start_no_block(&self, unit: &str, timeout: Duration) -> Result<(), String> {
-        run_with_timeout(self.command(&["start", "--no-block", unit]), timeout)
+        run_with_timeout(self.command(&["start", "--no-block"], unit), timeout)
     }
 
     /// Stops `unit`, waiting for the stop job.
     pub fn stop(&self, unit: &str, timeout: Duration) -> Result<(), String> {
-        run_with_timeout(self.command(&["stop", unit]), timeout)
+        run_with_timeout(self.command(&["stop"], unit), timeout)
     }
 
     /// Restarts `unit`, waiting for the job; the error carries systemctl's
     /// own message.
     pub fn restart(&self, unit: &str) -> Result<(), String> {
         let out = self
-            .command(&["restart", unit])
+            .command(&["restart"], unit)
             .output()
             .map_err(|e| format!("running {}: {e}", self.program.display()))?;
         if out.status.success() {
@@ -58,7 +60,7 @@ impl Systemctl {
     }
 
     pub fn is_active(&self, unit: &str) -> Result<bool, String> {
-        self.command(&["is-active", "--quiet", unit])
+        self.command(&["is-active", "--quiet"], unit)
             .status()
             .map(|s| s.success())
             .map_err(|e| format!("running {}: {e}", self.program.display()))
@@ -68,7 +70,7 @@ impl Systemctl {
     /// cannot tell.
     pub fn active_since(&self, unit: &str) -> Option<String> {
         let out = self
-            .command(&["show", "-p", "ActiveEnterTimestamp", "--value", unit])
+            .command(&["show", "-p", "ActiveEnterTimestamp", "--value"], unit)
             .output()
             .ok()?;
         let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -137,9 +139,22 @@ mod tests {
         let calls = std::fs::read_to_string(d.path().join("calls")).unwrap();
         assert_eq!(
             calls,
-            "start --no-block a.service\nstop a.service\nrestart a.service\n\
-             is-active --quiet a.service\nshow -p ActiveEnterTimestamp --value a.service\n"
+            "start --no-block -- a.service\nstop -- a.service\nrestart -- a.service\n\
+             is-active --quiet -- a.service\nshow -p ActiveEnterTimestamp --value -- a.service\n"
         );
+    }
+
+    /// Issue 20, defect 11: a unit named like an option (from a pushed
+    /// file's restart list, say) reaches systemctl as a name. On the old
+    /// code `restart --help` reached it as the option.
+    #[test]
+    fn a_unit_name_is_never_read_as_an_option() {
+        let d = tempfile::tempdir().unwrap();
+        let s = stand_in(d.path(), "exit 0");
+        s.restart("--help").unwrap();
+        s.stop("-H", Duration::from_secs(5)).unwrap();
+        let calls = std::fs::read_to_string(d.path().join("calls")).unwrap();
+        assert_eq!(calls, "restart -- --help\nstop -- -H\n");
     }
 
     #[test]

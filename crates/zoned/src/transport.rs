@@ -339,6 +339,16 @@ pub async fn receive_stream(
     Ok(Response::new(RaftAck {}))
 }
 
+/// The most memory a snapshot stream reserves before its data arrives.
+const SNAPSHOT_RESERVE_MAX: usize = 64 << 20;
+
+/// What to reserve for a snapshot announced as `total` bytes: the size is
+/// the sender's word, so a larger one grows only as its bytes arrive (a
+/// peer claiming 1 GiB must send 1 GiB to take it).
+fn snapshot_reserve(total: usize) -> usize {
+    total.min(SNAPSHOT_RESERVE_MAX)
+}
+
 /// Reassembles a chunked snapshot and steps it into Raft.
 pub async fn receive_snapshot(
     node: &NodeHandle,
@@ -353,7 +363,7 @@ pub async fn receive_snapshot(
         return Err(Status::invalid_argument("message: not a snapshot message"));
     }
     let total = first.total_size as usize;
-    let mut data = Vec::with_capacity(total.min(1 << 30));
+    let mut data = Vec::with_capacity(snapshot_reserve(total));
     data.extend_from_slice(&first.data);
     while let Some(chunk) = stream.message().await? {
         data.extend_from_slice(&chunk.data);
@@ -373,4 +383,17 @@ pub async fn receive_snapshot(
     node.step(msg)
         .map_err(|_| Status::unavailable("server is shutting down"))?;
     Ok(Response::new(SnapshotAck {}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20, defect 11: the old code reserved min(total, 1 GiB).
+    #[test]
+    fn a_snapshots_announced_size_reserves_at_most_64_mib() {
+        assert_eq!(snapshot_reserve(1000), 1000);
+        assert_eq!(snapshot_reserve(1 << 30), 64 << 20);
+        assert_eq!(snapshot_reserve(usize::MAX), 64 << 20);
+    }
 }

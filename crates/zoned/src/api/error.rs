@@ -49,6 +49,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request may not change what it names; nothing changed.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// An error from the server the request was forwarded to, passed on.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -83,6 +86,7 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
             ApiError::NotFound(m) => Status::not_found(m.clone()),
             ApiError::AlreadyExists(m) => Status::already_exists(m.clone()),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m.clone()),
             ApiError::Remote(status) => status.clone(),
             ApiError::Storage(inner) => {
                 tracing::error!(error = %crate::logging::chain(inner), "storage failure serving a request");

@@ -180,6 +180,7 @@ impl ServerContext {
         budget: Duration,
     ) -> Result<CommandResult, ApiError> {
         self.limits.command(&op)?;
+        validate::writable(&op)?;
         self.check_enabled()?;
         self.write(op, budget).await
     }

@@ -160,6 +160,81 @@ impl Limits {
     }
 }
 
+/// The keys only zoned's Config service writes: the managed files, their
+/// history and the generation key every change compares. A client write
+/// there would bypass the file checks (paths, sizes, templates): refused.
+/// zone-sync's reports and the roll lock beside them are written through
+/// the key-value API, and stay open to it.
+const RESERVED: [(&[u8], bool); 3] = [
+    (zone_files::keys::FILE_PREFIX, true),
+    (zone_files::keys::HIST_PREFIX, true),
+    (zone_files::keys::GEN_KEY, false),
+];
+
+/// Refuses a client's write that would change a reserved key ([`RESERVED`]),
+/// naming the field: a put of one, a delete of one, or a delete by a prefix
+/// that covers one.
+pub fn writable(op: &command::Op) -> Result<(), ApiError> {
+    match op {
+        command::Op::Put(r) => put_writable("", &r.key),
+        command::Op::Delete(r) => delete_writable("", r),
+        command::Op::Txn(t) => {
+            let branches = [("success", &t.success), ("failure", &t.failure)];
+            for (branch, ops) in branches {
+                for (i, op) in ops.iter().enumerate() {
+                    match &op.request {
+                        Some(request_op::Request::Put(r)) => {
+                            put_writable(&format!("{branch}[{i}].put."), &r.key)?
+                        }
+                        Some(request_op::Request::Delete(r)) => {
+                            delete_writable(&format!("{branch}[{i}].delete."), r)?
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        }
+        command::Op::SetMaintenance(_) => Ok(()),
+    }
+}
+
+fn put_writable(at: &str, key: &[u8]) -> Result<(), ApiError> {
+    let hit = RESERVED.iter().any(|&(r, is_prefix)| {
+        if is_prefix {
+            key.starts_with(r)
+        } else {
+            key == r
+        }
+    });
+    if hit {
+        return Err(reserved(at, key));
+    }
+    Ok(())
+}
+
+fn delete_writable(at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
+    if !r.prefix {
+        return put_writable(at, &r.key);
+    }
+    // Every key starting with r.key: it meets a reserved prefix if either
+    // starts with the other, a reserved key if that key starts with it.
+    let hit = RESERVED
+        .iter()
+        .any(|&(res, is_prefix)| res.starts_with(&r.key) || (is_prefix && r.key.starts_with(res)));
+    if hit {
+        return Err(reserved(at, &r.key));
+    }
+    Ok(())
+}
+
+fn reserved(at: &str, key: &[u8]) -> ApiError {
+    ApiError::PermissionDenied(format!(
+        "{at}key: '{}' is or covers zoned's record of the managed files; change them with `zonectl config push` or `zonectl config rm`",
+        String::from_utf8_lossy(key)
+    ))
+}
+
 /// Field `at` + `name` holds `len` bytes: at most `limit` (the message
 /// names the limit `what`: "" or "key ").
 fn at_most(at: &str, name: &str, len: usize, limit: usize, what: &str) -> Result<(), ApiError> {
@@ -170,4 +245,95 @@ fn at_most(at: &str, name: &str, len: usize, limit: usize, what: &str) -> Result
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str) -> command::Op {
+        command::Op::Put(PutRequest {
+            key: key.into(),
+            ..PutRequest::default()
+        })
+    }
+
+    fn delete(key: &str, prefix: bool) -> command::Op {
+        command::Op::Delete(DeleteRequest {
+            key: key.into(),
+            prefix,
+            prev_kv: false,
+        })
+    }
+
+    #[test]
+    fn the_managed_files_records_are_not_for_the_key_value_api() {
+        let refused = [
+            put("zone/config/file/etc/one/oned.conf"),
+            put("zone/config/hist/etc/one/oned.conf\x0000000000000000000001"),
+            put("zone/config/gen"),
+            delete("zone/config/gen", false),
+            delete("zone/config/file/etc/one/oned.conf", false),
+            delete("zone/config/f", true),
+            delete("zone/config/file/etc", true),
+            delete("zone/", true),
+            delete("z", true),
+        ];
+        for op in &refused {
+            assert!(
+                matches!(writable(op), Err(ApiError::PermissionDenied(_))),
+                "{op:?}"
+            );
+        }
+        let allowed = [
+            put("zone/config/status/2"),
+            put("zone/config/roll-lock"),
+            put("zone/config/gen2"),
+            put("zone/config/fil"),
+            delete("zone/config/status/", true),
+            delete("zone/config/gen2", true),
+            delete("zone/config/fil", false),
+            delete("a", true),
+        ];
+        for op in &allowed {
+            assert!(writable(op).is_ok(), "{op:?}");
+        }
+    }
+
+    #[test]
+    fn a_transaction_names_the_operation_that_touches_them() {
+        let txn = command::Op::Txn(TxnRequest {
+            success: vec![RequestOp {
+                request: Some(request_op::Request::Put(PutRequest {
+                    key: b"ok".to_vec(),
+                    ..PutRequest::default()
+                })),
+            }],
+            failure: vec![
+                RequestOp {
+                    request: Some(request_op::Request::Range(RangeRequest {
+                        prefix: b"zone/".to_vec(),
+                        ..RangeRequest::default()
+                    })),
+                },
+                RequestOp {
+                    request: Some(request_op::Request::Delete(DeleteRequest {
+                        key: b"zone/config/".to_vec(),
+                        prefix: true,
+                        prev_kv: false,
+                    })),
+                },
+            ],
+            ..TxnRequest::default()
+        });
+        match writable(&txn) {
+            Err(ApiError::PermissionDenied(m)) => {
+                assert!(
+                    m.starts_with("failure[1].delete.key: 'zone/config/'"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
