@@ -28,7 +28,7 @@ use crate::coalesce::Coalesced;
 use crate::config::Config;
 use crate::node::{self, Bootstrap, Stopped};
 use crate::peer::PeerService;
-use crate::storage::{Engine, RaftStorage};
+use crate::storage::Engine;
 use crate::transport::{GrpcTransport, MAX_PEER_MESSAGE};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,15 +108,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let client_listener = listen("node.client_listen", config.node.client_listen).await?;
     let peer_listener = listen("node.peer_listen", config.node.peer_listen).await?;
 
-    let bootstrap = if RaftStorage::has_state(&engine)
-        .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?
-    {
-        // The stored membership wins; this is only its fallback.
-        Bootstrap::Voters(founders(&config))
-    } else if let Some(addr) = &config.node.join {
-        Bootstrap::Join(join_members(addr, config.node.id).await?)
-    } else {
-        Bootstrap::Voters(founders(&config))
+    let start_as = node::start_as(&engine, &config)
+        .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
+    let bootstrap = match (start_as, &config.node.join) {
+        (node::StartAs::Joiner, Some(addr)) => {
+            Bootstrap::Join(join_members(addr, config.node.id).await?)
+        }
+        // A member's stored membership wins; this is only its fallback.
+        _ => Bootstrap::Voters(founders(&config)),
     };
     let inbox = node::Inbox::default();
     let transport = Arc::new(GrpcTransport::new(

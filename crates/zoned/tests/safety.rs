@@ -215,3 +215,75 @@ fn wait_until(sim: &mut Sim, limit: Duration, what: &str, mut cond: impl FnMut(&
         sim.step();
     }
 }
+
+/// Issue 20, defect 7: a joiner stopped after it heard the leader (its
+/// Raft term is on disk) but before its first snapshot arrived must join
+/// again when it starts, and finish. On the old code it started as a
+/// founder of nothing: no member addresses, its replies went nowhere, and
+/// it never caught up.
+#[test]
+fn a_joiner_stopped_before_its_snapshot_arrives_finishes_joining() {
+    use raft::eraftpb::{ConfChangeType, ConfChangeV2};
+    use zone_proto::v1::Member;
+    let mut sim = Sim::start();
+    let founders = sim.ids();
+    let leader = sim.wait_leader(&founders);
+    let mut w = propose(&sim, leader, put_op("before", "1"));
+    sim.wait(5 * SECOND, "a write", |_| poll_once(&mut w))
+        .unwrap();
+
+    // Server 4 is added as a learner; it hears heartbeats, and nothing else.
+    let joiner = Member {
+        id: 4,
+        name: "zone-4".into(),
+        peer_endpoint: "n4:1".into(),
+        learner: true,
+    };
+    let mut cc = ConfChangeV2::default();
+    cc.mut_changes().push(raft::prelude::ConfChangeSingle {
+        change_type: ConfChangeType::AddLearnerNode,
+        node_id: 4,
+        ..Default::default()
+    });
+    cc.context = prost::Message::encode_to_vec(&joiner).into();
+    let n = sim.node(leader);
+    sim.run_until(5 * SECOND, "server 4 added", async move {
+        n.propose_conf_change(cc).await
+    })
+    .unwrap();
+    let members = status(&mut sim, leader).members;
+    assert!(members.iter().any(|m| m.id == 4));
+    sim.net.drop_when(|_, m| {
+        m.to == 4
+            && !matches!(
+                m.get_msg_type(),
+                MessageType::MsgHeartbeat
+                    | MessageType::MsgRequestPreVote
+                    | MessageType::MsgRequestVote
+            )
+    });
+    sim.add_joiner(4, members.clone());
+    wait_until(
+        &mut sim,
+        5 * SECOND,
+        "server 4 to hear the leader's term",
+        |sim| status(sim, 4).term > 0,
+    );
+    assert_eq!(
+        status(&mut sim, 4).applied,
+        0,
+        "server 4 got its snapshot early"
+    );
+
+    // Stopped there, then started again with everything let through.
+    sim.crash(4);
+    sim.net.heal();
+    sim.restart(4, members);
+    let mut w = propose(&sim, leader, put_op("after", "2"));
+    sim.wait(5 * SECOND, "a write", |_| poll_once(&mut w))
+        .unwrap();
+    wait_until(&mut sim, 20 * SECOND, "server 4 to finish joining", |sim| {
+        version(&sim.node(4), "after") == 1
+    });
+    assert_eq!(version(&sim.node(4), "before"), 1);
+}

@@ -70,6 +70,35 @@ pub enum Bootstrap {
     Join(Vec<Member>),
 }
 
+/// How a server starts, from what its data directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAs {
+    /// It has a configuration (it founded the zone, or joined it): the
+    /// stored one wins over the configured voters.
+    Member,
+    /// It has none and `node.join` is set: it joins through that member,
+    /// blank or not. A joiner stopped after it heard the leader's term but
+    /// before its first snapshot has Raft state and no configuration; it
+    /// must join again, not start as a founder of nothing (whose replies
+    /// go nowhere: it never finished joining).
+    Joiner,
+    /// Blank, without `node.join`: it founds the zone with the voters.
+    Founder,
+}
+
+/// How the server with `engine`'s data and `config` starts.
+pub fn start_as(engine: &Engine, config: &Config) -> Result<StartAs, StorageFailure> {
+    if RaftStorage::has_configuration(engine)? {
+        Ok(StartAs::Member)
+    } else if config.node.join.is_some() {
+        Ok(StartAs::Joiner)
+    } else if RaftStorage::has_state(engine)? {
+        Ok(StartAs::Member)
+    } else {
+        Ok(StartAs::Founder)
+    }
+}
+
 /// Why the driver stopped without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {

@@ -185,6 +185,20 @@ impl RaftStorage {
         })
     }
 
+    /// True once the database holds a configuration (voters or learners):
+    /// the server founded the zone or finished joining it. A joiner that
+    /// has heard a term but not yet installed its first snapshot has Raft
+    /// state and no configuration.
+    pub fn has_configuration(engine: &Engine) -> Result<bool, StorageFailure> {
+        Ok(match engine.get(CF_RAFT, KEY_CONF_STATE)? {
+            Some(b) => {
+                let cs: ConfState = decode_pb(&b, "raft/conf_state")?;
+                !cs.voters.is_empty() || !cs.learners.is_empty()
+            }
+            None => false,
+        })
+    }
+
     /// True once the database holds Raft state: it is not a blank server.
     pub fn has_state(engine: &Engine) -> Result<bool, StorageFailure> {
         Ok(engine.get(CF_RAFT, KEY_HARD_STATE)?.is_some()

@@ -142,20 +142,33 @@ impl Net {
     }
 }
 
-/// One driver's way onto the simulated network.
+/// One driver's way onto the simulated network. Like the real transport,
+/// it reaches only the members it was given addresses for
+/// ([`Transport::set_peers`]): a message to anyone else is dropped.
 struct Port {
     net: Arc<Net>,
     from: u64,
     clock: ManualClock,
+    peers: Mutex<HashSet<u64>>,
 }
 
 impl Transport for Port {
-    fn send(&self, msgs: Vec<Message>) {
+    fn send(&self, mut msgs: Vec<Message>) {
+        let peers = self.peers.lock().unwrap();
+        msgs.retain(|m| peers.contains(&m.to));
+        drop(peers);
         self.net.send(self.from, self.clock.now_ns(), msgs);
+    }
+
+    fn set_peers(&self, members: &[Member]) {
+        *self.peers.lock().unwrap() = members.iter().map(|m| m.id).collect();
     }
 }
 
 struct SimNode {
+    /// Its data directory and configuration: a restart opens them again.
+    dir: tempfile::TempDir,
+    config: Config,
     handle: NodeHandle,
     reports: PeerReports,
     /// None once stopped.
@@ -174,7 +187,6 @@ pub struct Sim {
     pub lease_ns: u64,
     /// Every lease publication seen, as (server, lease), in order.
     pub leases: Vec<(u64, Lease)>,
-    _dirs: Vec<tempfile::TempDir>,
 }
 
 /// Where simulated time starts: far from 0, as CLOCK_MONOTONIC is.
@@ -233,54 +245,99 @@ impl Sim {
     /// Founders 1 to `n` whose configuration `tune` changes first.
     pub fn start_n(n: u64, tune: impl Fn(&mut Config)) -> Sim {
         let ids: Vec<u64> = (1..=n).collect();
-        let clock = ManualClock::new(START_NS);
-        let net = Arc::new(Net::default());
-        let mut nodes = BTreeMap::new();
-        let mut dirs = Vec::new();
-        let mut tick_ns = 0;
-        let mut lease_ns = 0;
+        let mut sim = Sim {
+            clock: ManualClock::new(START_NS),
+            net: Arc::new(Net::default()),
+            nodes: BTreeMap::new(),
+            tick_ns: 0,
+            lease_ns: 0,
+            leases: Vec::new(),
+        };
         for &id in &ids {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config(id, &ids, dir.path());
             tune(&mut cfg);
-            tick_ns = cfg.tick().as_nanos() as u64;
-            lease_ns = cfg.lease().as_nanos() as u64;
-            let engine = Engine::open(dir.path()).unwrap();
-            let port = Arc::new(Port {
-                net: net.clone(),
-                from: id,
-                clock: clock.clone(),
-            });
-            let inbox = Inbox::default();
-            let reports = inbox.reports();
-            let clock_of_node = Arc::new(clock.clone());
-            let (handle, driver) =
-                node::build(&cfg, engine, inbox, port, founders(&ids), clock_of_node).unwrap();
-            // Servers do not tick in phase: each starts a third of a tick
-            // after the one before.
-            let next_tick_ns = START_NS + tick_ns + (id - 1) * tick_ns / 3;
-            let lease = handle.watch_lease();
-            nodes.insert(
-                id,
-                SimNode {
-                    handle,
-                    reports,
-                    driver: Some(driver),
-                    next_tick_ns,
-                    lease,
-                },
-            );
-            dirs.push(dir);
+            sim.tick_ns = cfg.tick().as_nanos() as u64;
+            sim.lease_ns = cfg.lease().as_nanos() as u64;
+            sim.launch(dir, cfg, founders(&ids));
         }
-        Sim {
-            clock,
-            net,
-            nodes,
-            tick_ns,
-            lease_ns,
-            leases: Vec::new(),
-            _dirs: dirs,
+        sim
+    }
+
+    /// Starts server `config.node.id` on `dir` (its data, if any, kept).
+    fn launch(&mut self, dir: tempfile::TempDir, cfg: Config, bootstrap: Bootstrap) {
+        let id = cfg.node.id;
+        let engine = Engine::open(dir.path()).unwrap();
+        let port = Arc::new(Port {
+            net: self.net.clone(),
+            from: id,
+            clock: self.clock.clone(),
+            peers: Mutex::default(),
+        });
+        let inbox = Inbox::default();
+        let reports = inbox.reports();
+        let clock_of_node = Arc::new(self.clock.clone());
+        let (handle, driver) =
+            node::build(&cfg, engine, inbox, port, bootstrap, clock_of_node).unwrap();
+        // Servers do not tick in phase: each starts a third of a tick
+        // after the one before.
+        let next_tick_ns = self.clock.now_ns() + self.tick_ns + (id - 1) * self.tick_ns / 3;
+        let lease = handle.watch_lease();
+        self.nodes.insert(
+            id,
+            SimNode {
+                dir,
+                config: cfg,
+                handle,
+                reports,
+                driver: Some(driver),
+                next_tick_ns,
+                lease,
+            },
+        );
+    }
+
+    /// Starts server `id`, blank, to join the zone whose members (this one
+    /// included, as a learner) are `members`; its configuration names a
+    /// member to join through and no voters, as a joiner's does.
+    pub fn add_joiner(&mut self, id: u64, members: Vec<Member>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(id, &[], dir.path());
+        cfg.voters.clear();
+        cfg.node.join = Some("n1:1".into());
+        self.launch(dir, cfg, Bootstrap::Join(members));
+    }
+
+    /// Stops server `id` where it stands (what it wrote stays written).
+    pub fn crash(&mut self, id: u64) {
+        let n = self.nodes.get_mut(&id).expect("a server of the zone");
+        if let Some(driver) = n.driver.take() {
+            let _ = driver.close(Ok(node::Stopped::Shutdown));
         }
+    }
+
+    /// Starts a crashed server `id` again on its data, as zoned does: it
+    /// joins again (with `members`, what the zone answers) if
+    /// [`node::start_as`] says so, else it starts from what it stored.
+    pub fn restart(&mut self, id: u64, members: Vec<Member>) {
+        let n = self.nodes.remove(&id).expect("a server of the zone");
+        assert!(n.driver.is_none(), "server {id} is running");
+        let SimNode {
+            dir,
+            config,
+            handle,
+            ..
+        } = n;
+        drop(handle);
+        let engine = Engine::open(dir.path()).unwrap();
+        let start_as = node::start_as(&engine, &config).unwrap();
+        drop(engine);
+        let voters: Vec<u64> = config.voters.iter().map(|v| v.id).collect();
+        let bootstrap = match start_as {
+            node::StartAs::Joiner => Bootstrap::Join(members),
+            _ => founders(&voters),
+        };
+        self.launch(dir, config, bootstrap);
     }
 
     pub fn ids(&self) -> Vec<u64> {
