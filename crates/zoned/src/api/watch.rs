@@ -15,6 +15,7 @@ use zone_proto::v1::{Event, RangeRequest, WatchRequest, WatchResponse};
 
 use super::error::bad;
 use super::{ApiError, ServerContext};
+use crate::kv::HistoryError;
 use crate::node::Applied;
 
 /// What a watch sends: responses, then maybe one error that ends it.
@@ -91,18 +92,20 @@ async fn run_watch(
     };
     loop {
         if next <= replay_to {
-            let floor = reader.history_floor().unwrap_or(u64::MAX);
-            if next < floor {
-                let msg = format!("the watcher fell behind to revision {next}, which has been compacted; the oldest revision available is {floor}");
-                let _ = tx.send(Err(Status::out_of_range(msg))).await;
-                return;
-            }
             // Replay in slices so a long history is never held at once.
             while next <= replay_to {
                 let to = replay_to.min(next + 999);
+                // Each slice is read from one snapshot and refused whole if
+                // history was trimmed past `next` meanwhile: a replay racing
+                // a trim ends with OUT_OF_RANGE, and never skips events.
                 let events = match reader.history(next, to, &req.prefix) {
                     Ok(ev) => ev,
-                    Err(e) => {
+                    Err(HistoryError::Trimmed { floor, .. }) => {
+                        let msg = format!("the watcher fell behind to revision {next}, which has been compacted; the oldest revision available is {floor}");
+                        let _ = tx.send(Err(Status::out_of_range(msg))).await;
+                        return;
+                    }
+                    Err(HistoryError::Storage(e)) => {
                         let _ = tx.send(Err(ApiError::from(e).into())).await;
                         return;
                     }

@@ -38,7 +38,7 @@ use zone_proto::v1::KeyValue;
 use crate::storage::{decode_u64, Engine, StorageFailure, CF_KV};
 
 pub use apply::{Applier, KvCache};
-pub use read::Reader;
+pub use read::{HistoryError, Reader};
 pub use snapshot::{read_members, restore, snapshot_data, stage_members};
 
 const KEY_REVISION: &[u8] = b"revision";

@@ -10,6 +10,16 @@ use zone_proto::v1::{Event, GetRequest, KeyValue, RangeRequest};
 use super::*;
 use crate::storage::{Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
 
+/// Why history could not be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// Revisions from `from` on are no longer all kept.
+    #[error("revision {from} has been compacted; the oldest revision available is {floor}")]
+    Trimmed { from: u64, floor: u64 },
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+}
+
 /// Consistent reads for request handlers.
 #[derive(Debug, Clone)]
 pub struct Reader {
@@ -98,13 +108,25 @@ impl Reader {
     }
 
     /// History events with revision in `from..=to` under `prefix`, oldest
-    /// first.
-    pub fn history(&self, from: u64, to: u64, prefix: &[u8]) -> Result<Vec<Event>, StorageFailure> {
+    /// first, all from one RocksDB snapshot. If history before `from` was
+    /// trimmed in that snapshot, [`HistoryError::Trimmed`]: never a part of
+    /// the range with the trimmed revisions silently missing. (The floor
+    /// moves in the same batch that deletes the history below it.)
+    pub fn history(&self, from: u64, to: u64, prefix: &[u8]) -> Result<Vec<Event>, HistoryError> {
         let mut out = Vec::new();
         if from > to {
             return Ok(out);
         }
-        let mut it = self.engine.db().raw_iterator_cf(self.engine.cf(CF_HISTORY));
+        let snap = self.engine.db().snapshot();
+        let floor = read_u64(
+            |k| snap.get_cf(self.engine.cf(CF_META), k),
+            KEY_HISTORY_FLOOR,
+            1,
+        )?;
+        if from < floor {
+            return Err(HistoryError::Trimmed { from, floor });
+        }
+        let mut it = snap.raw_iterator_cf(self.engine.cf(CF_HISTORY));
         it.seek(history_key(from, 0));
         let end = history_key(to.saturating_add(1), 0);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
