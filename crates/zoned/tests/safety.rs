@@ -287,3 +287,51 @@ fn a_joiner_stopped_before_its_snapshot_arrives_finishes_joining() {
     });
     assert_eq!(version(&sim.node(4), "before"), 1);
 }
+
+/// Issue 20, defect 9: the tie-break between pre-candidates (a tied
+/// pre-vote from a higher id is dropped) must not stop an election that
+/// only that higher id can win. Five voters, 4 and 5 gone, links 1-2 and
+/// 2-3 up, 1-3 cut, the same logs: only server 2 can gather three votes.
+/// On the old code server 1, a pre-candidate for good, dropped every
+/// pre-vote from 2 and the zone had no leader (30 s of simulated time).
+#[test]
+fn a_pre_candidate_that_cannot_win_does_not_stall_the_one_that_can() {
+    let mut sim = Sim::start_n(5, |_| {});
+    let all = sim.ids();
+    let first = sim.wait_leader(&all);
+    if first != 4 {
+        let n = sim.node(first);
+        sim.run_until(5 * SECOND, "a transfer to server 4", async move {
+            n.transfer_leader(4).await
+        })
+        .unwrap();
+    }
+    assert_eq!(sim.wait_leader(&all), 4);
+    let mut w = propose(&sim, 4, put_op("k", "v"));
+    sim.wait(5 * SECOND, "a write", |_| poll_once(&mut w))
+        .unwrap();
+    wait_until(&mut sim, 5 * SECOND, "the same log everywhere", |sim| {
+        let last: Vec<u64> = all.iter().map(|&id| status(sim, id).last_index).collect();
+        last.iter().all(|&l| l == last[0])
+    });
+    // Server 1 stands first (server 2 out of reach until then), as it may
+    // when its timeout comes first; from then on it is a pre-candidate
+    // whenever server 2's pre-votes arrive.
+    sim.net.isolate(4, &all);
+    sim.net.isolate(5, &all);
+    sim.net.isolate(2, &all);
+    sim.wait(5 * SECOND, "server 1 to stand", |s| {
+        (s.node(1).view().role == StateRole::PreCandidate).then_some(())
+    });
+    sim.net.heal();
+    sim.net.isolate(4, &all);
+    sim.net.isolate(5, &all);
+    sim.net.isolate(1, &[1, 3]);
+    let leader = sim.wait(30 * SECOND, "a leader among 1, 2 and 3", |s| {
+        s.leaders()
+            .into_iter()
+            .find(|&(id, _)| id <= 3)
+            .map(|(id, _)| id)
+    });
+    assert_eq!(leader, 2);
+}

@@ -226,7 +226,8 @@ impl Driver {
     }
 
     /// A pre-vote for the same next term from a server with a higher id
-    /// and the same log as ours, while we stand in a pre-election too.
+    /// and the same log as ours, while we stand in a pre-election too, and
+    /// could win it ([`Driver::could_win`]).
     fn tied_pre_vote(&self, msg: &Message) -> bool {
         let raft = &self.raw.raft;
         msg.get_msg_type() == MessageType::MsgRequestPreVote
@@ -235,6 +236,32 @@ impl Driver {
             && msg.term == raft.term + 1
             && msg.log_term == raft.raft_log.last_term()
             && msg.index == raft.raft_log.last_index()
+            && self.could_win()
+    }
+
+    /// Whether this server could gather a quorum of votes: it is a voter,
+    /// and with the voters it heard from within an election timeout it
+    /// makes a majority. Dropping a tied pre-vote gains a term only if we
+    /// can then win; a server that cannot (cut off from most voters) must
+    /// grant it, or it stalls the election that only the other can win.
+    fn could_win(&self) -> bool {
+        let voters = &self.raw.store().conf_state().voters;
+        if !voters.contains(&self.id) {
+            return false;
+        }
+        let now = self.clock.now_ns();
+        let window = self.config.tick().as_nanos() as u64 * self.config.raft.election_ticks as u64;
+        let heard = voters
+            .iter()
+            .filter(|&&v| {
+                v != self.id
+                    && self
+                        .last_heard_ns
+                        .get(&v)
+                        .is_some_and(|&at| now.saturating_sub(at) <= window)
+            })
+            .count();
+        heard + 1 > voters.len() / 2
     }
 
     fn handle(&mut self, req: Request) {
@@ -307,10 +334,10 @@ impl Driver {
         if self.tied_pre_vote(&msg) {
             // Two servers that time out together each grant the other's
             // pre-vote, both stand, and the votes split: one more election
-            // timeout before anyone leads. So a pre-candidate drops a tied
-            // pre-vote from a higher id (losing a message is always safe in
-            // Raft) and asks again: that peer, a pre-candidate itself and so
-            // with no leader, grants ours.
+            // timeout before anyone leads. So a pre-candidate that could win
+            // drops a tied pre-vote from a higher id (losing a message is
+            // always safe in Raft) and asks again: that peer, a
+            // pre-candidate itself and so with no leader, grants ours.
             tracing::debug!(
                 from = msg.from,
                 "tied pre-vote from a higher id; standing again"
