@@ -183,3 +183,54 @@ async fn the_vip_follows_the_lease_with_no_two_holders() {
     })
     .await;
 }
+
+/// Issue 20, defect 5: a transfer that hands nothing over (to the current
+/// leader), and one whose caller gives up halfway (a cancelled RPC), give
+/// the lease back: the VIP returns. On the old code neither did, for the
+/// rest of the term (no VIP while the leader kept leading).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_moves_nothing_or_is_abandoned_gives_the_vip_back() {
+    use nix::sys::signal::Signal;
+    let zone = TestZone::start(3, "");
+    let agents = start_agents(&zone);
+    let leader = agents.wait_holder(&zone, None).await;
+    let id = zone.servers[leader].id;
+    let r = zone
+        .cluster(leader)
+        .await
+        .transfer_leader(TransferLeaderRequest { target: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.leader_id, id);
+    poll(
+        Duration::from_secs(5),
+        "the VIP back on the leader",
+        || async { (agents.holders() == [leader]).then_some(()) },
+    )
+    .await;
+
+    // A transfer to a frozen server, abandoned by its caller after 300 ms
+    // (the call is dropped); the server's budget for it is 1.8 s.
+    let target = (leader + 1) % 3;
+    zone.signal(target, Signal::SIGSTOP);
+    let mut req = tonic::Request::new(TransferLeaderRequest {
+        target: zone.servers[target].id,
+    });
+    req.set_timeout(Duration::from_secs(2));
+    let mut c = zone.cluster(leader).await;
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), c.transfer_leader(req)).await;
+    assert!(abandoned.is_err(), "the transfer answered within 300 ms");
+    let back = poll(
+        Duration::from_secs(15),
+        "the VIP back on some server",
+        || async {
+            let h = agents.holders();
+            (h.len() == 1).then(|| h[0])
+        },
+    )
+    .await;
+    zone.signal(target, Signal::SIGCONT);
+    assert_ne!(back, target);
+    agents.assert_no_overlap();
+}

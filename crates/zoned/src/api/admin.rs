@@ -187,7 +187,21 @@ impl ServerContext {
 
     /// Hands leadership to `target` (0: the most caught-up voter) and waits
     /// until it leads.
+    /// Hands leadership to `target` (0: the most caught-up voter). Runs as
+    /// a task of its own: a caller that gives up (a cancelled RPC) must not
+    /// cut it short between taking the lease away and giving it back.
     async fn transfer(
+        &self,
+        target: u64,
+        deadline: Instant,
+    ) -> Result<TransferLeaderResponse, ApiError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.transfer_to_end(target, deadline).await })
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the transfer failed: {e}")))?
+    }
+
+    async fn transfer_to_end(
         &self,
         target: u64,
         deadline: Instant,
@@ -230,6 +244,15 @@ impl ServerContext {
                 return Err(e.into());
             }
         };
+        if chosen == self.node.id() {
+            // Already the leader: nothing was handed over; the lease comes
+            // back at once.
+            let _ = self.node.restore_lease().await;
+            return Ok(TransferLeaderResponse {
+                leader_id: chosen,
+                term: self.node.view().term,
+            });
+        }
         loop {
             let v = self.node.view();
             if v.leader_id == chosen {
