@@ -130,7 +130,9 @@ pub struct RaftSection {
     /// The leader lease ends this long before any other server could be
     /// elected ((election_ticks - 1) * tick_ms after the last quorum
     /// heartbeat), to absorb clock-rate differences and agent reaction
-    /// time. Default 100.
+    /// time. At least tick_ms plus a drift allowance (1% of that span, at
+    /// least 5 ms): a busy follower may stop refusing votes a tick early.
+    /// Default 100.
     pub lease_margin_ms: u64,
 }
 
@@ -357,6 +359,21 @@ impl Config {
             ));
         }
         let safe_ms = (r.election_ticks as u64 - 1) * r.tick_ms;
+        // Safety (see node::lease): a follower whose driver was busy (in an
+        // fsync, say) handles the queued heartbeat and then at once the tick
+        // that fell due meanwhile, so it may stop refusing votes one tick
+        // sooner than (election_ticks - 1) ticks after the heartbeat. The
+        // margin covers that tick, and clock-rate drift on top.
+        let drift_ms = (safe_ms / 100).max(5);
+        if r.lease_margin_ms < r.tick_ms + drift_ms {
+            return Err(invalid(
+                "raft.lease_margin_ms",
+                format!(
+                    "{} ms is too small: it must be at least one tick ({} ms) plus {drift_ms} ms for clock drift, since a busy follower may stop refusing votes a tick early",
+                    r.lease_margin_ms, r.tick_ms
+                ),
+            ));
+        }
         if r.lease_margin_ms >= safe_ms {
             return Err(invalid(
                 "raft.lease_margin_ms",
@@ -539,6 +556,24 @@ mod tests {
             err("[limits]\nmax_key_bytes = 0\n"),
             "limits.max_key_bytes: must be between 1 and 65536"
         );
+    }
+
+    /// Issue 20, defect 4: the old check accepted any margin below
+    /// (election_ticks - 1) * tick_ms, 0 and 50 ms at 100 ms ticks included.
+    #[test]
+    fn the_lease_margin_covers_a_tick_and_drift() {
+        for margin in [0, 50, 100, 108] {
+            let e = err(&format!(
+                "[raft]\ntick_ms = 100\nlease_margin_ms = {margin}\n"
+            ));
+            assert_eq!(
+                e,
+                format!("raft.lease_margin_ms: {margin} ms is too small: it must be at least one tick (100 ms) plus 9 ms for clock drift, since a busy follower may stop refusing votes a tick early")
+            );
+        }
+        let mut ok = Config::parse("[raft]\ntick_ms = 100\nlease_margin_ms = 109\n").unwrap();
+        ok.finish().unwrap();
+        assert_eq!(ok.lease(), Duration::from_millis(900 - 109));
     }
 
     #[test]

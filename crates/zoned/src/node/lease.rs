@@ -6,8 +6,12 @@
 //! time `t`, each of those followers reset its election timer after `t`, and
 //! with check_quorum they refuse to vote for anyone else for a whole
 //! election timeout. No other server can therefore lead before
-//! `t + (election_ticks - 1) * tick` (one tick lost to timer phase); the
-//! lease ends `raft.lease_margin_ms` earlier. So a lease runs from the send
+//! `t + (election_ticks - 2) * tick`: one tick is lost to timer phase, and
+//! one more when a busy follower handles the heartbeat late and then at
+//! once the tick that fell due meanwhile. The lease ends
+//! `raft.lease_margin_ms` before `t + (election_ticks - 1) * tick`, and the
+//! configuration requires that margin to be at least a tick plus a clock
+//! drift allowance (`Config::finish`). So a lease runs from the send
 //! time of the round that renewed it, never from the time of its answer, and
 //! a round older than a lease length can no longer extend it.
 
