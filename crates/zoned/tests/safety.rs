@@ -335,3 +335,75 @@ fn a_pre_candidate_that_cannot_win_does_not_stall_the_one_that_can() {
     });
     assert_eq!(leader, 2);
 }
+
+/// Issue 20, defect 5, third part: once a leader has told a transfer's
+/// target to campaign (MsgTimeoutNow), that target can win at any moment:
+/// its forced votes skip the followers' lease check. So the leader must not
+/// take the lease back in that term when the transfer seems to fail (the
+/// API's deadline). Here the message is held back (a frozen target), the
+/// leader takes the lease back at the deadline, is cut off, and the target
+/// then campaigns: on the old code the old leader's lease was still running
+/// when the new one began (53 ms of two leases); now the old leader steps
+/// down instead.
+#[test]
+fn a_leader_whose_transfer_target_was_told_to_campaign_does_not_take_the_lease_back() {
+    let mut sim = Sim::start();
+    let ids = sim.ids();
+    let leader = sim.wait_leader(&ids);
+    sim.wait(10 * SECOND, "the leader to hold a lease", |s| {
+        s.node(leader).watch_lease().borrow().held.then_some(())
+    });
+    let target = ids.iter().copied().find(|&i| i != leader).unwrap();
+    sim.net
+        .hold_when(|_, m| m.get_msg_type() == MessageType::MsgTimeoutNow);
+    // What the API's transfer does: revoke, hand over, and at its deadline
+    // (the target never took over) restore.
+    let n = sim.node(leader);
+    sim.run_until(SECOND, "the lease revoked", async move {
+        n.revoke_lease().await
+    })
+    .unwrap();
+    let n = sim.node(leader);
+    sim.run_until(SECOND, "the transfer started", async move {
+        n.transfer_leader(target).await
+    })
+    .unwrap();
+    sim.run_for(Duration::from_millis(500));
+    let restored_at = sim.now_ns();
+    let n = sim.node(leader);
+    sim.run_until(SECOND, "the lease restored", async move {
+        n.restore_lease().await
+    })
+    .unwrap();
+    sim.run_for(Duration::from_millis(60));
+    // The old leader is cut off; only the MsgTimeoutNow it sent before
+    // gets through, now.
+    sim.net.drop_when(move |from, m| {
+        (from == leader) != (m.to == leader) && m.get_msg_type() != MessageType::MsgTimeoutNow
+    });
+    sim.net.release_held(sim.now_ns());
+    let others: Vec<u64> = ids.iter().copied().filter(|&i| i != leader).collect();
+    let released_at = sim.now_ns();
+    let new = sim.wait_leader(&others);
+    let new_first = sim.wait(10 * SECOND, "the new leader to hold a lease", |s| {
+        s.leases
+            .iter()
+            .filter(|(i, l)| *i == new && l.held && l.since_ns >= released_at)
+            .map(|(_, l)| *l)
+            .min_by_key(|l| l.since_ns)
+    });
+    let old_after_restore = sim
+        .leases
+        .iter()
+        .filter(|(i, l)| *i == leader && l.held && l.since_ns >= restored_at)
+        .map(|(_, l)| l.expires_ns)
+        .max();
+    if let Some(old_until) = old_after_restore {
+        assert!(
+            old_until <= new_first.since_ns,
+            "two leases: the old leader's (taken back at the deadline) until {old_until} ns, the new one from {} ns",
+            new_first.since_ns
+        );
+    }
+    assert_ne!(sim.node(leader).view().role, StateRole::Leader);
+}

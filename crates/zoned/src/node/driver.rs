@@ -74,6 +74,8 @@ pub struct Driver {
     pub(super) reads: Reads,
     /// When each peer was last heard from, on the driver's clock.
     last_heard_ns: HashMap<u64, u64>,
+    /// The term in which this server, leading, last sent MsgTimeoutNow.
+    timeout_now_term: u64,
     snapshots_received: u64,
     pub(super) members: Vec<Member>,
     /// Ticks since the driver started.
@@ -118,6 +120,7 @@ impl Driver {
             // A random start: contexts must not repeat across restarts.
             reads: Reads::new(p.config.node.id, rand::random::<u64>() >> 1),
             last_heard_ns: HashMap::new(),
+            timeout_now_term: 0,
             snapshots_received: 0,
             members: p.members,
             ticks: 0,
@@ -298,12 +301,35 @@ impl Driver {
                 let _ = reply.send(Ok(*self.lease_tx.borrow()));
             }
             Request::RestoreLease { reply } => {
-                self.lease.restore();
-                self.lease_tick();
+                let term = self.raw.raft.term;
+                if self.timeout_now_term == term && self.raw.raft.state == StateRole::Leader {
+                    // Safety: the transfer's target was told to campaign
+                    // (MsgTimeoutNow), and its forced votes skip the
+                    // followers' lease check: it may yet win this term's
+                    // successor at any moment, lease or not. No lease again
+                    // in this term; step down instead, so that the zone
+                    // elects a leader (and a lease) anew.
+                    tracing::warn!(term, "the transfer's target was told to campaign: stepping down instead of taking the lease back");
+                    self.raw.raft.become_follower(term, raft::INVALID_ID);
+                } else {
+                    self.lease.restore();
+                    self.lease_tick();
+                }
                 let _ = reply.send(Ok(*self.lease_tx.borrow()));
             }
             Request::Removed { index, leader } => self.removed_notice(index, leader),
             Request::Shutdown => self.stopping = true,
+        }
+    }
+
+    /// Notes the term in which this leader told a transfer's target to
+    /// campaign (see `Request::RestoreLease`).
+    fn note_timeout_now(&mut self, msgs: &[Message]) {
+        if msgs
+            .iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgTimeoutNow)
+        {
+            self.timeout_now_term = self.raw.raft.term;
         }
     }
 
@@ -523,7 +549,9 @@ impl Driver {
         // 1. A leader may send appends before persisting them (Raft thesis
         //    10.2.1): the network and the disk then work in parallel.
         if !ready.messages().is_empty() {
-            self.transport.send(ready.take_messages());
+            let msgs = ready.take_messages();
+            self.note_timeout_now(&msgs);
+            self.transport.send(msgs);
         }
 
         // 2. Role or leader changed: publish it; outstanding reads may be
@@ -595,7 +623,9 @@ impl Driver {
 
         // 8. Messages that must follow persistence (votes, append acks).
         if !ready.persisted_messages().is_empty() {
-            self.transport.send(ready.take_persisted_messages());
+            let msgs = ready.take_persisted_messages();
+            self.note_timeout_now(&msgs);
+            self.transport.send(msgs);
         }
 
         // 9. Advance; what became committed meanwhile is applied now. The
@@ -608,7 +638,9 @@ impl Driver {
             self.raw.mut_store().set_commit(&mut wb, commit);
         }
         if !light.messages().is_empty() {
-            self.transport.send(light.take_messages());
+            let msgs = light.take_messages();
+            self.note_timeout_now(&msgs);
+            self.transport.send(msgs);
         }
         let mut done = Completions::default();
         self.apply_entries(&mut wb, light.take_committed_entries(), &mut done)?;

@@ -49,6 +49,9 @@ pub struct Net {
     cut: Mutex<HashSet<(u64, u64)>>,
     /// Messages any of these match are lost, like those on a cut link.
     rules: Mutex<Vec<Rule>>,
+    /// Messages these match are held back until [`Net::release_held`].
+    hold_rules: Mutex<Vec<Rule>>,
+    held: Mutex<Vec<InFlight>>,
     /// One-way delay of every message sent from now on.
     delay: Mutex<Duration>,
     /// While set, pre-vote requests are held back until two servers have
@@ -70,6 +73,26 @@ impl Net {
     /// Loses every message `rule` matches, from now until [`Net::heal`].
     pub fn drop_when(&self, rule: impl Fn(u64, &Message) -> bool + Send + 'static) {
         self.rules.lock().unwrap().push(Box::new(rule));
+    }
+
+    /// Holds back every message `rule` matches (a message stuck in a
+    /// socket buffer, a frozen receiver), until [`Net::release_held`].
+    pub fn hold_when(&self, rule: impl Fn(u64, &Message) -> bool + Send + 'static) {
+        self.hold_rules.lock().unwrap().push(Box::new(rule));
+    }
+
+    /// Stops holding messages back; those held are delivered now (due at
+    /// `now_ns`), in the order sent.
+    pub fn release_held(&self, now_ns: u64) {
+        self.hold_rules.lock().unwrap().clear();
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        self.in_flight
+            .lock()
+            .unwrap()
+            .extend(held.into_iter().map(|m| InFlight {
+                due_ns: now_ns,
+                ..m
+            }));
     }
 
     /// Every link up again, every rule gone.
@@ -119,6 +142,15 @@ impl Net {
                 msgs.extend(crossing.take().unwrap_or_default());
             }
         }
+        let hold = self.hold_rules.lock().unwrap();
+        if !hold.is_empty() {
+            let (held, rest): (Vec<_>, Vec<_>) = msgs
+                .into_iter()
+                .partition(|m| hold.iter().any(|r| r(m.from, &m.msg)));
+            self.held.lock().unwrap().extend(held);
+            msgs = rest;
+        }
+        drop(hold);
         self.in_flight.lock().unwrap().extend(msgs);
     }
 
