@@ -467,10 +467,16 @@ impl raft::Storage for RaftStorage {
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut slot = self.snapshot.lock().expect("snapshot slot poisoned");
         if let Some(snap) = &slot.ready {
-            let index = snap.get_metadata().index;
-            // Usable if it covers what was asked and the log still continues
-            // from it (not compacted past it).
-            if index >= request_index && index >= self.truncated.0 {
+            let meta = snap.get_metadata();
+            // Usable if it covers what was asked, the log still continues
+            // from it (not compacted past it), and it carries the current
+            // configuration: a build that started before a membership
+            // change ends with the old one, which a server just added
+            // rejects (and is offered again and again).
+            if meta.index >= request_index
+                && meta.index >= self.truncated.0
+                && meta.get_conf_state() == &self.conf_state
+            {
                 return Ok(snap.clone());
             }
         }

@@ -271,3 +271,48 @@ fn snapshot_is_taken_at_applied_and_installed_on_another_store() {
         3
     );
 }
+
+/// Holds snapshot builds back while the test holds it.
+static BUILD_GATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gated_data(_: &Engine, _: &rocksdb::Snapshot<'_>) -> Result<Vec<u8>, StorageFailure> {
+    drop(BUILD_GATE.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(b"state".to_vec())
+}
+
+/// Issue 20, defect 8: a snapshot whose build started before a membership
+/// change (a learner added) ends with the old configuration. It must not
+/// be handed out: the new learner would reject it, and it would be offered
+/// again and again. On the old code it was handed out without the learner.
+#[test]
+fn a_snapshot_built_across_a_membership_change_is_not_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = RaftStorage::open(Engine::open(dir.path()).unwrap(), &[], gated_data).unwrap();
+    let voters = |s: &mut RaftStorage, learners: Vec<u64>, applied: u64| {
+        write(s, |s, wb| {
+            let mut cs = ConfState::default();
+            cs.set_voters(vec![1, 2, 3]);
+            cs.set_learners(learners);
+            s.set_conf_state(wb, &cs);
+            s.set_applied(wb, applied);
+        })
+    };
+    write(&mut s, |s, wb| {
+        s.append(wb, &(1..=10).map(|i| entry(i, 2)).collect::<Vec<_>>())
+    });
+    voters(&mut s, vec![], 9);
+    let gate = BUILD_GATE.lock().unwrap();
+    // The build starts (reading the store as it is) and waits at the gate.
+    assert!(s.snapshot(0, 4).is_err());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Server 4 is added as a learner meanwhile; then the build finishes.
+    voters(&mut s, vec![4], 10);
+    drop(gate);
+    let snap = snapshot_now(&s, 0);
+    assert_eq!(
+        snap.get_metadata().get_conf_state().learners,
+        vec![4],
+        "a snapshot without the learner it is for"
+    );
+    assert_eq!(snap.get_metadata().index, 10);
+}
