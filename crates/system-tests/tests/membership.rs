@@ -382,3 +382,35 @@ async fn bad_management_input_changes_nothing() {
         )
     );
 }
+
+/// Issue 20, defect 6: a founder whose data directory was wiped (a
+/// reflashed disk, the same identity) must not found the zone again: it
+/// would forget its votes and the entries it acknowledged, and with
+/// another server lagging a committed write could be lost. It refuses to
+/// start (exit code 2) and says how to bring it back. On the old code it
+/// started as a blank founder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_whose_data_was_wiped_refuses_to_found_the_zone_again() {
+    let mut zone = TestZone::start(3, "");
+    let leader = zone.wait_leader().await;
+    let wiped = (leader + 1) % 3;
+    zone.kv(leader).await.put(put("w", "1")).await.unwrap();
+    let rev = zone.revision(leader).await;
+    poll(
+        Duration::from_secs(10),
+        "the write on every server",
+        || async { (zone.own_row(wiped).await?.revision >= rev).then_some(()) },
+    )
+    .await;
+    zone.kill9(wiped);
+    let data = zone.data_dir(wiped).join("data");
+    std::fs::remove_dir_all(&data).unwrap();
+    zone.launch(wiped);
+    let st = zone.wait_exit(wiped, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(2), "{}", zone.log(wiped));
+    let log = zone.log(wiped);
+    assert!(
+        log.contains("already took part in the zone") && log.contains("zonectl server remove"),
+        "{log}"
+    );
+}

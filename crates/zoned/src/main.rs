@@ -110,7 +110,8 @@ fn main() -> ExitCode {
                 // systemd: RestartPreventExitStatus=3, a removed server must
                 // not come back on its own.
                 zoned::server::ServeError::Removed { .. } => ExitCode::from(3),
-                zoned::server::ServeError::NotAMember { .. } => ExitCode::from(2),
+                zoned::server::ServeError::NotAMember { .. }
+                | zoned::server::ServeError::WipedFounder { .. } => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }

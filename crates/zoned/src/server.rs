@@ -70,6 +70,8 @@ pub enum ServeError {
     Removed { index: u64 },
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("the data directory is empty, but server {id} already took part in the zone: leader {leader} has it acknowledging entries up to {matched}. Founding the zone again would forget its votes and what it acknowledged, and could lose committed writes. To bring it back: `zonectl server remove {id}`, then `zonectl server add --id {id} --name NAME --peer HOST:PORT`, and start it with `join` set to a member's client address")]
+    WipedFounder { id: u64, leader: u64, matched: u64 },
 }
 
 async fn listen(field: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -110,6 +112,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
 
     let start_as = node::start_as(&engine, &config)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
+    if start_as == node::StartAs::Founder {
+        refuse_if_wiped(&config).await?;
+    }
     let bootstrap = match (start_as, &config.node.join) {
         (node::StartAs::Joiner, Some(addr)) => {
             Bootstrap::Join(join_members(addr, config.node.id).await?)
@@ -268,6 +273,49 @@ fn founders(config: &Config) -> Vec<Member> {
 
 /// Asks a member of the zone for the membership, and checks this server
 /// was added to it.
+/// Safety: a founder with an empty data directory may be one whose data
+/// was wiped (a reflashed disk). Founding again, it would forget its votes
+/// and the entries it acknowledged: with one other server lagging, a
+/// committed write could be lost. So before founding, ask the other
+/// founders; the leader's progress tells whether this server acknowledged
+/// entries beyond the bootstrap before. Best effort: a founder that does
+/// not answer within 2 s is skipped (at the zone's first start the others
+/// may not be up yet), and a leader elected after the wipe no longer knows
+/// (it tracks progress from its own election on).
+async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
+    let me = config.node.id;
+    let asks = config
+        .voters
+        .iter()
+        .filter(|v| v.id != me)
+        .map(|v| async move {
+            let mut client = crate::transport::peer_client(&v.peer).ok()?;
+            let mut req = tonic::Request::new(zone_proto::v1::NodeStatusRequest {});
+            req.set_timeout(std::time::Duration::from_secs(2));
+            let r =
+                tokio::time::timeout(std::time::Duration::from_secs(2), client.node_status(req))
+                    .await
+                    .ok()?
+                    .ok()?
+                    .into_inner();
+            let leader = r.server.map(|s| s.id)?;
+            r.progress
+                .iter()
+                .find(|p| p.id == me)
+                .map(|p| (leader, p.match_index))
+        });
+    for (leader, matched) in futures::future::join_all(asks).await.into_iter().flatten() {
+        if matched > crate::storage::BOOTSTRAP_INDEX {
+            return Err(ServeError::WipedFounder {
+                id: me,
+                leader,
+                matched,
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn join_members(addr: &str, id: u64) -> Result<Vec<Member>, ServeError> {
     let err = |reason: String| ServeError::Join {
         addr: addr.to_owned(),
