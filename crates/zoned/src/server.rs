@@ -273,15 +273,18 @@ fn founders(config: &Config) -> Vec<Member> {
 
 /// Asks a member of the zone for the membership, and checks this server
 /// was added to it.
+/// How long a blank founder waits for each other founder's answer.
+const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Safety: a founder with an empty data directory may be one whose data
 /// was wiped (a reflashed disk). Founding again, it would forget its votes
 /// and the entries it acknowledged: with one other server lagging, a
 /// committed write could be lost. So before founding, ask the other
 /// founders; the leader's progress tells whether this server acknowledged
 /// entries beyond the bootstrap before. Best effort: a founder that does
-/// not answer within 2 s is skipped (at the zone's first start the others
-/// may not be up yet), and a leader elected after the wipe no longer knows
-/// (it tracks progress from its own election on).
+/// not answer within [`WIPED_CHECK_TIMEOUT`] is skipped (at the zone's
+/// first start the others are not serving yet), and a leader elected after
+/// the wipe no longer knows (it tracks progress from its own election on).
 async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
     let me = config.node.id;
     let asks = config
@@ -291,13 +294,12 @@ async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
         .map(|v| async move {
             let mut client = crate::transport::peer_client(&v.peer).ok()?;
             let mut req = tonic::Request::new(zone_proto::v1::NodeStatusRequest {});
-            req.set_timeout(std::time::Duration::from_secs(2));
-            let r =
-                tokio::time::timeout(std::time::Duration::from_secs(2), client.node_status(req))
-                    .await
-                    .ok()?
-                    .ok()?
-                    .into_inner();
+            req.set_timeout(WIPED_CHECK_TIMEOUT);
+            let r = tokio::time::timeout(WIPED_CHECK_TIMEOUT, client.node_status(req))
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
             let leader = r.server.map(|s| s.id)?;
             r.progress
                 .iter()
