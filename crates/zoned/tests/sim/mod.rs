@@ -206,6 +206,10 @@ struct SimNode {
     /// None once stopped.
     driver: Option<Driver>,
     next_tick_ns: u64,
+    /// Until then the driver does nothing (a long fsync, a busy host): what
+    /// arrives waits in its inbox, and the ticks that fall due are taken
+    /// after the messages, all at once.
+    stalled_until_ns: u64,
     lease: tokio::sync::watch::Receiver<Lease>,
 }
 
@@ -324,6 +328,7 @@ impl Sim {
                 reports,
                 driver: Some(driver),
                 next_tick_ns,
+                stalled_until_ns: 0,
                 lease,
             },
         );
@@ -338,6 +343,12 @@ impl Sim {
         cfg.voters.clear();
         cfg.node.join = Some("n1:1".into());
         self.launch(dir, cfg, Bootstrap::Join(members));
+    }
+
+    /// Server `id`'s driver does nothing for `d` (as in a long fsync).
+    pub fn stall(&mut self, id: u64, d: Duration) {
+        let n = self.nodes.get_mut(&id).expect("a server of the zone");
+        n.stalled_until_ns = self.clock.now_ns() + d.as_nanos() as u64;
     }
 
     /// Stops server `id` where it stands (what it wrote stays written).
@@ -421,8 +432,19 @@ impl Sim {
     /// tick or message due, and the servers whose tick it is tick.
     pub fn step(&mut self) {
         self.settle();
-        let next_tick = self.nodes.values().map(|n| n.next_tick_ns).min();
-        let next = [next_tick, self.net.next_due()]
+        let now = self.clock.now_ns();
+        let next_tick = self
+            .nodes
+            .values()
+            .map(|n| n.next_tick_ns.max(n.stalled_until_ns))
+            .min();
+        let stall_end = self
+            .nodes
+            .values()
+            .map(|n| n.stalled_until_ns)
+            .filter(|&t| t > now)
+            .min();
+        let next = [next_tick, stall_end, self.net.next_due()]
             .into_iter()
             .flatten()
             .min()
@@ -437,6 +459,15 @@ impl Sim {
             let Some(driver) = n.driver.as_mut() else {
                 continue;
             };
+            if n.stalled_until_ns > now {
+                continue;
+            }
+            if n.stalled_until_ns != 0 {
+                // The stall ends now: the messages that waited are taken
+                // first (the next settle), then the ticks that fell due.
+                n.stalled_until_ns = 0;
+                continue;
+            }
             while n.next_tick_ns <= now {
                 driver.tick();
                 n.next_tick_ns += tick_ns;
@@ -447,10 +478,14 @@ impl Sim {
     /// Works and delivers at the current instant until nothing moves.
     fn settle(&mut self) {
         for _ in 0..ROUNDS_PER_INSTANT {
+            let now = self.clock.now_ns();
             for (id, n) in self.nodes.iter_mut() {
                 let Some(driver) = n.driver.as_mut() else {
                     continue;
                 };
+                if n.stalled_until_ns > now {
+                    continue;
+                }
                 driver.pump();
                 match driver.advance() {
                     Ok(None) => {}
