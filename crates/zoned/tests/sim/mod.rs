@@ -433,9 +433,11 @@ impl Sim {
     pub fn step(&mut self) {
         self.settle();
         let now = self.clock.now_ns();
+        // A crashed server has no tick ahead.
         let next_tick = self
             .nodes
             .values()
+            .filter(|n| n.driver.is_some())
             .map(|n| n.next_tick_ns.max(n.stalled_until_ns))
             .min();
         let stall_end = self
