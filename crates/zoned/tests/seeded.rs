@@ -1,10 +1,12 @@
 //! The seeded simulation (issue 20's robustness suite, its first part):
 //! zones of 3 and 5 servers on the simulated clock under a random schedule
 //! of faults (links cut, servers isolated, messages delayed, servers
-//! crashed and restarted from their RocksDB) and client writes, all drawn
-//! from one seed. After each run, the zone healed: every acknowledged write
-//! is there, none was applied twice, every server holds the same data, and
-//! no two servers ever held the lease at the same simulated instant.
+//! crashed and restarted from their RocksDB) and client writes (puts and
+//! compare-and-swaps), all drawn from one seed. After each run, the zone
+//! healed: every acknowledged write is there, none was applied twice, each
+//! compare-and-swap's answer agrees with the history, every server holds
+//! the same data, and no two servers ever held the lease at the same
+//! simulated instant.
 //!
 //! Election timeouts are fixed (raft-rs would draw them from its own
 //! random source), so a seed replays the same run: a failure prints
@@ -31,9 +33,15 @@ const KEYS: u64 = 4;
 /// A write and what became of it.
 struct Write {
     key: String,
+    value: String,
+    /// For a compare-and-swap: the version it expects.
+    expects: Option<u64>,
     answer: Answer,
     /// Some(revision) once acknowledged; None while unknown.
     acked: Option<u64>,
+    /// Whether the acknowledged write changed the key (a compare-and-swap
+    /// may not).
+    changed: bool,
     failed: bool,
 }
 
@@ -42,6 +50,27 @@ fn put_op(k: &str, v: &str) -> command::Op {
         key: k.into(),
         value: v.into(),
         prev_kv: false,
+    })
+}
+
+/// Sets `key` to `value` if its version is `version` (0: absent).
+fn cas_op(key: &str, version: u64, value: &str) -> command::Op {
+    use zone_proto::v1::{compare, request_op, Compare, RequestOp, TxnRequest};
+    command::Op::Txn(TxnRequest {
+        compare: vec![Compare {
+            key: key.into(),
+            target: compare::Target::Version as i32,
+            op: compare::Op::Equal as i32,
+            target_value: Some(compare::TargetValue::Version(version)),
+        }],
+        success: vec![RequestOp {
+            request: Some(request_op::Request::Put(PutRequest {
+                key: key.into(),
+                value: value.into(),
+                prev_kv: false,
+            })),
+        }],
+        failure: vec![],
     })
 }
 
@@ -83,9 +112,14 @@ fn settle_write(seed: u64, w: &mut Write) {
     match poll_once(&mut w.answer) {
         Some(Ok(r)) => match r.result {
             Some(command_result::Result::Put(p)) => {
-                w.acked = Some(p.header.map_or(0, |h| h.revision))
+                w.acked = Some(p.header.map_or(0, |h| h.revision));
+                w.changed = true;
             }
-            other => panic!("seed {seed}: a put answered {other:?}"),
+            Some(command_result::Result::Txn(t)) => {
+                w.acked = Some(t.header.map_or(0, |h| h.revision));
+                w.changed = t.succeeded;
+            }
+            other => panic!("seed {seed}: a write answered {other:?}"),
         },
         Some(Err(_)) => w.failed = true,
         None => {}
@@ -121,13 +155,25 @@ fn run(seed: u64) {
             if let Some((leader, _)) = sim.leaders().into_iter().next() {
                 let key = format!("k{}", rng.random_range(0..KEYS));
                 next_value += 1;
+                let value = next_value.to_string();
                 let node = sim.node(leader);
-                let op = put_op(&key, &next_value.to_string());
+                // A third are compare-and-swaps on the version the leader
+                // has applied (often stale: the check is then refused).
+                let expects = rng
+                    .random_bool(0.33)
+                    .then(|| record(&node, &key).map_or(0, |kv| kv.version));
+                let op = match expects {
+                    Some(v) => cas_op(&key, v, &value),
+                    None => put_op(&key, &value),
+                };
                 let answer: Answer = Box::pin(async move { node.propose(op).await });
                 let mut w = Write {
                     key,
+                    value,
+                    expects,
                     answer,
                     acked: None,
+                    changed: false,
                     failed: false,
                 };
                 // Polled once now, so the request is on its way.
@@ -230,7 +276,7 @@ fn run(seed: u64) {
         let version = record(&first, &key).map_or(0, |kv| kv.version);
         let acked = writes
             .iter()
-            .filter(|w| w.key == key && w.acked.is_some())
+            .filter(|w| w.key == key && w.acked.is_some() && w.changed)
             .count() as u64;
         let sent = writes.iter().filter(|w| w.key == key).count() as u64;
         assert!(
@@ -238,13 +284,53 @@ fn run(seed: u64) {
             "seed {seed}: {key} has version {version}, but {acked} puts were acknowledged and {sent} sent"
         );
     }
+    // Each acknowledged compare-and-swap agrees with the history: one that
+    // succeeded at revision R made the key's version `expected + 1` with its
+    // value at R; one that failed saw another version at its revision.
+    let history = first.reader().history(1, u64::MAX - 1, b"k").unwrap();
+    let mut swaps = 0;
+    for w in writes.iter().filter(|w| w.expects.is_some()) {
+        let (Some(rev), Some(expected)) = (w.acked, w.expects) else {
+            continue;
+        };
+        swaps += 1;
+        let key = w.key.as_bytes();
+        let at = history
+            .iter()
+            .filter_map(|e| e.kv.as_ref())
+            .rfind(|kv| kv.key == key && kv.mod_revision <= rev);
+        if w.changed {
+            let kv = at.filter(|kv| kv.mod_revision == rev).unwrap_or_else(|| {
+                panic!(
+                    "seed {seed}: a compare-and-swap on {} succeeded at {rev}, not in the history",
+                    w.key
+                )
+            });
+            assert_eq!(
+                (kv.version, kv.value.as_slice()),
+                (expected + 1, w.value.as_bytes()),
+                "seed {seed}: a compare-and-swap on {} at {rev}",
+                w.key
+            );
+        } else {
+            // Deletes never happen here: absent means version 0. Values
+            // are unique: the key must not hold this one.
+            let (version, value) = at.map_or((0, &[][..]), |kv| (kv.version, &kv.value[..]));
+            assert!(
+                version != expected && value != w.value.as_bytes(),
+                "seed {seed}: a compare-and-swap on {} answered failed at {rev}, but the key had version {version} (expected {expected}) and value {:?}",
+                w.key,
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
     let terms = ids
         .iter()
         .map(|&id| sim.node(id).view().term)
         .max()
         .unwrap_or(0);
     eprintln!(
-        "seed {seed}: {n} servers, {} writes ({} acknowledged, {} failed), faults {faults:?}, last term {terms}",
+        "seed {seed}: {n} servers, {} writes ({} acknowledged, {} failed, {swaps} compare-and-swaps checked), faults {faults:?}, last term {terms}",
         writes.len(),
         writes.iter().filter(|w| w.acked.is_some()).count(),
         writes.iter().filter(|w| w.failed).count(),
