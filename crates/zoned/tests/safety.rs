@@ -68,15 +68,7 @@ fn version(n: &NodeHandle, key: &str) -> u64 {
 fn a_write_cut_from_its_proposers_log_but_committed_elsewhere_is_applied_once() {
     let mut sim = Sim::start_n(5, |_| {});
     let all = sim.ids();
-    let first = sim.wait_leader(&all);
-    if first != 1 {
-        let n = sim.node(first);
-        sim.run_until(5 * SECOND, "a transfer to server 1", async move {
-            n.transfer_leader(1).await
-        })
-        .unwrap();
-    }
-    assert_eq!(sim.wait_leader(&all), 1);
+    make_leader(&mut sim, 1);
     let mut base = propose(&sim, 1, put_op("base", "0"));
     sim.wait(5 * SECOND, "the base write", |_| poll_once(&mut base))
         .unwrap();
@@ -203,6 +195,21 @@ fn a_write_cut_from_its_proposers_log_but_committed_elsewhere_is_applied_once() 
     }
 }
 
+/// Hands leadership to server `id` (if another leads) and waits until
+/// every server follows it.
+fn make_leader(sim: &mut Sim, id: u64) {
+    let all = sim.ids();
+    let first = sim.wait_leader(&all);
+    if first != id {
+        let n = sim.node(first);
+        sim.run_until(5 * SECOND, "a leadership transfer", async move {
+            n.transfer_leader(id).await
+        })
+        .unwrap();
+    }
+    assert_eq!(sim.wait_leader(&all), id);
+}
+
 /// Runs the zone until `cond` holds, checked after every step; panics
 /// naming `what` after `limit` of simulated time.
 fn wait_until(sim: &mut Sim, limit: Duration, what: &str, mut cond: impl FnMut(&mut Sim) -> bool) {
@@ -298,15 +305,7 @@ fn a_joiner_stopped_before_its_snapshot_arrives_finishes_joining() {
 fn a_pre_candidate_that_cannot_win_does_not_stall_the_one_that_can() {
     let mut sim = Sim::start_n(5, |_| {});
     let all = sim.ids();
-    let first = sim.wait_leader(&all);
-    if first != 4 {
-        let n = sim.node(first);
-        sim.run_until(5 * SECOND, "a transfer to server 4", async move {
-            n.transfer_leader(4).await
-        })
-        .unwrap();
-    }
-    assert_eq!(sim.wait_leader(&all), 4);
+    make_leader(&mut sim, 4);
     let mut w = propose(&sim, 4, put_op("k", "v"));
     sim.wait(5 * SECOND, "a write", |_| poll_once(&mut w))
         .unwrap();
