@@ -352,8 +352,8 @@ fn run(seed: u64) {
 }
 
 /// As many seeds as fit in `ZONED_SIM_SECONDS` of wall-clock time
-/// (default 60; at least 5 seeds), or `ZONED_SEEDS` of them, or the one
-/// `ZONED_SEED`.
+/// (default 60; at least 5 seeds), or `ZONED_SEEDS` of them, from
+/// `ZONED_SEED_BASE` on; or the one `ZONED_SEED`.
 #[test]
 fn seeded_runs_keep_every_invariant() {
     let env = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
@@ -363,7 +363,15 @@ fn seeded_runs_keep_every_invariant() {
     }
     let budget = Duration::from_secs(env("ZONED_SIM_SECONDS").unwrap_or(60));
     let started = std::time::Instant::now();
-    let base: u64 = rand::random();
+    // Seeds 1, 2, 3, ... unless ZONED_SEED_BASE says where to start
+    // ("random": anywhere). CI runs the fixed sequence: a seed that fails
+    // there fails every run, never at random; exploring new seeds is a
+    // separate run (see the note on seed 5873816186893274522, open).
+    let base: u64 = match std::env::var("ZONED_SEED_BASE").ok().as_deref() {
+        Some("random") => rand::random(),
+        Some(s) => s.parse().expect("ZONED_SEED_BASE: a number or random"),
+        None => 1,
+    };
     let mut done = 0u64;
     loop {
         let enough = match env("ZONED_SEEDS") {
