@@ -480,3 +480,68 @@ fn leases_never_overlap_when_the_followers_were_busy() {
         "the schedule never made two leases with a 10 ms margin"
     );
 }
+
+/// A follower takes an append only if its entries follow the entry it
+/// names. raft-rs acknowledges the named index plus the entry count
+/// without looking, so an append naming the last entry and carrying the
+/// two before it made server 2 acknowledge two entries it never had (on
+/// the old code the leader then told it a commit beyond its log, and
+/// raft-rs panicked: "to_commit 9 is out of range [last_index 8]").
+/// raft-rs itself
+/// sent such appends with `batch_append` (see `node::tests`); this is the
+/// receiving side's guard.
+#[test]
+fn a_follower_never_acknowledges_entries_it_does_not_hold() {
+    use raft::eraftpb::{Entry, Message};
+    use std::sync::{Arc, Mutex};
+
+    let mut sim = Sim::start();
+    make_leader(&mut sim, 1);
+    let mut w = propose(&sim, 1, put_op("k", "v"));
+    sim.wait(5 * SECOND, "a write", |_| poll_once(&mut w))
+        .unwrap();
+    sim.run_for(SECOND);
+    let st = status(&mut sim, 2);
+    let (last, term) = (st.last_index, st.term);
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let seen = acks.clone();
+    sim.net.drop_when(move |from, m| {
+        if from == 2 && m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject {
+            seen.lock().unwrap().push(m.index);
+        }
+        false
+    });
+    let mut forged = Message::default();
+    forged.set_msg_type(MessageType::MsgAppend);
+    forged.from = 1;
+    forged.to = 2;
+    forged.term = term;
+    forged.index = last;
+    forged.log_term = term;
+    forged.commit = last;
+    let entries: Vec<Entry> = (last - 1..=last)
+        .map(|i| Entry {
+            index: i,
+            term,
+            ..Entry::default()
+        })
+        .collect();
+    forged.set_entries(entries.into());
+    let now = sim.now_ns();
+    sim.net.inject(1, now, forged);
+    sim.run_for(SECOND);
+    // And a real append after it, which server 2 does acknowledge.
+    let mut w = propose(&sim, 1, put_op("k", "w"));
+    sim.wait(5 * SECOND, "a second write", |_| poll_once(&mut w))
+        .unwrap();
+    sim.run_for(SECOND);
+    let held = status(&mut sim, 2).last_index;
+    let acks = acks.lock().unwrap();
+    assert!(
+        !acks.is_empty(),
+        "server 2 acknowledged nothing in a second"
+    );
+    for &a in acks.iter() {
+        assert!(a <= held, "server 2 acknowledged {a} holding {held}");
+    }
+}

@@ -356,6 +356,20 @@ impl Driver {
             );
             return;
         }
+        if let Some(why) = malformed_append(&msg) {
+            // raft-rs takes an append's entries as following the entry it
+            // names and acknowledges that index plus their count without
+            // looking: a malformed one would have this server acknowledge
+            // entries it does not hold, counted toward a commit. Dropping a
+            // message is always safe in Raft.
+            tracing::warn!(
+                from = msg.from,
+                index = msg.index,
+                why,
+                "dropping a malformed append"
+            );
+            return;
+        }
         self.last_heard_ns.insert(msg.from, self.clock.now_ns());
         if self.tied_pre_vote(&msg) {
             // Two servers that time out together each grant the other's
@@ -725,4 +739,24 @@ impl Driver {
         self.proposals.fail_all(err.clone());
         self.reads.fail_all(err);
     }
+}
+
+/// Why an append cannot be taken as it says, if it cannot: its entries must
+/// follow the entry it names, one index after another, in terms that never
+/// go down from the named entry's.
+fn malformed_append(msg: &Message) -> Option<&'static str> {
+    if msg.get_msg_type() != MessageType::MsgAppend {
+        return None;
+    }
+    let (mut index, mut term) = (msg.index, msg.log_term);
+    for e in msg.entries.iter() {
+        if e.index != index + 1 {
+            return Some("entries do not follow the entry named");
+        }
+        if e.term < term {
+            return Some("an entry's term goes down");
+        }
+        (index, term) = (e.index, e.term);
+    }
+    None
 }

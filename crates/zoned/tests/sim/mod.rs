@@ -95,6 +95,12 @@ impl Net {
             }));
     }
 
+    /// Puts `msg` on the wire as if `from` had sent it now (a forged or
+    /// malformed message).
+    pub fn inject(&self, from: u64, now_ns: u64, msg: Message) {
+        self.send(from, now_ns, vec![msg]);
+    }
+
     /// Every link up again, every rule gone.
     pub fn heal(&self) {
         self.cut.lock().unwrap().clear();
