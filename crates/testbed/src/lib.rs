@@ -7,6 +7,7 @@
 //! Everything is torn down on drop, also when a test panics: processes
 //! killed, namespaces deleted (which deletes their interfaces).
 
+pub mod nemesis;
 pub mod vm;
 pub mod zone;
 

@@ -19,9 +19,9 @@ pub struct Tier {
 pub const TIERS: [Tier; 5] = [
     Tier {
         number: 1,
-        what: "unit tests beside the code, and zonectl's golden output",
+        what: "unit tests beside the code, zonectl's golden output, the linearizability checker's",
         needs: "nothing",
-        filter: "kind(lib) | kind(bin) | (package(zonectl) & binary(golden))",
+        filter: "kind(lib) | kind(bin) | (package(zonectl) & binary(golden)) | (package(lincheck) & kind(test))",
     },
     Tier {
         number: 2,
@@ -33,13 +33,13 @@ pub const TIERS: [Tier; 5] = [
         number: 3,
         what: "real processes on loopback (zoned, zone-sync, zonectl, kvbench)",
         needs: "the workspace's binaries (built first); etcd for kvbench; qemu-user for cpu",
-        filter: "(package(system-tests) & kind(test) & !binary(netns) & !binary(/^vm_/)) | (package(kvbench) & kind(test))",
+        filter: "(package(system-tests) & kind(test) & !binary(/^netns/) & !binary(/^vm_/)) | (package(kvbench) & kind(test))",
     },
     Tier {
         number: 4,
-        what: "network namespaces: zoned and zone-vip for real, VIPs and ARP",
+        what: "network namespaces: zoned and zone-vip for real, VIPs and ARP; the nemesis",
         needs: "root, iproute2; the workspace's binaries",
-        filter: "package(system-tests) & binary(netns)",
+        filter: "package(system-tests) & binary(/^netns/)",
     },
     Tier {
         number: 5,
