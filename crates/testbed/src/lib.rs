@@ -8,12 +8,15 @@
 //! killed, namespaces deleted (which deletes their interfaces).
 
 pub mod nemesis;
+mod probe;
 pub mod vm;
 pub mod zone;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use probe::{ClientProbe, PROBE_ATTEMPT_TIMEOUT, PROBE_EVERY};
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
@@ -196,6 +199,10 @@ pub struct Testbed {
     pub vip: String,
     pub manager: VipManager,
     pub root: tempfile::TempDir,
+    /// Appended to every zoned configuration (a `[limits]` table, say).
+    pub extra_config: String,
+    /// tmpfs mounts holding the servers' data, unmounted on drop.
+    pub mounts: Vec<PathBuf>,
 }
 
 const SUBNET: &str = "10.77.0";
@@ -209,6 +216,50 @@ impl Testbed {
 
     /// Builds the network and starts `n` nodes: zoned, and the VIP manager.
     pub fn start_with(n: u64, manager: VipManager) -> Testbed {
+        let mut tb = Testbed::build(n, manager);
+        tb.start_all();
+        tb
+    }
+
+    /// As [`Testbed::start`], with each server's data directory on a tmpfs
+    /// of its own of `size_mb` (a disk that can fill up: see
+    /// [`Testbed::data_dir`]) and `limits.min_free_disk_mb = floor_mb`.
+    pub fn start_on_tmpfs(n: u64, size_mb: u64, floor_mb: u64) -> Testbed {
+        let mut tb = Testbed::build(n, VipManager::ZoneVip);
+        tb.extra_config = format!("[limits]\nmin_free_disk_mb = {floor_mb}\n");
+        for i in 0..tb.nodes.len() {
+            let data = tb.data_dir(i);
+            std::fs::create_dir_all(&data).unwrap();
+            sh(&[
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}m"),
+                "tmpfs",
+                data.to_str().expect("a UTF-8 path"),
+            ]);
+            tb.mounts.push(data);
+        }
+        tb.start_all();
+        tb
+    }
+
+    /// Server `i`'s zoned data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data")
+    }
+
+    fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.write_configs(i);
+            self.start_zoned(i);
+            self.start_agent(i);
+        }
+    }
+
+    /// The network and the nodes' directories; nothing started.
+    fn build(n: u64, manager: VipManager) -> Testbed {
         require_root_and_netns();
         // Short, unique names: interface names are limited to 15 bytes.
         let prefix = format!("z{}{}", std::process::id() % 100_000, rand_suffix());
@@ -223,6 +274,8 @@ impl Testbed {
             vip: format!("{SUBNET}.100"),
             manager,
             root,
+            extra_config: String::new(),
+            mounts: Vec::new(),
         };
         sh(&["ip", "netns", "add", &bridge_ns]);
         sh(&[
@@ -244,11 +297,6 @@ impl Testbed {
                 zoned: None,
                 vip_agent: None,
             });
-        }
-        for i in 0..tb.nodes.len() {
-            tb.write_configs(i);
-            tb.start_zoned(i);
-            tb.start_agent(i);
         }
         tb
     }
@@ -289,6 +337,7 @@ impl Testbed {
                 .iter()
                 .map(|v| (v.id, format!("{}:7401", v.ip)))
                 .collect(),
+            extra: self.extra_config.clone(),
             ..ZonedConfig::default()
         }
         .render();
@@ -528,114 +577,6 @@ fn rand_suffix() -> String {
     format!("{:03x}", rand::random::<u16>() % 0x1000)
 }
 
-/// A client inside the client namespace. Every attempt runs on a thread of
-/// its own moved into the namespace with setns(2), so that probes measure
-/// the network and not process start-up, and so that attempts can overlap.
-#[derive(Clone)]
-pub struct ClientProbe {
-    ns_path: PathBuf,
-    attempt: std::sync::Arc<AttemptFn>,
-}
-
-type AttemptFn = dyn Fn(&str, Duration) -> bool + Send + Sync;
-
-impl std::fmt::Debug for ClientProbe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientProbe")
-            .field("ns_path", &self.ns_path)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How often [`ClientProbe::until_success`] starts a new attempt: the
-/// resolution of what it measures.
-pub const PROBE_EVERY: Duration = Duration::from_millis(10);
-
-/// How long one attempt of [`ClientProbe::until_success`] may take.
-pub const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
-
-impl ClientProbe {
-    /// `attempt(endpoint, timeout)` runs inside the client namespace and
-    /// says whether one request succeeded. Panics when the namespace cannot
-    /// be entered.
-    pub fn start<F>(tb: &Testbed, attempt: F) -> ClientProbe
-    where
-        F: Fn(&str, Duration) -> bool + Send + Sync + 'static,
-    {
-        let probe = ClientProbe {
-            ns_path: PathBuf::from(format!("/run/netns/{}", tb.client_ns)),
-            attempt: std::sync::Arc::new(attempt),
-        };
-        if let Err(e) = probe.spawn("", Duration::ZERO, |_| {}).join() {
-            panic!("cannot enter the client namespace: {e:?}");
-        }
-        probe
-    }
-
-    /// Runs `attempt` on a new thread in the namespace and hands the
-    /// outcome to `done` with the instant it was known. The thread panics
-    /// if it cannot enter the namespace; an empty endpoint only enters it.
-    fn spawn(
-        &self,
-        endpoint: &str,
-        timeout: Duration,
-        done: impl FnOnce((bool, Instant)) + Send + 'static,
-    ) -> std::thread::JoinHandle<()> {
-        let (probe, endpoint) = (self.clone(), endpoint.to_owned());
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&probe.ns_path)
-                .unwrap_or_else(|e| panic!("{}: {e}", probe.ns_path.display()));
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {}: {e}", probe.ns_path.display()));
-            if endpoint.is_empty() {
-                return;
-            }
-            let ok = (probe.attempt)(&endpoint, timeout);
-            done((ok, Instant::now()));
-        })
-    }
-
-    /// One attempt, waited for.
-    pub fn attempt(&self, endpoint: &str, timeout: Duration) -> bool {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let _ = self.spawn(endpoint, timeout, move |r| {
-            let _ = tx.send(r.0);
-        });
-        rx.recv().unwrap_or(false)
-    }
-
-    /// Starts an attempt every [`PROBE_EVERY`], overlapping, until one
-    /// succeeds; the time from `since` to the first success. A client
-    /// retrying in sequence would add up to one attempt timeout to what it
-    /// sees; overlapping attempts measure the failover itself to within
-    /// [`PROBE_EVERY`].
-    pub fn until_success(
-        &self,
-        endpoint: &str,
-        since: Instant,
-        give_up: Duration,
-    ) -> Option<Duration> {
-        let (tx, rx) = std::sync::mpsc::channel::<Instant>();
-        let mut next = Instant::now();
-        while since.elapsed() < give_up {
-            let now = Instant::now();
-            if now >= next {
-                let tx = tx.clone();
-                let _ = self.spawn(endpoint, PROBE_ATTEMPT_TIMEOUT, move |(ok, at)| {
-                    if ok {
-                        let _ = tx.send(at);
-                    }
-                });
-                next += PROBE_EVERY;
-            }
-            if let Ok(at) = rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                return Some(at.duration_since(since));
-            }
-        }
-        None
-    }
-}
-
 impl Drop for Testbed {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
@@ -654,6 +595,9 @@ impl Drop for Testbed {
                 }
             }
         }
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
         let mut all: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
         all.push(self.client_ns.clone());
         all.push(self.bridge_ns.clone());
@@ -661,6 +605,27 @@ impl Drop for Testbed {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
     }
+}
+
+/// Fills the filesystem holding `dir` with one file until `leave` bytes
+/// are free; the file (remove it to free the space). Allocated, not
+/// sparse: tmpfs counts only pages written or allocated.
+pub fn fill_disk(dir: &Path, leave: u64) -> PathBuf {
+    use std::os::fd::AsFd;
+    let st = nix::sys::statvfs::statvfs(dir)
+        .unwrap_or_else(|e| panic!("statvfs {}: {e}", dir.display()));
+    let free = st.blocks_available() * st.fragment_size();
+    let path = dir.join("filler");
+    let f =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    nix::fcntl::fallocate(
+        f.as_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        free.saturating_sub(leave) as i64,
+    )
+    .unwrap_or_else(|e| panic!("fallocate {}: {e}", path.display()));
+    path
 }
 
 /// Polls until `f` holds, with a deadline.

@@ -166,6 +166,12 @@ pub struct LimitsSection {
     pub request_timeout_ms: u64,
     /// Revisions of change history kept for watchers. Default 100000.
     pub watch_history: u64,
+    /// Free space, in MiB, kept on the data directory's filesystem. Below
+    /// it the leader refuses writes (RESOURCE_EXHAUSTED, nothing proposed)
+    /// and a follower stops taking new log entries (the others carry the
+    /// zone) until space is freed: the store never meets a full disk in
+    /// the middle of a write. 0 disables the check. Default 256.
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for LimitsSection {
@@ -176,6 +182,7 @@ impl Default for LimitsSection {
             max_txn_ops: 128,
             request_timeout_ms: 10_000,
             watch_history: 100_000,
+            min_free_disk_mb: 256,
         }
     }
 }

@@ -232,6 +232,47 @@ pub fn vip(s: &VipSamples) -> Check {
     )
 }
 
+/// A leader's full disk made writes fail with RESOURCE_EXHAUSTED, and
+/// writes were acknowledged again after each such fault was healed.
+pub fn full_disk(rec: &Recording, faults: &[super::Fault]) -> Check {
+    let on_leader: Vec<&super::Fault> = faults
+        .iter()
+        .filter(|f| f.kind == super::Kind::FullDisk && f.on_leader)
+        .collect();
+    let refused = rec
+        .ops
+        .iter()
+        .filter(|r| r.error.as_deref() == Some("ResourceExhausted"))
+        .count();
+    let mut problems = Vec::new();
+    if !on_leader.is_empty() && refused == 0 {
+        problems.push(format!(
+            "{} full disks on the leader, and no write refused with RESOURCE_EXHAUSTED",
+            on_leader.len()
+        ));
+    }
+    for f in &on_leader {
+        let after = rec.ops.iter().any(|r| {
+            r.op.call_ns / 1_000_000 > f.end_ms
+                && matches!(r.op.outcome, Outcome::Written | Outcome::Swapped(true))
+        });
+        if !after {
+            problems.push(format!(
+                "no write acknowledged after the full disk healed at {} ms",
+                f.end_ms
+            ));
+        }
+    }
+    check(
+        "full disk: writes refused, then taken again",
+        &problems,
+        format!(
+            "{} full disks on the leader, {refused} writes refused with RESOURCE_EXHAUSTED",
+            on_leader.len()
+        ),
+    )
+}
+
 pub fn exits(exits: &[(usize, &'static str, String, u64)]) -> Check {
     let problems: Vec<String> = exits
         .iter()

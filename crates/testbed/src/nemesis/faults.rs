@@ -31,6 +31,9 @@ pub enum Kind {
     StopVip,
     /// A server's link to the bridge down, both ways.
     LinkDown,
+    /// A server's data directory filled (its own tmpfs) to below its
+    /// free-space floor: the leader's, or a follower's.
+    FullDisk,
     /// SIGSTOP of the leader's zone-vip and its link down: leadership
     /// moves while the frozen agent still has the VIP on its interface
     /// (issue 20's defect 2, not fixed yet: off unless asked for).
@@ -41,7 +44,7 @@ pub enum Kind {
     OneWay,
 }
 
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 8] = [
     Kind::KillLeader,
     Kind::KillFollower,
     Kind::KillAll,
@@ -49,6 +52,7 @@ pub const KINDS: [Kind; 7] = [
     Kind::StopVip,
     Kind::LinkDown,
     Kind::OneWay,
+    Kind::FullDisk,
 ];
 
 impl Kind {
@@ -62,6 +66,7 @@ impl Kind {
             Kind::LinkDown => "link down",
             Kind::OneWay => "one-way loss",
             Kind::FrozenVipCut => "SIGSTOP zone-vip + link down",
+            Kind::FullDisk => "full disk",
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct Fault {
     pub kind: Kind,
     /// Server indexes affected (for one-way loss: from, to).
     pub servers: Vec<usize>,
+    /// Whether the first of them led (as last seen) when the fault began.
+    pub on_leader: bool,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -85,6 +92,8 @@ struct Broken {
     links_down: Vec<usize>,
     /// (from, to): `from` cannot send to `to`.
     routes: Vec<(usize, usize)>,
+    /// Files filling a data directory.
+    fillers: Vec<std::path::PathBuf>,
 }
 
 fn signal(child: Option<&std::process::Child>, s: Signal) {
@@ -100,6 +109,8 @@ pub struct Nemesis<'a> {
     rng: StdRng,
     start: Instant,
     kinds: Vec<Kind>,
+    /// The servers' free-space floor (MiB).
+    floor_mb: u64,
     round: Vec<Kind>,
     broken: Broken,
     pub log: Vec<Fault>,
@@ -123,10 +134,12 @@ impl<'a> Nemesis<'a> {
         rng: StdRng,
         start: Instant,
         kinds: Vec<Kind>,
+        floor_mb: u64,
     ) -> Self {
         Nemesis {
             tb,
             kinds,
+            floor_mb,
             shared,
             rng,
             start,
@@ -166,7 +179,9 @@ impl<'a> Nemesis<'a> {
             }
             let kind = self.round.pop().expect("a kind");
             let start_ms = self.ms();
+            let leader = *self.shared.leader.lock().unwrap();
             let servers = self.apply(kind);
+            let on_leader = leader.is_some() && servers.first() == leader.as_ref();
             let hold = Duration::from_millis(self.rng.random_range(400..2500));
             std::thread::sleep(hold);
             self.heal();
@@ -174,6 +189,7 @@ impl<'a> Nemesis<'a> {
             self.log.push(Fault {
                 kind,
                 servers,
+                on_leader,
                 start_ms,
                 end_ms,
             });
@@ -222,6 +238,16 @@ impl<'a> Nemesis<'a> {
                 self.broken.links_down.push(i);
                 vec![i]
             }
+            Kind::FullDisk => {
+                let i = if self.rng.random_bool(0.67) {
+                    self.leader()
+                } else {
+                    self.rng.random_range(0..n)
+                };
+                let filler = crate::fill_disk(&self.tb.data_dir(i), (self.floor_mb << 20) / 2);
+                self.broken.fillers.push(filler);
+                vec![i]
+            }
             Kind::LinkDown => {
                 let i = if self.rng.random_bool(0.5) {
                     self.leader()
@@ -255,6 +281,9 @@ impl<'a> Nemesis<'a> {
         }
         for i in b.stopped_vip {
             signal(self.tb.nodes[i].vip_agent.as_ref(), Signal::SIGCONT);
+        }
+        for f in b.fillers {
+            let _ = std::fs::remove_file(f);
         }
         for i in b.links_down {
             self.tb.set_link(i, true);

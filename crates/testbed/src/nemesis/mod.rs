@@ -4,7 +4,9 @@
 //! and reading keys through the VIP and through each server directly; a
 //! watcher from revision 1; a sampler of who holds the VIP; and faults one
 //! after another (kill -9 of the leader, of a follower, of all; SIGSTOP of
-//! zoned and of zone-vip; a link down; one-way loss).
+//! zoned and of zone-vip; a link down; one-way loss; a full disk: each
+//! server's data is on a tmpfs of its own, filled to below its free-space
+//! floor).
 //!
 //! Every operation is recorded with its invocation and completion times
 //! and its result, or as indeterminate when no answer came. Once the faults
@@ -15,7 +17,7 @@
 //! the final reads are, the servers converge within 10 s, the VIP was never
 //! on two servers at once, and no process exited unless killed.
 //!
-//! Not yet here (issue 20): disk stalls (failpoints) and a full disk.
+//! Not yet here (issue 20): disk stalls (failpoints).
 
 mod checks;
 mod clients;
@@ -35,6 +37,12 @@ pub use checks::Check;
 pub use faults::{Fault, Kind};
 
 use crate::{holders_of, wait_for, Testbed};
+
+/// Each server's data directory: a tmpfs of this size (MiB), so that the
+/// full-disk fault fills it in an instant...
+const DATA_MB: u64 = 256;
+/// ...to below this free-space floor (`limits.min_free_disk_mb`).
+const FLOOR_MB: u64 = 32;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -138,10 +146,11 @@ fn count_operations(ops: &[clients::Recorded]) -> BTreeMap<String, u64> {
             Op::Write(_) => "put",
             Op::Cas { .. } => "compare-and-swap",
         };
-        let outcome = match r.op.outcome {
-            Outcome::Unknown => "indeterminate",
-            Outcome::Swapped(false) => "refused",
-            _ => "ok",
+        let outcome = match (&r.op.outcome, &r.error) {
+            (Outcome::Unknown, Some(code)) => format!("error {code}"),
+            (Outcome::Unknown, None) => "indeterminate".into(),
+            (Outcome::Swapped(false), _) => "refused".into(),
+            _ => "ok".into(),
         };
         *m.entry(format!("{kind} {outcome}")).or_default() += 1;
     }
@@ -176,8 +185,8 @@ fn timestamp() -> String {
 /// Runs the nemesis; `progress` gets a line now and then. Panics if the
 /// testbed cannot be built (not root, no iproute2).
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
-    let mut tb = Testbed::start(3);
-    progress("three servers started (zoned + zone-vip each); waiting for the VIP");
+    let mut tb = Testbed::start_on_tmpfs(3, DATA_MB, FLOOR_MB);
+    progress("three servers started (zoned + zone-vip each, data on tmpfs); waiting for the VIP");
     wait_for(Duration::from_secs(60), "a VIP holder", || {
         (tb.holders().len() == 1).then_some(())
     });
@@ -209,6 +218,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         StdRng::seed_from_u64(opts.seed),
         start,
         kinds,
+        FLOOR_MB,
     );
     nemesis.run_until(start + opts.duration, &mut |log: &[Fault]| {
         let mut last = last_line.lock().unwrap();
@@ -245,6 +255,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         checks::watch(&rec),
         checks::converged(&rec),
         checks::vip(&vip),
+        checks::full_disk(&rec, &faults_log),
         checks::exits(&exits),
     ];
     let mut fault_counts = BTreeMap::new();

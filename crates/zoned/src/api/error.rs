@@ -52,6 +52,10 @@ pub enum ApiError {
     /// The request may not change what it names; nothing changed.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The leader's disk is below its free-space floor; nothing was
+    /// proposed. Not retried on another server: the leader is the same.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// An error from the server the request was forwarded to, passed on.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -87,6 +91,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(m) => Status::not_found(m.clone()),
             ApiError::AlreadyExists(m) => Status::already_exists(m.clone()),
             ApiError::PermissionDenied(m) => Status::permission_denied(m.clone()),
+            ApiError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
             ApiError::Remote(status) => status.clone(),
             ApiError::Storage(inner) => {
                 tracing::error!(error = %crate::logging::chain(inner), "storage failure serving a request");
@@ -114,6 +119,7 @@ impl From<NodeError> for ApiError {
             ),
             NodeError::Stopped => ApiError::Unavailable("server is shutting down".into()),
             NodeError::Rejected(m) => ApiError::FailedPrecondition(m),
+            NodeError::NoSpace { .. } => ApiError::ResourceExhausted(e.to_string()),
         }
     }
 }

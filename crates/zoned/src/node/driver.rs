@@ -78,6 +78,8 @@ pub struct Driver {
     timeout_now_term: u64,
     snapshots_received: u64,
     pub(super) members: Vec<Member>,
+    /// The data directory's free-space floor.
+    disk: super::disk::DiskFloor,
     /// Ticks since the driver started.
     ticks: u64,
     /// The highest commit index this leader sent to its followers on its
@@ -103,6 +105,11 @@ impl Driver {
             p.config.lease().as_nanos() as u64,
             p.config.raft.heartbeat_ticks as u64,
         );
+        let mut disk = super::disk::DiskFloor::new(
+            p.config.node.data_dir.clone(),
+            p.config.limits.min_free_disk_mb,
+        );
+        disk.refresh(p.clock.now_ns());
         Driver {
             id: p.config.node.id,
             raw: p.raw,
@@ -123,6 +130,7 @@ impl Driver {
             timeout_now_term: 0,
             snapshots_received: 0,
             members: p.members,
+            disk,
             ticks: 0,
             commit_told: 0,
             lease,
@@ -185,6 +193,7 @@ impl Driver {
     pub fn tick(&mut self) {
         self.raw.tick();
         self.ticks += 1;
+        self.disk.refresh(self.clock.now_ns());
         if self.ticks.is_multiple_of(5) {
             self.promote_learners();
         }
@@ -371,6 +380,20 @@ impl Driver {
             return;
         }
         self.last_heard_ns.insert(msg.from, self.clock.now_ns());
+        if self.disk.low().is_some()
+            && (msg.get_msg_type() == MessageType::MsgSnapshot
+                || (msg.get_msg_type() == MessageType::MsgAppend && !msg.entries.is_empty()))
+        {
+            // Below the free-space floor: no new entries or snapshot to
+            // write. Dropping an append is always safe in Raft; the leader
+            // sends it again (the others carry the zone meanwhile), and
+            // once space is freed this server catches up.
+            tracing::debug!(
+                from = msg.from,
+                "append dropped: the disk is below its floor"
+            );
+            return;
+        }
         if self.tied_pre_vote(&msg) {
             // Two servers that time out together each grant the other's
             // pre-vote, both stand, and the votes split: one more election
@@ -449,7 +472,12 @@ impl Driver {
             return;
         }
         let batch = std::mem::take(&mut self.to_propose);
-        if let Some(err) = self.not_leader() {
+        let no_space = self.disk.low().map(|(free, floor)| NodeError::NoSpace {
+            id: self.id,
+            free_mib: free >> 20,
+            floor_mib: floor >> 20,
+        });
+        if let Some(err) = self.not_leader().or(no_space) {
             for (_, reply) in batch {
                 let _ = reply.send(Err(err.clone()));
             }

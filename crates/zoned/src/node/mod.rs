@@ -26,6 +26,7 @@
 
 mod apply;
 pub mod clock;
+mod disk;
 pub mod driver;
 pub mod handle;
 pub mod lease;
@@ -129,6 +130,14 @@ pub enum NodeError {
     /// yet applied its log): nothing was proposed; retry shortly.
     #[error("another membership change is still in progress; retry in a moment")]
     ConfBusy,
+    /// The leader's data directory is below its free-space floor: nothing
+    /// was proposed.
+    #[error("server {id}'s data directory has {free_mib} MiB free, below its floor of {floor_mib} MiB (limits.min_free_disk_mb): writes are refused until space is freed")]
+    NoSpace {
+        id: u64,
+        free_mib: u64,
+        floor_mib: u64,
+    },
 }
 
 /// What the driver tells watchers after each applied batch.

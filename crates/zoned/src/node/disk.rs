@@ -1,0 +1,112 @@
+//! The free-space floor of the data directory (`limits.min_free_disk_mb`).
+//!
+//! RocksDB that meets a full disk in the middle of a write stops the
+//! driver (a storage failure), and the server with it. So a server keeps a
+//! floor instead: below it, the leader refuses new writes before proposing
+//! them (RESOURCE_EXHAUSTED: nothing was applied, the client may try again
+//! later) and a follower takes no new log entries. Nothing already
+//! acknowledged is touched, reads go on, and everything resumes by itself
+//! once space is freed.
+
+use std::path::PathBuf;
+
+/// How often the free space is measured (a statvfs call).
+const CHECK_EVERY_NS: u64 = 100_000_000;
+
+#[derive(Debug)]
+pub(super) struct DiskFloor {
+    path: PathBuf,
+    /// Bytes to keep free; 0: no floor.
+    min_free: u64,
+    checked_ns: Option<u64>,
+    /// Free bytes when below the floor.
+    low: Option<u64>,
+}
+
+impl DiskFloor {
+    pub(super) fn new(path: PathBuf, min_free_mb: u64) -> DiskFloor {
+        DiskFloor {
+            path,
+            min_free: min_free_mb << 20,
+            checked_ns: None,
+            low: None,
+        }
+    }
+
+    /// Measures again if the last measure is older than [`CHECK_EVERY_NS`].
+    pub(super) fn refresh(&mut self, now_ns: u64) {
+        if self.min_free == 0
+            || self
+                .checked_ns
+                .is_some_and(|t| now_ns.saturating_sub(t) < CHECK_EVERY_NS)
+        {
+            return;
+        }
+        self.checked_ns = Some(now_ns);
+        match nix::sys::statvfs::statvfs(&self.path) {
+            Ok(st) => self.observe(st.blocks_available() * st.fragment_size()),
+            // Not knowing is not a reason to stop the zone: the write
+            // itself reports a real failure.
+            Err(e) => tracing::debug!(error = %e, path = %self.path.display(), "statvfs failed"),
+        }
+    }
+
+    /// Takes a measure of the free bytes.
+    pub(super) fn observe(&mut self, free: u64) {
+        let low = free < self.min_free;
+        match (self.low.is_some(), low) {
+            (false, true) => tracing::warn!(
+                free_mib = free >> 20,
+                floor_mib = self.min_free >> 20,
+                path = %self.path.display(),
+                "the data directory's free space is below its floor: refusing writes and new log entries until space is freed"
+            ),
+            (true, false) => tracing::info!(
+                free_mib = free >> 20,
+                "free space is back above the floor: taking writes again"
+            ),
+            _ => {}
+        }
+        self.low = low.then_some(free);
+    }
+
+    /// Free and floor bytes, when below the floor.
+    pub(super) fn low(&self) -> Option<(u64, u64)> {
+        self.low.map(|free| (free, self.min_free))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn below_the_floor_until_space_is_freed() {
+        let mut d = DiskFloor::new("/".into(), 64);
+        d.observe(100 << 20);
+        assert_eq!(d.low(), None);
+        d.observe(10 << 20);
+        assert_eq!(d.low(), Some((10 << 20, 64 << 20)));
+        d.observe(64 << 20);
+        assert_eq!(d.low(), None);
+    }
+
+    #[test]
+    fn a_zero_floor_never_measures() {
+        let mut d = DiskFloor::new("/nonexistent".into(), 0);
+        d.refresh(0);
+        assert_eq!(d.checked_ns, None);
+        assert_eq!(d.low(), None);
+    }
+
+    #[test]
+    fn measures_at_most_every_tenth_of_a_second() {
+        let mut d = DiskFloor::new(std::env::temp_dir(), 1);
+        d.refresh(1_000);
+        assert_eq!(d.checked_ns, Some(1_000));
+        d.refresh(50_000_000);
+        assert_eq!(d.checked_ns, Some(1_000));
+        d.refresh(200_000_000);
+        assert_eq!(d.checked_ns, Some(200_000_000));
+    }
+}
