@@ -1,12 +1,15 @@
 //! The seeded simulation (issue 20's robustness suite, its first part):
 //! zones of 3 and 5 servers on the simulated clock under a random schedule
-//! of faults (links cut, servers isolated, messages delayed, servers
-//! crashed and restarted from their RocksDB) and client writes (puts and
-//! compare-and-swaps), all drawn from one seed. After each run, the zone
+//! of faults (links cut, servers isolated, messages delayed, lost,
+//! duplicated and reordered, a server's disk slow (its driver stalled as in
+//! a long sync), servers crashed and restarted from their RocksDB) and
+//! clients' puts, compare-and-swaps and linearizable reads, each client
+//! one call at a time, all drawn from one seed. After each run, the zone
 //! healed: every acknowledged write is there, none was applied twice, each
-//! compare-and-swap's answer agrees with the history, every server holds
-//! the same data, and no two servers ever held the lease at the same
-//! simulated instant.
+//! key's history (answers and calls without one) is linearizable as a
+//! register with compare-and-set (`lincheck`), every server holds the same
+//! data, and no two servers ever held the lease at the same simulated
+//! instant.
 //!
 //! Election timeouts are fixed (raft-rs would draw them from its own
 //! random source), so a seed replays the same run: a failure prints
@@ -19,30 +22,56 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use lincheck::{Op, Operation, Outcome, Verdict};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sim::{poll_once, Sim};
-use zone_proto::v1::{command, command_result, CommandResult, GetRequest, PutRequest};
+use sim::{poll_once, Chaos, Sim};
+use zone_proto::v1::{command, command_result, GetRequest, PutRequest};
 use zoned::node::{Lease, NodeError, NodeHandle};
 
-type Answer = Pin<Box<dyn Future<Output = Result<CommandResult, NodeError>>>>;
+type Answer = Pin<Box<dyn Future<Output = Result<(Outcome, u64), NodeError>>>>;
 
 const SECOND: Duration = Duration::from_secs(1);
 const KEYS: u64 = 4;
 
-/// A write and what became of it.
-struct Write {
+/// An operation of a client and what became of it.
+struct Call {
     key: String,
-    value: String,
-    /// For a compare-and-swap: the version it expects.
-    expects: Option<u64>,
+    op: Op,
+    call_ns: u64,
     answer: Answer,
-    /// Some(revision) once acknowledged; None while unknown.
-    acked: Option<u64>,
-    /// Whether the acknowledged write changed the key (a compare-and-swap
-    /// may not).
-    changed: bool,
-    failed: bool,
+    /// (when the answer was seen, the outcome; Unknown if it failed).
+    done: Option<(u64, Outcome)>,
+}
+
+impl Call {
+    /// Whether it was acknowledged and changed the key.
+    fn changed(&self) -> bool {
+        matches!(
+            self.done,
+            Some((_, Outcome::Written)) | Some((_, Outcome::Swapped(true)))
+        )
+    }
+
+    fn is_write(&self) -> bool {
+        !matches!(self.op, Op::Read)
+    }
+
+    /// As the linearizability checker takes it: no answer (yet) means
+    /// indeterminate.
+    fn operation(&self, client: u64) -> Operation {
+        let (return_ns, outcome) = match &self.done {
+            Some((_, Outcome::Unknown)) | None => (None, Outcome::Unknown),
+            Some((t, o)) => (Some(*t), o.clone()),
+        };
+        Operation {
+            client,
+            op: self.op.clone(),
+            call_ns: self.call_ns,
+            return_ns,
+            outcome,
+        }
+    }
 }
 
 fn put_op(k: &str, v: &str) -> command::Op {
@@ -53,16 +82,25 @@ fn put_op(k: &str, v: &str) -> command::Op {
     })
 }
 
-/// Sets `key` to `value` if its version is `version` (0: absent).
-fn cas_op(key: &str, version: u64, value: &str) -> command::Op {
+/// Sets `key` to `value` if it holds `expect` (None: absent).
+fn cas_op(key: &str, expect: Option<u64>, value: &str) -> command::Op {
     use zone_proto::v1::{compare, request_op, Compare, RequestOp, TxnRequest};
-    command::Op::Txn(TxnRequest {
-        compare: vec![Compare {
+    let compare = match expect {
+        Some(v) => Compare {
+            key: key.into(),
+            target: compare::Target::Value as i32,
+            op: compare::Op::Equal as i32,
+            target_value: Some(compare::TargetValue::Value(v.to_string().into_bytes())),
+        },
+        None => Compare {
             key: key.into(),
             target: compare::Target::Version as i32,
             op: compare::Op::Equal as i32,
-            target_value: Some(compare::TargetValue::Version(version)),
-        }],
+            target_value: Some(compare::TargetValue::Version(0)),
+        },
+    };
+    command::Op::Txn(TxnRequest {
+        compare: vec![compare],
         success: vec![RequestOp {
             request: Some(request_op::Request::Put(PutRequest {
                 key: key.into(),
@@ -80,6 +118,14 @@ fn record(n: &NodeHandle, key: &str) -> Option<zone_proto::v1::KeyValue> {
         serializable: true,
     };
     n.reader().get(&req).unwrap().0
+}
+
+/// A value as the clients write them: decimal numbers.
+fn value_of(kv: &zone_proto::v1::KeyValue) -> u64 {
+    std::str::from_utf8(&kv.value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 /// Each server's lease intervals [since, until) on the simulated clock.
@@ -104,26 +150,86 @@ fn lease_intervals(leases: &[(u64, Lease)]) -> BTreeMap<u64, Vec<(u64, u64)>> {
         .collect()
 }
 
-/// Polls a write still unanswered, and records its answer.
-fn settle_write(seed: u64, w: &mut Write) {
-    if w.acked.is_some() || w.failed {
+/// Polls a call still unanswered, and records its answer at `now_ns`.
+fn settle(seed: u64, c: &mut Call, now_ns: u64) {
+    if c.done.is_some() {
         return;
     }
-    match poll_once(&mut w.answer) {
-        Some(Ok(r)) => match r.result {
-            Some(command_result::Result::Put(p)) => {
-                w.acked = Some(p.header.map_or(0, |h| h.revision));
-                w.changed = true;
-            }
-            Some(command_result::Result::Txn(t)) => {
-                w.acked = Some(t.header.map_or(0, |h| h.revision));
-                w.changed = t.succeeded;
-            }
-            other => panic!("seed {seed}: a write answered {other:?}"),
-        },
-        Some(Err(_)) => w.failed = true,
+    match poll_once(&mut c.answer) {
+        Some(Ok((outcome, _))) => c.done = Some((now_ns, outcome)),
+        Some(Err(_)) => c.done = Some((now_ns, Outcome::Unknown)),
         None => {}
     }
+    if let Some((_, Outcome::Read(Some(u64::MAX)))) = c.done {
+        panic!(
+            "seed {seed}: a read of {} returned a value no client wrote",
+            c.key
+        );
+    }
+}
+
+/// Starts a client operation on server `id` (polled once, so the request
+/// is on its way): a put, a compare-and-swap (on the value server `id`
+/// has applied: often stale, and then refused) or a linearizable read.
+fn start_call(sim: &Sim, id: u64, rng: &mut StdRng, next_value: &mut u64) -> Call {
+    let key = format!("k{}", rng.random_range(0..KEYS));
+    let node = sim.node(id);
+    *next_value += 1;
+    let value = *next_value;
+    let (op, answer): (Op, Answer) = match rng.random_range(0..100) {
+        0..40 => {
+            let k = key.clone();
+            let answer = Box::pin(async move {
+                node.read_barrier().await?;
+                let (kv, revision) = node
+                    .reader()
+                    .get(&GetRequest {
+                        key: k.into(),
+                        serializable: true,
+                    })
+                    .map_err(|e| NodeError::Rejected(e.to_string()))?;
+                Ok((Outcome::Read(kv.as_ref().map(value_of)), revision))
+            });
+            (Op::Read, answer)
+        }
+        40..75 => {
+            let cmd = put_op(&key, &value.to_string());
+            let answer = Box::pin(async move {
+                let r = node.propose(cmd).await?;
+                match r.result {
+                    Some(command_result::Result::Put(p)) => {
+                        Ok((Outcome::Written, p.header.map_or(0, |h| h.revision)))
+                    }
+                    other => panic!("a put answered {other:?}"),
+                }
+            });
+            (Op::Write(value), answer)
+        }
+        _ => {
+            let expect = record(&node, &key).as_ref().map(value_of);
+            let cmd = cas_op(&key, expect, &value.to_string());
+            let answer = Box::pin(async move {
+                let r = node.propose(cmd).await?;
+                match r.result {
+                    Some(command_result::Result::Txn(t)) => Ok((
+                        Outcome::Swapped(t.succeeded),
+                        t.header.map_or(0, |h| h.revision),
+                    )),
+                    other => panic!("a compare-and-swap answered {other:?}"),
+                }
+            });
+            (Op::Cas { expect, new: value }, answer)
+        }
+    };
+    let mut c = Call {
+        key,
+        op,
+        call_ns: sim.now_ns(),
+        answer,
+        done: None,
+    };
+    settle(0, &mut c, sim.now_ns());
+    c
 }
 
 /// One run; panics with the seed on a broken invariant.
@@ -144,42 +250,31 @@ fn run(seed: u64) {
             })
             .collect()
     };
-    let mut writes: Vec<Write> = Vec::new();
+    // Calls by client: client i sends through server ids[i % n], one call
+    // at a time.
+    let clients = 2 * n as usize;
+    let mut calls: Vec<Vec<Call>> = (0..clients).map(|_| Vec::new()).collect();
     let mut crashed: Vec<(u64, u64)> = Vec::new(); // (server, restart at ns)
     let mut next_value = 0u64;
     let mut faults = BTreeMap::<&str, u64>::new();
     let end = sim.now_ns() + 20 * SECOND.as_nanos() as u64;
     while sim.now_ns() < end {
-        // A client write, to whoever leads (as clients find the leader).
-        if rng.random_bool(0.6) {
-            if let Some((leader, _)) = sim.leaders().into_iter().next() {
-                let key = format!("k{}", rng.random_range(0..KEYS));
-                next_value += 1;
-                let value = next_value.to_string();
-                let node = sim.node(leader);
-                // A third are compare-and-swaps on the version the leader
-                // has applied (often stale: the check is then refused).
-                let expects = rng
-                    .random_bool(0.33)
-                    .then(|| record(&node, &key).map_or(0, |kv| kv.version));
-                let op = match expects {
-                    Some(v) => cas_op(&key, v, &value),
-                    None => put_op(&key, &value),
-                };
-                let answer: Answer = Box::pin(async move { node.propose(op).await });
-                let mut w = Write {
-                    key,
-                    value,
-                    expects,
-                    answer,
-                    acked: None,
-                    changed: false,
-                    failed: false,
-                };
-                // Polled once now, so the request is on its way.
-                settle_write(seed, &mut w);
-                writes.push(w);
+        // Each client whose last call is answered may start another, to
+        // whoever leads (as clients find the leader); reads also go to
+        // any server.
+        for (c, mine) in calls.iter_mut().enumerate() {
+            if mine.last().is_some_and(|l| l.done.is_none()) || !rng.random_bool(0.3) {
+                continue;
             }
+            let via = ids[c % ids.len()];
+            if crashed.iter().any(|(id, _)| *id == via) {
+                continue;
+            }
+            let target = match sim.leaders().into_iter().next() {
+                Some((leader, _)) if rng.random_bool(0.7) => leader,
+                _ => via,
+            };
+            mine.push(start_call(&sim, target, &mut rng, &mut next_value));
         }
         // A fault, now and then; healing, more often.
         match rng.random_range(0..100) {
@@ -213,7 +308,24 @@ fn run(seed: u64) {
                     crashed.push((id, back));
                 }
             }
-            11..20 => {
+            11..13 => {
+                sim.net.chaos(Chaos {
+                    rng: StdRng::seed_from_u64(rng.random()),
+                    drop: rng.random_range(0.0..0.3),
+                    duplicate: rng.random_range(0.0..0.2),
+                    jitter: Duration::from_millis(rng.random_range(0..40)),
+                });
+                *faults.entry("drop, duplicate, reorder").or_default() += 1;
+            }
+            13..15 => {
+                // A slow disk: the server's driver busy in a sync.
+                let id = ids[rng.random_range(0..ids.len())];
+                if !crashed.iter().any(|(c, _)| *c == id) {
+                    sim.stall(id, Duration::from_millis(rng.random_range(10..400)));
+                    *faults.entry("disk stall").or_default() += 1;
+                }
+            }
+            15..24 => {
                 sim.net.heal();
                 sim.net.delay(Duration::ZERO);
             }
@@ -231,8 +343,9 @@ fn run(seed: u64) {
             sim.restart(id, members);
         }
         sim.run_for(Duration::from_millis(rng.random_range(5..60)));
-        for w in writes.iter_mut() {
-            settle_write(seed, w);
+        let now = sim.now_ns();
+        for c in calls.iter_mut().flatten() {
+            settle(seed, c, now);
         }
     }
 
@@ -243,17 +356,33 @@ fn run(seed: u64) {
         let members = founders_of(&sim);
         sim.restart(id, members);
     }
-    let leader = sim.wait_leader(&ids);
-    let node = sim.node(leader);
-    let mut last: Answer = Box::pin(async move { node.propose(put_op("final", "1")).await });
-    sim.wait(20 * SECOND, "a final write", |_| poll_once(&mut last))
-        .unwrap_or_else(|e| panic!("seed {seed}: the final write failed: {e}"));
+    // A final write, retried as a client would while leadership settles
+    // (a server that was stalled may still call an election).
+    let mut tries = 0;
+    loop {
+        let leader = sim.wait_leader(&ids);
+        let node = sim.node(leader);
+        let mut last: Pin<Box<dyn Future<Output = _>>> =
+            Box::pin(async move { node.propose(put_op("final", "1")).await });
+        match sim.wait(20 * SECOND, "a final write", |_| poll_once(&mut last)) {
+            Ok(_) => break,
+            Err(e) if tries < 5 => {
+                tries += 1;
+                eprintln!("seed {seed}: the final write failed ({e}); again");
+            }
+            Err(e) => panic!("seed {seed}: the final write failed {tries} times: {e}"),
+        }
+    }
     sim.wait(20 * SECOND, "every server to apply the final write", |s| {
         ids.iter()
             .all(|&id| record(&s.node(id), "final").is_some())
             .then_some(())
     });
     sim.run_for(SECOND);
+    let now = sim.now_ns();
+    for c in calls.iter_mut().flatten() {
+        settle(seed, c, now);
+    }
 
     // Every server holds the same data.
     let first = sim.node(ids[0]);
@@ -270,58 +399,41 @@ fn run(seed: u64) {
         }
     }
     // Every acknowledged write is there, and none was applied twice: a
-    // key's version counts the puts applied to it.
+    // key's version counts the writes applied to it.
+    let all: Vec<&Call> = calls.iter().flatten().collect();
     for k in 0..KEYS {
         let key = format!("k{k}");
         let version = record(&first, &key).map_or(0, |kv| kv.version);
-        let acked = writes
-            .iter()
-            .filter(|w| w.key == key && w.acked.is_some() && w.changed)
-            .count() as u64;
-        let sent = writes.iter().filter(|w| w.key == key).count() as u64;
+        let mine = all.iter().filter(|c| c.key == key);
+        let acked = mine.clone().filter(|c| c.changed()).count() as u64;
+        let sent = mine.filter(|c| c.is_write()).count() as u64;
         assert!(
             acked <= version && version <= sent,
-            "seed {seed}: {key} has version {version}, but {acked} puts were acknowledged and {sent} sent"
+            "seed {seed}: {key} has version {version}, but {acked} writes were acknowledged and {sent} sent"
         );
     }
-    // Each acknowledged compare-and-swap agrees with the history: one that
-    // succeeded at revision R made the key's version `expected + 1` with its
-    // value at R; one that failed saw another version at its revision.
-    let history = first.reader().history(1, u64::MAX - 1, b"k").unwrap();
-    let mut swaps = 0;
-    for w in writes.iter().filter(|w| w.expects.is_some()) {
-        let (Some(rev), Some(expected)) = (w.acked, w.expects) else {
-            continue;
-        };
-        swaps += 1;
-        let key = w.key.as_bytes();
-        let at = history
-            .iter()
-            .filter_map(|e| e.kv.as_ref())
-            .rfind(|kv| kv.key == key && kv.mod_revision <= rev);
-        if w.changed {
-            let kv = at.filter(|kv| kv.mod_revision == rev).unwrap_or_else(|| {
-                panic!(
-                    "seed {seed}: a compare-and-swap on {} succeeded at {rev}, not in the history",
-                    w.key
-                )
-            });
-            assert_eq!(
-                (kv.version, kv.value.as_slice()),
-                (expected + 1, w.value.as_bytes()),
-                "seed {seed}: a compare-and-swap on {} at {rev}",
-                w.key
-            );
-        } else {
-            // Deletes never happen here: absent means version 0. Values
-            // are unique: the key must not hold this one.
-            let (version, value) = at.map_or((0, &[][..]), |kv| (kv.version, &kv.value[..]));
-            assert!(
-                version != expected && value != w.value.as_bytes(),
-                "seed {seed}: a compare-and-swap on {} answered failed at {rev}, but the key had version {version} (expected {expected}) and value {:?}",
-                w.key,
-                String::from_utf8_lossy(value)
-            );
+    // Each key's history, final reads included, is linearizable.
+    let mut by_key: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
+    for (client, mine) in calls.iter().enumerate() {
+        for c in mine {
+            by_key
+                .entry(&c.key)
+                .or_default()
+                .push(c.operation(client as u64 + 1));
+        }
+    }
+    let at = sim.now_ns();
+    for (key, ops) in by_key.iter_mut() {
+        ops.push(Operation {
+            client: 0,
+            op: Op::Read,
+            call_ns: at,
+            return_ns: Some(at),
+            outcome: Outcome::Read(record(&first, key).as_ref().map(value_of)),
+        });
+        match lincheck::check(ops, None, Duration::from_secs(20)) {
+            Verdict::Linearizable => {}
+            v => panic!("seed {seed}: {key}'s history: {v:?}"),
         }
     }
     let terms = ids
@@ -329,11 +441,13 @@ fn run(seed: u64) {
         .map(|&id| sim.node(id).view().term)
         .max()
         .unwrap_or(0);
+    let count = |f: &dyn Fn(&&Call) -> bool| all.iter().filter(|c| f(c)).count();
     eprintln!(
-        "seed {seed}: {n} servers, {} writes ({} acknowledged, {} failed, {swaps} compare-and-swaps checked), faults {faults:?}, last term {terms}",
-        writes.len(),
-        writes.iter().filter(|w| w.acked.is_some()).count(),
-        writes.iter().filter(|w| w.failed).count(),
+        "seed {seed}: {n} servers, {} operations ({} writes acknowledged, {} reads answered, {} without answer), faults {faults:?}, last term {terms}",
+        all.len(),
+        count(&|c| c.is_write() && matches!(c.done, Some((_, ref o)) if *o != Outcome::Unknown)),
+        count(&|c| !c.is_write() && matches!(c.done, Some((_, Outcome::Read(_))))),
+        count(&|c| matches!(c.done, None | Some((_, Outcome::Unknown)))),
     );
     // At most one lease holder at any simulated instant.
     let intervals = lease_intervals(&sim.leases);

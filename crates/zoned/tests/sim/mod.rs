@@ -58,6 +58,18 @@ pub struct Net {
     /// each sent one; then all are delivered at once, so that the two
     /// pre-elections cross, as when two servers time out together.
     crossing_pre_votes: Mutex<Option<Vec<InFlight>>>,
+    /// Random loss, duplication and reordering, from a seed.
+    chaos: Mutex<Option<Chaos>>,
+}
+
+/// Messages lost, duplicated and reordered at random (reordered: each
+/// delayed by a random extra up to `jitter`).
+#[derive(Debug)]
+pub struct Chaos {
+    pub rng: rand::rngs::StdRng,
+    pub drop: f64,
+    pub duplicate: f64,
+    pub jitter: Duration,
 }
 
 impl Net {
@@ -101,10 +113,17 @@ impl Net {
         self.send(from, now_ns, vec![msg]);
     }
 
-    /// Every link up again, every rule gone.
+    /// Every link up again, every rule gone, no more chaos.
     pub fn heal(&self) {
         self.cut.lock().unwrap().clear();
         self.rules.lock().unwrap().clear();
+        *self.chaos.lock().unwrap() = None;
+    }
+
+    /// Loses, duplicates and reorders messages sent from now on, until
+    /// [`Net::heal`].
+    pub fn chaos(&self, chaos: Chaos) {
+        *self.chaos.lock().unwrap() = Some(chaos);
     }
 
     /// Whether a message from `from` is lost on the way.
@@ -130,10 +149,31 @@ impl Net {
 
     fn send(&self, from: u64, now_ns: u64, msgs: Vec<Message>) {
         let due_ns = now_ns + self.delay.lock().unwrap().as_nanos() as u64;
-        let mut msgs: Vec<InFlight> = msgs
-            .into_iter()
-            .map(|msg| InFlight { due_ns, from, msg })
-            .collect();
+        let mut msgs: Vec<InFlight> = match self.chaos.lock().unwrap().as_mut() {
+            None => msgs
+                .into_iter()
+                .map(|msg| InFlight { due_ns, from, msg })
+                .collect(),
+            Some(c) => {
+                use rand::Rng;
+                let mut out = Vec::new();
+                for msg in msgs {
+                    if c.rng.random_bool(c.drop) {
+                        continue;
+                    }
+                    let copies = if c.rng.random_bool(c.duplicate) { 2 } else { 1 };
+                    for _ in 0..copies {
+                        let extra = c.rng.random_range(0..=c.jitter.as_nanos() as u64);
+                        out.push(InFlight {
+                            due_ns: due_ns + extra,
+                            from,
+                            msg: msg.clone(),
+                        });
+                    }
+                }
+                out
+            }
+        };
         let mut crossing = self.crossing_pre_votes.lock().unwrap();
         if let Some(held) = crossing.as_mut() {
             let cut = self.cut.lock().unwrap();
