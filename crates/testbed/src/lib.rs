@@ -201,8 +201,9 @@ pub struct Testbed {
     pub root: tempfile::TempDir,
     /// Appended to every zoned configuration (a `[limits]` table, say).
     pub extra_config: String,
-    /// tmpfs mounts holding the servers' data, unmounted on drop.
-    pub mounts: Vec<PathBuf>,
+    /// Each server's own disk (see [`Testbed::start_on_own_disks`]): (loop
+    /// device, mount point), detached on drop.
+    pub disks: Vec<(String, PathBuf)>,
 }
 
 const SUBNET: &str = "10.77.0";
@@ -221,28 +222,45 @@ impl Testbed {
         tb
     }
 
-    /// As [`Testbed::start`], with each server's data directory on a tmpfs
-    /// of its own of `size_mb` (a disk that can fill up: see
-    /// [`Testbed::data_dir`]) and `limits.min_free_disk_mb = floor_mb`.
-    pub fn start_on_tmpfs(n: u64, size_mb: u64, floor_mb: u64) -> Testbed {
+    /// As [`Testbed::start`], with each server's data directory on a disk
+    /// of its own: an ext4 filesystem of `size_mb` on a loop device (its
+    /// image in the testbed's directory), so that a disk can fill up
+    /// ([`fill_disk`]) or stall ([`Testbed::freeze_disk`]: writes and syncs
+    /// block in the kernel, as on a storage hiccup), with
+    /// `limits.min_free_disk_mb = floor_mb`.
+    pub fn start_on_own_disks(n: u64, size_mb: u64, floor_mb: u64) -> Testbed {
         let mut tb = Testbed::build(n, VipManager::ZoneVip);
         tb.extra_config = format!("[limits]\nmin_free_disk_mb = {floor_mb}\n");
         for i in 0..tb.nodes.len() {
+            let image = tb.root.path().join(format!("disk-{}.img", tb.nodes[i].id));
+            let image = image.to_str().expect("a UTF-8 path").to_owned();
+            sh(&["truncate", "-s", &format!("{size_mb}M"), &image]);
+            let dev = sh(&["losetup", "-f", "--show", &image]).trim().to_owned();
             let data = tb.data_dir(i);
+            tb.disks.push((dev.clone(), data.clone()));
+            sh(&["mkfs.ext4", "-q", "-F", &dev]);
             std::fs::create_dir_all(&data).unwrap();
-            sh(&[
-                "mount",
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size_mb}m"),
-                "tmpfs",
-                data.to_str().expect("a UTF-8 path"),
-            ]);
-            tb.mounts.push(data);
+            sh(&["mount", &dev, data.to_str().expect("a UTF-8 path")]);
         }
         tb.start_all();
         tb
+    }
+
+    /// Freezes server `i`'s disk (fsfreeze): its writes and syncs block
+    /// until [`Testbed::thaw_disk`].
+    pub fn freeze_disk(&self, i: usize) {
+        sh(&[
+            "fsfreeze",
+            "-f",
+            self.disks[i].1.to_str().expect("a UTF-8 path"),
+        ]);
+    }
+
+    pub fn thaw_disk(&self, i: usize) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.disks[i].1)
+            .status();
     }
 
     /// Server `i`'s zoned data directory.
@@ -275,7 +293,7 @@ impl Testbed {
             manager,
             root,
             extra_config: String::new(),
-            mounts: Vec::new(),
+            disks: Vec::new(),
         };
         sh(&["ip", "netns", "add", &bridge_ns]);
         sh(&[
@@ -579,6 +597,10 @@ fn rand_suffix() -> String {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        // A process blocked on a frozen disk dies only once it thaws.
+        for i in 0..self.disks.len() {
+            self.thaw_disk(i);
+        }
         for i in 0..self.nodes.len() {
             self.kill9_agent(i);
             self.kill9_zoned(i);
@@ -595,14 +617,15 @@ impl Drop for Testbed {
                 }
             }
         }
-        for m in &self.mounts {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
         let mut all: Vec<String> = self.nodes.iter().map(|n| n.ns.clone()).collect();
         all.push(self.client_ns.clone());
         all.push(self.bridge_ns.clone());
         for ns in all {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        for (dev, mount) in &self.disks {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+            let _ = Command::new("losetup").args(["-d", dev]).status();
         }
     }
 }

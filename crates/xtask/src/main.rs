@@ -178,6 +178,8 @@ const APT_PACKAGES: &[&str] = &[
     "keepalived",
     "mmdebstrap",
     "e2fsprogs",
+    // The nemesis: losetup and fsfreeze (disks of its own per server).
+    "util-linux",
     "dosfstools",
     "mtools",
     "fdisk",

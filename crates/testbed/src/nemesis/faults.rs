@@ -31,9 +31,12 @@ pub enum Kind {
     StopVip,
     /// A server's link to the bridge down, both ways.
     LinkDown,
-    /// A server's data directory filled (its own tmpfs) to below its
+    /// A server's data directory filled (its own disk) to below its
     /// free-space floor: the leader's, or a follower's.
     FullDisk,
+    /// A server's disk frozen (fsfreeze): its writes and syncs block until
+    /// thawed. The leader's, or a follower's.
+    DiskStall,
     /// SIGSTOP of the leader's zone-vip and its link down: leadership
     /// moves while the frozen agent still has the VIP on its interface
     /// (issue 20's defect 2, not fixed yet: off unless asked for).
@@ -44,7 +47,7 @@ pub enum Kind {
     OneWay,
 }
 
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind::KillLeader,
     Kind::KillFollower,
     Kind::KillAll,
@@ -53,6 +56,7 @@ pub const KINDS: [Kind; 8] = [
     Kind::LinkDown,
     Kind::OneWay,
     Kind::FullDisk,
+    Kind::DiskStall,
 ];
 
 impl Kind {
@@ -67,6 +71,7 @@ impl Kind {
             Kind::OneWay => "one-way loss",
             Kind::FrozenVipCut => "SIGSTOP zone-vip + link down",
             Kind::FullDisk => "full disk",
+            Kind::DiskStall => "disk stall",
         }
     }
 }
@@ -94,6 +99,7 @@ struct Broken {
     routes: Vec<(usize, usize)>,
     /// Files filling a data directory.
     fillers: Vec<std::path::PathBuf>,
+    frozen: Vec<usize>,
 }
 
 fn signal(child: Option<&std::process::Child>, s: Signal) {
@@ -248,6 +254,16 @@ impl<'a> Nemesis<'a> {
                 self.broken.fillers.push(filler);
                 vec![i]
             }
+            Kind::DiskStall => {
+                let i = if self.rng.random_bool(0.67) {
+                    self.leader()
+                } else {
+                    self.rng.random_range(0..n)
+                };
+                self.tb.freeze_disk(i);
+                self.broken.frozen.push(i);
+                vec![i]
+            }
             Kind::LinkDown => {
                 let i = if self.rng.random_bool(0.5) {
                     self.leader()
@@ -276,6 +292,9 @@ impl<'a> Nemesis<'a> {
     /// Undoes every fault in place.
     pub fn heal(&mut self) {
         let b = std::mem::take(&mut self.broken);
+        for i in b.frozen {
+            self.tb.thaw_disk(i);
+        }
         for i in b.stopped_zoned {
             signal(self.tb.nodes[i].zoned.as_ref(), Signal::SIGCONT);
         }

@@ -4,9 +4,10 @@
 //! and reading keys through the VIP and through each server directly; a
 //! watcher from revision 1; a sampler of who holds the VIP; and faults one
 //! after another (kill -9 of the leader, of a follower, of all; SIGSTOP of
-//! zoned and of zone-vip; a link down; one-way loss; a full disk: each
-//! server's data is on a tmpfs of its own, filled to below its free-space
-//! floor).
+//! zoned and of zone-vip; a link down; one-way loss; and, each server's
+//! data being on a disk of its own (ext4 on a loop device), a full disk
+//! (filled to below the free-space floor) and a disk stall (fsfreeze:
+//! writes and syncs block in the kernel until thawed)).
 //!
 //! Every operation is recorded with its invocation and completion times
 //! and its result, or as indeterminate when no answer came. Once the faults
@@ -17,7 +18,6 @@
 //! the final reads are, the servers converge within 10 s, the VIP was never
 //! on two servers at once, and no process exited unless killed.
 //!
-//! Not yet here (issue 20): disk stalls (failpoints).
 
 mod checks;
 mod clients;
@@ -38,8 +38,9 @@ pub use faults::{Fault, Kind};
 
 use crate::{holders_of, wait_for, Testbed};
 
-/// Each server's data directory: a tmpfs of this size (MiB), so that the
-/// full-disk fault fills it in an instant...
+/// Each server's data directory: a disk of its own of this size (MiB,
+/// ext4 on a loop device), so that the full-disk fault fills it in an
+/// instant...
 const DATA_MB: u64 = 256;
 /// ...to below this free-space floor (`limits.min_free_disk_mb`).
 const FLOOR_MB: u64 = 32;
@@ -185,8 +186,8 @@ fn timestamp() -> String {
 /// Runs the nemesis; `progress` gets a line now and then. Panics if the
 /// testbed cannot be built (not root, no iproute2).
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
-    let mut tb = Testbed::start_on_tmpfs(3, DATA_MB, FLOOR_MB);
-    progress("three servers started (zoned + zone-vip each, data on tmpfs); waiting for the VIP");
+    let mut tb = Testbed::start_on_own_disks(3, DATA_MB, FLOOR_MB);
+    progress("three servers started (zoned + zone-vip each, data on disks of their own); waiting for the VIP");
     wait_for(Duration::from_secs(60), "a VIP holder", || {
         (tb.holders().len() == 1).then_some(())
     });
