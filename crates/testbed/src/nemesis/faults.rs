@@ -174,7 +174,7 @@ impl<'a> Nemesis<'a> {
     /// Runs faults until `until`: a quiet spell, a fault, its hold, healing.
     pub fn run_until(&mut self, until: Instant, progress: &mut dyn FnMut(&[Fault])) {
         while Instant::now() < until {
-            let quiet = Duration::from_millis(self.rng.random_range(300..1200));
+            let quiet = Duration::from_millis(self.rng.random_range(200..800));
             std::thread::sleep(quiet.min(until.saturating_duration_since(Instant::now())));
             if Instant::now() >= until {
                 break;
@@ -188,7 +188,7 @@ impl<'a> Nemesis<'a> {
             let leader = *self.shared.leader.lock().unwrap();
             let servers = self.apply(kind);
             let on_leader = leader.is_some() && servers.first() == leader.as_ref();
-            let hold = Duration::from_millis(self.rng.random_range(400..2500));
+            let hold = Duration::from_millis(self.rng.random_range(300..2000));
             std::thread::sleep(hold);
             self.heal();
             let end_ms = self.ms();
