@@ -76,13 +76,23 @@ fn acked_writes(ops: &[Recorded]) -> Vec<(&str, u64, Option<u64>)> {
         .collect()
 }
 
-/// Every acknowledged write is in the store's history (the watch from
-/// revision 1), at the revision it was acknowledged with; no value was
-/// written twice (each value is sent once: twice means a command applied
-/// twice).
+/// Every acknowledged write is in the store's history (read after the
+/// run by a new watch from revision 1), at the revision it was
+/// acknowledged with; no value was written twice (each value is sent
+/// once: twice means a command applied twice).
 pub fn writes(rec: &Recording) -> (Check, Check) {
+    let events = match &rec.history {
+        Ok((_, events)) => events,
+        Err(why) => {
+            let problem = [format!("the store's history could not be read: {why}")];
+            return (
+                check("no acknowledged write lost", &problem, String::new()),
+                check("no write applied twice", &problem, String::new()),
+            );
+        }
+    };
     let mut at: HashMap<(&str, Value), Vec<u64>> = HashMap::new();
-    for (rev, key, v) in &rec.watched.events {
+    for (rev, key, v) in events {
         at.entry((key.as_str(), *v)).or_default().push(*rev);
     }
     let acked = acked_writes(&rec.ops);
@@ -110,10 +120,7 @@ pub fn writes(rec: &Recording) -> (Check, Check) {
         check(
             "no write applied twice",
             &twice,
-            format!(
-                "{} writes in the history, each once",
-                rec.watched.events.len()
-            ),
+            format!("{} writes in the history, each once", events.len()),
         ),
     )
 }
@@ -179,6 +186,15 @@ pub fn watch(rec: &Recording) -> Check {
                 "{key}: the watch ended with {seen:?}, the final read returned {v:?}"
             ));
         }
+    }
+    if !problems.is_empty() {
+        problems.insert(
+            0,
+            format!(
+                "the watcher's last reconnections: {}",
+                rec.watched.errors.join("; ")
+            ),
+        );
     }
     check(
         "watch from revision 1: every revision, in order",
