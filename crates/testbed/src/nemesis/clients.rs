@@ -49,6 +49,20 @@ pub struct Recorded {
 /// A change as a watch reports it: (revision, key, value).
 pub type Change = (u64, String, Value);
 
+/// The changes one watch response carries. Every write here is a put: a
+/// delete shows as the key absent.
+fn changes(resp: zonectl::v1::WatchResponse) -> impl Iterator<Item = Change> {
+    resp.events.into_iter().filter_map(|e| {
+        let kv = e.kv?;
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        Some((
+            kv.mod_revision,
+            key,
+            (e.r#type == 0).then(|| decode(&kv.value)),
+        ))
+    })
+}
+
 /// What the watcher saw: (revision, key, value), in order received, and
 /// how many times it had to reconnect.
 #[derive(Debug, Default, Clone)]
@@ -343,14 +357,9 @@ async fn watcher(
                 _ = stop_rx.changed() => return seen,
                 msg = stream.message() => match msg {
                     Ok(Some(resp)) => {
-                        for e in resp.events {
-                            let Some(kv) = e.kv else { continue };
-                            let key = String::from_utf8_lossy(&kv.key).into_owned();
-                            // Every write here is a put: a delete would show
-                            // as the key absent.
-                            let v = (e.r#type == 0).then(|| decode(&kv.value));
-                            next_rev = next_rev.max(kv.mod_revision + 1);
-                            seen.events.push((kv.mod_revision, key, v));
+                        for c in changes(resp) {
+                            next_rev = next_rev.max(c.0 + 1);
+                            seen.events.push(c);
                         }
                         progress.store(next_rev - 1, Ordering::Relaxed);
                     }
@@ -564,12 +573,9 @@ async fn whole_history(targets: &Targets, last: u64) -> Result<(String, Vec<Chan
             while at < last {
                 match stream.message().await {
                     Ok(Some(resp)) => {
-                        for e in resp.events {
-                            let Some(kv) = e.kv else { continue };
-                            let key = String::from_utf8_lossy(&kv.key).into_owned();
-                            let v = (e.r#type == 0).then(|| decode(&kv.value));
-                            at = at.max(kv.mod_revision);
-                            events.push((kv.mod_revision, key, v));
+                        for c in changes(resp) {
+                            at = at.max(c.0);
+                            events.push(c);
                         }
                     }
                     Ok(None) => return Err(format!("the stream ended at revision {at}")),

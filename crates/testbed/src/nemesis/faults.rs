@@ -166,6 +166,15 @@ impl<'a> Nemesis<'a> {
         seen.unwrap_or_else(|| self.rng.random_range(0..self.tb.nodes.len()))
     }
 
+    /// The leader with probability `p`, else any server.
+    fn leader_or_any(&mut self, p: f64) -> usize {
+        if self.rng.random_bool(p) {
+            self.leader()
+        } else {
+            self.rng.random_range(0..self.tb.nodes.len())
+        }
+    }
+
     fn other_than(&mut self, i: usize) -> usize {
         let n = self.tb.nodes.len();
         (i + self.rng.random_range(1..n)) % n
@@ -245,41 +254,25 @@ impl<'a> Nemesis<'a> {
                 vec![i]
             }
             Kind::FullDisk => {
-                let i = if self.rng.random_bool(0.67) {
-                    self.leader()
-                } else {
-                    self.rng.random_range(0..n)
-                };
+                let i = self.leader_or_any(0.67);
                 let filler = crate::fill_disk(&self.tb.data_dir(i), (self.floor_mb << 20) / 2);
                 self.broken.fillers.push(filler);
                 vec![i]
             }
             Kind::DiskStall => {
-                let i = if self.rng.random_bool(0.67) {
-                    self.leader()
-                } else {
-                    self.rng.random_range(0..n)
-                };
+                let i = self.leader_or_any(0.67);
                 self.tb.freeze_disk(i);
                 self.broken.frozen.push(i);
                 vec![i]
             }
             Kind::LinkDown => {
-                let i = if self.rng.random_bool(0.5) {
-                    self.leader()
-                } else {
-                    self.rng.random_range(0..n)
-                };
+                let i = self.leader_or_any(0.5);
                 self.tb.set_link(i, false);
                 self.broken.links_down.push(i);
                 vec![i]
             }
             Kind::OneWay => {
-                let from = if self.rng.random_bool(0.5) {
-                    self.leader()
-                } else {
-                    self.rng.random_range(0..n)
-                };
+                let from = self.leader_or_any(0.5);
                 let to = self.other_than(from);
                 let ip = format!("{}/32", self.tb.nodes[to].ip);
                 ip_in(&self.tb.nodes[from].ns, &["route", "add", "blackhole", &ip]);

@@ -26,7 +26,7 @@ mod faults;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -208,7 +208,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         start,
         shared.clone(),
     );
-    let last_line = Mutex::new(Instant::now());
+    let mut last_line = Instant::now();
     let mut kinds = faults::KINDS.to_vec();
     if opts.frozen_vip_cut {
         kinds.push(Kind::FrozenVipCut);
@@ -222,9 +222,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         FLOOR_MB,
     );
     nemesis.run_until(start + opts.duration, &mut |log: &[Fault]| {
-        let mut last = last_line.lock().unwrap();
-        if last.elapsed() >= Duration::from_secs(10) {
-            *last = Instant::now();
+        if last_line.elapsed() >= Duration::from_secs(10) {
+            last_line = Instant::now();
             progress(&format!(
                 "{:>5} s: {} faults",
                 start.elapsed().as_secs(),
