@@ -7,10 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use testbed::zone::{poll, TestZone};
 use tokio::sync::watch;
 use zone_vip::config::Config;
-use zone_vip::effects::Memory;
+use zone_vip::config::Vip;
+use zone_vip::effects::{Addresses, Memory};
 use zone_vip::runner::{self, Effects};
 use zonectl::v1::{PutRequest, TransferLeaderRequest};
 
@@ -21,6 +23,14 @@ struct Agents {
 }
 
 fn start_agents(zone: &TestZone) -> Agents {
+    start_agents_with(zone, |m| m)
+}
+
+/// Agents whose address side effect is `addresses(memory)`.
+fn start_agents_with(
+    zone: &TestZone,
+    addresses: impl Fn(Arc<Memory>) -> Arc<dyn Addresses>,
+) -> Agents {
     let (stop, stop_rx) = watch::channel(false);
     let mut mem = Vec::new();
     let mut config = None;
@@ -32,7 +42,7 @@ fn start_agents(zone: &TestZone) -> Agents {
         let c = Config::parse(&text).unwrap();
         let m = Arc::new(Memory::default());
         let effects = Effects {
-            addresses: m.clone(),
+            addresses: addresses(m.clone()),
             announcer: m.clone(),
             services: m.clone(),
         };
@@ -233,4 +243,71 @@ async fn a_transfer_that_moves_nothing_or_is_abandoned_gives_the_vip_back() {
     zone.signal(target, Signal::SIGCONT);
     assert_ne!(back, target);
     agents.assert_no_overlap();
+}
+
+/// Adds that take effect `delay` late, the first time: a netlink call or a
+/// host stall that outlasts the lease.
+struct SlowFirstAdd {
+    memory: Arc<Memory>,
+    delay: Duration,
+    slowed: std::sync::atomic::AtomicBool,
+}
+
+impl Addresses for SlowFirstAdd {
+    fn add<'a>(&'a self, vip: &'a Vip, lifetime: Duration) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            if !self.slowed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(self.delay).await;
+            }
+            self.memory.add(vip, lifetime).await
+        })
+    }
+
+    fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>> {
+        self.memory.remove(vip)
+    }
+}
+
+/// Issue 20's defect 2, its last part: an address that took effect after
+/// the lease ended goes at once, and is never announced. Before, the agent
+/// announced it and started the leader's units, on a lease already over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_added_after_the_lease_ended_is_removed_at_once_and_never_announced() {
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    // Longer than the lease (350 ms with the default timing).
+    let agents = start_agents_with(&zone, |m| {
+        Arc::new(SlowFirstAdd {
+            memory: m,
+            delay: Duration::from_millis(600),
+            slowed: false.into(),
+        })
+    });
+    let log = poll(
+        Duration::from_secs(20),
+        "an agent's first add and what followed it",
+        || async {
+            agents.mem.iter().find_map(|m| {
+                let log: Vec<String> = m
+                    .entries()
+                    .into_iter()
+                    .skip_while(|e| !e.starts_with("add"))
+                    .collect();
+                (log.len() >= 2).then_some(log)
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        log[..2],
+        [
+            "add 10.99.0.100/24 on vip0".to_string(),
+            "remove 10.99.0.100/24 on vip0".into(),
+        ],
+        "the late address was kept or acted on: {log:?}"
+    );
+    // Settled again on a lease that holds, the agent takes the VIP for good.
+    agents.wait_holder(&zone, None).await;
+    agents.assert_no_overlap();
+    let _ = agents.stop.send(true);
 }

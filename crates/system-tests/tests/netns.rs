@@ -200,6 +200,103 @@ fn a_cut_leader_drops_the_vip_before_the_new_leader_adds_it() {
     eprintln!("link cut: VIP moved in {moved:?}; {samples} samples, never two holders");
 }
 
+fn signal_agent(tb: &Testbed, i: usize, s: nix::sys::signal::Signal) {
+    let pid = tb.nodes[i]
+        .vip_agent
+        .as_ref()
+        .expect("zone-vip running")
+        .id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s).expect("signal zone-vip");
+}
+
+/// Issue 20's defect 2: a frozen agent can neither see its lease end nor
+/// remove the VIP. Before the fence, the cut leader kept the VIP for as
+/// long as its agent stayed frozen, beside the new leader's.
+#[test]
+fn a_frozen_agent_on_a_cut_leader_loses_the_vip_before_the_new_leader_adds_it() {
+    use nix::sys::signal::Signal;
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    let sampler = Sampler::start(&tb);
+    signal_agent(&tb, first, Signal::SIGSTOP);
+    tb.set_link(first, false);
+    let t = Instant::now();
+    let second = wait_for(
+        Duration::from_secs(30),
+        "another namespace holding the VIP",
+        || tb.holders().into_iter().find(|&h| h != first),
+    );
+    let moved = t.elapsed();
+    // Keep sampling a while: on the old code the frozen agent's VIP stayed.
+    std::thread::sleep(Duration::from_secs(2));
+    let (max, samples) = sampler.finish();
+    assert!(samples > 10, "too few samples: {samples}");
+    assert_eq!(
+        max,
+        1,
+        "two namespaces held the VIP at once ({samples} samples; holders now {:?})",
+        tb.holders()
+    );
+    assert!(
+        tb.log(first, "zoned.log").contains("did not let go"),
+        "the cut leader's zoned did not fence its frozen agent"
+    );
+    // Thawed and healed: the agent sees its lease long gone, and the VIP
+    // stays with the new leader.
+    signal_agent(&tb, first, Signal::SIGCONT);
+    tb.set_link(first, true);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tb.holders(), vec![second]);
+    assert!(write_through_vip(&tb, "after-frozen-agent"));
+    let _ = &mut tb;
+    eprintln!(
+        "frozen agent, link cut: VIP moved in {moved:?}; {samples} samples, never two holders"
+    );
+}
+
+/// The backstop under the fence: the VIP carries a kernel lifetime renewed
+/// with the lease, so a host whose zoned and zone-vip are both frozen loses
+/// it within about 1.25 s (whole seconds, checked up to 250 ms late). Before,
+/// the address had no lifetime and stayed for as long as the host was frozen.
+#[test]
+fn a_host_whose_zoned_and_agent_are_frozen_loses_the_vip_by_its_kernel_lifetime() {
+    use nix::sys::signal::Signal;
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    let shown = testbed::ip_in(
+        &tb.nodes[first].ns,
+        &["-o", "address", "show", "dev", "eth0"],
+    );
+    let line = shown
+        .lines()
+        .find(|l| l.contains(&format!(" {}/", tb.vip)))
+        .unwrap_or_else(|| panic!("no VIP on the holder: {shown}"));
+    assert!(
+        line.contains("valid_lft") && !line.contains("valid_lft forever"),
+        "the VIP has no kernel lifetime: {line}"
+    );
+    let zoned_pid = tb.nodes[first].zoned.as_ref().expect("zoned running").id();
+    let stop = |s| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(zoned_pid as i32), s)
+            .expect("signal zoned");
+        signal_agent(&tb, first, s);
+    };
+    stop(Signal::SIGSTOP);
+    let t = Instant::now();
+    let gone = wait_for(
+        Duration::from_secs(5),
+        "the frozen host's VIP removed by the kernel",
+        || (!tb.holders().contains(&first)).then(|| t.elapsed()),
+    );
+    stop(Signal::SIGCONT);
+    assert!(
+        gone < Duration::from_millis(2500),
+        "the VIP stayed {gone:?}"
+    );
+    let _ = &mut tb;
+    eprintln!("zoned and zone-vip frozen: the kernel removed the VIP after {gone:?}");
+}
+
 #[test]
 fn transfer_and_sigterm_move_the_vip_with_no_dual_holder() {
     let mut tb = Testbed::start(3);

@@ -5,9 +5,7 @@
 //! ones). Root only; the testbed fails with the reason otherwise.
 //!
 //! `ZONED_NEMESIS_SECONDS` (default 180) and `ZONED_NEMESIS_SEED` (default
-//! random, printed) change the run; `ZONED_NEMESIS_FROZEN_VIP_CUT=1` adds
-//! the fault of issue 20's open defect 2 (a frozen zone-vip on a leader
-//! that loses its link), which the VIP check then catches.
+//! random, printed) change the run.
 
 use std::time::Duration;
 
@@ -25,7 +23,6 @@ fn the_zone_keeps_every_promise_through_minutes_of_faults() {
         clients: 8,
         out_dir: testbed::bin_dir().join("robustness"),
         check_budget: Duration::from_secs(120),
-        frozen_vip_cut: std::env::var_os("ZONED_NEMESIS_FROZEN_VIP_CUT").is_some(),
     };
     let report = run(&opts, &mut |line| eprintln!("{line}"));
     eprintln!("{}", report.table());

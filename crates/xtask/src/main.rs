@@ -72,11 +72,6 @@ enum Task {
         /// Concurrent clients.
         #[arg(long, default_value_t = 8)]
         clients: u64,
-        /// Also freeze the leader's zone-vip and cut its link: issue 20's
-        /// open defect 2 (the VIP stays on the frozen server while the next
-        /// leader adds it), which the VIP check catches.
-        #[arg(long)]
-        frozen_vip_cut: bool,
     },
     /// Build the appliance disk image (root): target/image/zoned-<profile>.raw
     /// (for dd onto a disk), .qcow2 (for VMs), the kernel and initrd for
@@ -222,8 +217,7 @@ fn main() -> Result<()> {
             minutes,
             seed,
             clients,
-            frozen_vip_cut,
-        } => robustness(minutes, seed, clients, frozen_vip_cut),
+        } => robustness(minutes, seed, clients),
         Task::Test { tiers: true, .. } => test::check(cargo),
         Task::Test { tier, .. } => test::run(cargo, tier.expect("required by clap")),
     }
@@ -241,7 +235,7 @@ fn build_testbed_binaries() -> Result<PathBuf> {
     Ok(target)
 }
 
-fn robustness(minutes: u64, seed: Option<u64>, clients: u64, frozen_vip_cut: bool) -> Result<()> {
+fn robustness(minutes: u64, seed: Option<u64>, clients: u64) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the nemesis builds network namespaces: run it as root");
     }
@@ -257,7 +251,6 @@ fn robustness(minutes: u64, seed: Option<u64>, clients: u64, frozen_vip_cut: boo
         clients,
         out_dir: target.join("robustness"),
         check_budget: Duration::from_secs(300),
-        frozen_vip_cut,
     };
     let report = testbed::nemesis::run(&opts, &mut |line| eprintln!("{line}"));
     println!("{}", report.table());

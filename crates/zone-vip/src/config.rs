@@ -24,19 +24,8 @@ pub enum ConfigError {
     },
 }
 
-/// One floating address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Vip {
-    pub address: IpAddr,
-    pub prefix: u8,
-    pub interface: String,
-}
-
-impl std::fmt::Display for Vip {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{} on {}", self.address, self.prefix, self.interface)
-    }
-}
+/// One floating address: an address on an interface.
+pub use zone_addr::IfAddr as Vip;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

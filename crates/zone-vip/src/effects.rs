@@ -14,8 +14,10 @@ use crate::config::Vip;
 
 /// Adds and removes addresses on interfaces (netlink is asynchronous).
 pub trait Addresses: Send + Sync + 'static {
-    /// Adds the address; succeeds if it is already there.
-    fn add<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Adds the address, or renews it if it is already there, for at least
+    /// `lifetime` from now: past it, the kernel removes the address even if
+    /// this agent never runs again (see [`zone_addr`]).
+    fn add<'a>(&'a self, vip: &'a Vip, lifetime: Duration) -> BoxFuture<'a, std::io::Result<()>>;
     /// Removes the address; succeeds if it is not there.
     fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>>;
 }
@@ -86,12 +88,16 @@ impl Memory {
 }
 
 impl Addresses for Memory {
-    fn add<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>> {
-        self.held
+    fn add<'a>(&'a self, vip: &'a Vip, _lifetime: Duration) -> BoxFuture<'a, std::io::Result<()>> {
+        let new = self
+            .held
             .lock()
             .expect("held poisoned")
             .insert(vip.to_string());
-        self.note(format!("add {vip}"));
+        // A renewal changes nothing here (it only moves the kernel lifetime).
+        if new {
+            self.note(format!("add {vip}"));
+        }
         Box::pin(async { Ok(()) })
     }
 

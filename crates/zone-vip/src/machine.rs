@@ -19,6 +19,8 @@ use crate::config::{Config, Vip};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     AddVip(Vip),
+    /// The lease was renewed: renew the address's kernel lifetime with it.
+    RenewVip(Vip),
     /// Start announcing (gratuitous ARP / unsolicited NA), `count` times.
     Announce(Vip),
     StartUnit(String),
@@ -113,7 +115,12 @@ impl Machine {
                 self.role = Role::Leader {
                     expires_ns: lease.expires_ns,
                 };
-                Vec::new()
+                self.config
+                    .vips
+                    .iter()
+                    .cloned()
+                    .map(Action::RenewVip)
+                    .collect()
             }
             (Role::Leader { .. }, false) => self.become_follower(),
             (Role::Follower, false) => {
@@ -233,8 +240,11 @@ mod tests {
             ]
         );
         assert_eq!(m.deadline_ns(), Some(1_000));
-        // A renewal only moves the deadline.
-        assert!(m.on_lease(lease(true, 2_000), 900).is_empty());
+        // A renewal moves the deadline and the address's kernel lifetime.
+        assert_eq!(
+            m.on_lease(lease(true, 2_000), 900),
+            vec![Action::RenewVip(vip())]
+        );
         assert_eq!(m.deadline_ns(), Some(2_000));
     }
 
@@ -308,7 +318,10 @@ mod tests {
         );
         assert!(m.is_leader());
         // Settled: a later renewal is an ordinary one.
-        assert!(m.on_lease(lease(true, 4_100 * MS), 3_750 * MS).is_empty());
+        assert_eq!(
+            m.on_lease(lease(true, 4_100 * MS), 3_750 * MS),
+            vec![Action::RenewVip(vip())]
+        );
         assert!(m.is_leader());
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use zone_vip::announce::RawAnnouncer;
 use zone_vip::config::Config;
-use zone_vip::effects::{Addresses, Systemd};
+use zone_vip::effects::Systemd;
 use zone_vip::netlink::Netlink;
 use zone_vip::runner::{self, Effects};
 

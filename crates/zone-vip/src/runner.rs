@@ -5,7 +5,19 @@
 //! Announcements repeat in a background task, stopped on step-down. Units
 //! and hooks run in order on a worker of their own, so that a slow hook can
 //! never delay removing the VIP when the lease ends.
+//!
+//! Safety: the VIP is held only within the lease. Every side effect that
+//! acts as leader (adding or renewing the address, each announcement) first
+//! checks that the lease has not run out, and the check is made again after
+//! each one: a netlink call or a host stall that outlasts the lease ends in
+//! a step-down, not in an address installed or announced after the lease.
+//! The address carries a kernel lifetime renewed with each lease, so that it
+//! goes even if this process never runs again; zoned removes it itself if
+//! this agent does not acknowledge letting go (see zoned's `agent::fence`);
+//! and the lease loop feeds systemd's watchdog, so a hung agent is restarted
+//! and `ExecStopPost` removes the address.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
-use zone_proto::v1::{agent_client::AgentClient, LeaseAck};
+use zone_proto::v1::{agent_client::AgentClient, HeldAddress, LeaseAck};
 
 use crate::config::{Config, Vip};
 use crate::effects::{Addresses, Announcer, Services};
@@ -55,21 +67,52 @@ struct Executor {
     effects: Effects,
     announcing: Vec<tokio::task::JoinHandle<()>>,
     services: mpsc::UnboundedSender<Action>,
+    /// The lease's end (CLOCK_MONOTONIC ns) while leading, 0 otherwise;
+    /// shared with the announcement tasks.
+    valid_until: Arc<AtomicU64>,
+}
+
+/// Whether a lease valid until `valid_until` still holds.
+fn lease_valid(valid_until: &AtomicU64) -> bool {
+    monotonic_ns() < valid_until.load(Ordering::Acquire)
 }
 
 impl Executor {
-    async fn execute(&mut self, actions: Vec<Action>) {
+    /// Carries out `actions` in order. Returns false, with the rest left
+    /// undone, if the lease ran out before or during a side effect that acts
+    /// as leader: the caller must step down at once.
+    async fn execute(&mut self, actions: Vec<Action>) -> bool {
         for action in actions {
             match action {
-                Action::AddVip(vip) => match self.effects.addresses.add(&vip).await {
-                    Ok(()) => tracing::info!(%vip, "VIP added"),
-                    Err(e) => tracing::error!(%vip, error = %e, "cannot add the VIP"),
-                },
+                Action::AddVip(ref vip) | Action::RenewVip(ref vip) => {
+                    let until = self.valid_until.load(Ordering::Acquire);
+                    let now = monotonic_ns();
+                    if now >= until {
+                        return false;
+                    }
+                    let lifetime = Duration::from_nanos(until - now);
+                    let r = self.effects.addresses.add(vip, lifetime).await;
+                    if !lease_valid(&self.valid_until) {
+                        tracing::warn!(%vip, "the lease ran out while the VIP was being added");
+                        return false;
+                    }
+                    let first = matches!(action, Action::AddVip(_));
+                    match r {
+                        Ok(()) if first => tracing::info!(%vip, "VIP added"),
+                        Ok(()) => {}
+                        Err(e) => tracing::error!(%vip, error = %e, "cannot add the VIP"),
+                    }
+                }
                 Action::RemoveVip(vip) => match self.effects.addresses.remove(&vip).await {
                     Ok(()) => tracing::info!(%vip, "VIP removed"),
                     Err(e) => tracing::error!(%vip, error = %e, "cannot remove the VIP"),
                 },
-                Action::Announce(vip) => self.announce(vip),
+                Action::Announce(vip) => {
+                    if !lease_valid(&self.valid_until) {
+                        return false;
+                    }
+                    self.announce(vip);
+                }
                 Action::StopAnnouncing => {
                     for t in self.announcing.drain(..) {
                         t.abort();
@@ -80,6 +123,7 @@ impl Executor {
                 }
             }
         }
+        true
     }
 
     /// The first announcement at once, the rest in the background.
@@ -93,9 +137,15 @@ impl Executor {
         }
         let interval = self.config.announce_interval();
         let announcer = self.effects.announcer.clone();
+        let valid_until = self.valid_until.clone();
         self.announcing.push(tokio::spawn(async move {
             for _ in 0..rest {
                 tokio::time::sleep(interval).await;
+                // After a stall (SIGSTOP, a paused host) this task may run
+                // before the lease loop notices the lease ended.
+                if !lease_valid(&valid_until) {
+                    return;
+                }
                 if let Err(e) = announcer.announce(&vip) {
                     tracing::warn!(%vip, error = %e, "announcement failed");
                 }
@@ -136,6 +186,67 @@ fn start_service_worker(
     tx
 }
 
+/// Feeds systemd's watchdog (`WatchdogSec=`) from the lease loop itself,
+/// so that a loop stuck in a system call stops feeding it.
+#[derive(Debug)]
+struct Watchdog {
+    every: Option<Duration>,
+    last: tokio::time::Instant,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        Watchdog {
+            // Fed twice per period.
+            every: sd_notify::watchdog_enabled().map(|p| p / 2),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    fn feed(&mut self) {
+        if self.every.is_some_and(|e| self.last.elapsed() >= e) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            self.last = tokio::time::Instant::now();
+        }
+    }
+
+    /// When it must be fed next (far away when there is no watchdog).
+    fn due(&self) -> tokio::time::Instant {
+        self.last + self.every.unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+/// The acknowledgement of lease `generation`: whether this agent acts as
+/// leader, and the addresses it holds when it does (see the proto).
+fn ack(config: &Config, holding: bool, generation: u64) -> LeaseAck {
+    LeaseAck {
+        generation,
+        holding,
+        addresses: config
+            .vips
+            .iter()
+            .map(|v| HeldAddress {
+                interface: v.interface.clone(),
+                address: v.address.to_string(),
+                prefix: v.prefix.into(),
+            })
+            .collect(),
+    }
+}
+
+/// Carries out `actions`; if the lease ran out meanwhile, steps down at
+/// once.
+async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>) {
+    let deadline = machine.deadline_ns().unwrap_or(0);
+    exec.valid_until.store(deadline, Ordering::Release);
+    if exec.execute(actions).await {
+        return;
+    }
+    let down = machine.on_tick(monotonic_ns().max(deadline));
+    exec.valid_until.store(0, Ordering::Release);
+    exec.execute(down).await;
+}
+
 /// Follows the lease until `stop` turns true; always steps down on the way
 /// out, so the VIP never outlives the agent.
 pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<bool>) {
@@ -146,10 +257,14 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         effects,
         announcing: Vec::new(),
         services,
+        valid_until: Arc::new(AtomicU64::new(0)),
     };
-    exec.execute(machine.startup()).await;
+    let mut watchdog = Watchdog::new();
+    let stale = machine.startup();
+    apply(&mut exec, &mut machine, stale).await;
     let mut backoff = Duration::from_millis(50);
     'outer: loop {
+        watchdog.feed();
         let channel = tokio::select! {
             c = connect(&config.socket) => c,
             _ = stop.changed() => break 'outer,
@@ -158,7 +273,8 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(socket = %config.socket.display(), error = %e, "zoned not reachable");
-                exec.execute(machine.on_stream_lost()).await;
+                let down = machine.on_stream_lost();
+                apply(&mut exec, &mut machine, down).await;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => break 'outer,
@@ -168,21 +284,37 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
             }
         };
         let (ack_tx, ack_rx) = mpsc::channel::<LeaseAck>(16);
-        let mut stream = match AgentClient::new(channel)
-            .lease(ReceiverStream::new(ack_rx))
-            .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
+        // The declaration: zoned learns the addresses before this agent can
+        // hold any, so it can remove them should this agent freeze.
+        let _ = ack_tx.try_send(ack(&config, false, 0));
+        // Bounded: a frozen zoned must not stop this loop (and its
+        // watchdog) here.
+        let opened = tokio::time::timeout(
+            Duration::from_secs(2),
+            AgentClient::new(channel).lease(ReceiverStream::new(ack_rx)),
+        )
+        .await;
+        let mut stream = match opened {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e.message(), "lease stream refused");
-                exec.execute(machine.on_stream_lost()).await;
+                let down = machine.on_stream_lost();
+                apply(&mut exec, &mut machine, down).await;
                 tokio::time::sleep(backoff).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("zoned did not open the lease stream within 2 s");
+                let down = machine.on_stream_lost();
+                apply(&mut exec, &mut machine, down).await;
                 continue;
             }
         };
         backoff = Duration::from_millis(50);
         tracing::info!(socket = %config.socket.display(), "following the lease");
+        let mut generation = 0;
         loop {
+            watchdog.feed();
             let deadline = machine.deadline_ns().map(|d| {
                 let left = d.saturating_sub(monotonic_ns());
                 tokio::time::Instant::now() + Duration::from_nanos(left)
@@ -190,26 +322,36 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(s)) => {
+                        generation = s.generation;
                         let view = LeaseView { held: s.held, expires_ns: s.expires_monotonic_ns, generation: s.generation };
-                        exec.execute(machine.on_lease(view, monotonic_ns())).await;
-                        let _ = ack_tx.try_send(LeaseAck { generation: s.generation, holding: machine.is_leader() });
+                        let actions = machine.on_lease(view, monotonic_ns());
+                        apply(&mut exec, &mut machine, actions).await;
+                        let _ = ack_tx.try_send(ack(&config, machine.is_leader(), generation));
                     }
                     Ok(None) | Err(_) => {
                         tracing::warn!("lease stream ended; stepping down");
-                        exec.execute(machine.on_stream_lost()).await;
+                        let down = machine.on_stream_lost();
+                        apply(&mut exec, &mut machine, down).await;
                         break;
                     }
                 },
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     tracing::warn!("lease expired without renewal; stepping down");
-                    exec.execute(machine.on_tick(monotonic_ns())).await;
+                    let down = machine.on_tick(monotonic_ns());
+                    apply(&mut exec, &mut machine, down).await;
+                    // Tell zoned at once that the VIP is gone, so that its
+                    // fence has nothing to do.
+                    let _ = ack_tx.try_send(ack(&config, machine.is_leader(), generation));
                 }
+                _ = tokio::time::sleep_until(watchdog.due()) => {}
                 _ = stop.changed() => break 'outer,
             }
         }
     }
     tracing::info!("stopping: releasing everything");
-    exec.execute(machine.on_stream_lost()).await;
+    let down = machine.on_stream_lost();
+    apply(&mut exec, &mut machine, down).await;
     // Make sure the VIPs are gone even if we never held them this run.
-    exec.execute(machine.startup()).await;
+    let all = machine.startup();
+    apply(&mut exec, &mut machine, all).await;
 }

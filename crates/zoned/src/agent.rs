@@ -7,6 +7,8 @@
 //! (still acting as leader or not). Before a planned leadership transfer the
 //! lease is revoked and [`AgentRegistry::wait_released`] waits until every
 //! connected agent has let go, so the next leader's agent never overlaps.
+//! [`fence`] removes the addresses of an agent that does not let go when
+//! the lease ends.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,9 +21,12 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use zone_proto::v1::{agent_server::Agent, LeaseAck, LeaseState};
+use zone_proto::v1::{agent_server::Agent, HeldAddress, LeaseAck, LeaseState};
 
 use crate::node::{Lease, NodeHandle};
+
+/// How long an agent has to declare its addresses once connected.
+const DECLARATION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What each connected agent last acknowledged.
 #[derive(Debug, Default)]
@@ -39,6 +44,7 @@ impl AgentRegistry {
             LeaseAck {
                 generation: 0,
                 holding: true,
+                addresses: Vec::new(),
             },
         );
         id
@@ -53,6 +59,28 @@ impl AgentRegistry {
 
     fn unregister(&self, id: u64) {
         self.acks.lock().expect("acks poisoned").remove(&id);
+        self.changed.notify_waiters();
+    }
+
+    /// The agents that have not acknowledged letting go of lease
+    /// `generation` (or a later one), with their addresses.
+    fn not_released(&self, generation: u64) -> Vec<(u64, Vec<HeldAddress>)> {
+        self.acks
+            .lock()
+            .expect("acks poisoned")
+            .iter()
+            .filter(|(_, a)| a.holding || a.generation < generation)
+            .map(|(id, a)| (*id, a.addresses.clone()))
+            .collect()
+    }
+
+    /// zoned removed agent `id`'s addresses: it holds nothing any more, as
+    /// of lease `generation`.
+    fn fenced(&self, id: u64, generation: u64) {
+        if let Some(slot) = self.acks.lock().expect("acks poisoned").get_mut(&id) {
+            slot.holding = false;
+            slot.generation = slot.generation.max(generation);
+        }
         self.changed.notify_waiters();
     }
 
@@ -123,9 +151,34 @@ impl Agent for AgentService {
         let server_id = self.node.id();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            tracing::info!(agent = id, "agent connected");
+            // No lease state before the agent declared its addresses: the
+            // fence must know them before the agent can hold any.
+            let declared = tokio::time::timeout(DECLARATION_TIMEOUT, acks.message()).await;
+            let declared = match declared {
+                Ok(Ok(Some(a))) => {
+                    tracing::info!(agent = id, addresses = a.addresses.len(), "agent connected");
+                    registry.ack(id, a);
+                    true
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(agent = id, error = %e, "agent stream failed before its declaration");
+                    false
+                }
+                Ok(Ok(None)) | Err(_) => {
+                    tracing::warn!(
+                        agent = id,
+                        "agent did not declare its addresses; closing its stream"
+                    );
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(
+                            "LeaseAck: the first message must declare the agent's addresses (generation 0, not holding)",
+                        )))
+                        .await;
+                    false
+                }
+            };
             let first = state(server_id, &lease.borrow_and_update());
-            if tx.send(Ok(first)).await.is_ok() {
+            if declared && tx.send(Ok(first)).await.is_ok() {
                 loop {
                     tokio::select! {
                         changed = lease.changed() => {
@@ -150,6 +203,99 @@ impl Agent for AgentService {
             tracing::info!(agent = id, "agent disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn if_addr(a: &HeldAddress) -> Option<zone_addr::IfAddr> {
+    Some(zone_addr::IfAddr {
+        interface: a.interface.clone(),
+        address: a.address.parse().ok()?,
+        prefix: u8::try_from(a.prefix).ok()?,
+    })
+}
+
+/// zoned's fence against an agent that cannot let go of the VIP.
+///
+/// Safety: an agent holds the VIP only within this server's lease and
+/// acknowledges letting go when the lease ends (on its own timer) or is
+/// revoked. An agent that is frozen (SIGSTOP, or stuck in a system call)
+/// does neither, and the next leader adds the VIP as soon as it is elected:
+/// no sooner than `raft.lease_margin_ms` less one tick after this lease
+/// ended, as followers refuse votes until then (see `node::lease` and
+/// `Config::validate`). So `grace` after the lease ends (half that time),
+/// this task removes, itself,
+/// the addresses that any agent still reports holding, and counts that
+/// agent as released. What this cannot cover, a host whose zoned is frozen
+/// as well, is left to the kernel lifetime the agent puts on each address
+/// (see `zone_addr`).
+pub async fn fence(node: NodeHandle, registry: Arc<AgentRegistry>, grace: Duration) {
+    let mut lease = node.watch_lease();
+    let grace_ns = grace.as_nanos() as u64;
+    let mut netlink: Option<zone_addr::Netlink> = None;
+    // The last lease state in which this server held the lease: an agent
+    // can only be holding because of it or an earlier one.
+    let mut last_held: Option<u64> = None;
+    loop {
+        let l = *lease.borrow_and_update();
+        if l.held {
+            last_held = Some(l.generation);
+        }
+        let Some(held_generation) = last_held else {
+            // Never held since this zoned started: no agent holds anything.
+            if lease.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let now = zone_proto::monotonic_ns();
+        let due = if l.held { l.expires_ns.max(now) } else { now } + grace_ns;
+        tokio::select! {
+            changed = lease.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(Duration::from_nanos(due - now)) => {}
+        }
+        let l = *lease.borrow();
+        if l.held && l.expires_ns > zone_proto::monotonic_ns() {
+            continue;
+        }
+        for (id, addresses) in registry.not_released(held_generation) {
+            if netlink.is_none() && !addresses.is_empty() {
+                match zone_addr::Netlink::open() {
+                    Ok(n) => netlink = Some(n),
+                    Err(e) => {
+                        tracing::error!(error = %e, "fence: cannot open netlink");
+                        break;
+                    }
+                }
+            }
+            for a in &addresses {
+                let nl = netlink.as_ref().expect("opened above");
+                let Some(a) = if_addr(a) else {
+                    tracing::error!(agent = id, address = ?a, "fence: an agent declared an address that is not one");
+                    continue;
+                };
+                match nl.remove(&a).await {
+                    Ok(()) => tracing::warn!(
+                        agent = id,
+                        address = %a,
+                        grace_ms = grace.as_millis() as u64,
+                        "the agent did not let go after the lease ended: removed its address"
+                    ),
+                    Err(e) => {
+                        tracing::error!(agent = id, address = %a, error = %e, "fence: cannot remove the address")
+                    }
+                }
+            }
+            registry.fenced(id, l.generation.max(held_generation));
+        }
+        last_held = None;
+        if lease.changed().await.is_err() {
+            return;
+        }
     }
 }
 

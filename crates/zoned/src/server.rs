@@ -184,6 +184,19 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             path: path.display().to_string(),
             source,
         })?;
+        // Half the time between the lease's end and the earliest moment
+        // another server can be elected (the margin less the tick that a
+        // busy follower may lose; see `Config::validate`).
+        let grace_ms = config
+            .raft
+            .lease_margin_ms
+            .saturating_sub(config.raft.tick_ms)
+            / 2;
+        tokio::spawn(agent::fence(
+            node.clone(),
+            agents.clone(),
+            std::time::Duration::from_millis(grace_ms.max(1)),
+        ));
         let server = Server::builder()
             .add_service(AgentServer::new(AgentService::new(node.clone(), agents)))
             .serve_with_incoming_shutdown(

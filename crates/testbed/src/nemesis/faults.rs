@@ -38,8 +38,8 @@ pub enum Kind {
     /// thawed. The leader's, or a follower's.
     DiskStall,
     /// SIGSTOP of the leader's zone-vip and its link down: leadership
-    /// moves while the frozen agent still has the VIP on its interface
-    /// (issue 20's defect 2, not fixed yet: off unless asked for).
+    /// moves while the frozen agent still has the VIP on its interface,
+    /// until the cut server's zoned removes it (issue 20's defect 2).
     FrozenVipCut,
     /// One-way loss: a server can no longer send to one peer (a blackhole
     /// route in its namespace; the other way still works). The kernel
@@ -47,12 +47,13 @@ pub enum Kind {
     OneWay,
 }
 
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     Kind::KillLeader,
     Kind::KillFollower,
     Kind::KillAll,
     Kind::StopZoned,
     Kind::StopVip,
+    Kind::FrozenVipCut,
     Kind::LinkDown,
     Kind::OneWay,
     Kind::FullDisk,

@@ -58,9 +58,6 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// Time the linearizability search may take, over all keys.
     pub check_budget: Duration,
-    /// Also freeze the leader's zone-vip and cut its link (issue 20's
-    /// defect 2, open: the VIP check fails with it).
-    pub frozen_vip_cut: bool,
 }
 
 /// The outcome of a run.
@@ -209,10 +206,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         shared.clone(),
     );
     let mut last_line = Instant::now();
-    let mut kinds = faults::KINDS.to_vec();
-    if opts.frozen_vip_cut {
-        kinds.push(Kind::FrozenVipCut);
-    }
+    let kinds = faults::KINDS.to_vec();
     let mut nemesis = faults::Nemesis::new(
         &mut tb,
         shared,
