@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use testbed::zone::{poll, TestZone};
 use tonic::Code;
 use zonectl::v1::{
-    AddServerRequest, MembersRequest, PutRequest, RemoveServerRequest, ResetServerRequest,
-    SetMaintenanceRequest, TransferLeaderRequest,
+    request_op, AddServerRequest, MembersRequest, PutRequest, RemoveServerRequest, RequestOp,
+    ResetServerRequest, SetMaintenanceRequest, TransferLeaderRequest, TxnRequest,
 };
 
 fn put(key: &str, value: &str) -> PutRequest {
@@ -173,6 +173,91 @@ async fn a_follower_behind_the_retained_log_catches_up_by_snapshot() {
     assert!(
         row.snapshots_received >= 1,
         "caught up without a snapshot: {row:?}"
+    );
+}
+
+/// Issue 20's defect 8: two servers added back to back on a large store.
+/// A snapshot build that started before the second addition ends with the
+/// configuration from before it; on the old code it was offered to the
+/// second server, which rejected it, again and again until compaction
+/// passed it. (96 MiB builds in about 80 ms, so this test rarely hits that
+/// window: `raft_storage`'s unit test holds a build at a gate for it.) It
+/// found another defect: raft-rs's debug records were formatted even when
+/// not logged, a snapshot message's data included, which stalled each new
+/// leader for over a second, and the zone kept electing leaders and never
+/// caught the new servers up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_added_back_to_back_on_a_large_store_are_both_promoted() {
+    // A short log, so that joiners catch up by snapshot.
+    let mut zone = TestZone::start(3, "log_retention = 20\n");
+    let leader = zone.wait_leader().await;
+    // 96 MiB: 8 writers, each 24 transactions of 8 values of 64 KiB.
+    let value = vec![b'x'; 64 << 10];
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let mut kv = zone.kv(leader).await;
+        let value = value.clone();
+        writers.spawn(async move {
+            for t in 0..24 {
+                let success = (0..8)
+                    .map(|k| RequestOp {
+                        request: Some(request_op::Request::Put(PutRequest {
+                            key: format!("big/{w}/{t:02}/{k}").into_bytes(),
+                            value: value.clone(),
+                            prev_kv: false,
+                        })),
+                    })
+                    .collect();
+                kv.txn(TxnRequest {
+                    compare: vec![],
+                    success,
+                    failure: vec![],
+                })
+                .await
+                .unwrap();
+            }
+        });
+    }
+    writers.join_all().await;
+    let rev = zone.revision(leader).await;
+
+    // Each new server added, then started, as an operator would: the
+    // leader starts building the first one's snapshot as soon as that one
+    // answers, and the second is added meanwhile.
+    let joiners: Vec<usize> = [4, 5]
+        .iter()
+        .map(|&id| zone.prepare_joiner(id, 1))
+        .collect();
+    let started = Instant::now();
+    let mut c = zone.cluster(leader).await;
+    for &j in &joiners {
+        let id = zone.servers[j].id;
+        c.add_server(AddServerRequest {
+            id,
+            name: format!("zone-{id}"),
+            peer: zone.servers[j].peer.to_string(),
+        })
+        .await
+        .unwrap();
+        zone.launch(j);
+    }
+    poll(
+        Duration::from_secs(120),
+        "servers 4 and 5 promoted to voters",
+        || async {
+            let m = members(&zone, leader).await;
+            (m.contains(&(4, false)) && m.contains(&(5, false))).then_some(())
+        },
+    )
+    .await;
+    for &j in &joiners {
+        let row = zone.own_row(j).await.unwrap();
+        assert!(row.revision >= rev, "server {} is behind: {row:?}", row.id);
+        assert!(row.snapshots_received >= 1, "no snapshot: {row:?}");
+    }
+    eprintln!(
+        "both promoted {:?} after the first addition",
+        started.elapsed()
     );
 }
 

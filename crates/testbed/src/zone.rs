@@ -368,11 +368,16 @@ impl Drop for TestZone {
             self.kill9(i);
         }
         if std::thread::panicking() {
+            // ZONED_TEST_LOG_LINES: how many of each log's last lines to show.
+            let n = std::env::var("ZONED_TEST_LOG_LINES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(60);
             for s in &self.servers {
                 let log = std::fs::read_to_string(s.log_path()).unwrap_or_default();
                 let lines: Vec<&str> = log.lines().collect();
-                eprintln!("---- zoned {} log (last 60 lines) ----", s.id);
-                for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("---- zoned {} log (last {n} lines) ----", s.id);
+                for l in &lines[lines.len().saturating_sub(n)..] {
                     eprintln!("{l}");
                 }
             }
