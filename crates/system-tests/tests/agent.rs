@@ -2,7 +2,7 @@
 //! side effects in memory) beside each real zoned process follows the lease
 //! over the agent socket. The VIP must be held by exactly one agent, move on
 //! transfer, on kill -9 of the leader's zoned and on SIGTERM, and never be
-//! held by two agents at once, on the host's one monotonic clock.
+//! held by two agents at once, on the host's one clock (CLOCK_BOOTTIME).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,7 +151,7 @@ async fn the_vip_follows_the_lease_with_no_two_holders() {
 
     // kill -9 of the leader's zoned: its agent's stream breaks and the VIP
     // goes at once; the new leader's agent takes it.
-    let t0 = zone_vip::runner::monotonic_ns();
+    let t0 = zone_vip::runner::boottime_ns();
     zone.kill9(second);
     poll(
         Duration::from_secs(5),
@@ -159,7 +159,7 @@ async fn the_vip_follows_the_lease_with_no_two_holders() {
         || async { (!agents.holders().contains(&second)).then_some(()) },
     )
     .await;
-    let dropped_after_ms = (zone_vip::runner::monotonic_ns() - t0) / 1_000_000;
+    let dropped_after_ms = (zone_vip::runner::boottime_ns() - t0) / 1_000_000;
     let third = agents.wait_holder(&zone, Some(second)).await;
     agents.assert_no_overlap();
 

@@ -3,7 +3,8 @@
 //! This crate holds no logic: messages, clients and servers as prost and
 //! tonic generate them, the encoded descriptor set that `zoned` serves
 //! through gRPC reflection so that `grpcurl` works without the .proto files,
-//! and the clock the agent protocol states its times in ([`monotonic_ns`]).
+//! and the clock the agent protocol states its times in ([`boottime_ns`],
+//! with a timer on it, [`BootTimer`]).
 
 #![allow(missing_debug_implementations, clippy::all)]
 
@@ -15,11 +16,137 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every `zone.v1` file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("zone_descriptor");
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock the agent protocol's times
-/// (`expires_monotonic_ns`) are in, shared by every process on the host,
-/// so zoned's lease and zone-vip's deadlines compare directly.
-pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
+/// CLOCK_BOOTTIME in nanoseconds: the clock the agent protocol's times
+/// (`expires_boottime_ns`) and every lease deadline are in, shared by every
+/// process on the host, so zoned's lease and zone-vip's deadlines compare
+/// directly.
+///
+/// Not CLOCK_MONOTONIC: that one stops while the host is suspended (and in
+/// some hypervisors while the VM is paused), so a holder resumed after the
+/// zone moved on would trust a lease the zone has outlived. CLOCK_BOOTTIME
+/// counts the suspended time: the lease is over at once on resume.
+pub fn boottime_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is always available on Linux");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// A timer on CLOCK_BOOTTIME (a timerfd) for the tokio runtime it was made
+/// in. tokio's own timers count CLOCK_MONOTONIC: one armed for a lease's
+/// end would, after a suspend, still wait out what was left of the lease;
+/// this one fires at once on resume if the deadline passed meanwhile.
+pub struct BootTimer {
+    fd: tokio::io::unix::AsyncFd<TimerFdRaw>,
+}
+
+/// A timerfd as tokio's `AsyncFd` wants it.
+struct TimerFdRaw(nix::sys::timerfd::TimerFd);
+
+impl std::os::fd::AsRawFd for TimerFdRaw {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl std::fmt::Debug for BootTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BootTimer")
+    }
+}
+
+impl BootTimer {
+    /// A timer, not armed; needs a tokio runtime with I/O enabled.
+    pub fn new() -> std::io::Result<BootTimer> {
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let fd = TimerFd::new(
+            ClockId::CLOCK_BOOTTIME,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        // `AsyncFd::new` is deprecated because a `T: AsRawFd` need not own
+        // its descriptor; ours does (the TimerFd inside the AsyncFd closes
+        // it on drop, after deregistration), and `register` would need
+        // unsafe code, which this workspace denies.
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::new(TimerFdRaw(fd))?;
+        Ok(BootTimer { fd })
+    }
+
+    /// Waits until [`boottime_ns`] reads `deadline_ns` or more (at once if
+    /// it already does). Cancel-safe: dropping the future disarms nothing
+    /// that a later call does not re-arm.
+    pub async fn sleep_until(&self, deadline_ns: u64) -> std::io::Result<()> {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        if boottime_ns() >= deadline_ns {
+            return Ok(());
+        }
+        // 0 would disarm the timer; deadlines are far above it.
+        let at = TimeSpec::from_duration(std::time::Duration::from_nanos(deadline_ns.max(1)));
+        self.fd.get_ref().0.set(
+            Expiration::OneShot(at),
+            TimerSetTimeFlags::TFD_TIMER_ABSTIME,
+        )?;
+        loop {
+            let mut ready = self.fd.readable().await?;
+            match ready.try_io(|fd| {
+                let mut buf = [0u8; 8];
+                nix::unistd::read(&fd.get_ref().0, &mut buf).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                // Not yet (spurious readiness): wait again.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_protocol_clock_is_boottime_which_counts_at_least_what_monotonic_does() {
+        let read = |c| {
+            let ts = nix::time::clock_gettime(c).unwrap();
+            ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+        };
+        let before = read(nix::time::ClockId::CLOCK_BOOTTIME);
+        let ours = boottime_ns();
+        let after = read(nix::time::ClockId::CLOCK_BOOTTIME);
+        assert!(before <= ours && ours <= after);
+        // BOOTTIME = MONOTONIC + the time spent suspended, never less.
+        assert!(ours >= read(nix::time::ClockId::CLOCK_MONOTONIC) - 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn the_timer_fires_at_its_deadline_and_at_once_for_one_passed() {
+        let timer = BootTimer::new().unwrap();
+        let deadline = boottime_ns() + 30_000_000;
+        timer.sleep_until(deadline).await.unwrap();
+        let now = boottime_ns();
+        assert!(now >= deadline, "fired {} ns early", deadline - now);
+        assert!(
+            now - deadline < 200_000_000,
+            "fired {} ms late",
+            (now - deadline) / 1_000_000
+        );
+        // A deadline already passed (as after a suspend): at once.
+        let t = std::time::Instant::now();
+        timer.sleep_until(boottime_ns() - 1).await.unwrap();
+        timer.sleep_until(1).await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(5));
+        // Re-armed after a cancelled wait, it still fires on time.
+        let far = boottime_ns() + 10_000_000_000;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), timer.sleep_until(far))
+                .await
+                .is_err()
+        );
+        let near = boottime_ns() + 20_000_000;
+        timer.sleep_until(near).await.unwrap();
+        assert!(boottime_ns() >= near);
+    }
 }

@@ -35,7 +35,7 @@ pub trait Services: Send + Sync + 'static {
 }
 
 /// Everything in memory, with a log of what happened and when
-/// (CLOCK_MONOTONIC nanoseconds), for tests.
+/// (CLOCK_BOOTTIME nanoseconds), for tests.
 #[derive(Debug, Default)]
 pub struct Memory {
     pub held: Mutex<BTreeSet<String>>,
@@ -44,7 +44,7 @@ pub struct Memory {
 
 impl Memory {
     fn note(&self, s: String) {
-        let now = crate::runner::monotonic_ns();
+        let now = crate::runner::boottime_ns();
         self.log.lock().expect("log poisoned").push((now, s));
     }
 

@@ -36,7 +36,7 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseView {
     pub held: bool,
-    /// CLOCK_MONOTONIC nanoseconds.
+    /// CLOCK_BOOTTIME nanoseconds.
     pub expires_ns: u64,
     pub generation: u64,
 }
@@ -94,7 +94,7 @@ impl Machine {
             .collect()
     }
 
-    /// A lease state arrived at monotonic time `now_ns`.
+    /// A lease state arrived at time `now_ns` (CLOCK_BOOTTIME).
     pub fn on_lease(&mut self, lease: LeaseView, now_ns: u64) -> Vec<Action> {
         let valid = lease.held && lease.expires_ns > now_ns;
         if !lease.held {

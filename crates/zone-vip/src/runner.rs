@@ -31,7 +31,18 @@ use crate::config::{Config, Vip};
 use crate::effects::{Addresses, Announcer, Services};
 use crate::machine::{Action, LeaseView, Machine};
 
-pub use zone_proto::monotonic_ns;
+pub use zone_proto::boottime_ns;
+use zone_proto::BootTimer;
+
+/// Waits for the lease deadline `deadline_ns` on CLOCK_BOOTTIME: a deadline
+/// that passed while the host was suspended ends the wait at once on resume.
+async fn until(timer: &BootTimer, deadline_ns: u64) {
+    if let Err(e) = timer.sleep_until(deadline_ns).await {
+        tracing::warn!(error = %e, "the CLOCK_BOOTTIME timer failed; waiting on the monotonic clock");
+        let left = deadline_ns.saturating_sub(boottime_ns());
+        tokio::time::sleep(Duration::from_nanos(left)).await;
+    }
+}
 
 /// The side effects the runner uses.
 #[derive(Clone)]
@@ -67,14 +78,14 @@ struct Executor {
     effects: Effects,
     announcing: Vec<tokio::task::JoinHandle<()>>,
     services: mpsc::UnboundedSender<Action>,
-    /// The lease's end (CLOCK_MONOTONIC ns) while leading, 0 otherwise;
+    /// The lease's end (CLOCK_BOOTTIME ns) while leading, 0 otherwise;
     /// shared with the announcement tasks.
     valid_until: Arc<AtomicU64>,
 }
 
 /// Whether a lease valid until `valid_until` still holds.
 fn lease_valid(valid_until: &AtomicU64) -> bool {
-    monotonic_ns() < valid_until.load(Ordering::Acquire)
+    boottime_ns() < valid_until.load(Ordering::Acquire)
 }
 
 impl Executor {
@@ -86,7 +97,7 @@ impl Executor {
             match action {
                 Action::AddVip(ref vip) | Action::RenewVip(ref vip) => {
                     let until = self.valid_until.load(Ordering::Acquire);
-                    let now = monotonic_ns();
+                    let now = boottime_ns();
                     if now >= until {
                         return false;
                     }
@@ -242,7 +253,7 @@ async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>)
     if exec.execute(actions).await {
         return;
     }
-    let down = machine.on_tick(monotonic_ns().max(deadline));
+    let down = machine.on_tick(boottime_ns().max(deadline));
     exec.valid_until.store(0, Ordering::Release);
     exec.execute(down).await;
 }
@@ -260,6 +271,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         valid_until: Arc::new(AtomicU64::new(0)),
     };
     let mut watchdog = Watchdog::new();
+    let timer = BootTimer::new().expect("a CLOCK_BOOTTIME timerfd");
     let stale = machine.startup();
     apply(&mut exec, &mut machine, stale).await;
     let mut backoff = Duration::from_millis(50);
@@ -315,16 +327,13 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         let mut generation = 0;
         loop {
             watchdog.feed();
-            let deadline = machine.deadline_ns().map(|d| {
-                let left = d.saturating_sub(monotonic_ns());
-                tokio::time::Instant::now() + Duration::from_nanos(left)
-            });
+            let deadline = machine.deadline_ns();
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(s)) => {
                         generation = s.generation;
-                        let view = LeaseView { held: s.held, expires_ns: s.expires_monotonic_ns, generation: s.generation };
-                        let actions = machine.on_lease(view, monotonic_ns());
+                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation };
+                        let actions = machine.on_lease(view, boottime_ns());
                         apply(&mut exec, &mut machine, actions).await;
                         let _ = ack_tx.try_send(ack(&config, machine.is_leader(), generation));
                     }
@@ -335,9 +344,9 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                         break;
                     }
                 },
-                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                _ = until(&timer, deadline.unwrap_or(0)), if deadline.is_some() => {
                     tracing::warn!("lease expired without renewal; stepping down");
-                    let down = machine.on_tick(monotonic_ns());
+                    let down = machine.on_tick(boottime_ns());
                     apply(&mut exec, &mut machine, down).await;
                     // Tell zoned at once that the VIP is gone, so that its
                     // fence has nothing to do.

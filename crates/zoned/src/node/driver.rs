@@ -6,7 +6,7 @@
 //! work ([`Driver::advance`]); the time it states leases in and measures
 //! peers by comes from the [`Clock`] it was built with. [`Driver::run`] is
 //! that caller on a server: a thread that ticks every `raft.tick_ms` on
-//! CLOCK_MONOTONIC. A test can be it too, on simulated time.
+//! CLOCK_BOOTTIME. A test can be it too, on simulated time.
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;

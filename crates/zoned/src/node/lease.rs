@@ -22,12 +22,12 @@ use std::collections::VecDeque;
 pub struct Lease {
     pub held: bool,
     pub term: u64,
-    /// CLOCK_MONOTONIC nanoseconds; 0 when not held.
+    /// CLOCK_BOOTTIME nanoseconds; 0 when not held.
     pub expires_ns: u64,
     /// Increases with every change published.
     pub generation: u64,
     pub leader_id: u64,
-    /// CLOCK_MONOTONIC nanoseconds at which this state was published.
+    /// CLOCK_BOOTTIME nanoseconds at which this state was published.
     pub since_ns: u64,
 }
 
@@ -54,7 +54,7 @@ struct Round {
     number: u64,
     /// The leader's term when it was sent.
     term: u64,
-    /// Monotonic nanoseconds at which it was sent.
+    /// CLOCK_BOOTTIME nanoseconds at which it was sent.
     sent_ns: u64,
 }
 

@@ -47,7 +47,7 @@ use crate::config::Config;
 use crate::kv::{self, Reader};
 use crate::storage::{Engine, RaftStorage, StorageFailure};
 
-pub use clock::{monotonic_ns, Clock, ManualClock, Monotonic};
+pub use clock::{boottime_ns, Boottime, Clock, ManualClock};
 pub use driver::Driver;
 pub use handle::{Inbox, NodeHandle, PeerReports};
 pub use lease::Lease;
@@ -210,7 +210,7 @@ pub enum StartError {
 pub type DriverThread = std::thread::JoinHandle<Result<Stopped, StorageFailure>>;
 
 /// Starts the driver on a thread of its own over an opened engine, on
-/// CLOCK_MONOTONIC, ticking every `raft.tick_ms`. Its requests come through
+/// CLOCK_BOOTTIME, ticking every `raft.tick_ms`. Its requests come through
 /// `inbox`, to which the transport may already report.
 pub fn start(
     config: &Config,
@@ -219,7 +219,7 @@ pub fn start(
     transport: Arc<dyn Transport>,
     bootstrap: Bootstrap,
 ) -> Result<(NodeHandle, DriverThread), StartError> {
-    let clock = Arc::new(Monotonic);
+    let clock = Arc::new(Boottime);
     let (handle, driver) = build(config, engine, inbox, transport, bootstrap, clock)?;
     let thread = std::thread::Builder::new()
         .name(format!("raft-{}", config.node.id))

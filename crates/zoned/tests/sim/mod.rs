@@ -271,7 +271,7 @@ pub struct Sim {
     pub leases: Vec<(u64, Lease)>,
 }
 
-/// Where simulated time starts: far from 0, as CLOCK_MONOTONIC is.
+/// Where simulated time starts: far from 0, as CLOCK_BOOTTIME is.
 const START_NS: u64 = 1_000_000_000_000;
 
 /// The most rounds of work and delivery in one instant before the
