@@ -201,12 +201,8 @@ fn a_cut_leader_drops_the_vip_before_the_new_leader_adds_it() {
 }
 
 fn signal_agent(tb: &Testbed, i: usize, s: nix::sys::signal::Signal) {
-    let pid = tb.nodes[i]
-        .vip_agent
-        .as_ref()
-        .expect("zone-vip running")
-        .id();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), s).expect("signal zone-vip");
+    let agent = tb.nodes[i].vip_agent.as_ref().expect("zone-vip running");
+    testbed::signal(agent, s).expect("signal zone-vip");
 }
 
 /// Issue 20's defect 2: a frozen agent can neither see its lease end nor
@@ -275,10 +271,9 @@ fn a_host_whose_zoned_and_agent_are_frozen_loses_the_vip_by_its_kernel_lifetime(
         line.contains("valid_lft") && !line.contains("valid_lft forever"),
         "the VIP has no kernel lifetime: {line}"
     );
-    let zoned_pid = tb.nodes[first].zoned.as_ref().expect("zoned running").id();
     let stop = |s| {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(zoned_pid as i32), s)
-            .expect("signal zoned");
+        let zoned = tb.nodes[first].zoned.as_ref().expect("zoned running");
+        testbed::signal(zoned, s).expect("signal zoned");
         signal_agent(&tb, first, s);
     };
     stop(Signal::SIGSTOP);

@@ -39,6 +39,11 @@ pub fn ip_in(ns: &str, args: &[&str]) -> String {
     sh(&[&["ip", "-n", ns], args].concat())
 }
 
+/// Sends signal `s` to `child` (SIGSTOP, SIGCONT, ...).
+pub fn signal(child: &Child, s: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), s)
+}
+
 /// SIGTERM to `child`, then its exit status; SIGKILL and a panic naming
 /// `what` if it has not exited within `timeout`.
 pub fn terminate(child: &mut Child, what: &str, timeout: Duration) -> std::process::ExitStatus {

@@ -35,8 +35,11 @@ pub fn boottime_ns() -> u64 {
 /// in. tokio's own timers count CLOCK_MONOTONIC: one armed for a lease's
 /// end would, after a suspend, still wait out what was left of the lease;
 /// this one fires at once on resume if the deadline passed meanwhile.
+///
+/// Should the timerfd fail (it cannot be made, or a read fails), it waits
+/// on tokio's clock instead: [`BootTimer::is_boottime`] says which.
 pub struct BootTimer {
-    fd: tokio::io::unix::AsyncFd<TimerFdRaw>,
+    fd: Option<tokio::io::unix::AsyncFd<TimerFdRaw>>,
 }
 
 /// A timerfd as tokio's `AsyncFd` wants it.
@@ -57,48 +60,74 @@ impl std::fmt::Debug for BootTimer {
 
 impl BootTimer {
     /// A timer, not armed; needs a tokio runtime with I/O enabled.
-    pub fn new() -> std::io::Result<BootTimer> {
+    pub fn new() -> BootTimer {
         use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
         let fd = TimerFd::new(
             ClockId::CLOCK_BOOTTIME,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
-        )?;
+        )
+        .ok()
         // `AsyncFd::new` is deprecated because a `T: AsRawFd` need not own
         // its descriptor; ours does (the TimerFd inside the AsyncFd closes
         // it on drop, after deregistration), and `register` would need
         // unsafe code, which this workspace denies.
-        #[allow(deprecated)]
-        let fd = tokio::io::unix::AsyncFd::new(TimerFdRaw(fd))?;
-        Ok(BootTimer { fd })
+        .and_then(|fd| {
+            #[allow(deprecated)]
+            let fd = tokio::io::unix::AsyncFd::new(TimerFdRaw(fd));
+            fd.ok()
+        });
+        BootTimer { fd }
+    }
+
+    /// Whether it waits on CLOCK_BOOTTIME (else on tokio's clock).
+    pub fn is_boottime(&self) -> bool {
+        self.fd.is_some()
     }
 
     /// Waits until [`boottime_ns`] reads `deadline_ns` or more (at once if
-    /// it already does). Cancel-safe: dropping the future disarms nothing
-    /// that a later call does not re-arm.
-    pub async fn sleep_until(&self, deadline_ns: u64) -> std::io::Result<()> {
+    /// it already does). Cancel-safe: a later call re-arms the timer.
+    pub async fn sleep_until(&self, deadline_ns: u64) {
+        if boottime_ns() >= deadline_ns {
+            return;
+        }
+        if let Some(fd) = &self.fd {
+            if Self::wait_fd(fd, deadline_ns).await.is_ok() {
+                return;
+            }
+        }
+        let left = deadline_ns.saturating_sub(boottime_ns());
+        tokio::time::sleep(std::time::Duration::from_nanos(left)).await;
+    }
+
+    async fn wait_fd(
+        fd: &tokio::io::unix::AsyncFd<TimerFdRaw>,
+        deadline_ns: u64,
+    ) -> std::io::Result<()> {
         use nix::sys::time::TimeSpec;
         use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
-        if boottime_ns() >= deadline_ns {
-            return Ok(());
-        }
         // 0 would disarm the timer; deadlines are far above it.
         let at = TimeSpec::from_duration(std::time::Duration::from_nanos(deadline_ns.max(1)));
-        self.fd.get_ref().0.set(
+        fd.get_ref().0.set(
             Expiration::OneShot(at),
             TimerSetTimeFlags::TFD_TIMER_ABSTIME,
         )?;
         loop {
-            let mut ready = self.fd.readable().await?;
+            let mut ready = fd.readable().await?;
             match ready.try_io(|fd| {
                 let mut buf = [0u8; 8];
                 nix::unistd::read(&fd.get_ref().0, &mut buf).map_err(std::io::Error::from)
             }) {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => return Err(e),
+                Ok(r) => return r.map(|_| ()),
                 // Not yet (spurious readiness): wait again.
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+impl Default for BootTimer {
+    fn default() -> BootTimer {
+        BootTimer::new()
     }
 }
 
@@ -123,9 +152,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_timer_fires_at_its_deadline_and_at_once_for_one_passed() {
-        let timer = BootTimer::new().unwrap();
+        let timer = BootTimer::new();
+        assert!(timer.is_boottime());
         let deadline = boottime_ns() + 30_000_000;
-        timer.sleep_until(deadline).await.unwrap();
+        timer.sleep_until(deadline).await;
         let now = boottime_ns();
         assert!(now >= deadline, "fired {} ns early", deadline - now);
         assert!(
@@ -135,8 +165,8 @@ mod tests {
         );
         // A deadline already passed (as after a suspend): at once.
         let t = std::time::Instant::now();
-        timer.sleep_until(boottime_ns() - 1).await.unwrap();
-        timer.sleep_until(1).await.unwrap();
+        timer.sleep_until(boottime_ns() - 1).await;
+        timer.sleep_until(1).await;
         assert!(t.elapsed() < Duration::from_millis(5));
         // Re-armed after a cancelled wait, it still fires on time.
         let far = boottime_ns() + 10_000_000_000;
@@ -146,7 +176,7 @@ mod tests {
                 .is_err()
         );
         let near = boottime_ns() + 20_000_000;
-        timer.sleep_until(near).await.unwrap();
+        timer.sleep_until(near).await;
         assert!(boottime_ns() >= near);
     }
 }

@@ -34,16 +34,6 @@ use crate::machine::{Action, LeaseView, Machine};
 pub use zone_proto::boottime_ns;
 use zone_proto::BootTimer;
 
-/// Waits for the lease deadline `deadline_ns` on CLOCK_BOOTTIME: a deadline
-/// that passed while the host was suspended ends the wait at once on resume.
-async fn until(timer: &BootTimer, deadline_ns: u64) {
-    if let Err(e) = timer.sleep_until(deadline_ns).await {
-        tracing::warn!(error = %e, "the CLOCK_BOOTTIME timer failed; waiting on the monotonic clock");
-        let left = deadline_ns.saturating_sub(boottime_ns());
-        tokio::time::sleep(Duration::from_nanos(left)).await;
-    }
-}
-
 /// The side effects the runner uses.
 #[derive(Clone)]
 pub struct Effects {
@@ -227,22 +217,18 @@ impl Watchdog {
     }
 }
 
-/// The acknowledgement of lease `generation`: whether this agent acts as
-/// leader, and the addresses it holds when it does (see the proto).
-fn ack(config: &Config, holding: bool, generation: u64) -> LeaseAck {
-    LeaseAck {
-        generation,
-        holding,
-        addresses: config
-            .vips
-            .iter()
-            .map(|v| HeldAddress {
-                interface: v.interface.clone(),
-                address: v.address.to_string(),
-                prefix: v.prefix.into(),
-            })
-            .collect(),
-    }
+/// The addresses this agent holds when it acts as leader, as every
+/// acknowledgement declares them (see the proto).
+fn declared(config: &Config) -> Vec<HeldAddress> {
+    config
+        .vips
+        .iter()
+        .map(|v| HeldAddress {
+            interface: v.interface.clone(),
+            address: v.address.to_string(),
+            prefix: v.prefix.into(),
+        })
+        .collect()
 }
 
 /// Carries out `actions`; if the lease ran out meanwhile, steps down at
@@ -271,7 +257,18 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         valid_until: Arc::new(AtomicU64::new(0)),
     };
     let mut watchdog = Watchdog::new();
-    let timer = BootTimer::new().expect("a CLOCK_BOOTTIME timerfd");
+    // Lease deadlines on CLOCK_BOOTTIME: one that passed while the host was
+    // suspended ends the wait at once on resume.
+    let timer = BootTimer::new();
+    if !timer.is_boottime() {
+        tracing::warn!("no CLOCK_BOOTTIME timer: lease deadlines wait on the monotonic clock");
+    }
+    let addresses = declared(&config);
+    let ack = |holding: bool, generation: u64| LeaseAck {
+        generation,
+        holding,
+        addresses: addresses.clone(),
+    };
     let stale = machine.startup();
     apply(&mut exec, &mut machine, stale).await;
     let mut backoff = Duration::from_millis(50);
@@ -298,7 +295,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         let (ack_tx, ack_rx) = mpsc::channel::<LeaseAck>(16);
         // The declaration: zoned learns the addresses before this agent can
         // hold any, so it can remove them should this agent freeze.
-        let _ = ack_tx.try_send(ack(&config, false, 0));
+        let _ = ack_tx.try_send(ack(false, 0));
         // Bounded: a frozen zoned must not stop this loop (and its
         // watchdog) here.
         let opened = tokio::time::timeout(
@@ -335,7 +332,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                         let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation };
                         let actions = machine.on_lease(view, boottime_ns());
                         apply(&mut exec, &mut machine, actions).await;
-                        let _ = ack_tx.try_send(ack(&config, machine.is_leader(), generation));
+                        let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
                     }
                     Ok(None) | Err(_) => {
                         tracing::warn!("lease stream ended; stepping down");
@@ -344,13 +341,13 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                         break;
                     }
                 },
-                _ = until(&timer, deadline.unwrap_or(0)), if deadline.is_some() => {
+                _ = timer.sleep_until(deadline.unwrap_or(0)), if deadline.is_some() => {
                     tracing::warn!("lease expired without renewal; stepping down");
                     let down = machine.on_tick(boottime_ns());
                     apply(&mut exec, &mut machine, down).await;
                     // Tell zoned at once that the VIP is gone, so that its
                     // fence has nothing to do.
-                    let _ = ack_tx.try_send(ack(&config, machine.is_leader(), generation));
+                    let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
                 }
                 _ = tokio::time::sleep_until(watchdog.due()) => {}
                 _ = stop.changed() => break 'outer,

@@ -206,17 +206,6 @@ impl Agent for AgentService {
     }
 }
 
-/// Waits until CLOCK_BOOTTIME reads `deadline_ns` (see [`zone_proto::BootTimer`]).
-async fn sleep_until(timer: &Option<zone_proto::BootTimer>, deadline_ns: u64) {
-    if let Some(t) = timer {
-        if t.sleep_until(deadline_ns).await.is_ok() {
-            return;
-        }
-    }
-    let left = deadline_ns.saturating_sub(zone_proto::boottime_ns());
-    tokio::time::sleep(Duration::from_nanos(left)).await;
-}
-
 fn if_addr(a: &HeldAddress) -> Option<zone_addr::IfAddr> {
     Some(zone_addr::IfAddr {
         interface: a.interface.clone(),
@@ -243,13 +232,10 @@ pub async fn fence(node: NodeHandle, registry: Arc<AgentRegistry>, grace: Durati
     let mut lease = node.watch_lease();
     let grace_ns = grace.as_nanos() as u64;
     let mut netlink: Option<zone_addr::Netlink> = None;
-    let timer = match zone_proto::BootTimer::new() {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::error!(error = %e, "fence: no CLOCK_BOOTTIME timer; using the monotonic clock");
-            None
-        }
-    };
+    let timer = zone_proto::BootTimer::new();
+    if !timer.is_boottime() {
+        tracing::error!("fence: no CLOCK_BOOTTIME timer; using the monotonic clock");
+    }
     // The last lease state in which this server held the lease: an agent
     // can only be holding because of it or an earlier one.
     let mut last_held: Option<u64> = None;
@@ -274,7 +260,7 @@ pub async fn fence(node: NodeHandle, registry: Arc<AgentRegistry>, grace: Durati
                 }
                 continue;
             }
-            _ = sleep_until(&timer, due) => {}
+            _ = timer.sleep_until(due) => {}
         }
         let l = *lease.borrow();
         if l.held && l.expires_ns > zone_proto::boottime_ns() {

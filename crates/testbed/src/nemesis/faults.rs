@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -105,7 +104,7 @@ struct Broken {
 
 fn signal(child: Option<&std::process::Child>, s: Signal) {
     if let Some(c) = child {
-        let _ = kill(Pid::from_raw(c.id() as i32), s);
+        let _ = crate::signal(c, s);
     }
 }
 
