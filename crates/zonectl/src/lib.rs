@@ -95,6 +95,9 @@ pub struct ServerRow {
     pub peer_endpoint: String,
     pub client_endpoint: String,
     pub snapshots_received: u64,
+    /// The zone the server belongs to; empty when unknown.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub zone_id: String,
     /// Host figures the server reported; `None` when it did not answer.
     pub host: Option<HostRow>,
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -174,6 +177,7 @@ impl ZoneView {
                     peer_endpoint: x.peer_endpoint.clone(),
                     client_endpoint: x.client_endpoint.clone(),
                     snapshots_received: x.snapshots_received,
+                    zone_id: x.zone_id.clone(),
                     host: x.host.as_ref().filter(|_| reachable).map(|h| HostRow {
                         load1: h.load1,
                         cpus: h.cpus,
@@ -317,6 +321,22 @@ pub fn render_table(v: &ZoneView) -> String {
     }
     if v.disabled {
         out.push_str("zone DISABLED for maintenance: writes are refused (zonectl zone enable)\n");
+    }
+    let zones: std::collections::BTreeSet<&str> = v
+        .servers
+        .iter()
+        .map(|s| s.zone_id.as_str())
+        .filter(|z| !z.is_empty())
+        .collect();
+    match zones.len() {
+        0 => {}
+        1 => out.push_str(&format!("zone {}\n", zones.first().expect("one zone"))),
+        _ => {
+            out.push_str("servers disagree on the zone (a server holds another zone's data):\n");
+            for s in v.servers.iter().filter(|s| !s.zone_id.is_empty()) {
+                out.push_str(&format!("  server {}: zone {}\n", s.id, s.zone_id));
+            }
+        }
     }
     out
 }

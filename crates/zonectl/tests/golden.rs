@@ -28,6 +28,8 @@ fn check_show(name: &str, s: &StatusResponse) {
     check(name, &render_table(&ZoneView::from_status(s)));
 }
 
+const ZONE: &str = "5d0c6f2a9e71b3c48a2f0e6d1c9b7a35";
+
 fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) -> ServerStatus {
     ServerStatus {
         id,
@@ -55,6 +57,7 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
             // Server 3 runs on a CPU without SSE4.2 (a VM's qemu64 model).
             software_checksums: id == 3,
         }),
+        zone_id: ZONE.into(),
         ..ServerStatus::default()
     }
 }
@@ -114,6 +117,14 @@ fn show_table_with_a_learner_in_a_disabled_zone() {
     learner.name = "zone-4".into();
     s.servers.push(learner);
     check_show("show-learner-disabled.txt", &s);
+}
+
+/// A server started with another zone's data directory says so.
+#[test]
+fn show_table_with_servers_in_two_zones() {
+    let mut s = healthy();
+    s.servers[0].zone_id = "e41b09c7d25a6f8830b1c4d7e9f2a605".into();
+    check_show("show-two-zones.txt", &s);
 }
 
 #[test]

@@ -103,6 +103,10 @@ pub struct Voter {
     pub name: String,
 }
 
+/// `tick_ms`, `election_ticks` and `lease_margin_ms` are the zone's: fixed
+/// in its record when it is founded, the same on every server (a server set
+/// otherwise refuses to run in the zone; see `node::zone`). The others are
+/// each server's own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftSection {

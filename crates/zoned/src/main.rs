@@ -111,7 +111,8 @@ fn main() -> ExitCode {
                 // not come back on its own.
                 zoned::server::ServeError::Removed { .. } => ExitCode::from(3),
                 zoned::server::ServeError::NotAMember { .. }
-                | zoned::server::ServeError::WipedFounder { .. } => ExitCode::from(2),
+                | zoned::server::ServeError::WipedFounder { .. }
+                | zoned::server::ServeError::ZoneTiming(_) => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }

@@ -70,8 +70,14 @@ pub enum ServeError {
     Removed { index: u64 },
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("the data directory is empty, but server {id} already took part in the zone: leader {leader} has it acknowledging entries up to {matched}. Founding the zone again would forget its votes and what it acknowledged, and could lose committed writes. To bring it back: `zonectl server remove {id}`, then `zonectl server add --id {id} --name NAME --peer HOST:PORT`, and start it with `join` set to a member's client address")]
-    WipedFounder { id: u64, leader: u64, matched: u64 },
+    #[error("the data directory is empty, but server {id} already took part in the zone: server {peer} {evidence}. Founding the zone again would forget this server's votes and what it acknowledged, and could lose committed writes. To bring it back: `zonectl server remove {id}`, then `zonectl server add --id {id} --name NAME --peer HOST:PORT`, and start it with `join` set to a member's client address")]
+    WipedFounder {
+        id: u64,
+        peer: u64,
+        evidence: String,
+    },
+    #[error(transparent)]
+    ZoneTiming(node::zone::TimingMismatch),
 }
 
 async fn listen(field: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -130,6 +136,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     ));
     let (node, driver) = match node::start(&config, engine, inbox, transport.clone(), bootstrap) {
         Err(node::StartError::Removed { index }) => return Err(ServeError::Removed { index }),
+        Err(node::StartError::ZoneTiming(m)) => return Err(ServeError::ZoneTiming(m)),
         other => other?,
     };
     let agents = Arc::new(AgentRegistry::default());
@@ -259,6 +266,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             Ok(())
         }
         Ok(Ok(Ok(Stopped::Removed { index }))) => Err(ServeError::Removed { index }),
+        Ok(Ok(Ok(Stopped::ZoneTiming(m)))) => Err(ServeError::ZoneTiming(m)),
         Ok(Ok(Err(e))) => Err(ServeError::Driver(e)),
         _ => Err(ServeError::DriverPanic),
     }
@@ -284,20 +292,25 @@ fn founders(config: &Config) -> Vec<Member> {
         .collect()
 }
 
-/// Asks a member of the zone for the membership, and checks this server
-/// was added to it.
 /// How long a blank founder waits for each other founder's answer.
 const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Safety: a founder with an empty data directory may be one whose data
 /// was wiped (a reflashed disk). Founding again, it would forget its votes
 /// and the entries it acknowledged: with one other server lagging, a
-/// committed write could be lost. So before founding, ask the other
-/// founders; the leader's progress tells whether this server acknowledged
-/// entries beyond the bootstrap before. Best effort: a founder that does
-/// not answer within [`WIPED_CHECK_TIMEOUT`] is skipped (at the zone's
-/// first start the others are not serving yet), and a leader elected after
-/// the wipe no longer knows (it tracks progress from its own election on).
+/// committed write could be lost. So before founding, it asks the other
+/// founders what they know of it:
+/// - every server's store records the servers that took part, those a
+///   leader saw acknowledge an entry past the bootstrap (`node::zone`);
+/// - a leader also knows from its progress, before that record commits.
+///
+/// A founder that merely starts late (never ran) is in neither, and
+/// founds: it gets the zone's data from the leader. Best effort: a founder
+/// that does not answer within [`WIPED_CHECK_TIMEOUT`] is skipped (at the
+/// zone's first start the others are not serving yet); with every other
+/// founder down, a wiped founder cannot be told from a new one. Left open:
+/// a server wiped within a tick or so of its first acknowledgement, before
+/// the leader recorded it.
 async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
     let me = config.node.id;
     let asks = config
@@ -313,24 +326,39 @@ async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
                 .ok()?
                 .ok()?
                 .into_inner();
-            let leader = r.server.map(|s| s.id)?;
-            r.progress
-                .iter()
-                .find(|p| p.id == me)
-                .map(|p| (leader, p.match_index))
-        });
-    for (leader, matched) in futures::future::join_all(asks).await.into_iter().flatten() {
-        if matched > crate::storage::BOOTSTRAP_INDEX {
-            return Err(ServeError::WipedFounder {
+            let zone = r
+                .server
+                .as_ref()
+                .map(|s| s.zone_id.clone())
+                .unwrap_or_default();
+            let evidence = if r.took_part.contains(&me) {
+                format!("records it among the servers that took part in zone {zone}")
+            } else {
+                let matched = r.progress.iter().find(|p| p.id == me)?.match_index;
+                if matched <= crate::storage::BOOTSTRAP_INDEX {
+                    return None;
+                }
+                format!("leads, and has it acknowledging entries up to {matched}")
+            };
+            Some(ServeError::WipedFounder {
                 id: me,
-                leader,
-                matched,
-            });
-        }
+                peer: v.id,
+                evidence,
+            })
+        });
+    match futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
+    {
+        Some(refusal) => Err(refusal),
+        None => Ok(()),
     }
-    Ok(())
 }
 
+/// Asks a member of the zone for the membership, and checks this server
+/// was added to it.
 async fn join_members(addr: &str, id: u64) -> Result<Vec<Member>, ServeError> {
     let err = |reason: String| ServeError::Join {
         addr: addr.to_owned(),

@@ -69,6 +69,19 @@ fn a_write_cut_from_its_proposers_log_but_committed_elsewhere_is_applied_once() 
     let mut sim = Sim::start_n(5, |_| {});
     let all = sim.ids();
     make_leader(&mut sim, 1);
+    // The zone's own entries (its record, who took part) in every log
+    // first: the steps below count indexes.
+    wait_until(
+        &mut sim,
+        5 * SECOND,
+        "the zone's records on every server",
+        |sim| {
+            all.iter().all(|&id| {
+                let s = status(sim, id);
+                !s.zone_id.is_empty() && s.took_part == all
+            })
+        },
+    );
     let mut base = propose(&sim, 1, put_op("base", "0"));
     sim.wait(5 * SECOND, "the base write", |_| poll_once(&mut base))
         .unwrap();

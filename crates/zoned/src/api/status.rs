@@ -21,6 +21,7 @@ impl ServerContext {
         Ok(NodeStatusResponse {
             server: Some(self.server_status(&local)),
             progress: progress(&local),
+            took_part: local.took_part.clone(),
         })
     }
 
@@ -54,6 +55,7 @@ impl ServerContext {
             revision: s.revision,
             snapshots_received: s.snapshots_received,
             host: Some(self.host.figures(&self.config.node.data_dir)),
+            zone_id: s.zone_id.clone(),
         }
     }
 
@@ -70,6 +72,7 @@ impl ServerContext {
         let mine = NodeStatusResponse {
             server: Some(self.server_status(&local)),
             progress: Vec::new(),
+            took_part: Vec::new(),
         };
         let calls = members.iter().map(|&id| {
             let me = self.node.id();

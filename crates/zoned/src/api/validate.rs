@@ -27,6 +27,16 @@ impl Limits {
             command::Op::Delete(r) => self.delete("", r),
             command::Op::Txn(r) => self.txn(r),
             command::Op::SetMaintenance(_) => Ok(()),
+            // Only a leader's own driver proposes the zone's record; one
+            // forwarded by a peer is refused.
+            command::Op::FoundZone(_) => Err(bad(
+                "found_zone",
+                "the zone's record is not a write a server may forward",
+            )),
+            command::Op::TookPart(_) => Err(bad(
+                "took_part",
+                "the servers that took part are not a write a server may forward",
+            )),
         }
     }
 
@@ -195,7 +205,9 @@ pub fn writable(op: &command::Op) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        command::Op::SetMaintenance(_) => Ok(()),
+        command::Op::SetMaintenance(_) | command::Op::FoundZone(_) | command::Op::TookPart(_) => {
+            Ok(())
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Committed commands into one write batch, deterministically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prost::Message as _;
 use rocksdb::WriteBatch;
@@ -8,6 +8,7 @@ use zone_proto::v1::{
     command, compare, event::EventType, request_op, response_op, Command, CommandResult, Compare,
     DeleteRequest, DeleteResponse, Event, GetResponse, KeyValue, PutRequest, PutResponse,
     RangeResponse, ResponseHeader, ResponseOp, SetMaintenanceResponse, TxnRequest, TxnResponse,
+    ZoneRecord,
 };
 
 use super::sessions::{Seen, Sessions};
@@ -24,8 +25,9 @@ use crate::storage::{encode_u64, Engine, StorageFailure, CF_HISTORY, CF_KV, CF_M
 pub struct KvCache {
     pub(super) map: HashMap<Vec<u8>, Option<KeyValue>>,
     bytes: usize,
-    /// The store's meta (revision, history floor, maintenance flag) as the
-    /// last applier left it: three reads less per batch.
+    /// The store's meta (revision, history floor, maintenance flag, whether
+    /// the zone has its record) as the last applier left it: four reads
+    /// less per batch.
     meta: Option<Meta>,
     /// The client sessions read so far.
     pub(super) sessions: Sessions,
@@ -36,6 +38,7 @@ struct Meta {
     revision: u64,
     floor: u64,
     disabled: bool,
+    has_zone: bool,
 }
 
 /// Bound of [`KvCache`].
@@ -78,9 +81,16 @@ pub struct Applier<'a> {
     revision: u64,
     floor: u64,
     disabled: bool,
+    has_zone: bool,
     dirty_meta: bool,
     /// Events of this batch, in revision order, for live watchers.
     pub events: Vec<Event>,
+    /// The zone's record, if this batch founded the zone.
+    pub founded: Option<ZoneRecord>,
+    /// The servers known to have taken part, once read; `changed` when
+    /// this batch added to them.
+    took_part: Option<BTreeSet<u64>>,
+    took_part_changed: bool,
 }
 
 impl std::fmt::Debug for Applier<'_> {
@@ -107,6 +117,7 @@ impl<'a> Applier<'a> {
                     revision: read_u64(get, KEY_REVISION, 0)?,
                     floor: read_u64(get, KEY_HISTORY_FLOOR, 1)?,
                     disabled: read_u64(get, KEY_DISABLED, 0)? != 0,
+                    has_zone: get(KEY_ZONE).map_err(StorageFailure::Read)?.is_some(),
                 }
             }
         };
@@ -120,13 +131,22 @@ impl<'a> Applier<'a> {
             revision: meta.revision,
             floor: meta.floor,
             disabled: meta.disabled,
+            has_zone: meta.has_zone,
             dirty_meta: false,
             events: Vec::new(),
+            founded: None,
+            took_part: None,
+            took_part_changed: false,
         })
     }
 
     pub fn revision(&self) -> u64 {
         self.revision
+    }
+
+    /// The servers known to have taken part, if this batch added to them.
+    pub fn took_part(&self) -> Option<&BTreeSet<u64>> {
+        self.took_part.as_ref().filter(|_| self.took_part_changed)
     }
 
     /// True while the zone is disabled, as of the commands applied so far.
@@ -392,6 +412,35 @@ impl<'a> Applier<'a> {
     ) -> Result<Option<CommandResult>, StorageFailure> {
         use zone_proto::v1::command_result::Result as R;
         let started_at = self.revision;
+        if let Some(command::Op::FoundZone(zone)) = cmd.op {
+            // The first record applied founds the zone; a later one (a
+            // second leader's, proposed before it saw the first) changes
+            // nothing. Not a change of the key space: no revision, no event.
+            if !self.has_zone {
+                self.has_zone = true;
+                wb.put_cf(self.engine.cf(CF_META), KEY_ZONE, zone.encode_to_vec());
+                self.founded = Some(zone);
+            }
+            return Ok(None);
+        }
+        if let Some(command::Op::TookPart(ids)) = cmd.op {
+            // A set that only grows (see `node::zone`); no revision, no
+            // event. Read once per batch, then kept here: a batch cannot
+            // be read back.
+            let set = match &mut self.took_part {
+                Some(set) => set,
+                None => self
+                    .took_part
+                    .insert(super::snapshot::read_took_part(self.engine)?),
+            };
+            let before = set.len();
+            set.extend(ids.ids);
+            if set.len() > before {
+                super::snapshot::stage_took_part(self.engine, wb, set);
+                self.took_part_changed = true;
+            }
+            return Ok(None);
+        }
         if let Some(command::Op::SetMaintenance(m)) = &cmd.op {
             // Not a change of the key space: no revision, no event.
             self.disabled = m.disabled;
@@ -415,7 +464,12 @@ impl<'a> Applier<'a> {
             Some(command::Op::Put(p)) => R::Put(self.put(wb, p, started_at)?),
             Some(command::Op::Delete(d)) => R::Delete(self.delete(wb, &d, started_at)?),
             Some(command::Op::Txn(t)) => R::Txn(self.txn(wb, t, started_at)?),
-            Some(command::Op::SetMaintenance(_)) | None => return Ok(None),
+            Some(
+                command::Op::SetMaintenance(_)
+                | command::Op::FoundZone(_)
+                | command::Op::TookPart(_),
+            )
+            | None => return Ok(None),
         };
         Ok(Some(CommandResult {
             result: Some(result),
@@ -436,6 +490,7 @@ impl<'a> Applier<'a> {
             revision: self.revision,
             floor: self.floor,
             disabled: self.disabled,
+            has_zone: self.has_zone,
         });
     }
 

@@ -11,8 +11,9 @@
 //!
 //! Layout: `kv` maps a key to its [`KeyValue`] (key field empty); `history`
 //! maps `revision (8 bytes) ++ sequence (4 bytes)` to the [`Event`]s of that
-//! revision; `meta` holds the current revision and the oldest revision whose
-//! history is kept; `sessions` the answers of recent client writes, so that
+//! revision; `meta` holds the current revision, the oldest revision whose
+//! history is kept, the membership, the zone's record and the servers that
+//! took part; `sessions` the answers of recent client writes, so that
 //! none is applied twice (`sessions`).
 //!
 //! Laid out as: [`Applier`] (with its [`KvCache`]) in `apply`, [`Reader`]
@@ -39,12 +40,18 @@ use crate::storage::{decode_u64, Engine, StorageFailure, CF_KV};
 
 pub use apply::{Applier, KvCache};
 pub use read::{HistoryError, Reader};
-pub use snapshot::{read_members, restore, snapshot_data, stage_members};
+pub use snapshot::{
+    read_members, read_took_part, read_zone, restore, snapshot_data, stage_members,
+};
 
 const KEY_REVISION: &[u8] = b"revision";
 const KEY_HISTORY_FLOOR: &[u8] = b"history_floor";
 const KEY_DISABLED: &[u8] = b"disabled";
 const KEY_MEMBERS: &[u8] = b"members";
+/// The zone's record (`ZoneRecord`), once applied.
+const KEY_ZONE: &[u8] = b"zone";
+/// The servers known to have taken part (`ServerIds`).
+const KEY_TOOK_PART: &[u8] = b"took_part";
 
 /// The message a write gets while the zone is disabled for maintenance.
 pub const DISABLED_MESSAGE: &str = "zone disabled for maintenance";

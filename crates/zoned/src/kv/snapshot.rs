@@ -2,13 +2,15 @@
 
 use prost::Message as _;
 use rocksdb::WriteBatch;
-use zone_proto::v1::{Member, MembersResponse, StoreSnapshot};
+use std::collections::BTreeSet;
+
+use zone_proto::v1::{Member, MembersResponse, ServerIds, StoreSnapshot, ZoneRecord};
 
 use super::*;
 use crate::storage::{encode_u64, Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
 
 /// Serialises the whole store as seen by a RocksDB snapshot: every key,
-/// the revision, the membership and the maintenance flag.
+/// the revision, the membership, the maintenance flag and the zone's record.
 pub fn snapshot_data(
     engine: &Engine,
     snap: &rocksdb::Snapshot<'_>,
@@ -29,6 +31,10 @@ pub fn snapshot_data(
         members,
         disabled,
         sessions: sessions::read_all(engine, snap)?,
+        zone: decode_zone(meta(KEY_ZONE).map_err(StorageFailure::Read)?)?,
+        took_part: decode_took_part(meta(KEY_TOOK_PART).map_err(StorageFailure::Read)?)?
+            .into_iter()
+            .collect(),
     }
     .encode_to_vec())
 }
@@ -42,6 +48,45 @@ fn decode_members(bytes: Option<Vec<u8>>) -> Result<Option<Vec<Member>>, Storage
                 what: "meta/members".into(),
             }),
     }
+}
+
+pub(super) fn decode_zone(bytes: Option<Vec<u8>>) -> Result<Option<ZoneRecord>, StorageFailure> {
+    bytes
+        .map(|b| {
+            ZoneRecord::decode(&b[..]).map_err(|_| StorageFailure::Corrupt {
+                what: "meta/zone".into(),
+            })
+        })
+        .transpose()
+}
+
+pub(super) fn decode_took_part(bytes: Option<Vec<u8>>) -> Result<BTreeSet<u64>, StorageFailure> {
+    match bytes {
+        None => Ok(BTreeSet::new()),
+        Some(b) => ServerIds::decode(&b[..])
+            .map(|s| s.ids.into_iter().collect())
+            .map_err(|_| StorageFailure::Corrupt {
+                what: "meta/took_part".into(),
+            }),
+    }
+}
+
+pub(super) fn stage_took_part(engine: &Engine, wb: &mut WriteBatch, ids: &BTreeSet<u64>) {
+    let bytes = ServerIds {
+        ids: ids.iter().copied().collect(),
+    }
+    .encode_to_vec();
+    wb.put_cf(engine.cf(CF_META), KEY_TOOK_PART, bytes);
+}
+
+/// The servers this store records as having taken part in the zone.
+pub fn read_took_part(engine: &Engine) -> Result<BTreeSet<u64>, StorageFailure> {
+    decode_took_part(engine.get(CF_META, KEY_TOOK_PART)?)
+}
+
+/// The zone's record, once one was applied on this server.
+pub fn read_zone(engine: &Engine) -> Result<Option<ZoneRecord>, StorageFailure> {
+    decode_zone(engine.get(CF_META, KEY_ZONE)?)
 }
 
 /// The replicated membership (addresses and names), if any was recorded.
@@ -85,6 +130,11 @@ pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64,
     wb.put_cf(meta, KEY_HISTORY_FLOOR, encode_u64(snap.revision + 1));
     wb.put_cf(meta, KEY_DISABLED, encode_u64(u64::from(snap.disabled)));
     stage_members(engine, wb, &snap.members);
+    match &snap.zone {
+        Some(zone) => wb.put_cf(meta, KEY_ZONE, zone.encode_to_vec()),
+        None => wb.delete_cf(meta, KEY_ZONE),
+    }
+    stage_took_part(engine, wb, &snap.took_part.iter().copied().collect());
     sessions::restore(engine, wb, &snap.sessions);
     Ok(snap.revision)
 }

@@ -337,6 +337,81 @@ fn snapshot_round_trip() {
     assert_eq!(r.history_floor().unwrap(), 3);
 }
 
+fn own(op: command::Op) -> Command {
+    Command {
+        request: None,
+        op: Some(op),
+    }
+}
+
+fn record(id: &str) -> zone_proto::v1::ZoneRecord {
+    zone_proto::v1::ZoneRecord {
+        id: id.into(),
+        founders: vec![1, 2, 3],
+        founded_by: 1,
+        tick_ms: 50,
+        election_ticks: 10,
+        lease_margin_ms: 100,
+    }
+}
+
+fn took_part(ids: &[u64]) -> Command {
+    own(command::Op::TookPart(zone_proto::v1::ServerIds {
+        ids: ids.to_vec(),
+    }))
+}
+
+/// The zone's record: the first applied founds the zone, a second leader's
+/// (even in the same batch) changes nothing; the servers that took part
+/// only grow, in one batch and across batches; both travel in snapshots
+/// and replace what the receiver had; neither touches the revision.
+#[test]
+fn the_first_zone_record_wins_and_snapshots_carry_it_with_who_took_part() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = Engine::open(a_dir.path()).unwrap();
+    let b = Engine::open(b_dir.path()).unwrap();
+    apply_all(
+        &a,
+        &[
+            own(command::Op::FoundZone(record("first"))),
+            took_part(&[1, 2]),
+            own(command::Op::FoundZone(record("second"))),
+            took_part(&[2]),
+        ],
+    );
+    apply_all(
+        &a,
+        &[
+            own(command::Op::FoundZone(record("third"))),
+            took_part(&[3, 1]),
+        ],
+    );
+    assert_eq!(read_zone(&a).unwrap().unwrap().id, "first");
+    assert_eq!(
+        read_took_part(&a).unwrap().into_iter().collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(Reader::new(a.clone()).unwrap().revision().unwrap(), 0);
+
+    apply_all(
+        &b,
+        &[
+            own(command::Op::FoundZone(record("other"))),
+            took_part(&[7]),
+        ],
+    );
+    let data = snapshot_data(&a, &a.db().snapshot()).unwrap();
+    let mut wb = WriteBatch::default();
+    restore(&b, &mut wb, &data).unwrap();
+    b.write(wb, true).unwrap();
+    assert_eq!(read_zone(&b).unwrap().unwrap().id, "first");
+    assert_eq!(
+        read_took_part(&b).unwrap().into_iter().collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
+
 /// A client write: `cmd` sent by server `origin` in incarnation `inc`, as
 /// its write `seq`, with everything below `done_below` answered.
 fn sent(cmd: Command, origin: u64, inc: u64, seq: u64, done_below: u64) -> Command {

@@ -77,6 +77,12 @@ impl Driver {
                 .applied(entry.index, entry.term, outcome, &mut done.writes);
         }
         applier.finish(wb);
+        if let Some(record) = applier.founded.take() {
+            self.zone_applied(&record);
+        }
+        if let Some(set) = applier.took_part() {
+            self.took_part = set.clone();
+        }
         done.events = std::mem::take(&mut applier.events);
         done.disabled = Some(applier.disabled());
         drop(applier);

@@ -8,7 +8,7 @@
 //! that caller on a server: a thread that ticks every `raft.tick_ms` on
 //! CLOCK_BOOTTIME. A test can be it too, on simulated time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{RawNode, StateRole};
 use rocksdb::WriteBatch;
 use tokio::sync::{broadcast, watch};
-use zone_proto::v1::{CommandResult, Member};
+use zone_proto::v1::{command, Command, CommandResult, Member, ZoneRecord};
 
 use super::apply::Completions;
 use super::clock::Clock;
@@ -26,6 +26,7 @@ use super::handle::{Reply, Request};
 use super::lease::{self, Lease, LeaseRounds};
 use super::proposals::{Proposals, Waiter};
 use super::reads::Reads;
+use super::zone::{self, TimingMismatch};
 use super::{Applied, LocalStatus, NodeError, PeerProgress, RaftView, Stopped, Transport};
 use crate::config::Config;
 use crate::kv::{self, KvCache, Reader};
@@ -48,6 +49,9 @@ pub(super) struct Parts {
     pub(super) events_tx: broadcast::Sender<Arc<Applied>>,
     pub(super) reader: Reader,
     pub(super) members: Vec<Member>,
+    /// The zone's record, if the store holds one.
+    pub(super) zone: Option<ZoneRecord>,
+    pub(super) took_part: BTreeSet<u64>,
 }
 
 /// One server's Raft node; see the module documentation.
@@ -88,6 +92,18 @@ pub struct Driver {
     lease: LeaseRounds,
     stopping: bool,
     pub(super) removed: Option<u64>,
+    /// The zone's record is applied here (see [`zone`]).
+    zone: bool,
+    /// Its id, or empty.
+    zone_id: String,
+    /// The term in which this server, leading, proposed the zone's record.
+    zone_proposed_term: u64,
+    /// The applied record's timing is not this server's: it stops.
+    mismatch: Option<TimingMismatch>,
+    /// The servers the store records as having taken part (see [`zone`]).
+    pub(super) took_part: BTreeSet<u64>,
+    /// Those this server, leading in that term, proposed to add.
+    took_part_proposed: (u64, BTreeSet<u64>),
 }
 
 impl std::fmt::Debug for Driver {
@@ -136,6 +152,12 @@ impl Driver {
             lease,
             stopping: false,
             removed: None,
+            zone: p.zone.is_some(),
+            zone_id: p.zone.map(|z| z.id).unwrap_or_default(),
+            zone_proposed_term: 0,
+            mismatch: None,
+            took_part: p.took_part,
+            took_part_proposed: (0, BTreeSet::new()),
             config: p.config,
         }
     }
@@ -196,6 +218,7 @@ impl Driver {
         self.disk.refresh(self.clock.now_ns());
         if self.ticks.is_multiple_of(5) {
             self.promote_learners();
+            self.record_took_part();
         }
         self.lease_tick();
         self.reads
@@ -208,10 +231,15 @@ impl Driver {
     /// once it has: it then takes no more requests; call
     /// [`Driver::close`].
     pub fn advance(&mut self) -> Result<Option<Stopped>, StorageFailure> {
+        self.found_zone();
         self.propose_batch();
         self.flush_reads();
         self.tell_commit();
         self.ready_rounds()?;
+        if let Some(m) = self.mismatch.take() {
+            tracing::error!(error = %m, "this server's Raft timing is not the zone's; it stops");
+            return Ok(Some(Stopped::ZoneTiming(m)));
+        }
         if let Some(index) = self.removed {
             tracing::warn!(
                 index,
@@ -520,11 +548,111 @@ impl Driver {
         }
     }
 
+    /// On a leader of a zone without a record (a new zone, or one founded
+    /// before records existed): proposes one, once per term, after the
+    /// term's first entry is committed (a record from an earlier term
+    /// still in the log is then applied, and none is proposed). Two
+    /// leaders may each propose one; the first applied wins.
+    fn found_zone(&mut self) {
+        let raft = &self.raw.raft;
+        if self.zone
+            || raft.state != StateRole::Leader
+            || !raft.commit_to_current_term()
+            || self.zone_proposed_term == raft.term
+        {
+            return;
+        }
+        let term = raft.term;
+        let founders = self.raw.store().conf_state().voters.clone();
+        let record = zone::new_record(&self.config, founders);
+        let id = record.id.clone();
+        match self.propose_own(command::Op::FoundZone(record)) {
+            Ok(()) => {
+                self.zone_proposed_term = term;
+                tracing::info!(zone = %id, term, "proposed the zone's record");
+            }
+            // Refused while transferring leadership: tried again later.
+            Err(e) => tracing::debug!(error = %e, "the zone's record was not proposed"),
+        }
+    }
+
+    /// On the leader: proposes adding to the servers that took part those
+    /// it saw acknowledge an entry past the bootstrap, once per term.
+    fn record_took_part(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || !raft.commit_to_current_term() {
+            return;
+        }
+        let term = raft.term;
+        if self.took_part_proposed.0 != term {
+            self.took_part_proposed = (term, BTreeSet::new());
+        }
+        let seen: Vec<u64> = raft
+            .prs()
+            .iter()
+            .filter(|(id, pr)| {
+                pr.matched > crate::storage::BOOTSTRAP_INDEX
+                    && !self.took_part.contains(id)
+                    && !self.took_part_proposed.1.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if seen.is_empty() {
+            return;
+        }
+        let op = command::Op::TookPart(zone_proto::v1::ServerIds { ids: seen.clone() });
+        match self.propose_own(op) {
+            Ok(()) => {
+                tracing::debug!(servers = ?seen, "proposed: these servers took part");
+                self.took_part_proposed.1.extend(seen);
+            }
+            Err(e) => tracing::debug!(error = %e, "took_part not proposed"),
+        }
+    }
+
+    /// Proposes one of the zone's own commands (no client waits for it).
+    fn propose_own(&mut self, op: command::Op) -> raft::Result<()> {
+        let data = Command {
+            op: Some(op),
+            request: None,
+        }
+        .encode_to_vec();
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.id;
+        m.set_entries(
+            vec![Entry {
+                data: data.into(),
+                ..Entry::default()
+            }]
+            .into(),
+        );
+        self.raw.raft.step(m)
+    }
+
+    /// The zone's record was applied here (a command, or a snapshot).
+    pub(super) fn zone_applied(&mut self, record: &ZoneRecord) {
+        self.zone = true;
+        self.zone_id = record.id.clone();
+        match zone::check(&self.config, record) {
+            Ok(()) => tracing::info!(
+                zone = %record.id,
+                founded_by = record.founded_by,
+                "this server belongs to zone {}",
+                record.id
+            ),
+            Err(m) => self.mismatch = Some(m),
+        }
+    }
+
     /// On the leader, at every tick and whenever it has no lease: starts a
     /// lease round if one is due (see [`LeaseRounds::start`]).
     fn lease_tick(&mut self) {
         let raft = &self.raw.raft;
-        if raft.state != StateRole::Leader || !raft.commit_to_current_term() {
+        // No lease before the zone's record is applied here: it is then
+        // held by a quorum, whose members run with its timing or stop (see
+        // [`zone`]).
+        if raft.state != StateRole::Leader || !raft.commit_to_current_term() || !self.zone {
             return;
         }
         let held = self.lease_tx.borrow().held;
@@ -616,6 +744,14 @@ impl Driver {
             self.raw.mut_store().apply_snapshot_meta(&mut wb, meta);
             self.engine.write(std::mem::take(&mut wb), true)?;
             self.reader.reload()?;
+            match kv::read_zone(&self.engine)? {
+                Some(record) => self.zone_applied(&record),
+                None => {
+                    self.zone = false;
+                    self.zone_id.clear();
+                }
+            }
+            self.took_part = kv::read_took_part(&self.engine)?;
             let _ = self.events_tx.send(Arc::new(Applied::Snapshot(revision)));
             if let Some(members) = kv::read_members(&self.engine)? {
                 self.members = members;
@@ -757,6 +893,8 @@ impl Driver {
             snapshots_received: self.snapshots_received,
             snapshots_built: store.snapshots_built(),
             members: self.members.clone(),
+            zone_id: self.zone_id.clone(),
+            took_part: self.took_part.iter().copied().collect(),
         }
     }
 

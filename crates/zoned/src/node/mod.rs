@@ -9,6 +9,8 @@
 //! - `proposals`, `reads`, [`lease`]: what the driver tracks, as plain
 //!   structs with tests of their own;
 //! - `membership`: configuration changes, promotion and leadership transfer;
+//! - [`zone`]: the zone's record (id and Raft timing) and the servers
+//!   that took part;
 //! - [`clock`]: the time the driver reads, injected, so that an in-process
 //!   zone can run on simulated time.
 //!
@@ -33,6 +35,7 @@ pub mod lease;
 mod membership;
 mod proposals;
 mod reads;
+pub mod zone;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +104,7 @@ pub fn start_as(engine: &Engine, config: &Config) -> Result<StartAs, StorageFail
 }
 
 /// Why the driver stopped without an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stopped {
     Shutdown,
     /// This server was removed from the zone (at this entry index; 0 when
@@ -109,6 +112,9 @@ pub enum Stopped {
     Removed {
         index: u64,
     },
+    /// The zone's record, applied here, has another Raft timing than this
+    /// server's configuration.
+    ZoneTiming(zone::TimingMismatch),
 }
 
 /// Why a request to the driver did not complete.
@@ -188,6 +194,10 @@ pub struct LocalStatus {
     pub snapshots_received: u64,
     pub snapshots_built: u64,
     pub members: Vec<Member>,
+    /// The zone's id, once its record is applied here; else empty.
+    pub zone_id: String,
+    /// The servers the store records as having taken part in the zone.
+    pub took_part: Vec<u64>,
 }
 
 /// How long a caller should wait between retries while no leader is known.
@@ -203,6 +213,8 @@ pub enum StartError {
     Thread(#[source] std::io::Error),
     #[error("this server was removed from the zone (at entry {index}); to rejoin, wipe its data directory and add it again with `zonectl server add`")]
     Removed { index: u64 },
+    #[error(transparent)]
+    ZoneTiming(zone::TimingMismatch),
 }
 
 /// The driver's thread: it yields the driver's fatal error, if it stopped
@@ -280,6 +292,13 @@ pub fn build(
         Bootstrap::Voters(m) => (m.iter().map(|m| m.id).collect(), m),
         Bootstrap::Join(m) => (Vec::new(), m),
     };
+    // Before the RawNode exists: a server with the wrong timing never
+    // answers a vote (see `zone`).
+    let zone = kv::read_zone(&engine)?;
+    let took_part = kv::read_took_part(&engine)?;
+    if let Some(z) = &zone {
+        zone::check(config, z).map_err(StartError::ZoneTiming)?;
+    }
     let storage = RaftStorage::open(engine.clone(), &voters, kv::snapshot_data)?;
     let members = match kv::read_members(&engine)? {
         Some(m) => m,
@@ -331,6 +350,8 @@ pub fn build(
         events_tx,
         reader,
         members,
+        zone,
+        took_part,
     });
     Ok((handle, driver))
 }

@@ -1,0 +1,101 @@
+//! The zone's record: its identity and the Raft timing every server must
+//! share, fixed by the zone's first leader and replicated like any command.
+//!
+//! Safety: the leader lease (see [`super::lease`]) assumes every voter
+//! refuses votes for `election_ticks` of `tick_ms` after hearing from the
+//! leader, and the leader ends its lease `lease_margin_ms` before that. A
+//! voter configured with shorter timing would vote for a rival while the
+//! old leader still acts on its lease: two VIP holders. So a server whose
+//! configured timing differs from the record's does not run in the zone:
+//! it refuses to start once it holds the record, and stops when it applies
+//! it (a founder, at the zone's birth; a joiner, from its snapshot, while
+//! still a learner that cannot vote). And no leader takes a lease before
+//! the record is applied on it: a quorum then holds the record.
+//!
+//! The id answers "does this zone exist?" for a founder whose data
+//! directory is empty (`server::refuse_if_wiped`).
+
+use zone_proto::v1::ZoneRecord;
+
+use crate::config::Config;
+
+/// A server's configured Raft timing against its zone's record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("raft.{field} is {here} in this server's configuration, but zone {zone_id} runs with {zone} (fixed when server {founded_by} founded it; every server of a zone must use the zone's timing, which the leader lease relies on). Set raft.{field} = {zone} and start it again")]
+pub struct TimingMismatch {
+    pub field: &'static str,
+    pub here: u64,
+    pub zone: u64,
+    pub zone_id: String,
+    pub founded_by: u64,
+}
+
+/// The record a new zone's first leader proposes: a fresh random id, the
+/// voters at that time, and this server's timing.
+pub(super) fn new_record(config: &Config, founders: Vec<u64>) -> ZoneRecord {
+    ZoneRecord {
+        id: format!("{:032x}", rand::random::<u128>()),
+        founders,
+        founded_by: config.node.id,
+        tick_ms: config.raft.tick_ms,
+        election_ticks: config.raft.election_ticks as u64,
+        lease_margin_ms: config.raft.lease_margin_ms,
+    }
+}
+
+/// The first timing field in which `config` differs from the zone's.
+pub fn check(config: &Config, zone: &ZoneRecord) -> Result<(), TimingMismatch> {
+    let fields = [
+        ("tick_ms", config.raft.tick_ms, zone.tick_ms),
+        (
+            "election_ticks",
+            config.raft.election_ticks as u64,
+            zone.election_ticks,
+        ),
+        (
+            "lease_margin_ms",
+            config.raft.lease_margin_ms,
+            zone.lease_margin_ms,
+        ),
+    ];
+    match fields.into_iter().find(|(_, here, zone)| here != zone) {
+        None => Ok(()),
+        Some((field, here, value)) => Err(TimingMismatch {
+            field,
+            here,
+            zone: value,
+            zone_id: zone.id.clone(),
+            founded_by: zone.founded_by,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_takes_this_servers_timing_and_a_fresh_id() {
+        let config = Config::default();
+        let a = new_record(&config, vec![1, 2, 3]);
+        let b = new_record(&config, vec![1, 2, 3]);
+        assert_eq!(a.id.len(), 32);
+        assert_ne!(a.id, b.id, "two zones got the same id");
+        assert_eq!(check(&config, &a), Ok(()));
+    }
+
+    #[test]
+    fn a_differing_timing_names_the_field_and_the_zones_value() {
+        let mut config = Config::default();
+        let zone = new_record(&config, vec![1]);
+        config.raft.election_ticks += 2;
+        let e = check(&config, &zone).unwrap_err();
+        assert_eq!((e.field, e.here, e.zone), ("election_ticks", 12, 10));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("raft.election_ticks is 12 in this server's configuration, but zone ")
+                && text.contains("Set raft.election_ticks = 10"),
+            "{text}"
+        );
+    }
+}
