@@ -311,3 +311,84 @@ async fn an_address_added_after_the_lease_ended_is_removed_at_once_and_never_ann
     agents.assert_no_overlap();
     let _ = agents.stop.send(true);
 }
+
+/// Issue 20, defect 3: a repeated announcement waits for a lease round sent
+/// after it came due. The leader's zoned is frozen just after its agent's
+/// first announcement, its lease still running by every clock: the agent
+/// must not announce again (a VM paused by its hypervisor resumes with its
+/// clocks frozen and looks just like this). On the old code it repeated the
+/// announcement every 100 ms until the lease ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_announcement_waits_for_a_lease_round_sent_after_it_came_due() {
+    use nix::sys::signal::Signal;
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut mem = Vec::new();
+    for s in &zone.servers {
+        let text = format!(
+            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[announce]\ncount = 4\ninterval_ms = 100\n",
+            s.dir.join("agent.sock").display()
+        );
+        let m = Arc::new(Memory::default());
+        let effects = Effects {
+            addresses: m.clone(),
+            announcer: m.clone(),
+            services: m.clone(),
+        };
+        tokio::spawn(runner::run(
+            Config::parse(&text).unwrap(),
+            effects,
+            stop_rx.clone(),
+        ));
+        mem.push(m);
+    }
+    let announced = |m: &Memory| {
+        m.entries()
+            .iter()
+            .filter(|e| e.starts_with("announce"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let holder = loop {
+        if let Some(i) = mem.iter().position(|m| announced(m) > 0) {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "no agent announced");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    zone.signal(holder, Signal::SIGSTOP);
+    // From the first announcement to the step-down (the agent also removes
+    // the address once when it starts).
+    let since_first = |m: &Memory| -> Vec<String> {
+        m.entries()
+            .into_iter()
+            .skip_while(|e| !e.starts_with("announce"))
+            .collect()
+    };
+    // The lease runs out (350 ms) and the agent steps down.
+    poll(
+        Duration::from_secs(5),
+        "the frozen leader's agent to step down",
+        || async {
+            since_first(&mem[holder])
+                .iter()
+                .any(|e| e.starts_with("remove"))
+                .then_some(())
+        },
+    )
+    .await;
+    let log = since_first(&mem[holder]);
+    zone.signal(holder, Signal::SIGCONT);
+    let _ = stop.send(true);
+    let before_step_down: Vec<&String> = log
+        .iter()
+        .take_while(|e| !e.starts_with("remove"))
+        .filter(|e| e.starts_with("announce"))
+        .collect();
+    assert_eq!(
+        before_step_down.len(),
+        1,
+        "the agent announced again with its zoned frozen: {log:?}"
+    );
+}

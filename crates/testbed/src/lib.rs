@@ -7,6 +7,7 @@
 //! Everything is torn down on drop, also when a test panics: processes
 //! killed, namespaces deleted (which deletes their interfaces).
 
+pub mod arp;
 pub mod nemesis;
 mod probe;
 pub mod vm;

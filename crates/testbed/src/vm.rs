@@ -170,6 +170,8 @@ pub struct Vm {
     pub overlay: PathBuf,
     pub serial: PathBuf,
     pub identity: PathBuf,
+    /// QEMU's QMP socket (the machine monitor: stop, cont).
+    pub qmp: PathBuf,
     vars: PathBuf,
     tap: String,
     process: Option<Child>,
@@ -358,6 +360,7 @@ impl Lab {
             overlay,
             serial: self.dir.join(format!("vm{id}-serial.log")),
             identity,
+            qmp: self.dir.join(format!("vm{id}.qmp")),
             vars,
             tap,
             process: None,
@@ -394,6 +397,8 @@ impl Lab {
             .args(["-machine", "q35", "-accel", "tcg", "-cpu", vm.cpu.model()])
             .args(["-smp", "1", "-m", "1024"])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", vm.qmp.display()))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .arg("-drive")
@@ -449,6 +454,41 @@ impl Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Runs one QMP command (`stop`, `cont`, ...) on VM `i`'s QEMU and waits
+    /// for its answer. `stop` freezes the whole machine, its clocks
+    /// included, as a hypervisor pausing a VM does; `cont` resumes it.
+    pub fn qmp(&self, i: usize, command: &str) -> Result<()> {
+        use std::io::{BufRead, BufReader, Write};
+        let path = &self.vms[i].qmp;
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .with_context(|| format!("QMP socket {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut writer = stream.try_clone()?;
+        let mut lines = BufReader::new(stream).lines();
+        // The greeting, then one answer per command (events may come
+        // between: skipped).
+        let mut answer = |what: &str| -> Result<()> {
+            loop {
+                let line = lines
+                    .next()
+                    .with_context(|| format!("QMP closed before answering {what}"))??;
+                let v: serde_json::Value = serde_json::from_str(&line)?;
+                if let Some(e) = v.get("error") {
+                    bail!("QMP {what}: {e}");
+                }
+                if v.get("return").is_some() || v.get("QMP").is_some() {
+                    return Ok(());
+                }
+            }
+        };
+        answer("the greeting")?;
+        for c in ["qmp_capabilities", command] {
+            writeln!(writer, "{{\"execute\": \"{c}\"}}")?;
+            answer(c)?;
+        }
+        Ok(())
     }
 
     /// Runs `f` on a thread inside the namespace, with a Tokio runtime.

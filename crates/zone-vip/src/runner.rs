@@ -71,7 +71,16 @@ struct Executor {
     /// The lease's end (CLOCK_BOOTTIME ns) while leading, 0 otherwise;
     /// shared with the announcement tasks.
     valid_until: Arc<AtomicU64>,
+    /// While leading: when the heartbeat round behind the latest renewal
+    /// was sent (CLOCK_BOOTTIME ns); 0 otherwise. The announcement tasks
+    /// wait on it.
+    fresh: watch::Sender<u64>,
 }
+
+/// How long a repeated announcement waits for a lease round sent after it
+/// came due (one comes every heartbeat, 100 ms by default) before the
+/// remaining ones are given up.
+const FRESH_ROUND_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether a lease valid until `valid_until` still holds.
 fn lease_valid(valid_until: &AtomicU64) -> bool {
@@ -139,11 +148,31 @@ impl Executor {
         let interval = self.config.announce_interval();
         let announcer = self.effects.announcer.clone();
         let valid_until = self.valid_until.clone();
+        let mut fresh = self.fresh.subscribe();
         self.announcing.push(tokio::spawn(async move {
             for _ in 0..rest {
                 tokio::time::sleep(interval).await;
-                // After a stall (SIGSTOP, a paused host) this task may run
-                // before the lease loop notices the lease ended.
+                // Safety: after a stall this task may run before the lease
+                // loop learns that the lease ended, and its clock may not
+                // say so either: a VM paused by its hypervisor resumes with
+                // its clocks frozen, the lease seemingly still running
+                // while another server holds the VIP (found by the QEMU
+                // pause test: an announcement 50 ms after the resume). So
+                // each repeat waits for a renewal from a heartbeat round
+                // sent after it came due, which no quorum answers once the
+                // zone has moved on (and the step-down then stops this
+                // task). The first announcement, at takeover, follows a
+                // renewal just received.
+                let due = boottime_ns();
+                let renewed = tokio::time::timeout(
+                    FRESH_ROUND_WAIT,
+                    fresh.wait_for(|&sent| sent >= due),
+                )
+                .await;
+                if !matches!(renewed, Ok(Ok(_))) {
+                    tracing::debug!(%vip, "no lease round since the announcement came due: the rest given up");
+                    return;
+                }
                 if !lease_valid(&valid_until) {
                     return;
                 }
@@ -236,11 +265,15 @@ fn declared(config: &Config) -> Vec<HeldAddress> {
 async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>) {
     let deadline = machine.deadline_ns().unwrap_or(0);
     exec.valid_until.store(deadline, Ordering::Release);
+    if !machine.is_leader() {
+        exec.fresh.send_replace(0);
+    }
     if exec.execute(actions).await {
         return;
     }
     let down = machine.on_tick(boottime_ns().max(deadline));
     exec.valid_until.store(0, Ordering::Release);
+    exec.fresh.send_replace(0);
     exec.execute(down).await;
 }
 
@@ -255,6 +288,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         announcing: Vec::new(),
         services,
         valid_until: Arc::new(AtomicU64::new(0)),
+        fresh: watch::channel(0).0,
     };
     let mut watchdog = Watchdog::new();
     // Lease deadlines on CLOCK_BOOTTIME: one that passed while the host was
@@ -332,6 +366,9 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                         let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation };
                         let actions = machine.on_lease(view, boottime_ns());
                         apply(&mut exec, &mut machine, actions).await;
+                        if machine.is_leader() {
+                            exec.fresh.send_replace(s.round_sent_boottime_ns);
+                        }
                         let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
                     }
                     Ok(None) | Err(_) => {

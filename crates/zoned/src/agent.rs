@@ -118,6 +118,7 @@ fn state(server_id: u64, l: &Lease) -> LeaseState {
         expires_boottime_ns: l.expires_ns,
         generation: l.generation,
         leader_id: l.leader_id,
+        round_sent_boottime_ns: l.round_sent_ns,
     }
 }
 

@@ -681,7 +681,15 @@ impl Driver {
 
     fn publish_lease_for(&mut self, held: bool, expires_ns: u64, leader_id: u64) {
         let generation = self.lease_tx.borrow().generation + 1;
+        // Every held lease comes from a round: it ends a lease after the
+        // round was sent.
+        let round_sent_ns = if held {
+            expires_ns.saturating_sub(self.config.lease().as_nanos() as u64)
+        } else {
+            0
+        };
         self.lease_tx.send_replace(Lease {
+            round_sent_ns,
             held,
             term: self.raw.raft.term,
             expires_ns: if held { expires_ns } else { 0 },

@@ -29,6 +29,9 @@ pub struct Lease {
     pub leader_id: u64,
     /// CLOCK_BOOTTIME nanoseconds at which this state was published.
     pub since_ns: u64,
+    /// While held: when the round that renewed it was sent (a quorum
+    /// answered it after); 0 otherwise.
+    pub round_sent_ns: u64,
 }
 
 /// ReadIndex contexts of lease rounds: 9 bytes, `L` then the round number

@@ -1,0 +1,181 @@
+//! ARP on a lab's bridge, seen from the host side: a capture of every ARP
+//! frame the bridge receives, and requests sent from the bridge's own
+//! address. Who answers for the VIP, and who announces it, is then a matter
+//! of record, not of what one neighbour cache last believed.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::sys::socket::{
+    recvfrom, sendto, setsockopt, socket, sockopt, AddressFamily, LinkAddr, MsgFlags, SockFlag,
+    SockProtocol, SockType,
+};
+
+use crate::vm::Lab;
+
+/// The bridge every VM's tap is a port of.
+const BRIDGE: &str = "br0";
+
+/// One ARP frame, as the bridge received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArpFrame {
+    pub at: Instant,
+    /// 1 request, 2 reply.
+    pub op: u16,
+    pub sender_mac: [u8; 6],
+    pub sender_ip: Ipv4Addr,
+    pub target_ip: Ipv4Addr,
+}
+
+impl ArpFrame {
+    /// An announcement: the sender names its own address as the target.
+    pub fn gratuitous(&self) -> bool {
+        self.sender_ip == self.target_ip
+    }
+
+    fn parse(at: Instant, f: &[u8]) -> Option<ArpFrame> {
+        if f.len() < 42 || f[12..14] != [0x08, 0x06] || f[16..18] != [0x08, 0x00] {
+            return None;
+        }
+        let ip = |o: usize| Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+        Some(ArpFrame {
+            at,
+            op: u16::from_be_bytes([f[20], f[21]]),
+            sender_mac: f[22..28].try_into().ok()?,
+            sender_ip: ip(28),
+            target_ip: ip(38),
+        })
+    }
+}
+
+/// "52:54:00:79:00:01" as bytes.
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(s.split(':')) {
+        *b = u8::from_str_radix(part, 16).expect("a MAC address");
+    }
+    mac
+}
+
+/// Records every ARP frame the lab's bridge receives, on a thread of its
+/// own, until dropped.
+#[derive(Debug)]
+pub struct Capture {
+    frames: Arc<Mutex<Vec<ArpFrame>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A packet socket opened inside the lab's namespace (it stays in it), and
+/// the bridge's link address there.
+fn bridge_socket(lab: &Lab, protocol: Option<SockProtocol>) -> Result<(OwnedFd, LinkAddr)> {
+    lab.in_ns(move |_| -> Result<(OwnedFd, LinkAddr)> {
+        let fd = socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            protocol,
+        )
+        .context("a packet socket (needs root)")?;
+        let link = nix::ifaddrs::getifaddrs()?
+            .filter(|a| a.interface_name == BRIDGE)
+            .find_map(|a| a.address.and_then(|a| a.as_link_addr().copied()))
+            .context("the lab's bridge has no link address")?;
+        Ok((fd, link))
+    })?
+}
+
+impl Capture {
+    pub fn start(lab: &Lab) -> Result<Capture> {
+        let (fd, bridge) = bridge_socket(lab, Some(SockProtocol::EthAll))?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 100_000),
+        )?;
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, done) = (frames.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !done.load(Ordering::Relaxed) {
+                let Ok((n, from)) = recvfrom::<LinkAddr>(fd.as_raw_fd(), &mut buf) else {
+                    continue;
+                };
+                // Each frame is seen on its tap, on the bridge and on the
+                // other ports; keep the bridge's copy.
+                if from.is_none_or(|l| l.ifindex() != bridge.ifindex()) {
+                    continue;
+                }
+                if let Some(f) = ArpFrame::parse(Instant::now(), &buf[..n]) {
+                    out.lock().expect("not poisoned").push(f);
+                }
+            }
+        });
+        Ok(Capture {
+            frames,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The frames so far.
+    pub fn frames(&self) -> Vec<ArpFrame> {
+        self.frames.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends ARP requests from the bridge's own address.
+#[derive(Debug)]
+pub struct Prober {
+    fd: OwnedFd,
+    bridge: LinkAddr,
+    source: Ipv4Addr,
+}
+
+impl Prober {
+    pub fn open(lab: &Lab, source: Ipv4Addr) -> Result<Prober> {
+        let (fd, bridge) = bridge_socket(lab, None)?;
+        Ok(Prober { fd, bridge, source })
+    }
+
+    /// "Who has `target`?", broadcast on the bridge.
+    pub fn ask(&self, target: Ipv4Addr) -> Result<()> {
+        let mac = self.bridge.addr().context("the bridge's MAC")?;
+        let mut f = Vec::with_capacity(42);
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&self.source.octets());
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target.octets());
+        sendto(self.fd.as_raw_fd(), &f, &self.bridge, MsgFlags::empty())?;
+        Ok(())
+    }
+
+    /// Asks for `target` every `every` for `span`; returns how many times.
+    pub fn ask_for(&self, target: Ipv4Addr, every: Duration, span: Duration) -> Result<usize> {
+        let end = Instant::now() + span;
+        let mut asked = 0;
+        while Instant::now() < end {
+            self.ask(target)?;
+            asked += 1;
+            std::thread::sleep(every);
+        }
+        Ok(asked)
+    }
+}
