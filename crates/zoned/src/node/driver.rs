@@ -448,7 +448,7 @@ impl Driver {
     /// `tell_commit` only moves forward).
     fn ready_rounds(&mut self) -> Result<(), StorageFailure> {
         for _ in 0..2 {
-            if !self.raw.has_ready() {
+            if !self.raw.has_ready() || self.mismatch.is_some() {
                 break;
             }
             self.on_ready()?;
@@ -769,6 +769,17 @@ impl Driver {
             tracing::info!(index = meta.index, term = meta.term, "installed snapshot");
             self.proposals
                 .overtaken_by_snapshot(meta.index, &mut done.writes);
+            if self.mismatch.is_some() {
+                // A server that must not run in this zone stops before it
+                // acknowledges the snapshot: a learner's acknowledgement
+                // gets it promoted, to a voter that then stops (a zone of
+                // three with one such joiner needs three of four). What it
+                // would send is dropped, which Raft always tolerates; the
+                // snapshot is on disk, and with it the server refuses to
+                // start.
+                self.complete(done);
+                return Ok(());
+            }
         }
 
         // 4. ReadIndex answers: release those already applied. Of lease
@@ -806,6 +817,11 @@ impl Driver {
             self.engine.write(wb, sync)?;
         }
         self.complete(done);
+        if self.mismatch.is_some() {
+            // As above: the record is on disk; no vote or acknowledgement
+            // from a server with the wrong timing.
+            return Ok(());
+        }
 
         // 8. Messages that must follow persistence (votes, append acks).
         if !ready.persisted_messages().is_empty() {
