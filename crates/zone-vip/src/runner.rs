@@ -156,13 +156,17 @@ impl Executor {
                 // loop learns that the lease ended, and its clock may not
                 // say so either: a VM paused by its hypervisor resumes with
                 // its clocks frozen, the lease seemingly still running
-                // while another server holds the VIP (found by the QEMU
+                // while another server holds the VIP (seen in the QEMU
                 // pause test: an announcement 50 ms after the resume). So
                 // each repeat waits for a renewal from a heartbeat round
                 // sent after it came due, which no quorum answers once the
                 // zone has moved on (and the step-down then stops this
                 // task). The first announcement, at takeover, follows a
-                // renewal just received.
+                // renewal just received. Not closed: a pause that falls
+                // between such a round's sending and its answer (buffered
+                // while paused, read on resume) still lets one repeat out
+                // after the resume, as no clock the guest reads counted
+                // the pause.
                 let due = boottime_ns();
                 let renewed = tokio::time::timeout(
                     FRESH_ROUND_WAIT,
