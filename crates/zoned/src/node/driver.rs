@@ -18,7 +18,7 @@ use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{RawNode, StateRole};
 use rocksdb::WriteBatch;
 use tokio::sync::{broadcast, watch};
-use zone_proto::v1::{command, Command, CommandResult, Member, ZoneRecord};
+use zone_proto::v1::{CommandResult, Member, ZoneRecord};
 
 use super::apply::Completions;
 use super::clock::Clock;
@@ -26,7 +26,7 @@ use super::handle::{Reply, Request};
 use super::lease::{self, Lease, LeaseRounds};
 use super::proposals::{Proposals, Waiter};
 use super::reads::Reads;
-use super::zone::{self, TimingMismatch};
+use super::zone::TimingMismatch;
 use super::{Applied, LocalStatus, NodeError, PeerProgress, RaftView, Stopped, Transport};
 use crate::config::Config;
 use crate::kv::{self, KvCache, Reader};
@@ -92,18 +92,16 @@ pub struct Driver {
     lease: LeaseRounds,
     stopping: bool,
     pub(super) removed: Option<u64>,
-    /// The zone's record is applied here (see [`zone`]).
-    zone: bool,
-    /// Its id, or empty.
-    zone_id: String,
+    /// The id of the zone's record, once applied here (see [`zone`]).
+    pub(super) zone_id: Option<String>,
     /// The term in which this server, leading, proposed the zone's record.
-    zone_proposed_term: u64,
+    pub(super) zone_proposed_term: u64,
     /// The applied record's timing is not this server's: it stops.
-    mismatch: Option<TimingMismatch>,
+    pub(super) mismatch: Option<TimingMismatch>,
     /// The servers the store records as having taken part (see [`zone`]).
     pub(super) took_part: BTreeSet<u64>,
     /// Those this server, leading in that term, proposed to add.
-    took_part_proposed: (u64, BTreeSet<u64>),
+    pub(super) took_part_proposed: (u64, BTreeSet<u64>),
 }
 
 impl std::fmt::Debug for Driver {
@@ -152,8 +150,7 @@ impl Driver {
             lease,
             stopping: false,
             removed: None,
-            zone: p.zone.is_some(),
-            zone_id: p.zone.map(|z| z.id).unwrap_or_default(),
+            zone_id: p.zone.map(|z| z.id),
             zone_proposed_term: 0,
             mismatch: None,
             took_part: p.took_part,
@@ -548,103 +545,6 @@ impl Driver {
         }
     }
 
-    /// On a leader of a zone without a record (a new zone, or one founded
-    /// before records existed): proposes one, once per term, after the
-    /// term's first entry is committed (a record from an earlier term
-    /// still in the log is then applied, and none is proposed). Two
-    /// leaders may each propose one; the first applied wins.
-    fn found_zone(&mut self) {
-        let raft = &self.raw.raft;
-        if self.zone
-            || raft.state != StateRole::Leader
-            || !raft.commit_to_current_term()
-            || self.zone_proposed_term == raft.term
-        {
-            return;
-        }
-        let term = raft.term;
-        let founders = self.raw.store().conf_state().voters.clone();
-        let record = zone::new_record(&self.config, founders);
-        let id = record.id.clone();
-        match self.propose_own(command::Op::FoundZone(record)) {
-            Ok(()) => {
-                self.zone_proposed_term = term;
-                tracing::info!(zone = %id, term, "proposed the zone's record");
-            }
-            // Refused while transferring leadership: tried again later.
-            Err(e) => tracing::debug!(error = %e, "the zone's record was not proposed"),
-        }
-    }
-
-    /// On the leader: proposes adding to the servers that took part those
-    /// it saw acknowledge an entry past the bootstrap, once per term.
-    fn record_took_part(&mut self) {
-        let raft = &self.raw.raft;
-        if raft.state != StateRole::Leader || !raft.commit_to_current_term() {
-            return;
-        }
-        let term = raft.term;
-        if self.took_part_proposed.0 != term {
-            self.took_part_proposed = (term, BTreeSet::new());
-        }
-        let seen: Vec<u64> = raft
-            .prs()
-            .iter()
-            .filter(|(id, pr)| {
-                pr.matched > crate::storage::BOOTSTRAP_INDEX
-                    && !self.took_part.contains(id)
-                    && !self.took_part_proposed.1.contains(id)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        if seen.is_empty() {
-            return;
-        }
-        let op = command::Op::TookPart(zone_proto::v1::ServerIds { ids: seen.clone() });
-        match self.propose_own(op) {
-            Ok(()) => {
-                tracing::debug!(servers = ?seen, "proposed: these servers took part");
-                self.took_part_proposed.1.extend(seen);
-            }
-            Err(e) => tracing::debug!(error = %e, "took_part not proposed"),
-        }
-    }
-
-    /// Proposes one of the zone's own commands (no client waits for it).
-    fn propose_own(&mut self, op: command::Op) -> raft::Result<()> {
-        let data = Command {
-            op: Some(op),
-            request: None,
-        }
-        .encode_to_vec();
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgPropose);
-        m.from = self.id;
-        m.set_entries(
-            vec![Entry {
-                data: data.into(),
-                ..Entry::default()
-            }]
-            .into(),
-        );
-        self.raw.raft.step(m)
-    }
-
-    /// The zone's record was applied here (a command, or a snapshot).
-    pub(super) fn zone_applied(&mut self, record: &ZoneRecord) {
-        self.zone = true;
-        self.zone_id = record.id.clone();
-        match zone::check(&self.config, record) {
-            Ok(()) => tracing::info!(
-                zone = %record.id,
-                founded_by = record.founded_by,
-                "this server belongs to zone {}",
-                record.id
-            ),
-            Err(m) => self.mismatch = Some(m),
-        }
-    }
-
     /// On the leader, at every tick and whenever it has no lease: starts a
     /// lease round if one is due (see [`LeaseRounds::start`]).
     fn lease_tick(&mut self) {
@@ -652,7 +552,10 @@ impl Driver {
         // No lease before the zone's record is applied here: it is then
         // held by a quorum, whose members run with its timing or stop (see
         // [`zone`]).
-        if raft.state != StateRole::Leader || !raft.commit_to_current_term() || !self.zone {
+        if raft.state != StateRole::Leader
+            || !raft.commit_to_current_term()
+            || self.zone_id.is_none()
+        {
             return;
         }
         let held = self.lease_tx.borrow().held;
@@ -754,10 +657,7 @@ impl Driver {
             self.reader.reload()?;
             match kv::read_zone(&self.engine)? {
                 Some(record) => self.zone_applied(&record),
-                None => {
-                    self.zone = false;
-                    self.zone_id.clear();
-                }
+                None => self.zone_id = None,
             }
             self.took_part = kv::read_took_part(&self.engine)?;
             let _ = self.events_tx.send(Arc::new(Applied::Snapshot(revision)));
@@ -917,7 +817,7 @@ impl Driver {
             snapshots_received: self.snapshots_received,
             snapshots_built: store.snapshots_built(),
             members: self.members.clone(),
-            zone_id: self.zone_id.clone(),
+            zone_id: self.zone_id.clone().unwrap_or_default(),
             took_part: self.took_part.iter().copied().collect(),
         }
     }

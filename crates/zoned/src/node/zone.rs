@@ -15,8 +15,14 @@
 //! The id answers "does this zone exist?" for a founder whose data
 //! directory is empty (`server::refuse_if_wiped`).
 
-use zone_proto::v1::ZoneRecord;
+use std::collections::BTreeSet;
 
+use prost::Message as _;
+use raft::eraftpb::{Entry, Message, MessageType};
+use raft::StateRole;
+use zone_proto::v1::{command, Command, ServerIds, ZoneRecord};
+
+use super::driver::Driver;
 use crate::config::Config;
 
 /// A server's configured Raft timing against its zone's record.
@@ -67,6 +73,104 @@ pub fn check(config: &Config, zone: &ZoneRecord) -> Result<(), TimingMismatch> {
             zone_id: zone.id.clone(),
             founded_by: zone.founded_by,
         }),
+    }
+}
+
+impl Driver {
+    /// On a leader of a zone without a record (a new zone, or one founded
+    /// before records existed): proposes one, once per term, after the
+    /// term's first entry is committed (a record from an earlier term
+    /// still in the log is then applied, and none is proposed). Two
+    /// leaders may each propose one; the first applied wins.
+    pub(super) fn found_zone(&mut self) {
+        let raft = &self.raw.raft;
+        if self.zone_id.is_some()
+            || raft.state != StateRole::Leader
+            || !raft.commit_to_current_term()
+            || self.zone_proposed_term == raft.term
+        {
+            return;
+        }
+        let term = raft.term;
+        let founders = self.raw.store().conf_state().voters.clone();
+        let record = new_record(&self.config, founders);
+        let id = record.id.clone();
+        match self.propose_own(command::Op::FoundZone(record)) {
+            Ok(()) => {
+                self.zone_proposed_term = term;
+                tracing::info!(zone = %id, term, "proposed the zone's record");
+            }
+            // Refused while transferring leadership: tried again later.
+            Err(e) => tracing::debug!(error = %e, "the zone's record was not proposed"),
+        }
+    }
+
+    /// On the leader: proposes adding to the servers that took part those
+    /// it saw acknowledge an entry past the bootstrap, once per term.
+    pub(super) fn record_took_part(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || !raft.commit_to_current_term() {
+            return;
+        }
+        let term = raft.term;
+        if self.took_part_proposed.0 != term {
+            self.took_part_proposed = (term, BTreeSet::new());
+        }
+        let seen: Vec<u64> = raft
+            .prs()
+            .iter()
+            .filter(|(id, pr)| {
+                pr.matched > crate::storage::BOOTSTRAP_INDEX
+                    && !self.took_part.contains(id)
+                    && !self.took_part_proposed.1.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if seen.is_empty() {
+            return;
+        }
+        let op = command::Op::TookPart(ServerIds { ids: seen.clone() });
+        match self.propose_own(op) {
+            Ok(()) => {
+                tracing::debug!(servers = ?seen, "proposed: these servers took part");
+                self.took_part_proposed.1.extend(seen);
+            }
+            Err(e) => tracing::debug!(error = %e, "took_part not proposed"),
+        }
+    }
+
+    /// Proposes one of the zone's own commands (no client waits for it).
+    fn propose_own(&mut self, op: command::Op) -> raft::Result<()> {
+        let data = Command {
+            op: Some(op),
+            request: None,
+        }
+        .encode_to_vec();
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.id;
+        m.set_entries(
+            vec![Entry {
+                data: data.into(),
+                ..Entry::default()
+            }]
+            .into(),
+        );
+        self.raw.raft.step(m)
+    }
+
+    /// The zone's record was applied here (a command, or a snapshot).
+    pub(super) fn zone_applied(&mut self, record: &ZoneRecord) {
+        self.zone_id = Some(record.id.clone());
+        match check(&self.config, record) {
+            Ok(()) => tracing::info!(
+                zone = %record.id,
+                founded_by = record.founded_by,
+                "this server belongs to zone {}",
+                record.id
+            ),
+            Err(m) => self.mismatch = Some(m),
+        }
     }
 }
 
