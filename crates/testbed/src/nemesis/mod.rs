@@ -44,6 +44,8 @@ use crate::{holders_of, wait_for, Testbed};
 const DATA_MB: u64 = 256;
 /// ...to below this free-space floor (`limits.min_free_disk_mb`).
 const FLOOR_MB: u64 = 32;
+/// How long the clients go on after the faults are healed.
+const WRITES_AFTER_HEAL: Duration = Duration::from_secs(5);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -225,8 +227,12 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
             ));
         }
     });
-    let _ = control.stop_clients.send(true);
     nemesis.heal();
+    // The clients go on a while after the last heal: every fault, the last
+    // one included, must be followed by acknowledged writes (a full disk
+    // healed as the run ended had none to show).
+    std::thread::sleep(WRITES_AFTER_HEAL);
+    let _ = control.stop_clients.send(true);
     let faults_log = std::mem::take(&mut nemesis.log);
     let exits = std::mem::take(&mut nemesis.exits);
     drop(nemesis);
