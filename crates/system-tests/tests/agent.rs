@@ -22,13 +22,19 @@ struct Agents {
     stop: watch::Sender<bool>,
 }
 
+/// Announcements and units of most tests' agents.
+const USUAL: &str =
+    "[announce]\ncount = 2\ninterval_ms = 50\n[leader]\nunits = [\"leader-only.service\"]\n";
+
 fn start_agents(zone: &TestZone) -> Agents {
-    start_agents_with(zone, |m| m)
+    start_agents_with(zone, USUAL, |m| m)
 }
 
-/// Agents whose address side effect is `addresses(memory)`.
+/// Agents for the VIP 10.99.0.100/24 on vip0, with `rest` for the rest of
+/// their configuration, whose address side effect is `addresses(memory)`.
 fn start_agents_with(
     zone: &TestZone,
+    rest: &str,
     addresses: impl Fn(Arc<Memory>) -> Arc<dyn Addresses>,
 ) -> Agents {
     let (stop, stop_rx) = watch::channel(false);
@@ -36,7 +42,7 @@ fn start_agents_with(
     let mut config = None;
     for s in &zone.servers {
         let text = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[announce]\ncount = 2\ninterval_ms = 50\n[leader]\nunits = [\"leader-only.service\"]\n",
+            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n{rest}",
             s.dir.join("agent.sock").display()
         );
         let c = Config::parse(&text).unwrap();
@@ -45,6 +51,7 @@ fn start_agents_with(
             addresses: addresses(m.clone()),
             announcer: m.clone(),
             services: m.clone(),
+            rtc: None,
         };
         tokio::spawn(runner::run(c.clone(), effects, stop_rx.clone()));
         mem.push(m);
@@ -276,7 +283,7 @@ async fn an_address_added_after_the_lease_ended_is_removed_at_once_and_never_ann
     let mut zone = TestZone::start(3, "");
     zone.wait_leader().await;
     // Longer than the lease (350 ms with the default timing).
-    let agents = start_agents_with(&zone, |m| {
+    let agents = start_agents_with(&zone, USUAL, |m| {
         Arc::new(SlowFirstAdd {
             memory: m,
             delay: Duration::from_millis(600),
@@ -323,26 +330,8 @@ async fn a_repeated_announcement_waits_for_a_lease_round_sent_after_it_came_due(
     use nix::sys::signal::Signal;
     let mut zone = TestZone::start(3, "");
     zone.wait_leader().await;
-    let (stop, stop_rx) = watch::channel(false);
-    let mut mem = Vec::new();
-    for s in &zone.servers {
-        let text = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[announce]\ncount = 4\ninterval_ms = 100\n",
-            s.dir.join("agent.sock").display()
-        );
-        let m = Arc::new(Memory::default());
-        let effects = Effects {
-            addresses: m.clone(),
-            announcer: m.clone(),
-            services: m.clone(),
-        };
-        tokio::spawn(runner::run(
-            Config::parse(&text).unwrap(),
-            effects,
-            stop_rx.clone(),
-        ));
-        mem.push(m);
-    }
+    let Agents { mem, stop, .. } =
+        start_agents_with(&zone, "[announce]\ncount = 4\ninterval_ms = 100\n", |m| m);
     let announced = |m: &Memory| {
         m.entries()
             .iter()
@@ -390,5 +379,87 @@ async fn a_repeated_announcement_waits_for_a_lease_round_sent_after_it_came_due(
         before_step_down.len(),
         1,
         "the agent announced again with its zoned frozen: {log:?}"
+    );
+}
+
+/// Issue 20, defect 3: the agent answers ARP for the VIP (the kernel is
+/// kept from it) only under a renewal from a lease round sent after the
+/// question came. A follower's agent never answers; a leader whose zoned
+/// froze gets no such round, and its clocks cannot be trusted to say so (a
+/// paused VM's stood still).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arp_question_is_answered_only_under_a_lease_round_sent_after_it_came() {
+    use nix::sys::signal::Signal;
+    use zone_vip::neighbours::Question;
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let Agents { mem, stop, .. } = start_agents_with(&zone, "[announce]\ncount = 1\n", |m| m);
+    let question = || Question {
+        interface: "vip0".into(),
+        vip: "10.99.0.100".parse().unwrap(),
+        asker_mac: [2, 0, 0, 0, 0, 7],
+        asker_ip: "10.99.0.7".parse().unwrap(),
+        at_ns: zone_vip::runner::boottime_ns(),
+    };
+    let answered = |m: &Memory| {
+        m.entries()
+            .iter()
+            .filter(|e| e.starts_with("answer"))
+            .count()
+    };
+    let holder = poll(
+        Duration::from_secs(20),
+        "an agent to take the VIP",
+        || async {
+            mem.iter()
+                .position(|m| m.entries().iter().any(|e| e.starts_with("announce")))
+        },
+    )
+    .await;
+    // The holder answers, within a round or so.
+    assert!(
+        mem[holder].ask(question()),
+        "the holder's agent is not listening"
+    );
+    let asked = std::time::Instant::now();
+    poll(Duration::from_secs(2), "the holder to answer", || async {
+        (answered(&mem[holder]) == 1).then_some(())
+    })
+    .await;
+    eprintln!("the holder answered after {:?}", asked.elapsed());
+    // A follower does not.
+    let follower = (holder + 1) % mem.len();
+    assert!(mem[follower].ask(question()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        answered(&mem[follower]),
+        0,
+        "a follower answered for the VIP"
+    );
+    // The holder's zoned frozen: a question that comes now is never
+    // answered, though the lease has a while to run.
+    zone.signal(holder, Signal::SIGSTOP);
+    assert!(mem[holder].ask(question()));
+    poll(
+        Duration::from_secs(5),
+        "the frozen leader's agent to step down",
+        || async {
+            mem[holder]
+                .entries()
+                .iter()
+                .skip_while(|e| !e.starts_with("announce"))
+                .any(|e| e.starts_with("remove"))
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = mem[holder].entries();
+    zone.signal(holder, Signal::SIGCONT);
+    let _ = stop.send(true);
+    assert_eq!(
+        answered(&mem[holder]),
+        1,
+        "the agent answered with its zoned frozen: {log:?}"
     );
 }

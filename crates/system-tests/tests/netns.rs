@@ -292,6 +292,98 @@ fn a_host_whose_zoned_and_agent_are_frozen_loses_the_vip_by_its_kernel_lifetime(
     eprintln!("zoned and zone-vip frozen: the kernel removed the VIP after {gone:?}");
 }
 
+/// The MAC address of `eth0` in namespace `ns`.
+fn mac_in(ns: &str) -> [u8; 6] {
+    let shown = testbed::ip_in(ns, &["-o", "link", "show", "dev", "eth0"]);
+    let mac = shown
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {shown}"));
+    testbed::arp::parse_mac(mac)
+}
+
+/// Issue 20, defect 3: only a lease the zone still confirms lets a server
+/// answer for the VIP. The kernel answers ARP for every address it has,
+/// lease or none: a server whose zoned and agent are frozen (or a VM paused
+/// by its hypervisor, whose clocks stood still) answered for the VIP until
+/// the address went, hundreds of milliseconds later. zone-vip now keeps the
+/// kernel from answering and answers itself, under a fresh lease round.
+#[test]
+fn a_host_whose_zoned_and_agent_are_frozen_answers_no_arp_for_the_vip() {
+    use nix::sys::signal::Signal;
+    use testbed::arp::{Capture, Prober};
+    let mut tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    let vip: std::net::Ipv4Addr = tb.vip.parse().expect("an IPv4 VIP");
+    let holder_mac = mac_in(&tb.nodes[first].ns);
+    let capture = Capture::start_on(&tb.bridge_ns, "br0").expect("capture on the bridge");
+    // An address of the subnet that no namespace has.
+    let prober = Prober::open_on(&tb.bridge_ns, "br0", "10.77.0.250".parse().unwrap())
+        .expect("a prober on the bridge");
+    let answers = |from: Instant| {
+        capture
+            .frames()
+            .iter()
+            .filter(|f| f.at >= from && f.op == 2 && f.sender_ip == vip && !f.gratuitous())
+            .map(|f| (f.at.duration_since(from), f.sender_mac))
+            .collect::<Vec<_>>()
+    };
+    // Live: the holder answers.
+    let t = Instant::now();
+    let asked = prober
+        .ask_for(vip, Duration::from_millis(20), Duration::from_millis(600))
+        .expect("ask");
+    std::thread::sleep(Duration::from_millis(200));
+    let live = answers(t);
+    eprintln!("live: asked {asked} times, {} answers", live.len());
+    assert!(
+        live.iter().filter(|(_, m)| *m == holder_mac).count() * 2 >= asked,
+        "the holder answered {} of {asked} questions for the VIP: {live:?}",
+        live.len()
+    );
+    assert!(
+        live.iter().all(|(_, m)| *m == holder_mac),
+        "another server answered for the VIP: {live:?}"
+    );
+    // Frozen: no answer from the holder, though the kernel still has the
+    // address for a while.
+    let stop = |s| {
+        let zoned = tb.nodes[first].zoned.as_ref().expect("zoned running");
+        testbed::signal(zoned, s).expect("signal zoned");
+        signal_agent(&tb, first, s);
+    };
+    stop(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let asked = prober
+        .ask_for(vip, Duration::from_millis(10), Duration::from_millis(1500))
+        .expect("ask");
+    stop(Signal::SIGCONT);
+    let after: Vec<_> = answers(frozen)
+        .into_iter()
+        .filter(|(_, m)| *m == holder_mac)
+        .collect();
+    eprintln!(
+        "frozen: asked {asked} times, {} answers from the frozen host (the last {:?} after the freeze)",
+        after.len(),
+        after.last().map(|(at, _)| at)
+    );
+    // A question already answered as the signal landed may leave a few
+    // milliseconds late.
+    let late: Vec<_> = after
+        .iter()
+        .filter(|(at, _)| *at > Duration::from_millis(20))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the frozen host answered for the VIP {} times, from {:?} to {:?} after the freeze",
+        late.len(),
+        late.first().map(|(at, _)| at),
+        late.last().map(|(at, _)| at)
+    );
+    let _ = &mut tb;
+}
+
 #[test]
 fn transfer_and_sigterm_move_the_vip_with_no_dual_holder() {
     let mut tb = Testbed::start(3);

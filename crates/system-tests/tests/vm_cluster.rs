@@ -445,16 +445,18 @@ fn every_acknowledged_write_survives_all_vms_killed_at_once() -> Result<()> {
 /// stopped through QEMU's monitor (its clocks with it) just after it took
 /// the VIP, while its repeated announcements are still due, and kept
 /// stopped for longer than the election timeout while the zone elects
-/// another leader, which takes the VIP. Then it is resumed. Its clocks tell
-/// it nothing (the pause froze them, as QEMU and most hypervisors do): it
-/// must let go of the VIP as soon as it hears the newer term, and within a
-/// second of the resume neither announce nor answer for it. ARP is
-/// recorded on the bridge throughout, and asked for the VIP every 20 ms
-/// from the resume on. What it did before letting go is printed: zone-vip's
-/// repeats wait for a fresh lease round, yet a round answered while the VM
-/// was paused can still let one out (see zone-vip's `runner`).
+/// another leader, which takes the VIP. Then it is resumed. The clocks its
+/// kernel keeps tell it nothing (the pause froze them, as QEMU and most
+/// hypervisors do); the RTC, which follows the host's time, does. From the
+/// resume on it must neither announce nor answer for the VIP: zone-vip
+/// answers ARP itself (the kernel is kept from it), each answer and each
+/// repeated announcement only under a lease round sent after it came due
+/// and with the RTC showing no pause since. ARP is recorded on the bridge
+/// throughout, and asked for the VIP every 20 ms from the resume on. On
+/// the code before, the kernel answered for the VIP 100-150 ms after the
+/// resume, and a repeated announcement went out on one run of four.
 #[test]
-fn a_leader_vm_paused_past_the_election_timeout_lets_go_of_the_vip_when_resumed() -> Result<()> {
+fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()> {
     use testbed::arp::{parse_mac, Capture, Prober};
     let lab = start_zone("paused_leader", [Boot::DirectKernel; 3])?;
     let zone = wait_zone(&lab, Duration::from_secs(120))?;
@@ -525,16 +527,19 @@ fn a_leader_vm_paused_past_the_election_timeout_lets_go_of_the_vip_when_resumed(
         .map(|f| f.at.duration_since(resumed))
         .collect();
     eprintln!("after the resume: the resumed VM's announcements of the VIP: {announced:?}");
-    if let Some(last) = announced.last() {
-        assert!(
-            *last < Duration::from_secs(1),
-            "the resumed VM still announced the VIP {last:?} after the resume"
-        );
-    }
+    // Frames the guest had queued before the pause leave the moment QEMU
+    // runs it again; nothing it does after the resume can be that quick.
+    let queued = Duration::from_millis(10);
+    assert!(
+        announced.iter().all(|at| *at < queued),
+        "the resumed VM announced the VIP after the resume: {announced:?}"
+    );
     let answers = |mac: [u8; 6]| {
         after
             .iter()
-            .filter(|f| f.op == 2 && f.sender_mac == mac && f.sender_ip == vip_ip)
+            .filter(|f| {
+                f.op == 2 && f.sender_mac == mac && f.sender_ip == vip_ip && !f.gratuitous()
+            })
             .map(|f| f.at.duration_since(resumed))
             .collect::<Vec<_>>()
     };
@@ -545,12 +550,10 @@ fn a_leader_vm_paused_past_the_election_timeout_lets_go_of_the_vip_when_resumed(
         old.last(),
         new.len()
     );
-    if let Some(last) = old.last() {
-        assert!(
-            *last < Duration::from_secs(1),
-            "the resumed VM still answered for the VIP {last:?} after the resume"
-        );
-    }
+    assert!(
+        old.iter().all(|at| *at < queued),
+        "the resumed VM answered for the VIP after the resume: {old:?}"
+    );
     assert!(
         new.len() * 2 >= asked,
         "VM {new_leader} answered for the VIP only {} times of {asked}",

@@ -1,7 +1,8 @@
-//! ARP on a lab's bridge, seen from the host side: a capture of every ARP
-//! frame the bridge receives, and requests sent from the bridge's own
-//! address. Who answers for the VIP, and who announces it, is then a matter
-//! of record, not of what one neighbour cache last believed.
+//! ARP on a bridge (a QEMU lab's, or the namespace testbed's), seen from
+//! the bridge itself: a capture of every ARP frame the bridge receives, and
+//! requests sent from the bridge's own address. Who answers for the VIP,
+//! and who announces it, is then a matter of record, not of what one
+//! neighbour cache last believed.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -70,10 +71,18 @@ pub struct Capture {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A packet socket opened inside the lab's namespace (it stays in it), and
-/// the bridge's link address there.
-fn bridge_socket(lab: &Lab, protocol: Option<SockProtocol>) -> Result<(OwnedFd, LinkAddr)> {
-    lab.in_ns(move |_| -> Result<(OwnedFd, LinkAddr)> {
+/// A packet socket opened inside namespace `ns` (it stays in it), and the
+/// link address there of its `bridge`.
+fn bridge_socket(
+    ns: &str,
+    bridge: &str,
+    protocol: Option<SockProtocol>,
+) -> Result<(OwnedFd, LinkAddr)> {
+    let (path, bridge) = (format!("/run/netns/{ns}"), bridge.to_owned());
+    std::thread::spawn(move || -> Result<(OwnedFd, LinkAddr)> {
+        let file = std::fs::File::open(&path).with_context(|| path.clone())?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("setns into the bridge's namespace")?;
         let fd = socket(
             AddressFamily::Packet,
             SockType::Raw,
@@ -82,16 +91,24 @@ fn bridge_socket(lab: &Lab, protocol: Option<SockProtocol>) -> Result<(OwnedFd, 
         )
         .context("a packet socket (needs root)")?;
         let link = nix::ifaddrs::getifaddrs()?
-            .filter(|a| a.interface_name == BRIDGE)
+            .filter(|a| a.interface_name == bridge)
             .find_map(|a| a.address.and_then(|a| a.as_link_addr().copied()))
-            .context("the lab's bridge has no link address")?;
+            .with_context(|| format!("bridge {bridge} has no link address"))?;
         Ok((fd, link))
-    })?
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
 }
 
 impl Capture {
+    /// On the lab's bridge.
     pub fn start(lab: &Lab) -> Result<Capture> {
-        let (fd, bridge) = bridge_socket(lab, Some(SockProtocol::EthAll))?;
+        Capture::start_on(&lab.ns, BRIDGE)
+    }
+
+    /// On `bridge` in namespace `ns`.
+    pub fn start_on(ns: &str, bridge: &str) -> Result<Capture> {
+        let (fd, bridge) = bridge_socket(ns, bridge, Some(SockProtocol::EthAll))?;
         setsockopt(
             &fd,
             sockopt::ReceiveTimeout,
@@ -147,8 +164,14 @@ pub struct Prober {
 }
 
 impl Prober {
+    /// On the lab's bridge.
     pub fn open(lab: &Lab, source: Ipv4Addr) -> Result<Prober> {
-        let (fd, bridge) = bridge_socket(lab, None)?;
+        Prober::open_on(&lab.ns, BRIDGE, source)
+    }
+
+    /// On `bridge` in namespace `ns`, asking as `source`.
+    pub fn open_on(ns: &str, bridge: &str, source: Ipv4Addr) -> Result<Prober> {
+        let (fd, bridge) = bridge_socket(ns, bridge, None)?;
         Ok(Prober { fd, bridge, source })
     }
 

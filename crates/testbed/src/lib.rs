@@ -174,6 +174,13 @@ pub fn require_root_and_netns() {
             .is_ok_and(|o| o.status.success()),
         "the namespace testbed needs iproute2's `ip` (cargo xtask deps installs it)"
     );
+    assert!(
+        Command::new("nft")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "the namespace testbed needs nftables' `nft`: zone-vip keeps the kernel from answering ARP for the VIP with it (cargo xtask deps installs it)"
+    );
 }
 
 /// What moves the VIP.

@@ -160,7 +160,7 @@ enum ClusterTask {
 }
 
 /// Debian packages: building RocksDB (libclang for its bindings, a C++
-/// compiler), the namespace testbed (iproute2), the failover benchmark
+/// compiler), the namespace testbed (iproute2, nftables), the failover benchmark
 /// (keepalived), the kv benchmark (etcd, protoc), the image (mmdebstrap, filesystem and partition tools, the
 /// systemd EFI stub) and the QEMU tests (qemu-system, OVMF firmware).
 const APT_PACKAGES: &[&str] = &[
@@ -170,6 +170,8 @@ const APT_PACKAGES: &[&str] = &[
     "make",
     "pkg-config",
     "iproute2",
+    // zone-vip: the kernel kept from answering ARP for the VIP.
+    "nftables",
     "keepalived",
     "mmdebstrap",
     "e2fsprogs",

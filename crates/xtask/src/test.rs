@@ -38,7 +38,7 @@ pub const TIERS: [Tier; 5] = [
     Tier {
         number: 4,
         what: "network namespaces: zoned and zone-vip for real, VIPs and ARP; the nemesis",
-        needs: "root, iproute2; the workspace's binaries",
+        needs: "root, iproute2, nftables; the workspace's binaries",
         filter: "package(system-tests) & binary(/^netns/)",
     },
     Tier {

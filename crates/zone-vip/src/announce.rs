@@ -4,38 +4,22 @@
 //! override flag for IPv6, sent from the interface's own MAC.
 //!
 //! No unsafe code: the link-layer destination comes from `getifaddrs`, the
-//! interface's own AF_PACKET address (its index and MAC).
+//! interface's own AF_PACKET address (its index and MAC). ARP answers for
+//! the VIP go out the same way ([`crate::neighbours`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use nix::ifaddrs::getifaddrs;
-use nix::sys::socket::{sendto, socket, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType};
+use tokio::sync::mpsc;
 
 use crate::config::Vip;
 use crate::effects::Announcer;
+use crate::neighbours::{self, Question};
 
-/// Sends announcements with a fresh packet socket each time (they are
-/// rare, and the interface may have come and gone in between).
+/// Sends announcements and answers with a fresh packet socket each time
+/// (they are rare, and the interface may have come and gone in between).
 #[derive(Debug, Default)]
 pub struct RawAnnouncer;
-
-fn link_of(interface: &str) -> io::Result<(LinkAddr, [u8; 6])> {
-    for ifa in getifaddrs().map_err(io::Error::from)? {
-        if ifa.interface_name != interface {
-            continue;
-        }
-        if let Some(link) = ifa.address.as_ref().and_then(|a| a.as_link_addr()) {
-            if let Some(mac) = link.addr() {
-                return Ok((*link, mac));
-            }
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("interface {interface} has no link-layer address"),
-    ))
-}
 
 /// A gratuitous ARP frame: `op` 1 (request) or 2 (reply).
 pub fn garp_frame(mac: [u8; 6], ip: Ipv4Addr, op: u8) -> Vec<u8> {
@@ -94,27 +78,20 @@ pub fn na_frame(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
 
 impl Announcer for RawAnnouncer {
     fn announce(&self, vip: &Vip) -> io::Result<()> {
-        let (link, mac) = link_of(&vip.interface)?;
-        // Protocol 0: this socket only sends.
-        let fd = socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        let frames = match vip.address {
+        neighbours::send_frames(&vip.interface, |mac| match vip.address {
             IpAddr::V4(ip) => vec![garp_frame(mac, ip, 1), garp_frame(mac, ip, 2)],
             IpAddr::V6(ip) => vec![na_frame(mac, ip)],
-        };
-        for f in frames {
-            sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &f,
-                &link,
-                MsgFlags::empty(),
-            )?;
-        }
-        Ok(())
+        })
+    }
+
+    fn answer(&self, question: &Question) -> io::Result<()> {
+        neighbours::send_frames(&question.interface, |mac| {
+            vec![neighbours::answer_frame(mac, question)]
+        })
+    }
+
+    fn listen(&self, vips: &[Vip], questions: mpsc::Sender<Question>) -> io::Result<()> {
+        neighbours::listen(vips, questions)
     }
 }
 

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use tokio::sync::mpsc;
+
 use crate::config::Vip;
+use crate::neighbours::Question;
 
 /// Adds and removes addresses on interfaces (netlink is asynchronous).
 pub trait Addresses: Send + Sync + 'static {
@@ -22,9 +25,15 @@ pub trait Addresses: Send + Sync + 'static {
     fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>>;
 }
 
-/// Tells the segment where an address now lives.
+/// Tells the segment where an address now lives, and answers its
+/// questions (ARP requests for an IPv4 VIP, which the kernel is kept from
+/// answering: see [`crate::neighbours`]).
 pub trait Announcer: Send + Sync + 'static {
     fn announce(&self, vip: &Vip) -> std::io::Result<()>;
+    /// Answers one question (the runner decides whether it may).
+    fn answer(&self, question: &Question) -> std::io::Result<()>;
+    /// Starts reading the questions about `vips`, each sent on `questions`.
+    fn listen(&self, vips: &[Vip], questions: mpsc::Sender<Question>) -> std::io::Result<()>;
 }
 
 /// Leader-only units and role hooks. Called off the time-critical path.
@@ -40,6 +49,8 @@ pub trait Services: Send + Sync + 'static {
 pub struct Memory {
     pub held: Mutex<BTreeSet<String>>,
     pub log: Mutex<Vec<(u64, String)>>,
+    /// Where [`Memory::ask`] sends questions, once the runner listens.
+    questions: Mutex<Option<mpsc::Sender<Question>>>,
 }
 
 impl Memory {
@@ -75,6 +86,13 @@ impl Memory {
             .lock()
             .expect("held poisoned")
             .contains(&vip.to_string())
+    }
+
+    /// A neighbour asks for a VIP, as an ARP request would; false if the
+    /// runner is not listening (or dropped it: its queue is full).
+    pub fn ask(&self, q: Question) -> bool {
+        let tx = self.questions.lock().expect("questions poisoned").clone();
+        tx.is_some_and(|tx| tx.try_send(q).is_ok())
     }
 
     pub fn entries(&self) -> Vec<String> {
@@ -114,6 +132,16 @@ impl Addresses for Memory {
 impl Announcer for Memory {
     fn announce(&self, vip: &Vip) -> std::io::Result<()> {
         self.note(format!("announce {vip}"));
+        Ok(())
+    }
+
+    fn answer(&self, q: &Question) -> std::io::Result<()> {
+        self.note(format!("answer {} to {}", q.vip, q.asker_ip));
+        Ok(())
+    }
+
+    fn listen(&self, _vips: &[Vip], questions: mpsc::Sender<Question>) -> std::io::Result<()> {
+        *self.questions.lock().expect("questions poisoned") = Some(questions);
         Ok(())
     }
 }

@@ -11,11 +11,15 @@
 //! - [`machine`]: the decisions, pure and unit-tested;
 //! - [`effects`]: the side effects behind traits, with in-memory versions;
 //! - [`runner`]: the loop that follows zoned's lease;
-//! - [`netlink`], [`announce`]: the real address and ARP/NA side effects.
+//! - [`netlink`], [`announce`]: the real address and ARP/NA side effects;
+//! - [`neighbours`]: ARP for the VIP answered by this agent, not the kernel;
+//! - [`rtc`]: the RTC against CLOCK_BOOTTIME, which tells of a VM pause.
 
 pub mod announce;
 pub mod config;
 pub mod effects;
 pub mod machine;
+pub mod neighbours;
 pub mod netlink;
+pub mod rtc;
 pub mod runner;

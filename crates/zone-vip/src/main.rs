@@ -1,6 +1,6 @@
 //! `zone-vip`: parse arguments, load the configuration, follow the lease.
 //! Exit code 0 after a clean stop, 2 for a configuration error, 1 when the
-//! system refuses what is needed (netlink).
+//! system refuses what is needed (netlink, nftables).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +10,9 @@ use clap::Parser;
 use zone_vip::announce::RawAnnouncer;
 use zone_vip::config::Config;
 use zone_vip::effects::Systemd;
+use zone_vip::neighbours::KernelGate;
 use zone_vip::netlink::Netlink;
+use zone_vip::rtc::Rtc;
 use zone_vip::runner::{self, Effects};
 
 /// Keeps the zone's floating IP and leader-only services on this server
@@ -81,10 +83,16 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             };
         }
+        // Before any VIP can be held: the kernel answers no ARP for it.
+        if let Err(e) = KernelGate::install(&config.vips) {
+            eprintln!("zone-vip: {e}");
+            return ExitCode::FAILURE;
+        }
         let effects = Effects {
             addresses: netlink,
             announcer: Arc::new(RawAnnouncer),
             services: Arc::new(Systemd),
+            rtc: Rtc::open(),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -16,8 +16,18 @@
 //! this agent does not acknowledge letting go (see zoned's `agent::fence`);
 //! and the lease loop feeds systemd's watchdog, so a hung agent is restarted
 //! and `ExecStopPost` removes the address.
+//!
+//! A VM paused by its hypervisor resumes with every clock it keeps frozen,
+//! its lease seemingly running while the zone has moved on. Nothing this
+//! agent sends for the VIP rests on that clock alone: each repeated
+//! announcement and each ARP answer waits for a renewal from a heartbeat
+//! round sent after it came due (no quorum answers a deposed leader's), the
+//! kernel is kept from answering ARP for the VIP ([`crate::neighbours`]),
+//! and the RTC, which a pause does not stop, is read against CLOCK_BOOTTIME
+//! before each of them ([`crate::rtc`]): a pause seen makes this agent step
+//! down and ignore renewals from rounds sent before it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +40,8 @@ use zone_proto::v1::{agent_client::AgentClient, HeldAddress, LeaseAck};
 use crate::config::{Config, Vip};
 use crate::effects::{Addresses, Announcer, Services};
 use crate::machine::{Action, LeaseView, Machine};
+use crate::neighbours::Question;
+use crate::rtc::{Pause, Rtc};
 
 pub use zone_proto::boottime_ns;
 use zone_proto::BootTimer;
@@ -40,6 +52,8 @@ pub struct Effects {
     pub addresses: Arc<dyn Addresses>,
     pub announcer: Arc<dyn Announcer>,
     pub services: Arc<dyn Services>,
+    /// The RTC, to tell a VM pause (`None`: no such check).
+    pub rtc: Option<Arc<Rtc>>,
 }
 
 impl std::fmt::Debug for Effects {
@@ -73,8 +87,10 @@ struct Executor {
     valid_until: Arc<AtomicU64>,
     /// While leading: when the heartbeat round behind the latest renewal
     /// was sent (CLOCK_BOOTTIME ns); 0 otherwise. The announcement tasks
-    /// wait on it.
+    /// and the ARP answers wait on it.
     fresh: watch::Sender<u64>,
+    /// When the round behind the lease state being applied was sent.
+    round_sent: u64,
 }
 
 /// How long a repeated announcement waits for a lease round sent after it
@@ -85,6 +101,76 @@ const FRESH_ROUND_WAIT: Duration = Duration::from_secs(1);
 /// Whether a lease valid until `valid_until` still holds.
 fn lease_valid(valid_until: &AtomicU64) -> bool {
     boottime_ns() < valid_until.load(Ordering::Acquire)
+}
+
+/// How long, at least, the clocks stood still since `since_ns` (a VM
+/// pause), if they did: a lease counted on them cannot be trusted.
+fn stood_still(rtc: &Option<Arc<Rtc>>, since_ns: u64) -> Option<Duration> {
+    rtc.as_ref().and_then(|r| r.stood_still_since(since_ns))
+}
+
+/// At most this many ARP questions wait for a fresh lease round at once;
+/// more are dropped (the asker asks again).
+const MAX_WAITING_QUESTIONS: usize = 64;
+
+/// Answers the neighbours' ARP questions about the VIPs while leading.
+async fn answer_questions(
+    mut questions: mpsc::Receiver<Question>,
+    announcer: Arc<dyn Announcer>,
+    valid_until: Arc<AtomicU64>,
+    fresh: watch::Receiver<u64>,
+    rtc: Option<Arc<Rtc>>,
+) {
+    let waiting = Arc::new(AtomicUsize::new(0));
+    while let Some(q) = questions.recv().await {
+        if valid_until.load(Ordering::Acquire) == 0
+            || waiting.load(Ordering::Relaxed) >= MAX_WAITING_QUESTIONS
+        {
+            continue;
+        }
+        waiting.fetch_add(1, Ordering::Relaxed);
+        let (announcer, valid_until, mut fresh, rtc, waiting) = (
+            announcer.clone(),
+            valid_until.clone(),
+            fresh.clone(),
+            rtc.clone(),
+            waiting.clone(),
+        );
+        tokio::spawn(async move {
+            // Safety: the answer tells the asker that the VIP lives here.
+            // It is sent only under a renewal from a heartbeat round sent
+            // after the question arrived: a quorum still followed this
+            // server after that, which no deposed leader gets, whatever its
+            // clocks say (a resumed VM's have not counted the pause). And
+            // not if the RTC says the clocks stood still since the question
+            // came: the round's answers may have waited out a pause in this
+            // VM's queues.
+            let renewed =
+                tokio::time::timeout(FRESH_ROUND_WAIT, fresh.wait_for(|&sent| sent >= q.at_ns))
+                    .await;
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            if !matches!(renewed, Ok(Ok(_))) || !lease_valid(&valid_until) {
+                return;
+            }
+            if let Some(gap) = stood_still(&rtc, q.at_ns) {
+                tracing::warn!(vip = %q.vip, stood_still = ?gap, "the clocks stood still since an ARP question came (a paused VM?): not answered");
+                return;
+            }
+            if let Err(e) = announcer.answer(&q) {
+                tracing::debug!(vip = %q.vip, error = %e, "cannot answer an ARP question");
+            }
+        });
+    }
+}
+
+/// The next pause the RTC sampler sees (never, without an RTC).
+async fn next_pause(pauses: &mut Option<watch::Receiver<Pause>>) -> Pause {
+    if let Some(rx) = pauses {
+        if rx.changed().await.is_ok() {
+            return *rx.borrow_and_update();
+        }
+    }
+    std::future::pending().await
 }
 
 impl Executor {
@@ -98,6 +184,12 @@ impl Executor {
                     let until = self.valid_until.load(Ordering::Acquire);
                     let now = boottime_ns();
                     if now >= until {
+                        return false;
+                    }
+                    // Taking the VIP (not each renewal: the RTC is slow
+                    // to read on some hardware; a pause seen by the sampler
+                    // steps down within its period).
+                    if matches!(action, Action::AddVip(_)) && self.paused() {
                         return false;
                     }
                     let lifetime = Duration::from_nanos(until - now);
@@ -118,7 +210,7 @@ impl Executor {
                     Err(e) => tracing::error!(%vip, error = %e, "cannot remove the VIP"),
                 },
                 Action::Announce(vip) => {
-                    if !lease_valid(&self.valid_until) {
+                    if !lease_valid(&self.valid_until) || self.paused() {
                         return false;
                     }
                     self.announce(vip);
@@ -136,6 +228,16 @@ impl Executor {
         true
     }
 
+    /// Whether the clocks stood still since the round behind the lease
+    /// being applied was sent: then it cannot be acted on.
+    fn paused(&self) -> bool {
+        let Some(gap) = stood_still(&self.effects.rtc, self.round_sent) else {
+            return false;
+        };
+        tracing::warn!(stood_still = ?gap, "the clocks stood still since the lease's round was sent (a paused VM?): stepping down");
+        true
+    }
+
     /// The first announcement at once, the rest in the background.
     fn announce(&mut self, vip: Vip) {
         if let Err(e) = self.effects.announcer.announce(&vip) {
@@ -148,6 +250,7 @@ impl Executor {
         let interval = self.config.announce_interval();
         let announcer = self.effects.announcer.clone();
         let valid_until = self.valid_until.clone();
+        let rtc = self.effects.rtc.clone();
         let mut fresh = self.fresh.subscribe();
         self.announcing.push(tokio::spawn(async move {
             for _ in 0..rest {
@@ -162,11 +265,9 @@ impl Executor {
                 // sent after it came due, which no quorum answers once the
                 // zone has moved on (and the step-down then stops this
                 // task). The first announcement, at takeover, follows a
-                // renewal just received. Not closed: a pause that falls
-                // between such a round's sending and its answer (buffered
-                // while paused, read on resume) still lets one repeat out
-                // after the resume, as no clock the guest reads counted
-                // the pause.
+                // renewal just received. A pause that falls between such a
+                // round's sending and its answers (which wait in this VM's
+                // queues, read on resume) is told by the RTC.
                 let due = boottime_ns();
                 let renewed = tokio::time::timeout(
                     FRESH_ROUND_WAIT,
@@ -178,6 +279,10 @@ impl Executor {
                     return;
                 }
                 if !lease_valid(&valid_until) {
+                    return;
+                }
+                if let Some(gap) = stood_still(&rtc, due) {
+                    tracing::warn!(%vip, stood_still = ?gap, "the clocks stood still since the announcement came due (a paused VM?): the rest given up");
                     return;
                 }
                 if let Err(e) = announcer.announce(&vip) {
@@ -293,7 +398,29 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         services,
         valid_until: Arc::new(AtomicU64::new(0)),
         fresh: watch::channel(0).0,
+        round_sent: 0,
     };
+    let (questions_tx, questions) = mpsc::channel(256);
+    match exec.effects.announcer.listen(&config.vips, questions_tx) {
+        Ok(()) => {
+            tokio::spawn(answer_questions(
+                questions,
+                exec.effects.announcer.clone(),
+                exec.valid_until.clone(),
+                exec.fresh.subscribe(),
+                exec.effects.rtc.clone(),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for ARP requests: no neighbour will learn the VIP from this server but by its announcements")
+        }
+    }
+    let mut pauses = exec.effects.rtc.as_ref().map(|r| r.pauses());
+    if pauses.is_none() {
+        tracing::warn!(
+            "no RTC to read (/sys/class/rtc/rtc0): a VM pause is told only by the lease rounds"
+        );
+    }
     let mut watchdog = Watchdog::new();
     // Lease deadlines on CLOCK_BOOTTIME: one that passed while the host was
     // suspended ends the wait at once on resume.
@@ -367,6 +494,15 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                 msg = stream.message() => match msg {
                     Ok(Some(s)) => {
                         generation = s.generation;
+                        // A round sent before a pause seen since: its
+                        // answers waited out the pause, and the zone may
+                        // have moved on meanwhile.
+                        let last_pause = pauses.as_ref().map_or(0, |p| p.borrow().seen_ns);
+                        if s.held && s.round_sent_boottime_ns < last_pause {
+                            let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
+                            continue;
+                        }
+                        exec.round_sent = s.round_sent_boottime_ns;
                         let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation };
                         let actions = machine.on_lease(view, boottime_ns());
                         apply(&mut exec, &mut machine, actions).await;
@@ -389,6 +525,14 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                     // Tell zoned at once that the VIP is gone, so that its
                     // fence has nothing to do.
                     let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
+                }
+                pause = next_pause(&mut pauses) => {
+                    if machine.is_leader() {
+                        tracing::warn!(stood_still = ?pause.at_least, "the clocks stood still (a paused VM?): the lease, counted on them, cannot be trusted; stepping down");
+                        let down = machine.on_tick(u64::MAX);
+                        apply(&mut exec, &mut machine, down).await;
+                        let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
+                    }
                 }
                 _ = tokio::time::sleep_until(watchdog.due()) => {}
                 _ = stop.changed() => break 'outer,
