@@ -304,50 +304,80 @@ fn mac_in(ns: &str) -> [u8; 6] {
 }
 
 /// Issue 20, defect 3: only a lease the zone still confirms lets a server
-/// answer for the VIP. The kernel answers ARP for every address it has,
-/// lease or none: a server whose zoned and agent are frozen (or a VM paused
-/// by its hypervisor, whose clocks stood still) answered for the VIP until
-/// the address went, hundreds of milliseconds later. zone-vip now keeps the
-/// kernel from answering and answers itself, under a fresh lease round.
+/// answer for the VIP. The kernel answers ARP and neighbour solicitations
+/// for every address it has, lease or none: a server whose zoned and agent
+/// are frozen (or a VM paused by its hypervisor, whose clocks stood still)
+/// answered for the VIP until the address went, hundreds of milliseconds
+/// later. zone-vip now keeps the kernel from answering and answers itself,
+/// under a fresh lease round. Both families, asked from the bridge.
 #[test]
-fn a_host_whose_zoned_and_agent_are_frozen_answers_no_arp_for_the_vip() {
+fn a_host_whose_zoned_and_agent_are_frozen_answers_nothing_for_the_vip() {
     use nix::sys::signal::Signal;
+    use std::net::{Ipv4Addr, Ipv6Addr};
     use testbed::arp::{Capture, Prober};
     let mut tb = Testbed::start(3);
     let first = leader_holder(&tb, None);
-    let vip: std::net::Ipv4Addr = tb.vip.parse().expect("an IPv4 VIP");
+    let vip: Ipv4Addr = tb.vip.parse().expect("an IPv4 VIP");
+    let vip6: Ipv6Addr = tb.vip6().parse().expect("an IPv6 VIP");
     let holder_mac = mac_in(&tb.nodes[first].ns);
     let capture = Capture::start_on(&tb.bridge_ns, "br0").expect("capture on the bridge");
-    // An address of the subnet that no namespace has.
+    // Addresses of the subnet that no namespace has.
     let prober = Prober::open_on(&tb.bridge_ns, "br0", "10.77.0.250".parse().unwrap())
         .expect("a prober on the bridge");
-    let answers = |from: Instant| {
-        capture
+    let source6: Ipv6Addr = "fd77::250".parse().unwrap();
+    let ask = |every: Duration, span: Duration| {
+        let end = Instant::now() + span;
+        let mut asked = 0;
+        while Instant::now() < end {
+            prober.ask(vip).expect("ARP request");
+            prober
+                .solicit(vip6, source6)
+                .expect("neighbour solicitation");
+            asked += 1;
+            std::thread::sleep(every);
+        }
+        asked
+    };
+    // The answers since `from`, ARP and IPv6, with their senders.
+    type Answers = Vec<(Duration, [u8; 6])>;
+    let answers = |from: Instant| -> (Answers, Answers) {
+        let arp = capture
             .frames()
             .iter()
             .filter(|f| f.at >= from && f.op == 2 && f.sender_ip == vip && !f.gratuitous())
             .map(|f| (f.at.duration_since(from), f.sender_mac))
-            .collect::<Vec<_>>()
+            .collect();
+        let nd = capture
+            .advertisements()
+            .iter()
+            .filter(|a| a.at >= from && a.solicited && a.target == vip6)
+            .map(|a| (a.at.duration_since(from), a.sender_mac))
+            .collect();
+        (arp, nd)
     };
-    // Live: the holder answers.
+    // Live: the holder answers, and no one else.
     let t = Instant::now();
-    let asked = prober
-        .ask_for(vip, Duration::from_millis(20), Duration::from_millis(600))
-        .expect("ask");
+    let asked = ask(Duration::from_millis(20), Duration::from_millis(600));
     std::thread::sleep(Duration::from_millis(200));
-    let live = answers(t);
-    eprintln!("live: asked {asked} times, {} answers", live.len());
-    assert!(
-        live.iter().filter(|(_, m)| *m == holder_mac).count() * 2 >= asked,
-        "the holder answered {} of {asked} questions for the VIP: {live:?}",
-        live.len()
+    let (arp, nd) = answers(t);
+    eprintln!(
+        "live: asked {asked} times each; {} ARP answers, {} neighbour advertisements",
+        arp.len(),
+        nd.len()
     );
-    assert!(
-        live.iter().all(|(_, m)| *m == holder_mac),
-        "another server answered for the VIP: {live:?}"
-    );
+    for (family, live) in [("ARP", &arp), ("IPv6", &nd)] {
+        assert!(
+            live.iter().filter(|(_, m)| *m == holder_mac).count() * 2 >= asked,
+            "{family}: the holder answered {} of {asked} questions for the VIP: {live:?}",
+            live.len()
+        );
+        assert!(
+            live.iter().all(|(_, m)| *m == holder_mac),
+            "{family}: another server answered for the VIP: {live:?}"
+        );
+    }
     // Frozen: no answer from the holder, though the kernel still has the
-    // address for a while.
+    // addresses for a while.
     let stop = |s| {
         let zoned = tb.nodes[first].zoned.as_ref().expect("zoned running");
         testbed::signal(zoned, s).expect("signal zoned");
@@ -355,32 +385,37 @@ fn a_host_whose_zoned_and_agent_are_frozen_answers_no_arp_for_the_vip() {
     };
     stop(Signal::SIGSTOP);
     let frozen = Instant::now();
-    let asked = prober
-        .ask_for(vip, Duration::from_millis(10), Duration::from_millis(1500))
-        .expect("ask");
+    let asked = ask(Duration::from_millis(10), Duration::from_millis(1500));
     stop(Signal::SIGCONT);
-    let after: Vec<_> = answers(frozen)
-        .into_iter()
-        .filter(|(_, m)| *m == holder_mac)
-        .collect();
-    eprintln!(
-        "frozen: asked {asked} times, {} answers from the frozen host (the last {:?} after the freeze)",
-        after.len(),
-        after.last().map(|(at, _)| at)
-    );
-    // A question already answered as the signal landed may leave a few
-    // milliseconds late.
-    let late: Vec<_> = after
-        .iter()
-        .filter(|(at, _)| *at > Duration::from_millis(20))
-        .collect();
-    assert!(
-        late.is_empty(),
-        "the frozen host answered for the VIP {} times, from {:?} to {:?} after the freeze",
-        late.len(),
-        late.first().map(|(at, _)| at),
-        late.last().map(|(at, _)| at)
-    );
+    let (arp, nd) = answers(frozen);
+    let mut failures = Vec::new();
+    for (family, all) in [("ARP", arp), ("IPv6", nd)] {
+        let after: Vec<Duration> = all
+            .into_iter()
+            .filter(|(_, m)| *m == holder_mac)
+            .map(|(at, _)| at)
+            .collect();
+        eprintln!(
+            "frozen: asked {asked} times; {} {family} answers from the frozen host (the last {:?} after the freeze)",
+            after.len(),
+            after.last()
+        );
+        // A question already answered as the signal landed may leave a
+        // few milliseconds late.
+        let late: Vec<&Duration> = after
+            .iter()
+            .filter(|at| **at > Duration::from_millis(20))
+            .collect();
+        if !late.is_empty() {
+            failures.push(format!(
+                "{family}: the frozen host answered for the VIP {} times, from {:?} to {:?} after the freeze",
+                late.len(),
+                late.first(),
+                late.last()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("; "));
     let _ = &mut tb;
 }
 

@@ -4,7 +4,7 @@
 //! and who announces it, is then a matter of record, not of what one
 //! neighbour cache last believed.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,50 @@ impl ArpFrame {
     }
 }
 
+/// One neighbour advertisement (IPv6), as the bridge received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advertisement {
+    pub at: Instant,
+    pub sender_mac: [u8; 6],
+    pub target: Ipv6Addr,
+    /// The solicited flag: an answer, not an announcement.
+    pub solicited: bool,
+}
+
+impl Advertisement {
+    fn parse(at: Instant, f: &[u8]) -> Option<Advertisement> {
+        // Ethernet, IPv6 with no extension header, ICMPv6 type 136.
+        if f.len() < 14 + 40 + 24 || f[12..14] != [0x86, 0xdd] || f[20] != 58 || f[54] != 136 {
+            return None;
+        }
+        let target: [u8; 16] = f[62..78].try_into().ok()?;
+        Some(Advertisement {
+            at,
+            sender_mac: f[6..12].try_into().ok()?,
+            target: Ipv6Addr::from(target),
+            solicited: f[58] & 0x40 != 0,
+        })
+    }
+}
+
+/// The one's-complement sum of ICMPv6 over its pseudo-header.
+fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, message: &[u8]) -> u16 {
+    let mut data = Vec::with_capacity(40 + message.len());
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 58]);
+    data.extend_from_slice(message);
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// "52:54:00:79:00:01" as bytes.
 pub fn parse_mac(s: &str) -> [u8; 6] {
     let mut mac = [0u8; 6];
@@ -67,6 +111,7 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
 #[derive(Debug)]
 pub struct Capture {
     frames: Arc<Mutex<Vec<ArpFrame>>>,
+    advertisements: Arc<Mutex<Vec<Advertisement>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -115,8 +160,9 @@ impl Capture {
             &nix::sys::time::TimeVal::new(0, 100_000),
         )?;
         let frames = Arc::new(Mutex::new(Vec::new()));
+        let advertisements = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (out, done) = (frames.clone(), stop.clone());
+        let (out, out6, done) = (frames.clone(), advertisements.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !done.load(Ordering::Relaxed) {
@@ -128,13 +174,17 @@ impl Capture {
                 if from.is_none_or(|l| l.ifindex() != bridge.ifindex()) {
                     continue;
                 }
-                if let Some(f) = ArpFrame::parse(Instant::now(), &buf[..n]) {
+                let at = Instant::now();
+                if let Some(f) = ArpFrame::parse(at, &buf[..n]) {
                     out.lock().expect("not poisoned").push(f);
+                } else if let Some(a) = Advertisement::parse(at, &buf[..n]) {
+                    out6.lock().expect("not poisoned").push(a);
                 }
             }
         });
         Ok(Capture {
             frames,
+            advertisements,
             stop,
             thread: Some(thread),
         })
@@ -143,6 +193,11 @@ impl Capture {
     /// The frames so far.
     pub fn frames(&self) -> Vec<ArpFrame> {
         self.frames.lock().expect("not poisoned").clone()
+    }
+
+    /// The neighbour advertisements so far.
+    pub fn advertisements(&self) -> Vec<Advertisement> {
+        self.advertisements.lock().expect("not poisoned").clone()
     }
 }
 
@@ -190,12 +245,62 @@ impl Prober {
         Ok(())
     }
 
+    /// "Who has `target`?" for IPv6: a neighbour solicitation from
+    /// `source`, to the target's solicited-node group, with the bridge's
+    /// MAC as the source link-layer address.
+    pub fn solicit(&self, target: Ipv6Addr, source: Ipv6Addr) -> Result<()> {
+        let mac = self.bridge.addr().context("the bridge's MAC")?;
+        let t = target.octets();
+        let group = Ipv6Addr::new(
+            0xff02,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0xff00 | u16::from(t[13]),
+            u16::from_be_bytes([t[14], t[15]]),
+        );
+        let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&t);
+        icmp.extend_from_slice(&[1, 1]);
+        icmp.extend_from_slice(&mac);
+        let sum = icmpv6_checksum(source, group, &icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let mut f = vec![0x33, 0x33, 0xff, t[13], t[14], t[15]];
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, 255]);
+        f.extend_from_slice(&source.octets());
+        f.extend_from_slice(&group.octets());
+        f.extend_from_slice(&icmp);
+        sendto(self.fd.as_raw_fd(), &f, &self.bridge, MsgFlags::empty())?;
+        Ok(())
+    }
+
     /// Asks for `target` every `every` for `span`; returns how many times.
     pub fn ask_for(&self, target: Ipv4Addr, every: Duration, span: Duration) -> Result<usize> {
+        self.repeat(every, span, || self.ask(target))
+    }
+
+    /// Solicits `target` from `source` every `every` for `span`; returns
+    /// how many times.
+    pub fn solicit_for(
+        &self,
+        target: Ipv6Addr,
+        source: Ipv6Addr,
+        every: Duration,
+        span: Duration,
+    ) -> Result<usize> {
+        self.repeat(every, span, || self.solicit(target, source))
+    }
+
+    fn repeat(&self, every: Duration, span: Duration, f: impl Fn() -> Result<()>) -> Result<usize> {
         let end = Instant::now() + span;
         let mut asked = 0;
         while Instant::now() < end {
-            self.ask(target)?;
+            f()?;
             asked += 1;
             std::thread::sleep(every);
         }

@@ -84,10 +84,16 @@ impl Announcer for RawAnnouncer {
         })
     }
 
-    fn answer(&self, question: &Question) -> io::Result<()> {
-        neighbours::send_frames(&question.interface, |mac| {
-            vec![neighbours::answer_frame(mac, question)]
-        })
+    fn answer(&self, q: &Question) -> io::Result<()> {
+        match (q.vip, q.asker_ip) {
+            (IpAddr::V4(vip), IpAddr::V4(asker)) => neighbours::send_frames(&q.interface, |mac| {
+                vec![neighbours::answer_frame(mac, vip, q.asker_mac, asker)]
+            }),
+            (IpAddr::V6(vip), IpAddr::V6(asker)) => {
+                neighbours::answer_solicitation(&q.interface, vip, asker)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn listen(&self, vips: &[Vip], questions: mpsc::Sender<Question>) -> io::Result<()> {

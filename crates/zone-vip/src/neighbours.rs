@@ -1,6 +1,7 @@
-//! Who answers ARP for an IPv4 VIP: this agent, never the kernel.
+//! Who answers the neighbours' questions for a VIP (ARP for IPv4, neighbour
+//! solicitations for IPv6): this agent, never the kernel.
 //!
-//! The kernel answers ARP for every address on an interface, at any time,
+//! The kernel answers for every address on an interface, at any time,
 //! without asking whether a lease still holds. After a VM pause that is the
 //! one thing the resumed server does with the VIP before this agent can run:
 //! its clocks stood still, its lease seems to run, and the kernel answers
@@ -13,39 +14,53 @@
 //!   and sets `arp_announce = 2` on the VIP's interface so that the kernel
 //!   never picks the VIP as the sender of its own questions. This agent's
 //!   frames go out through a packet socket, which that hook does not see.
-//! - [`listen`] reads the ARP requests for a VIP from a packet socket per
-//!   interface, and the runner answers each one only under a lease renewed
+//!   For IPv6, an `ip6` table of the same name drops the kernel's neighbour
+//!   advertisements from a VIP, but for this agent's, which carry its mark
+//!   ([`MARK`]).
+//! - [`listen`] reads the questions for a VIP (ARP requests from a packet
+//!   socket, neighbour solicitations from a raw ICMPv6 socket, one per
+//!   interface), and the runner answers each one only under a lease renewed
 //!   by a heartbeat round sent after the question arrived (see `runner`),
 //!   which a server the zone has moved on from never gets.
 //!
-//! IPv6 VIPs are still answered by the kernel (neighbour solicitations):
-//! not covered yet.
+//! Left to the kernel: for IPv6, its own solicitations from the VIP (when a
+//! leader-only service talks from it to a host it has no entry for), which
+//! only the asked host hears; there is no `arp_announce` for IPv6.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use nix::ifaddrs::getifaddrs;
-use nix::sys::socket::{bind, recv, sendto, socket, LinkAddr, MsgFlags};
+use nix::sys::socket::{
+    bind, recv, recvfrom, sendto, setsockopt, socket, sockopt, AddressFamily, LinkAddr, MsgFlags,
+    SockFlag, SockProtocol, SockType, SockaddrIn6,
+};
 use tokio::sync::mpsc;
 
 use crate::config::Vip;
 use zone_proto::boottime_ns;
 
-/// The nftables table this agent owns.
+/// The nftables tables this agent owns (`arp` and `ip6`).
 pub const TABLE: &str = "zone_vip";
+/// The mark on this agent's neighbour advertisements ("zv"), which the
+/// `ip6` table lets through.
+pub const MARK: u32 = 0x7a76;
 
-/// An ARP request for a VIP.
+/// A question for a VIP: an ARP request, or a neighbour solicitation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {
     /// The interface it came in on.
     pub interface: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
+    /// The asker's MAC (ARP; unused for IPv6, where the kernel resolves
+    /// the asker from its solicitation).
     pub asker_mac: [u8; 6],
-    /// 0.0.0.0 for a probe (RFC 5227), answered too, as the kernel does.
-    pub asker_ip: Ipv4Addr,
+    /// The unspecified address for a duplicate-address probe (RFC 5227,
+    /// RFC 4862), answered too, as the kernel does.
+    pub asker_ip: IpAddr,
     /// When it arrived (CLOCK_BOOTTIME ns).
     pub at_ns: u64,
 }
@@ -74,18 +89,74 @@ pub fn parse_request(f: &[u8]) -> Option<([u8; 6], Ipv4Addr, Ipv4Addr)> {
     Some((f[22..28].try_into().ok()?, asker, target))
 }
 
-/// The ARP reply to `q`, from `mac`, sent to the asker alone.
-pub fn answer_frame(mac: [u8; 6], q: &Question) -> Vec<u8> {
+/// The ARP reply from `mac` for `vip` to the asker alone.
+pub fn answer_frame(mac: [u8; 6], vip: Ipv4Addr, asker_mac: [u8; 6], asker: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(42);
-    f.extend_from_slice(&q.asker_mac);
+    f.extend_from_slice(&asker_mac);
     f.extend_from_slice(&mac);
     f.extend_from_slice(&[0x08, 0x06]);
     f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 2]);
     f.extend_from_slice(&mac);
-    f.extend_from_slice(&q.vip.octets());
-    f.extend_from_slice(&q.asker_mac);
-    f.extend_from_slice(&q.asker_ip.octets());
+    f.extend_from_slice(&vip.octets());
+    f.extend_from_slice(&asker_mac);
+    f.extend_from_slice(&asker.octets());
     f
+}
+
+/// The target of a neighbour solicitation (an ICMPv6 message as a raw
+/// socket reads it, without the IPv6 header).
+pub fn parse_solicitation(m: &[u8]) -> Option<Ipv6Addr> {
+    if m.len() < 24 || m[0] != 135 || m[1] != 0 {
+        return None;
+    }
+    let target: [u8; 16] = m[8..24].try_into().ok()?;
+    Some(Ipv6Addr::from(target))
+}
+
+/// The neighbour advertisement for `vip` from `mac`: solicited unless it
+/// answers a duplicate-address probe, override set; the kernel fills in
+/// the checksum.
+pub fn advertisement(mac: [u8; 6], vip: Ipv6Addr, solicited: bool) -> Vec<u8> {
+    let flags = if solicited { 0x60 } else { 0x20 };
+    let mut m = Vec::with_capacity(32);
+    m.extend_from_slice(&[136, 0, 0, 0, flags, 0, 0, 0]);
+    m.extend_from_slice(&vip.octets());
+    m.extend_from_slice(&[2, 1]);
+    m.extend_from_slice(&mac);
+    m
+}
+
+/// Answers a neighbour solicitation for `vip` through a raw ICMPv6 socket
+/// on `interface`, from the VIP, with hop limit 255 and this agent's mark;
+/// the kernel resolves the asker from its solicitation.
+pub fn answer_solicitation(interface: &str, vip: Ipv6Addr, asker: Ipv6Addr) -> io::Result<()> {
+    let (fd, link, mac) = icmpv6_socket(interface)?;
+    setsockopt(&fd, sockopt::Mark, &MARK)?;
+    setsockopt(&fd, sockopt::Ipv6Ttl, &255)?;
+    setsockopt(&fd, sockopt::Ipv6MulticastHops, &255)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn6::from(std::net::SocketAddrV6::new(vip, 0, 0, 0)),
+    )?;
+    let probe = asker.is_unspecified();
+    // A probe's answer goes to all nodes (RFC 4861 7.2.4).
+    let to = if probe {
+        std::net::SocketAddrV6::new(
+            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+            0,
+            0,
+            link.ifindex() as u32,
+        )
+    } else {
+        std::net::SocketAddrV6::new(asker, 0, 0, link.ifindex() as u32)
+    };
+    sendto(
+        fd.as_raw_fd(),
+        &advertisement(mac, vip, !probe),
+        &SockaddrIn6::from(to),
+        MsgFlags::empty(),
+    )?;
+    Ok(())
 }
 
 /// The interface's own AF_PACKET address (its index and MAC).
@@ -123,15 +194,42 @@ pub fn send_frames(interface: &str, build: impl FnOnce([u8; 6]) -> Vec<Vec<u8>>)
     Ok(())
 }
 
-/// The IPv4 VIPs, by interface.
-fn ipv4_by_interface(vips: &[Vip]) -> BTreeMap<String, Vec<Ipv4Addr>> {
-    let mut by = BTreeMap::<String, Vec<Ipv4Addr>>::new();
-    for v in vips {
-        if let IpAddr::V4(ip) = v.address {
-            by.entry(v.interface.clone()).or_default().push(ip);
-        }
+/// The VIPs of one family (`v4`), by interface.
+fn by_interface(vips: &[Vip], v4: bool) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut by = BTreeMap::<String, Vec<IpAddr>>::new();
+    for v in vips.iter().filter(|v| v.address.is_ipv4() == v4) {
+        by.entry(v.interface.clone()).or_default().push(v.address);
     }
     by
+}
+
+/// A raw ICMPv6 socket bound to `interface`, with the interface's link
+/// address and MAC.
+fn icmpv6_socket(interface: &str) -> io::Result<(std::os::fd::OwnedFd, LinkAddr, [u8; 6])> {
+    let (link, mac) = link_of(interface)?;
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::IcmpV6,
+    )?;
+    setsockopt(
+        &fd,
+        sockopt::BindToDevice,
+        &std::ffi::OsString::from(interface),
+    )?;
+    Ok((fd, link, mac))
+}
+
+/// A raw ICMPv6 socket that receives what comes in on `interface`.
+fn icmpv6_listener(interface: &str) -> io::Result<(std::os::fd::OwnedFd, usize)> {
+    let (fd, link, _) = icmpv6_socket(interface)?;
+    setsockopt(
+        &fd,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(1, 0),
+    )?;
+    Ok((fd, link.ifindex()))
 }
 
 /// A packet socket that receives the ARP frames coming in on `interface`.
@@ -150,29 +248,72 @@ fn arp_socket(interface: &str) -> io::Result<(socket2::Socket, usize)> {
     Ok((s, link.ifindex()))
 }
 
-/// Reads the ARP requests for the IPv4 VIPs from their interfaces, each on
+/// Reads the questions for the VIPs from their interfaces, each on
 /// `questions` (dropped when it is full: a flood of requests must not grow
-/// this agent). A thread per interface; an interface that is missing or
-/// goes away is looked for again every second.
+/// this agent). A thread per interface and family; an interface that is
+/// missing or goes away is looked for again every second.
 pub fn listen(vips: &[Vip], questions: mpsc::Sender<Question>) -> io::Result<()> {
-    for (interface, ips) in ipv4_by_interface(vips) {
-        let tx = questions.clone();
-        std::thread::Builder::new()
-            .name(format!("arp-{interface}"))
-            .spawn(move || listen_on(&interface, &ips, &tx))?;
+    for v4 in [true, false] {
+        for (interface, ips) in by_interface(vips, v4) {
+            let tx = questions.clone();
+            let name = format!("{}-{interface}", if v4 { "arp" } else { "nd" });
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || listen_on(&interface, v4, &ips, &tx))?;
+        }
     }
     Ok(())
 }
 
-fn listen_on(interface: &str, ips: &[Ipv4Addr], tx: &mpsc::Sender<Question>) {
-    let mut buf = [0u8; 128];
+/// One message read from a listening socket, as a question if it is one
+/// for `ips`.
+fn read_question(
+    fd: std::os::fd::RawFd,
+    v4: bool,
+    interface: &str,
+    ips: &[IpAddr],
+    buf: &mut [u8],
+) -> nix::Result<Option<Question>> {
+    let (n, asker_ip, asker_mac, vip) = if v4 {
+        let n = recv(fd, buf, MsgFlags::empty())?;
+        let Some((mac, asker, vip)) = parse_request(&buf[..n]) else {
+            return Ok(None);
+        };
+        (n, IpAddr::V4(asker), mac, IpAddr::V4(vip))
+    } else {
+        let (n, from) = recvfrom::<SockaddrIn6>(fd, buf)?;
+        let Some(vip) = parse_solicitation(&buf[..n]) else {
+            return Ok(None);
+        };
+        let Some(from) = from else {
+            return Ok(None);
+        };
+        (n, IpAddr::V6(from.ip()), [0; 6], IpAddr::V6(vip))
+    };
+    let _ = n;
+    Ok(ips.contains(&vip).then(|| Question {
+        interface: interface.to_owned(),
+        vip,
+        asker_mac,
+        asker_ip,
+        at_ns: boottime_ns(),
+    }))
+}
+
+fn listen_on(interface: &str, v4: bool, ips: &[IpAddr], tx: &mpsc::Sender<Question>) {
+    let mut buf = [0u8; 256];
     let mut complained = false;
     while !tx.is_closed() {
-        let (sock, index) = match arp_socket(interface) {
+        let opened = if v4 {
+            arp_socket(interface).map(|(s, i)| (std::os::fd::OwnedFd::from(s), i))
+        } else {
+            icmpv6_listener(interface)
+        };
+        let (sock, index) = match opened {
             Ok(s) => s,
             Err(e) => {
                 if !complained {
-                    tracing::error!(interface, error = %e, "cannot listen for ARP requests for the VIP; trying again every second");
+                    tracing::error!(interface, error = %e, "cannot listen for questions for the VIP (ARP or neighbour solicitations); trying again every second");
                     complained = true;
                 }
                 std::thread::sleep(Duration::from_secs(1));
@@ -181,23 +322,11 @@ fn listen_on(interface: &str, ips: &[Ipv4Addr], tx: &mpsc::Sender<Question>) {
         };
         complained = false;
         while !tx.is_closed() {
-            match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-                Ok(n) => {
-                    let at_ns = boottime_ns();
-                    let Some((asker_mac, asker_ip, vip)) = parse_request(&buf[..n]) else {
-                        continue;
-                    };
-                    if !ips.contains(&vip) {
-                        continue;
-                    }
-                    let _ = tx.try_send(Question {
-                        interface: interface.to_owned(),
-                        vip,
-                        asker_mac,
-                        asker_ip,
-                        at_ns,
-                    });
+            match read_question(sock.as_raw_fd(), v4, interface, ips, &mut buf) {
+                Ok(Some(q)) => {
+                    let _ = tx.try_send(q);
                 }
+                Ok(None) => {}
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {
                     // A second without a request: is it still the same
                     // interface?
@@ -206,7 +335,7 @@ fn listen_on(interface: &str, ips: &[Ipv4Addr], tx: &mpsc::Sender<Question>) {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(interface, error = %e, "reading ARP requests failed; listening again");
+                    tracing::warn!(interface, error = %e, "reading questions for the VIP failed; listening again");
                     std::thread::sleep(Duration::from_millis(100));
                     break;
                 }
@@ -219,31 +348,48 @@ fn listen_on(interface: &str, ips: &[Ipv4Addr], tx: &mpsc::Sender<Question>) {
 #[derive(Debug)]
 pub struct KernelGate;
 
-/// Why the kernel could not be kept from answering ARP for the VIP.
+/// Why the kernel could not be kept from answering for the VIP.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
-    #[error("cannot run nft (the nftables package), which keeps the kernel from answering ARP for the VIP: {0}")]
+    #[error("cannot run nft (the nftables package), which keeps the kernel from answering for the VIP: {0}")]
     NoNft(io::Error),
-    #[error("nft refused the zone_vip table: {0}")]
+    #[error("nft refused the zone_vip tables: {0}")]
     Refused(String),
 }
 
 impl KernelGate {
-    /// The nftables ruleset: replaces the table whole, in one transaction.
+    /// The nftables ruleset: replaces both tables whole, in one
+    /// transaction.
     pub fn ruleset(vips: &[Vip]) -> String {
-        let ips: Vec<String> = vips
-            .iter()
-            .filter_map(|v| match v.address {
-                IpAddr::V4(ip) => Some(ip.to_string()),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let mut r = format!("table arp {TABLE}\ndelete table arp {TABLE}\n");
-        if !ips.is_empty() {
+        let ips = |v4: bool| {
+            vips.iter()
+                .filter(|v| v.address.is_ipv4() == v4)
+                .map(|v| v.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let comment = "comment \"zone-vip answers for the VIP itself, under a fresh lease\"";
+        let chain = |rule: String| {
+            format!("  chain output {{\n    type filter hook output priority filter; policy accept;\n    {rule} drop {comment}\n  }}\n")
+        };
+        let mut r = String::new();
+        for (family, ips, rule) in [
+            ("arp", ips(true), "arp saddr ip"),
+            (
+                "ip6",
+                ips(false),
+                "meta mark != 0x7a76 icmpv6 type nd-neighbor-advert ip6 saddr",
+            ),
+        ] {
             r.push_str(&format!(
-                "table arp {TABLE} {{\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    arp saddr ip {{ {} }} drop comment \"zone-vip answers for the VIP itself, under a fresh lease\"\n  }}\n}}\n",
-                ips.join(", ")
+                "table {family} {TABLE}\ndelete table {family} {TABLE}\n"
             ));
+            if !ips.is_empty() {
+                r.push_str(&format!(
+                    "table {family} {TABLE} {{\n{}}}\n",
+                    chain(format!("{rule} {{ {ips} }}"))
+                ));
+            }
         }
         r
     }
@@ -271,7 +417,7 @@ impl KernelGate {
                 String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             ));
         }
-        for interface in ipv4_by_interface(vips).keys() {
+        for interface in by_interface(vips, true).keys() {
             let path = format!("/proc/sys/net/ipv4/conf/{interface}/arp_announce");
             if let Err(e) = std::fs::write(&path, "2") {
                 tracing::warn!(interface, error = %e, "cannot set arp_announce = 2: the kernel may name the VIP as the sender of its own ARP requests, which are then dropped");
@@ -286,15 +432,8 @@ mod tests {
     use super::*;
 
     fn request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-        let q = Question {
-            interface: "eth0".into(),
-            vip: sender,
-            asker_mac: [0xff; 6],
-            asker_ip: target,
-            at_ns: 0,
-        };
         // A reply frame has the request's layout but for the operation.
-        let mut f = answer_frame([2, 0, 0, 0, 0, 9], &q);
+        let mut f = answer_frame([2, 0, 0, 0, 0, 9], sender, [0xff; 6], target);
         f[21] = 1;
         f
     }
@@ -314,27 +453,47 @@ mod tests {
 
     #[test]
     fn the_answer_goes_to_the_asker_and_names_the_vip() {
-        let q = Question {
-            interface: "eth0".into(),
-            vip: Ipv4Addr::new(10, 0, 0, 100),
-            asker_mac: [2, 0, 0, 0, 0, 7],
-            asker_ip: Ipv4Addr::new(10, 0, 0, 7),
-            at_ns: 0,
-        };
+        let asker_mac = [2, 0, 0, 0, 0, 7];
         let mine = [2, 0, 0, 0, 0, 1];
-        let f = answer_frame(mine, &q);
+        let vip = Ipv4Addr::new(10, 0, 0, 100);
+        let f = answer_frame(mine, vip, asker_mac, Ipv4Addr::new(10, 0, 0, 7));
         assert_eq!(f.len(), 42);
-        assert_eq!(&f[0..6], &q.asker_mac, "unicast to the asker");
+        assert_eq!(&f[0..6], &asker_mac, "unicast to the asker");
         assert_eq!(&f[6..12], &mine);
         assert_eq!(f[21], 2, "a reply");
         assert_eq!(&f[22..28], &mine, "sender MAC");
         assert_eq!(&f[28..32], &[10, 0, 0, 100], "sender IP: the VIP");
-        assert_eq!(&f[32..38], &q.asker_mac);
+        assert_eq!(&f[32..38], &asker_mac);
         assert_eq!(&f[38..42], &[10, 0, 0, 7]);
     }
 
     #[test]
-    fn the_ruleset_drops_the_kernels_arp_for_ipv4_vips_only() {
+    fn a_solicitation_names_its_target_and_the_advertisement_answers_it() {
+        let vip: Ipv6Addr = "fd00::100".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 1];
+        let mut ns = advertisement(mac, vip, true);
+        ns[0] = 135;
+        assert_eq!(parse_solicitation(&ns), Some(vip));
+        assert_eq!(parse_solicitation(&ns[..20]), None, "short");
+        let na = advertisement(mac, vip, true);
+        assert_eq!(parse_solicitation(&na), None, "not a solicitation");
+        assert_eq!(na.len(), 32);
+        assert_eq!(na[4], 0x60, "solicited, override");
+        assert_eq!(
+            advertisement(mac, vip, false)[4],
+            0x20,
+            "a probe's: override only"
+        );
+        assert_eq!(&na[8..24], &vip.octets());
+        assert_eq!(
+            &na[24..32],
+            &[2, 1, 2, 0, 0, 0, 0, 1],
+            "target link-layer address"
+        );
+    }
+
+    #[test]
+    fn the_ruleset_drops_the_kernels_answers_for_the_vips() {
         let vip = |s: &str, i: &str| Vip {
             address: s.parse().unwrap(),
             prefix: 24,
@@ -344,9 +503,12 @@ mod tests {
         assert!(r.starts_with("table arp zone_vip\ndelete table arp zone_vip\n"));
         assert!(r.contains("hook output"));
         assert!(r.contains("arp saddr ip { 10.0.0.100 } drop"));
-        assert!(!r.contains("fd00"));
-        // No IPv4 VIP: the table goes.
+        assert!(r.contains(
+            "meta mark != 0x7a76 icmpv6 type nd-neighbor-advert ip6 saddr { fd00::100 } drop"
+        ));
+        assert_eq!(format!("{MARK:#x}"), "0x7a76");
+        // No IPv4 VIP: the arp table goes.
         let r = KernelGate::ruleset(&[vip("fd00::100", "eth0")]);
-        assert_eq!(r, "table arp zone_vip\ndelete table arp zone_vip\n");
+        assert!(r.starts_with("table arp zone_vip\ndelete table arp zone_vip\ntable ip6"));
     }
 }

@@ -20,12 +20,13 @@
 //! A VM paused by its hypervisor resumes with every clock it keeps frozen,
 //! its lease seemingly running while the zone has moved on. Nothing this
 //! agent sends for the VIP rests on that clock alone: each repeated
-//! announcement and each ARP answer waits for a renewal from a heartbeat
-//! round sent after it came due (no quorum answers a deposed leader's), the
-//! kernel is kept from answering ARP for the VIP ([`crate::neighbours`]),
-//! and the RTC, which a pause does not stop, is read against CLOCK_BOOTTIME
-//! before each of them ([`crate::rtc`]): a pause seen makes this agent step
-//! down and ignore renewals from rounds sent before it.
+//! announcement and each answer (ARP, neighbour advertisement) waits for a
+//! renewal from a heartbeat round sent after it came due (no quorum
+//! answers a deposed leader's), the kernel is kept from answering for the
+//! VIP ([`crate::neighbours`]), and the RTC, which a pause does not stop,
+//! is read against CLOCK_BOOTTIME before each of them ([`crate::rtc`]): a
+//! pause seen makes this agent step down and ignore renewals from rounds
+//! sent before it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -87,7 +88,7 @@ struct Executor {
     valid_until: Arc<AtomicU64>,
     /// While leading: when the heartbeat round behind the latest renewal
     /// was sent (CLOCK_BOOTTIME ns); 0 otherwise. The announcement tasks
-    /// and the ARP answers wait on it.
+    /// and the answers to questions for the VIP wait on it.
     fresh: watch::Sender<u64>,
     /// When the round behind the lease state being applied was sent.
     round_sent: u64,
@@ -109,11 +110,12 @@ fn stood_still(rtc: &Option<Arc<Rtc>>, since_ns: u64) -> Option<Duration> {
     rtc.as_ref().and_then(|r| r.stood_still_since(since_ns))
 }
 
-/// At most this many ARP questions wait for a fresh lease round at once;
+/// At most this many questions (ARP, neighbour solicitations) wait for a
+/// fresh lease round at once;
 /// more are dropped (the asker asks again).
 const MAX_WAITING_QUESTIONS: usize = 64;
 
-/// Answers the neighbours' ARP questions about the VIPs while leading.
+/// Answers the neighbours' questions about the VIPs while leading.
 async fn answer_questions(
     mut questions: mpsc::Receiver<Question>,
     announcer: Arc<dyn Announcer>,
@@ -153,11 +155,11 @@ async fn answer_questions(
                 return;
             }
             if let Some(gap) = stood_still(&rtc, q.at_ns) {
-                tracing::warn!(vip = %q.vip, stood_still = ?gap, "the clocks stood still since an ARP question came (a paused VM?): not answered");
+                tracing::warn!(vip = %q.vip, stood_still = ?gap, "the clocks stood still since a question for the VIP came (a paused VM?): not answered");
                 return;
             }
             if let Err(e) = announcer.answer(&q) {
-                tracing::debug!(vip = %q.vip, error = %e, "cannot answer an ARP question");
+                tracing::debug!(vip = %q.vip, error = %e, "cannot answer a question for the VIP");
             }
         });
     }
@@ -412,7 +414,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
             ));
         }
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for ARP requests: no neighbour will learn the VIP from this server but by its announcements")
+            tracing::error!(error = %e, "cannot listen for questions for the VIP: no neighbour will learn it from this server but by its announcements")
         }
     }
     let mut pauses = exec.effects.rtc.as_ref().map(|r| r.pauses());
