@@ -355,6 +355,26 @@ fn a_host_whose_zoned_and_agent_are_frozen_answers_nothing_for_the_vip() {
             .collect();
         (arp, nd)
     };
+    // A solicitation that crossed a router (hop limit below 255) is forged:
+    // no one answers it. The kernel learns no neighbour from it, so the
+    // asker's address is on the bridge, for an answer to find its way.
+    testbed::ip_in(
+        &tb.bridge_ns,
+        &["addr", "add", "fd77::250/64", "dev", "br0", "nodad"],
+    );
+    let t = Instant::now();
+    for _ in 0..10 {
+        prober
+            .solicit_with_hops(vip6, source6, 64)
+            .expect("neighbour solicitation");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, forged) = answers(t);
+    assert!(
+        forged.is_empty(),
+        "a forged solicitation was answered: {forged:?}"
+    );
     // Live: the holder answers, and no one else.
     let t = Instant::now();
     let asked = ask(Duration::from_millis(20), Duration::from_millis(600));

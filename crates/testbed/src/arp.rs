@@ -249,6 +249,12 @@ impl Prober {
     /// `source`, to the target's solicited-node group, with the bridge's
     /// MAC as the source link-layer address.
     pub fn solicit(&self, target: Ipv6Addr, source: Ipv6Addr) -> Result<()> {
+        self.solicit_with_hops(target, source, 255)
+    }
+
+    /// As [`Prober::solicit`], with hop limit `hops`: below 255, as if it
+    /// had crossed a router, which no host may answer.
+    pub fn solicit_with_hops(&self, target: Ipv6Addr, source: Ipv6Addr, hops: u8) -> Result<()> {
         let mac = self.bridge.addr().context("the bridge's MAC")?;
         let t = target.octets();
         let group = Ipv6Addr::new(
@@ -271,7 +277,7 @@ impl Prober {
         f.extend_from_slice(&mac);
         f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
         f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-        f.extend_from_slice(&[58, 255]);
+        f.extend_from_slice(&[58, hops]);
         f.extend_from_slice(&source.octets());
         f.extend_from_slice(&group.octets());
         f.extend_from_slice(&icmp);

@@ -21,7 +21,8 @@
 //!   socket, neighbour solicitations from a raw ICMPv6 socket, one per
 //!   interface), and the runner answers each one only under a lease renewed
 //!   by a heartbeat round sent after the question arrived (see `runner`),
-//!   which a server the zone has moved on from never gets.
+//!   which a server the zone has moved on from never gets. Solicitations
+//!   are taken only with hop limit 255, as the kernel takes them.
 //!
 //! Left to the kernel: for IPv6, its own solicitations from the VIP (when a
 //! leader-only service talks from it to a host it has no entry for), which
@@ -35,8 +36,8 @@ use std::time::Duration;
 
 use nix::ifaddrs::getifaddrs;
 use nix::sys::socket::{
-    bind, recv, recvfrom, sendto, setsockopt, socket, sockopt, AddressFamily, LinkAddr, MsgFlags,
-    SockFlag, SockProtocol, SockType, SockaddrIn6,
+    bind, recv, recvmsg, sendto, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned,
+    LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn6,
 };
 use tokio::sync::mpsc;
 
@@ -229,6 +230,7 @@ fn icmpv6_listener(interface: &str) -> io::Result<(std::os::fd::OwnedFd, usize)>
         sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(1, 0),
     )?;
+    setsockopt(&fd, sockopt::Ipv6RecvHopLimit, &true)?;
     Ok((fd, link.ifindex()))
 }
 
@@ -281,7 +283,21 @@ fn read_question(
         };
         (n, IpAddr::V4(asker), mac, IpAddr::V4(vip))
     } else {
-        let (n, from) = recvfrom::<SockaddrIn6>(fd, buf)?;
+        let (n, from, hops) = {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf[..])];
+            let mut space = nix::cmsg_space!(i32);
+            let m = recvmsg::<SockaddrIn6>(fd, &mut iov, Some(&mut space), MsgFlags::empty())?;
+            let hops = m.cmsgs()?.find_map(|c| match c {
+                ControlMessageOwned::Ipv6HopLimit(h) => Some(h),
+                _ => None,
+            });
+            (m.bytes, m.address, hops)
+        };
+        // As the kernel does (RFC 4861 7.1.1): a solicitation that crossed
+        // a router is forged.
+        if hops != Some(255) {
+            return Ok(None);
+        }
         let Some(vip) = parse_solicitation(&buf[..n]) else {
             return Ok(None);
         };

@@ -111,8 +111,7 @@ fn stood_still(rtc: &Option<Arc<Rtc>>, since_ns: u64) -> Option<Duration> {
 }
 
 /// At most this many questions (ARP, neighbour solicitations) wait for a
-/// fresh lease round at once;
-/// more are dropped (the asker asks again).
+/// fresh lease round at once; more are dropped (the asker asks again).
 const MAX_WAITING_QUESTIONS: usize = 64;
 
 /// Answers the neighbours' questions about the VIPs while leading.
