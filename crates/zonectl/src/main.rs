@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 mod config_cmd;
+mod pki_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use zonectl::v1::{
@@ -95,6 +96,11 @@ enum ZoneCommand {
     Disable,
     /// Accept writes again.
     Enable,
+    /// Make a new zone's certificates on this machine: the zone CA, a node
+    /// certificate per founder (with the CA's key, so that any server can
+    /// sign a joiner's), and an admin credential for zonectl. Talks to no
+    /// server.
+    Init(pki_cmd::InitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +205,15 @@ fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Zone(ZoneCommand::Init(init)) = &args.command {
+        let made = pki_cmd::init(init)?;
+        if args.output == Output::Json {
+            print_json(&serde_json::to_value(&made)?);
+        } else {
+            print!("{}", pki_cmd::describe(&made));
+        }
+        return Ok(());
+    }
     let timeout = std::time::Duration::from_secs(args.timeout.max(1));
     let endpoints = parse_endpoints(&args.endpoints);
     let (channel, _) = connect(&endpoints).await?;

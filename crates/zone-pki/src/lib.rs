@@ -1,0 +1,463 @@
+//! The zone's certificates: one zone CA, node certificates that name their
+//! server, and client credentials that carry a role.
+//!
+//! - **The zone CA**: ECDSA P-256, valid 10 years, path length 0 (it signs
+//!   only end certificates). Its SHA-256 fingerprint names the zone to a
+//!   joiner, as kubeadm's discovery hash does.
+//! - **Node certificates**: the server's Raft id as a DNS name,
+//!   `<id>.server.zoned.invalid`, so that a peer can check that the sender
+//!   of a Raft message is the server it claims to be (with rustls' own
+//!   name check); its addresses as IP names; both server and client
+//!   authentication (servers dial each other); valid 1 year.
+//! - **Client credentials**: `<name>.user.zoned.invalid` and
+//!   `<role>.role.zoned.invalid` (admin, operator, reader); client
+//!   authentication only; valid 1 year.
+//!
+//! The names end in `.invalid` (RFC 6761): no DNS name of the real world
+//! can be mistaken for them. Serial numbers are 16 random bytes. Private
+//! keys are PKCS#8 PEM; whoever writes them to disk makes them readable by
+//! their owner alone.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::SecureRandom;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::{Duration, OffsetDateTime};
+
+/// Name suffixes in the zone's certificates.
+pub const SERVER_SUFFIX: &str = ".server.zoned.invalid";
+pub const USER_SUFFIX: &str = ".user.zoned.invalid";
+pub const ROLE_SUFFIX: &str = ".role.zoned.invalid";
+/// The zone CA's common name.
+const CA_NAME: &str = "Zoned zone CA";
+
+/// How long the zone CA is valid.
+pub const CA_VALIDITY: Duration = Duration::days(3650);
+/// How long node certificates and client credentials are valid.
+pub const LEAF_VALIDITY: Duration = Duration::days(365);
+/// Certificates are valid from this long before they were made, for
+/// servers whose clocks are a little behind.
+const BACKDATE: Duration = Duration::hours(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{what} is not a PEM certificate this zone can read: {why}")]
+    Unreadable { what: String, why: String },
+    #[error("{0} was not signed by this zone's CA")]
+    NotSigned(String),
+    #[error("{0} is not valid now (expired, or not yet valid)")]
+    Expired(String),
+    #[error("the zone CA's key does not belong to its certificate")]
+    KeyMismatch,
+    #[error("{0} names no server and no user of a zone")]
+    NoHolder(String),
+    #[error("no randomness from the system")]
+    Random,
+    #[error("user name {0:?}: use 1 to 63 lowercase letters, digits or '-', not at either end")]
+    BadName(String),
+}
+
+/// What a client credential may do (see the client port's roles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Reader,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Admin, Role::Operator, Role::Reader];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Reader => "reader",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a role: admin, operator or reader"))
+    }
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<private>")
+            .finish()
+    }
+}
+
+/// Whom a certificate of the zone names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Server(u64),
+    User { name: String, role: Role },
+}
+
+/// The zone CA, able to sign.
+pub struct ZoneCa {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for ZoneCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZoneCa")
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Random)?;
+    // Positive, as DER integers for serials must be.
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn params(cn: &str, validity: Duration) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - BACKDATE;
+    p.not_after = now + validity;
+    p.serial_number = Some(random_serial()?);
+    Ok(p)
+}
+
+fn dns(s: String) -> Result<SanType, PkiError> {
+    Ok(SanType::DnsName(s.try_into()?))
+}
+
+/// The zone CA's parameters, all but its validity and serial: the same
+/// whenever the CA signs, as the certificates it signs name it.
+fn ca_params() -> Result<CertificateParams, PkiError> {
+    let mut p = params(CA_NAME, CA_VALIDITY)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(p)
+}
+
+/// The SHA-256 fingerprint of a DER certificate, `sha256:<hex>`.
+pub fn fingerprint_der(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn der_of(what: &str, pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Unreadable {
+        what: what.into(),
+        why: e.to_string(),
+    })
+}
+
+impl ZoneCa {
+    /// A new zone CA with a fresh key.
+    pub fn generate() -> Result<ZoneCa, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let p = ca_params()?;
+        let cert = p.self_signed(&key)?;
+        Ok(ZoneCa {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(p, key),
+        })
+    }
+
+    /// The zone CA from its certificate and key (PEM). A certificate is
+    /// signed with it and checked against the CA's certificate, so that a
+    /// key of another zone is refused here, not at the first handshake.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<ZoneCa, PkiError> {
+        let cert_der = der_of("the zone CA certificate", cert_pem)?.to_vec();
+        let key = KeyPair::from_pem(key_pem)?;
+        let ca = ZoneCa {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            key_pem: key_pem.to_owned(),
+            issuer: Issuer::new(ca_params()?, key),
+        };
+        let probe = ca.issue_client("probe", Role::Reader)?;
+        match verify(cert_pem, &probe.cert_pem, "a probe") {
+            Ok(_) => Ok(ca),
+            Err(PkiError::NotSigned(_)) => Err(PkiError::KeyMismatch),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The CA certificate's SHA-256 fingerprint: what a joiner checks.
+    pub fn fingerprint(&self) -> String {
+        fingerprint_der(&self.cert_der)
+    }
+
+    fn sign(&self, p: &CertificateParams) -> Result<Credential, PkiError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok(Credential {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A node certificate for server `id`, reachable at `addresses`.
+    pub fn issue_node(&self, id: u64, addresses: &[IpAddr]) -> Result<Credential, PkiError> {
+        let mut p = params(&format!("zoned server {id}"), LEAF_VALIDITY)?;
+        p.subject_alt_names = vec![dns(format!("{id}{SERVER_SUFFIX}"))?];
+        p.subject_alt_names
+            .extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        self.sign(&p)
+    }
+
+    /// A client credential for `name` with `role`.
+    pub fn issue_client(&self, name: &str, role: Role) -> Result<Credential, PkiError> {
+        // One DNS label.
+        let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        if name.is_empty()
+            || name.len() > 63
+            || !name.chars().all(ok)
+            || name.starts_with('-')
+            || name.ends_with('-')
+        {
+            return Err(PkiError::BadName(name.into()));
+        }
+        let mut p = params(&format!("{name} ({role})"), LEAF_VALIDITY)?;
+        p.subject_alt_names = vec![
+            dns(format!("{name}{USER_SUFFIX}"))?,
+            dns(format!("{role}{ROLE_SUFFIX}"))?,
+        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        self.sign(&p)
+    }
+}
+
+/// Checks that `cert_pem` was signed by the zone CA `ca_pem`, is valid
+/// now and for client authentication (every certificate of the zone is),
+/// and says whom it names. The same verifier as rustls' handshakes; this is
+/// for tools and tests that look at a credential on disk.
+pub fn verify(ca_pem: &str, cert_pem: &str, what: &str) -> Result<Holder, PkiError> {
+    let ca_der = der_of("the zone CA certificate", ca_pem)?;
+    let der = der_of(what, cert_pem)?;
+    let unreadable = |why: String| PkiError::Unreadable {
+        what: what.into(),
+        why,
+    };
+    let anchor = webpki::anchor_from_trusted_cert(&ca_der)
+        .map_err(|e| unreadable(format!("the CA: {e}")))?;
+    let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| unreadable(e.to_string()))?;
+    let anchors = [anchor];
+    let checked = cert.verify_for_usage(
+        &[webpki::ring::ECDSA_P256_SHA256],
+        &anchors,
+        &[],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    );
+    match checked {
+        Ok(_) => {}
+        Err(webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. }) => {
+            return Err(PkiError::Expired(what.into()))
+        }
+        Err(webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey) => {
+            return Err(PkiError::NotSigned(what.into()))
+        }
+        Err(e) => return Err(unreadable(e.to_string())),
+    }
+    holder_of(cert.valid_dns_names()).ok_or_else(|| PkiError::NoHolder(what.into()))
+}
+
+/// Whom the DNS names of a certificate of the zone name.
+pub fn holder_of<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Holder> {
+    let names: Vec<&str> = names.into_iter().collect();
+    let before = |suffix: &str| names.iter().find_map(|n| n.strip_suffix(suffix));
+    if let Some(id) = before(SERVER_SUFFIX) {
+        return id.parse().ok().map(Holder::Server);
+    }
+    let name = before(USER_SUFFIX)?;
+    let role = before(ROLE_SUFFIX)?.parse().ok()?;
+    Some(Holder::User {
+        name: name.to_owned(),
+        role,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_certificate_names_its_server_and_verifies_against_its_zone_only() {
+        let ca = ZoneCa::generate().unwrap();
+        let node = ca
+            .issue_node(
+                3,
+                &["10.0.0.3".parse().unwrap(), "fd00::3".parse().unwrap()],
+            )
+            .unwrap();
+        assert_eq!(
+            verify(ca.cert_pem(), &node.cert_pem, "node").unwrap(),
+            Holder::Server(3)
+        );
+        let other = ZoneCa::generate().unwrap();
+        assert!(matches!(
+            verify(other.cert_pem(), &node.cert_pem, "node"),
+            Err(PkiError::NotSigned(_))
+        ));
+        assert_ne!(ca.fingerprint(), other.fingerprint());
+        assert!(ca.fingerprint().starts_with("sha256:") && ca.fingerprint().len() == 7 + 64);
+    }
+
+    #[test]
+    fn a_client_credential_carries_its_role() {
+        let ca = ZoneCa::generate().unwrap();
+        for role in Role::ALL {
+            let c = ca.issue_client("alice", role).unwrap();
+            assert_eq!(
+                verify(ca.cert_pem(), &c.cert_pem, "alice").unwrap(),
+                Holder::User {
+                    name: "alice".into(),
+                    role
+                }
+            );
+        }
+        for bad in ["", "a b", "../x", "Alice", "a.b", "-a", &"x".repeat(64)] {
+            assert!(matches!(
+                ca.issue_client(bad, Role::Reader),
+                Err(PkiError::BadName(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_loaded_ca_signs_as_the_generated_one() {
+        let ca = ZoneCa::generate().unwrap();
+        let again = ZoneCa::load(ca.cert_pem(), ca.key_pem()).unwrap();
+        assert_eq!(again.fingerprint(), ca.fingerprint());
+        let c = again.issue_client("bob", Role::Operator).unwrap();
+        assert!(verify(ca.cert_pem(), &c.cert_pem, "bob").is_ok());
+        assert!(matches!(
+            ZoneCa::load("not a certificate", ca.key_pem()),
+            Err(PkiError::Unreadable { .. })
+        ));
+        let other = ZoneCa::generate().unwrap();
+        assert!(matches!(
+            ZoneCa::load(ca.cert_pem(), other.key_pem()),
+            Err(PkiError::KeyMismatch)
+        ));
+    }
+
+    #[test]
+    fn an_expired_credential_is_told_apart() {
+        let ca = ZoneCa::generate().unwrap();
+        let mut p = params("old (reader)", LEAF_VALIDITY).unwrap();
+        p.not_before = OffsetDateTime::now_utc() - Duration::days(400);
+        p.not_after = OffsetDateTime::now_utc() - Duration::days(35);
+        p.subject_alt_names = vec![
+            dns(format!("old{USER_SUFFIX}")).unwrap(),
+            dns(format!("reader{ROLE_SUFFIX}")).unwrap(),
+        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let old = ca.sign(&p).unwrap();
+        let err = verify(ca.cert_pem(), &old.cert_pem, "old's credential").unwrap_err();
+        assert!(matches!(err, PkiError::Expired(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "old's credential is not valid now (expired, or not yet valid)"
+        );
+    }
+
+    #[test]
+    fn names_say_whom_and_nothing_else() {
+        assert_eq!(
+            holder_of(["7.server.zoned.invalid"]),
+            Some(Holder::Server(7))
+        );
+        assert_eq!(
+            holder_of(["bob.user.zoned.invalid", "reader.role.zoned.invalid"]),
+            Some(Holder::User {
+                name: "bob".into(),
+                role: Role::Reader
+            })
+        );
+        assert_eq!(holder_of(["bob.user.zoned.invalid"]), None, "no role");
+        assert_eq!(
+            holder_of(["bob.user.zoned.invalid", "root.role.zoned.invalid"]),
+            None
+        );
+        assert_eq!(holder_of(["x.server.zoned.invalid"]), None);
+        assert_eq!(holder_of(["zoned.example.com"]), None);
+    }
+
+    #[test]
+    fn roles_parse_and_name_themselves() {
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
+        }
+        assert!("root"
+            .parse::<Role>()
+            .unwrap_err()
+            .contains("admin, operator or reader"));
+    }
+}
