@@ -151,17 +151,51 @@ pub fn answer_solicitation(interface: &str, vip: Ipv6Addr, asker: Ipv6Addr) -> i
     } else {
         std::net::SocketAddrV6::new(asker, 0, 0, link.ifindex() as u32)
     };
-    sendto(
+    if let Err(e) = sendto(
         fd.as_raw_fd(),
         &advertisement(mac, vip, !probe),
         &SockaddrIn6::from(to),
         MsgFlags::empty(),
-    )?;
+    ) {
+        forget_link(interface);
+        return Err(e.into());
+    }
     Ok(())
 }
 
+/// How long a looked-up link address is used before it is looked up again.
+const LINK_TTL: Duration = Duration::from_secs(1);
+
+type Links = BTreeMap<String, (std::time::Instant, LinkAddr, [u8; 6])>;
+
+/// Link addresses by interface, looked up at most once per [`LINK_TTL`]:
+/// every answer needs one, and a burst of questions must not become a
+/// netlink dump each on the thread that also follows the lease.
+static LINKS: std::sync::Mutex<Links> = std::sync::Mutex::new(BTreeMap::new());
+
 /// The interface's own AF_PACKET address (its index and MAC).
 pub fn link_of(interface: &str) -> io::Result<(LinkAddr, [u8; 6])> {
+    let mut links = LINKS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, link, mac)) = links.get(interface) {
+        if at.elapsed() < LINK_TTL {
+            return Ok((*link, *mac));
+        }
+    }
+    let (link, mac) = look_up_link(interface)?;
+    links.insert(interface.to_owned(), (std::time::Instant::now(), link, mac));
+    Ok((link, mac))
+}
+
+/// Forgets what [`link_of`] found for `interface` (a send through it
+/// failed: the interface may have been made anew).
+fn forget_link(interface: &str) {
+    LINKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(interface);
+}
+
+fn look_up_link(interface: &str) -> io::Result<(LinkAddr, [u8; 6])> {
     for ifa in getifaddrs().map_err(io::Error::from)? {
         if ifa.interface_name != interface {
             continue;
@@ -190,7 +224,10 @@ pub fn send_frames(interface: &str, build: impl FnOnce([u8; 6]) -> Vec<Vec<u8>>)
         None,
     )?;
     for f in build(mac) {
-        sendto(fd.as_raw_fd(), &f, &link, MsgFlags::empty())?;
+        if let Err(e) = sendto(fd.as_raw_fd(), &f, &link, MsgFlags::empty()) {
+            forget_link(interface);
+            return Err(e.into());
+        }
     }
     Ok(())
 }
@@ -236,7 +273,7 @@ fn icmpv6_listener(interface: &str) -> io::Result<(std::os::fd::OwnedFd, usize)>
 
 /// A packet socket that receives the ARP frames coming in on `interface`.
 fn arp_socket(interface: &str) -> io::Result<(socket2::Socket, usize)> {
-    let (link, _) = link_of(interface)?;
+    let (link, _) = look_up_link(interface)?;
     let proto = i32::from(0x0806u16.to_be());
     let s = socket2::Socket::new(
         socket2::Domain::PACKET,
@@ -346,7 +383,7 @@ fn listen_on(interface: &str, v4: bool, ips: &[IpAddr], tx: &mpsc::Sender<Questi
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {
                     // A second without a request: is it still the same
                     // interface?
-                    if link_of(interface).map(|(l, _)| l.ifindex()).ok() != Some(index) {
+                    if look_up_link(interface).map(|(l, _)| l.ifindex()).ok() != Some(index) {
                         break;
                     }
                 }
