@@ -205,6 +205,14 @@ fn signal_agent(tb: &Testbed, i: usize, s: nix::sys::signal::Signal) {
     testbed::signal(agent, s).expect("signal zone-vip");
 }
 
+/// Sends `s` to both zoned and zone-vip of server `i`: a host frozen but
+/// for its kernel.
+fn signal_host(tb: &Testbed, i: usize, s: nix::sys::signal::Signal) {
+    let zoned = tb.nodes[i].zoned.as_ref().expect("zoned running");
+    testbed::signal(zoned, s).expect("signal zoned");
+    signal_agent(tb, i, s);
+}
+
 /// Issue 20's defect 2: a frozen agent can neither see its lease end nor
 /// remove the VIP. Before the fence, the cut leader kept the VIP for as
 /// long as its agent stayed frozen, beside the new leader's.
@@ -271,11 +279,7 @@ fn a_host_whose_zoned_and_agent_are_frozen_loses_the_vip_by_its_kernel_lifetime(
         line.contains("valid_lft") && !line.contains("valid_lft forever"),
         "the VIP has no kernel lifetime: {line}"
     );
-    let stop = |s| {
-        let zoned = tb.nodes[first].zoned.as_ref().expect("zoned running");
-        testbed::signal(zoned, s).expect("signal zoned");
-        signal_agent(&tb, first, s);
-    };
+    let stop = |s| signal_host(&tb, first, s);
     stop(Signal::SIGSTOP);
     let t = Instant::now();
     let gone = wait_for(
@@ -398,11 +402,7 @@ fn a_host_whose_zoned_and_agent_are_frozen_answers_nothing_for_the_vip() {
     }
     // Frozen: no answer from the holder, though the kernel still has the
     // addresses for a while.
-    let stop = |s| {
-        let zoned = tb.nodes[first].zoned.as_ref().expect("zoned running");
-        testbed::signal(zoned, s).expect("signal zoned");
-        signal_agent(&tb, first, s);
-    };
+    let stop = |s| signal_host(&tb, first, s);
     stop(Signal::SIGSTOP);
     let frozen = Instant::now();
     let asked = ask(Duration::from_millis(10), Duration::from_millis(1500));

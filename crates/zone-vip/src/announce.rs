@@ -16,8 +16,9 @@ use crate::config::Vip;
 use crate::effects::Announcer;
 use crate::neighbours::{self, Question};
 
-/// Sends announcements and answers with a fresh packet socket each time
-/// (they are rare, and the interface may have come and gone in between).
+/// Sends announcements and answers with a fresh socket each time (the
+/// interface may have come and gone in between; its address is cached for
+/// a second, see [`neighbours::link_of`]).
 #[derive(Debug, Default)]
 pub struct RawAnnouncer;
 

@@ -26,8 +26,8 @@ pub trait Addresses: Send + Sync + 'static {
 }
 
 /// Tells the segment where an address now lives, and answers its
-/// questions (ARP requests for an IPv4 VIP, which the kernel is kept from
-/// answering: see [`crate::neighbours`]).
+/// questions (ARP requests, neighbour solicitations), which the kernel is
+/// kept from answering: see [`crate::neighbours`].
 pub trait Announcer: Send + Sync + 'static {
     fn announce(&self, vip: &Vip) -> std::io::Result<()>;
     /// Answers one question (the runner decides whether it may).

@@ -218,9 +218,9 @@ pub fn send_frames(interface: &str, build: impl FnOnce([u8; 6]) -> Vec<Vec<u8>>)
     let (link, mac) = link_of(interface)?;
     // Protocol 0: this socket only sends.
     let fd = socket(
-        nix::sys::socket::AddressFamily::Packet,
-        nix::sys::socket::SockType::Raw,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
         None,
     )?;
     for f in build(mac) {
@@ -313,12 +313,12 @@ fn read_question(
     ips: &[IpAddr],
     buf: &mut [u8],
 ) -> nix::Result<Option<Question>> {
-    let (n, asker_ip, asker_mac, vip) = if v4 {
+    let (asker_ip, asker_mac, vip) = if v4 {
         let n = recv(fd, buf, MsgFlags::empty())?;
         let Some((mac, asker, vip)) = parse_request(&buf[..n]) else {
             return Ok(None);
         };
-        (n, IpAddr::V4(asker), mac, IpAddr::V4(vip))
+        (IpAddr::V4(asker), mac, IpAddr::V4(vip))
     } else {
         let (n, from, hops) = {
             let mut iov = [std::io::IoSliceMut::new(&mut buf[..])];
@@ -341,9 +341,8 @@ fn read_question(
         let Some(from) = from else {
             return Ok(None);
         };
-        (n, IpAddr::V6(from.ip()), [0; 6], IpAddr::V6(vip))
+        (IpAddr::V6(from.ip()), [0; 6], IpAddr::V6(vip))
     };
-    let _ = n;
     Ok(ips.contains(&vip).then(|| Question {
         interface: interface.to_owned(),
         vip,
@@ -397,7 +396,7 @@ fn listen_on(interface: &str, v4: bool, ips: &[IpAddr], tx: &mpsc::Sender<Questi
     }
 }
 
-/// The kernel kept from sending ARP for the VIPs.
+/// The kernel kept from answering for the VIPs (see the module doc).
 #[derive(Debug)]
 pub struct KernelGate;
 
@@ -450,7 +449,7 @@ impl KernelGate {
     /// Installs the table, and `arp_announce = 2` on each IPv4 VIP's
     /// interface (a warning if that cannot be set: the interface may come
     /// later; the table alone keeps the kernel silent).
-    pub fn install(vips: &[Vip]) -> Result<KernelGate, GateError> {
+    pub fn install(vips: &[Vip]) -> Result<(), GateError> {
         use std::io::Write;
         let mut child = std::process::Command::new("nft")
             .args(["-f", "-"])
@@ -476,7 +475,7 @@ impl KernelGate {
                 tracing::warn!(interface, error = %e, "cannot set arp_announce = 2: the kernel may name the VIP as the sender of its own ARP requests, which are then dropped");
             }
         }
-        Ok(KernelGate)
+        Ok(())
     }
 }
 
