@@ -80,7 +80,7 @@ async fn kill9_of_the_leader_loses_no_acknowledged_write() {
     // A client writes continuously, trying the servers in turn on failure,
     // and remembers only what was acknowledged.
     let endpoints = std::sync::Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let writer = testbed::zone::start_writer(endpoints, "k");
+    let writer = testbed::zone::start_writer(endpoints, zone.pki.admin().clone(), "k");
     // The leader dies under load: once a hundred writes are acknowledged.
     writer.wait_more(100).await;
     zone.kill9(leader);

@@ -36,7 +36,7 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     let mut zone = TestZone::start(3, "");
     zone.wait_leader().await;
     let endpoints = Arc::new(std::sync::Mutex::new(zone.endpoints()));
-    let writer = testbed::zone::start_writer(endpoints.clone(), "w");
+    let writer = testbed::zone::start_writer(endpoints.clone(), zone.pki.admin().clone(), "w");
     writer.wait_more(20).await;
 
     // Add server 4: it enters as a learner, joins through server 2, and is
@@ -295,14 +295,13 @@ async fn sigterm_of_the_leader_hands_over_before_it_exits() {
         .collect();
     // Watch the other servers' view of the leader, on the host's clock.
     let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let creds = zone.pki.admin().clone();
     let watcher = tokio::spawn(async move {
         let mut seen_tx = Some(seen_tx);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             for ep in &others {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{ep}"))
-                    .unwrap()
-                    .connect_lazy();
+                let ch = zonectl::endpoint(ep, Some(&creds)).unwrap().connect_lazy();
                 let mut c = zonectl::v1::cluster_client::ClusterClient::new(ch);
                 let mut req = tonic::Request::new(zonectl::v1::StatusRequest {});
                 req.set_timeout(Duration::from_millis(500));

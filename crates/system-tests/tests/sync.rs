@@ -58,8 +58,6 @@ impl Syncer {
         };
         self.child = Some(
             Command::new(zone_sync_bin())
-                .arg("--endpoint")
-                .arg(zone.servers[i].endpoint())
                 .arg("--config")
                 .arg(zone.servers[i].config_path())
                 .args(root)
@@ -326,6 +324,7 @@ async fn every_server_converges_on_the_latest_version() {
 
     // The operator's view: one row per server.
     let out = Command::new(zone_sync_bin().with_file_name("zonectl"))
+        .args(zone.zonectl_credentials())
         .args([
             "--endpoints",
             &zone.servers[1].endpoint(),
@@ -492,6 +491,7 @@ async fn restarts_roll_one_server_at_a_time_leader_last() {
 
 fn zonectl(zone: &TestZone, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(zone_sync_bin().with_file_name("zonectl"))
+        .args(zone.zonectl_credentials())
         .args(["--endpoints", &zone.servers[0].endpoint(), "config"])
         .args(args)
         .output()

@@ -9,6 +9,7 @@
 
 pub mod arp;
 pub mod nemesis;
+pub mod pki;
 mod probe;
 pub mod vm;
 pub mod zone;
@@ -87,6 +88,8 @@ pub struct ZonedConfig {
     pub extra: String,
     /// The founders, as (id, peer address).
     pub voters: Vec<(u64, String)>,
+    /// `[tls] dir`: the server's certificates (None: plaintext).
+    pub tls: Option<PathBuf>,
 }
 
 impl ZonedConfig {
@@ -103,6 +106,9 @@ impl ZonedConfig {
             text.push_str(&format!("join = \"{join}\"\n"));
         }
         text.push_str(&format!("\n{}\n", self.extra));
+        if let Some(dir) = &self.tls {
+            text.push_str(&format!("[tls]\ndir = \"{}\"\n", dir.display()));
+        }
         for (id, peer) in &self.voters {
             text.push_str(&format!("[[voters]]\nid = {id}\npeer = \"{peer}\"\n"));
         }

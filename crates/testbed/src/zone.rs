@@ -17,6 +17,7 @@ use zonectl::v1::kv_client::KvClient;
 use zonectl::v1::{GetRequest, RangeRequest, RangeResponse, StatusRequest};
 use zonectl::ZoneView;
 
+use crate::pki::TestPki;
 use crate::ZonedConfig;
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
@@ -88,6 +89,9 @@ pub struct TestZone {
     pub servers: Vec<Server>,
     pub root: tempfile::TempDir,
     pub extra_config: String,
+    /// The zone's certificates: every server has TLS on both ports, and
+    /// the harness's clients are its admin.
+    pub pki: TestPki,
 }
 
 /// Raft timing for tests: 50 ms ticks, elections after 0.5-1 s.
@@ -118,11 +122,13 @@ impl TestZone {
                 child: None,
             })
             .collect();
+        let pki = TestPki::new(&root.path().join("pki"));
         let zone = TestZone {
             net,
             servers,
             root,
             extra_config: extra.to_owned(),
+            pki,
         };
         let voters: Vec<(u64, String)> = zone
             .servers
@@ -172,6 +178,7 @@ impl TestZone {
             peer: s.peer.to_string(),
             extra: format!("{TEST_RAFT}\n{}", self.extra_config)
                 .replace("{dir}", &s.dir.display().to_string()),
+            tls: Some(self.pki.server(s.id)),
             ..ZonedConfig::default()
         }
     }
@@ -241,12 +248,40 @@ impl TestZone {
         self.servers.iter().map(Server::endpoint).collect()
     }
 
+    /// A channel to server `i`'s client port, as the zone's admin.
     pub async fn channel(&self, i: usize) -> Channel {
-        let ep = format!("http://{}", self.servers[i].client);
-        tonic::transport::Endpoint::from_shared(ep)
-            .unwrap()
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy()
+        self.channel_as(i, Some(self.pki.admin()))
+    }
+
+    /// A channel to server `i`'s client port with `creds` (None: TLS
+    /// without a client certificate, as a load balancer's health check).
+    pub fn channel_as(&self, i: usize, creds: Option<&zonectl::Credentials>) -> Channel {
+        let ep = match creds {
+            Some(c) => zonectl::endpoint(&self.servers[i].endpoint(), Some(c)).unwrap(),
+            None => {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(
+                        self.pki.ca.cert_pem(),
+                    ))
+                    .domain_name(zonectl::zone_pki::ANY_SERVER);
+                tonic::transport::Endpoint::from_shared(format!(
+                    "https://{}",
+                    self.servers[i].client
+                ))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+            }
+        };
+        ep.connect_timeout(Duration::from_secs(1)).connect_lazy()
+    }
+
+    /// `--credentials DIR` for the zonectl binary: the admin's.
+    pub fn zonectl_credentials(&self) -> [String; 2] {
+        [
+            "--credentials".to_owned(),
+            self.pki.admin_dir().display().to_string(),
+        ]
     }
 
     pub async fn kv(&self, i: usize) -> KvClient<Channel> {
@@ -428,6 +463,7 @@ impl Writer {
 /// failures.
 pub fn start_writer(
     endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    creds: zonectl::Credentials,
     prefix: &'static str,
 ) -> Writer {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -441,9 +477,9 @@ pub fn start_writer(
         while !*stop_rx.borrow() {
             let ep = {
                 let eps = endpoints.lock().unwrap();
-                format!("http://{}", eps[target % eps.len()])
+                eps[target % eps.len()].clone()
             };
-            let ch = tonic::transport::Endpoint::from_shared(ep)
+            let ch = zonectl::endpoint(&ep, Some(&creds))
                 .unwrap()
                 .connect_timeout(Duration::from_millis(300))
                 .connect_lazy();

@@ -442,7 +442,7 @@ impl Drop for Zone {
     }
 }
 
-fn write_config(dir: &Path, id: u64, nodes: u64) -> Result<PathBuf> {
+fn write_config(dir: &Path, id: u64, nodes: u64, tls: &Path) -> Result<PathBuf> {
     let mut text = format!(
         "# Written by `cargo xtask cluster up`.\n[node]\nid = {id}\nname = \"zone-{id}\"\n\
          data_dir = \"{}\"\nagent_socket = \"{}\"\nclient_listen = \"127.0.0.{id}:7400\"\npeer_listen = \"127.0.0.{id}:7401\"\n",
@@ -453,6 +453,10 @@ fn write_config(dir: &Path, id: u64, nodes: u64) -> Result<PathBuf> {
     text.push_str(&format!(
         "\n[files]\nlocal_root = \"{}\"\n",
         dir.join("root").display()
+    ));
+    text.push_str(&format!(
+        "\n[tls]\ndir = \"{}\"\n",
+        tls.join(format!("server-{id}")).display()
     ));
     for v in 1..=nodes {
         text.push_str(&format!(
@@ -468,6 +472,39 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The local zone's certificates, in `target/local-zone` (where a zonectl
+/// built in `target/` finds the admin credential): made with `zonectl zone
+/// init` the first time, and again when they lack a server.
+fn local_zone_certs(target: &Path, bin: &Path, nodes: u64) -> Result<PathBuf> {
+    let certs = target.join(zonectl::credentials::LOCAL_ZONE);
+    if certs
+        .join(format!("server-{nodes}"))
+        .join("node.pem")
+        .exists()
+        && certs.join("admin").join("client.pem").exists()
+    {
+        return Ok(certs);
+    }
+    if certs.exists() {
+        std::fs::remove_dir_all(&certs)
+            .with_context(|| format!("cannot remove {}", certs.display()))?;
+    }
+    let mut init = Command::new(bin.join("zonectl"));
+    init.args(["zone", "init", "--servers", &nodes.to_string(), "--out"])
+        .arg(&certs);
+    for id in 1..=nodes {
+        init.args(["--address", &format!("{id}=127.0.0.{id}")]);
+    }
+    let out = init.output().context("cannot run zonectl zone init")?;
+    if !out.status.success() {
+        bail!(
+            "zonectl zone init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(certs)
 }
 
 fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
@@ -491,6 +528,8 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         std::fs::remove_dir_all(&base)
             .with_context(|| format!("cannot remove {}", base.display()))?;
     }
+    let certs = local_zone_certs(&target, &bin, nodes)?;
+    let admin = certs.join("admin");
     let mut zone = Zone {
         children: Vec::new(),
     };
@@ -498,17 +537,16 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
     for id in 1..=nodes {
         let dir = base.join(format!("node-{id}"));
         std::fs::create_dir_all(&dir)?;
-        let config = write_config(&dir, id, nodes)?;
+        let config = write_config(&dir, id, nodes, &certs)?;
         let log = dir.join("zoned.log");
         let mut zoned = Command::new(bin.join("zoned"));
         zoned.arg("--config").arg(&config);
         zone.spawn(format!("zoned {id}"), zoned, &log)?;
         logs.push(log);
         // zone-sync writes this server's managed files under node-N/root.
+        // zone-sync talks to its zoned on the agent socket the config names.
         let mut sync = Command::new(bin.join("zone-sync"));
-        sync.arg("--endpoint")
-            .arg(format!("127.0.0.{id}:7400"))
-            .arg("--config")
+        sync.arg("--config")
             .arg(&config)
             .arg("--state-dir")
             .arg(dir.join("sync"))
@@ -518,6 +556,7 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         zone.spawn(format!("zone-sync {id}"), sync, &dir.join("zone-sync.log"))?;
     }
     let endpoints: Vec<String> = (1..=nodes).map(|i| format!("127.0.0.{i}:7400")).collect();
+    let creds = zonectl::Credentials::from_dir(&admin, "the local zone's admin credential")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -533,7 +572,7 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
             }
         }
         let attempt = rt.block_on(async {
-            let (ch, _) = zonectl::connect(&endpoints).await.ok()?;
+            let (ch, _) = zonectl::connect(&endpoints, Some(&creds)).await.ok()?;
             let mut client = zonectl::v1::cluster_client::ClusterClient::new(ch);
             let status = client
                 .status(zonectl::v1::StatusRequest {})
@@ -575,7 +614,16 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         bin.join("zonectl").display(),
         base.display()
     );
-    println!("  grpcurl -plaintext 127.0.0.1:7400 list");
+    println!(
+        "  grpcurl -cacert {a}/ca.pem -cert {a}/client.pem -key {a}/client.key -servername {} 127.0.0.1:7400 list",
+        zonectl::zone_pki::ANY_SERVER,
+        a = admin.display()
+    );
+    println!(
+        "(zonectl finds the admin credential in {} by itself; the zone's certificates are in {})",
+        admin.display(),
+        certs.display()
+    );
     println!("Press Ctrl-C to stop all {nodes} servers.");
     rt.block_on(async {
         let mut poll = tokio::time::interval(Duration::from_millis(500));

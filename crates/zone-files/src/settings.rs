@@ -107,10 +107,50 @@ pub enum SettingsError {
 /// defaults when the file does not exist. The rest of the file is zoned's
 /// and not looked at here.
 pub fn read_node_toml(path: &Path) -> Result<FilesSection, SettingsError> {
+    Ok(read_node_file(path)?.files)
+}
+
+/// What a local agent of zoned reads of its `node.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeFile {
+    /// `[files]`, checked.
+    pub files: FilesSection,
+    pub node: NodeAgent,
+}
+
+/// `[node]`, as far as a local agent needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeAgent {
+    /// zoned's unix socket for local agents (`node.agent_socket`; zoned's
+    /// default `/run/zoned/agent.sock`).
+    pub agent_socket: std::path::PathBuf,
+}
+
+impl Default for NodeAgent {
+    fn default() -> Self {
+        NodeAgent {
+            agent_socket: default_agent_socket(),
+        }
+    }
+}
+
+fn default_agent_socket() -> std::path::PathBuf {
+    "/run/zoned/agent.sock".into()
+}
+
+/// [`read_node_toml`], with the agent socket's path.
+pub fn read_node_file(path: &Path) -> Result<NodeFile, SettingsError> {
     #[derive(Deserialize)]
     struct NodeToml {
         #[serde(default)]
         files: FilesSection,
+        #[serde(default)]
+        node: NodeAgentLoose,
+    }
+    // zoned's [node] has more fields than an agent reads.
+    #[derive(Default, Deserialize)]
+    struct NodeAgentLoose {
+        agent_socket: Option<std::path::PathBuf>,
     }
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -132,7 +172,12 @@ pub fn read_node_toml(path: &Path) -> Result<FilesSection, SettingsError> {
             path: path.to_owned(),
             source,
         })?;
-    Ok(node.files)
+    Ok(NodeFile {
+        files: node.files,
+        node: NodeAgent {
+            agent_socket: node.node.agent_socket.unwrap_or_else(default_agent_socket),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -153,6 +198,20 @@ mod tests {
         assert_eq!(files.managed_roots, vec!["/etc/one".to_owned()]);
         assert_eq!(files.local_root, PathBuf::from("/srv"));
         assert_eq!(files.max_file_bytes, 1 << 20, "the rest defaults");
+        // zone-sync finds zoned's agent socket in the same file.
+        assert_eq!(
+            read_node_file(&path).unwrap().node.agent_socket,
+            PathBuf::from("/run/zoned/agent.sock")
+        );
+        std::fs::write(
+            &path,
+            "[node]\nid = 2\nagent_socket = \"/tmp/a.sock\"\n[tls]\ndir = \"/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_node_file(&path).unwrap().node.agent_socket,
+            PathBuf::from("/tmp/a.sock")
+        );
     }
 
     #[test]

@@ -35,6 +35,11 @@ use time::{Duration, OffsetDateTime};
 pub const SERVER_SUFFIX: &str = ".server.zoned.invalid";
 pub const USER_SUFFIX: &str = ".user.zoned.invalid";
 pub const ROLE_SUFFIX: &str = ".role.zoned.invalid";
+/// A name every node certificate carries besides its own: what a client
+/// checks when any server of the zone will do (zonectl, a joiner), as the
+/// zone's CA is the zone's alone. It does not end in [`SERVER_SUFFIX`], so
+/// it names no server.
+pub const ANY_SERVER: &str = "server.zoned.invalid";
 /// The zone CA's common name.
 const CA_NAME: &str = "Zoned zone CA";
 
@@ -255,7 +260,10 @@ impl ZoneCa {
     /// A node certificate for server `id`, reachable at `addresses`.
     pub fn issue_node(&self, id: u64, addresses: &[IpAddr]) -> Result<Credential, PkiError> {
         let mut p = params(&format!("zoned server {id}"), LEAF_VALIDITY)?;
-        p.subject_alt_names = vec![dns(format!("{id}{SERVER_SUFFIX}"))?];
+        p.subject_alt_names = vec![
+            dns(format!("{id}{SERVER_SUFFIX}"))?,
+            dns(ANY_SERVER.to_owned())?,
+        ];
         p.subject_alt_names
             .extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -326,6 +334,25 @@ pub fn verify(ca_pem: &str, cert_pem: &str, what: &str) -> Result<Holder, PkiErr
         Err(e) => return Err(unreadable(e.to_string())),
     }
     holder_of(cert.valid_dns_names()).ok_or_else(|| PkiError::NoHolder(what.into()))
+}
+
+/// A certificate as a TLS handshake presented it (already checked
+/// against the zone CA by the handshake): whom it names, its serial
+/// (hex, for revocation) and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented {
+    pub holder: Holder,
+    pub serial: String,
+}
+
+/// Reads a certificate that a handshake verified. None if it names no
+/// holder (the zone's CA signs no such certificate).
+pub fn presented(der: &[u8]) -> Option<Presented> {
+    let der = CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    let serial = cert.serial().iter().map(|b| format!("{b:02x}")).collect();
+    let holder = holder_of(cert.valid_dns_names())?;
+    Some(Presented { holder, serial })
 }
 
 /// Whom the DNS names of a certificate of the zone name.

@@ -5,7 +5,9 @@
 //! edited by hand is noticed and restored. Each pass is reported under
 //! `zone/config/status/<id>`. Exit code 2: bad arguments or configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -22,12 +24,14 @@ use zone_sync::store::Grpc;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// The local zoned's client address.
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    endpoint: String,
+    /// The local zoned's unix socket for agents. Default: zoned's
+    /// node.agent_socket in --config (/run/zoned/agent.sock unless set).
+    /// Only root reaches it (mode 0600): zone-sync needs no certificate.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// zoned's node.toml: its [files].managed_roots limit what this server
     /// writes, whatever the store says; its [files].local_root is the
-    /// default for --root.
+    /// default for --root; its node.agent_socket the default for --socket.
     #[arg(long, default_value = "/etc/zoned/node.toml")]
     config: PathBuf,
     /// The filesystem managed paths are written under. Default: zoned's
@@ -67,8 +71,12 @@ async fn main() {
     // zoned's [files] settings: the managed roots limit what this server
     // writes, whatever the store says; the local root is the default for
     // --root.
-    let (roots, local_root) = match zone_files::settings::read_node_toml(&args.config) {
-        Ok(files) => (files.check().expect("checked when read"), files.local_root),
+    let (roots, local_root, socket) = match zone_files::settings::read_node_file(&args.config) {
+        Ok(node) => (
+            node.files.check().expect("checked when read"),
+            node.files.local_root,
+            args.socket.clone().unwrap_or(node.node.agent_socket),
+        ),
         Err(e) => {
             eprintln!("zone-sync: {:#}", anyhow::Error::from(e));
             std::process::exit(2);
@@ -100,7 +108,7 @@ async fn main() {
     // One pass needs the zone now; the daemon connects in `follow`, which
     // sets its store each time it (re)connects.
     let ch = if args.once {
-        match connect(&args.endpoint).await {
+        match connect(&socket).await {
             Ok(ch) => ch,
             Err(e) => {
                 eprintln!("zone-sync: {e:#}");
@@ -108,7 +116,7 @@ async fn main() {
             }
         }
     } else {
-        lazy(&args.endpoint)
+        lazy(&socket)
     };
     let mut daemon = Daemon::new(Grpc::new(ch), applier, units, SystemClock, roll, state_path);
     if args.once {
@@ -123,37 +131,55 @@ async fn main() {
     }
     let drift = Duration::from_secs(args.drift_interval.max(1));
     loop {
-        if let Err(e) = follow(&args.endpoint, &mut daemon, drift).await {
+        if let Err(e) = follow(&socket, &mut daemon, drift).await {
             tracing::warn!(error = %format!("{e:#}"), "lost the local zoned; retrying in 1 s");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+fn endpoint() -> Endpoint {
+    // The URI is not used: every connection goes to the unix socket.
+    Endpoint::from_static("http://zoned.agent")
         .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(15)))
+        .timeout(Duration::from_secs(15))
 }
 
-async fn connect(addr: &str) -> Result<Channel> {
-    endpoint(addr)?
-        .connect()
+fn connector(
+    path: &Path,
+) -> impl tower::Service<
+    tonic::codegen::http::Uri,
+    Response = TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
+       + Send
+       + 'static {
+    let path = path.to_owned();
+    tower::service_fn(move |_| {
+        let path = path.clone();
+        async move {
+            Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+        }
+    })
+}
+
+async fn connect(socket: &Path) -> Result<Channel> {
+    endpoint()
+        .connect_with_connector(connector(socket))
         .await
-        .with_context(|| format!("connecting to zoned at {addr}"))
+        .with_context(|| format!("connecting to zoned at {}", socket.display()))
 }
 
-fn lazy(addr: &str) -> Channel {
-    endpoint(addr)
-        .expect("--endpoint: a host:port")
-        .connect_lazy()
+fn lazy(socket: &Path) -> Channel {
+    endpoint().connect_with_connector_lazy(connector(socket))
 }
 
 /// Passes now, on every change to the managed files, and every drift
 /// interval; takes this server's turn in the roll; until the connection
 /// fails.
 async fn follow(
-    addr: &str,
+    addr: &Path,
     daemon: &mut Daemon<Grpc, RootedDisk, Systemctl>,
     drift: Duration,
 ) -> Result<()> {

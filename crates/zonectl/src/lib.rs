@@ -12,7 +12,11 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 use zone_proto::v1::{Role, StatusResponse};
 
+pub use zone_pki;
 pub use zone_proto::v1;
+
+pub mod credentials;
+pub use credentials::Credentials;
 
 /// The local three-node cluster `cargo xtask cluster up` starts, and on an
 /// appliance the local server (127.0.0.1:7400) answers first.
@@ -28,16 +32,55 @@ pub enum ClientError {
     Unreachable(String),
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+/// An endpoint for `addr` (`host:port`), over TLS with `creds` (plaintext
+/// without).
+pub fn endpoint(addr: &str, creds: Option<&Credentials>) -> Result<Endpoint, ClientError> {
+    let scheme = if creds.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| ClientError::BadEndpoint(addr.to_owned(), e))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true))
+    let bad = |e| ClientError::BadEndpoint(addr.to_owned(), e);
+    let mut ep = Endpoint::from_shared(uri).map_err(bad)?;
+    if let Some(c) = creds {
+        ep = ep.tls_config(c.tls()).map_err(bad)?;
+    }
+    Ok(ep.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true))
+}
+
+/// Says in a sentence why a TLS connection failed, where the error's
+/// chain would print the alert.
+fn explain_tls(text: &str, creds: Option<&Credentials>) -> Option<String> {
+    let source = creds.map(|c| c.source.display().to_string());
+    let source = source.as_deref().unwrap_or("the credential");
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        Some(format!("the server's certificate is not signed by the zone CA of {source}: another zone, or the wrong ca.pem"))
+    } else if text.contains("NotValidForName") {
+        Some("the server's certificate is not a zone server's".to_owned())
+    } else if text.contains("CertificateExpired") || text.contains("Expired") {
+        Some(
+            "a certificate has expired (the server's, or the credential's as the server sees it)"
+                .to_owned(),
+        )
+    } else if text.contains("UnknownCA")
+        || text.contains("BadCertificate")
+        || text.contains("DecryptError")
+    {
+        Some(format!(
+            "the server refused {source}: not a credential of this zone"
+        ))
+    } else if creds.is_none()
+        && (text.contains("connection reset")
+            || text.contains("frame with invalid size")
+            || text.contains("broken pipe"))
+    {
+        Some("the server speaks TLS: give a credential (--credentials DIR, or --cacert/--cert/--key)".to_owned())
+    } else if creds.is_some() && text.contains("InvalidContentType") {
+        Some("the server does not speak TLS (plaintext zone)".to_owned())
+    } else {
+        None
+    }
 }
 
 /// Splits a comma-separated endpoint list.
@@ -51,18 +94,41 @@ pub fn parse_endpoints(s: &str) -> Vec<String> {
 
 /// Connects to the first endpoint that accepts a connection, in order.
 /// Returns the channel and the endpoint it reached.
-pub async fn connect(endpoints: &[String]) -> Result<(Channel, String), ClientError> {
+pub async fn connect(
+    endpoints: &[String],
+    creds: Option<&Credentials>,
+) -> Result<(Channel, String), ClientError> {
     if endpoints.is_empty() {
         return Err(ClientError::NoEndpoints);
     }
     let mut failures = Vec::new();
     for addr in endpoints {
-        match endpoint(addr)?.connect().await {
+        match endpoint(addr, creds)?.connect().await {
             Ok(ch) => return Ok((ch, addr.clone())),
-            Err(e) => failures.push(format!("{addr}: {}", source_text(&e))),
+            Err(e) => {
+                let text = source_text(&e);
+                let said = explain_tls(&text, creds).unwrap_or(text);
+                failures.push(format!("{addr}: {said}"))
+            }
         }
     }
     Err(ClientError::Unreachable(failures.join("; ")))
+}
+
+/// A sentence for a call that failed at the TLS layer (the server refused
+/// the credential after the handshake seemed done), or None.
+pub fn explain_status(status: &tonic::Status, creds: Option<&Credentials>) -> Option<String> {
+    if !matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    ) {
+        return None;
+    }
+    let text = match std::error::Error::source(status) {
+        Some(e) => format!("{}: {}", status.message(), source_text(e)),
+        None => status.message().to_owned(),
+    };
+    explain_tls(&text, creds)
 }
 
 fn source_text(e: &(dyn std::error::Error + 'static)) -> String {

@@ -14,7 +14,21 @@ use zonectl::v1::{
     DeleteRequest, GetRequest, KeyValue, Member, PutRequest, RangeRequest, RemoveServerRequest,
     ResetServerRequest, SetMaintenanceRequest, StatusRequest, TransferLeaderRequest, WatchRequest,
 };
-use zonectl::{connect, parse_endpoints, render_table, ZoneView, DEFAULT_ENDPOINTS};
+use zonectl::{parse_endpoints, render_table, Credentials, ZoneView, DEFAULT_ENDPOINTS};
+
+/// The credential this run uses, resolved once from the flags.
+static CREDENTIALS: std::sync::OnceLock<Option<Credentials>> = std::sync::OnceLock::new();
+
+fn credentials() -> Option<&'static Credentials> {
+    CREDENTIALS.get().and_then(Option::as_ref)
+}
+
+/// Connects with this run's credential.
+pub(crate) async fn connect(
+    endpoints: &[String],
+) -> Result<(tonic::transport::Channel, String), zonectl::ClientError> {
+    zonectl::connect(endpoints, credentials()).await
+}
 
 /// Manage a Zoned zone: its servers and its replicated key-value store.
 #[derive(Debug, Parser)]
@@ -28,6 +42,34 @@ struct Args {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Directory holding a client credential: ca.pem, client.pem and
+    /// client.key, as `zonectl zone init` (admin/) and `zonectl user issue`
+    /// write them. Default: the first of these that holds one:
+    /// target/local-zone/admin beside a zonectl built by cargo (the zone of
+    /// `cargo xtask cluster up`), ~/.config/zonectl, /etc/zoned/admin (an
+    /// appliance). Without any, zonectl speaks plaintext.
+    #[arg(long, global = true, env = "ZONECTL_CREDENTIALS", value_name = "DIR")]
+    credentials: Option<std::path::PathBuf>,
+    /// The zone CA's certificate (with --cert and --key, instead of
+    /// --credentials).
+    #[arg(
+        long = "cacert",
+        global = true,
+        env = "ZONECTL_CACERT",
+        value_name = "FILE"
+    )]
+    tls_cacert: Option<std::path::PathBuf>,
+    /// The client certificate.
+    #[arg(
+        long = "cert",
+        global = true,
+        env = "ZONECTL_CERT",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key.
+    #[arg(long = "key", global = true, env = "ZONECTL_KEY", value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
     /// Seconds to wait for an answer (watch excepted).
     #[arg(long, global = true, default_value_t = 15)]
     timeout: u64,
@@ -214,6 +256,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let creds = Credentials::resolve(
+        args.tls_cacert.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.credentials.as_deref(),
+    )?;
+    let _ = CREDENTIALS.set(creds);
     let timeout = std::time::Duration::from_secs(args.timeout.max(1));
     let endpoints = parse_endpoints(&args.endpoints);
     let (channel, _) = connect(&endpoints).await?;
@@ -485,7 +534,10 @@ async fn main() -> ExitCode {
                 return ExitCode::from(3);
             }
             if let Some(status) = e.downcast_ref::<tonic::Status>() {
-                eprintln!("zonectl: {:?}: {}", status.code(), status.message());
+                match zonectl::explain_status(status, credentials()) {
+                    Some(why) => eprintln!("zonectl: {why}"),
+                    None => eprintln!("zonectl: {:?}: {}", status.code(), status.message()),
+                }
             } else {
                 eprintln!("zonectl: {e:#}");
             }

@@ -51,6 +51,21 @@ pub struct Config {
     pub raft: RaftSection,
     pub limits: LimitsSection,
     pub files: zone_files::settings::FilesSection,
+    pub tls: TlsSection,
+}
+
+/// The zone's certificates for this server (`zonectl zone init` writes
+/// them, one directory per founder).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// Directory holding `ca.pem` (the zone CA), `node.pem` and `node.key`
+    /// (this server's certificate, naming `node.id`). Set: both ports
+    /// speak TLS only; the peer port takes only the zone's servers, the
+    /// client port only the zone's user credentials, each within its role
+    /// (health excepted). Unset: both ports in plaintext, with no
+    /// authentication at all (a warning at start). Default: unset.
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -31,4 +31,5 @@ pub mod node;
 pub mod peer;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod transport;

@@ -3,6 +3,11 @@
 //! other servers forward here because they believe this server leads
 //! (writes, management) or want its own figures (status). What a request
 //! does is the [`ServerContext`]'s; this file only receives it.
+//!
+//! With TLS ([`crate::tls`]) every call here comes from a server of the
+//! zone, by its certificate, and is heard only while that server is a
+//! member: a removed server, or a certificate of the zone for an id never
+//! added, changes nothing here.
 
 use std::time::Instant;
 
@@ -15,29 +20,42 @@ use zone_proto::v1::{
 };
 
 use crate::api::{ApiError, ServerContext};
+use crate::tls::Caller;
 use crate::transport;
 
 /// `zone.v1.Peer`.
 #[derive(Debug, Clone)]
 pub struct PeerService(pub ServerContext);
 
+impl PeerService {
+    /// The member that made `req` (None: plaintext, nobody is known).
+    fn member<T>(&self, req: &Request<T>) -> Result<Option<u64>, Status> {
+        let sender = Caller::server_of(req);
+        transport::check_member(self.0.transport(), sender)?;
+        Ok(sender)
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<RaftAck>, Status> {
-        transport::receive_stream(self.0.node(), req.into_inner()).await
+        let sender = self.member(&req)?;
+        transport::receive_stream(self.0.node(), self.0.transport(), sender, req.into_inner()).await
     }
 
     async fn snapshot(
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SnapshotAck>, Status> {
-        transport::receive_snapshot(self.0.node(), req.into_inner()).await
+        let sender = self.member(&req)?;
+        transport::receive_snapshot(self.0.node(), sender, req.into_inner()).await
     }
 
     async fn forward(
         &self,
         req: Request<ForwardRequest>,
     ) -> Result<Response<CommandResult>, Status> {
+        self.member(&req)?;
         let budget = self.0.budget(&req);
         let cmd = req
             .into_inner()
@@ -49,8 +67,9 @@ impl Peer for PeerService {
 
     async fn node_status(
         &self,
-        _req: Request<NodeStatusRequest>,
+        req: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusResponse>, Status> {
+        self.member(&req)?;
         Ok(Response::new(self.0.node_status().await?))
     }
 
@@ -58,6 +77,7 @@ impl Peer for PeerService {
         &self,
         req: Request<ManageRequest>,
     ) -> Result<Response<ManageResponse>, Status> {
+        self.member(&req)?;
         let budget = self.0.budget(&req);
         if self.0.node().view().role != StateRole::Leader {
             return Err(ApiError::NotApplied("this server is no longer the leader".into()).into());
@@ -71,8 +91,9 @@ impl Peer for PeerService {
 
     async fn request_snapshot(
         &self,
-        _req: Request<RequestSnapshotRequest>,
+        req: Request<RequestSnapshotRequest>,
     ) -> Result<Response<RequestSnapshotResponse>, Status> {
+        self.member(&req)?;
         self.0
             .node()
             .request_snapshot()
@@ -82,7 +103,15 @@ impl Peer for PeerService {
     }
 
     async fn removed(&self, req: Request<RemovedNotice>) -> Result<Response<RemovedAck>, Status> {
+        let sender = self.member(&req)?;
         let n = req.into_inner();
+        // Only the leader that removed this server says so, for itself.
+        if let Some(id) = sender.filter(|id| *id != n.leader_id) {
+            return Err(Status::permission_denied(format!(
+                "server {id} cannot give notice of a removal on behalf of server {}",
+                n.leader_id
+            )));
+        }
         tracing::warn!(
             leader = n.leader_id,
             index = n.index,

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::node::{self, Bootstrap, Stopped};
 use crate::peer::PeerService;
 use crate::storage::Engine;
+use crate::tls::{Gate, Port, ZoneTls};
 use crate::transport::{GrpcTransport, MAX_PEER_MESSAGE};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,10 @@ pub enum ServeError {
     Start(#[from] node::StartError),
     #[error("invalid peer address")]
     PeerAddress(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("tls.dir: the certificates cannot serve TLS")]
+    TlsSetup(#[source] tonic::transport::Error),
     #[error("node.agent_socket: cannot listen on {path}")]
     AgentSocket {
         path: String,
@@ -106,6 +111,15 @@ fn accepted(
 /// Runs the daemon until a signal or a fatal error.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
+    // Read before anything opens: a wrong certificate is a configuration
+    // error, found at start.
+    let tls = match &config.tls.dir {
+        Some(dir) => Some(ZoneTls::load(dir, config.node.id)?),
+        None => {
+            tracing::warn!("tls.dir is not set: both ports are plaintext, and anyone who reaches them can read and change the zone; set [tls] dir to the certificates `zonectl zone init` made");
+            None
+        }
+    };
     let engine = Engine::open(&config.node.data_dir)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
     let incarnation = engine
@@ -119,11 +133,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let start_as = node::start_as(&engine, &config)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
     if start_as == node::StartAs::Founder {
-        refuse_if_wiped(&config).await?;
+        refuse_if_wiped(&config, tls.as_ref()).await?;
     }
     let bootstrap = match (start_as, &config.node.join) {
         (node::StartAs::Joiner, Some(addr)) => {
-            Bootstrap::Join(join_members(addr, config.node.id).await?)
+            Bootstrap::Join(join_members(addr, config.node.id, tls.as_ref()).await?)
         }
         // A member's stored membership wins; this is only its fallback.
         _ => Bootstrap::Voters(founders(&config)),
@@ -133,6 +147,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         config.node.id,
         tokio::runtime::Handle::current(),
         inbox.reports(),
+        tls.clone(),
     ));
     let (node, driver) = match node::start(&config, engine, inbox, transport.clone(), bootstrap) {
         Err(node::StartError::Removed { index }) => return Err(ServeError::Removed { index }),
@@ -161,7 +176,21 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let max_client = config.limits.max_value_bytes * 2 + config.limits.max_key_bytes + (1 << 20);
-    let client_server = Server::builder()
+    let mut client_builder = Server::builder();
+    let mut peer_builder = Server::builder();
+    if let Some(tls) = &tls {
+        client_builder = client_builder
+            .tls_config(tls.server(Port::Client))
+            .map_err(ServeError::TlsSetup)?;
+        peer_builder = peer_builder
+            .tls_config(tls.server(Port::Peer))
+            .map_err(ServeError::TlsSetup)?;
+    }
+    // Without TLS nobody is known, and the gates are left out: everyone
+    // may do anything (the warning above).
+    let gate = |port| Gate::new(port, tls.is_some());
+    let client_server = client_builder
+        .layer(gate(Port::Client))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -174,7 +203,8 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             crate::api::ConfigService::new(zone.clone(), config.files_policy()),
         ))
         .serve_with_incoming_shutdown(accepted(client_listener), stopped(stop_rx.clone()));
-    let peer_server = Server::builder()
+    let peer_server = peer_builder
+        .layer(gate(Port::Peer))
         .add_service(
             PeerServer::new(PeerService(zone.clone()))
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -204,8 +234,18 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             agents.clone(),
             std::time::Duration::from_millis(grace_ms.max(1)),
         ));
+        // Local agents: zone-vip's lease, and zone-sync's reads and
+        // reports (the key-value and cluster services as on the client
+        // port). Only root reaches the socket (mode 0600): whoever does
+        // could read this server's keys anyway, so no certificate is asked.
         let server = Server::builder()
             .add_service(AgentServer::new(AgentService::new(node.clone(), agents)))
+            .add_service(
+                KvServer::new(KvService(zone.clone()))
+                    .max_decoding_message_size(max_client)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(ClusterServer::new(ClusterService(zone.clone())))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(listener),
                 stopped(stop_rx.clone()),
@@ -311,14 +351,14 @@ const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 /// founder down, a wiped founder cannot be told from a new one. Left open:
 /// a server wiped within a tick or so of its first acknowledgement, before
 /// the leader recorded it.
-async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
+async fn refuse_if_wiped(config: &Config, tls: Option<&ZoneTls>) -> Result<(), ServeError> {
     let me = config.node.id;
     let asks = config
         .voters
         .iter()
         .filter(|v| v.id != me)
         .map(|v| async move {
-            let mut client = crate::transport::peer_client(&v.peer).ok()?;
+            let mut client = crate::transport::peer_client(v.id, &v.peer, tls).ok()?;
             let mut req = tonic::Request::new(zone_proto::v1::NodeStatusRequest {});
             req.set_timeout(WIPED_CHECK_TIMEOUT);
             let r = tokio::time::timeout(WIPED_CHECK_TIMEOUT, client.node_status(req))
@@ -359,13 +399,24 @@ async fn refuse_if_wiped(config: &Config) -> Result<(), ServeError> {
 
 /// Asks a member of the zone for the membership, and checks this server
 /// was added to it.
-async fn join_members(addr: &str, id: u64) -> Result<Vec<Member>, ServeError> {
+async fn join_members(
+    addr: &str,
+    id: u64,
+    tls: Option<&ZoneTls>,
+) -> Result<Vec<Member>, ServeError> {
     let err = |reason: String| ServeError::Join {
         addr: addr.to_owned(),
         reason,
     };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| err(e.to_string()))?
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{}://{addr}", crate::tls::scheme(tls)))
+            .map_err(|e| err(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.to_any_server())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let channel = endpoint
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await

@@ -10,10 +10,11 @@
 //!
 //! Receiving: [`PeerService`] decodes each message and steps it into the
 //! local driver. Messages are rust-protobuf `eraftpb` bytes (RUSTSEC-2024-0437:
-//! a crafted message can exhaust the stack while parsing; the peer port must
-//! only be reachable by zone members, and mutual TLS is planned for it).
+//! a crafted message can exhaust the stack while parsing). With TLS on
+//! ([`crate::tls`]) only the zone's servers reach the parser, each only
+//! with messages from its own id, and only while it is a member.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use zone_proto::v1::peer_client::PeerClient;
 use zone_proto::v1::{Member, RaftAck, RaftBatch, RemovedNotice, SnapshotAck, SnapshotChunk};
 
 use crate::node::{NodeHandle, PeerReports, Transport};
+use crate::tls::ZoneTls;
 
 /// Largest gRPC message on the peer port.
 pub const MAX_PEER_MESSAGE: usize = 256 << 20;
@@ -37,10 +39,19 @@ const SNAPSHOT_CHUNK: usize = 1 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// A lazily connected client for one peer, shared by the Raft stream,
-/// snapshots, forwarded writes and status calls.
-pub fn peer_client(addr: &str) -> Result<PeerClient<Channel>, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+/// A lazily connected client for peer `id`, shared by the Raft stream,
+/// snapshots, forwarded writes and status calls. With TLS, the peer's
+/// certificate must name `id`.
+pub fn peer_client(
+    id: u64,
+    addr: &str,
+    tls: Option<&ZoneTls>,
+) -> Result<PeerClient<Channel>, tonic::transport::Error> {
+    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", crate::tls::scheme(tls)))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.to_server(id))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -67,6 +78,10 @@ struct Link {
 pub struct GrpcTransport {
     self_id: u64,
     links: RwLock<HashMap<u64, Link>>,
+    /// Every member's id, this server's included, as of the last
+    /// [`Transport::set_peers`]: whom the peer port hears.
+    members: RwLock<BTreeSet<u64>>,
+    tls: Option<ZoneTls>,
     reports: PeerReports,
     runtime: tokio::runtime::Handle,
 }
@@ -78,10 +93,13 @@ impl GrpcTransport {
         self_id: u64,
         runtime: tokio::runtime::Handle,
         reports: PeerReports,
+        tls: Option<ZoneTls>,
     ) -> GrpcTransport {
         GrpcTransport {
             self_id,
             links: RwLock::new(HashMap::new()),
+            members: RwLock::new(BTreeSet::new()),
+            tls,
             reports,
             runtime,
         }
@@ -94,6 +112,12 @@ impl GrpcTransport {
             .expect("links poisoned")
             .get(&id)
             .map(|l| l.client.clone())
+    }
+
+    /// Whether server `id` is a member, as this server last applied the
+    /// membership.
+    pub fn is_member(&self, id: u64) -> bool {
+        self.members.read().expect("members poisoned").contains(&id)
     }
 }
 
@@ -127,6 +151,7 @@ impl Transport for GrpcTransport {
         // Clients spawn their connection task on the runtime: enter it, as
         // this may run on the driver thread.
         let _guard = self.runtime.enter();
+        *self.members.write().expect("members poisoned") = members.iter().map(|m| m.id).collect();
         let mut links = self.links.write().expect("links poisoned");
         links.retain(|id, link| {
             let keep = members
@@ -141,7 +166,7 @@ impl Transport for GrpcTransport {
             if m.id == self.self_id || m.peer_endpoint.is_empty() || links.contains_key(&m.id) {
                 continue;
             }
-            let client = match peer_client(&m.peer_endpoint) {
+            let client = match peer_client(m.id, &m.peer_endpoint, self.tls.as_ref()) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(peer = m.id, addr = %m.peer_endpoint, error = %e, "invalid peer address");
@@ -322,16 +347,48 @@ async fn send_snapshot(mut client: PeerClient<Channel>, mut msg: Message, report
     reports.snapshot(to, status);
 }
 
-/// Receives Raft messages and snapshots from peers.
+/// Whether `sender` (None: the peer port is plaintext, nothing is known)
+/// may be heard now. Safety: a server removed from the zone, or one with a
+/// certificate of the zone that was never added, must not vote or append:
+/// raft-rs steps a message from any id.
+pub fn check_member(transport: &GrpcTransport, sender: Option<u64>) -> Result<(), Status> {
+    match sender {
+        Some(id) if !transport.is_member(id) => Err(Status::permission_denied(format!(
+            "server {id} is not a member of the zone"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that a Raft message from a peer's stream is its own: a server
+/// speaks only for itself (a forged `from` could answer a vote or an
+/// append on another's behalf).
+fn check_from(msg: &Message, sender: Option<u64>) -> Result<(), Status> {
+    match sender {
+        Some(id) if msg.from != id => Err(Status::permission_denied(format!(
+            "a Raft message from server {} on server {id}'s connection: a server speaks only for itself",
+            msg.from
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Receives Raft messages from a peer (`sender`, by its certificate).
 pub async fn receive_stream(
     node: &NodeHandle,
+    transport: &GrpcTransport,
+    sender: Option<u64>,
     mut stream: Streaming<RaftBatch>,
 ) -> Result<Response<RaftAck>, Status> {
     while let Some(batch) = stream.message().await? {
+        // Each batch: a member removed while its stream is open is no
+        // longer heard.
+        check_member(transport, sender)?;
         for bytes in batch.messages {
             let msg = Message::parse_from_bytes(&bytes).map_err(|e| {
                 Status::invalid_argument(format!("messages: not a Raft message: {e}"))
             })?;
+            check_from(&msg, sender)?;
             node.step(msg)
                 .map_err(|_| Status::unavailable("server is shutting down"))?;
         }
@@ -349,9 +406,10 @@ fn snapshot_reserve(total: usize) -> usize {
     total.min(SNAPSHOT_RESERVE_MAX)
 }
 
-/// Reassembles a chunked snapshot and steps it into Raft.
+/// Reassembles a chunked snapshot from `sender` and steps it into Raft.
 pub async fn receive_snapshot(
     node: &NodeHandle,
+    sender: Option<u64>,
     mut stream: Streaming<SnapshotChunk>,
 ) -> Result<Response<SnapshotAck>, Status> {
     let Some(first) = stream.message().await? else {
@@ -362,6 +420,7 @@ pub async fn receive_snapshot(
     if msg.get_msg_type() != MessageType::MsgSnapshot {
         return Err(Status::invalid_argument("message: not a snapshot message"));
     }
+    check_from(&msg, sender)?;
     let total = first.total_size as usize;
     let mut data = Vec::with_capacity(snapshot_reserve(total));
     data.extend_from_slice(&first.data);

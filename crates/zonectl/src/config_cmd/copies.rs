@@ -97,7 +97,7 @@ async fn read_local(
     path: &str,
     timeout: std::time::Duration,
 ) -> anyhow::Result<ReadLocalResponse> {
-    let (ch, _) = zonectl::connect(&[endpoint.to_owned()]).await?;
+    let (ch, _) = crate::connect(&[endpoint.to_owned()]).await?;
     Ok(ConfigClient::new(ch)
         .max_decoding_message_size(64 << 20)
         .read_local(t(

@@ -164,6 +164,10 @@ impl ServerContext {
             .map_err(|_| ApiError::Unavailable("server is shutting down".into()))
     }
 
+    pub(crate) fn transport(&self) -> &GrpcTransport {
+        &self.transport
+    }
+
     pub(crate) fn node(&self) -> &NodeHandle {
         &self.node
     }

@@ -1,0 +1,494 @@
+//! Who may speak to a zone: the bad inputs of the security model, each
+//! against a real three-server zone with TLS on both ports (the test
+//! zone's own CA, `testbed::pki`).
+//!
+//! Each test checks both halves: the call is refused with a reason, and
+//! nothing changed (no key written, no file pushed, the same leader in the
+//! same term, every server still running).
+
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use testbed::pki::TestPki;
+use testbed::zone::TestZone;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+use zone_proto::v1::{
+    config_client::ConfigClient, kv_client::KvClient, peer_client::PeerClient, AddServerRequest,
+    GetRequest, ManagedFile, PushFileRequest, PutRequest, RaftBatch, RemovedNotice, SnapshotChunk,
+};
+use zonectl::zone_pki::{Role, SERVER_SUFFIX};
+
+const FILES: &str = "[files]\nmanaged_roots = [\"/etc/zoned/managed\"]\n";
+
+fn put(key: &str) -> PutRequest {
+    PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        prev_kv: false,
+    }
+}
+
+/// The value of `key` on server `i`, read linearizably as the admin.
+async fn value(zone: &TestZone, i: usize, key: &str) -> Option<Vec<u8>> {
+    zone.value(i, key, false).await
+}
+
+/// A channel to server `i`'s `port` (7400 or 7401) that trusts the test
+/// zone's CA and presents the certificate in `dir` (`node.pem`/`node.key`
+/// or `client.pem`/`client.key`).
+fn channel_with(
+    zone: &TestZone,
+    i: usize,
+    peer: bool,
+    ca_pem: &str,
+    cert: (&str, &str),
+) -> Channel {
+    let s = &zone.servers[i];
+    let (addr, name) = if peer {
+        (s.peer, format!("{}{SERVER_SUFFIX}", s.id))
+    } else {
+        (s.client, zonectl::zone_pki::ANY_SERVER.to_owned())
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(cert.0, cert.1))
+        .domain_name(name);
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+fn read_pair(dir: &std::path::Path, cert: &str, key: &str) -> (String, String) {
+    (
+        std::fs::read_to_string(dir.join(cert)).unwrap(),
+        std::fs::read_to_string(dir.join(key)).unwrap(),
+    )
+}
+
+/// A peer client of server `i` as the holder of node certificate `dir`.
+fn peer_as(zone: &TestZone, i: usize, dir: &std::path::Path) -> PeerClient<Channel> {
+    let (c, k) = read_pair(dir, "node.pem", "node.key");
+    PeerClient::new(channel_with(
+        zone,
+        i,
+        true,
+        zone.pki.ca.cert_pem(),
+        (&c, &k),
+    ))
+}
+
+/// The leader's id and term as server `i` sees them.
+async fn leader_and_term(zone: &TestZone, i: usize) -> (u64, u64) {
+    let v = zone.status(i).await.expect("status");
+    let term = v.servers.iter().map(|s| s.term).max().unwrap_or(0);
+    (v.leader_id, term)
+}
+
+/// Every server runs, under the same leader in the same term as before,
+/// and a write is read everywhere.
+async fn zone_unaffected(zone: &mut TestZone, before: (u64, u64), key: &str) {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..zone.servers.len() {
+        assert!(
+            zone.servers[i].is_running(),
+            "server {} exited; its log:\n{}",
+            zone.servers[i].id,
+            zone.log(i)
+        );
+    }
+    let l = zone.wait_leader().await;
+    assert_eq!(
+        leader_and_term(zone, l).await,
+        before,
+        "the leader or the term changed"
+    );
+    zone.kv(l)
+        .await
+        .put(put(key))
+        .await
+        .expect("a write after the forgeries");
+    for i in 0..zone.servers.len() {
+        assert_eq!(value(zone, i, key).await.as_deref(), Some(&b"v"[..]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_certificate_only_health_answers() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let anonymous = zone.channel_as(l, None);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(anonymous.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers without a certificate")
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let e = KvClient::new(anonymous.clone())
+        .get(GetRequest {
+            key: b"k".to_vec(),
+            ..GetRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("needs a client credential"),
+        "{}",
+        e.message()
+    );
+    let e = KvClient::new(anonymous).put(put("anon")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(value(&zone, l, "anon").await, None);
+}
+
+/// The call failed below gRPC: the connection was closed at the TLS
+/// handshake, and no server answered it (a gRPC refusal would carry a
+/// status from the server, with its headers).
+fn refused_at_handshake(e: &tonic::Status) {
+    assert!(
+        matches!(
+            e.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    assert!(e.metadata().is_empty(), "a server answered: {e:?}");
+    assert!(
+        std::error::Error::source(e).is_some(),
+        "not a transport error: {e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_of_another_zone_is_refused_at_the_handshake_on_both_ports() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let before = leader_and_term(&zone, l).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TestPki::new(other_dir.path());
+    // Client port: an admin credential of another zone.
+    let admin = other.admin();
+    let ch = channel_with(
+        &zone,
+        l,
+        false,
+        zone.pki.ca.cert_pem(),
+        (&admin.cert_pem, &admin.key_pem),
+    );
+    let e = KvClient::new(ch).put(put("foreign")).await.unwrap_err();
+    refused_at_handshake(&e);
+    // Peer port: a node certificate of another zone naming a member's id.
+    let f = (l + 1) % 3;
+    let foreign = other.server(zone.servers[f].id);
+    let e = removal_as(&zone, l, &foreign, zone.servers[l].id).await;
+    refused_at_handshake(&e);
+    // And zonectl says so in a sentence.
+    let out = std::process::Command::new(testbed::binary("zonectl"))
+        .arg("--credentials")
+        .arg(other_dir.path().join("user-admin"))
+        .args(["--endpoints", &zone.servers[l].endpoint(), "kv", "get", "x"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not signed by the zone CA"), "{stderr}");
+    zone_unaffected(&mut zone, before, "after-foreign").await;
+    assert_eq!(value(&zone, l, "foreign").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_is_refused_what_it_does_not_cover_and_nothing_changes() {
+    let mut zone = TestZone::start(3, FILES);
+    let l = zone.wait_leader().await;
+    let reader = zone.pki.user("rita", Role::Reader);
+    let ch = zonectl::endpoint(&zone.servers[l].endpoint(), Some(&reader))
+        .unwrap()
+        .connect_lazy();
+    // A reader reads...
+    zone.kv(l).await.put(put("seen")).await.unwrap();
+    let r = KvClient::new(ch.clone())
+        .get(GetRequest {
+            key: b"seen".to_vec(),
+            ..GetRequest::default()
+        })
+        .await
+        .expect("a reader reads");
+    assert_eq!(r.into_inner().kv.unwrap().value, b"v");
+    // ...but neither writes nor pushes configuration.
+    let e = KvClient::new(ch.clone())
+        .put(put("by-reader"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(
+        e.message(),
+        "zone.v1.KV/Put needs the operator role; rita has reader"
+    );
+    let e = ConfigClient::new(ch)
+        .push(PushFileRequest {
+            file: Some(ManagedFile {
+                path: "/etc/zoned/managed/x.conf".into(),
+                content: b"x=1\n".to_vec(),
+                ..ManagedFile::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("needs the operator role"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(value(&zone, l, "by-reader").await, None);
+    let files = ConfigClient::new(zone.channel(l).await)
+        .list(zone_proto::v1::ListFilesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(files.files.is_empty(), "a reader's push landed: {files:?}");
+    // An operator writes but does not change the membership.
+    let operator = zone.pki.user("otto", Role::Operator);
+    let ch = zonectl::endpoint(&zone.servers[l].endpoint(), Some(&operator))
+        .unwrap()
+        .connect_lazy();
+    KvClient::new(ch.clone())
+        .put(put("by-operator"))
+        .await
+        .expect("an operator writes");
+    let e = zone_proto::v1::cluster_client::ClusterClient::new(ch)
+        .add_server(AddServerRequest {
+            id: 7,
+            name: "zone-7".into(),
+            peer: "127.0.0.1:7401".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(
+        e.message(),
+        "zone.v1.Cluster/AddServer needs the admin role; otto has operator"
+    );
+    let members = zone
+        .cluster(l)
+        .await
+        .members(zone_proto::v1::MembersRequest {})
+        .await
+        .unwrap();
+    assert_eq!(members.into_inner().members.len(), 3);
+    // The zonectl binary says the same.
+    let out = std::process::Command::new(testbed::binary("zonectl"))
+        .arg("--credentials")
+        .arg(zone.pki.user_dir("rita", Role::Reader))
+        .args([
+            "--endpoints",
+            &zone.servers[l].endpoint(),
+            "kv",
+            "put",
+            "k",
+            "v",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("PermissionDenied: zone.v1.KV/Put needs the operator role; rita has reader"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_servers_are_each_refused_on_the_others_port() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let before = leader_and_term(&zone, l).await;
+    let f = (l + 1) % 3;
+    // An admin's credential on a follower's peer port, telling it it was
+    // removed: the one call that made a server exit for good.
+    let admin = zone.pki.admin().clone();
+    let ch = channel_with(
+        &zone,
+        f,
+        true,
+        zone.pki.ca.cert_pem(),
+        (&admin.cert_pem, &admin.key_pem),
+    );
+    let e = PeerClient::new(ch)
+        .removed(RemovedNotice {
+            index: u64::MAX,
+            leader_id: zone.servers[l].id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("takes only the zone's servers"),
+        "{}",
+        e.message()
+    );
+    // A member's node certificate used as a client, to write.
+    let node = zone.pki.server(zone.servers[f].id);
+    let (c, k) = read_pair(&node, "node.pem", "node.key");
+    let ch = channel_with(&zone, l, false, zone.pki.ca.cert_pem(), (&c, &k));
+    let e = KvClient::new(ch).put(put("by-node")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("node certificate is not a client credential"),
+        "{}",
+        e.message()
+    );
+    zone_unaffected(&mut zone, before, "after-ports").await;
+    assert_eq!(value(&zone, l, "by-node").await, None);
+}
+
+/// Sends `msg` on server `i`'s peer port as the holder of `dir`'s node
+/// certificate; the refusal it must get.
+async fn raft_as(zone: &TestZone, i: usize, dir: &std::path::Path, msg: Message) -> tonic::Status {
+    let batch = RaftBatch {
+        messages: vec![msg.write_to_bytes().unwrap()],
+    };
+    let r = peer_as(zone, i, dir)
+        .raft(tokio_stream::iter(vec![batch]))
+        .await;
+    r.expect_err("a forged Raft message was taken")
+}
+
+/// Tells server `i`, as the holder of `dir`, that it was removed by
+/// `leader_id`; the refusal it must get.
+async fn removal_as(
+    zone: &TestZone,
+    i: usize,
+    dir: &std::path::Path,
+    leader_id: u64,
+) -> tonic::Status {
+    let r = peer_as(zone, i, dir)
+        .removed(RemovedNotice {
+            index: u64::MAX,
+            leader_id,
+        })
+        .await;
+    r.expect_err("a forged removal was taken")
+}
+
+fn message(kind: MessageType, from: u64, to: u64, term: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(kind);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_removal_votes_and_appends_change_nothing() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let before = leader_and_term(&zone, l).await;
+    let (leader_id, term) = before;
+    let f = (l + 1) % 3;
+    let g = (l + 2) % 3;
+    let (fid, gid) = (zone.servers[f].id, zone.servers[g].id);
+
+    // A certificate of this zone for a server that was never added.
+    let stranger = zone.pki.server(9);
+    let e = removal_as(&zone, f, &stranger, leader_id).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(e.message(), "server 9 is not a member of the zone");
+    let mut vote = message(MessageType::MsgRequestVote, 9, fid, term + 100);
+    vote.log_term = term + 100;
+    vote.index = 1 << 40;
+    let e = raft_as(&zone, f, &stranger, vote).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let mut append = message(MessageType::MsgAppend, 9, fid, term + 100);
+    append.commit = 1 << 40;
+    let e = raft_as(&zone, f, &stranger, append).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // A member speaking for another: follower g sends, as the leader, an
+    // append with a commit far ahead, and a vote in the transfer's name
+    // (the context that skipped the lease check).
+    let member = zone.pki.server(gid);
+    let mut append = message(MessageType::MsgAppend, leader_id, fid, term);
+    append.commit = 1 << 40;
+    let e = raft_as(&zone, f, &member, append).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("speaks only for itself"),
+        "{}",
+        e.message()
+    );
+    let mut vote = message(MessageType::MsgRequestVote, leader_id, fid, term + 1);
+    vote.context = b"CampaignTransfer".to_vec().into();
+    let e = raft_as(&zone, f, &member, vote).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // A member giving notice of a removal in the leader's name.
+    let e = removal_as(&zone, f, &member, leader_id).await;
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("on behalf of server"),
+        "{}",
+        e.message()
+    );
+    zone_unaffected(&mut zone, before, "after-forgeries").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_peer_message_and_a_huge_snapshot_announcement_are_refused() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let before = leader_and_term(&zone, l).await;
+    let (leader_id, term) = before;
+    let f = (l + 1) % 3;
+    let fid = zone.servers[f].id;
+    let me = zone.pki.server(leader_id);
+    // One message larger than the peer port takes (256 MiB).
+    let huge = RaftBatch {
+        messages: vec![vec![0u8; 257 << 20]],
+    };
+    let e = peer_as(&zone, f, &me)
+        .max_encoding_message_size(usize::MAX)
+        .raft(tokio_stream::iter(vec![huge]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::OutOfRange
+                | Code::ResourceExhausted
+                | Code::Internal
+                | Code::Unknown
+                | Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    // A snapshot announced as 2^63 bytes, that sends 1 KiB and ends.
+    let mut header = message(MessageType::MsgSnapshot, leader_id, fid, term);
+    header.mut_snapshot().mut_metadata().index = 1 << 40;
+    header.mut_snapshot().mut_metadata().term = term;
+    let chunk = SnapshotChunk {
+        message: header.write_to_bytes().unwrap(),
+        data: vec![7u8; 1024],
+        total_size: 1 << 63,
+    };
+    let e = peer_as(&zone, f, &me)
+        .snapshot(tokio_stream::iter(vec![chunk]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("bytes received of"), "{}", e.message());
+    zone_unaffected(&mut zone, before, "after-oversize").await;
+}

@@ -1,0 +1,518 @@
+//! Who may speak to this server, and on which port.
+//!
+//! With `[tls] dir` set, both ports speak TLS only, with the zone's
+//! certificates (`zone-pki`; `zonectl zone init` makes them):
+//! - **the peer port** asks every caller for a certificate of the zone CA
+//!   (the handshake refuses any other, before a byte of gRPC is read), and
+//!   [`Gate`] lets in only node certificates: `<id>.server.zoned.invalid`.
+//!   What a server may then say is checked where it is said
+//!   ([`crate::peer`]): it must be a member, and every Raft message it
+//!   sends must be from its own id, so that a server cannot speak for
+//!   another;
+//! - **the client port** lets the health service answer anyone (load
+//!   balancers), and every other call needs a user credential whose role
+//!   covers the call ([`needs`]); a call outside the role is refused before
+//!   its body is read, and changes nothing. A node certificate may only
+//!   read the membership there (a joining server asks it).
+//!
+//! When this server dials a peer it checks that the peer's certificate
+//! names the id it dials (rustls' own name check against
+//! `<id>.server.zoned.invalid`); when it dials any member (joining), that
+//! the certificate is one of the zone's servers ([`zone_pki::ANY_SERVER`]).
+
+use std::path::{Path, PathBuf};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::Either;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::Status;
+use zone_pki::{Holder, Role};
+
+/// A handshake that takes longer is dropped (a slow peer must not hold a
+/// connection slot forever).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls.dir: cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tls.dir: {0}")]
+    Certificate(#[from] zone_pki::PkiError),
+    #[error("tls.dir: {path} is {found}'s certificate, not this server's (node.id = {id}); each server needs the node certificate `zonectl zone init` made for its id")]
+    NotMine {
+        path: PathBuf,
+        found: String,
+        id: u64,
+    },
+}
+
+/// This server's credentials: the zone CA's certificate, its node
+/// certificate and key.
+#[derive(Clone)]
+pub struct ZoneTls {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for ZoneTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZoneTls").finish_non_exhaustive()
+    }
+}
+
+fn read(path: PathBuf) -> Result<String, TlsError> {
+    std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
+}
+
+impl ZoneTls {
+    /// Reads `ca.pem`, `node.pem` and `node.key` from `dir` and checks that
+    /// the node certificate is of this zone, valid now, and names server
+    /// `id`: a mistake here is found at start, not at the first handshake.
+    pub fn load(dir: &Path, id: u64) -> Result<ZoneTls, TlsError> {
+        let ca_pem = read(dir.join("ca.pem"))?;
+        let cert_path = dir.join("node.pem");
+        let cert_pem = read(cert_path.clone())?;
+        let key_pem = read(dir.join("node.key"))?;
+        let what = cert_path.display().to_string();
+        match zone_pki::verify(&ca_pem, &cert_pem, &what)? {
+            Holder::Server(found) if found == id => {}
+            Holder::Server(found) => {
+                return Err(TlsError::NotMine {
+                    path: cert_path,
+                    found: format!("server {found}"),
+                    id,
+                })
+            }
+            Holder::User { name, .. } => {
+                return Err(TlsError::NotMine {
+                    path: cert_path,
+                    found: format!("user {name}"),
+                    id,
+                })
+            }
+        }
+        Ok(ZoneTls {
+            ca_pem,
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    fn identity(&self) -> Identity {
+        Identity::from_pem(&self.cert_pem, &self.key_pem)
+    }
+
+    fn ca(&self) -> Certificate {
+        Certificate::from_pem(&self.ca_pem)
+    }
+
+    /// The listener's side: this server's certificate, and the zone CA for
+    /// the callers'. A certificate is required on the peer port; on the
+    /// client port it is optional at the handshake (health answers
+    /// without one) and [`Gate`] requires it of every other call.
+    pub fn server(&self, port: Port) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity())
+            .client_ca_root(self.ca())
+            .client_auth_optional(port == Port::Client)
+            .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    /// Dialling server `id`'s peer port: its certificate must name `id`.
+    pub fn to_server(&self, id: u64) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca())
+            .identity(self.identity())
+            .domain_name(format!("{id}{}", zone_pki::SERVER_SUFFIX))
+    }
+
+    /// Dialling a member whose id is not known (joining): any server of
+    /// the zone.
+    pub fn to_any_server(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(self.ca())
+            .identity(self.identity())
+            .domain_name(zone_pki::ANY_SERVER)
+    }
+}
+
+/// The URI scheme for dialling with or without TLS.
+pub fn scheme(tls: Option<&ZoneTls>) -> &'static str {
+    if tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// Which of this server's ports a [`Gate`] guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Client,
+    Peer,
+}
+
+/// Who made a call, as [`Gate`] admitted it; in each request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A server of the zone, by the id its certificate names.
+    Server(u64),
+    User {
+        name: String,
+        role: Role,
+        /// Hex, for revocation.
+        serial: String,
+    },
+    /// No certificate (health only).
+    Anonymous,
+}
+
+impl Caller {
+    /// The server a peer call came from; None when the peer port is in
+    /// plaintext (nothing is known of the caller).
+    pub fn server_of<T>(req: &tonic::Request<T>) -> Option<u64> {
+        match req.extensions().get::<Caller>() {
+            Some(Caller::Server(id)) => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+/// What a call on the client port needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Anyone, with or without a certificate.
+    Anyone,
+    /// A user credential with this role or a higher one.
+    Role(Role),
+    /// A reader, or a server of the zone (reads the membership to join).
+    ReaderOrServer,
+}
+
+/// The role each client call needs. A method not listed needs admin:
+/// whatever is added to the API is closed until it is placed here (and a
+/// test checks that every method named here exists, so that a rename does
+/// not quietly close a call to its readers).
+pub fn needs(path: &str) -> Need {
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return Need::Role(Role::Admin);
+    };
+    use zone_proto::v1::{cluster_server, config_server, kv_server};
+    use Role::*;
+    const HEALTH: &str = "grpc.health.v1.Health";
+    const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
+    match (service, method) {
+        (HEALTH, _) => Need::Anyone,
+        (REFLECTION, _) => Need::Role(Reader),
+        (kv_server::SERVICE_NAME, "Get" | "Range" | "Watch") => Need::Role(Reader),
+        (kv_server::SERVICE_NAME, "Put" | "Delete" | "Txn") => Need::Role(Operator),
+        (cluster_server::SERVICE_NAME, "Members") => Need::ReaderOrServer,
+        (cluster_server::SERVICE_NAME, "Status") => Need::Role(Reader),
+        (cluster_server::SERVICE_NAME, "TransferLeader" | "SetMaintenance") => Need::Role(Operator),
+        (cluster_server::SERVICE_NAME, "AddServer" | "RemoveServer" | "ResetServer") => {
+            Need::Role(Admin)
+        }
+        (config_server::SERVICE_NAME, "Get" | "List" | "History" | "ReadLocal") => {
+            Need::Role(Reader)
+        }
+        (config_server::SERVICE_NAME, "Push" | "Delete" | "Rollback") => Need::Role(Operator),
+        _ => Need::Role(Admin),
+    }
+}
+
+/// Whether a call on `port` to `path`, with the certificate the handshake
+/// verified (`cert`, DER; None: the caller sent none), is let in, and as
+/// whom. The refusal names what the call needs.
+pub fn admit(port: Port, path: &str, cert: Option<&[u8]>) -> Result<Caller, Status> {
+    let call = path.trim_start_matches('/');
+    let presented = match cert {
+        None => None,
+        Some(der) => Some(zone_pki::presented(der).ok_or_else(|| {
+            Status::permission_denied(
+                "the client certificate names no server and no user of this zone",
+            )
+        })?),
+    };
+    match port {
+        Port::Peer => match presented {
+            Some(zone_pki::Presented {
+                holder: Holder::Server(id),
+                ..
+            }) => Ok(Caller::Server(id)),
+            Some(zone_pki::Presented {
+                holder: Holder::User { name, .. },
+                ..
+            }) => Err(Status::permission_denied(format!(
+                "the peer port takes only the zone's servers; user {name}'s credential is refused (use the client port)"
+            ))),
+            // The handshake asks for a certificate on this port.
+            None => Err(Status::unauthenticated(
+                "the peer port takes only the zone's servers",
+            )),
+        },
+        Port::Client => {
+            let need = needs(path);
+            match (need, presented) {
+                (Need::Anyone, None) => Ok(Caller::Anonymous),
+                (_, None) => Err(Status::unauthenticated(format!(
+                    "{call} needs a client credential of this zone (zonectl --cert/--key, or `zonectl user issue`); only grpc.health.v1.Health answers without one"
+                ))),
+                (_, Some(p)) => match (need, p.holder) {
+                    (Need::Anyone | Need::ReaderOrServer, Holder::Server(id)) => {
+                        Ok(Caller::Server(id))
+                    }
+                    (_, Holder::Server(id)) => Err(Status::permission_denied(format!(
+                        "{call}: server {id}'s node certificate is not a client credential; the client port takes user credentials (`zonectl user issue`)"
+                    ))),
+                    (need, Holder::User { name, role }) => {
+                        let needed = match need {
+                            Need::Anyone => Role::Reader,
+                            Need::Role(r) => r,
+                            Need::ReaderOrServer => Role::Reader,
+                        };
+                        if role >= needed || need == Need::Anyone {
+                            Ok(Caller::User {
+                                name,
+                                role,
+                                serial: p.serial,
+                            })
+                        } else {
+                            Err(Status::permission_denied(format!(
+                                "{call} needs the {needed} role; {name} has {role}"
+                            )))
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A tower layer on a port's server that admits each call ([`admit`])
+/// before it reaches the service, and records the [`Caller`] in the
+/// request. A refused call gets its status as the whole answer: its body
+/// is never decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate {
+    /// None: the port is plaintext, nobody is known, every call passes.
+    port: Option<Port>,
+}
+
+impl Gate {
+    /// The gate for `port`, or none if the port has no TLS.
+    pub fn new(port: Port, tls: bool) -> Gate {
+        Gate {
+            port: tls.then_some(port),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Gate {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Gated<S> {
+        Gated {
+            inner,
+            port: self.port,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Gated<S> {
+    inner: S,
+    port: Option<Port>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Gated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, std::future::Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let Some(port) = self.port else {
+            return Either::Left(self.inner.call(req));
+        };
+        let certs = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs());
+        let cert = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
+        match admit(port, req.uri().path(), cert) {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+                Either::Left(self.inner.call(req))
+            }
+            Err(status) => {
+                tracing::debug!(
+                    path = req.uri().path(),
+                    reason = status.message(),
+                    "call refused"
+                );
+                Either::Right(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use zone_pki::ZoneCa;
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn each_role_reaches_its_calls_and_no_further() {
+        let ca = ZoneCa::generate().unwrap();
+        let reader = der(&ca.issue_client("rita", Role::Reader).unwrap().cert_pem);
+        let operator = der(&ca.issue_client("otto", Role::Operator).unwrap().cert_pem);
+        let admin = der(&ca.issue_client("ada", Role::Admin).unwrap().cert_pem);
+        let ok = |path: &str, cert: &[u8]| admit(Port::Client, path, Some(cert)).is_ok();
+        assert!(ok("/zone.v1.KV/Get", &reader));
+        assert!(ok("/zone.v1.KV/Watch", &reader));
+        assert!(!ok("/zone.v1.KV/Put", &reader));
+        assert!(!ok("/zone.v1.Config/Push", &reader));
+        assert!(ok("/zone.v1.KV/Put", &operator));
+        assert!(ok("/zone.v1.Config/Rollback", &operator));
+        assert!(!ok("/zone.v1.Cluster/AddServer", &operator));
+        assert!(ok("/zone.v1.Cluster/AddServer", &admin));
+        // Whatever is not listed needs admin.
+        assert!(!ok("/zone.v1.Users/Issue", &operator));
+        assert!(ok("/zone.v1.Users/Issue", &admin));
+        let e = admit(Port::Client, "/zone.v1.KV/Put", Some(&reader)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            e.message(),
+            "zone.v1.KV/Put needs the operator role; rita has reader"
+        );
+    }
+
+    #[test]
+    fn every_method_the_table_opens_exists() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(zone_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut methods = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                for m in &service.method {
+                    methods.push(format!("/{name}/{}", m.name()));
+                }
+            }
+        }
+        let table = [
+            (
+                "zone.v1.KV",
+                &["Get", "Range", "Watch", "Put", "Delete", "Txn"][..],
+            ),
+            (
+                "zone.v1.Cluster",
+                &[
+                    "Members",
+                    "Status",
+                    "TransferLeader",
+                    "SetMaintenance",
+                    "AddServer",
+                    "RemoveServer",
+                    "ResetServer",
+                ],
+            ),
+            (
+                "zone.v1.Config",
+                &[
+                    "Get",
+                    "List",
+                    "History",
+                    "ReadLocal",
+                    "Push",
+                    "Delete",
+                    "Rollback",
+                ],
+            ),
+        ];
+        let mut below_admin = 0;
+        for (service, names) in table {
+            for m in names {
+                let path = format!("/{service}/{m}");
+                assert!(
+                    methods.contains(&path),
+                    "{path} is in the table but not in the API"
+                );
+                if needs(&path) != Need::Role(Role::Admin) {
+                    below_admin += 1;
+                }
+            }
+        }
+        // Every client method of the API is in the table above.
+        for m in &methods {
+            if m.starts_with("/zone.v1.Peer/") || m.starts_with("/zone.v1.Agent/") {
+                continue;
+            }
+            let (service, name) = m[1..].split_once('/').unwrap();
+            assert!(
+                table
+                    .iter()
+                    .any(|(s, names)| *s == service && names.contains(&name)),
+                "{m} is not in this test's table: place it in `needs`"
+            );
+        }
+        assert_eq!(below_admin, 17);
+    }
+
+    #[test]
+    fn health_alone_answers_without_a_certificate() {
+        assert_eq!(
+            admit(Port::Client, "/grpc.health.v1.Health/Check", None).unwrap(),
+            Caller::Anonymous
+        );
+        let e = admit(Port::Client, "/zone.v1.KV/Get", None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let e = admit(Port::Peer, "/zone.v1.Peer/Raft", None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn servers_and_users_stay_on_their_own_ports() {
+        let ca = ZoneCa::generate().unwrap();
+        let node = der(&ca.issue_node(2, &[]).unwrap().cert_pem);
+        let admin = der(&ca.issue_client("ada", Role::Admin).unwrap().cert_pem);
+        assert_eq!(
+            admit(Port::Peer, "/zone.v1.Peer/Raft", Some(&node)).unwrap(),
+            Caller::Server(2)
+        );
+        let e = admit(Port::Peer, "/zone.v1.Peer/Removed", Some(&admin)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let e = admit(Port::Client, "/zone.v1.KV/Put", Some(&node)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("server 2's node certificate"),
+            "{}",
+            e.message()
+        );
+        // A joining server reads the membership.
+        assert_eq!(
+            admit(Port::Client, "/zone.v1.Cluster/Members", Some(&node)).unwrap(),
+            Caller::Server(2)
+        );
+    }
+}
