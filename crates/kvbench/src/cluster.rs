@@ -1,6 +1,8 @@
 //! Three-server clusters of zoned and of etcd on one loopback network of
-//! their own, data in one directory (so on one disk), fsync on for both.
-//! Every process is killed when its cluster is dropped.
+//! their own, data in one directory (so on one disk), fsync on for both,
+//! and TLS on both ports of both, with client certificates required (one
+//! CA for the run, [`Pki`]). Every process is killed when its cluster is
+//! dropped.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -10,6 +12,61 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tonic::transport::{Channel, Endpoint};
 use zone_proto::v1::{cluster_client::ClusterClient, StatusRequest};
+
+/// The run's certificates: one CA (zone-pki's), a node certificate per
+/// server of either system (with its address, as etcd checks its peers'),
+/// and one client credential. Made once, before the clusters start.
+pub struct Pki {
+    ca: zonectl::zone_pki::ZoneCa,
+    dir: PathBuf,
+    client: zonectl::Credentials,
+}
+
+static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+
+/// Makes the run's certificates under `dir`.
+pub fn init_pki(dir: &Path) -> Result<()> {
+    use zonectl::zone_pki::{Role, ZoneCa};
+    let ca = ZoneCa::generate()?;
+    std::fs::create_dir_all(dir)?;
+    let c = ca.issue_client("kvbench", Role::Admin)?;
+    let client = zonectl::Credentials::from_pem(ca.cert_pem(), &c.cert_pem, &c.key_pem, dir)?;
+    let _ = PKI.set(Pki {
+        ca,
+        dir: dir.to_owned(),
+        client,
+    });
+    Ok(())
+}
+
+fn pki() -> &'static Pki {
+    PKI.get()
+        .expect("cluster::init_pki runs before the clusters")
+}
+
+/// Writes a node certificate for `id` at `ip` into `<pki>/<name>/`:
+/// `ca.pem`, `node.pem`, `node.key`; returns the directory. It also names
+/// 127.0.0.1: etcd checks a peer's certificate against the address the
+/// connection came from, and on loopback that is 127.0.0.1 whatever
+/// address the peer listens on.
+fn node_certs(name: &str, id: u64, ip: &str) -> Result<PathBuf> {
+    let p = pki();
+    let c = p.ca.issue_node(id, &[ip.parse()?, "127.0.0.1".parse()?])?;
+    let d = p.dir.join(name);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("ca.pem"), p.ca.cert_pem())?;
+    std::fs::write(d.join("node.pem"), &c.cert_pem)?;
+    std::fs::write(d.join("node.key"), &c.key_pem)?;
+    Ok(d)
+}
+
+/// TLS for etcd's clients: the run's CA and client credential.
+pub fn etcd_tls() -> etcd_client::TlsOptions {
+    let c = &pki().client;
+    etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(&c.ca_pem))
+        .identity(etcd_client::Identity::from_pem(&c.cert_pem, &c.key_pem))
+}
 
 /// A loopback /24 of our own, 127.A.B.0, checked free on the ports used.
 pub fn loopback_net() -> [u8; 2] {
@@ -81,7 +138,9 @@ impl Procs {
         let deadline = Instant::now() + timeout;
         loop {
             self.check()?;
-            if let Some(v) = probe().await {
+            // A probe whose connection hangs (a TLS handshake refused by
+            // a peer that keeps the socket) is given up, not waited for.
+            if let Ok(Some(v)) = tokio::time::timeout(Duration::from_secs(5), probe()).await {
                 return Ok(v);
             }
             if Instant::now() > deadline {
@@ -131,11 +190,13 @@ pub async fn zoned(
     for id in 1..=3u8 {
         let d = dir.join(format!("zoned-{id}"));
         std::fs::create_dir_all(&d)?;
+        let tls = node_certs(&format!("zoned-{id}"), u64::from(id), &ip(net, id))?;
         let mut text = format!(
-            "[node]\nid = {id}\nname = \"zoned-{id}\"\ndata_dir = \"{}\"\nagent_socket = \"\"\nclient_listen = \"{}:7400\"\npeer_listen = \"{}:7401\"\n",
+            "[node]\nid = {id}\nname = \"zoned-{id}\"\ndata_dir = \"{}\"\nagent_socket = \"\"\nclient_listen = \"{}:7400\"\npeer_listen = \"{}:7401\"\n\n[tls]\ndir = \"{}\"\n",
             d.join("data").display(),
             ip(net, id),
-            ip(net, id)
+            ip(net, id),
+            tls.display()
         );
         for v in 1..=3u8 {
             text.push_str(&format!(
@@ -199,7 +260,16 @@ impl Zoned {
     }
 }
 
+/// A channel to a zoned server of the run, with its client credential.
 pub async fn channel(endpoint: &str) -> Result<Channel> {
+    Ok(zonectl::endpoint(endpoint, Some(&pki().client))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?)
+}
+
+/// A plaintext channel (the floor's probe servers).
+pub async fn plain_channel(endpoint: &str) -> Result<Channel> {
     Ok(Endpoint::from_shared(format!("http://{endpoint}"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(3))
@@ -240,7 +310,7 @@ pub async fn etcd(
         .next()
         .unwrap_or("etcd")
         .to_owned();
-    let peer = |id: u8| format!("http://{}:2380", ip(net, 10 + id));
+    let peer = |id: u8| format!("https://{}:2380", ip(net, 10 + id));
     let initial: Vec<String> = (1..=3u8)
         .map(|id| format!("etcd-{id}={}", peer(id)))
         .collect();
@@ -249,11 +319,27 @@ pub async fn etcd(
     for id in 1..=3u8 {
         let d = dir.join(format!("etcd-{id}"));
         std::fs::create_dir_all(&d)?;
-        let client = format!("http://{}:2379", ip(net, 10 + id));
+        let client = format!("https://{}:2379", ip(net, 10 + id));
+        let tls = node_certs(&format!("etcd-{id}"), u64::from(10 + id), &ip(net, 10 + id))?;
+        let (ca, cert, key) = (
+            tls.join("ca.pem"),
+            tls.join("node.pem"),
+            tls.join("node.key"),
+        );
         procs.spawn(
             format!("etcd {id}"),
             Command::new(bin)
                 .arg(format!("--name=etcd-{id}"))
+                // TLS on both ports, client certificates required, as
+                // zoned's.
+                .arg(format!("--cert-file={}", cert.display()))
+                .arg(format!("--key-file={}", key.display()))
+                .arg(format!("--trusted-ca-file={}", ca.display()))
+                .arg("--client-cert-auth")
+                .arg(format!("--peer-cert-file={}", cert.display()))
+                .arg(format!("--peer-key-file={}", key.display()))
+                .arg(format!("--peer-trusted-ca-file={}", ca.display()))
+                .arg("--peer-client-cert-auth")
                 .arg(format!("--data-dir={}", d.join("data").display()))
                 .arg(format!("--listen-client-urls={client}"))
                 .arg(format!("--advertise-client-urls={client}"))
@@ -281,6 +367,7 @@ fn etcd_options() -> etcd_client::ConnectOptions {
     etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(2))
+        .with_tls(etcd_tls())
 }
 
 impl Etcd {

@@ -139,7 +139,7 @@ fn serve(runtime: &tokio::runtime::Runtime, replica: Replica) -> Result<String> 
 }
 
 async fn client(addr: &str) -> Result<KvClient<Channel>> {
-    let channel = crate::cluster::channel(addr)
+    let channel = crate::cluster::plain_channel(addr)
         .await
         .with_context(|| format!("connecting to the probe at {addr}"))?;
     Ok(KvClient::new(channel))

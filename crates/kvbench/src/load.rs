@@ -88,7 +88,8 @@ async fn connect(system: System, endpoint: &str) -> Result<Conn> {
         System::Etcd => {
             let opts = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(Duration::from_secs(3))
-                .with_timeout(Duration::from_secs(10));
+                .with_timeout(Duration::from_secs(10))
+                .with_tls(crate::cluster::etcd_tls());
             Conn::Etcd(Box::new(
                 etcd_client::Client::connect([endpoint], Some(opts))
                     .await

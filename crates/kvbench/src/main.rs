@@ -148,13 +148,14 @@ async fn run(args: Args) -> Result<()> {
     );
     let grpc_ms = floor::grpc_replicated_write_p50_ms(&data, 1000).await?;
     eprintln!(
-        "  the same over gRPC (tonic unary hops, a disk thread per server) p50 {grpc_ms:.3} ms"
+        "  the same over gRPC (tonic unary hops in plaintext, a disk thread per server) p50 {grpc_ms:.3} ms"
     );
 
     let net = cluster::loopback_net();
     let up = Duration::from_secs(60);
+    cluster::init_pki(&data.join("pki"))?;
     eprintln!(
-        "starting three zoned ({}) and three etcd ({}) on 127.{}.{}.0/24, data in {}...",
+        "starting three zoned ({}) and three etcd ({}) on 127.{}.{}.0/24, TLS with client certificates on every port of both, data in {}...",
         zoned_bin.display(),
         args.etcd.display(),
         net[0],

@@ -242,6 +242,29 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
             "server {id}'s checksums (VM 2 alone is on qemu64): {s}"
         );
     }
+    // Nothing listens in plaintext: on each VM, the only open TCP ports are
+    // zoned's two, both TLS only (a plaintext gRPC call gets no answer),
+    // and health answers over TLS without a client certificate. The
+    // console lists the sockets (zone-ports.service).
+    for vm in &lab.vms {
+        let open = lab.open_tcp_ports(&vm.addr())?;
+        assert_eq!(open, [7400, 7401], "VM {}: open TCP ports", vm.id);
+        for port in &open {
+            let ep = format!("{}:{port}", vm.addr());
+            assert!(!lab.answers_plaintext(&ep), "{ep} answers in plaintext");
+        }
+        assert!(lab.healthy(&vm.endpoint()), "VM {}: health over TLS", vm.id);
+        let console = std::fs::read_to_string(&vm.serial).unwrap_or_default();
+        let listening: Vec<&str> = console
+            .lines()
+            .filter(|l| l.contains("LISTEN") || l.contains("Netid"))
+            .collect();
+        eprintln!(
+            "VM {} (ss -ltnup on its console):\n{}",
+            vm.id,
+            listening.join("\n")
+        );
+    }
     // The VIP is the leader's: zonectl through it reaches the leader itself.
     assert_eq!(
         zone["member_id"].as_u64(),

@@ -223,6 +223,9 @@ pub struct Testbed {
     /// Each server's own disk (see [`Testbed::start_on_own_disks`]): (loop
     /// device, mount point), detached on drop.
     pub disks: Vec<(String, PathBuf)>,
+    /// The zone's certificates: zoned runs with TLS on both ports, and
+    /// the testbed's clients are its admin.
+    pub pki: pki::TestPki,
 }
 
 const SUBNET: &str = "10.77.0";
@@ -303,6 +306,7 @@ impl Testbed {
         let root = tempfile::tempdir().unwrap();
         let bridge_ns = format!("{prefix}b");
         let client_ns = format!("{prefix}c");
+        let pki = pki::TestPki::new(&root.path().join("pki"));
         let mut tb = Testbed {
             prefix: prefix.clone(),
             bridge_ns: bridge_ns.clone(),
@@ -313,6 +317,7 @@ impl Testbed {
             root,
             extra_config: String::new(),
             disks: Vec::new(),
+            pki,
         };
         sh(&["ip", "netns", "add", &bridge_ns]);
         sh(&[
@@ -375,6 +380,7 @@ impl Testbed {
                 .map(|v| (v.id, format!("{}:7401", v.ip)))
                 .collect(),
             extra: self.extra_config.clone(),
+            tls: Some(self.pki.server(node.id)),
             ..ZonedConfig::default()
         }
         .render();
@@ -512,11 +518,13 @@ impl Testbed {
         self.nodes.iter().map(|n| n.ns.clone()).collect()
     }
 
-    /// Runs `zonectl` inside the client namespace.
+    /// Runs `zonectl` inside the client namespace, as the zone's admin.
     pub fn zonectl(&self, endpoint: &str, args: &[&str]) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", &self.client_ns])
             .arg(binary("zonectl"))
+            .arg("--credentials")
+            .arg(self.pki.admin_dir())
             .args(["--endpoints", endpoint])
             .args(args)
             .output()

@@ -62,6 +62,14 @@ impl TestPki {
         d
     }
 
+    /// [`TestPki::server`], with the zone CA's key beside it, as `zonectl
+    /// zone init` gives a founder.
+    pub fn founder(&self, id: u64) -> PathBuf {
+        let d = self.server(id);
+        write(&d.join("ca.key"), self.ca.key_pem(), 0o600);
+        d
+    }
+
     /// A client credential for `name` with `role`, on disk: its directory,
     /// for `zonectl --credentials`.
     pub fn user_dir(&self, name: &str, role: Role) -> PathBuf {

@@ -170,6 +170,9 @@ pub struct Vm {
     pub overlay: PathBuf,
     pub serial: PathBuf,
     pub identity: PathBuf,
+    /// The VM's certificates (`ca.pem`, `node.pem`, `node.key`, and
+    /// `ca.key` for a founder).
+    pub tls: PathBuf,
     /// QEMU's QMP socket (the machine monitor: stop, cont).
     pub qmp: PathBuf,
     vars: PathBuf,
@@ -203,6 +206,9 @@ pub struct Lab {
     pub dir: PathBuf,
     pub image: Image,
     pub vms: Vec<Vm>,
+    /// The zone's certificates: each VM gets its own (founders with the
+    /// CA's key) by fw_cfg or on its EFI partition, as the identity.
+    pub pki: crate::pki::TestPki,
     /// The founders' ids: every VM's identity lists them as peers.
     founders: u64,
     keep: bool,
@@ -230,11 +236,13 @@ impl Lab {
         }
         std::fs::create_dir_all(&dir)?;
         sh(&["ip", "netns", "add", &ns])?;
+        let pki = crate::pki::TestPki::new(&dir.join("pki"));
         let lab = Lab {
             ns,
             dir,
             image,
             vms: Vec::new(),
+            pki,
             founders,
             keep: false,
         };
@@ -297,6 +305,11 @@ impl Lab {
             text.push_str(&format!("name = \"flashed-{id}\"\n"));
         }
         std::fs::write(&identity, text)?;
+        let tls = if id <= self.founders {
+            self.pki.founder(id)
+        } else {
+            self.pki.server(id)
+        };
         let overlay = if boot == Boot::Flashed {
             let disk = self.dir.join(format!("vm{id}.raw"));
             sh(&[
@@ -315,6 +328,21 @@ impl Lab {
                 &identity.to_string_lossy(),
                 "::/zoned/identity.toml",
             ])?;
+            // The certificates beside it, as an operator copies zonectl
+            // zone init's server-N/ there.
+            sh(&["mmd", "-i", &target, "::/zoned/tls"])?;
+            for f in tls_files(&tls)? {
+                let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                let name = name.unwrap_or_default();
+                sh(&[
+                    "mcopy",
+                    "-o",
+                    "-i",
+                    &target,
+                    &f.to_string_lossy(),
+                    &format!("::/zoned/tls/{name}"),
+                ])?;
+            }
             sh(&[
                 "qemu-img",
                 "resize",
@@ -360,6 +388,7 @@ impl Lab {
             overlay,
             serial: self.dir.join(format!("vm{id}-serial.log")),
             identity,
+            tls,
             qmp: self.dir.join(format!("vm{id}.qmp")),
             vars,
             tap,
@@ -423,6 +452,14 @@ impl Lab {
                 "name=opt/zoned/identity.toml,file={}",
                 vm.identity.display()
             ));
+            for f in tls_files(&vm.tls)? {
+                let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                cmd.arg("-fw_cfg").arg(format!(
+                    "name=opt/zoned/tls/{},file={}",
+                    name.unwrap_or_default(),
+                    f.display()
+                ));
+            }
         }
         match vm.boot {
             Boot::DirectKernel => {
@@ -510,12 +547,21 @@ impl Lab {
         .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     }
 
-    /// Whether zoned at `endpoint` answers the gRPC health check as SERVING.
+    /// Whether zoned at `endpoint` answers the gRPC health check as SERVING
+    /// (over TLS, without a client certificate, as a load balancer asks).
     pub fn healthy(&self, endpoint: &str) -> bool {
-        let ep = format!("http://{endpoint}");
+        let ep = format!("https://{endpoint}");
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                self.pki.ca.cert_pem(),
+            ))
+            .domain_name(zonectl::zone_pki::ANY_SERVER);
         self.in_ns(move |rt| {
             rt.block_on(async move {
                 let Ok(ep) = tonic::transport::Endpoint::from_shared(ep) else {
+                    return false;
+                };
+                let Ok(ep) = ep.tls_config(tls) else {
                     return false;
                 };
                 let ep = ep
@@ -532,6 +578,57 @@ impl Lab {
                     c.check(req).await.map(|r| r.into_inner().status),
                     Ok(s) if s == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
                 )
+            })
+        })
+        .unwrap_or(false)
+    }
+
+    /// Every TCP port of `addr` that accepts a connection (all 65535 tried,
+    /// 256 at a time, from the lab's namespace).
+    pub fn open_tcp_ports(&self, addr: &str) -> Result<Vec<u16>> {
+        let ip: std::net::IpAddr = addr.parse()?;
+        self.in_ns(move |rt| {
+            rt.block_on(async move {
+                use futures::StreamExt as _;
+                let mut open: Vec<u16> = futures::stream::iter(1..=u16::MAX)
+                    .map(|port| async move {
+                        let conn = tokio::net::TcpStream::connect((ip, port));
+                        let ok = matches!(
+                            tokio::time::timeout(Duration::from_secs(2), conn).await,
+                            Ok(Ok(_))
+                        );
+                        ok.then_some(port)
+                    })
+                    .buffer_unordered(256)
+                    .filter_map(|p| async move { p })
+                    .collect()
+                    .await;
+                open.sort_unstable();
+                open
+            })
+        })
+    }
+
+    /// Whether anything at `endpoint` answers a gRPC health check in
+    /// plaintext (h2c), as a client without TLS would ask.
+    pub fn answers_plaintext(&self, endpoint: &str) -> bool {
+        let ep = format!("http://{endpoint}");
+        self.in_ns(move |rt| {
+            rt.block_on(async move {
+                let Ok(ep) = tonic::transport::Endpoint::from_shared(ep) else {
+                    return false;
+                };
+                let ep = ep
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(2));
+                let Ok(ch) = ep.connect().await else {
+                    return false;
+                };
+                let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+                let req = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                c.check(req).await.is_ok()
             })
         })
         .unwrap_or(false)
@@ -561,6 +658,7 @@ impl Lab {
     pub fn client(&self) -> Client {
         Client {
             ns: self.ns.clone(),
+            credentials: self.pki.admin_dir(),
         }
     }
 
@@ -576,6 +674,8 @@ impl Lab {
 #[derive(Debug, Clone)]
 pub struct Client {
     ns: String,
+    /// The zone's admin credential (`zonectl --credentials`).
+    credentials: PathBuf,
 }
 
 impl Client {
@@ -584,6 +684,8 @@ impl Client {
         Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(bin)
+            .arg("--credentials")
+            .arg(&self.credentials)
             .args(["--endpoints", endpoint, "--timeout", "10"])
             .args(args)
             .output()
@@ -616,6 +718,16 @@ impl Client {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         v["value"].as_str().map(str::to_owned)
     }
+}
+
+/// The certificate files in a VM's `tls` directory.
+fn tls_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| dir.display().to_string())?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    files.sort();
+    Ok(files)
 }
 
 fn zonectl_bin() -> Result<PathBuf> {

@@ -23,10 +23,14 @@ thread_local! {
         .expect("probe runtime");
 }
 
-/// One write through `endpoint` on a fresh connection, as a client that
-/// just arrived would make it.
-pub async fn put_fresh(endpoint: &str, timeout: Duration) -> bool {
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}")) else {
+/// One write through `endpoint` on a fresh connection (its TLS handshake
+/// included), as a client that just arrived would make it.
+pub async fn put_fresh(
+    endpoint: &str,
+    creds: Option<&zonectl::Credentials>,
+    timeout: Duration,
+) -> bool {
+    let Ok(ep) = zonectl::endpoint(endpoint, creds) else {
         return false;
     };
     let ep = ep.connect_timeout(timeout).timeout(timeout);
@@ -43,8 +47,8 @@ pub async fn put_fresh(endpoint: &str, timeout: Duration) -> bool {
 }
 
 /// [`put_fresh`] on this thread's runtime.
-fn put_once(endpoint: &str, timeout: Duration) -> bool {
-    RT.with(|rt| rt.block_on(put_fresh(endpoint, timeout)))
+fn put_once(endpoint: &str, creds: Option<&zonectl::Credentials>, timeout: Duration) -> bool {
+    RT.with(|rt| rt.block_on(put_fresh(endpoint, creds, timeout)))
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -132,7 +136,8 @@ fn run_system(manager: VipManager, runs: usize) -> Result<Vec<Series>> {
     };
     eprintln!("== {name}: starting three servers in namespaces");
     let mut tb = Testbed::start_with(3, manager);
-    let probe = ClientProbe::start(&tb, put_once);
+    let creds = tb.pki.admin().clone();
+    let probe = ClientProbe::start(&tb, move |ep, t| put_once(ep, Some(&creds), t));
     let vip = format!("{}:7400", tb.vip);
     let mut ungraceful = Series {
         system: name.into(),

@@ -402,6 +402,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             "zoned.service",
             "zone-vip.service",
             "zone-sync.service",
+            "zone-ports.service",
             "systemd-networkd.service",
         ]))?;
     // A read-only root: no first-boot questions, a machine id per boot.

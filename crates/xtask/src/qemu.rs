@@ -68,15 +68,22 @@ pub fn up(target: &Path) -> Result<()> {
         lab.dir.display()
     );
     println!("Talk to the zone through its VIP from another terminal:");
+    let creds = lab.pki.admin_dir();
     println!(
-        "  ip netns exec {} {} --endpoints {vip} show",
+        "  ip netns exec {} {} --credentials {} --endpoints {vip} show",
         lab.ns,
-        zonectl.display()
+        zonectl.display(),
+        creds.display()
     );
     println!(
-        "  ip netns exec {} {} --endpoints {vip} kv put hello world",
+        "  ip netns exec {} {} --credentials {} --endpoints {vip} kv put hello world",
         lab.ns,
-        zonectl.display()
+        zonectl.display(),
+        creds.display()
+    );
+    println!(
+        "(the zone's certificates are in {}; each VM got its own by fw_cfg)",
+        lab.pki.dir.display()
     );
     println!("Ctrl-C stops the VMs and removes the namespace.");
     wait_for_signal()?;
@@ -107,6 +114,7 @@ fn failover_once(lab: &mut Lab) -> Result<Duration> {
         .context("leader VM")?;
     let t0 = Instant::now();
     lab.kill(li);
+    let creds = lab.pki.admin().clone();
     let took = lab.in_ns(move |rt| {
         rt.block_on(async move {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -118,8 +126,9 @@ fn failover_once(lab: &mut Lab) -> Result<Duration> {
                             return None;
                         }
                         let tx = tx.clone();
+                        let creds = creds.clone();
                         tokio::spawn(async move {
-                            if crate::bench::put_fresh(&format!("{VIP}:7400"), Duration::from_secs(2)).await {
+                            if crate::bench::put_fresh(&format!("{VIP}:7400"), Some(&creds), Duration::from_secs(2)).await {
                                 let _ = tx.send(t0.elapsed());
                             }
                         });

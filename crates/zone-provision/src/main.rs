@@ -3,7 +3,8 @@
 //! Reads the node identity from the EFI partition, QEMU fw_cfg and the
 //! kernel command line (see the library), and writes zoned's node.toml,
 //! zone-vip's vip.toml, resolv.conf and a networkd unit under /run, then
-//! sets the host name. The root filesystem is read-only: nothing here
+//! sets the host name. The server's certificates come the same ways but
+//! the command line (`credentials`), and are installed under /run/zoned. The root filesystem is read-only: nothing here
 //! writes to it. Exit code 2: no usable identity (the message says which
 //! field and where to set it).
 
@@ -27,10 +28,21 @@ struct Args {
         default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/zoned/identity.toml/raw"
     )]
     fw_cfg: PathBuf,
+    /// The server's certificates on the EFI partition: `zonectl zone
+    /// init`'s server-<id>/ files (ca.pem, node.pem, node.key, ca.key).
+    #[arg(long, default_value = "/boot/efi/zoned/tls")]
+    tls: PathBuf,
+    /// Where QEMU's `-fw_cfg name=opt/zoned/tls/<file>` entries appear.
+    #[arg(
+        long,
+        default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/zoned/tls"
+    )]
+    fw_cfg_tls: PathBuf,
     /// The kernel command line, for zoned.KEY=VALUE words.
     #[arg(long, default_value = "/proc/cmdline")]
     cmdline: PathBuf,
-    /// Directory for node.toml, vip.toml and resolv.conf.
+    /// Directory for node.toml, vip.toml, resolv.conf, and the server's
+    /// certificates (tls/) and local admin credential (admin/).
     #[arg(long, default_value = "/run/zoned")]
     out: PathBuf,
     /// Directory for the systemd-networkd unit.
@@ -56,7 +68,10 @@ fn main() {
         Ok(()) => {}
         Err(e) => {
             eprintln!("zone-provision: {e:#}");
-            let code = if e.downcast_ref::<zone_provision::Error>().is_some() {
+            let code = if e.downcast_ref::<zone_provision::Error>().is_some()
+                || e.downcast_ref::<zone_provision::credentials::CredentialError>()
+                    .is_some()
+            {
                 2
             } else {
                 1
@@ -108,13 +123,41 @@ fn run(args: &Args) -> Result<()> {
         r.name,
         r.address
     );
+    let creds = zone_provision::credentials::gather(&args.tls, &args.fw_cfg_tls)?;
+    let tls_dir = args.out.join("tls");
+    match &creds {
+        Some(found) => {
+            let ca = found.check(r.id)?;
+            println!(
+                "certificates from {}: server {}{}",
+                found.sources.join(" and "),
+                r.id,
+                if ca.is_some() { ", and the zone CA's key" } else { "" }
+            );
+            if !args.dry_run {
+                zone_provision::credentials::install(found, &tls_dir)?;
+                println!("installed {}", tls_dir.display());
+                if let Some(ca) = &ca {
+                    let admin = args.out.join("admin");
+                    zone_provision::credentials::issue_local_admin(ca, r.id, &admin)?;
+                    println!("issued the local admin credential in {}", admin.display());
+                }
+            }
+        }
+        None => println!(
+            "no certificates (zoned/tls on the EFI partition, or fw_cfg opt/zoned/tls/): zoned runs without TLS"
+        ),
+    }
     let iface = find_interface(
         &r.interface,
         &args.sys_net,
         Duration::from_secs(args.wait_interface),
     )?;
     let mut files = vec![
-        (args.out.join("node.toml"), render_node(&r)),
+        (
+            args.out.join("node.toml"),
+            render_node(&r, creds.as_ref().map(|_| tls_dir.as_path())),
+        ),
         (args.out.join("resolv.conf"), render_resolv(&r)),
         (
             args.network_dir.join("10-zoned.network"),
@@ -228,6 +271,8 @@ mod tests {
         let args = Args {
             identity: d.path().join("missing.toml"),
             fw_cfg: d.path().join("missing-fw"),
+            tls: d.path().join("missing-tls"),
+            fw_cfg_tls: d.path().join("missing-fw-tls"),
             cmdline: cmdline.clone(),
             out: d.path().join("run"),
             network_dir: d.path().join("network"),

@@ -13,7 +13,7 @@ use lincheck::{Op, Operation, Outcome, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use zonectl::v1::cluster_client::ClusterClient;
 use zonectl::v1::kv_client::KvClient;
 use zonectl::v1::{
@@ -118,6 +118,15 @@ pub struct Targets {
     pub servers: Vec<String>,
     /// host:port of the VIP.
     pub vip: String,
+    /// The clients' credential (the test zone's admin).
+    pub creds: zonectl::Credentials,
+}
+
+impl Targets {
+    /// A channel to `addr` with the clients' credential.
+    fn channel(&self, addr: &str) -> Channel {
+        channel(addr, &self.creds)
+    }
 }
 
 /// Shared between the clients' runtime and the fault loop.
@@ -138,8 +147,8 @@ fn ns(start: Instant) -> u64 {
 /// a reset. In a 30-minute run without pings the watcher stopped at
 /// revision 17256 of 83267 (most likely so); with them, 8 minutes of faults
 /// took 216 reconnections and the watch saw every revision.
-fn channel(addr: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
+fn channel(addr: &str, creds: &zonectl::Credentials) -> Channel {
+    zonectl::endpoint(addr, Some(creds))
         .expect("a valid address")
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
@@ -181,9 +190,9 @@ async fn client(
         .servers
         .iter()
         .enumerate()
-        .map(|(i, a)| (format!("n{i}"), KvClient::new(channel(a))))
+        .map(|(i, a)| (format!("n{i}"), KvClient::new(targets.channel(a))))
         .collect();
-    kvs.push(("vip".into(), KvClient::new(channel(&targets.vip))));
+    kvs.push(("vip".into(), KvClient::new(targets.channel(&targets.vip))));
     let mut out = Vec::new();
     let mut last_seen: BTreeMap<String, Value> = BTreeMap::new();
     let mut counter = 0u64;
@@ -334,7 +343,7 @@ async fn watcher(
             return seen;
         }
         let target = all[t % all.len()].clone();
-        let mut kv = KvClient::new(channel(&target));
+        let mut kv = KvClient::new(targets.channel(&target));
         t += 1;
         let stream = kv
             .watch(WatchRequest {
@@ -384,7 +393,7 @@ async fn track_leader(targets: Targets, shared: Arc<Shared>, stop: watch::Receiv
     let mut clients: Vec<ClusterClient<Channel>> = targets
         .servers
         .iter()
-        .map(|a| ClusterClient::new(channel(a)))
+        .map(|a| ClusterClient::new(targets.channel(a)))
         .collect();
     while !*stop.borrow() {
         let mut best: Option<(u64, usize)> = None;
@@ -405,8 +414,11 @@ async fn track_leader(targets: Targets, shared: Arc<Shared>, stop: watch::Receiv
 
 /// Each server's (applied, revision) and its data under [`PREFIX`], read
 /// from its own copy.
-async fn server_state(addr: &str) -> Result<((u64, u64), Vec<(Vec<u8>, Vec<u8>)>), String> {
-    let mut c = ClusterClient::new(channel(addr));
+async fn server_state(
+    targets: &Targets,
+    addr: &str,
+) -> Result<((u64, u64), Vec<(Vec<u8>, Vec<u8>)>), String> {
+    let mut c = ClusterClient::new(targets.channel(addr));
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(Duration::from_secs(1));
     let st = c.status(req).await.map_err(|e| e.message().to_owned())?;
@@ -416,7 +428,7 @@ async fn server_state(addr: &str) -> Result<((u64, u64), Vec<(Vec<u8>, Vec<u8>)>
         .iter()
         .find(|s| s.id == st.member_id)
         .ok_or("its status lacks itself")?;
-    let mut kv = KvClient::new(channel(addr));
+    let mut kv = KvClient::new(targets.channel(addr));
     let mut req = tonic::Request::new(RangeRequest {
         prefix: PREFIX.as_bytes().to_vec(),
         limit: 0,
@@ -440,7 +452,7 @@ async fn converge(targets: &Targets, limit: Duration) -> Converged {
     loop {
         let mut states = Vec::new();
         for a in &targets.servers {
-            states.push(server_state(a).await);
+            states.push(server_state(targets, a).await);
         }
         let last: Vec<Result<(u64, u64), String>> = states
             .iter()
@@ -558,7 +570,7 @@ async fn whole_history(targets: &Targets, last: u64) -> Result<(String, Vec<Chan
     let mut why = Vec::new();
     for addr in &targets.servers {
         let read = async {
-            let mut kv = KvClient::new(channel(addr));
+            let mut kv = KvClient::new(targets.channel(addr));
             let mut stream = kv
                 .watch(WatchRequest {
                     prefix: Vec::new(),
@@ -607,7 +619,7 @@ async fn final_reads(
     let mut kvs: Vec<KvClient<Channel>> = targets
         .servers
         .iter()
-        .map(|a| KvClient::new(channel(a)))
+        .map(|a| KvClient::new(targets.channel(a)))
         .collect();
     let mut reads = BTreeMap::new();
     let mut recorded = Vec::new();

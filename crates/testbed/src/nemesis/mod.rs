@@ -195,6 +195,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
     let targets = clients::Targets {
         servers: tb.nodes.iter().map(|n| format!("{}:7400", n.ip)).collect(),
         vip: format!("{}:7400", tb.vip),
+        creds: tb.pki.admin().clone(),
     };
     let stop_sampler = Arc::new(AtomicBool::new(false));
     let sampler = sample_vip(tb.namespaces(), tb.vip.clone(), start, stop_sampler.clone());
