@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
+use rustls_pki_types::pem::PemObject as _;
 use testbed::pki::TestPki;
 use testbed::zone::TestZone;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -491,4 +492,140 @@ async fn an_oversize_peer_message_and_a_huge_snapshot_announcement_are_refused()
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("bytes received of"), "{}", e.message());
     zone_unaffected(&mut zone, before, "after-oversize").await;
+}
+
+/// Runs the zonectl binary against server `i` with the credentials in `dir`.
+fn zonectl_as(
+    zone: &TestZone,
+    i: usize,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(testbed::binary("zonectl"))
+        .arg("--credentials")
+        .arg(dir)
+        .args(["--endpoints", &zone.servers[i].endpoint()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_credential_works_within_its_role_until_revoked() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let f = (l + 1) % 3;
+    let admin = zone.pki.admin_dir();
+    let out = zone.root.path().join("rita");
+    // An admin issues a reader credential through a follower (it signs:
+    // founders hold the CA's key).
+    let o = zonectl_as(
+        &zone,
+        f,
+        &admin,
+        &[
+            "-o",
+            "json",
+            "user",
+            "issue",
+            "--name",
+            "rita",
+            "--role",
+            "reader",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let issued: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let serial = issued["serial"].as_str().unwrap().to_owned();
+    assert_eq!(issued["role"], "reader");
+    assert_eq!(issued["issued_by"], "admin");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("client.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // It reads, and is refused a write.
+    zone.kv(l).await.put(put("k")).await.unwrap();
+    let o = zonectl_as(&zone, l, &out, &["kv", "get", "k"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = zonectl_as(&zone, l, &out, &["kv", "put", "k", "w"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs the operator role; rita has reader"));
+    // A reader cannot issue or list; a write under zone/users/ is refused
+    // to anyone, the admin included (it could clear a revocation).
+    let o = zonectl_as(&zone, l, &out, &["user", "ls"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs the admin role"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let e = zone
+        .kv(l)
+        .await
+        .put(put(&format!("zone/users/{serial}")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Listed.
+    let o = zonectl_as(&zone, l, &admin, &["user", "ls"]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains(&serial) && table.contains("rita") && table.contains("valid"),
+        "{table}"
+    );
+    // Revoked through the leader: refused there on its next call, and on
+    // every server once it applied the revocation.
+    let o = zonectl_as(&zone, l, &admin, &["user", "revoke", &serial]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = zonectl_as(&zone, l, &out, &["kv", "get", "k"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("was revoked"),
+        "{stderr}"
+    );
+    for i in 0..3 {
+        testbed::zone::poll(
+            Duration::from_secs(5),
+            "the revocation on every server",
+            || async {
+                let o = zonectl_as(&zone, i, &out, &["kv", "get", "k"]);
+                String::from_utf8_lossy(&o.stderr)
+                    .contains("was revoked")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let o = zonectl_as(&zone, l, &admin, &["user", "ls"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("revoked"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // An unknown serial revokes nothing unless said to be unlisted.
+    let o = zonectl_as(&zone, l, &admin, &["user", "revoke", "abcdef"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("NotFound"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mallory = zone.pki.user_dir("mallory", Role::Operator);
+    let cert = std::fs::read_to_string(mallory.join("client.pem")).unwrap();
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    let m_serial = zonectl::zone_pki::presented(&der).unwrap().serial;
+    assert!(zonectl_as(&zone, l, &mallory, &["kv", "get", "k"])
+        .status
+        .success());
+    let o = zonectl_as(
+        &zone,
+        l,
+        &admin,
+        &["user", "revoke", &m_serial, "--unlisted"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = zonectl_as(&zone, l, &mallory, &["kv", "get", "k"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("was revoked"));
+    let _ = zone.wait_leader().await;
 }

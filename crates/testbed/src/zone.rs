@@ -137,6 +137,8 @@ impl TestZone {
             .collect();
         for s in &zone.servers {
             std::fs::create_dir_all(&s.dir).unwrap();
+            // Founders hold the zone CA's key, as `zonectl zone init` gives.
+            zone.pki.founder(s.id);
             let text = ZonedConfig {
                 voters: voters.clone(),
                 ..zone.config_of(s)

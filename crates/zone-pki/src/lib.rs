@@ -108,17 +108,22 @@ impl FromStr for Role {
     }
 }
 
-/// A certificate and its private key, PEM.
+/// A certificate and its private key, PEM, with its serial (hex) and
+/// the end of its validity (Unix seconds).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credential {
     pub cert_pem: String,
     pub key_pem: String,
+    pub serial: String,
+    pub not_after_unix: i64,
 }
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credential")
             .field("cert_pem", &self.cert_pem)
+            .field("serial", &self.serial)
+            .field("not_after_unix", &self.not_after_unix)
             .field("key_pem", &"<private>")
             .finish()
     }
@@ -251,9 +256,16 @@ impl ZoneCa {
     fn sign(&self, p: &CertificateParams) -> Result<Credential, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = p.signed_by(&key, &self.issuer)?;
+        let serial = p
+            .serial_number
+            .as_ref()
+            .map(|s| s.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default();
         Ok(Credential {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
+            not_after_unix: p.not_after.unix_timestamp(),
         })
     }
 

@@ -22,6 +22,8 @@ pub const FILES: [(&str, bool, u32); 4] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
+    #[error("no certificates for this server: copy `zonectl zone init`'s server-<id>/ files (ca.pem, node.pem, node.key, ca.key) to {efi} on the EFI partition, or give each to QEMU as -fw_cfg name=opt/zoned/tls/<file>,file=...; zoned speaks TLS only")]
+    Missing { efi: PathBuf },
     #[error("{0}: cannot read: {1}")]
     Read(PathBuf, std::io::Error),
     #[error("the server's certificates are incomplete: {missing} missing ({found} found in {sources}); copy all of `zonectl zone init`'s server-<id>/ directory")]
@@ -54,8 +56,9 @@ fn read_optional(path: &Path) -> Result<Option<String>, CredentialError> {
 }
 
 /// Reads the files from `efi_dir` (`zoned/tls` on the EFI partition), then
-/// `fw_cfg_dir` (each file at `<dir>/<name>/raw`). None if neither has any.
-pub fn gather(efi_dir: &Path, fw_cfg_dir: &Path) -> Result<Option<Found>, CredentialError> {
+/// `fw_cfg_dir` (each file at `<dir>/<name>/raw`). An error names what is
+/// missing, none found included.
+pub fn gather(efi_dir: &Path, fw_cfg_dir: &Path) -> Result<Found, CredentialError> {
     let mut found = Found::default();
     for (dir, raw, label) in [
         (efi_dir, false, "the EFI partition"),
@@ -78,7 +81,9 @@ pub fn gather(efi_dir: &Path, fw_cfg_dir: &Path) -> Result<Option<Found>, Creden
         }
     }
     if found.files.is_empty() {
-        return Ok(None);
+        return Err(CredentialError::Missing {
+            efi: efi_dir.to_owned(),
+        });
     }
     let missing: Vec<&str> = FILES
         .iter()
@@ -92,7 +97,7 @@ pub fn gather(efi_dir: &Path, fw_cfg_dir: &Path) -> Result<Option<Found>, Creden
             sources: found.sources.join(" and "),
         });
     }
-    Ok(Some(found))
+    Ok(found)
 }
 
 impl Found {
@@ -178,7 +183,8 @@ mod tests {
     fn fw_cfg_files_win_and_a_wrong_or_partial_set_is_named() {
         let d = tempfile::tempdir().unwrap();
         let (efi, fw) = (d.path().join("efi"), d.path().join("fw"));
-        assert!(gather(&efi, &fw).unwrap().is_none());
+        let e = gather(&efi, &fw).unwrap_err().to_string();
+        assert!(e.contains("no certificates for this server"), "{e}");
         let ca = ZoneCa::generate().unwrap();
         let two = ca.issue_node(2, &[]).unwrap();
         let three = ca.issue_node(3, &[]).unwrap();
@@ -190,14 +196,14 @@ mod tests {
         // fw_cfg gives server 2's certificate and key: they win.
         put(&fw.join("node.pem"), "raw", &two.cert_pem);
         put(&fw.join("node.key"), "raw", &two.key_pem);
-        let found = gather(&efi, &fw).unwrap().unwrap();
+        let found = gather(&efi, &fw).unwrap();
         assert_eq!(found.sources, ["the EFI partition", "fw_cfg"]);
         assert!(found.check(2).unwrap().is_none(), "no CA key given");
         let e = found.check(3).unwrap_err().to_string();
         assert!(e.contains("server 2's, but the identity says id 3"), "{e}");
         // With the CA's key: installed, and a local admin issued.
         put(&efi, "ca.key", ca.key_pem());
-        let found = gather(&efi, &fw).unwrap().unwrap();
+        let found = gather(&efi, &fw).unwrap();
         let ca2 = found.check(2).unwrap().expect("the CA's key");
         let out = d.path().join("run");
         install(&found, &out.join("tls")).unwrap();

@@ -404,8 +404,7 @@ fn host_port(addr: IpAddr, port: u16) -> String {
 struct NodeFile {
     node: NodeSection,
     files: FilesEntry,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls: Option<TlsEntry>,
+    tls: TlsEntry,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     voters: Vec<VoterEntry>,
 }
@@ -455,8 +454,8 @@ const HEADER: &str = "# Written at boot by zone-provision from the node identity
                       # lost at the next boot: change zoned/identity.toml on the EFI partition.\n";
 
 /// zoned's node.toml: everything not written here keeps zoned's default.
-/// `tls`: where the server's certificates were installed, if any.
-pub fn render_node(r: &Resolved, tls: Option<&std::path::Path>) -> String {
+/// `tls`: where the server's certificates were installed.
+pub fn render_node(r: &Resolved, tls: &std::path::Path) -> String {
     let file = NodeFile {
         node: NodeSection {
             id: r.id,
@@ -466,9 +465,9 @@ pub fn render_node(r: &Resolved, tls: Option<&std::path::Path>) -> String {
         files: FilesEntry {
             managed_roots: r.managed_roots.clone(),
         },
-        tls: tls.map(|d| TlsEntry {
-            dir: d.display().to_string(),
-        }),
+        tls: TlsEntry {
+            dir: tls.display().to_string(),
+        },
         voters: if r.join.is_some() {
             Vec::new()
         } else {
@@ -558,10 +557,12 @@ mod tests {
         .unwrap()
     }
 
+    const TLS_DIR: &str = "/run/zoned/tls";
+
     #[test]
     fn renders_a_founder() {
         let r = three(2).resolve().unwrap();
-        let node = render_node(&r, None);
+        let node = render_node(&r, TLS_DIR.as_ref());
         let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(parsed["node"]["id"].as_integer(), Some(2));
         assert_eq!(parsed["node"]["name"].as_str(), Some("zone-2"));
@@ -574,11 +575,7 @@ mod tests {
         let net = render_network(&r, "eth0");
         assert!(net.contains("Name=eth0\n"), "{net}");
         assert!(net.contains("Address=10.0.0.12/24\n"), "{net}");
-        assert!(parsed.get("tls").is_none(), "no certificates, no [tls]");
-        let node = render_node(&r, Some(std::path::Path::new("/run/zoned/tls")));
-        let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(parsed["tls"]["dir"].as_str(), Some("/run/zoned/tls"));
-        assert_eq!(parsed["voters"].as_array().unwrap().len(), 3);
     }
 
     #[test]
@@ -586,7 +583,7 @@ mod tests {
         let mut i = three(4);
         i.address = Some("10.0.0.14/24".into());
         i.join = Some("10.0.0.11".into());
-        let node = render_node(&i.resolve().unwrap(), None);
+        let node = render_node(&i.resolve().unwrap(), TLS_DIR.as_ref());
         let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(parsed["node"]["join"].as_str(), Some("10.0.0.11:7400"));
         assert!(parsed.get("voters").is_none(), "{node}");
@@ -617,7 +614,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.interface, Interface::Mac("52:54:00:ab:cd:01".into()));
         assert_eq!(r.vip.len(), 2);
-        let node = render_node(&r, None);
+        let node = render_node(&r, TLS_DIR.as_ref());
         assert!(node.contains("\"[fd00::2]:7401\""), "{node}");
         let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use zone_provision::{render_network, render_node, render_resolv, render_vip, Identity, Interface};
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
 struct Args {
     /// The identity file on the mounted EFI partition.
@@ -125,28 +125,25 @@ fn run(args: &Args) -> Result<()> {
     );
     let creds = zone_provision::credentials::gather(&args.tls, &args.fw_cfg_tls)?;
     let tls_dir = args.out.join("tls");
-    match &creds {
-        Some(found) => {
-            let ca = found.check(r.id)?;
-            println!(
-                "certificates from {}: server {}{}",
-                found.sources.join(" and "),
-                r.id,
-                if ca.is_some() { ", and the zone CA's key" } else { "" }
-            );
-            if !args.dry_run {
-                zone_provision::credentials::install(found, &tls_dir)?;
-                println!("installed {}", tls_dir.display());
-                if let Some(ca) = &ca {
-                    let admin = args.out.join("admin");
-                    zone_provision::credentials::issue_local_admin(ca, r.id, &admin)?;
-                    println!("issued the local admin credential in {}", admin.display());
-                }
-            }
+    let ca = creds.check(r.id)?;
+    println!(
+        "certificates from {}: server {}{}",
+        creds.sources.join(" and "),
+        r.id,
+        if ca.is_some() {
+            ", and the zone CA's key"
+        } else {
+            ""
         }
-        None => println!(
-            "no certificates (zoned/tls on the EFI partition, or fw_cfg opt/zoned/tls/): zoned runs without TLS"
-        ),
+    );
+    if !args.dry_run {
+        zone_provision::credentials::install(&creds, &tls_dir)?;
+        println!("installed {}", tls_dir.display());
+        if let Some(ca) = &ca {
+            let admin = args.out.join("admin");
+            zone_provision::credentials::issue_local_admin(ca, r.id, &admin)?;
+            println!("issued the local admin credential in {}", admin.display());
+        }
     }
     let iface = find_interface(
         &r.interface,
@@ -154,10 +151,7 @@ fn run(args: &Args) -> Result<()> {
         Duration::from_secs(args.wait_interface),
     )?;
     let mut files = vec![
-        (
-            args.out.join("node.toml"),
-            render_node(&r, creds.as_ref().map(|_| tls_dir.as_path())),
-        ),
+        (args.out.join("node.toml"), render_node(&r, &tls_dir)),
         (args.out.join("resolv.conf"), render_resolv(&r)),
         (
             args.network_dir.join("10-zoned.network"),
@@ -268,11 +262,23 @@ mod tests {
              zoned.peers=1@10.9.0.1,2@10.9.0.2,3@10.9.0.3 zoned.vip=10.9.0.100/24\n",
         )
         .unwrap();
+        // The server's certificates, by fw_cfg.
+        let ca = zone_pki::ZoneCa::generate().unwrap();
+        let node = ca.issue_node(2, &[]).unwrap();
+        let fw_tls = d.path().join("fw-tls");
+        for (name, text) in [
+            ("ca.pem", ca.cert_pem()),
+            ("node.pem", node.cert_pem.as_str()),
+            ("node.key", node.key_pem.as_str()),
+        ] {
+            std::fs::create_dir_all(fw_tls.join(name)).unwrap();
+            std::fs::write(fw_tls.join(name).join("raw"), text).unwrap();
+        }
         let args = Args {
             identity: d.path().join("missing.toml"),
             fw_cfg: d.path().join("missing-fw"),
             tls: d.path().join("missing-tls"),
-            fw_cfg_tls: d.path().join("missing-fw-tls"),
+            fw_cfg_tls: fw_tls.clone(),
             cmdline: cmdline.clone(),
             out: d.path().join("run"),
             network_dir: d.path().join("network"),
@@ -290,8 +296,25 @@ mod tests {
         run(&args).unwrap();
         let node = std::fs::read_to_string(args.out.join("node.toml")).unwrap();
         assert!(node.contains("id = 2"), "{node}");
+        assert!(args.out.join("tls/node.key").exists());
+        assert!(
+            !args.out.join("admin").exists(),
+            "no CA key, no local admin"
+        );
         assert!(args.out.join("vip.toml").exists());
         assert!(args.network_dir.join("10-zoned.network").exists());
+        // Without certificates, nothing starts (code 2: the message says
+        // where to put them).
+        let e = run(&Args {
+            fw_cfg_tls: d.path().join("missing-fw-tls"),
+            ..args.clone()
+        })
+        .unwrap_err();
+        assert!(
+            e.downcast_ref::<zone_provision::credentials::CredentialError>()
+                .is_some(),
+            "{e:#}"
+        );
         std::fs::write(&cmdline, "zoned.id=2\n").unwrap();
         let e = run(&args).unwrap_err();
         assert!(e.downcast_ref::<zone_provision::Error>().is_some(), "{e:#}");

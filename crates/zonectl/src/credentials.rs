@@ -16,9 +16,12 @@ use zone_pki::Holder;
 /// beside a zonectl built in the same cargo target directory.
 pub fn default_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
+    // A cargo target directory holds CACHEDIR.TAG: an installed zonectl
+    // (/usr/bin) looks at no such place.
     if let Some(target) = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf))
+        .filter(|t| t.join("CACHEDIR.TAG").exists())
     {
         dirs.push(target.join(LOCAL_ZONE).join("admin"));
     }

@@ -70,14 +70,8 @@ fn explain_tls(text: &str, creds: Option<&Credentials>) -> Option<String> {
         Some(format!(
             "the server refused {source}: not a credential of this zone"
         ))
-    } else if creds.is_none()
-        && (text.contains("connection reset")
-            || text.contains("frame with invalid size")
-            || text.contains("broken pipe"))
-    {
-        Some("the server speaks TLS: give a credential (--credentials DIR, or --cacert/--cert/--key)".to_owned())
-    } else if creds.is_some() && text.contains("InvalidContentType") {
-        Some("the server does not speak TLS (plaintext zone)".to_owned())
+    } else if text.contains("InvalidContentType") || text.contains("CorruptMessage") {
+        Some("the server does not speak TLS: not a server of a zone".to_owned())
     } else {
         None
     }

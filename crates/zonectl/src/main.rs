@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod config_cmd;
 mod pki_cmd;
+mod user_cmd;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use zonectl::v1::{
@@ -47,7 +48,7 @@ struct Args {
     /// write them. Default: the first of these that holds one:
     /// target/local-zone/admin beside a zonectl built by cargo (the zone of
     /// `cargo xtask cluster up`), ~/.config/zonectl, /etc/zoned/admin (an
-    /// appliance). Without any, zonectl speaks plaintext.
+    /// appliance). zonectl speaks TLS only.
     #[arg(long, global = true, env = "ZONECTL_CREDENTIALS", value_name = "DIR")]
     credentials: Option<std::path::PathBuf>,
     /// The zone CA's certificate (with --cert and --key, instead of
@@ -102,6 +103,9 @@ enum Command {
     /// Configuration files kept identical on every server.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    /// The zone's client credentials: issue, list, revoke (admin only).
+    #[command(subcommand)]
+    User(user_cmd::UserCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,7 +266,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.tls_key.as_deref(),
         args.credentials.as_deref(),
     )?;
-    let _ = CREDENTIALS.set(creds);
+    let Some(creds) = creds else {
+        let looked: Vec<String> = zonectl::credentials::default_dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        anyhow::bail!(
+            "no client credential: give --credentials DIR (ca.pem, client.pem, client.key) or --cacert, --cert and --key (or ZONECTL_CREDENTIALS, ...); none in {}",
+            looked.join(", ")
+        );
+    };
+    let _ = CREDENTIALS.set(Some(creds));
     let timeout = std::time::Duration::from_secs(args.timeout.max(1));
     let endpoints = parse_endpoints(&args.endpoints);
     let (channel, _) = connect(&endpoints).await?;
@@ -365,6 +379,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
+        Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Zone(cmd) => {
             let disabled = matches!(cmd, ZoneCommand::Disable);
             let r = ClusterClient::new(channel)

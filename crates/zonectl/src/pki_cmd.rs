@@ -52,6 +52,18 @@ fn parse_address(s: &str, servers: u64) -> anyhow::Result<(u64, IpAddr)> {
     Ok((id, ip))
 }
 
+/// Whether `out` (an `--out` directory) is absent or empty: credentials
+/// are never written over anything.
+pub fn empty_or_absent(out: &Path) -> anyhow::Result<bool> {
+    if !out.exists() {
+        return Ok(true);
+    }
+    Ok(std::fs::read_dir(out)
+        .with_context(|| format!("--out {}", out.display()))?
+        .next()
+        .is_none())
+}
+
 /// Writes `text` to `path`, readable by its owner alone if `secret`.
 fn write(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
@@ -95,17 +107,11 @@ pub fn init(args: &InitArgs) -> anyhow::Result<Made> {
         addresses[(id - 1) as usize].push(ip);
     }
     let out = &args.out;
-    if out.exists() {
-        let empty = std::fs::read_dir(out)
-            .with_context(|| format!("--out {}", out.display()))?
-            .next()
-            .is_none();
-        if !empty {
-            bail!(
-                "--out {}: not empty; nothing was written (a zone's keys are never overwritten)",
-                out.display()
-            );
-        }
+    if !empty_or_absent(out)? {
+        bail!(
+            "--out {}: not empty; nothing was written (a zone's keys are never overwritten)",
+            out.display()
+        );
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -55,17 +55,25 @@ pub struct Config {
 }
 
 /// The zone's certificates for this server (`zonectl zone init` writes
-/// them, one directory per founder).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// them, one directory per founder). Both ports speak TLS only: there is
+/// no plaintext mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
     /// Directory holding `ca.pem` (the zone CA), `node.pem` and `node.key`
-    /// (this server's certificate, naming `node.id`). Set: both ports
-    /// speak TLS only; the peer port takes only the zone's servers, the
-    /// client port only the zone's user credentials, each within its role
-    /// (health excepted). Unset: both ports in plaintext, with no
-    /// authentication at all (a warning at start). Default: unset.
-    pub dir: Option<PathBuf>,
+    /// (this server's certificate, naming `node.id`). The peer port takes
+    /// only the zone's servers, the client port only the zone's user
+    /// credentials, each within its role (health excepted). Default
+    /// `/etc/zoned/tls`.
+    pub dir: PathBuf,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            dir: PathBuf::from("/etc/zoned/tls"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

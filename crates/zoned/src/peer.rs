@@ -4,9 +4,8 @@
 //! (writes, management) or want its own figures (status). What a request
 //! does is the [`ServerContext`]'s; this file only receives it.
 //!
-//! With TLS ([`crate::tls`]) every call here comes from a server of the
-//! zone, by its certificate, and is heard only while that server is a
-//! member: a removed server, or a certificate of the zone for an id never
+//! Every call here comes from a server of the zone, by its certificate
+//! ([`crate::tls`]), and is heard only while that server is a member: a removed server, or a certificate of the zone for an id never
 //! added, changes nothing here.
 
 use std::time::Instant;
@@ -28,9 +27,9 @@ use crate::transport;
 pub struct PeerService(pub ServerContext);
 
 impl PeerService {
-    /// The member that made `req` (None: plaintext, nobody is known).
-    fn member<T>(&self, req: &Request<T>) -> Result<Option<u64>, Status> {
-        let sender = Caller::server_of(req);
+    /// The member that made `req`, by its certificate.
+    fn member<T>(&self, req: &Request<T>) -> Result<u64, Status> {
+        let sender = Caller::server_of(req)?;
         transport::check_member(self.0.transport(), sender)?;
         Ok(sender)
     }
@@ -106,9 +105,9 @@ impl Peer for PeerService {
         let sender = self.member(&req)?;
         let n = req.into_inner();
         // Only the leader that removed this server says so, for itself.
-        if let Some(id) = sender.filter(|id| *id != n.leader_id) {
+        if sender != n.leader_id {
             return Err(Status::permission_denied(format!(
-                "server {id} cannot give notice of a removal on behalf of server {}",
+                "server {sender} cannot give notice of a removal on behalf of server {}",
                 n.leader_id
             )));
         }

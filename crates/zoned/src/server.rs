@@ -111,15 +111,9 @@ fn accepted(
 /// Runs the daemon until a signal or a fatal error.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
-    // Read before anything opens: a wrong certificate is a configuration
-    // error, found at start.
-    let tls = match &config.tls.dir {
-        Some(dir) => Some(ZoneTls::load(dir, config.node.id)?),
-        None => {
-            tracing::warn!("tls.dir is not set: both ports are plaintext, and anyone who reaches them can read and change the zone; set [tls] dir to the certificates `zonectl zone init` made");
-            None
-        }
-    };
+    // Read before anything opens: a missing or wrong certificate is a
+    // configuration error, found at start.
+    let tls = ZoneTls::load(&config.tls.dir, config.node.id)?;
     let engine = Engine::open(&config.node.data_dir)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
     let incarnation = engine
@@ -133,11 +127,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let start_as = node::start_as(&engine, &config)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
     if start_as == node::StartAs::Founder {
-        refuse_if_wiped(&config, tls.as_ref()).await?;
+        refuse_if_wiped(&config, &tls).await?;
     }
     let bootstrap = match (start_as, &config.node.join) {
         (node::StartAs::Joiner, Some(addr)) => {
-            Bootstrap::Join(join_members(addr, config.node.id, tls.as_ref()).await?)
+            Bootstrap::Join(join_members(addr, config.node.id, &tls).await?)
         }
         // A member's stored membership wins; this is only its fallback.
         _ => Bootstrap::Voters(founders(&config)),
@@ -176,21 +170,19 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let max_client = config.limits.max_value_bytes * 2 + config.limits.max_key_bytes + (1 << 20);
-    let mut client_builder = Server::builder();
-    let mut peer_builder = Server::builder();
-    if let Some(tls) = &tls {
-        client_builder = client_builder
-            .tls_config(tls.server(Port::Client))
-            .map_err(ServeError::TlsSetup)?;
-        peer_builder = peer_builder
-            .tls_config(tls.server(Port::Peer))
-            .map_err(ServeError::TlsSetup)?;
-    }
-    // Without TLS nobody is known, and the gates are left out: everyone
-    // may do anything (the warning above).
-    let gate = |port| Gate::new(port, tls.is_some());
-    let client_server = client_builder
-        .layer(gate(Port::Client))
+    // Every user call is checked against the revocations this server has
+    // applied (`api::users`).
+    let revoked: crate::tls::Revoked = {
+        let zone = zone.clone();
+        Arc::new(move |serial: &str| crate::api::users::is_revoked(&zone, serial))
+    };
+    let client_server = Server::builder()
+        .tls_config(tls.server(Port::Client))
+        .map_err(ServeError::TlsSetup)?
+        .layer(Gate {
+            port: Port::Client,
+            revoked,
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -202,9 +194,17 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         .add_service(zone_proto::v1::config_server::ConfigServer::new(
             crate::api::ConfigService::new(zone.clone(), config.files_policy()),
         ))
+        .add_service(zone_proto::v1::users_server::UsersServer::new(
+            crate::api::UsersService::new(zone.clone(), tls.zone_ca()),
+        ))
         .serve_with_incoming_shutdown(accepted(client_listener), stopped(stop_rx.clone()));
-    let peer_server = peer_builder
-        .layer(gate(Port::Peer))
+    let peer_server = Server::builder()
+        .tls_config(tls.server(Port::Peer))
+        .map_err(ServeError::TlsSetup)?
+        .layer(Gate {
+            port: Port::Peer,
+            revoked: Arc::new(|_: &str| false),
+        })
         .add_service(
             PeerServer::new(PeerService(zone.clone()))
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -351,7 +351,7 @@ const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 /// founder down, a wiped founder cannot be told from a new one. Left open:
 /// a server wiped within a tick or so of its first acknowledgement, before
 /// the leader recorded it.
-async fn refuse_if_wiped(config: &Config, tls: Option<&ZoneTls>) -> Result<(), ServeError> {
+async fn refuse_if_wiped(config: &Config, tls: &ZoneTls) -> Result<(), ServeError> {
     let me = config.node.id;
     let asks = config
         .voters
@@ -399,24 +399,15 @@ async fn refuse_if_wiped(config: &Config, tls: Option<&ZoneTls>) -> Result<(), S
 
 /// Asks a member of the zone for the membership, and checks this server
 /// was added to it.
-async fn join_members(
-    addr: &str,
-    id: u64,
-    tls: Option<&ZoneTls>,
-) -> Result<Vec<Member>, ServeError> {
+async fn join_members(addr: &str, id: u64, tls: &ZoneTls) -> Result<Vec<Member>, ServeError> {
     let err = |reason: String| ServeError::Join {
         addr: addr.to_owned(),
         reason,
     };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{}://{addr}", crate::tls::scheme(tls)))
-            .map_err(|e| err(e.to_string()))?;
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls.to_any_server())
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let channel = endpoint
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| err(e.to_string()))?
+        .tls_config(tls.to_any_server())
+        .map_err(|e| err(e.to_string()))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await

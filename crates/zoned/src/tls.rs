@@ -1,7 +1,7 @@
 //! Who may speak to this server, and on which port.
 //!
-//! With `[tls] dir` set, both ports speak TLS only, with the zone's
-//! certificates (`zone-pki`; `zonectl zone init` makes them):
+//! Both ports speak TLS only, with the zone's certificates (`zone-pki`;
+//! `zonectl zone init` makes them; `[tls] dir`):
 //! - **the peer port** asks every caller for a certificate of the zone CA
 //!   (the handshake refuses any other, before a byte of gRPC is read), and
 //!   [`Gate`] lets in only node certificates: `<id>.server.zoned.invalid`.
@@ -21,6 +21,7 @@
 //! the certificate is one of the zone's servers ([`zone_pki::ANY_SERVER`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ pub struct ZoneTls {
     ca_pem: String,
     cert_pem: String,
     key_pem: String,
+    /// The zone CA, able to sign, if `ca.key` is beside (a founder).
+    ca: Option<Arc<zone_pki::ZoneCa>>,
 }
 
 impl std::fmt::Debug for ZoneTls {
@@ -75,6 +78,7 @@ impl ZoneTls {
     /// Reads `ca.pem`, `node.pem` and `node.key` from `dir` and checks that
     /// the node certificate is of this zone, valid now, and names server
     /// `id`: a mistake here is found at start, not at the first handshake.
+    /// `ca.key`, if there, must be the zone CA's.
     pub fn load(dir: &Path, id: u64) -> Result<ZoneTls, TlsError> {
         let ca_pem = read(dir.join("ca.pem"))?;
         let cert_path = dir.join("node.pem");
@@ -98,11 +102,27 @@ impl ZoneTls {
                 })
             }
         }
+        let ca = match std::fs::read_to_string(dir.join("ca.key")) {
+            Ok(key) => Some(Arc::new(zone_pki::ZoneCa::load(&ca_pem, &key)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(TlsError::Read {
+                    path: dir.join("ca.key"),
+                    source,
+                })
+            }
+        };
         Ok(ZoneTls {
             ca_pem,
             cert_pem,
             key_pem,
+            ca,
         })
+    }
+
+    /// The zone CA, if this server holds its key.
+    pub fn zone_ca(&self) -> Option<Arc<zone_pki::ZoneCa>> {
+        self.ca.clone()
     }
 
     fn identity(&self) -> Identity {
@@ -143,15 +163,6 @@ impl ZoneTls {
     }
 }
 
-/// The URI scheme for dialling with or without TLS.
-pub fn scheme(tls: Option<&ZoneTls>) -> &'static str {
-    if tls.is_some() {
-        "https"
-    } else {
-        "http"
-    }
-}
-
 /// Which of this server's ports a [`Gate`] guards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -175,12 +186,14 @@ pub enum Caller {
 }
 
 impl Caller {
-    /// The server a peer call came from; None when the peer port is in
-    /// plaintext (nothing is known of the caller).
-    pub fn server_of<T>(req: &tonic::Request<T>) -> Option<u64> {
+    /// The server a peer call came from, as [`Gate`] admitted it. Fails
+    /// closed: a call that did not pass the gate as a server is refused.
+    pub fn server_of<T>(req: &tonic::Request<T>) -> Result<u64, Status> {
         match req.extensions().get::<Caller>() {
-            Some(Caller::Server(id)) => Some(*id),
-            _ => None,
+            Some(Caller::Server(id)) => Ok(*id),
+            _ => Err(Status::unauthenticated(
+                "the peer port takes only the zone's servers",
+            )),
         }
     }
 }
@@ -299,18 +312,20 @@ pub fn admit(port: Port, path: &str, cert: Option<&[u8]>) -> Result<Caller, Stat
 /// before it reaches the service, and records the [`Caller`] in the
 /// request. A refused call gets its status as the whole answer: its body
 /// is never decoded.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Gate {
-    /// None: the port is plaintext, nobody is known, every call passes.
-    port: Option<Port>,
+    pub port: Port,
+    /// Whether a user credential (by serial) was revoked; asked on every
+    /// call a user makes.
+    pub revoked: Revoked,
 }
 
-impl Gate {
-    /// The gate for `port`, or none if the port has no TLS.
-    pub fn new(port: Port, tls: bool) -> Gate {
-        Gate {
-            port: tls.then_some(port),
-        }
+/// See [`Gate::revoked`].
+pub type Revoked = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("port", &self.port).finish()
     }
 }
 
@@ -320,7 +335,7 @@ impl<S> tower::Layer<S> for Gate {
     fn layer(&self, inner: S) -> Gated<S> {
         Gated {
             inner,
-            port: self.port,
+            gate: self.clone(),
         }
     }
 }
@@ -328,7 +343,7 @@ impl<S> tower::Layer<S> for Gate {
 #[derive(Debug, Clone)]
 pub struct Gated<S> {
     inner: S,
-    port: Option<Port>,
+    gate: Gate,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Gated<S>
@@ -344,15 +359,20 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let Some(port) = self.port else {
-            return Either::Left(self.inner.call(req));
-        };
         let certs = req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs());
         let cert = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
-        match admit(port, req.uri().path(), cert) {
+        let admitted = admit(self.gate.port, req.uri().path(), cert).and_then(|caller| match &caller {
+            Caller::User { name, serial, .. } if (self.gate.revoked)(serial) => {
+                Err(Status::permission_denied(format!(
+                    "the credential of {name} (serial {serial}) was revoked; ask an admin of the zone for a new one"
+                )))
+            }
+            _ => Ok(caller),
+        });
+        match admitted {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Either::Left(self.inner.call(req))
@@ -449,6 +469,7 @@ mod tests {
                     "Rollback",
                 ],
             ),
+            ("zone.v1.Users", &["Issue", "Revoke", "List"]),
         ];
         let mut below_admin = 0;
         for (service, names) in table {

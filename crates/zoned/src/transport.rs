@@ -10,9 +10,9 @@
 //!
 //! Receiving: [`PeerService`] decodes each message and steps it into the
 //! local driver. Messages are rust-protobuf `eraftpb` bytes (RUSTSEC-2024-0437:
-//! a crafted message can exhaust the stack while parsing). With TLS on
-//! ([`crate::tls`]) only the zone's servers reach the parser, each only
-//! with messages from its own id, and only while it is a member.
+//! a crafted message can exhaust the stack while parsing). Only the zone's
+//! servers reach the parser ([`crate::tls`]), each only with messages from
+//! its own id, and only while it is a member.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,18 +40,15 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// A lazily connected client for peer `id`, shared by the Raft stream,
-/// snapshots, forwarded writes and status calls. With TLS, the peer's
-/// certificate must name `id`.
+/// snapshots, forwarded writes and status calls. The peer's certificate
+/// must name `id`.
 pub fn peer_client(
     id: u64,
     addr: &str,
-    tls: Option<&ZoneTls>,
+    tls: &ZoneTls,
 ) -> Result<PeerClient<Channel>, tonic::transport::Error> {
-    let mut endpoint = Endpoint::from_shared(format!("{}://{addr}", crate::tls::scheme(tls)))?;
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.to_server(id))?;
-    }
-    let channel = endpoint
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.to_server(id))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -81,7 +78,7 @@ pub struct GrpcTransport {
     /// Every member's id, this server's included, as of the last
     /// [`Transport::set_peers`]: whom the peer port hears.
     members: RwLock<BTreeSet<u64>>,
-    tls: Option<ZoneTls>,
+    tls: ZoneTls,
     reports: PeerReports,
     runtime: tokio::runtime::Handle,
 }
@@ -93,7 +90,7 @@ impl GrpcTransport {
         self_id: u64,
         runtime: tokio::runtime::Handle,
         reports: PeerReports,
-        tls: Option<ZoneTls>,
+        tls: ZoneTls,
     ) -> GrpcTransport {
         GrpcTransport {
             self_id,
@@ -166,7 +163,7 @@ impl Transport for GrpcTransport {
             if m.id == self.self_id || m.peer_endpoint.is_empty() || links.contains_key(&m.id) {
                 continue;
             }
-            let client = match peer_client(m.id, &m.peer_endpoint, self.tls.as_ref()) {
+            let client = match peer_client(m.id, &m.peer_endpoint, &self.tls) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(peer = m.id, addr = %m.peer_endpoint, error = %e, "invalid peer address");
@@ -347,29 +344,31 @@ async fn send_snapshot(mut client: PeerClient<Channel>, mut msg: Message, report
     reports.snapshot(to, status);
 }
 
-/// Whether `sender` (None: the peer port is plaintext, nothing is known)
-/// may be heard now. Safety: a server removed from the zone, or one with a
-/// certificate of the zone that was never added, must not vote or append:
-/// raft-rs steps a message from any id.
-pub fn check_member(transport: &GrpcTransport, sender: Option<u64>) -> Result<(), Status> {
-    match sender {
-        Some(id) if !transport.is_member(id) => Err(Status::permission_denied(format!(
-            "server {id} is not a member of the zone"
-        ))),
-        _ => Ok(()),
+/// Whether `sender` (by its certificate) may be heard now. Safety: a
+/// server removed from the zone, or one with a certificate of the zone
+/// that was never added, must not vote or append: raft-rs steps a message
+/// from any id.
+pub fn check_member(transport: &GrpcTransport, sender: u64) -> Result<(), Status> {
+    if transport.is_member(sender) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "server {sender} is not a member of the zone"
+        )))
     }
 }
 
 /// Checks that a Raft message from a peer's stream is its own: a server
 /// speaks only for itself (a forged `from` could answer a vote or an
 /// append on another's behalf).
-fn check_from(msg: &Message, sender: Option<u64>) -> Result<(), Status> {
-    match sender {
-        Some(id) if msg.from != id => Err(Status::permission_denied(format!(
-            "a Raft message from server {} on server {id}'s connection: a server speaks only for itself",
+fn check_from(msg: &Message, sender: u64) -> Result<(), Status> {
+    if msg.from == sender {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "a Raft message from server {} on server {sender}'s connection: a server speaks only for itself",
             msg.from
-        ))),
-        _ => Ok(()),
+        )))
     }
 }
 
@@ -377,7 +376,7 @@ fn check_from(msg: &Message, sender: Option<u64>) -> Result<(), Status> {
 pub async fn receive_stream(
     node: &NodeHandle,
     transport: &GrpcTransport,
-    sender: Option<u64>,
+    sender: u64,
     mut stream: Streaming<RaftBatch>,
 ) -> Result<Response<RaftAck>, Status> {
     while let Some(batch) = stream.message().await? {
@@ -409,7 +408,7 @@ fn snapshot_reserve(total: usize) -> usize {
 /// Reassembles a chunked snapshot from `sender` and steps it into Raft.
 pub async fn receive_snapshot(
     node: &NodeHandle,
-    sender: Option<u64>,
+    sender: u64,
     mut stream: Streaming<SnapshotChunk>,
 ) -> Result<Response<SnapshotAck>, Status> {
     let Some(first) = stream.message().await? else {

@@ -24,6 +24,7 @@ mod leader;
 mod requests;
 mod service;
 mod status;
+pub mod users;
 mod validate;
 mod watch;
 
@@ -42,6 +43,7 @@ use crate::transport::GrpcTransport;
 pub use config::ConfigService;
 pub use error::ApiError;
 pub use service::{ClusterService, KvService};
+pub use users::UsersService;
 pub use validate::Limits;
 
 /// Identity of this server as shown in status.

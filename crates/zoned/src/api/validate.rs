@@ -170,15 +170,17 @@ impl Limits {
     }
 }
 
-/// The keys only zoned's Config service writes: the managed files, their
-/// history and the generation key every change compares. A client write
-/// there would bypass the file checks (paths, sizes, templates): refused.
+/// The keys only zoned's own services write: the managed files, their
+/// history and the generation key every change compares (Config), and the
+/// users' records (Users). A client write there would bypass the file
+/// checks (paths, sizes, templates), or clear a revocation: refused.
 /// zone-sync's reports and the roll lock beside them are written through
 /// the key-value API, and stay open to it.
-const RESERVED: [(&[u8], bool); 3] = [
+const RESERVED: [(&[u8], bool); 4] = [
     (zone_files::keys::FILE_PREFIX, true),
     (zone_files::keys::HIST_PREFIX, true),
     (zone_files::keys::GEN_KEY, false),
+    (super::users::USERS_PREFIX, true),
 ];
 
 /// Refuses a client's write that would change a reserved key ([`RESERVED`]),
@@ -242,7 +244,7 @@ fn delete_writable(at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
 
 fn reserved(at: &str, key: &[u8]) -> ApiError {
     ApiError::PermissionDenied(format!(
-        "{at}key: '{}' is or covers zoned's record of the managed files; change them with `zonectl config push` or `zonectl config rm`",
+        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`)",
         String::from_utf8_lossy(key)
     ))
 }
