@@ -66,6 +66,7 @@ pub fn etcd_tls() -> etcd_client::TlsOptions {
     etcd_client::TlsOptions::new()
         .ca_certificate(etcd_client::Certificate::from_pem(&c.ca_pem))
         .identity(etcd_client::Identity::from_pem(&c.cert_pem, &c.key_pem))
+        .timeout(zonectl::credentials::HANDSHAKE_TIMEOUT)
 }
 
 /// A loopback /24 of our own, 127.A.B.0, checked free on the ports used.

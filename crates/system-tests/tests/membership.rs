@@ -663,3 +663,66 @@ async fn founders_and_joiners_with_another_raft_timing_stop_on_the_zones_record(
     let m = members(&zone, leader).await;
     assert!(m.contains(&(4, true)), "server 4 is not a learner: {m:?}");
 }
+
+/// A server down while another was added must follow that one when it
+/// leads: the peer port hears only members, and the returning server's
+/// applied membership does not have the new one yet. Without asking the
+/// other members (transport::check_member), it refused the new leader's
+/// every message and never caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_down_while_another_was_added_follows_it_as_leader() {
+    let mut zone = TestZone::start(3, "");
+    let leader = zone.wait_leader().await;
+    let behind = (leader + 1) % 3;
+    zone.kill9(behind);
+    let four = zone.prepare_joiner(4, leader);
+    let peer = zone.servers[four].peer.to_string();
+    zone.cluster(leader)
+        .await
+        .add_server(AddServerRequest {
+            id: 4,
+            name: "zone-4".into(),
+            peer,
+        })
+        .await
+        .unwrap();
+    zone.launch(four);
+    poll(
+        Duration::from_secs(30),
+        "server 4 promoted to voter",
+        || async {
+            members(&zone, leader)
+                .await
+                .contains(&(4, false))
+                .then_some(())
+        },
+    )
+    .await;
+    let r = zone
+        .cluster(leader)
+        .await
+        .transfer_leader(TransferLeaderRequest { target: 4 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.leader_id, 4);
+    zone.kv(four).await.put(put("after", "4")).await.unwrap();
+    // The server that was down comes back, knowing members 1-3 only.
+    zone.launch(behind);
+    let id = zone.servers[behind].id;
+    poll(
+        Duration::from_secs(30),
+        "the returning server to follow server 4 and catch up",
+        || async {
+            let row = zone.own_row(behind).await?;
+            let value = zone.value(behind, "after", true).await;
+            (row.state == "follower" && value.as_deref() == Some(&b"4"[..])).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        zone.log(behind).contains("hearing it"),
+        "server {id} caught up without asking about server 4:\n{}",
+        zone.log(behind)
+    );
+}

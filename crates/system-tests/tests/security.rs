@@ -575,11 +575,12 @@ async fn an_issued_credential_works_within_its_role_until_revoked() {
         table.contains(&serial) && table.contains("rita") && table.contains("valid"),
         "{table}"
     );
-    // Revoked through the leader: refused there on its next call, and on
-    // every server once it applied the revocation.
-    let o = zonectl_as(&zone, l, &admin, &["user", "revoke", &serial]);
+    // Revoked through a follower: refused there on its next call (it
+    // answers once it applied the revocation itself), and on every server
+    // once it applied it.
+    let o = zonectl_as(&zone, f, &admin, &["user", "revoke", &serial]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = zonectl_as(&zone, l, &out, &["kv", "get", "k"]);
+    let o = zonectl_as(&zone, f, &out, &["kv", "get", "k"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && stderr.contains("was revoked"),
@@ -606,10 +607,16 @@ async fn an_issued_credential_works_within_its_role_until_revoked() {
     );
     // An unknown serial revokes nothing unless said to be unlisted.
     let o = zonectl_as(&zone, l, &admin, &["user", "revoke", "abcdef"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("32 hex digits"), "{stderr}");
+    let unknown = "0123456789abcdef0123456789abcdef";
+    let o = zonectl_as(&zone, l, &admin, &["user", "revoke", unknown]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("NotFound"), "{stderr}");
+    let o = zonectl_as(&zone, l, &admin, &["user", "ls"]);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("NotFound"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+        !String::from_utf8_lossy(&o.stdout).contains(unknown),
+        "an unknown serial was recorded"
     );
     let mallory = zone.pki.user_dir("mallory", Role::Operator);
     let cert = std::fs::read_to_string(mallory.join("client.pem")).unwrap();

@@ -555,7 +555,8 @@ impl Lab {
             .ca_certificate(tonic::transport::Certificate::from_pem(
                 self.pki.ca.cert_pem(),
             ))
-            .domain_name(zonectl::zone_pki::ANY_SERVER);
+            .domain_name(zonectl::zone_pki::ANY_SERVER)
+            .timeout(zonectl::credentials::HANDSHAKE_TIMEOUT);
         self.in_ns(move |rt| {
             rt.block_on(async move {
                 let Ok(ep) = tonic::transport::Endpoint::from_shared(ep) else {

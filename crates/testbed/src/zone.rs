@@ -265,7 +265,8 @@ impl TestZone {
                     .ca_certificate(tonic::transport::Certificate::from_pem(
                         self.pki.ca.cert_pem(),
                     ))
-                    .domain_name(zonectl::zone_pki::ANY_SERVER);
+                    .domain_name(zonectl::zone_pki::ANY_SERVER)
+                    .timeout(zonectl::credentials::HANDSHAKE_TIMEOUT);
                 tonic::transport::Endpoint::from_shared(format!(
                     "https://{}",
                     self.servers[i].client

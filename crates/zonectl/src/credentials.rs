@@ -35,6 +35,9 @@ pub fn default_dirs() -> Vec<PathBuf> {
     dirs
 }
 
+/// How long a client waits for a server's side of the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The directory under a cargo target directory that holds the local
 /// development zone's certificates (`cargo xtask cluster up`).
 pub const LOCAL_ZONE: &str = "local-zone";
@@ -172,11 +175,15 @@ impl Credentials {
     }
 
     /// TLS toward any server of the zone: its certificate must be signed
-    /// by the zone CA and be a server's ([`zone_pki::ANY_SERVER`]).
+    /// by the zone CA and be a server's ([`zone_pki::ANY_SERVER`]). A
+    /// server that does not finish the handshake within
+    /// [`HANDSHAKE_TIMEOUT`] is given up: a frozen server's kernel accepts
+    /// the connection, and nothing else would time the handshake out.
     pub fn tls(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(zone_pki::ANY_SERVER)
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 }

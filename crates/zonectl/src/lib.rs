@@ -30,12 +30,17 @@ pub enum ClientError {
     BadEndpoint(String, #[source] tonic::transport::Error),
     #[error("no endpoint answered ({0})")]
     Unreachable(String),
+    #[error("endpoint '{0}': the zone speaks TLS only; give host:port or https://host:port")]
+    Plaintext(String),
 }
 
 /// An endpoint for `addr` (`host:port`), over TLS with `creds` (plaintext
 /// without).
 pub fn endpoint(addr: &str, creds: Option<&Credentials>) -> Result<Endpoint, ClientError> {
     let scheme = if creds.is_some() { "https" } else { "http" };
+    if creds.is_some() && addr.contains("://") && !addr.starts_with("https://") {
+        return Err(ClientError::Plaintext(addr.to_owned()));
+    }
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {

@@ -30,8 +30,11 @@ pub enum UserCommand {
     /// operator (and writes, config push/rollback, leader transfer, zone
     /// disable/enable), admin (everything).
     Issue {
+        /// The user's name, in the certificate and `user ls`: 1 to 63
+        /// lowercase letters, digits or '-'.
         #[arg(long)]
         name: String,
+        /// What the credential may do.
         #[arg(long, value_enum)]
         role: RoleArg,
         /// A new (or empty) directory for the credential.

@@ -35,6 +35,13 @@ use zone_pki::{Holder, Role};
 /// connection slot forever).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long this server waits for a peer's side of a handshake. A frozen
+/// peer (SIGSTOP, a paused VM) accepts the TCP connection in its kernel but
+/// never answers the TLS hello: without this the dial hangs until it thaws
+/// (the connect timeout covers TCP alone, and HTTP/2 keepalive starts only
+/// after the handshake).
+pub const DIAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("tls.dir: cannot read {path}")]
@@ -151,6 +158,7 @@ impl ZoneTls {
             .ca_certificate(self.ca())
             .identity(self.identity())
             .domain_name(format!("{id}{}", zone_pki::SERVER_SUFFIX))
+            .timeout(DIAL_HANDSHAKE_TIMEOUT)
     }
 
     /// Dialling a member whose id is not known (joining): any server of
@@ -160,6 +168,7 @@ impl ZoneTls {
             .ca_certificate(self.ca())
             .identity(self.identity())
             .domain_name(zone_pki::ANY_SERVER)
+            .timeout(DIAL_HANDSHAKE_TIMEOUT)
     }
 }
 

@@ -14,7 +14,7 @@
 //! servers reach the parser ([`crate::tls`]), each only with messages from
 //! its own id, and only while it is a member.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -78,6 +78,13 @@ pub struct GrpcTransport {
     /// Every member's id, this server's included, as of the last
     /// [`Transport::set_peers`]: whom the peer port hears.
     members: RwLock<BTreeSet<u64>>,
+    /// Senders this server does not count as members yet, that another
+    /// member's applied membership has (see [`check_member`]); forgotten
+    /// at the next [`Transport::set_peers`].
+    vouched: Arc<RwLock<BTreeMap<u64, Member>>>,
+    /// When each unknown sender was last asked about (one question a
+    /// second per sender).
+    asked: Mutex<HashMap<u64, std::time::Instant>>,
     tls: ZoneTls,
     reports: PeerReports,
     runtime: tokio::runtime::Handle,
@@ -96,6 +103,8 @@ impl GrpcTransport {
             self_id,
             links: RwLock::new(HashMap::new()),
             members: RwLock::new(BTreeSet::new()),
+            vouched: Arc::default(),
+            asked: Mutex::new(HashMap::new()),
             tls,
             reports,
             runtime,
@@ -112,34 +121,144 @@ impl GrpcTransport {
     }
 
     /// Whether server `id` is a member, as this server last applied the
-    /// membership.
+    /// membership, or as another member vouched for it since.
     pub fn is_member(&self, id: u64) -> bool {
         self.members.read().expect("members poisoned").contains(&id)
+            || self
+                .vouched
+                .read()
+                .expect("vouched poisoned")
+                .contains_key(&id)
+    }
+
+    /// Queues `msg` on `link`, or sends it (a snapshot) in a call of its own.
+    fn send_on(&self, link: &Link, msg: Message) {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            self.runtime.spawn(send_snapshot(
+                link.client.clone(),
+                msg,
+                self.reports.clone(),
+            ));
+        } else {
+            let _ = link.queue.send(msg);
+        }
+    }
+
+    /// Opens the link to member `m` (its sender task and client), unless
+    /// it is this server, has no address, or has a link. Runs inside the
+    /// runtime (the client spawns its connection task).
+    fn open_link(&self, links: &mut HashMap<u64, Link>, m: &Member) {
+        if m.id == self.self_id || m.peer_endpoint.is_empty() || links.contains_key(&m.id) {
+            return;
+        }
+        let client = match peer_client(m.id, &m.peer_endpoint, &self.tls) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(peer = m.id, addr = %m.peer_endpoint, error = %e, "invalid peer address");
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.runtime.spawn(run_peer(
+            m.id,
+            m.peer_endpoint.clone(),
+            client.clone(),
+            rx,
+            self.reports.clone(),
+        ));
+        links.insert(
+            m.id,
+            Link {
+                addr: m.peer_endpoint.clone(),
+                queue: tx,
+                client,
+            },
+        );
+    }
+
+    /// Asks the other members, in the background, whether `id` is a
+    /// member by their applied membership; the first that says so vouches
+    /// for it. At most once a second per sender.
+    fn ask_about(&self, id: u64) {
+        {
+            let mut asked = self.asked.lock().expect("asked poisoned");
+            let now = std::time::Instant::now();
+            if asked
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+            {
+                return;
+            }
+            asked.insert(id, now);
+        }
+        let clients: Vec<(u64, PeerClient<Channel>)> = self
+            .links
+            .read()
+            .expect("links poisoned")
+            .iter()
+            .filter(|(m, _)| **m != id)
+            .map(|(m, l)| (*m, l.client.clone()))
+            .collect();
+        let vouched = self.vouched.clone();
+        self.runtime.spawn(async move {
+            for (m, mut client) in clients {
+                let mut req = tonic::Request::new(zone_proto::v1::NodeStatusRequest {});
+                req.set_timeout(Duration::from_secs(1));
+                let Ok(r) = client.node_status(req).await else {
+                    continue;
+                };
+                if let Some(member) = r.into_inner().members.into_iter().find(|x| x.id == id) {
+                    tracing::info!(
+                        sender = id,
+                        by = m,
+                        "a server this one does not know as a member yet is one by another member's applied membership: hearing it"
+                    );
+                    vouched.write().expect("vouched poisoned").insert(id, member);
+                    return;
+                }
+            }
+        });
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, msgs: Vec<Message>) {
-        let links = self.links.read().expect("links poisoned");
-        for msg in msgs {
-            let to = msg.to;
-            let Some(link) = links.get(&to) else {
-                tracing::debug!(to, "no address known for server; message dropped");
-                if msg.get_msg_type() == MessageType::MsgSnapshot {
-                    self.reports.snapshot(to, SnapshotStatus::Failure);
-                } else {
-                    self.reports.unreachable(to);
+        let mut unlinked = Vec::new();
+        {
+            let links = self.links.read().expect("links poisoned");
+            for msg in msgs {
+                match links.get(&msg.to) {
+                    Some(link) => self.send_on(link, msg),
+                    None => unlinked.push(msg),
                 }
-                continue;
-            };
-            if msg.get_msg_type() == MessageType::MsgSnapshot {
-                self.runtime.spawn(send_snapshot(
-                    link.client.clone(),
-                    msg,
-                    self.reports.clone(),
-                ));
-            } else {
-                let _ = link.queue.send(msg);
+            }
+        }
+        if unlinked.is_empty() {
+            return;
+        }
+        // A server another member vouched for (see `check_member`) has no
+        // link until this server applies the change that added it: open
+        // one, or its answers would never reach it.
+        let _guard = self.runtime.enter();
+        let mut links = self.links.write().expect("links poisoned");
+        for msg in unlinked {
+            let to = msg.to;
+            if !links.contains_key(&to) {
+                let vouched = self.vouched.read().expect("vouched poisoned");
+                if let Some(m) = vouched.get(&to) {
+                    self.open_link(&mut links, m);
+                }
+            }
+            match links.get(&to) {
+                Some(link) => self.send_on(link, msg),
+                None => {
+                    tracing::debug!(to, "no address known for server; message dropped");
+                    if msg.get_msg_type() == MessageType::MsgSnapshot {
+                        self.reports.snapshot(to, SnapshotStatus::Failure);
+                    } else {
+                        self.reports.unreachable(to);
+                    }
+                }
             }
         }
     }
@@ -149,6 +268,7 @@ impl Transport for GrpcTransport {
         // this may run on the driver thread.
         let _guard = self.runtime.enter();
         *self.members.write().expect("members poisoned") = members.iter().map(|m| m.id).collect();
+        self.vouched.write().expect("vouched poisoned").clear();
         let mut links = self.links.write().expect("links poisoned");
         links.retain(|id, link| {
             let keep = members
@@ -160,32 +280,7 @@ impl Transport for GrpcTransport {
             keep
         });
         for m in members {
-            if m.id == self.self_id || m.peer_endpoint.is_empty() || links.contains_key(&m.id) {
-                continue;
-            }
-            let client = match peer_client(m.id, &m.peer_endpoint, &self.tls) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(peer = m.id, addr = %m.peer_endpoint, error = %e, "invalid peer address");
-                    continue;
-                }
-            };
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.runtime.spawn(run_peer(
-                m.id,
-                m.peer_endpoint.clone(),
-                client.clone(),
-                rx,
-                self.reports.clone(),
-            ));
-            links.insert(
-                m.id,
-                Link {
-                    addr: m.peer_endpoint.clone(),
-                    queue: tx,
-                    client,
-                },
-            );
+            self.open_link(&mut links, m);
         }
     }
 
@@ -348,14 +443,24 @@ async fn send_snapshot(mut client: PeerClient<Channel>, mut msg: Message, report
 /// server removed from the zone, or one with a certificate of the zone
 /// that was never added, must not vote or append: raft-rs steps a message
 /// from any id.
+///
+/// Liveness: this server's applied membership may be behind. A server
+/// added while this one was down can be the leader when it comes back;
+/// refusing it for good would keep this one from ever learning the change.
+/// So a sender it does not know is refused, and the other members are
+/// asked about it (`ask_about`): once one whose applied membership has it
+/// vouches for it, it is heard until the next membership change applied
+/// here. The members are trusted servers of the zone (each authenticated
+/// by the certificate naming its id); a stale "yes" from one that has not
+/// applied a removal yet is the same lag this check always has.
 pub fn check_member(transport: &GrpcTransport, sender: u64) -> Result<(), Status> {
     if transport.is_member(sender) {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
-            "server {sender} is not a member of the zone"
-        )))
+        return Ok(());
     }
+    transport.ask_about(sender);
+    Err(Status::permission_denied(format!(
+        "server {sender} is not a member of the zone"
+    )))
 }
 
 /// Checks that a Raft message from a peer's stream is its own: a server

@@ -22,6 +22,7 @@ impl ServerContext {
             server: Some(self.server_status(&local)),
             progress: progress(&local),
             took_part: local.took_part.clone(),
+            members: local.members.clone(),
         })
     }
 
@@ -73,6 +74,7 @@ impl ServerContext {
             server: Some(self.server_status(&local)),
             progress: Vec::new(),
             took_part: Vec::new(),
+            members: Vec::new(),
         };
         let calls = members.iter().map(|&id| {
             let me = self.node.id();

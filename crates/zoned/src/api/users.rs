@@ -53,6 +53,22 @@ fn proto_role(r: Role) -> UserRole {
     }
 }
 
+/// A serial as the gate sees it (lowercase hex of the certificate's 16
+/// bytes), from what an operator may paste: `serial=5F0C...` (openssl),
+/// `0x...`, colons. None unless it is 32 hex digits: a serial in another
+/// form would be recorded under a key the gate never reads.
+fn normal_serial(s: &str) -> Option<String> {
+    let s = s.trim();
+    let s = s.strip_prefix("serial=").unwrap_or(s);
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    (hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())).then_some(hex)
+}
+
 /// The admin making the call, for the record.
 fn caller<T>(req: &Request<T>) -> String {
     match req.extensions().get::<Caller>() {
@@ -177,19 +193,12 @@ impl users_server::Users for UsersService {
         let budget = self.zone.budget(&req);
         let by = caller(&req);
         let r = req.into_inner();
-        let serial = r
-            .serial
-            .trim()
-            .trim_start_matches("0x")
-            .replace(':', "")
-            .to_ascii_lowercase();
-        if serial.is_empty() || !serial.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(bad(
+        let serial = normal_serial(&r.serial).ok_or_else(|| {
+            bad(
                 "serial",
-                "a certificate serial in hex, as `zonectl user ls` prints it",
+                "32 hex digits (the zone's serials are 16 bytes), as `zonectl user ls` or `openssl x509 -noout -serial` print it",
             )
-            .into());
-        }
+        })?;
         self.zone.linearize(budget).await?;
         let mut user = match self.read(&serial)? {
             Some(u) => u,
@@ -210,6 +219,10 @@ impl users_server::Users for UsersService {
             user.revoked_unix = now_unix();
             user.revoked_by = by;
             revision = self.store(&user, budget).await?;
+            // Answered once this server applied it too (a follower's write
+            // is answered when the leader applied it): refused here from
+            // the next call.
+            self.zone.linearize(budget).await?;
             tracing::info!(name = %user.name, serial = %user.serial, by = %user.revoked_by, "revoked a client credential");
         }
         Ok(Response::new(RevokeUserResponse {
@@ -245,5 +258,29 @@ impl users_server::Users for UsersService {
             header: self.zone.header(revision),
             users,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_taken_as_the_gate_reads_them_or_refused() {
+        let gate = "5f0c00112233445566778899aabbccdd";
+        assert_eq!(normal_serial(gate).as_deref(), Some(gate));
+        assert_eq!(
+            normal_serial("serial=5F0C00112233445566778899AABBCCDD").as_deref(),
+            Some(gate)
+        );
+        assert_eq!(
+            normal_serial("5f:0c:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd").as_deref(),
+            Some(gate)
+        );
+        // A leading zero dropped by a tool printing it as a number, or
+        // decimal: refused, not recorded where nothing looks.
+        assert_eq!(normal_serial("f0c00112233445566778899aabbccdd"), None);
+        assert_eq!(normal_serial("12345678901234567890123456789012345"), None);
+        assert_eq!(normal_serial("abcdef"), None);
     }
 }
