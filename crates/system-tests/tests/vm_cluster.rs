@@ -540,7 +540,10 @@ fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()>
         "VM {paused} resumed after {:.1} s",
         resumed.duration_since(announced_at).as_secs_f64()
     );
-    let asked = prober.ask_for(vip_ip, Duration::from_millis(20), Duration::from_secs(3))?;
+    // Asked for 5 s: under TCG the new leader may take the VIP 2-3 s after
+    // the resume (a second failover, when the next holder was paused too).
+    let span = Duration::from_secs(5);
+    let asked = prober.ask_for(vip_ip, Duration::from_millis(20), span)?;
     let frames = capture.frames();
     let after: Vec<_> = frames.iter().filter(|f| f.at >= resumed).collect();
     let paused_mac = mac_of(paused);
@@ -577,9 +580,15 @@ fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()>
         old.iter().all(|at| *at < queued),
         "the resumed VM answered for the VIP after the resume: {old:?}"
     );
+    // The new holder answers, and once it does, at least half of the
+    // questions (asked evenly over the span, from about the resume on).
+    let first = *new
+        .first()
+        .with_context(|| format!("VM {new_leader} never answered for the VIP"))?;
+    let asked_since = asked as f64 * span.saturating_sub(first).as_secs_f64() / span.as_secs_f64();
     assert!(
-        new.len() * 2 >= asked,
-        "VM {new_leader} answered for the VIP only {} times of {asked}",
+        new.len() as f64 * 2.0 >= asked_since,
+        "VM {new_leader} answered for the VIP only {} times of the ~{asked_since:.0} questions after its first answer ({first:?} after the resume)",
         new.len()
     );
 

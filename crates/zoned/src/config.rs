@@ -335,6 +335,20 @@ impl Config {
             zone_files::FileError::Invalid { field, reason } => invalid(field, reason),
             other => invalid("files", other.to_string()),
         })?;
+        // A managed root over the certificates would let a reader fetch
+        // the zone CA's key (`config diff` reads a server's own copies) and
+        // an operator replace them (`config push`).
+        for root in &self.files.managed_roots {
+            if self.tls.dir.starts_with(root) || Path::new(root).starts_with(&self.tls.dir) {
+                return Err(invalid(
+                    "files.managed_roots",
+                    format!(
+                        "{root} overlaps tls.dir {} (the server's keys): managed files must stay out of it",
+                        self.tls.dir.display()
+                    ),
+                ));
+            }
+        }
         let mut ids = BTreeSet::new();
         for (i, v) in self.voters.iter().enumerate() {
             if v.id == 0 {
@@ -550,6 +564,18 @@ mod tests {
         );
         assert_eq!(c.limits.max_key_bytes, 4096);
         assert_eq!(c.limits.max_value_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn a_managed_root_over_the_certificates_is_refused() {
+        for root in ["/etc", "/etc/zoned", "/etc/zoned/tls/x"] {
+            let text = format!("[files]\nmanaged_roots = [\"{root}\"]\n");
+            let mut c = Config::parse(&text).unwrap();
+            let e = c.finish().unwrap_err().to_string();
+            assert!(e.starts_with("files.managed_roots: "), "{root}: {e}");
+        }
+        let mut c = Config::parse("[files]\nmanaged_roots = [\"/etc/one\"]\n").unwrap();
+        c.finish().unwrap();
     }
 
     #[test]

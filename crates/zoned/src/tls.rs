@@ -449,49 +449,41 @@ mod tests {
                 }
             }
         }
-        let table = [
-            (
-                "zone.v1.KV",
-                &["Get", "Range", "Watch", "Put", "Delete", "Txn"][..],
-            ),
-            (
-                "zone.v1.Cluster",
-                &[
-                    "Members",
-                    "Status",
-                    "TransferLeader",
-                    "SetMaintenance",
-                    "AddServer",
-                    "RemoveServer",
-                    "ResetServer",
-                ],
-            ),
-            (
-                "zone.v1.Config",
-                &[
-                    "Get",
-                    "List",
-                    "History",
-                    "ReadLocal",
-                    "Push",
-                    "Delete",
-                    "Rollback",
-                ],
-            ),
-            ("zone.v1.Users", &["Issue", "Revoke", "List"]),
+        use Role::{Admin, Operator, Reader};
+        // What each client call needs, written out: a change to `needs`
+        // that moves a call to another role fails here.
+        let table: [(&str, &str, Need); 23] = [
+            ("zone.v1.KV", "Get", Need::Role(Reader)),
+            ("zone.v1.KV", "Range", Need::Role(Reader)),
+            ("zone.v1.KV", "Watch", Need::Role(Reader)),
+            ("zone.v1.KV", "Put", Need::Role(Operator)),
+            ("zone.v1.KV", "Delete", Need::Role(Operator)),
+            ("zone.v1.KV", "Txn", Need::Role(Operator)),
+            ("zone.v1.Cluster", "Members", Need::ReaderOrServer),
+            ("zone.v1.Cluster", "Status", Need::Role(Reader)),
+            ("zone.v1.Cluster", "TransferLeader", Need::Role(Operator)),
+            ("zone.v1.Cluster", "SetMaintenance", Need::Role(Operator)),
+            ("zone.v1.Cluster", "AddServer", Need::Role(Admin)),
+            ("zone.v1.Cluster", "RemoveServer", Need::Role(Admin)),
+            ("zone.v1.Cluster", "ResetServer", Need::Role(Admin)),
+            ("zone.v1.Config", "Get", Need::Role(Reader)),
+            ("zone.v1.Config", "List", Need::Role(Reader)),
+            ("zone.v1.Config", "History", Need::Role(Reader)),
+            ("zone.v1.Config", "ReadLocal", Need::Role(Reader)),
+            ("zone.v1.Config", "Push", Need::Role(Operator)),
+            ("zone.v1.Config", "Delete", Need::Role(Operator)),
+            ("zone.v1.Config", "Rollback", Need::Role(Operator)),
+            ("zone.v1.Users", "Issue", Need::Role(Admin)),
+            ("zone.v1.Users", "Revoke", Need::Role(Admin)),
+            ("zone.v1.Users", "List", Need::Role(Admin)),
         ];
-        let mut below_admin = 0;
-        for (service, names) in table {
-            for m in names {
-                let path = format!("/{service}/{m}");
-                assert!(
-                    methods.contains(&path),
-                    "{path} is in the table but not in the API"
-                );
-                if needs(&path) != Need::Role(Role::Admin) {
-                    below_admin += 1;
-                }
-            }
+        for (service, m, need) in table {
+            let path = format!("/{service}/{m}");
+            assert!(
+                methods.contains(&path),
+                "{path} is in the table but not in the API"
+            );
+            assert_eq!(needs(&path), need, "{path}");
         }
         // Every client method of the API is in the table above.
         for m in &methods {
@@ -500,13 +492,14 @@ mod tests {
             }
             let (service, name) = m[1..].split_once('/').unwrap();
             assert!(
-                table
-                    .iter()
-                    .any(|(s, names)| *s == service && names.contains(&name)),
+                table.iter().any(|(s, n, _)| *s == service && *n == name),
                 "{m} is not in this test's table: place it in `needs`"
             );
         }
-        assert_eq!(below_admin, 17);
+        assert_eq!(needs("/grpc.health.v1.Health/Check"), Need::Anyone);
+        // Paths that are not exactly a method's fall to admin.
+        assert_eq!(needs("/zone.v1.KV/Get/x"), Need::Role(Admin));
+        assert_eq!(needs("/zone.v1.kv/Get"), Need::Role(Admin));
     }
 
     #[test]
