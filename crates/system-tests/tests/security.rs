@@ -575,6 +575,21 @@ async fn an_issued_credential_works_within_its_role_until_revoked() {
         table.contains(&serial) && table.contains("rita") && table.contains("valid"),
         "{table}"
     );
+    // A watch rita opened before the revocation, on another server.
+    let rita = zonectl::Credentials::from_dir(&out, "rita").unwrap();
+    let ch = zonectl::endpoint(&zone.servers[l].endpoint(), Some(&rita))
+        .unwrap()
+        .connect_lazy();
+    let mut watch = KvClient::new(ch)
+        .watch(zone_proto::v1::WatchRequest {
+            prefix: b"w/".to_vec(),
+            start_revision: 0,
+            prev_kv: false,
+        })
+        .await
+        .expect("a reader watches")
+        .into_inner();
+    watch.message().await.expect("the watch's first answer");
     // Revoked through a follower: refused there on its next call (it
     // answers once it applied the revocation itself), and on every server
     // once it applied it.
@@ -599,6 +614,20 @@ async fn an_issued_credential_works_within_its_role_until_revoked() {
         )
         .await;
     }
+    // The watch opened before ends, within a second or so.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the revoked reader's watch went on");
+    let e = ended.expect_err("the watch ended without an error");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("was revoked"), "{}", e.message());
     let o = zonectl_as(&zone, l, &admin, &["user", "ls"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("revoked"),

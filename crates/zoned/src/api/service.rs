@@ -110,8 +110,59 @@ impl Kv for KvService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        Ok(Response::new(self.0.watch(req.into_inner())?))
+        let caller = req.extensions().get::<crate::tls::Caller>().cloned();
+        let stream = self.0.watch(req.into_inner())?;
+        Ok(Response::new(match caller {
+            Some(crate::tls::Caller::User { name, serial, .. }) => {
+                ends_when_revoked(self.0.clone(), name, serial, stream)
+            }
+            _ => stream,
+        }))
     }
+}
+
+/// How often a watch checks that its caller's credential was not revoked.
+const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A user's watch, ended with PERMISSION_DENIED within
+/// [`REVOCATION_CHECK`] of its credential's revocation as this server
+/// applied it: the gate checks each call when it starts, and a watch lives
+/// on.
+fn ends_when_revoked(
+    zone: ServerContext,
+    name: String,
+    serial: String,
+    mut inner: WatchStream,
+) -> WatchStream {
+    use tokio_stream::StreamExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REVOCATION_CHECK);
+        loop {
+            tokio::select! {
+                item = inner.next() => match item {
+                    Some(item) => {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if super::users::is_revoked(&zone, &serial) {
+                        let _ = tx
+                            .send(Err(Status::permission_denied(format!(
+                                "the credential of {name} (serial {serial}) was revoked; the watch ends"
+                            ))))
+                            .await;
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// `zone.v1.Cluster`.
