@@ -550,38 +550,47 @@ impl Lab {
     /// Whether zoned at `endpoint` answers the gRPC health check as SERVING
     /// (over TLS, without a client certificate, as a load balancer asks).
     pub fn healthy(&self, endpoint: &str) -> bool {
-        let ep = format!("https://{endpoint}");
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(
                 self.pki.ca.cert_pem(),
             ))
             .domain_name(zonectl::zone_pki::ANY_SERVER)
             .timeout(zonectl::credentials::HANDSHAKE_TIMEOUT);
+        self.health(endpoint, Some(tls))
+            == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+
+    /// The health check's answer from `endpoint`, from the lab's namespace:
+    /// over TLS with `tls`, in plaintext (h2c) without; None if nothing
+    /// answered within 2 s.
+    fn health(
+        &self,
+        endpoint: &str,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Option<i32> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ep = format!("{scheme}://{endpoint}");
         self.in_ns(move |rt| {
             rt.block_on(async move {
-                let Ok(ep) = tonic::transport::Endpoint::from_shared(ep) else {
-                    return false;
-                };
-                let Ok(ep) = ep.tls_config(tls) else {
-                    return false;
-                };
-                let ep = ep
+                let mut ep = tonic::transport::Endpoint::from_shared(ep).ok()?;
+                if let Some(tls) = tls {
+                    ep = ep.tls_config(tls).ok()?;
+                }
+                let ch = ep
                     .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(2));
-                let Ok(ch) = ep.connect().await else {
-                    return false;
-                };
+                    .timeout(Duration::from_secs(2))
+                    .connect()
+                    .await
+                    .ok()?;
                 let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
                 let req = tonic_health::pb::HealthCheckRequest {
                     service: String::new(),
                 };
-                matches!(
-                    c.check(req).await.map(|r| r.into_inner().status),
-                    Ok(s) if s == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                )
+                Some(c.check(req).await.ok()?.into_inner().status)
             })
         })
-        .unwrap_or(false)
+        .ok()
+        .flatten()
     }
 
     /// Every TCP port of `addr` that accepts a connection (all 65535 tried,
@@ -613,26 +622,7 @@ impl Lab {
     /// Whether anything at `endpoint` answers a gRPC health check in
     /// plaintext (h2c), as a client without TLS would ask.
     pub fn answers_plaintext(&self, endpoint: &str) -> bool {
-        let ep = format!("http://{endpoint}");
-        self.in_ns(move |rt| {
-            rt.block_on(async move {
-                let Ok(ep) = tonic::transport::Endpoint::from_shared(ep) else {
-                    return false;
-                };
-                let ep = ep
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(2));
-                let Ok(ch) = ep.connect().await else {
-                    return false;
-                };
-                let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
-                let req = tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                };
-                c.check(req).await.is_ok()
-            })
-        })
-        .unwrap_or(false)
+        self.health(endpoint, None).is_some()
     }
 
     /// Waits until VM `i`'s zoned answers its health check; the time from
