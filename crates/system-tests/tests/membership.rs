@@ -39,9 +39,10 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
     let writer = testbed::zone::start_writer(endpoints.clone(), zone.pki.admin().clone(), "w");
     writer.wait_more(20).await;
 
-    // Add server 4: it enters as a learner, joins through server 2, and is
-    // promoted once caught up.
-    let four = zone.prepare_joiner(4, 1);
+    // Add server 4: it enters as a learner, joins through server 2 with
+    // the token an admin got for it (no certificate of its own yet), and
+    // is promoted once caught up.
+    let four = zone.prepare_token_joiner(4, 1);
     let peer = zone.servers[four].peer.to_string();
     let r = zone
         .cluster(0)
@@ -59,6 +60,8 @@ async fn join_promote_remove_and_transfer_while_a_client_writes() {
         "{:?}",
         r.members
     );
+    let token = zone.join_token(2, 4).await;
+    zone.give_token(four, &token);
     zone.launch(four);
     endpoints
         .lock()

@@ -16,10 +16,12 @@ use testbed::zone::TestZone;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use zone_proto::v1::{
-    config_client::ConfigClient, kv_client::KvClient, peer_client::PeerClient, AddServerRequest,
-    GetRequest, ManagedFile, PushFileRequest, PutRequest, RaftBatch, RemovedNotice, SnapshotChunk,
+    config_client::ConfigClient, join_client::JoinClient, kv_client::KvClient,
+    peer_client::PeerClient, AddServerRequest, GetRequest, JoinRequest, JoinResponse,
+    JoinTokenRequest, ManagedFile, MembersRequest, PushFileRequest, PutRequest, RaftBatch,
+    RemovedNotice, SnapshotChunk,
 };
-use zonectl::zone_pki::{Role, SERVER_SUFFIX};
+use zonectl::zone_pki::{JoinKey, JoinToken, Role, ZoneCa, SERVER_SUFFIX};
 
 const FILES: &str = "[files]\nmanaged_roots = [\"/etc/zoned/managed\"]\n";
 
@@ -664,4 +666,357 @@ async fn an_issued_credential_works_within_its_role_until_revoked() {
     let o = zonectl_as(&zone, l, &mallory, &["kv", "get", "k"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("was revoked"));
     let _ = zone.wait_leader().await;
+}
+
+/// A Join call as a server without a certificate makes it: TLS to server
+/// `i`'s client port (checked against the test CA), no client certificate.
+async fn join_as(
+    zone: &TestZone,
+    i: usize,
+    token: &str,
+    id: u64,
+    key: &JoinKey,
+) -> Result<JoinResponse, tonic::Status> {
+    let proof = match token.parse::<JoinToken>() {
+        Ok(t) => key.prove(&t).unwrap(),
+        Err(_) => b"no token to sign".to_vec(),
+    };
+    JoinClient::new(zone.channel_as(i, None))
+        .join(JoinRequest {
+            token: token.to_owned(),
+            id,
+            public_key: key.public_key(),
+            proof,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn denied_for(r: Result<JoinResponse, tonic::Status>, reason: &str) {
+    let e = r.expect_err("the join was let through");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains(reason),
+        "expected {reason:?} in: {}",
+        e.message()
+    );
+}
+
+async fn issue_token(zone: &TestZone, i: usize, id: u64, ttl_seconds: u64) -> String {
+    JoinClient::new(zone.channel(i).await)
+        .issue_token(JoinTokenRequest { id, ttl_seconds })
+        .await
+        .expect("an admin gets a join token")
+        .into_inner()
+        .token
+}
+
+async fn add(zone: &TestZone, i: usize, id: u64, peer: String) {
+    zone.cluster(i)
+        .await
+        .add_server(AddServerRequest {
+            id,
+            name: format!("zone-{id}"),
+            peer,
+        })
+        .await
+        .expect("the admin adds a server");
+}
+
+/// Join tokens: a garbled token, another zone's, one for another server,
+/// one never issued, a signing request whose signature does not match,
+/// an expired token and a replaced one are each refused with its reason
+/// and spend nothing (the real token still admits its server afterwards);
+/// the server joins with it, gets a certificate for the key it made, and
+/// is promoted; the token then refuses another key (used) but signs again
+/// for the same one (a lost answer); a zoned started with a spent token
+/// exits 2 saying so, and one given another zone's token refuses the
+/// member at the handshake, before sending it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_admit_one_server_once_and_bad_tokens_are_refused_with_their_reason() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let via = (l + 1) % 3;
+    let four = zone.prepare_token_joiner(4, via);
+    add(&zone, l, 4, zone.servers[four].peer.to_string()).await;
+    let key = JoinKey::generate().unwrap();
+
+    // Only an admin gets a token.
+    let e = JoinClient::new(zone.channel_as(l, Some(&zone.pki.user("otto", Role::Operator))))
+        .issue_token(JoinTokenRequest {
+            id: 4,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = JoinClient::new(zone.channel_as(l, None))
+        .issue_token(JoinTokenRequest {
+            id: 4,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Not for a server that is not a member.
+    let e = JoinClient::new(zone.channel(l).await)
+        .issue_token(JoinTokenRequest {
+            id: 9,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Expired: a token of one second, tried after two.
+    let short = issue_token(&zone, l, 4, 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    denied_for(join_as(&zone, via, &short, 4, &key).await, "expired token");
+
+    let token = issue_token(&zone, via, 4, 0).await;
+    let parsed: JoinToken = token.parse().unwrap();
+    assert_eq!(parsed.ca_fingerprint, zone.pki.ca.fingerprint());
+    // Replaced: the short one is no longer server 4's token.
+    denied_for(
+        join_as(&zone, via, &short, 4, &key).await,
+        "unknown token: it is not server 4's current join token",
+    );
+    denied_for(
+        join_as(&zone, via, "zjoin1.4.garbage", 4, &key).await,
+        "not a join token",
+    );
+    denied_for(
+        join_as(&zone, via, &token, 5, &key).await,
+        "wrong server: the token was issued for server 4, and this server is 5",
+    );
+    let other_zone = ZoneCa::generate().unwrap();
+    let foreign = JoinToken::generate(4, &other_zone.fingerprint()).unwrap();
+    denied_for(
+        join_as(&zone, via, &foreign.to_string(), 4, &key).await,
+        "another zone's token",
+    );
+    let never = JoinToken::generate(4, &zone.pki.ca.fingerprint()).unwrap();
+    denied_for(
+        join_as(&zone, via, &never.to_string(), 4, &key).await,
+        "unknown token",
+    );
+    // A signing request whose signature is not the key's.
+    let thief = JoinKey::generate().unwrap();
+    let e = JoinClient::new(zone.channel_as(via, None))
+        .join(JoinRequest {
+            token: token.clone(),
+            id: 4,
+            public_key: thief.public_key(),
+            proof: key.prove(&parsed).unwrap(),
+        })
+        .await;
+    denied_for(
+        e.map(tonic::Response::into_inner),
+        "signature does not verify",
+    );
+    // Nobody writes the records through the key-value API.
+    let e = zone.kv(l).await.put(put("zone/join/4")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("the join tokens"), "{}", e.message());
+
+    // The real server joins with the token, none the worse for the
+    // refusals above.
+    zone.give_token(four, &token);
+    zone.launch(four);
+    testbed::zone::poll(
+        Duration::from_secs(30),
+        "server 4 to be a voter",
+        || async {
+            let r = zone
+                .cluster(l)
+                .await
+                .members(MembersRequest {})
+                .await
+                .ok()?;
+            r.into_inner()
+                .members
+                .iter()
+                .any(|m| m.id == 4 && !m.learner)
+                .then_some(())
+        },
+    )
+    .await;
+    let tls = zone.tls_dir(four);
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(tls.join(p)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode("node.key"), 0o600);
+    assert_eq!(
+        zonectl::zone_pki::verify(
+            zone.pki.ca.cert_pem(),
+            &std::fs::read_to_string(tls.join("node.pem")).unwrap(),
+            "server 4's certificate"
+        )
+        .unwrap(),
+        zonectl::zone_pki::Holder::Server(4)
+    );
+    assert!(
+        zone.log(four)
+            .contains("joined: this server's node certificate is written"),
+        "{}",
+        zone.log(four)
+    );
+    zone.kv(four).await.put(put("after-join")).await.unwrap();
+    assert_eq!(
+        value(&zone, four, "after-join").await.as_deref(),
+        Some(&b"v"[..])
+    );
+
+    // Used: another key is refused; the joiner's own key is signed again.
+    denied_for(join_as(&zone, l, &token, 4, &key).await, "used token");
+    let own = JoinKey::from_pem(&std::fs::read_to_string(tls.join("node.key")).unwrap()).unwrap();
+    let again = join_as(&zone, l, &token, 4, &own)
+        .await
+        .expect("the joiner asking again gets its certificate again");
+    assert_eq!(
+        zonectl::zone_pki::facts_pem(&again.cert_pem)
+            .unwrap()
+            .public_key,
+        own.public_key()
+    );
+
+    // A zoned whose token was spent meanwhile exits 2, naming why.
+    let five = zone.prepare_token_joiner(5, via);
+    add(&zone, l, 5, zone.servers[five].peer.to_string()).await;
+    let token5 = issue_token(&zone, l, 5, 0).await;
+    join_as(&zone, via, &token5, 5, &JoinKey::generate().unwrap())
+        .await
+        .expect("someone else spends server 5's token first");
+    zone.give_token(five, &token5);
+    zone.launch(five);
+    let status = zone.wait_exit(five, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{}", zone.log(five));
+    assert!(zone.log(five).contains("used token"), "{}", zone.log(five));
+    assert!(!zone.tls_dir(five).join("node.pem").exists());
+
+    // Another zone's token: the member is refused at the handshake (its
+    // CA is not the one the token names) and the token never sent.
+    let six = zone.prepare_token_joiner(6, via);
+    zone.give_token(
+        six,
+        &JoinToken::generate(6, &other_zone.fingerprint())
+            .unwrap()
+            .to_string(),
+    );
+    zone.launch(six);
+    let status = zone.wait_exit(six, Duration::from_secs(20));
+    assert_ne!(status.code(), Some(0));
+    assert!(
+        zone.log(six)
+            .contains("did not present the zone CA the token names"),
+        "{}",
+        zone.log(six)
+    );
+}
+
+/// The certificate server `i`'s client port presents on a new connection
+/// (checked against the test CA; no client certificate).
+async fn presented(zone: &TestZone, i: usize) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls_pki_types::CertificateDer::from_pem_slice(zone.pki.ca.cert_pem().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(zone.servers[i].client)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(zonectl::zone_pki::ANY_SERVER).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("a TLS handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Node certificates with a third of their life left are renewed while
+/// the servers run: server 2 holds the CA's key and signs its own; server
+/// 3 does not, and a member signs it over the peer port. Each keeps its
+/// key, writes the new certificate to node.pem, presents it on the next
+/// handshake without a restart, and reports its expiry in the zone's
+/// status (zonectl show's column).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificates_near_their_end_are_renewed_without_a_restart() {
+    let mut zone = TestZone::prepare(3, "");
+    let hour = Duration::from_secs(3600);
+    for id in [2, 3] {
+        zone.pki.server_expiring(id, hour, 24 * hour);
+    }
+    std::fs::remove_file(zone.pki.server(3).join("ca.key")).unwrap();
+    let keys: Vec<Vec<u8>> = [2, 3]
+        .iter()
+        .map(|id| {
+            let pem = std::fs::read_to_string(zone.pki.server(*id).join("node.pem")).unwrap();
+            zonectl::zone_pki::facts_pem(&pem).unwrap().public_key
+        })
+        .collect();
+    for i in 0..3 {
+        zone.launch(i);
+    }
+    zone.wait_leader().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let soon = now + 2 * 3600;
+    assert!(
+        zonectl::zone_pki::facts(&presented(&zone, 2).await)
+            .unwrap()
+            .not_after_unix
+            < soon,
+        "server 3 starts with its short certificate"
+    );
+    let year_on = now + 300 * 86_400;
+    testbed::zone::poll(
+        Duration::from_secs(30),
+        "servers 2 and 3 to report renewed certificates",
+        || async {
+            let v = zone.status(0).await?;
+            let renewed = |id| {
+                v.servers
+                    .iter()
+                    .any(|s| s.id == id && s.cert_expires_unix.is_some_and(|t| t > year_on))
+            };
+            (renewed(2) && renewed(3)).then_some(())
+        },
+    )
+    .await;
+    for (i, id) in [(1, 2), (2, 3)] {
+        let pem = std::fs::read_to_string(zone.pki.server(id).join("node.pem")).unwrap();
+        let facts = zonectl::zone_pki::facts_pem(&pem).unwrap();
+        assert!(facts.not_after_unix > year_on, "server {id}'s node.pem");
+        assert_eq!(facts.public_key, keys[i - 1], "server {id} keeps its key");
+        let seen = zonectl::zone_pki::facts(&presented(&zone, i).await).unwrap();
+        assert!(
+            seen.not_after_unix > year_on,
+            "server {id} presents the renewed certificate"
+        );
+        assert!(
+            zone.log(i)
+                .contains("renewed this server's node certificate"),
+            "{}",
+            zone.log(i)
+        );
+        assert!(zone.servers[i].is_running(), "server {id} restarted");
+    }
+    assert!(zone.log(0).contains("renewed a server's node certificate"));
+    // The zone works on: server 3 takes a write, every server reads it.
+    zone.kv(2).await.put(put("renewed")).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(value(&zone, i, "renewed").await.as_deref(), Some(&b"v"[..]));
+    }
 }

@@ -84,6 +84,8 @@ pub struct ZonedConfig {
     pub peer: String,
     /// A member's client address, for a server that joins.
     pub join: Option<String>,
+    /// With `join`: a one-time token, for a server without certificates.
+    pub join_token: Option<String>,
     /// More tables, after [node].
     pub extra: String,
     /// The founders, as (id, peer address).
@@ -104,6 +106,9 @@ impl ZonedConfig {
         );
         if let Some(join) = &self.join {
             text.push_str(&format!("join = \"{join}\"\n"));
+        }
+        if let Some(token) = &self.join_token {
+            text.push_str(&format!("join_token = \"{token}\"\n"));
         }
         text.push_str(&format!("\n{}\n", self.extra));
         if let Some(dir) = &self.tls {

@@ -62,6 +62,25 @@ impl TestPki {
         d
     }
 
+    /// Replaces server `id`'s node certificate (and key) with one valid for
+    /// `life` of which only `left` remains; returns its directory.
+    pub fn server_expiring(
+        &self,
+        id: u64,
+        left: std::time::Duration,
+        life: std::time::Duration,
+    ) -> PathBuf {
+        let d = self.server(id);
+        let now = time::OffsetDateTime::now_utc();
+        let c = self
+            .ca
+            .issue_node_between(id, now + left - life, now + left)
+            .expect("a node certificate");
+        write(&d.join("node.pem"), &c.cert_pem, 0o644);
+        write(&d.join("node.key"), &c.key_pem, 0o600);
+        d
+    }
+
     /// [`TestPki::server`], with the zone CA's key beside it, as `zonectl
     /// zone init` gives a founder.
     pub fn founder(&self, id: u64) -> PathBuf {

@@ -97,6 +97,9 @@ pub struct TestZone {
 /// Raft timing for tests: 50 ms ticks, elections after 0.5-1 s.
 const TEST_RAFT: &str = "[raft]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 2\n";
 
+/// Stands for the join token in a configuration until it is given.
+const TOKEN_PLACEHOLDER: &str = "join-token-to-be-given";
+
 impl TestZone {
     /// Starts `n` servers forming one zone. `extra` is appended to every
     /// config file (a `[limits]` table, say), `{dir}` in it replaced by the
@@ -150,8 +153,48 @@ impl TestZone {
     }
 
     /// Prepares (does not start) a new server that joins the zone through
-    /// server index `via`; returns its index.
+    /// server index `via`; returns its index. Its certificate is made here,
+    /// by the test's CA (see [`TestZone::prepare_token_joiner`] for a
+    /// server that gets its own with a join token).
     pub fn prepare_joiner(&mut self, id: u64, via: usize) -> usize {
+        self.prepare_joiner_with(id, via, None)
+    }
+
+    /// As [`TestZone::prepare_joiner`], for a server that has no
+    /// certificate: an empty `[tls] dir` (`tls_dir(index)`); its join
+    /// token is given with [`TestZone::give_token`] once the server was
+    /// added.
+    pub fn prepare_token_joiner(&mut self, id: u64, via: usize) -> usize {
+        self.prepare_joiner_with(id, via, Some(TOKEN_PLACEHOLDER))
+    }
+
+    /// Writes `token` into the configuration of server index `i`, prepared
+    /// with [`TestZone::prepare_token_joiner`].
+    pub fn give_token(&self, i: usize, token: &str) {
+        let path = self.servers[i].config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(TOKEN_PLACEHOLDER), "{}", path.display());
+        std::fs::write(&path, text.replace(TOKEN_PLACEHOLDER, token)).unwrap();
+    }
+
+    /// Asks server index `via` (as the admin) for a join token for server
+    /// `id` (one hour).
+    pub async fn join_token(&self, via: usize, id: u64) -> String {
+        zonectl::v1::join_client::JoinClient::new(self.channel(via).await)
+            .issue_token(zonectl::v1::JoinTokenRequest { id, ttl_seconds: 0 })
+            .await
+            .unwrap_or_else(|e| panic!("a join token for server {id}: {e:?}"))
+            .into_inner()
+            .token
+    }
+
+    /// Where a server prepared with [`TestZone::prepare_token_joiner`]
+    /// keeps the certificates it gets.
+    pub fn tls_dir(&self, i: usize) -> PathBuf {
+        self.servers[i].dir.join("tls")
+    }
+
+    fn prepare_joiner_with(&mut self, id: u64, via: usize, token: Option<&str>) -> usize {
         let s = Server {
             id,
             client: addr(self.net, id, 7400),
@@ -160,11 +203,15 @@ impl TestZone {
             child: None,
         };
         std::fs::create_dir_all(&s.dir).unwrap();
-        let text = ZonedConfig {
+        let mut config = ZonedConfig {
             join: Some(self.servers[via].client.to_string()),
             ..self.config_of(&s)
+        };
+        if let Some(token) = token {
+            config.join_token = Some(token.to_owned());
+            config.tls = Some(s.dir.join("tls"));
         }
-        .render();
+        let text = config.render();
         std::fs::write(s.config_path(), text).unwrap();
         self.servers.push(s);
         self.servers.len() - 1

@@ -31,6 +31,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::{Duration, OffsetDateTime};
 
+mod join;
+pub use join::{check_proof, sha256, JoinKey, JoinToken, TOKEN_PREFIX};
+
 /// Name suffixes in the zone's certificates.
 pub const SERVER_SUFFIX: &str = ".server.zoned.invalid";
 pub const USER_SUFFIX: &str = ".user.zoned.invalid";
@@ -199,7 +202,14 @@ pub fn fingerprint_der(der: &[u8]) -> String {
     format!("sha256:{hex}")
 }
 
-fn der_of(what: &str, pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+/// The SHA-256 fingerprint of the first certificate in a PEM text.
+pub fn fingerprint_pem(pem: &str) -> Option<String> {
+    der_of("a certificate", pem)
+        .ok()
+        .map(|d| fingerprint_der(d.as_ref()))
+}
+
+pub(crate) fn der_of(what: &str, pem: &str) -> Result<CertificateDer<'static>, PkiError> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Unreadable {
         what: what.into(),
         why: e.to_string(),
@@ -223,8 +233,12 @@ impl ZoneCa {
     /// The zone CA from its certificate and key (PEM). A certificate is
     /// signed with it and checked against the CA's certificate, so that a
     /// key of another zone is refused here, not at the first handshake.
+    /// `cert_pem` may hold more CA certificates after the first (while the
+    /// zone CA is replaced): the key must be the first's, which is the
+    /// zone CA's fingerprint; the whole bundle is what clients are given.
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<ZoneCa, PkiError> {
-        let cert_der = der_of("the zone CA certificate", cert_pem)?.to_vec();
+        let first = der_of("the zone CA certificate", cert_pem)?;
+        let cert_der = first.to_vec();
         let key = KeyPair::from_pem(key_pem)?;
         let ca = ZoneCa {
             cert_pem: cert_pem.to_owned(),
@@ -233,7 +247,7 @@ impl ZoneCa {
             issuer: Issuer::new(ca_params()?, key),
         };
         let probe = ca.issue_client("probe", Role::Reader)?;
-        match verify(cert_pem, &probe.cert_pem, "a probe") {
+        match verify_with(&[first], &probe.cert_pem, "a probe") {
             Ok(_) => Ok(ca),
             Err(PkiError::NotSigned(_)) => Err(PkiError::KeyMismatch),
             Err(e) => Err(e),
@@ -255,7 +269,19 @@ impl ZoneCa {
 
     fn sign(&self, p: &CertificateParams) -> Result<Credential, PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = p.signed_by(&key, &self.issuer)?;
+        let mut cred = self.sign_for(p, &key)?;
+        cred.key_pem = key.serialize_pem();
+        Ok(cred)
+    }
+
+    /// Signs a certificate for a public key whose private key is
+    /// elsewhere: the credential's `key_pem` is empty.
+    fn sign_for(
+        &self,
+        p: &CertificateParams,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<Credential, PkiError> {
+        let cert = p.signed_by(key, &self.issuer)?;
         let serial = p
             .serial_number
             .as_ref()
@@ -263,7 +289,7 @@ impl ZoneCa {
             .unwrap_or_default();
         Ok(Credential {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: String::new(),
             serial,
             not_after_unix: p.not_after.unix_timestamp(),
         })
@@ -271,20 +297,35 @@ impl ZoneCa {
 
     /// A node certificate for server `id`, reachable at `addresses`.
     pub fn issue_node(&self, id: u64, addresses: &[IpAddr]) -> Result<Credential, PkiError> {
-        let mut p = params(&format!("zoned server {id}"), LEAF_VALIDITY)?;
-        p.subject_alt_names = vec![
-            dns(format!("{id}{SERVER_SUFFIX}"))?,
-            dns(ANY_SERVER.to_owned())?,
-        ];
-        p.subject_alt_names
-            .extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.use_authority_key_identifier_extension = true;
+        self.sign(&node_params(id, addresses)?)
+    }
+
+    /// A node certificate for server `id` valid from `not_before` to
+    /// `not_after` (tests of expiry and renewal; servers are given
+    /// [`LEAF_VALIDITY`]).
+    pub fn issue_node_between(
+        &self,
+        id: u64,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Credential, PkiError> {
+        let mut p = node_params(id, &[])?;
+        p.not_before = not_before;
+        p.not_after = not_after;
         self.sign(&p)
+    }
+
+    /// A node certificate for server `id` and the P-256 public key
+    /// (uncompressed SEC1 point) that server made and keeps ([`JoinKey`]):
+    /// what a joining or renewing server gets. The key must have been
+    /// checked ([`check_proof`]).
+    pub fn issue_node_for(
+        &self,
+        id: u64,
+        addresses: &[IpAddr],
+        public_key: &[u8],
+    ) -> Result<Credential, PkiError> {
+        self.sign_for(&node_params(id, addresses)?, &join::P256Public(public_key))
     }
 
     /// A client credential for `name` with `role`.
@@ -311,21 +352,61 @@ impl ZoneCa {
     }
 }
 
+/// A node certificate's parameters.
+fn node_params(id: u64, addresses: &[IpAddr]) -> Result<CertificateParams, PkiError> {
+    let mut p = params(&format!("zoned server {id}"), LEAF_VALIDITY)?;
+    p.subject_alt_names = vec![
+        dns(format!("{id}{SERVER_SUFFIX}"))?,
+        dns(ANY_SERVER.to_owned())?,
+    ];
+    p.subject_alt_names
+        .extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
 /// Checks that `cert_pem` was signed by the zone CA `ca_pem`, is valid
 /// now and for client authentication (every certificate of the zone is),
 /// and says whom it names. The same verifier as rustls' handshakes; this is
 /// for tools and tests that look at a credential on disk.
+///
+/// `ca_pem` may hold more than one CA certificate (while the zone CA is
+/// replaced, README: rotating the zone CA): any of them will do.
 pub fn verify(ca_pem: &str, cert_pem: &str, what: &str) -> Result<Holder, PkiError> {
-    let ca_der = der_of("the zone CA certificate", ca_pem)?;
+    let ca_ders: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| PkiError::Unreadable {
+            what: "the zone CA certificate".into(),
+            why: e.to_string(),
+        })?;
+    if ca_ders.is_empty() {
+        der_of("the zone CA certificate", ca_pem)?;
+    }
+    verify_with(&ca_ders, cert_pem, what)
+}
+
+/// [`verify`] against these CA certificates (DER).
+fn verify_with(
+    ca_ders: &[CertificateDer<'static>],
+    cert_pem: &str,
+    what: &str,
+) -> Result<Holder, PkiError> {
     let der = der_of(what, cert_pem)?;
     let unreadable = |why: String| PkiError::Unreadable {
         what: what.into(),
         why,
     };
-    let anchor = webpki::anchor_from_trusted_cert(&ca_der)
+    let anchors = ca_ders
+        .iter()
+        .map(|d| webpki::anchor_from_trusted_cert(d))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| unreadable(format!("the CA: {e}")))?;
     let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| unreadable(e.to_string()))?;
-    let anchors = [anchor];
     let checked = cert.verify_for_usage(
         &[webpki::ring::ECDSA_P256_SHA256],
         &anchors,
@@ -365,6 +446,83 @@ pub fn presented(der: &[u8]) -> Option<Presented> {
     let serial = cert.serial().iter().map(|b| format!("{b:02x}")).collect();
     let holder = holder_of(cert.valid_dns_names())?;
     Some(Presented { holder, serial })
+}
+
+/// The fields of a certificate that rustls' verifier does not expose:
+/// when it expires, and the public key it certifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    /// Its validity (Unix seconds).
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+    /// The subject's public key (for P-256, the uncompressed SEC1 point).
+    pub public_key: Vec<u8>,
+}
+
+/// Reads [`Facts`] from a DER certificate (RFC 5280 section 4.1, read with
+/// yasna, the DER crate rcgen writes with). None if it is not one.
+pub fn facts(der: &[u8]) -> Option<Facts> {
+    use yasna::tags::{TAG_GENERALIZEDTIME, TAG_UTCTIME};
+    use yasna::{BERReader, Tag};
+    fn time(r: BERReader) -> yasna::ASN1Result<i64> {
+        let tag = r.lookahead_tag()?;
+        if tag == TAG_UTCTIME {
+            Ok(r.read_utctime()?.datetime().unix_timestamp())
+        } else if tag == TAG_GENERALIZEDTIME {
+            Ok(r.read_generalized_time()?.datetime().unix_timestamp())
+        } else {
+            Err(yasna::ASN1Error::new(yasna::ASN1ErrorKind::Invalid))
+        }
+    }
+    yasna::parse_der(der, |r| {
+        r.read_sequence(|r| {
+            let facts = r.next().read_sequence(|r| {
+                // version [0] EXPLICIT, serial, signature algorithm, issuer
+                r.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_u8()))?;
+                r.next().read_der()?;
+                r.next().read_der()?;
+                r.next().read_der()?;
+                let (not_before, not_after) = r
+                    .next()
+                    .read_sequence(|r| Ok((time(r.next())?, time(r.next())?)))?;
+                r.next().read_der()?; // subject
+                let public_key = r.next().read_sequence(|r| {
+                    r.next().read_der()?;
+                    Ok(r.next().read_bitvec_bytes()?.0)
+                })?;
+                // Unique ids and extensions.
+                while r.read_optional(|r| r.read_der())?.is_some() {}
+                Ok(Facts {
+                    not_before_unix: not_before,
+                    not_after_unix: not_after,
+                    public_key,
+                })
+            })?;
+            r.next().read_der()?; // signature algorithm
+            r.next().read_bitvec_bytes()?; // signature
+            Ok(facts)
+        })
+    })
+    .ok()
+}
+
+/// [`facts`] of the first certificate in a PEM text.
+pub fn facts_pem(pem: &str) -> Option<Facts> {
+    facts(der_of("a certificate", pem).ok()?.as_ref())
+}
+
+/// A moment for people: `2026-12-05 21:47:06 UTC`.
+pub fn utc(unix: i64) -> String {
+    match OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{} {:02}:{:02}:{:02} UTC",
+            t.date(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{unix} (Unix time)"),
+    }
 }
 
 /// Whom the DNS names of a certificate of the zone name.
@@ -465,6 +623,62 @@ mod tests {
             err.to_string(),
             "old's credential is not valid now (expired, or not yet valid)"
         );
+    }
+
+    #[test]
+    fn facts_read_the_expiry_and_key_the_certificate_was_made_with() {
+        let ca = ZoneCa::generate().unwrap();
+        let node = ca.issue_node(2, &["10.0.0.2".parse().unwrap()]).unwrap();
+        let f = facts_pem(&node.cert_pem).unwrap();
+        assert_eq!(f.not_after_unix, node.not_after_unix);
+        assert_eq!(
+            f.not_after_unix - f.not_before_unix,
+            (LEAF_VALIDITY + BACKDATE).whole_seconds()
+        );
+        let key = KeyPair::from_pem(&node.key_pem).unwrap();
+        assert_eq!(f.public_key, key.public_key_raw());
+        // The CA's own (no extensions of a leaf; ten years).
+        let ca_facts = facts_pem(ca.cert_pem()).unwrap();
+        let ten_years = OffsetDateTime::now_utc() + CA_VALIDITY;
+        assert!((ca_facts.not_after_unix - ten_years.unix_timestamp()).abs() < 60);
+        assert_eq!(facts(b"not a certificate"), None);
+        let mut der = der_of("n", &node.cert_pem).unwrap().to_vec();
+        der.truncate(der.len() - 10);
+        assert_eq!(facts(&der), None);
+    }
+
+    #[test]
+    fn while_the_ca_is_replaced_either_ca_of_the_bundle_verifies() {
+        let old = ZoneCa::generate().unwrap();
+        let new = ZoneCa::generate().unwrap();
+        let bundle = format!("{}{}", old.cert_pem(), new.cert_pem());
+        for ca in [&old, &new] {
+            let node = ca.issue_node(1, &[]).unwrap();
+            assert_eq!(
+                verify(&bundle, &node.cert_pem, "node").unwrap(),
+                Holder::Server(1)
+            );
+        }
+        let stranger = ZoneCa::generate().unwrap().issue_node(1, &[]).unwrap();
+        assert!(matches!(
+            verify(&bundle, &stranger.cert_pem, "node"),
+            Err(PkiError::NotSigned(_))
+        ));
+        // A founder's key is the first certificate's.
+        assert_eq!(
+            ZoneCa::load(&bundle, old.key_pem()).unwrap().fingerprint(),
+            old.fingerprint()
+        );
+        assert!(matches!(
+            ZoneCa::load(&bundle, new.key_pem()),
+            Err(PkiError::KeyMismatch)
+        ));
+    }
+
+    #[test]
+    fn moments_are_said_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_796_507_226), "2026-12-05 21:47:06 UTC");
     }
 
     #[test]

@@ -143,11 +143,39 @@ fn private_dir(dir: &Path) -> Result<(), CredentialError> {
         .map_err(|e| CredentialError::Write(dir.to_owned(), e))
 }
 
+/// Whether `dir` holds a renewal of the given node certificate: zoned
+/// renews it in place ([`install`]'s directory) before it expires, and
+/// the files on the EFI partition stay as `zonectl zone init` made them.
+/// A renewal is a certificate of the given zone CA for server `id`, for
+/// the given key, that expires later.
+fn renewed(found: &Found, dir: &Path, id: u64) -> bool {
+    let Ok(there) = std::fs::read_to_string(dir.join("node.pem")) else {
+        return false;
+    };
+    let ours = |pem: &str| zone_pki::facts_pem(pem);
+    let key = zone_pki::JoinKey::from_pem(found.get("node.key")).map(|k| k.public_key());
+    match (ours(&there), ours(found.get("node.pem")), key) {
+        (Some(t), Some(g), Ok(key)) => {
+            t.public_key == key
+                && t.not_after_unix > g.not_after_unix
+                && zone_pki::verify(found.get("ca.pem"), &there, "node.pem")
+                    .is_ok_and(|h| h == Holder::Server(id))
+        }
+        _ => false,
+    }
+}
+
 /// Installs the files into `dir` (made 0700; keys 0600), for zoned's
-/// `[tls] dir`.
-pub fn install(found: &Found, dir: &Path) -> Result<(), CredentialError> {
+/// `[tls] dir`: on the data partition, where zoned renews its node
+/// certificate. A renewal found there is kept (and said so: true); any
+/// other file is replaced by the one given.
+pub fn install(found: &Found, dir: &Path, id: u64) -> Result<bool, CredentialError> {
     private_dir(dir)?;
+    let keep = renewed(found, dir, id);
     for (name, _, mode) in FILES {
+        if keep && name == "node.pem" {
+            continue;
+        }
         match found.files.get(name) {
             Some(text) => write(dir, name, text, mode)?,
             None => {
@@ -155,7 +183,7 @@ pub fn install(found: &Found, dir: &Path) -> Result<(), CredentialError> {
             }
         }
     }
-    Ok(())
+    Ok(keep)
 }
 
 /// Issues this server's local admin credential (`local-admin-<id>`) into
@@ -206,7 +234,7 @@ mod tests {
         let found = gather(&efi, &fw).unwrap();
         let ca2 = found.check(2).unwrap().expect("the CA's key");
         let out = d.path().join("run");
-        install(&found, &out.join("tls")).unwrap();
+        assert!(!install(&found, &out.join("tls"), 2).unwrap());
         issue_local_admin(&ca2, 2, &out.join("admin")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -221,5 +249,56 @@ mod tests {
                 role: Role::Admin
             }
         );
+    }
+
+    /// zoned renewed its certificate in the installed directory: the next
+    /// boot keeps the renewal, not the older one from the EFI partition;
+    /// anything else there is replaced.
+    #[test]
+    fn a_renewed_node_certificate_survives_the_next_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let (efi, fw, tls) = (
+            d.path().join("efi"),
+            d.path().join("fw"),
+            d.path().join("tls"),
+        );
+        let ca = ZoneCa::generate().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let given = ca
+            .issue_node_between(
+                2,
+                now - time::Duration::days(300),
+                now + time::Duration::days(65),
+            )
+            .unwrap();
+        put(&efi, "ca.pem", ca.cert_pem());
+        put(&efi, "node.pem", &given.cert_pem);
+        put(&efi, "node.key", &given.key_pem);
+        let found = gather(&efi, &fw).unwrap();
+        assert!(!install(&found, &tls, 2).unwrap());
+        let key = zone_pki::JoinKey::from_pem(&given.key_pem).unwrap();
+        let renewal = ca.issue_node_for(2, &[], &key.public_key()).unwrap();
+        std::fs::write(tls.join("node.pem"), &renewal.cert_pem).unwrap();
+        assert!(install(&found, &tls, 2).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(tls.join("node.pem")).unwrap(),
+            renewal.cert_pem
+        );
+        // Not a renewal: another key's certificate, another server's, or
+        // another zone's. The given one replaces it.
+        let other_key = ca.issue_node(2, &[]).unwrap();
+        let other_server = ca.issue_node_for(3, &[], &key.public_key()).unwrap();
+        let other_zone = ZoneCa::generate()
+            .unwrap()
+            .issue_node_for(2, &[], &key.public_key())
+            .unwrap();
+        for stranger in [other_key, other_server, other_zone] {
+            std::fs::write(tls.join("node.pem"), &stranger.cert_pem).unwrap();
+            assert!(!install(&found, &tls, 2).unwrap());
+            assert_eq!(
+                std::fs::read_to_string(tls.join("node.pem")).unwrap(),
+                given.cert_pem
+            );
+        }
     }
 }

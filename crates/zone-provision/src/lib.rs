@@ -55,7 +55,7 @@ pub enum Error {
 }
 
 const KNOWN: &str =
-    "id, name, interface, address, gateway, dns, peers, vip, join, leader_units, managed_roots";
+    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots";
 
 /// An identity as one source gives it: any field may be missing.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -79,6 +79,10 @@ pub struct Identity {
     /// Join an existing zone through this member's address instead of
     /// founding one (after `zonectl server add`).
     pub join: Option<String>,
+    /// With `join`: the one-time token `zonectl server add` printed, for a
+    /// server given no certificates: zoned gets its own with it, and keeps
+    /// them on the data partition.
+    pub join_token: Option<String>,
     /// systemd units run only on the leader, after the VIP is up.
     pub leader_units: Option<Vec<String>>,
     /// Directories whose files `zonectl config push` may manage, besides
@@ -129,6 +133,7 @@ impl Identity {
                 "peers" => id.peers = Some(list()),
                 "vip" => id.vip = Some(list()),
                 "join" => id.join = Some(value.to_owned()),
+                "join_token" => id.join_token = Some(value.to_owned()),
                 "leader_units" => id.leader_units = Some(list()),
                 "managed_roots" => id.managed_roots = Some(list()),
                 _ => {
@@ -154,6 +159,7 @@ impl Identity {
             peers: over.peers.or(self.peers),
             vip: over.vip.or(self.vip),
             join: over.join.or(self.join),
+            join_token: over.join_token.or(self.join_token),
             leader_units: over.leader_units.or(self.leader_units),
             managed_roots: over.managed_roots.or(self.managed_roots),
         }
@@ -252,6 +258,28 @@ impl Identity {
                     .map_err(|_| invalid("join", format!("`{j}` is not an IP address")))?,
             ),
         };
+        let join_token = match &self.join_token {
+            None => None,
+            Some(t) => {
+                let token: zone_pki::JoinToken = t.parse().map_err(|e| invalid("join_token", e))?;
+                if join.is_none() {
+                    return Err(invalid(
+                        "join_token",
+                        "needs `join`: the address of the member to join through".into(),
+                    ));
+                }
+                if token.server_id != id {
+                    return Err(invalid(
+                        "join_token",
+                        format!(
+                            "is for server {}, and this server's id is {id}",
+                            token.server_id
+                        ),
+                    ));
+                }
+                Some(t.trim().to_owned())
+            }
+        };
         if join.is_none() && !peers.is_empty() {
             match peers.iter().find(|p| p.id == id) {
                 None => {
@@ -319,6 +347,7 @@ impl Identity {
             peers,
             vip,
             join,
+            join_token,
             leader_units,
         })
     }
@@ -391,6 +420,7 @@ pub struct Resolved {
     pub peers: Vec<Peer>,
     pub vip: Vec<Cidr>,
     pub join: Option<IpAddr>,
+    pub join_token: Option<String>,
     pub leader_units: Vec<String>,
     /// Always starts with /etc/zoned/managed.
     pub managed_roots: Vec<String>,
@@ -425,6 +455,8 @@ struct NodeSection {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     join: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    join_token: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -454,13 +486,15 @@ const HEADER: &str = "# Written at boot by zone-provision from the node identity
                       # lost at the next boot: change zoned/identity.toml on the EFI partition.\n";
 
 /// zoned's node.toml: everything not written here keeps zoned's default.
-/// `tls`: where the server's certificates were installed.
-pub fn render_node(r: &Resolved, tls: &std::path::Path) -> String {
+/// `tls`: where the server's certificates were installed, or where zoned
+/// writes those it gets with the join token (`with_token`).
+pub fn render_node(r: &Resolved, tls: &std::path::Path, with_token: bool) -> String {
     let file = NodeFile {
         node: NodeSection {
             id: r.id,
             name: r.name.clone(),
             join: r.join.map(|j| host_port(j, CLIENT_PORT)),
+            join_token: r.join_token.clone().filter(|_| with_token),
         },
         files: FilesEntry {
             managed_roots: r.managed_roots.clone(),
@@ -557,12 +591,12 @@ mod tests {
         .unwrap()
     }
 
-    const TLS_DIR: &str = "/run/zoned/tls";
+    const TLS_DIR: &str = "/var/lib/zoned/tls";
 
     #[test]
     fn renders_a_founder() {
         let r = three(2).resolve().unwrap();
-        let node = render_node(&r, TLS_DIR.as_ref());
+        let node = render_node(&r, TLS_DIR.as_ref(), false);
         let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(parsed["node"]["id"].as_integer(), Some(2));
         assert_eq!(parsed["node"]["name"].as_str(), Some("zone-2"));
@@ -575,7 +609,7 @@ mod tests {
         let net = render_network(&r, "eth0");
         assert!(net.contains("Name=eth0\n"), "{net}");
         assert!(net.contains("Address=10.0.0.12/24\n"), "{net}");
-        assert_eq!(parsed["tls"]["dir"].as_str(), Some("/run/zoned/tls"));
+        assert_eq!(parsed["tls"]["dir"].as_str(), Some("/var/lib/zoned/tls"));
     }
 
     #[test]
@@ -583,10 +617,39 @@ mod tests {
         let mut i = three(4);
         i.address = Some("10.0.0.14/24".into());
         i.join = Some("10.0.0.11".into());
-        let node = render_node(&i.resolve().unwrap(), TLS_DIR.as_ref());
+        let node = render_node(&i.resolve().unwrap(), TLS_DIR.as_ref(), false);
         let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(parsed["node"]["join"].as_str(), Some("10.0.0.11:7400"));
         assert!(parsed.get("voters").is_none(), "{node}");
+        assert!(parsed["node"].get("join_token").is_none(), "{node}");
+
+        // A join token: checked for this server, and written for zoned.
+        let ca = zone_pki::ZoneCa::generate().unwrap();
+        let mine = zone_pki::JoinToken::generate(4, &ca.fingerprint()).unwrap();
+        i.join_token = Some(mine.to_string());
+        let node = render_node(&i.resolve().unwrap(), TLS_DIR.as_ref(), true);
+        let parsed: toml::Value = toml::from_str(&node).unwrap();
+        assert_eq!(
+            parsed["node"]["join_token"].as_str(),
+            Some(&*mine.to_string())
+        );
+        let other = zone_pki::JoinToken::generate(5, &ca.fingerprint()).unwrap();
+        i.join_token = Some(other.to_string());
+        let e = i.resolve().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "identity field `join_token` is for server 5, and this server's id is 4"
+        );
+        i.join_token = Some("zjoin1.4.nope".into());
+        let e = i.resolve().unwrap_err().to_string();
+        assert!(
+            e.starts_with("identity field `join_token` not a join token"),
+            "{e}"
+        );
+        i.join_token = Some(mine.to_string());
+        i.join = None;
+        let e = i.resolve().unwrap_err().to_string();
+        assert!(e.contains("needs `join`"), "{e}");
     }
 
     #[test]
@@ -614,7 +677,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.interface, Interface::Mac("52:54:00:ab:cd:01".into()));
         assert_eq!(r.vip.len(), 2);
-        let node = render_node(&r, TLS_DIR.as_ref());
+        let node = render_node(&r, TLS_DIR.as_ref(), false);
         assert!(node.contains("\"[fd00::2]:7401\""), "{node}");
         let parsed: toml::Value = toml::from_str(&node).unwrap();
         assert_eq!(

@@ -32,6 +32,12 @@ struct Args {
     /// init`'s server-<id>/ files (ca.pem, node.pem, node.key, ca.key).
     #[arg(long, default_value = "/boot/efi/zoned/tls")]
     tls: PathBuf,
+    /// zoned's `[tls] dir`, on the data partition: the certificates given
+    /// are installed there at every boot (keeping a node certificate zoned
+    /// renewed there since), and a server given none but a join token
+    /// keeps there those zoned gets with it.
+    #[arg(long, default_value = "/var/lib/zoned/tls")]
+    tls_dir: PathBuf,
     /// Where QEMU's `-fw_cfg name=opt/zoned/tls/<file>` entries appear.
     #[arg(
         long,
@@ -42,7 +48,7 @@ struct Args {
     #[arg(long, default_value = "/proc/cmdline")]
     cmdline: PathBuf,
     /// Directory for node.toml, vip.toml, resolv.conf, and the server's
-    /// certificates (tls/) and local admin credential (admin/).
+    /// local admin credential (admin/).
     #[arg(long, default_value = "/run/zoned")]
     out: PathBuf,
     /// Directory for the systemd-networkd unit.
@@ -123,35 +129,75 @@ fn run(args: &Args) -> Result<()> {
         r.name,
         r.address
     );
-    let creds = zone_provision::credentials::gather(&args.tls, &args.fw_cfg_tls)?;
-    let tls_dir = args.out.join("tls");
-    let ca = creds.check(r.id)?;
-    println!(
-        "certificates from {}: server {}{}",
-        creds.sources.join(" and "),
-        r.id,
-        if ca.is_some() {
-            ", and the zone CA's key"
-        } else {
-            ""
+    // The certificates: given (EFI partition, fw_cfg), got with the join
+    // token on an earlier boot (the data partition), or to be got with it
+    // by zoned at this boot.
+    let given = zone_provision::credentials::gather(&args.tls, &args.fw_cfg_tls);
+    let joined = args.tls_dir.join("node.pem").exists();
+    let (tls_dir, with_token) = match (given, &r.join_token) {
+        (Err(zone_provision::credentials::CredentialError::Missing { .. }), Some(_)) if joined => {
+            println!(
+                "certificates: this server's own, got with its join token, in {}",
+                args.tls_dir.display()
+            );
+            (args.tls_dir.clone(), false)
         }
-    );
-    if !args.dry_run {
-        zone_provision::credentials::install(&creds, &tls_dir)?;
-        println!("installed {}", tls_dir.display());
-        if let Some(ca) = &ca {
-            let admin = args.out.join("admin");
-            zone_provision::credentials::issue_local_admin(ca, r.id, &admin)?;
-            println!("issued the local admin credential in {}", admin.display());
+        (Err(zone_provision::credentials::CredentialError::Missing { .. }), Some(_)) => {
+            println!(
+                "certificates: none given; zoned gets them with the join token, into {}",
+                args.tls_dir.display()
+            );
+            (args.tls_dir.clone(), true)
         }
-    }
+        (given, _) => {
+            let creds = given?;
+            let tls_dir = args.tls_dir.clone();
+            let ca = creds.check(r.id)?;
+            println!(
+                "certificates from {}: server {}{}{}",
+                creds.sources.join(" and "),
+                r.id,
+                if ca.is_some() {
+                    ", and the zone CA's key"
+                } else {
+                    ""
+                },
+                if r.join_token.is_some() {
+                    " (join_token not used)"
+                } else {
+                    ""
+                }
+            );
+            if !args.dry_run {
+                let kept = zone_provision::credentials::install(&creds, &tls_dir, r.id)?;
+                println!(
+                    "installed {}{}",
+                    tls_dir.display(),
+                    if kept {
+                        " (keeping the node certificate zoned renewed there)"
+                    } else {
+                        ""
+                    }
+                );
+                if let Some(ca) = &ca {
+                    let admin = args.out.join("admin");
+                    zone_provision::credentials::issue_local_admin(ca, r.id, &admin)?;
+                    println!("issued the local admin credential in {}", admin.display());
+                }
+            }
+            (tls_dir, false)
+        }
+    };
     let iface = find_interface(
         &r.interface,
         &args.sys_net,
         Duration::from_secs(args.wait_interface),
     )?;
     let mut files = vec![
-        (args.out.join("node.toml"), render_node(&r, &tls_dir)),
+        (
+            args.out.join("node.toml"),
+            render_node(&r, &tls_dir, with_token),
+        ),
         (args.out.join("resolv.conf"), render_resolv(&r)),
         (
             args.network_dir.join("10-zoned.network"),
@@ -173,7 +219,8 @@ fn run(args: &Args) -> Result<()> {
             println!("---- {}\n{text}", path.display());
         } else {
             // Atomic: a reader sees the old file or the new, never a part.
-            zone_files::atomic::write(path, text.as_bytes(), 0o644, None)
+            // Root's alone: node.toml may hold the join token.
+            zone_files::atomic::write(path, text.as_bytes(), 0o600, None)
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
         }
@@ -278,6 +325,7 @@ mod tests {
             identity: d.path().join("missing.toml"),
             fw_cfg: d.path().join("missing-fw"),
             tls: d.path().join("missing-tls"),
+            tls_dir: d.path().join("var-lib-zoned-tls"),
             fw_cfg_tls: fw_tls.clone(),
             cmdline: cmdline.clone(),
             out: d.path().join("run"),
@@ -296,7 +344,7 @@ mod tests {
         run(&args).unwrap();
         let node = std::fs::read_to_string(args.out.join("node.toml")).unwrap();
         assert!(node.contains("id = 2"), "{node}");
-        assert!(args.out.join("tls/node.key").exists());
+        assert!(args.tls_dir.join("node.key").exists());
         assert!(
             !args.out.join("admin").exists(),
             "no CA key, no local admin"
@@ -318,5 +366,60 @@ mod tests {
         std::fs::write(&cmdline, "zoned.id=2\n").unwrap();
         let e = run(&args).unwrap_err();
         assert!(e.downcast_ref::<zone_provision::Error>().is_some(), "{e:#}");
+    }
+
+    #[test]
+    fn a_joiner_with_a_token_and_no_certificates_gets_them_on_the_data_partition() {
+        let d = tempfile::tempdir().unwrap();
+        let net = d.path().join("net");
+        std::fs::create_dir_all(net.join("eth0")).unwrap();
+        let ca = zone_pki::ZoneCa::generate().unwrap();
+        let token = zone_pki::JoinToken::generate(4, &ca.fingerprint()).unwrap();
+        let identity = d.path().join("identity.toml");
+        std::fs::write(
+            &identity,
+            format!(
+                "id = 4\ninterface = \"eth0\"\naddress = \"10.9.0.4/24\"\njoin = \"10.9.0.1\"\njoin_token = \"{token}\"\n"
+            ),
+        )
+        .unwrap();
+        let args = Args {
+            identity,
+            fw_cfg: d.path().join("missing-fw"),
+            tls: d.path().join("missing-tls"),
+            tls_dir: d.path().join("var-lib-zoned-tls"),
+            fw_cfg_tls: d.path().join("missing-fw-tls"),
+            cmdline: d.path().join("missing-cmdline"),
+            out: d.path().join("run"),
+            network_dir: d.path().join("network"),
+            sys_net: net,
+            wait_interface: 0,
+            keep_hostname: true,
+            dry_run: false,
+        };
+        run(&args).unwrap();
+        let path = args.out.join("node.toml");
+        let node: toml::Value = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        assert_eq!(
+            node["node"]["join_token"].as_str(),
+            Some(&*token.to_string())
+        );
+        assert_eq!(
+            node["tls"]["dir"].as_str(),
+            Some(&*args.tls_dir.display().to_string())
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the token is root's alone");
+        // Once joined (zoned wrote node.pem there), the token is left out.
+        std::fs::create_dir_all(&args.tls_dir).unwrap();
+        std::fs::write(args.tls_dir.join("node.pem"), "joined").unwrap();
+        run(&args).unwrap();
+        let node: toml::Value = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        assert_eq!(node["node"].get("join_token"), None);
+        assert_eq!(
+            node["tls"]["dir"].as_str(),
+            Some(&*args.tls_dir.display().to_string())
+        );
     }
 }

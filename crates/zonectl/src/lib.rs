@@ -163,6 +163,9 @@ pub struct ServerRow {
     /// The zone the server belongs to; empty when unknown.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub zone_id: String,
+    /// When the server's node certificate expires (Unix seconds); `None`
+    /// when it did not say.
+    pub cert_expires_unix: Option<i64>,
     /// Host figures the server reported; `None` when it did not answer.
     pub host: Option<HostRow>,
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -243,6 +246,7 @@ impl ZoneView {
                     client_endpoint: x.client_endpoint.clone(),
                     snapshots_received: x.snapshots_received,
                     zone_id: x.zone_id.clone(),
+                    cert_expires_unix: Some(x.cert_expires_unix).filter(|&t| t > 0),
                     host: x.host.as_ref().filter(|_| reachable).map(|h| HostRow {
                         load1: h.load1,
                         cpus: h.cpus,
@@ -289,6 +293,17 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `zonectl show` warns of a node certificate that expires within this
+/// long: servers renew theirs when a third of its life is left (about four
+/// months), so one this close was not renewed.
+pub const CERT_WARNING_SECS: i64 = 30 * 86_400;
+
+/// A date for people: `2027-12-05`.
+fn day(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map_or_else(|_| "-".into(), |t| t.date().to_string())
+}
+
 /// The `zonectl show` table. Unknown figures print as `-`; an unreachable
 /// server keeps its row, with the reason below the table.
 pub fn render_table(v: &ZoneView) -> String {
@@ -306,6 +321,7 @@ pub fn render_table(v: &ZoneView) -> String {
         "LOAD",
         "MEM-FREE",
         "DISK-FREE",
+        "CERT-EXPIRES",
     ];
     let dash = |reachable: bool, n: u64| if reachable { n.to_string() } else { "-".into() };
     let rows: Vec<Vec<String>> = v
@@ -344,6 +360,7 @@ pub fn render_table(v: &ZoneView) -> String {
                         human_bytes(h.disk_total_bytes)
                     )
                 }),
+                s.cert_expires_unix.map_or("-".into(), day),
             ]
         })
         .collect();
@@ -381,6 +398,27 @@ pub fn render_table(v: &ZoneView) -> String {
             s.id
         ));
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for s in &v.servers {
+        if let Some(t) = s.cert_expires_unix.filter(|&t| t - now < CERT_WARNING_SECS) {
+            let days = (t - now).div_euclid(86_400);
+            out.push_str(&if t <= now {
+                format!(
+                    "server {}: its node certificate EXPIRED on {}; other servers refuse it (README, Security: certificate lifetime)\n",
+                    s.id,
+                    day(t)
+                )
+            } else {
+                format!(
+                    "server {}: its node certificate expires on {} (in {days} days) and was not renewed\n",
+                    s.id,
+                    day(t)
+                )
+            });
+        }
+    }
     if v.leader_id == 0 {
         out.push_str("no leader elected\n");
     }
@@ -404,4 +442,40 @@ pub fn render_table(v: &ZoneView) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zone_proto::v1::ServerStatus;
+
+    #[test]
+    fn a_certificate_near_its_end_is_named_below_the_table() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let status = |expires: i64| StatusResponse {
+            member_id: 1,
+            leader_id: 1,
+            term: 2,
+            servers: vec![ServerStatus {
+                id: 1,
+                role: Role::Leader as i32,
+                cert_expires_unix: expires,
+                ..ServerStatus::default()
+            }],
+            disabled: false,
+        };
+        let table = render_table(&ZoneView::from_status(&status(now + 10 * 86_400 + 60)));
+        assert!(
+            table.contains("server 1: its node certificate expires on")
+                && table.contains("(in 10 days) and was not renewed"),
+            "{table}"
+        );
+        let table = render_table(&ZoneView::from_status(&status(now + 200 * 86_400)));
+        assert!(!table.contains("node certificate"), "{table}");
+        let table = render_table(&ZoneView::from_status(&status(0)));
+        assert!(!table.contains("node certificate"), "unknown: {table}");
+    }
 }

@@ -9,11 +9,13 @@ mod config_cmd;
 mod pki_cmd;
 mod user_cmd;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use zonectl::v1::{
-    cluster_client::ClusterClient, event::EventType, kv_client::KvClient, AddServerRequest,
-    DeleteRequest, GetRequest, KeyValue, Member, PutRequest, RangeRequest, RemoveServerRequest,
-    ResetServerRequest, SetMaintenanceRequest, StatusRequest, TransferLeaderRequest, WatchRequest,
+    cluster_client::ClusterClient, event::EventType, join_client::JoinClient, kv_client::KvClient,
+    AddServerRequest, DeleteRequest, GetRequest, JoinTokenRequest, JoinTokenResponse, KeyValue,
+    Member, PutRequest, RangeRequest, RemoveServerRequest, ResetServerRequest,
+    SetMaintenanceRequest, StatusRequest, TransferLeaderRequest, WatchRequest,
 };
 use zonectl::{parse_endpoints, render_table, Credentials, ZoneView, DEFAULT_ENDPOINTS};
 
@@ -110,9 +112,12 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ServerCommand {
-    /// Add a server as a learner; it is promoted to voter once caught up.
-    /// Then start zoned on it with an empty data directory and
-    /// `join = "<any member's client address>"`.
+    /// Add a server as a learner (it is promoted to voter once caught up)
+    /// and print its one-time join token. Then start zoned on it with an
+    /// empty data directory, `join = "<a founder's client address>"` and
+    /// `join_token = "<the token>"` (on the appliance: the identity's
+    /// `join` and `join_token`). The token admits that server once, within
+    /// --ttl; the zone keeps only its hash.
     Add {
         /// Raft id of the new server (unused in the zone).
         #[arg(long)]
@@ -123,6 +128,19 @@ enum ServerCommand {
         /// host:port of the new server's peer listener.
         #[arg(long)]
         peer: String,
+        /// How long the join token may be used: seconds, or with a unit
+        /// (90s, 30m, 1h, 2d); at most 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+    },
+    /// Print a new join token for server ID, a member without a
+    /// certificate yet (the one `server add` printed expired, was lost, or
+    /// was used by a server since wiped). It replaces the one before.
+    Token {
+        id: u64,
+        /// How long the token may be used (as for `server add`).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
     },
     /// Remove a server; the leader hands leadership over first.
     Remove { id: u64 },
@@ -215,12 +233,66 @@ fn print_change(members: &[Member], said: &str, json: bool) {
     print_members(members, json);
 }
 
+fn member_json(m: &Member) -> serde_json::Value {
+    serde_json::json!({"id": m.id, "name": m.name, "peer_endpoint": m.peer_endpoint, "learner": m.learner})
+}
+
+/// A new join token for server `id`, valid `ttl` seconds.
+async fn join_token(
+    channel: &tonic::transport::Channel,
+    id: u64,
+    ttl: u64,
+    timeout: std::time::Duration,
+) -> Result<JoinTokenResponse, tonic::Status> {
+    let req = t(
+        JoinTokenRequest {
+            id,
+            ttl_seconds: ttl,
+        },
+        timeout,
+    );
+    let r = JoinClient::new(channel.clone()).issue_token(req).await?;
+    Ok(r.into_inner())
+}
+
+/// A join token, and what to do with it.
+fn print_token(id: u64, t: &JoinTokenResponse) {
+    let expires = i64::try_from(t.expires_unix).map_or_else(|_| "-".into(), zone_pki::utc);
+    println!();
+    println!("join token for server {id} (one use, until {expires}):");
+    println!("  {}", t.token);
+    println!("start server {id} with an empty data directory and, in its node.toml:");
+    println!("  join = \"<a founder's client address, host:7400>\"");
+    println!("  join_token = \"<the token>\"");
+    println!("(on the appliance: `join` and `join_token` in the identity file)");
+}
+
+/// A token's life: seconds, or a number with s, m, h or d.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (90s, 30m, 1h, 2d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    if secs == 0 || secs > 7 * 86_400 {
+        return Err(format!("{s:?}: from 1 s to 7 days"));
+    }
+    Ok(secs)
+}
+
 fn print_members(members: &[Member], json: bool) {
     if json {
-        let v: Vec<_> = members
-            .iter()
-            .map(|m| serde_json::json!({"id": m.id, "name": m.name, "peer_endpoint": m.peer_endpoint, "learner": m.learner}))
-            .collect();
+        let v: Vec<_> = members.iter().map(member_json).collect();
         print_json(&serde_json::json!({ "members": v }));
         return;
     }
@@ -295,12 +367,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Command::Server(cmd) => {
-            let mut c = ClusterClient::new(channel);
+            let mut c = ClusterClient::new(channel.clone());
             match cmd {
-                ServerCommand::Add { id, name, peer } => {
+                ServerCommand::Add {
+                    id,
+                    name,
+                    peer,
+                    ttl,
+                } => {
                     let r = c.add_server(t(AddServerRequest { id, name, peer }, timeout));
-                    let said = format!("server {id} added as a learner; start it with an empty data directory and join = \"<a member's client address>\"");
-                    print_change(&r.await?.into_inner().members, &said, json);
+                    let members = r.await?.into_inner().members;
+                    let token = join_token(&channel, id, ttl, timeout)
+                        .await
+                        .with_context(|| {
+                            format!("server {id} was added, but no join token was made; `zonectl server token {id}` asks again")
+                        })?;
+                    if json {
+                        print_json(&serde_json::json!({
+                            "members": members.iter().map(member_json).collect::<Vec<_>>(),
+                            "join_token": token.token,
+                            "join_token_expires_unix": token.expires_unix,
+                        }));
+                    } else {
+                        print_change(&members, &format!("server {id} added as a learner"), false);
+                        print_token(id, &token);
+                    }
+                }
+                ServerCommand::Token { id, ttl } => {
+                    let token = join_token(&channel, id, ttl, timeout).await?;
+                    if json {
+                        print_json(&serde_json::json!({
+                            "join_token": token.token,
+                            "join_token_expires_unix": token.expires_unix,
+                        }));
+                    } else {
+                        print_token(id, &token);
+                    }
                 }
                 ServerCommand::Remove { id } => {
                     let r = c.remove_server(t(RemoveServerRequest { id }, timeout));

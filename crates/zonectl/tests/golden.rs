@@ -58,6 +58,8 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
             software_checksums: id == 3,
         }),
         zone_id: ZONE.into(),
+        // 2100-01-01: far enough for no warning.
+        cert_expires_unix: 4_102_444_800 + id as i64 * 86_400,
         ..ServerStatus::default()
     }
 }
@@ -125,6 +127,16 @@ fn show_table_with_servers_in_two_zones() {
     let mut s = healthy();
     s.servers[0].zone_id = "e41b09c7d25a6f8830b1c4d7e9f2a605".into();
     check_show("show-two-zones.txt", &s);
+}
+
+/// A server whose certificate expired (it was off for months, say) is
+/// named below the table.
+#[test]
+fn show_table_with_an_expired_certificate() {
+    let mut s = healthy();
+    // 2020-01-01.
+    s.servers[0].cert_expires_unix = 1_577_836_800;
+    check_show("show-expired-certificate.txt", &s);
 }
 
 #[test]

@@ -95,6 +95,12 @@ pub struct NodeSection {
     /// the leader. Ignored once the data directory holds Raft state.
     /// Default: none (a founding member, see `voters`).
     pub join: Option<String>,
+    /// With `join`: the one-time token `zonectl server add` printed, for a
+    /// server without a certificate in `tls.dir` yet (`crate::join`).
+    /// Ignored once `tls.dir` holds `node.pem`. Not printed back by
+    /// `--check-config` (a secret).
+    #[serde(skip_serializing)]
+    pub join_token: Option<String>,
     /// Unix socket for local agents (zone-vip): the leader lease. Empty
     /// disables it. Default `/run/zoned/agent.sock`.
     pub agent_socket: PathBuf,
@@ -109,6 +115,7 @@ impl Default for NodeSection {
             client_listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 7401)),
             join: None,
+            join_token: None,
             agent_socket: PathBuf::from("/run/zoned/agent.sock"),
         }
     }
@@ -233,6 +240,7 @@ pub struct Overrides {
     pub peer_listen: Option<SocketAddr>,
     pub voters: Option<Vec<Voter>>,
     pub join: Option<String>,
+    pub join_token: Option<String>,
 }
 
 impl Config {
@@ -300,6 +308,9 @@ impl Config {
         if let Some(join) = &o.join {
             self.node.join = Some(join.clone());
         }
+        if let Some(token) = &o.join_token {
+            self.node.join_token = Some(token.clone());
+        }
     }
 
     /// Fills the defaults that depend on other fields, then checks every
@@ -316,6 +327,25 @@ impl Config {
         }
         if let Some(join) = &self.node.join {
             check_host_port(join).map_err(|r| invalid("node.join", r))?;
+        }
+        if let Some(token) = &self.node.join_token {
+            let token: zone_pki::JoinToken =
+                token.parse().map_err(|r| invalid("node.join_token", r))?;
+            if self.node.join.is_none() {
+                return Err(invalid(
+                    "node.join_token",
+                    "needs node.join: the client address of the member to join through",
+                ));
+            }
+            if token.server_id != self.node.id {
+                return Err(invalid(
+                    "node.join_token",
+                    format!(
+                        "the token is for server {}, and node.id is {}",
+                        token.server_id, self.node.id
+                    ),
+                ));
+            }
         }
         let joining = self.node.join.is_some();
         if self.voters.is_empty() && !joining {

@@ -12,6 +12,8 @@
 //! - [`peer`]: the peer port's gRPC service (inbound Raft, forwarded requests);
 //! - [`api`]: the client gRPC services, and what every request does;
 //! - [`agent`]: the leader lease for local agents, on a unix socket;
+//! - [`tls`]: who may call what, on which port; [`join`]: a new server's
+//!   certificate for its join token; [`renew`]: certificates renewed;
 //! - [`server`]: wiring and clean shutdown;
 //! - [`coalesce`]: one socket write per connection per scheduler round;
 //! - [`host`]: host figures for the zone status.
@@ -25,10 +27,12 @@ pub mod api;
 pub mod coalesce;
 pub mod config;
 pub mod host;
+pub mod join;
 pub mod kv;
 pub mod logging;
 pub mod node;
 pub mod peer;
+pub mod renew;
 pub mod server;
 pub mod storage;
 pub mod tls;

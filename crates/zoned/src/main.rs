@@ -50,6 +50,11 @@ struct Args {
     /// (node.join); the server must have been added with `zonectl server add`.
     #[arg(long)]
     join: Option<String>,
+    /// With --join: the one-time token `zonectl server add` printed, for a
+    /// server without certificates yet (node.join_token). Also read from
+    /// ZONED_JOIN_TOKEN, which other users cannot see in the process list.
+    #[arg(long, env = "ZONED_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// Log filter, RUST_LOG syntax (default: info).
     #[arg(long)]
     log: Option<String>,
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         peer_listen: args.peer_listen,
         voters: args.voters,
         join: args.join,
+        join_token: args.join_token,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
                 zoned::server::ServeError::NotAMember { .. }
                 | zoned::server::ServeError::WipedFounder { .. }
                 | zoned::server::ServeError::ZoneTiming(_) => ExitCode::from(2),
+                zoned::server::ServeError::Joining(j) if j.is_final() => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }

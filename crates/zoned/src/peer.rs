@@ -15,11 +15,12 @@ use tonic::{Request, Response, Status, Streaming};
 use zone_proto::v1::{
     peer_server::Peer, CommandResult, ForwardRequest, ManageRequest, ManageResponse,
     NodeStatusRequest, NodeStatusResponse, RaftAck, RaftBatch, RemovedAck, RemovedNotice,
-    RequestSnapshotRequest, RequestSnapshotResponse, SnapshotAck, SnapshotChunk,
+    RenewRequest, RenewResponse, RequestSnapshotRequest, RequestSnapshotResponse, SnapshotAck,
+    SnapshotChunk,
 };
 
 use crate::api::{ApiError, ServerContext};
-use crate::tls::Caller;
+use crate::tls::{Caller, PeerCerts};
 use crate::transport;
 
 /// `zone.v1.Peer`.
@@ -62,6 +63,24 @@ impl Peer for PeerService {
             .filter(|c| c.op.is_some())
             .ok_or_else(|| Status::invalid_argument("command: empty"))?;
         Ok(Response::new(self.0.propose_forwarded(cmd, budget).await?))
+    }
+
+    /// Safety: the certificate is signed for the key the caller proved it
+    /// holds at this call's handshake, and for the id its current
+    /// certificate names, and only while it is a member: a removed server
+    /// cannot keep its certificate alive.
+    async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        let id = self.member(&req)?;
+        let key = req
+            .extensions()
+            .get::<PeerCerts>()
+            .and_then(|p| p.0.as_ref()?.first().cloned())
+            .and_then(|der| zone_pki::facts(&der))
+            .map(|f| f.public_key)
+            .ok_or_else(|| Status::unauthenticated("no certificate was presented"))?;
+        let cert = crate::renew::sign(&self.0, id, &key).await?;
+        tracing::info!(id, "renewed a server's node certificate");
+        Ok(Response::new(RenewResponse { cert_pem: cert }))
     }
 
     async fn node_status(

@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 use zone_proto::v1::agent_server::AgentServer;
 use zone_proto::v1::cluster_client::ClusterClient;
@@ -24,7 +23,6 @@ use zone_proto::v1::{Member, MembersRequest};
 
 use crate::agent::{self, AgentRegistry, AgentService};
 use crate::api::{ClusterService, KvService, ServerContext};
-use crate::coalesce::Coalesced;
 use crate::config::Config;
 use crate::node::{self, Bootstrap, Stopped};
 use crate::peer::PeerService;
@@ -42,8 +40,6 @@ pub enum ServeError {
     PeerAddress(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("tls.dir: the certificates cannot serve TLS")]
-    TlsSetup(#[source] tonic::transport::Error),
     #[error("node.agent_socket: cannot listen on {path}")]
     AgentSocket {
         path: String,
@@ -65,6 +61,8 @@ pub enum ServeError {
     DriverPanic,
     #[error("node.join: cannot reach {addr} to join the zone: {reason}")]
     Join { addr: String, reason: String },
+    #[error(transparent)]
+    Joining(#[from] crate::join::JoinError),
     #[error("node.join: server {id} is not a member of the zone at {addr} (members: {members}); add it first with `zonectl server add --id {id} --name NAME --peer HOST:PORT`")]
     NotAMember {
         id: u64,
@@ -95,22 +93,26 @@ async fn listen(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Se
         })
 }
 
-/// Accepted connections without Nagle's algorithm, their writes coalesced
-/// per scheduler round ([`Coalesced`]). The builder's `tcp_nodelay` does
-/// not reach connections from a listener of our own: without this a
-/// response's last frames waited for the client's delayed ACK, up to 40 ms
-/// on Linux (linearizable reads took 44 ms at p50).
-fn accepted(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<Coalesced<tokio::net::TcpStream>>> {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|conn| conn.map(Coalesced::new))
-}
-
 /// Runs the daemon until a signal or a fatal error.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let config = Arc::new(config);
+    // A new server with a join token and no certificate yet gets one
+    // first (`crate::join`).
+    let joined = match (&config.node.join, &config.node.join_token) {
+        (Some(addr), Some(token)) if !config.tls.dir.join("node.pem").exists() => {
+            let token: zone_pki::JoinToken =
+                token.parse().map_err(crate::join::JoinError::BadToken)?;
+            Some(crate::join::redeem(&config.tls.dir, config.node.id, addr, &token).await?)
+        }
+        (_, Some(_)) => {
+            tracing::info!(
+                dir = %config.tls.dir.display(),
+                "node.join_token is not used: tls.dir holds this server's certificate already"
+            );
+            None
+        }
+        _ => None,
+    };
     // Read before anything opens: a missing or wrong certificate is a
     // configuration error, found at start.
     let tls = ZoneTls::load(&config.tls.dir, config.node.id)?;
@@ -130,9 +132,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         refuse_if_wiped(&config, &tls).await?;
     }
     let bootstrap = match (start_as, &config.node.join) {
-        (node::StartAs::Joiner, Some(addr)) => {
-            Bootstrap::Join(join_members(addr, config.node.id, &tls).await?)
-        }
+        (node::StartAs::Joiner, Some(addr)) => match joined {
+            // The member that signed sent the membership.
+            Some(members) => Bootstrap::Join(members),
+            None => Bootstrap::Join(join_members(addr, config.node.id, &tls).await?),
+        },
         // A member's stored membership wins; this is only its fallback.
         _ => Bootstrap::Voters(founders(&config)),
     };
@@ -177,8 +181,6 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         Arc::new(move |serial: &str| crate::api::users::is_revoked(&zone, serial))
     };
     let client_server = Server::builder()
-        .tls_config(tls.server(Port::Client))
-        .map_err(ServeError::TlsSetup)?
         .layer(Gate {
             port: Port::Client,
             revoked,
@@ -197,10 +199,21 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         .add_service(zone_proto::v1::users_server::UsersServer::new(
             crate::api::UsersService::new(zone.clone(), tls.zone_ca()),
         ))
-        .serve_with_incoming_shutdown(accepted(client_listener), stopped(stop_rx.clone()));
+        .add_service(
+            zone_proto::v1::join_server::JoinServer::new(crate::api::JoinService::new(
+                zone.clone(),
+                tls.ca_fingerprint(),
+                tls.zone_ca(),
+            ))
+            // Anyone may call Join (a token is the credential): what
+            // they send is read only up to a size no request needs.
+            .max_decoding_message_size(16 * 1024),
+        )
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(client_listener, tls.acceptor(Port::Client)?),
+            stopped(stop_rx.clone()),
+        );
     let peer_server = Server::builder()
-        .tls_config(tls.server(Port::Peer))
-        .map_err(ServeError::TlsSetup)?
         .layer(Gate {
             port: Port::Peer,
             revoked: Arc::new(|_: &str| false),
@@ -210,7 +223,10 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
         )
-        .serve_with_incoming_shutdown(accepted(peer_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(peer_listener, tls.acceptor(Port::Peer)?),
+            stopped(stop_rx.clone()),
+        );
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
     let agent_task = if config.node.agent_socket.as_os_str().is_empty() {
@@ -261,6 +277,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         data_dir = %config.node.data_dir.display(),
         "zoned started"
     );
+    tokio::spawn(crate::renew::run(zone.clone(), tls.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(node.clone(), period));

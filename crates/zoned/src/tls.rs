@@ -13,7 +13,9 @@
 //!   balancers), and every other call needs a user credential whose role
 //!   covers the call ([`needs`]); a call outside the role is refused before
 //!   its body is read, and changes nothing. A node certificate may only
-//!   read the membership there (a joining server asks it).
+//!   read the membership there (a joining server asks it). A joining
+//!   server's first call, with its token and no certificate
+//!   (`zone.v1.Join/Join`), is let in too: the token is its credential.
 //!
 //! When this server dials a peer it checks that the peer's certificate
 //! names the id it dials (rustls' own name check against
@@ -21,15 +23,25 @@
 //! the certificate is one of the zone's servers ([`zone_pki::ANY_SERVER`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::Either;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::Status;
 use zone_pki::{Holder, Role};
+
+use crate::coalesce::Coalesced;
 
 /// A handshake that takes longer is dropped (a slow peer must not hold a
 /// connection slot forever).
@@ -52,6 +64,12 @@ pub enum TlsError {
     },
     #[error("tls.dir: {0}")]
     Certificate(#[from] zone_pki::PkiError),
+    #[error("tls.dir: cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("tls.dir: {path} is {found}'s certificate, not this server's (node.id = {id}); each server needs the node certificate `zonectl zone init` made for its id")]
     NotMine {
         path: PathBuf,
@@ -61,14 +79,24 @@ pub enum TlsError {
 }
 
 /// This server's credentials: the zone CA's certificate, its node
-/// certificate and key.
+/// certificate and key. The node certificate can be replaced while the
+/// server runs ([`ZoneTls::renew`]): the listeners present the new one
+/// from their next handshake, and new dials to peers use it.
 #[derive(Clone)]
 pub struct ZoneTls {
+    dir: PathBuf,
     ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
+    node: Arc<RwLock<NodeCert>>,
+    /// What the listeners present, swapped with `node`.
+    presented: Arc<Presented>,
     /// The zone CA, able to sign, if `ca.key` is beside (a founder).
     ca: Option<Arc<zone_pki::ZoneCa>>,
+}
+
+#[derive(Clone)]
+struct NodeCert {
+    cert_pem: String,
+    key_pem: String,
 }
 
 impl std::fmt::Debug for ZoneTls {
@@ -81,6 +109,56 @@ fn read(path: PathBuf) -> Result<String, TlsError> {
     std::fs::read_to_string(&path).map_err(|source| TlsError::Read { path, source })
 }
 
+/// The certificate chain and key the listeners present, for rustls.
+#[derive(Debug)]
+struct Presented(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Presented {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().expect("not poisoned").clone())
+    }
+}
+
+/// The node certificate, then the zone CA's (see [`ZoneTls::acceptor`]),
+/// with the node key.
+fn certified(cert_pem: &str, ca_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
+    let bad = |why: String| {
+        TlsError::Certificate(zone_pki::PkiError::Unreadable {
+            what: "the node certificate and key".into(),
+            why,
+        })
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .chain(CertificateDer::pem_slice_iter(ca_pem.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let key =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| bad(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, key);
+    certified.keys_match().map_err(|e| bad(e.to_string()))?;
+    Ok(certified)
+}
+
+/// Checks that `cert_pem` is a node certificate of the zone (`ca_pem`),
+/// valid now, naming server `id`.
+fn check_node(ca_pem: &str, cert_pem: &str, path: &Path, id: u64) -> Result<(), TlsError> {
+    let what = path.display().to_string();
+    match zone_pki::verify(ca_pem, cert_pem, &what)? {
+        Holder::Server(found) if found == id => Ok(()),
+        Holder::Server(found) => Err(TlsError::NotMine {
+            path: path.to_owned(),
+            found: format!("server {found}"),
+            id,
+        }),
+        Holder::User { name, .. } => Err(TlsError::NotMine {
+            path: path.to_owned(),
+            found: format!("user {name}"),
+            id,
+        }),
+    }
+}
+
 impl ZoneTls {
     /// Reads `ca.pem`, `node.pem` and `node.key` from `dir` and checks that
     /// the node certificate is of this zone, valid now, and names server
@@ -91,24 +169,7 @@ impl ZoneTls {
         let cert_path = dir.join("node.pem");
         let cert_pem = read(cert_path.clone())?;
         let key_pem = read(dir.join("node.key"))?;
-        let what = cert_path.display().to_string();
-        match zone_pki::verify(&ca_pem, &cert_pem, &what)? {
-            Holder::Server(found) if found == id => {}
-            Holder::Server(found) => {
-                return Err(TlsError::NotMine {
-                    path: cert_path,
-                    found: format!("server {found}"),
-                    id,
-                })
-            }
-            Holder::User { name, .. } => {
-                return Err(TlsError::NotMine {
-                    path: cert_path,
-                    found: format!("user {name}"),
-                    id,
-                })
-            }
-        }
+        check_node(&ca_pem, &cert_pem, &cert_path, id)?;
         let ca = match std::fs::read_to_string(dir.join("ca.key")) {
             Ok(key) => Some(Arc::new(zone_pki::ZoneCa::load(&ca_pem, &key)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -119,10 +180,14 @@ impl ZoneTls {
                 })
             }
         };
+        let presented = Presented(RwLock::new(Arc::new(certified(
+            &cert_pem, &ca_pem, &key_pem,
+        )?)));
         Ok(ZoneTls {
+            dir: dir.to_owned(),
             ca_pem,
-            cert_pem,
-            key_pem,
+            node: Arc::new(RwLock::new(NodeCert { cert_pem, key_pem })),
+            presented: Arc::new(presented),
             ca,
         })
     }
@@ -132,24 +197,91 @@ impl ZoneTls {
         self.ca.clone()
     }
 
+    fn node(&self) -> NodeCert {
+        self.node.read().expect("not poisoned").clone()
+    }
+
+    /// This server's node key, to have its certificate renewed.
+    pub fn node_key_pem(&self) -> String {
+        self.node().key_pem
+    }
+
+    /// This server's node certificate (PEM).
+    pub fn node_cert_pem(&self) -> String {
+        self.node().cert_pem
+    }
+
+    /// Replaces the node certificate (same key) with `cert_pem`, which must
+    /// be of this zone and name server `id`: written to `node.pem`
+    /// atomically, presented from the next handshake, used by new dials.
+    pub fn renew(&self, id: u64, cert_pem: &str) -> Result<(), TlsError> {
+        let path = self.dir.join("node.pem");
+        check_node(&self.ca_pem, cert_pem, &path, id)?;
+        let key_pem = self.node().key_pem;
+        let certified = certified(cert_pem, &self.ca_pem, &key_pem)?;
+        zone_files::atomic::write(&path, cert_pem.as_bytes(), 0o644, None)
+            .map_err(|source| TlsError::Write { path, source })?;
+        *self.presented.0.write().expect("not poisoned") = Arc::new(certified);
+        self.node.write().expect("not poisoned").cert_pem = cert_pem.to_owned();
+        Ok(())
+    }
+
     fn identity(&self) -> Identity {
-        Identity::from_pem(&self.cert_pem, &self.key_pem)
+        let node = self.node();
+        Identity::from_pem(&node.cert_pem, &node.key_pem)
     }
 
     fn ca(&self) -> Certificate {
         Certificate::from_pem(&self.ca_pem)
     }
 
-    /// The listener's side: this server's certificate, and the zone CA for
-    /// the callers'. A certificate is required on the peer port; on the
-    /// client port it is optional at the handshake (health answers
-    /// without one) and [`Gate`] requires it of every other call.
-    pub fn server(&self, port: Port) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity())
-            .client_ca_root(self.ca())
-            .client_auth_optional(port == Port::Client)
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// The zone CA's fingerprint (`sha256:<hex>`), as join tokens carry it.
+    pub fn ca_fingerprint(&self) -> String {
+        zone_pki::fingerprint_pem(&self.ca_pem).unwrap_or_default()
+    }
+
+    /// When this server's node certificate expires (Unix seconds).
+    pub fn cert_expires_unix(&self) -> i64 {
+        zone_pki::facts_pem(&self.node().cert_pem).map_or(0, |f| f.not_after_unix)
+    }
+
+    /// The listener's side of the handshake. The server presents its node
+    /// certificate, then the zone CA's: a client that knows the CA ignores
+    /// the second; a joining server, which knows only the CA's fingerprint
+    /// from its token, finds the CA there, checks the fingerprint, and
+    /// verifies the node certificate with it (`crate::join`). Callers'
+    /// certificates are checked against the zone CA: required on the peer
+    /// port; optional at the handshake on the client port (health answers
+    /// without one), where [`Gate`] requires one of every other call.
+    pub fn acceptor(&self, port: Port) -> Result<TlsAcceptor, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let setup = |why: String| {
+            TlsError::Certificate(zone_pki::PkiError::Unreadable {
+                what: "the zone CA certificate".into(),
+                why,
+            })
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for der in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots
+                .add(der.map_err(|e| setup(e.to_string()))?)
+                .map_err(|e| setup(e.to_string()))?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        let verifier = match port {
+            Port::Client => verifier.allow_unauthenticated(),
+            Port::Peer => verifier,
+        }
+        .build()
+        .map_err(|e| setup(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| setup(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.presented.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
     }
 
     /// Dialling server `id`'s peer port: its certificate must name `id`.
@@ -170,6 +302,130 @@ impl ZoneTls {
             .domain_name(zone_pki::ANY_SERVER)
             .timeout(DIAL_HANDSHAKE_TIMEOUT)
     }
+}
+
+/// A connection whose TLS handshake this server's listener completed
+/// ([`incoming`]), with the certificates the caller presented.
+pub struct TlsIo {
+    inner: tokio_rustls::server::TlsStream<Coalesced<TcpStream>>,
+    certs: PeerCerts,
+}
+
+/// The certificates a caller presented at the handshake (verified against
+/// the zone CA by it), in each request's extensions; None: it sent none.
+#[derive(Debug, Clone)]
+pub struct PeerCerts(pub Option<Arc<Vec<CertificateDer<'static>>>>);
+
+impl std::fmt::Debug for TlsIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIo")
+            .field("certs", &self.certs.0.as_ref().map_or(0, |c| c.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connected for TlsIo {
+    type ConnectInfo = PeerCerts;
+
+    fn connect_info(&self) -> PeerCerts {
+        self.certs.clone()
+    }
+}
+
+impl AsyncRead for TlsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The connections `listener` accepts, once `acceptor`'s handshake is done
+/// (each in a task of its own, within [`HANDSHAKE_TIMEOUT`]: a slow or
+/// silent caller holds up no other). Nagle's algorithm is off and writes
+/// are coalesced per scheduler round ([`Coalesced`]): without that a
+/// response's last frames waited for the client's delayed ACK, up to 40 ms
+/// on Linux (linearizable reads took 44 ms at p50). The stream ends when
+/// the server stops taking connections from it.
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TlsIo>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors, say: not this loop's
+                        // end; a moment for others to close theirs.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Coalesced::new(tcp)))
+                    .await
+                {
+                    Ok(Ok(tls)) => {
+                        let certs =
+                            tls.get_ref().1.peer_certificates().map(|c| {
+                                Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())
+                            });
+                        let _ = tx
+                            .send(Ok(TlsIo {
+                                inner: tls,
+                                certs: PeerCerts(certs),
+                            }))
+                            .await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake refused")
+                    }
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Which of this server's ports a [`Gate`] guards.
@@ -226,7 +482,7 @@ pub fn needs(path: &str) -> Need {
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return Need::Role(Role::Admin);
     };
-    use zone_proto::v1::{cluster_server, config_server, kv_server};
+    use zone_proto::v1::{cluster_server, config_server, join_server, kv_server};
     use Role::*;
     const HEALTH: &str = "grpc.health.v1.Health";
     const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
@@ -245,6 +501,9 @@ pub fn needs(path: &str) -> Need {
             Need::Role(Reader)
         }
         (config_server::SERVICE_NAME, "Push" | "Delete" | "Rollback") => Need::Role(Operator),
+        // The token is the credential: a joining server has no other yet.
+        (join_server::SERVICE_NAME, "Join") => Need::Anyone,
+        (join_server::SERVICE_NAME, "IssueToken") => Need::Role(Admin),
         _ => Need::Role(Admin),
     }
 }
@@ -370,8 +629,8 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let certs = req
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.peer_certs());
+            .get::<PeerCerts>()
+            .and_then(|p| p.0.clone());
         let cert = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
         let admitted = admit(self.gate.port, req.uri().path(), cert).and_then(|caller| match &caller {
             Caller::User { name, serial, .. } if (self.gate.revoked)(serial) => {
@@ -452,7 +711,7 @@ mod tests {
         use Role::{Admin, Operator, Reader};
         // What each client call needs, written out: a change to `needs`
         // that moves a call to another role fails here.
-        let table: [(&str, &str, Need); 23] = [
+        let table: [(&str, &str, Need); 25] = [
             ("zone.v1.KV", "Get", Need::Role(Reader)),
             ("zone.v1.KV", "Range", Need::Role(Reader)),
             ("zone.v1.KV", "Watch", Need::Role(Reader)),
@@ -476,6 +735,8 @@ mod tests {
             ("zone.v1.Users", "Issue", Need::Role(Admin)),
             ("zone.v1.Users", "Revoke", Need::Role(Admin)),
             ("zone.v1.Users", "List", Need::Role(Admin)),
+            ("zone.v1.Join", "Join", Need::Anyone),
+            ("zone.v1.Join", "IssueToken", Need::Role(Admin)),
         ];
         for (service, m, need) in table {
             let path = format!("/{service}/{m}");

@@ -111,6 +111,37 @@ impl GrpcTransport {
         }
     }
 
+    /// When this server's node certificate expires (Unix seconds).
+    pub fn cert_expires_unix(&self) -> i64 {
+        self.tls.cert_expires_unix()
+    }
+
+    /// This server's certificates.
+    pub fn tls(&self) -> &ZoneTls {
+        &self.tls
+    }
+
+    /// Reopens every link to a peer: after this server's certificate was
+    /// renewed (a link's channel would reconnect with the certificate it
+    /// was made with, which expires). What was queued on the old links is
+    /// dropped; Raft sends it again.
+    pub fn relink(&self) {
+        let _guard = self.runtime.enter();
+        let mut links = self.links.write().expect("links poisoned");
+        let old: Vec<Member> = links
+            .iter()
+            .map(|(id, l)| Member {
+                id: *id,
+                peer_endpoint: l.addr.clone(),
+                ..Member::default()
+            })
+            .collect();
+        links.clear();
+        for m in &old {
+            self.open_link(&mut links, m);
+        }
+    }
+
     /// The client for peer `id`, for forwarding and status calls.
     pub fn client(&self, id: u64) -> Option<PeerClient<Channel>> {
         self.links

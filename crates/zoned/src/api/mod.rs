@@ -13,6 +13,8 @@
 //! - [`validate`]: the request checks ([`Limits`]);
 //! - [`leader`]: writes and management at the leader, linearizable reads;
 //! - [`admin`]: membership, leadership transfer, reset, maintenance;
+//! - [`join`]: join tokens, and a new server's certificate for one;
+//! - [`users`]: client credentials issued and revoked;
 //! - [`status`]: this server's status and the zone's;
 //! - [`watch`]: history replay and live events;
 //! - [`service`]: the tonic service impls, thin.
@@ -20,6 +22,7 @@
 mod admin;
 mod config;
 mod error;
+pub mod join;
 mod leader;
 mod requests;
 mod service;
@@ -42,6 +45,7 @@ use crate::transport::GrpcTransport;
 
 pub use config::ConfigService;
 pub use error::ApiError;
+pub use join::JoinService;
 pub use service::{ClusterService, KvService};
 pub use users::UsersService;
 pub use validate::Limits;

@@ -57,6 +57,7 @@ impl ServerContext {
             snapshots_received: s.snapshots_received,
             host: Some(self.host.figures(&self.config.node.data_dir)),
             zone_id: s.zone_id.clone(),
+            cert_expires_unix: self.transport.cert_expires_unix(),
         }
     }
 

@@ -30,7 +30,7 @@ fn user_key(serial: &str) -> Vec<u8> {
     [USERS_PREFIX, serial.as_bytes()].concat()
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -172,15 +172,17 @@ impl Limits {
 
 /// The keys only zoned's own services write: the managed files, their
 /// history and the generation key every change compares (Config), and the
-/// users' records (Users). A client write there would bypass the file
-/// checks (paths, sizes, templates), or clear a revocation: refused.
+/// users' records (Users) and the join tokens' (Join). A client write
+/// there would bypass the file checks (paths, sizes, templates), clear a
+/// revocation, or plant a token: refused.
 /// zone-sync's reports and the roll lock beside them are written through
 /// the key-value API, and stay open to it.
-const RESERVED: [(&[u8], bool); 4] = [
+const RESERVED: [(&[u8], bool); 5] = [
     (zone_files::keys::FILE_PREFIX, true),
     (zone_files::keys::HIST_PREFIX, true),
     (zone_files::keys::GEN_KEY, false),
     (super::users::USERS_PREFIX, true),
+    (super::join::JOIN_PREFIX, true),
 ];
 
 /// Refuses a client's write that would change a reserved key ([`RESERVED`]),
@@ -244,7 +246,7 @@ fn delete_writable(at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
 
 fn reserved(at: &str, key: &[u8]) -> ApiError {
     ApiError::PermissionDenied(format!(
-        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`)",
+        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`; the join tokens: `zonectl server add`/`token`)",
         String::from_utf8_lossy(key)
     ))
 }
