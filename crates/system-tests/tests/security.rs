@@ -478,21 +478,41 @@ async fn an_oversize_peer_message_and_a_huge_snapshot_announcement_are_refused()
         ),
         "{e:?}"
     );
-    // A snapshot announced as 2^63 bytes, that sends 1 KiB and ends.
+    // A snapshot announced as 2^63 bytes: refused before its data is read.
     let mut header = message(MessageType::MsgSnapshot, leader_id, fid, term);
     header.mut_snapshot().mut_metadata().index = 1 << 40;
     header.mut_snapshot().mut_metadata().term = term;
-    let chunk = SnapshotChunk {
+    let chunk = |total_size: u64, data: Vec<u8>| SnapshotChunk {
         message: header.write_to_bytes().unwrap(),
-        data: vec![7u8; 1024],
-        total_size: 1 << 63,
+        data,
+        total_size,
     };
     let e = peer_as(&zone, f, &me)
-        .snapshot(tokio_stream::iter(vec![chunk]))
+        .snapshot(tokio_stream::iter(vec![chunk(1 << 63, vec![7u8; 1024])]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("over this server's limits.max_snapshot_mb (4096 MiB)"),
+        "{}",
+        e.message()
+    );
+    // Within the limit, but sending more than it announced: cut off at
+    // the announced size.
+    let e = peer_as(&zone, f, &me)
+        .snapshot(tokio_stream::iter(vec![
+            chunk(2048, vec![7u8; 1024]),
+            chunk(2048, vec![7u8; 4096]),
+        ]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("bytes received of"), "{}", e.message());
+    assert!(
+        e.message().contains("more data than announced"),
+        "{}",
+        e.message()
+    );
     zone_unaffected(&mut zone, before, "after-oversize").await;
 }
 

@@ -186,6 +186,24 @@ pub fn install(found: &Found, dir: &Path, id: u64) -> Result<bool, CredentialErr
     Ok(keep)
 }
 
+/// Whether `dir` holds a local admin credential of the zone `ca` that is
+/// valid for 30 days more: kept, not issued again.
+pub fn local_admin_holds(ca: &ZoneCa, dir: &Path) -> bool {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let (Some(cert), Some(_key)) = (read("client.pem"), read("client.key")) else {
+        return false;
+    };
+    let month = 30 * 86_400;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    matches!(
+        zone_pki::verify(ca.cert_pem(), &cert, "the local admin credential"),
+        Ok(Holder::User {
+            role: Role::Admin,
+            ..
+        })
+    ) && zone_pki::facts_pem(&cert).is_some_and(|f| f.not_after_unix > now + month)
+}
+
 /// Issues this server's local admin credential (`local-admin-<id>`) into
 /// `dir` (`ca.pem`, `client.pem`, `client.key`: where zonectl looks on
 /// the appliance). Whoever is root here holds the CA's key already; this
@@ -235,7 +253,16 @@ mod tests {
         let ca2 = found.check(2).unwrap().expect("the CA's key");
         let out = d.path().join("run");
         assert!(!install(&found, &out.join("tls"), 2).unwrap());
+        assert!(!local_admin_holds(&ca2, &out.join("admin")));
         issue_local_admin(&ca2, 2, &out.join("admin")).unwrap();
+        assert!(
+            local_admin_holds(&ca2, &out.join("admin")),
+            "kept at the next boot"
+        );
+        assert!(
+            !local_admin_holds(&ZoneCa::generate().unwrap(), &out.join("admin")),
+            "another zone's: issued again"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&out.join("tls")), 0o700);

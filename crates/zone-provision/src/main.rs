@@ -47,10 +47,16 @@ struct Args {
     /// The kernel command line, for zoned.KEY=VALUE words.
     #[arg(long, default_value = "/proc/cmdline")]
     cmdline: PathBuf,
-    /// Directory for node.toml, vip.toml, resolv.conf, and the server's
-    /// local admin credential (admin/).
+    /// Directory for node.toml, vip.toml and resolv.conf.
     #[arg(long, default_value = "/run/zoned")]
     out: PathBuf,
+    /// A founder's local admin credential for zonectl (/etc/zoned/admin
+    /// links there), on the data partition: issued once and kept across
+    /// boots (its serial stays the same, so a revocation of it lasts), and
+    /// issued again only when it no longer verifies or expires within 30
+    /// days (delete it to have a new one issued at the next boot).
+    #[arg(long, default_value = "/var/lib/zoned/admin")]
+    admin_dir: PathBuf,
     /// Directory for the systemd-networkd unit.
     #[arg(long, default_value = "/run/systemd/network")]
     network_dir: PathBuf,
@@ -180,9 +186,13 @@ fn run(args: &Args) -> Result<()> {
                     }
                 );
                 if let Some(ca) = &ca {
-                    let admin = args.out.join("admin");
-                    zone_provision::credentials::issue_local_admin(ca, r.id, &admin)?;
-                    println!("issued the local admin credential in {}", admin.display());
+                    let admin = &args.admin_dir;
+                    if zone_provision::credentials::local_admin_holds(ca, admin) {
+                        println!("the local admin credential in {} holds", admin.display());
+                    } else {
+                        zone_provision::credentials::issue_local_admin(ca, r.id, admin)?;
+                        println!("issued the local admin credential in {}", admin.display());
+                    }
                 }
             }
             (tls_dir, false)
@@ -214,13 +224,21 @@ fn run(args: &Args) -> Result<()> {
             println!("no VIP in the identity: zone-vip stays off");
         }
     }
+    let node_toml = args.out.join("node.toml");
     for (path, text) in &files {
         if args.dry_run {
-            println!("---- {}\n{text}", path.display());
+            let shown = match &r.join_token {
+                Some(t) if *path == node_toml => text.replace(t.as_str(), "<the join token>"),
+                _ => text.clone(),
+            };
+            println!("---- {}\n{shown}", path.display());
         } else {
+            // node.toml is root's alone (it may hold the join token); the
+            // others are read by other users (resolv.conf by every
+            // program, the network unit by systemd-networkd's user).
+            let mode = if *path == node_toml { 0o600 } else { 0o644 };
             // Atomic: a reader sees the old file or the new, never a part.
-            // Root's alone: node.toml may hold the join token.
-            zone_files::atomic::write(path, text.as_bytes(), 0o600, None)
+            zone_files::atomic::write(path, text.as_bytes(), mode, None)
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
         }
@@ -326,6 +344,7 @@ mod tests {
             fw_cfg: d.path().join("missing-fw"),
             tls: d.path().join("missing-tls"),
             tls_dir: d.path().join("var-lib-zoned-tls"),
+            admin_dir: d.path().join("var-lib-zoned-admin"),
             fw_cfg_tls: fw_tls.clone(),
             cmdline: cmdline.clone(),
             out: d.path().join("run"),
@@ -344,11 +363,18 @@ mod tests {
         run(&args).unwrap();
         let node = std::fs::read_to_string(args.out.join("node.toml")).unwrap();
         assert!(node.contains("id = 2"), "{node}");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(args.out.join("node.toml")), 0o600);
+        for readable in [
+            args.out.join("resolv.conf"),
+            args.out.join("vip.toml"),
+            args.network_dir.join("10-zoned.network"),
+        ] {
+            assert_eq!(mode(readable), 0o644, "read by other users");
+        }
         assert!(args.tls_dir.join("node.key").exists());
-        assert!(
-            !args.out.join("admin").exists(),
-            "no CA key, no local admin"
-        );
+        assert!(!args.admin_dir.exists(), "no CA key, no local admin");
         assert!(args.out.join("vip.toml").exists());
         assert!(args.network_dir.join("10-zoned.network").exists());
         // Without certificates, nothing starts (code 2: the message says
@@ -388,6 +414,7 @@ mod tests {
             fw_cfg: d.path().join("missing-fw"),
             tls: d.path().join("missing-tls"),
             tls_dir: d.path().join("var-lib-zoned-tls"),
+            admin_dir: d.path().join("var-lib-zoned-admin"),
             fw_cfg_tls: d.path().join("missing-fw-tls"),
             cmdline: d.path().join("missing-cmdline"),
             out: d.path().join("run"),

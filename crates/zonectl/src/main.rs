@@ -277,13 +277,14 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (90s, 30m, 1h, 2d)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
     };
+    let secs = n.saturating_mul(per);
     if secs == 0 || secs > 7 * 86_400 {
         return Err(format!("{s:?}: from 1 s to 7 days"));
     }

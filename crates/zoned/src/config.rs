@@ -206,6 +206,12 @@ pub struct LimitsSection {
     /// zone) until space is freed: the store never meets a full disk in
     /// the middle of a write. 0 disables the check. Default 256.
     pub min_free_disk_mb: u64,
+    /// Largest Raft snapshot this server takes from another, in MiB: a
+    /// snapshot is received whole in memory, and one announced larger is
+    /// refused before any of it is read (RESOURCE_EXHAUSTED, naming this
+    /// field). Raise it on every server if the store grows near it.
+    /// Default 4096.
+    pub max_snapshot_mb: u64,
 }
 
 impl Default for LimitsSection {
@@ -217,6 +223,7 @@ impl Default for LimitsSection {
             request_timeout_ms: 10_000,
             watch_history: 100_000,
             min_free_disk_mb: 256,
+            max_snapshot_mb: 4096,
         }
     }
 }
@@ -491,6 +498,12 @@ impl Config {
         }
         if l.watch_history == 0 {
             return Err(invalid("limits.watch_history", "must be at least 1"));
+        }
+        if l.max_snapshot_mb == 0 || l.max_snapshot_mb > 1 << 20 {
+            return Err(invalid(
+                "limits.max_snapshot_mb",
+                "must be between 1 and 1048576 (1 TiB)",
+            ));
         }
         Ok(())
     }

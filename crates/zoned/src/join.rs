@@ -48,8 +48,18 @@ pub enum JoinError {
     BadKey { path: PathBuf, why: String },
     #[error("node.join: cannot reach {addr} to join the zone: {reason}")]
     Dial { addr: String, reason: String },
+    #[error("tls.dir: cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("node.join_token: the zone at {addr} refused it: {reason}")]
     Refused { addr: String, reason: String },
+    #[error(
+        "node.join: {addr} could not answer the join now (tried again at the next start): {reason}"
+    )]
+    Failed { addr: String, reason: String },
     #[error("node.join: the answer of {addr} is not a certificate for this server: {reason}")]
     BadAnswer { addr: String, reason: String },
 }
@@ -67,7 +77,13 @@ impl JoinError {
     /// Whether trying again as it is cannot help (a refused token stays
     /// refused): systemd should not restart the server for it.
     pub fn is_final(&self) -> bool {
-        !matches!(self, JoinError::Dial { .. } | JoinError::Write { .. })
+        !matches!(
+            self,
+            JoinError::Dial { .. }
+                | JoinError::Write { .. }
+                | JoinError::Read { .. }
+                | JoinError::Failed { .. }
+        )
     }
 }
 
@@ -185,6 +201,27 @@ pub async fn dial(addr: &str, fingerprint: &str) -> Result<Channel, String> {
         .map_err(|e| crate::logging::chain(&e))
 }
 
+/// What a failed Join call means for the joiner: refused for good (the
+/// token, or a `join` that names a member that cannot sign: asking again
+/// cannot help), or failed for now (an election, a restart, a timeout:
+/// asked again at the next start, and the token, if it was spent on the
+/// way, admits the same key again).
+fn refusal(addr: &str, s: &tonic::Status) -> JoinError {
+    let addr = addr.to_owned();
+    let reason = s.message().to_owned();
+    match s.code() {
+        tonic::Code::PermissionDenied => JoinError::Refused { addr, reason },
+        tonic::Code::FailedPrecondition if reason.contains(FINAL_PRECONDITION) => {
+            JoinError::Refused { addr, reason }
+        }
+        _ => JoinError::Failed { addr, reason },
+    }
+}
+
+/// What the member says when it cannot sign a joiner's certificate at all
+/// (`crate::api::join`).
+pub const FINAL_PRECONDITION: &str = "cannot sign a joining server's certificate";
+
 fn write(dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), JoinError> {
     let path = dir.join(name);
     zone_files::atomic::write(&path, text.as_bytes(), mode, None)
@@ -207,7 +244,7 @@ fn key_in(dir: &Path) -> Result<JoinKey, JoinError> {
             write(dir, "node.key", &key.key_pem(), 0o600)?;
             Ok(key)
         }
-        Err(source) => Err(JoinError::Write { path, source }),
+        Err(source) => Err(JoinError::Read { path, source }),
     }
 }
 
@@ -254,14 +291,11 @@ pub async fn redeem(
     req.set_timeout(JOIN_TIMEOUT);
     let answer = tokio::time::timeout(JOIN_TIMEOUT, JoinClient::new(channel).join(req))
         .await
-        .map_err(|_| JoinError::Dial {
+        .map_err(|_| JoinError::Failed {
             addr: addr.to_owned(),
             reason: format!("no answer within {} s", JOIN_TIMEOUT.as_secs()),
         })?
-        .map_err(|s| JoinError::Refused {
-            addr: addr.to_owned(),
-            reason: s.message().to_owned(),
-        })?
+        .map_err(|s| refusal(addr, &s))?
         .into_inner();
     let bad = |reason: String| JoinError::BadAnswer {
         addr: addr.to_owned(),
@@ -289,4 +323,31 @@ pub async fn redeem(
         "joined: this server's node certificate is written"
     );
     Ok(answer.members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused token stops the joiner for good (exit 2: systemd does
+    /// not restart it); anything that may pass is tried again.
+    #[test]
+    fn only_a_refusal_that_cannot_pass_is_final() {
+        use tonic::{Code, Status};
+        let fin = |s: Status| refusal("m:7400", &s).is_final();
+        assert!(fin(Status::permission_denied("used token: ...")));
+        assert!(fin(Status::failed_precondition(format!(
+            "server 2 does not hold the zone CA's key and {FINAL_PRECONDITION}"
+        ))));
+        for passing in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Internal,
+        ] {
+            assert!(!fin(Status::new(passing, "x")), "{passing:?}");
+        }
+        // The zone disabled for maintenance: it will be enabled again.
+        assert!(!fin(Status::failed_precondition("the zone is disabled")));
+    }
 }

@@ -48,7 +48,8 @@ impl Peer for PeerService {
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SnapshotAck>, Status> {
         let sender = self.member(&req)?;
-        transport::receive_snapshot(self.0.node(), sender, req.into_inner()).await
+        let max = self.0.config().limits.max_snapshot_mb << 20;
+        transport::receive_snapshot(self.0.node(), sender, max, req.into_inner()).await
     }
 
     async fn forward(

@@ -542,9 +542,13 @@ fn snapshot_reserve(total: usize) -> usize {
 }
 
 /// Reassembles a chunked snapshot from `sender` and steps it into Raft.
+/// Receives a snapshot from member `sender`, whole, in memory: at most
+/// `max_bytes` (`limits.max_snapshot_mb`), checked against the announced
+/// size before any data is read, and against what arrives.
 pub async fn receive_snapshot(
     node: &NodeHandle,
     sender: u64,
+    max_bytes: u64,
     mut stream: Streaming<SnapshotChunk>,
 ) -> Result<Response<SnapshotAck>, Status> {
     let Some(first) = stream.message().await? else {
@@ -556,6 +560,19 @@ pub async fn receive_snapshot(
         return Err(Status::invalid_argument("message: not a snapshot message"));
     }
     check_from(&msg, sender)?;
+    if first.total_size > max_bytes {
+        tracing::warn!(
+            from = sender,
+            announced = first.total_size,
+            limit = max_bytes,
+            "a snapshot larger than limits.max_snapshot_mb was refused"
+        );
+        return Err(Status::resource_exhausted(format!(
+            "snapshot: server {sender} announces {} bytes, over this server's limits.max_snapshot_mb ({} MiB); raise it on every server if the store is that large",
+            first.total_size,
+            max_bytes >> 20
+        )));
+    }
     let total = first.total_size as usize;
     let mut data = Vec::with_capacity(snapshot_reserve(total));
     data.extend_from_slice(&first.data);

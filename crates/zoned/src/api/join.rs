@@ -162,9 +162,9 @@ fn check(
     }
     let key_hash = zone_pki::sha256(public_key);
     if record.used_unix != 0 {
-        if record.used_key_sha256 == key_hash {
-            // The same server asking again (its answer was lost): it
-            // holds the key the token was spent on.
+        if record.used_key_sha256 == key_hash && now < record.expires_unix {
+            // The same server asking again within the token's life (its
+            // answer was lost): it holds the key the token was spent on.
             return Ok(None);
         }
         return Err(denied(format!(
@@ -265,34 +265,52 @@ impl join_server::Join for JoinService {
         }
         let Some(ca) = &self.ca else {
             return Err(ApiError::FailedPrecondition(format!(
-                "server {} does not hold the zone CA's key and cannot sign; join through a founder (node.join)",
-                self.zone.node().id()
+                "server {} does not hold the zone CA's key and {}; join through a founder (node.join)",
+                self.zone.node().id(),
+                crate::join::FINAL_PRECONDITION
             ))
             .into());
         };
         self.zone.linearize(budget).await?;
-        let members = self.zone.members().await?.members;
-        let Some(member) = members.iter().find(|m| m.id == r.id) else {
-            return Err(ApiError::FailedPrecondition(format!(
-                "server {} is not a member of the zone (removed since its token was issued?)",
-                r.id
-            ))
-            .into());
-        };
-        let (record, revision) = match self.record(r.id)? {
+        // The token first: only its holder learns anything more (such as
+        // whether the server is a member).
+        let (record, mut revision) = match self.record(r.id)? {
             Some((rec, rev)) => (Some(rec), rev),
             None => (None, 0),
         };
-        if let Some(used) = check(&token, &r.public_key, record.as_ref(), now_unix())? {
-            // Spent before anything is signed: a request that loses the
-            // race below gets nothing.
+        let mut spend = check(&token, &r.public_key, record.as_ref(), now_unix())?;
+        let members = self.zone.members().await?.members;
+        let Some(member) = members.iter().find(|m| m.id == r.id) else {
+            return Err(ApiError::FailedPrecondition(format!(
+                "server {} is not a member of the zone (removed since its token was issued?), so the zone {}",
+                r.id,
+                crate::join::FINAL_PRECONDITION
+            ))
+            .into());
+        };
+        // Spent before anything is signed: of two requests racing, one
+        // writes; the other reads the record again and is told what became
+        // of the token (used, or replaced).
+        let mut attempts = 0;
+        while let Some(used) = spend {
             let (written, _) = self.swap(&used, revision, budget).await?;
-            if !written {
-                return Err(denied(format!(
-                    "used token: server {}'s join token was spent by another request at the same moment",
-                    r.id
-                )));
+            if written {
+                break;
             }
+            attempts += 1;
+            if attempts == 3 {
+                return Err(Status::aborted(
+                    "the join token kept changing while it was checked; try again",
+                ));
+            }
+            // What the write that won did, as this server applies it.
+            self.zone.linearize(budget).await?;
+            let (record, rev) = match self.record(r.id)? {
+                Some((rec, rev)) => (Some(rec), rev),
+                None => (None, 0),
+            };
+            revision = rev;
+            spend = check(&token, &r.public_key, record.as_ref(), now_unix())?;
         }
         let addresses: Vec<IpAddr> = ip_of(&member.peer_endpoint).into_iter().collect();
         let cert = ca
@@ -350,8 +368,9 @@ mod tests {
         assert_eq!(spent.used_key_sha256, zone_pki::sha256(&key));
         assert_eq!(spent.secret_sha256, fresh.secret_sha256);
         // Another key: refused; the same key (an answer lost): signed
-        // again, nothing more to store, even past the expiry.
+        // again, nothing more to store, while the token lives.
         assert!(refused(Some(&spent), &other_key, 2001).starts_with("used token"));
-        assert_eq!(check(&token, &key, Some(&spent), 9000).unwrap(), None);
+        assert_eq!(check(&token, &key, Some(&spent), 4599).unwrap(), None);
+        assert!(refused(Some(&spent), &key, 4600).starts_with("used token"));
     }
 }

@@ -170,6 +170,10 @@ impl ServerContext {
             .map_err(|_| ApiError::Unavailable("server is shutting down".into()))
     }
 
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub(crate) fn transport(&self) -> &GrpcTransport {
         &self.transport
     }
