@@ -56,6 +56,9 @@ struct Sample {
 pub struct Samples {
     kept: VecDeque<Sample>,
     last: Option<(u64, u64)>,
+    /// The last pause seen: when (CLOCK_BOOTTIME ns, after the resume)
+    /// and at least how long. Kept when the samples are forgotten.
+    pause: Option<(u64, u64)>,
 }
 
 impl Samples {
@@ -85,8 +88,18 @@ impl Samples {
     /// At least how long the clocks stood still between a sample taken at
     /// or before `since_ns` and a reading `now_rtc_s` at `now_ns`: zero if
     /// they did not, or if no sample is that old.
+    ///
+    /// Safety: a pause seen at or after `since_ns` ([`Samples::paused`])
+    /// counts too. The samples from before it are forgotten then, and
+    /// without this a question asked about a moment before the pause, just
+    /// after the sampler saw it, found no sample that old and heard "no
+    /// pause": the QEMU pause test saw a repeated announcement of the VIP
+    /// go out 20 ms after the resume, while another VM held it.
     pub fn stood_still(&self, since_ns: u64, now_ns: u64, now_rtc_s: u64) -> Duration {
-        let mut most = 0u64;
+        let mut most = match self.pause {
+            Some((seen_ns, at_least_ns)) if seen_ns >= since_ns => at_least_ns,
+            _ => 0,
+        };
         for s in self.kept.iter().take_while(|s| s.boot_ns <= since_ns) {
             let real_ns = now_rtc_s.saturating_sub(s.rtc_s) * SECOND_NS;
             let counted = now_ns.saturating_sub(s.boot_ns) + s.slack_ns;
@@ -95,7 +108,16 @@ impl Samples {
         Duration::from_nanos(most)
     }
 
-    /// Forgets every sample: a pause was seen and dealt with.
+    /// A pause was seen at `seen_ns`, of at least `at_least`: the samples
+    /// from before it say nothing more (they would count it again for every
+    /// later moment) and are forgotten; the pause itself is kept for the
+    /// questions about moments before it ([`Samples::stood_still`]).
+    pub fn paused(&mut self, seen_ns: u64, at_least: Duration) {
+        self.clear();
+        self.pause = Some((seen_ns, at_least.as_nanos() as u64));
+    }
+
+    /// Forgets every sample.
     pub fn clear(&mut self) {
         self.kept.clear();
         self.last = None;
@@ -160,7 +182,7 @@ impl Rtc {
         let mut samples = self.samples.lock().expect("rtc samples poisoned");
         let gap = samples.stood_still(now, now, rtc_s);
         if gap > TOLERANCE {
-            samples.clear();
+            samples.paused(now, gap);
             self.pauses.send_replace(Pause {
                 seen_ns: now,
                 at_least: gap,
@@ -251,6 +273,37 @@ mod tests {
         let real = now + offset + 5_000;
         assert_eq!(
             s.stood_still(5_500 * MS, now * MS, real / 1000),
+            Duration::ZERO
+        );
+    }
+
+    /// The sampler saw the pause first (it forgot the samples before it):
+    /// a question about a moment before the pause, asked after, still
+    /// hears of it. On the code before, it heard "no pause" (the QEMU pause
+    /// test's repeated announcement 20 ms after the resume).
+    #[test]
+    fn a_pause_the_sampler_saw_first_is_still_told_of_moments_before_it() {
+        let mut s = Samples::default();
+        let offset = 1_700_000_000_000;
+        feed(&mut s, 0, 3_000, offset);
+        // Paused at 3000 ms for 2.7 s; the sampler reads at 3001 ms.
+        let due = 2_990;
+        let now = 3_001;
+        let real = now + offset + 2_700;
+        let gap = s.stood_still(now * MS, now * MS, real / 1000);
+        assert!(gap > TOLERANCE);
+        s.paused(now * MS, gap);
+        s.record(now * MS, real / 1000);
+        // The announcement that came due at 2990 ms asks at 3003 ms.
+        let asked = 3_003;
+        let real = asked + offset + 2_700;
+        assert!(
+            s.stood_still(due * MS, asked * MS, real / 1000) > TOLERANCE,
+            "the pause is forgotten"
+        );
+        // A moment after the pause was seen: nothing stood still since.
+        assert_eq!(
+            s.stood_still(3_002 * MS, asked * MS, real / 1000),
             Duration::ZERO
         );
     }
