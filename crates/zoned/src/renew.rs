@@ -50,13 +50,7 @@ async fn address_of(zone: &ServerContext, id: u64) -> Result<Vec<IpAddr>, ApiErr
     Ok(members
         .iter()
         .find(|m| m.id == id)
-        .and_then(|m| {
-            let (host, _) = m.peer_endpoint.rsplit_once(':')?;
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .ok()
-        })
+        .and_then(|m| crate::api::join::ip_of(&m.peer_endpoint))
         .into_iter()
         .collect())
 }

@@ -51,7 +51,7 @@ fn when(unix: u64) -> String {
 
 /// The IP address of a member's peer endpoint (`host:port`), for its
 /// certificate; none if the host is a name.
-fn ip_of(endpoint: &str) -> Option<IpAddr> {
+pub(crate) fn ip_of(endpoint: &str) -> Option<IpAddr> {
     let (host, _) = endpoint.rsplit_once(':')?;
     host.trim_start_matches('[')
         .trim_end_matches(']')
@@ -86,22 +86,21 @@ impl JoinService {
         }
     }
 
-    /// The record of server `id`'s token and its revision (0: none).
-    fn record(&self, id: u64) -> Result<Option<(JoinTokenRecord, u64)>, ApiError> {
+    /// The record of server `id`'s token, and its revision (0: none).
+    fn record(&self, id: u64) -> Result<(Option<JoinTokenRecord>, u64), ApiError> {
         let (kv, _) = self.zone.reader().get(&GetRequest {
             key: token_key(id),
             serializable: true,
         })?;
-        kv.map(|kv| {
-            JoinTokenRecord::decode(kv.value.as_slice())
-                .map(|r| (r, kv.mod_revision))
-                .map_err(|e| {
-                    ApiError::FailedPrecondition(format!(
-                        "server {id}'s join token record cannot be decoded: {e}"
-                    ))
-                })
-        })
-        .transpose()
+        let Some(kv) = kv else {
+            return Ok((None, 0));
+        };
+        let record = JoinTokenRecord::decode(kv.value.as_slice()).map_err(|e| {
+            ApiError::FailedPrecondition(format!(
+                "server {id}'s join token record cannot be decoded: {e}"
+            ))
+        })?;
+        Ok((Some(record), kv.mod_revision))
     }
 
     /// Writes `record` if server `id`'s record is still at `revision` (0:
@@ -226,7 +225,7 @@ impl join_server::Join for JoinService {
             used_key_sha256: Vec::new(),
         };
         // Replaces any token before it, used or not.
-        let revision = self.record(r.id)?.map_or(0, |(_, rev)| rev);
+        let (_, revision) = self.record(r.id)?;
         let (written, revision) = self.swap(&record, revision, budget).await?;
         if !written {
             return Err(Status::aborted(format!(
@@ -274,10 +273,7 @@ impl join_server::Join for JoinService {
         self.zone.linearize(budget).await?;
         // The token first: only its holder learns anything more (such as
         // whether the server is a member).
-        let (record, mut revision) = match self.record(r.id)? {
-            Some((rec, rev)) => (Some(rec), rev),
-            None => (None, 0),
-        };
+        let (record, mut revision) = self.record(r.id)?;
         let mut spend = check(&token, &r.public_key, record.as_ref(), now_unix())?;
         let members = self.zone.members().await?.members;
         let Some(member) = members.iter().find(|m| m.id == r.id) else {
@@ -305,10 +301,7 @@ impl join_server::Join for JoinService {
             }
             // What the write that won did, as this server applies it.
             self.zone.linearize(budget).await?;
-            let (record, rev) = match self.record(r.id)? {
-                Some((rec, rev)) => (Some(rec), rev),
-                None => (None, 0),
-            };
+            let (record, rev) = self.record(r.id)?;
             revision = rev;
             spend = check(&token, &r.public_key, record.as_ref(), now_unix())?;
         }
