@@ -324,11 +324,12 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     let name = format!("zoned-{}", profile.name());
 
     progress
-        .step("building zoned, zone-vip, zone-sync, zonectl, zone-provision (the test profile)");
+        .step("building zoned, zone-vip, zone-sync, zone-mounts, zonectl, zone-provision (the test profile)");
     let bins = [
         "zoned",
         "zone-vip",
         "zone-sync",
+        "zone-mounts",
         "zonectl",
         "zone-provision",
     ];
@@ -402,6 +403,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             "zoned.service",
             "zone-vip.service",
             "zone-sync.service",
+            "zone-mounts.service",
             "zone-ports.service",
             "systemd-networkd.service",
         ]))?;

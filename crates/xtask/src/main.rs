@@ -184,6 +184,9 @@ const APT_PACKAGES: &[&str] = &[
     "systemd-boot-efi",
     "qemu-system-x86",
     "ovmf",
+    // zone-mounts' tests: a real NFS server (the host kernel has no nfsd).
+    "nfs-ganesha",
+    "nfs-ganesha-vfs",
     // zoned's CPU test: a server on an emulated CPU without SSE4.2.
     "qemu-user",
     // The kv benchmark: etcd to compare with, and protoc with its

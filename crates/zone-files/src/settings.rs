@@ -124,12 +124,15 @@ pub struct NodeAgent {
     /// zoned's unix socket for local agents (`node.agent_socket`; zoned's
     /// default `/run/zoned/agent.sock`).
     pub agent_socket: std::path::PathBuf,
+    /// zoned's `node.id` (0 when the file does not say).
+    pub id: u64,
 }
 
 impl Default for NodeAgent {
     fn default() -> Self {
         NodeAgent {
             agent_socket: default_agent_socket(),
+            id: 0,
         }
     }
 }
@@ -151,6 +154,8 @@ pub fn read_node_file(path: &Path) -> Result<NodeFile, SettingsError> {
     #[derive(Default, Deserialize)]
     struct NodeAgentLoose {
         agent_socket: Option<std::path::PathBuf>,
+        #[serde(default)]
+        id: u64,
     }
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -176,6 +181,7 @@ pub fn read_node_file(path: &Path) -> Result<NodeFile, SettingsError> {
         files: node.files,
         node: NodeAgent {
             agent_socket: node.node.agent_socket.unwrap_or_else(default_agent_socket),
+            id: node.node.id,
         },
     })
 }

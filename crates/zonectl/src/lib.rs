@@ -168,8 +168,89 @@ pub struct ServerRow {
     pub cert_expires_unix: Option<i64>,
     /// Host figures the server reported; `None` when it did not answer.
     pub host: Option<HostRow>,
+    /// The server's datastores as its zone-mounts reported them; `None`
+    /// when the server did not answer.
+    pub storage: Option<StorageRow>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
+}
+
+/// A server's datastores, as its zone-mounts last reported them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StorageRow {
+    /// False when zone-mounts has not reported lately (not running, or
+    /// stuck): the datastores are then its last word.
+    pub reported: bool,
+    pub age_ms: u64,
+    pub datastores: Vec<DatastoreRow>,
+}
+
+/// One datastore on one server.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatastoreRow {
+    pub name: String,
+    /// mounted, probing, hung, failed, unmounted.
+    pub state: String,
+    pub healthy: bool,
+    pub required: bool,
+    pub exclusive: bool,
+    /// The last probe's latency; 0 when none finished yet.
+    pub latency_us: u64,
+    /// How long it has been unhealthy; 0 while healthy.
+    pub unhealthy_ms: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl StorageRow {
+    fn from_health(h: &zone_proto::v1::StorageHealth) -> StorageRow {
+        StorageRow {
+            reported: h.reported,
+            age_ms: h.age_ms,
+            datastores: h
+                .datastores
+                .iter()
+                .map(|d| {
+                    let state = d.state();
+                    DatastoreRow {
+                        name: d.name.clone(),
+                        state: zone_datastores::state_name(state).to_owned(),
+                        healthy: zone_datastores::healthy(state)
+                            || (d.exclusive && state == zone_proto::v1::DatastoreState::Unmounted),
+                        required: d.required,
+                        exclusive: d.exclusive,
+                        latency_us: d.latency_us,
+                        unhealthy_ms: d.unhealthy_ms,
+                        error: d.error.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The STORAGE column: `-` (no datastores, nothing reported), `ok 2/2`,
+    /// the worst state and how many are fine (`hung 1/2`), or `stale`.
+    pub fn summary(&self) -> String {
+        if self.datastores.is_empty() {
+            return if self.reported {
+                "none".into()
+            } else {
+                "-".into()
+            };
+        }
+        if !self.reported {
+            return "stale".into();
+        }
+        let fine = self.datastores.iter().filter(|d| d.healthy).count();
+        let total = self.datastores.len();
+        let worst = ["hung", "failed", "probing", "unmounted"]
+            .into_iter()
+            .find(|w| self.datastores.iter().any(|d| !d.healthy && d.state == *w));
+        match worst {
+            None => format!("ok {fine}/{total}"),
+            Some(w) => format!("{w} {fine}/{total}"),
+        }
+    }
 }
 
 /// A server's host, as it reports it.
@@ -256,6 +337,11 @@ impl ZoneView {
                         disk_free_bytes: h.disk_free_bytes,
                         software_checksums: h.software_checksums,
                     }),
+                    storage: x
+                        .storage
+                        .as_ref()
+                        .filter(|_| reachable)
+                        .map(StorageRow::from_health),
                     error: x.error.clone(),
                 }
             })
@@ -304,6 +390,33 @@ fn day(unix: i64) -> String {
         .map_or_else(|_| "-".into(), |t| t.date().to_string())
 }
 
+/// Rows under headers, each column as wide as its widest cell, two spaces
+/// between columns, no trailing blanks.
+pub fn columns(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
 /// The `zonectl show` table. Unknown figures print as `-`; an unreachable
 /// server keeps its row, with the reason below the table.
 pub fn render_table(v: &ZoneView) -> String {
@@ -322,6 +435,7 @@ pub fn render_table(v: &ZoneView) -> String {
         "MEM-FREE",
         "DISK-FREE",
         "CERT-EXPIRES",
+        "STORAGE",
     ];
     let dash = |reachable: bool, n: u64| if reachable { n.to_string() } else { "-".into() };
     let rows: Vec<Vec<String>> = v
@@ -361,30 +475,11 @@ pub fn render_table(v: &ZoneView) -> String {
                     )
                 }),
                 s.cert_expires_unix.map_or("-".into(), day),
+                s.storage.as_ref().map_or("-".into(), StorageRow::summary),
             ]
         })
         .collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        s.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        out.push_str(&line(r));
-    }
+    let mut out = columns(&headers, rows);
     for s in v.servers.iter().filter(|s| !s.error.is_empty()) {
         out.push_str(&format!("server {} unreachable: {}\n", s.id, s.error));
     }
@@ -397,6 +492,31 @@ pub fn render_table(v: &ZoneView) -> String {
             "server {}: store checksums from lookup tables (its CPU has no SSE4.2 or no PCLMULQDQ)\n",
             s.id
         ));
+    }
+    for s in &v.servers {
+        let Some(st) = &s.storage else { continue };
+        if !st.reported && !st.datastores.is_empty() {
+            out.push_str(&format!(
+                "server {}: zone-mounts has not reported for {}s (is it running?)\n",
+                s.id,
+                st.age_ms / 1000
+            ));
+        }
+        for d in st.datastores.iter().filter(|d| !d.healthy) {
+            out.push_str(&format!(
+                "server {}: datastore {}{} {} for {}s{}\n",
+                s.id,
+                d.name,
+                if d.required { " (required)" } else { "" },
+                d.state,
+                d.unhealthy_ms / 1000,
+                if d.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.error)
+                }
+            ));
+        }
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -441,6 +561,76 @@ pub fn render_table(v: &ZoneView) -> String {
             }
         }
     }
+    out
+}
+
+/// `zonectl storage status`: one row per server and datastore.
+pub fn render_storage(v: &ZoneView) -> String {
+    let headers = [
+        "SERVER",
+        "DATASTORE",
+        "STATE",
+        "REQUIRED",
+        "LATENCY",
+        "FOR",
+        "ERROR",
+    ];
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut notes = String::new();
+    for s in &v.servers {
+        let who = if s.name.is_empty() {
+            s.id.to_string()
+        } else {
+            format!("{} {}", s.id, s.name)
+        };
+        let Some(st) = &s.storage else {
+            notes.push_str(&format!("server {}: did not answer\n", s.id));
+            continue;
+        };
+        if !st.reported {
+            notes.push_str(&format!(
+                "server {}: zone-mounts has not reported{} (is it running?)\n",
+                s.id,
+                if st.datastores.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {}s; its last word is shown", st.age_ms / 1000)
+                }
+            ));
+        }
+        for d in &st.datastores {
+            rows.push(vec![
+                who.clone(),
+                d.name.clone(),
+                d.state.clone(),
+                if d.required { "yes" } else { "no" }.into(),
+                // The last probe's latency means nothing once one hangs.
+                if d.latency_us == 0 || !d.healthy {
+                    "-".into()
+                } else if d.latency_us < 10_000 {
+                    format!("{:.1}ms", d.latency_us as f64 / 1000.0)
+                } else {
+                    format!("{}ms", d.latency_us / 1000)
+                },
+                if d.healthy {
+                    "-".into()
+                } else {
+                    format!("{}s", d.unhealthy_ms / 1000)
+                },
+                if d.error.is_empty() {
+                    "-".into()
+                } else {
+                    d.error.clone()
+                },
+            ]);
+        }
+    }
+    let mut out = if rows.is_empty() {
+        "no datastore is mounted or probed on any server (zonectl storage ls)\n".to_owned()
+    } else {
+        columns(&headers, rows)
+    };
+    out.push_str(&notes);
     out
 }
 

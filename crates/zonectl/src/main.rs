@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod config_cmd;
 mod pki_cmd;
+mod storage_cmd;
 mod user_cmd;
 
 use anyhow::Context as _;
@@ -108,6 +109,9 @@ enum Command {
     /// The zone's client credentials: issue, list, revoke (admin only).
     #[command(subcommand)]
     User(user_cmd::UserCommand),
+    /// Shared datastores, mounted and probed on every server.
+    #[command(subcommand)]
+    Storage(storage_cmd::StorageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -483,6 +487,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
+        Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
         Command::Zone(cmd) => {
             let disabled = matches!(cmd, ZoneCommand::Disable);
             let r = ClusterClient::new(channel)

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use zonectl::v1::{HostFigures, Role, ServerStatus, StatusResponse};
+use zonectl::v1::{
+    DatastoreHealth, DatastoreState, HostFigures, Role, ServerStatus, StatusResponse, StorageHealth,
+};
 use zonectl::{render_table, ZoneView};
 
 fn check(name: &str, actual: &str) {
@@ -60,8 +62,68 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
         zone_id: ZONE.into(),
         // 2100-01-01: far enough for no warning.
         cert_expires_unix: 4_102_444_800 + id as i64 * 86_400,
+        storage: Some(StorageHealth {
+            reported: true,
+            age_ms: 800,
+            datastores: vec![
+                datastore("images", DatastoreState::Mounted, 1_200 + id * 100, true),
+                datastore("backups", DatastoreState::Mounted, 15_400, false),
+            ],
+        }),
         ..ServerStatus::default()
     }
+}
+
+fn datastore(
+    name: &str,
+    state: DatastoreState,
+    latency_us: u64,
+    required: bool,
+) -> DatastoreHealth {
+    DatastoreHealth {
+        name: name.into(),
+        state: state as i32,
+        latency_us,
+        required,
+        revision: 42,
+        ..DatastoreHealth::default()
+    }
+}
+
+/// The leader's NFS server stopped answering; server 3's zone-mounts is
+/// not running.
+fn storage_trouble() -> StatusResponse {
+    let mut s = healthy();
+    let leader = s.servers.iter_mut().find(|x| x.id == 1).unwrap();
+    let images = &mut leader.storage.as_mut().unwrap().datastores[0];
+    images.state = DatastoreState::Hung as i32;
+    images.unhealthy_ms = 12_300;
+    images.error = "a probe did not finish within 5000 ms: the storage does not answer".into();
+    let three = s.servers.iter_mut().find(|x| x.id == 3).unwrap();
+    let st = three.storage.as_mut().unwrap();
+    st.reported = false;
+    st.age_ms = 64_000;
+    let two = s.servers.iter_mut().find(|x| x.id == 2).unwrap();
+    let backups = &mut two.storage.as_mut().unwrap().datastores[1];
+    backups.state = DatastoreState::Failed as i32;
+    backups.unhealthy_ms = 3_000;
+    backups.latency_us = 0;
+    backups.error =
+        "mount -t nfs4 10.0.0.5:/backups /srv/backups: EACCES: Permission denied".into();
+    s
+}
+
+#[test]
+fn show_table_with_storage_trouble() {
+    check_show("show-storage-trouble.txt", &storage_trouble());
+}
+
+#[test]
+fn storage_status_table() {
+    check(
+        "storage-status.txt",
+        &zonectl::render_storage(&ZoneView::from_status(&storage_trouble())),
+    );
 }
 
 fn healthy() -> StatusResponse {

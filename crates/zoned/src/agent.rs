@@ -21,22 +21,50 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use zone_proto::v1::{agent_server::Agent, HeldAddress, LeaseAck, LeaseState};
+use zone_proto::v1::{
+    agent_server::Agent, HeldAddress, LeaseAck, LeaseState, StorageHealth, StorageReport,
+    StorageReportAck,
+};
 
 use crate::node::{Lease, NodeHandle};
 
 /// How long an agent has to declare its addresses once connected.
 const DECLARATION_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What each connected agent last acknowledged.
+/// A storage report older than this is not zone-mounts' word any more: it
+/// reports every couple of seconds whatever its probes' intervals.
+pub const STORAGE_REPORT_STALE: Duration = Duration::from_secs(10);
+
+/// What each connected agent last acknowledged, and zone-mounts' last
+/// storage report.
 #[derive(Debug, Default)]
 pub struct AgentRegistry {
     next_id: AtomicU64,
     acks: Mutex<HashMap<u64, LeaseAck>>,
     changed: Notify,
+    storage: Mutex<Option<(StorageReport, std::time::Instant)>>,
 }
 
 impl AgentRegistry {
+    /// This server's datastores as zone-mounts last reported them.
+    pub fn storage(&self) -> StorageHealth {
+        match &*self.storage.lock().expect("storage poisoned") {
+            None => StorageHealth::default(),
+            Some((report, at)) => {
+                let age = at.elapsed();
+                StorageHealth {
+                    reported: age < STORAGE_REPORT_STALE,
+                    age_ms: age.as_millis() as u64,
+                    datastores: report.datastores.clone(),
+                }
+            }
+        }
+    }
+
+    fn report_storage(&self, report: StorageReport) {
+        *self.storage.lock().expect("storage poisoned") = Some((report, std::time::Instant::now()));
+    }
+
     fn register(&self) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.acks.lock().expect("acks poisoned").insert(
@@ -140,6 +168,14 @@ type LeaseStream = Pin<Box<dyn Stream<Item = Result<LeaseState, Status>> + Send>
 #[tonic::async_trait]
 impl Agent for AgentService {
     type LeaseStream = LeaseStream;
+
+    async fn report_storage(
+        &self,
+        req: Request<StorageReport>,
+    ) -> Result<Response<StorageReportAck>, Status> {
+        self.registry.report_storage(req.into_inner());
+        Ok(Response::new(StorageReportAck {}))
+    }
 
     async fn lease(
         &self,

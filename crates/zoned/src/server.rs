@@ -196,6 +196,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         .add_service(zone_proto::v1::config_server::ConfigServer::new(
             crate::api::ConfigService::new(zone.clone(), config.files_policy()),
         ))
+        .add_service(zone_proto::v1::storage_server::StorageServer::new(
+            crate::api::StorageService::new(zone.clone()),
+        ))
         .add_service(zone_proto::v1::users_server::UsersServer::new(
             crate::api::UsersService::new(zone.clone(), tls.zone_ca()),
         ))

@@ -482,7 +482,7 @@ pub fn needs(path: &str) -> Need {
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return Need::Role(Role::Admin);
     };
-    use zone_proto::v1::{cluster_server, config_server, join_server, kv_server};
+    use zone_proto::v1::{cluster_server, config_server, join_server, kv_server, storage_server};
     use Role::*;
     const HEALTH: &str = "grpc.health.v1.Health";
     const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
@@ -501,6 +501,8 @@ pub fn needs(path: &str) -> Need {
             Need::Role(Reader)
         }
         (config_server::SERVICE_NAME, "Push" | "Delete" | "Rollback") => Need::Role(Operator),
+        (storage_server::SERVICE_NAME, "List") => Need::Role(Reader),
+        (storage_server::SERVICE_NAME, "Add" | "Remove") => Need::Role(Operator),
         // The token is the credential: a joining server has no other yet.
         (join_server::SERVICE_NAME, "Join") => Need::Anyone,
         (join_server::SERVICE_NAME, "IssueToken") => Need::Role(Admin),
@@ -711,7 +713,7 @@ mod tests {
         use Role::{Admin, Operator, Reader};
         // What each client call needs, written out: a change to `needs`
         // that moves a call to another role fails here.
-        let table: [(&str, &str, Need); 25] = [
+        let table: [(&str, &str, Need); 28] = [
             ("zone.v1.KV", "Get", Need::Role(Reader)),
             ("zone.v1.KV", "Range", Need::Role(Reader)),
             ("zone.v1.KV", "Watch", Need::Role(Reader)),
@@ -737,6 +739,9 @@ mod tests {
             ("zone.v1.Users", "List", Need::Role(Admin)),
             ("zone.v1.Join", "Join", Need::Anyone),
             ("zone.v1.Join", "IssueToken", Need::Role(Admin)),
+            ("zone.v1.Storage", "List", Need::Role(Reader)),
+            ("zone.v1.Storage", "Add", Need::Role(Operator)),
+            ("zone.v1.Storage", "Remove", Need::Role(Operator)),
         ];
         for (service, m, need) in table {
             let path = format!("/{service}/{m}");

@@ -26,11 +26,11 @@ use zone_files::paths::Roots;
 use zone_files::policy::Policy;
 use zone_files::rollback::{plan_rollback, same, Change};
 use zone_proto::v1::{
-    command, command_result, compare, config_server, request_op, Compare, DeleteFileRequest,
-    DeleteFileResponse, DeleteRequest, FileHistoryRequest, FileHistoryResponse, GetFileRequest,
-    GetFileResponse, GetRequest, KeyValue, ListFilesRequest, ListFilesResponse, ManagedFile,
-    PushFileRequest, PushFileResponse, PutRequest, RangeRequest, ReadLocalRequest,
-    ReadLocalResponse, RequestOp, RollbackRequest, RollbackResponse, TxnRequest,
+    config_server, request_op, DeleteFileRequest, DeleteFileResponse, DeleteRequest,
+    FileHistoryRequest, FileHistoryResponse, GetFileRequest, GetFileResponse, GetRequest, KeyValue,
+    ListFilesRequest, ListFilesResponse, ManagedFile, PushFileRequest, PushFileResponse,
+    PutRequest, RangeRequest, ReadLocalRequest, ReadLocalResponse, RequestOp, RollbackRequest,
+    RollbackResponse,
 };
 
 use super::error::bad;
@@ -142,27 +142,9 @@ impl ConfigService {
         budget: Duration,
     ) -> Result<Option<u64>, ApiError> {
         ops.push(put(GEN_KEY.to_vec(), Gen::value(seq, total)));
-        let txn = TxnRequest {
-            compare: vec![Compare {
-                key: GEN_KEY.to_vec(),
-                target: compare::Target::ModRevision as i32,
-                op: compare::Op::Equal as i32,
-                target_value: Some(compare::TargetValue::ModRevision(gen.mod_revision)),
-            }],
-            success: ops,
-            failure: Vec::new(),
-        };
-        self.zone.check_enabled()?;
-        let r = self.zone.write(command::Op::Txn(txn), budget).await?;
-        match r.result {
-            Some(command_result::Result::Txn(t)) if t.succeeded => {
-                Ok(Some(t.header.map(|h| h.revision).unwrap_or_default()))
-            }
-            Some(command_result::Result::Txn(_)) => Ok(None),
-            other => Err(ApiError::FailedPrecondition(format!(
-                "unexpected answer to a configuration change: {other:?}"
-            ))),
-        }
+        self.zone
+            .write_if_unchanged(GEN_KEY, gen.mod_revision, ops, budget)
+            .await
     }
 
     fn raced() -> ApiError {

@@ -16,6 +16,7 @@
 //! - [`join`]: join tokens, and a new server's certificate for one;
 //! - [`users`]: client credentials issued and revoked;
 //! - [`status`]: this server's status and the zone's;
+//! - [`storage`]: the shared datastores' declarations;
 //! - [`watch`]: history replay and live events;
 //! - [`service`]: the tonic service impls, thin.
 
@@ -27,6 +28,7 @@ mod leader;
 mod requests;
 mod service;
 mod status;
+mod storage;
 pub mod users;
 mod validate;
 mod watch;
@@ -47,6 +49,7 @@ pub use config::ConfigService;
 pub use error::ApiError;
 pub use join::JoinService;
 pub use service::{ClusterService, KvService};
+pub use storage::StorageService;
 pub use users::UsersService;
 pub use validate::Limits;
 
@@ -211,6 +214,42 @@ impl ServerContext {
             return Err(ApiError::FailedPrecondition(m.clone()));
         }
         Ok(r)
+    }
+
+    /// Runs `ops` in one transaction if `key`'s mod revision is still
+    /// `seen` (0: the key was absent): the revision it committed at, or
+    /// None when another change came first. How the services that keep a
+    /// generation key (managed files, datastores) serialise their changes.
+    pub(crate) async fn write_if_unchanged(
+        &self,
+        key: &[u8],
+        seen: u64,
+        ops: Vec<zone_proto::v1::RequestOp>,
+        budget: Duration,
+    ) -> Result<Option<u64>, ApiError> {
+        use zone_proto::v1::{compare, Compare, TxnRequest};
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                key: key.to_vec(),
+                target: compare::Target::ModRevision as i32,
+                op: compare::Op::Equal as i32,
+                target_value: Some(compare::TargetValue::ModRevision(seen)),
+            }],
+            success: ops,
+            failure: Vec::new(),
+        };
+        self.check_enabled()?;
+        let r = self.write(command::Op::Txn(txn), budget).await?;
+        match r.result {
+            Some(command_result::Result::Txn(t)) if t.succeeded => {
+                Ok(Some(t.header.map(|h| h.revision).unwrap_or_default()))
+            }
+            Some(command_result::Result::Txn(_)) => Ok(None),
+            other => Err(ApiError::FailedPrecondition(format!(
+                "unexpected answer to a guarded change of {}: {other:?}",
+                String::from_utf8_lossy(key)
+            ))),
+        }
     }
 
     /// Refuses a write early while the zone is disabled. Only the leader

@@ -58,6 +58,7 @@ impl ServerContext {
             host: Some(self.host.figures(&self.config.node.data_dir)),
             zone_id: s.zone_id.clone(),
             cert_expires_unix: self.transport.cert_expires_unix(),
+            storage: Some(self.agents.storage()),
         }
     }
 

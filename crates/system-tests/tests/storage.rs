@@ -1,0 +1,411 @@
+//! Shared datastores on a real three-server zone over loopback: the
+//! declarations' checks and roles, and zone-mounts mounting, probing and
+//! unmounting with real mount(2) calls, each server's zone-mounts in a
+//! mount namespace of its own (as on three machines). The NFS cases, hung
+//! servers included, are in `netns_storage.rs`. Root only (mount(2),
+//! unshare); the test fails with the reason otherwise.
+
+use std::path::Path;
+use std::process::Child;
+use std::time::Duration;
+
+use testbed::zone::{poll, TestZone};
+use tonic::Code;
+use zone_proto::v1::{
+    storage_client::StorageClient, AddDatastoreRequest, Datastore, ListDatastoresRequest,
+    PutRequest, RemoveDatastoreRequest, StatusRequest,
+};
+use zonectl::zone_pki::Role;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "zone-mounts mounts file systems (mount(2)) in mount namespaces of its own (unshare): run the tests as root"
+    );
+}
+
+/// Starts server `i`'s zone-mounts in a mount namespace of its own.
+fn start_mounts(zone: &TestZone, i: usize) -> Child {
+    let s = &zone.servers[i];
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private"])
+        .arg(testbed::binary("zone-mounts"))
+        .arg("--config")
+        .arg(s.config_path())
+        .arg("--state-dir")
+        .arg(s.dir.join("mounts"));
+    testbed::spawn_logged(cmd, &s.dir.join("zone-mounts.log"))
+}
+
+/// The mount targets in the mount namespace of process `pid`.
+fn targets_of(pid: u32) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .collect()
+}
+
+fn bind(name: &str, source: &Path, target: &str) -> Datastore {
+    Datastore {
+        name: name.into(),
+        r#type: "bind".into(),
+        source: source.to_str().unwrap().into(),
+        target: target.into(),
+        write_probe: true,
+        probe_interval_ms: 300,
+        probe_timeout_ms: 2000,
+        required: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_declarations_are_refused_naming_the_field_and_nothing_is_stored() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let mut c = StorageClient::new(zone.channel(l).await);
+    let good = bind(
+        "images",
+        Path::new("/srv/images-source"),
+        "/srv/zoned-test/images",
+    );
+    let cases: Vec<(Datastore, &str)> = vec![
+        (
+            Datastore {
+                r#type: "fuse.sshfs".into(),
+                ..good.clone()
+            },
+            "datastore.type: unknown file system type `fuse.sshfs`",
+        ),
+        (
+            Datastore {
+                target: "srv/x".into(),
+                ..good.clone()
+            },
+            "datastore.target: `srv/x` is not an absolute path",
+        ),
+        (
+            Datastore {
+                target: "/".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/` is the root file system",
+        ),
+        (
+            Datastore {
+                target: "/etc".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/etc` is `/etc`",
+        ),
+        (
+            Datastore {
+                target: "/usr/share/x".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/usr/share/x` is under `/usr`",
+        ),
+        (
+            Datastore {
+                target: "/boot/efi".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/boot/efi` is under `/boot`",
+        ),
+        (
+            Datastore {
+                target: "/var/lib/zoned/data".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/var/lib/zoned/data` is under `/var/lib/zoned`",
+        ),
+        (
+            Datastore {
+                options: "rw,hard\nro".into(),
+                ..good.clone()
+            },
+            "datastore.options: option 2 `hard\\nro`",
+        ),
+        (
+            Datastore {
+                options: "rw -o remount".into(),
+                ..good.clone()
+            },
+            "datastore.options: option 1 `rw -o remount`",
+        ),
+        (
+            Datastore {
+                options: "remount,ro".into(),
+                ..good.clone()
+            },
+            "datastore.options: option 1 `remount`: changes another mount",
+        ),
+        (
+            Datastore {
+                name: "Images!".into(),
+                ..good.clone()
+            },
+            "datastore.name: `Images!` is not a datastore name",
+        ),
+        (
+            Datastore {
+                r#type: "nfs4".into(),
+                source: "nas".into(),
+                ..good.clone()
+            },
+            "datastore.source: `nas` is not HOST:/EXPORT",
+        ),
+    ];
+    for (ds, want) in cases {
+        let e = c
+            .add(AddDatastoreRequest {
+                datastore: Some(ds.clone()),
+            })
+            .await
+            .expect_err(&format!("accepted {ds:?}"));
+        assert_eq!(e.code(), Code::InvalidArgument, "{ds:?}: {e:?}");
+        assert!(
+            e.message().starts_with(want),
+            "`{}` does not start with `{want}`",
+            e.message()
+        );
+    }
+    // Duplicates: the same name differently, the same target, one inside
+    // another.
+    c.add(AddDatastoreRequest {
+        datastore: Some(good.clone()),
+    })
+    .await
+    .unwrap();
+    let again = c
+        .add(AddDatastoreRequest {
+            datastore: Some(good.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.changed, "the same declaration again changes nothing");
+    for (ds, want) in [
+        (
+            Datastore {
+                target: "/srv/zoned-test/other".into(),
+                ..good.clone()
+            },
+            "datastore.name: a datastore named `images` is declared already",
+        ),
+        (
+            Datastore {
+                name: "copy".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/srv/zoned-test/images` is datastore `images`'s target already",
+        ),
+        (
+            Datastore {
+                name: "inner".into(),
+                target: "/srv/zoned-test/images/inner".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/srv/zoned-test/images/inner` and datastore `images`'s target",
+        ),
+        (
+            Datastore {
+                name: "outer".into(),
+                target: "/srv/zoned-test".into(),
+                ..good.clone()
+            },
+            "datastore.target: `/srv/zoned-test` and datastore `images`'s target",
+        ),
+    ] {
+        let e = c
+            .add(AddDatastoreRequest {
+                datastore: Some(ds),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().starts_with(want),
+            "`{}` does not start with `{want}`",
+            e.message()
+        );
+    }
+    // Roles: a reader lists but does not declare; an operator declares.
+    let reader = zone.channel_as(l, Some(&zone.pki.user("rita", Role::Reader)));
+    let e = StorageClient::new(reader.clone())
+        .add(AddDatastoreRequest {
+            datastore: Some(bind("r", Path::new("/srv/r"), "/srv/zoned-test/r")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(
+        e.message(),
+        "zone.v1.Storage/Add needs the operator role; rita has reader"
+    );
+    let e = StorageClient::new(reader.clone())
+        .remove(RemoveDatastoreRequest {
+            name: "images".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let operator = zone.channel_as(l, Some(&zone.pki.user("otto", Role::Operator)));
+    StorageClient::new(operator.clone())
+        .add(AddDatastoreRequest {
+            datastore: Some(bind("o", Path::new("/srv/o"), "/srv/zoned-test/o")),
+        })
+        .await
+        .expect("an operator declares");
+    StorageClient::new(operator)
+        .remove(RemoveDatastoreRequest { name: "o".into() })
+        .await
+        .expect("an operator removes");
+    // The declarations cannot be written around the checks.
+    let e = zone_proto::v1::kv_client::KvClient::new(zone.channel(l).await)
+        .put(PutRequest {
+            key: b"zone/storage/ds/evil".to_vec(),
+            value: b"x".to_vec(),
+            prev_kv: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .remove(RemoveDatastoreRequest {
+            name: "absent".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Only the good one is stored, on every server.
+    for i in 0..3 {
+        let list = StorageClient::new(zone.channel(i).await)
+            .list(ListDatastoresRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<_> = list.datastores.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["images"], "server {}", i + 1);
+        assert_eq!(list.datastores[0].probe_interval_ms, 300);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_mounts_mounts_a_declared_datastore_on_every_server_and_unmounts_it_when_removed() {
+    require_root();
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let mut agents: Vec<Child> = (0..3).map(|i| start_mounts(&zone, i)).collect();
+    let source = zone.root.path().join("shared");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("hello"), "from the source").unwrap();
+    // A target under the test's own directory: nothing outside it is touched.
+    let target = zone.root.path().join("mnt/images");
+    let target = target.to_str().unwrap().to_owned();
+    let mut c = StorageClient::new(zone.channel(l).await);
+    c.add(AddDatastoreRequest {
+        datastore: Some(bind("images", &source, &target)),
+    })
+    .await
+    .unwrap();
+    // Mounted and probed healthy on all three, as Status says.
+    poll(
+        Duration::from_secs(20),
+        "the datastore mounted on every server",
+        || async {
+            let s = zone
+                .cluster(l)
+                .await
+                .status(StatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let ok = s.servers.iter().all(|x| {
+                x.storage.as_ref().is_some_and(|st| {
+                    st.reported
+                        && st.datastores.iter().any(|d| {
+                            d.name == "images"
+                                && d.state() == zone_proto::v1::DatastoreState::Mounted
+                                && d.latency_us > 0
+                        })
+                })
+            });
+            ok.then_some(())
+        },
+    )
+    .await;
+    for a in &agents {
+        assert!(
+            targets_of(a.id()).contains(&target),
+            "not mounted in zone-mounts' namespace"
+        );
+        let seen = std::fs::read_to_string(format!("/proc/{}/root{target}/hello", a.id())).unwrap();
+        assert_eq!(seen, "from the source");
+    }
+    // Each server's write probe used its own directory, and left no file.
+    for id in 1..=3 {
+        let dir = source.join(format!(".zoned-probe/{id}"));
+        assert!(dir.is_dir(), "{} missing", dir.display());
+    }
+    // Not mounted in the test's own namespace: each server's is its own.
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&target));
+    // zonectl show has the STORAGE column.
+    let out = std::process::Command::new(testbed::binary("zonectl"))
+        .args(zone.zonectl_credentials())
+        .args(["--endpoints", &zone.servers[l].endpoint(), "show"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().next().unwrap().ends_with("STORAGE"),
+        "{table}"
+    );
+    assert_eq!(table.matches("ok 1/1").count(), 3, "{table}");
+    // Removed: unmounted everywhere, and gone from the reports.
+    c.remove(RemoveDatastoreRequest {
+        name: "images".into(),
+    })
+    .await
+    .unwrap();
+    poll(
+        Duration::from_secs(20),
+        "the datastore unmounted on every server",
+        || async {
+            agents
+                .iter()
+                .all(|a| !targets_of(a.id()).contains(&target))
+                .then_some(())
+        },
+    )
+    .await;
+    poll(
+        Duration::from_secs(10),
+        "the datastore gone from every report",
+        || async {
+            let s = zone
+                .cluster(l)
+                .await
+                .status(StatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            s.servers
+                .iter()
+                .all(|x| {
+                    x.storage
+                        .as_ref()
+                        .is_some_and(|st| st.reported && st.datastores.is_empty())
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    for a in &mut agents {
+        assert!(a.try_wait().unwrap().is_none(), "zone-mounts exited");
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}

@@ -1,0 +1,235 @@
+use super::*;
+
+fn nfs(name: &str, target: &str) -> Datastore {
+    Datastore {
+        name: name.into(),
+        r#type: "nfs4".into(),
+        source: "10.0.0.5:/srv/ds".into(),
+        target: target.into(),
+        write_probe: true,
+        ..Default::default()
+    }
+}
+
+fn refused(mut ds: Datastore, others: &[Datastore]) -> Invalid {
+    check(&mut ds, others).expect_err("accepted")
+}
+
+#[test]
+fn a_good_declaration_gets_the_default_probe_timing() {
+    let mut ds = nfs("images", "/var/lib/one/datastores/1");
+    check(&mut ds, &[]).unwrap();
+    assert_eq!(ds.probe_interval_ms, DEFAULT_INTERVAL_MS);
+    assert_eq!(ds.probe_timeout_ms, DEFAULT_TIMEOUT_MS);
+    // The same declaration again is not a duplicate.
+    let stored = ds.clone();
+    check(
+        &mut ds,
+        &[Datastore {
+            revision: 7,
+            ..stored
+        }],
+    )
+    .unwrap();
+}
+
+#[test]
+fn each_bad_field_is_named() {
+    let cases: Vec<(Datastore, &str, &str)> = vec![
+        (
+            nfs("Bad Name", "/srv/a"),
+            "datastore.name",
+            "not a datastore name",
+        ),
+        (nfs("", "/srv/a"), "datastore.name", "not a datastore name"),
+        (
+            Datastore {
+                r#type: "fuse.sshfs".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.type",
+            "unknown file system type",
+        ),
+        (
+            nfs("a", "srv/a"),
+            "datastore.target",
+            "not an absolute path",
+        ),
+        (nfs("a", "/"), "datastore.target", "root file system"),
+        (nfs("a", "/etc"), "datastore.target", "`/etc` is `/etc`"),
+        (nfs("a", "/etc/one"), "datastore.target", "under `/etc`"),
+        (nfs("a", "/usr/local/x"), "datastore.target", "under `/usr`"),
+        (nfs("a", "/boot/efi"), "datastore.target", "under `/boot`"),
+        (
+            nfs("a", "/var/lib/zoned"),
+            "datastore.target",
+            "`/var/lib/zoned`",
+        ),
+        (
+            nfs("a", "/var/lib/zoned/x"),
+            "datastore.target",
+            "under `/var/lib/zoned`",
+        ),
+        (nfs("a", "/srv/../etc"), "datastore.target", "normal form"),
+        (nfs("a", "/srv/a/"), "datastore.target", "ends with a slash"),
+        (nfs("a", "/srv/a b"), "datastore.target", "a space"),
+        (nfs("a", "/srv/a,b"), "datastore.target", "a comma"),
+        (
+            Datastore {
+                source: "nas".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.source",
+            "not HOST:/EXPORT",
+        ),
+        (
+            Datastore {
+                source: "n_a:/x".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.source",
+            "not a host name",
+        ),
+        (
+            Datastore {
+                r#type: "ext4".into(),
+                source: "/srv/disk".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.source",
+            "not a block device",
+        ),
+        (
+            Datastore {
+                options: "ro,,hard".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "empty",
+        ),
+        (
+            Datastore {
+                options: "hard rw".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "lowercase letters",
+        ),
+        (
+            Datastore {
+                options: "timeo=600\nrw".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "the value must be",
+        ),
+        (
+            Datastore {
+                options: "context=\"a,b\"".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "the value must be",
+        ),
+        (
+            Datastore {
+                options: "-o,rw".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "not starting with `-`",
+        ),
+        (
+            Datastore {
+                options: "remount".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "changes another mount",
+        ),
+        (
+            Datastore {
+                options: "addr=10.9.9.9".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.options",
+            "set by zone-mounts",
+        ),
+        (
+            Datastore {
+                options: "ro".into(),
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.write_probe",
+            "read-only",
+        ),
+        (
+            Datastore {
+                probe_interval_ms: 10,
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.probe_interval_ms",
+            "outside",
+        ),
+        (
+            Datastore {
+                probe_timeout_ms: 700_000,
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.probe_timeout_ms",
+            "outside",
+        ),
+    ];
+    for (ds, field, words) in cases {
+        let what = format!("{ds:?}");
+        let e = refused(ds, &[]);
+        assert_eq!(e.field, field, "{what}: {e}");
+        assert!(
+            e.reason.contains(words),
+            "{what}: `{}` lacks `{words}`",
+            e.reason
+        );
+    }
+}
+
+#[test]
+fn duplicates_and_nesting_are_refused() {
+    let mut one = nfs("one", "/srv/ds/one");
+    check(&mut one, &[]).unwrap();
+    let others = [one];
+    let e = refused(nfs("one", "/srv/ds/other"), &others);
+    assert_eq!(e.field, "datastore.name");
+    assert!(e.reason.contains("declared already"), "{e}");
+    let e = refused(nfs("two", "/srv/ds/one"), &others);
+    assert_eq!(e.field, "datastore.target");
+    assert!(e.reason.contains("target already"), "{e}");
+    for nested in ["/srv/ds/one/inner", "/srv/ds", "/srv"] {
+        let e = refused(nfs("two", nested), &others);
+        assert!(e.reason.contains("may not nest"), "{nested}: {e}");
+    }
+    // A sibling whose name only starts the same is not nested.
+    check(&mut nfs("two", "/srv/ds/one-b"), &others).unwrap();
+}
+
+#[test]
+fn options_split_into_flags_and_data() {
+    let o = Options::parse("ro,noatime,hard,timeo=600,vers=4.2,rw").unwrap();
+    let names: Vec<_> = o.flags.iter().map(|f| f.name).collect();
+    assert_eq!(names, ["ro", "noatime", "rw"]);
+    assert_eq!(o.data, ["hard", "timeo=600", "vers=4.2"]);
+    assert!(!o.read_only(), "the last word is rw");
+    assert!(Options::parse("rw,ro").unwrap().read_only());
+    assert_eq!(Options::parse("").unwrap(), Options::default());
+}
+
+#[test]
+fn nfs_sources_split_into_host_and_export() {
+    assert_eq!(
+        split_nfs("nas.example:/export/a"),
+        Some(("nas.example", "/export/a"))
+    );
+    assert_eq!(split_nfs("[fd00::5]:/x"), Some(("fd00::5", "/x")));
+    assert_eq!(split_nfs("10.0.0.5:/"), Some(("10.0.0.5", "/")));
+    assert_eq!(split_nfs("nas"), None);
+    assert_eq!(split_nfs("[nas]:/x"), None);
+}

@@ -1,0 +1,259 @@
+//! Mount, unmount, probe, and "is it mounted", behind [`Mounts`]: the real
+//! one ([`Children`]) runs each operation in a helper child with a deadline;
+//! [`Memory`] keeps mounts in a set and hangs on demand, for the
+//! supervisor's unit tests.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt as _;
+use zone_proto::v1::Datastore;
+
+/// A child that missed its deadline: killed, but perhaps held by the
+/// kernel until the storage answers.
+pub trait Stuck: Send + Sync {
+    /// True once it has finished (and been reaped).
+    fn finished(&mut self) -> bool;
+}
+
+/// How an operation ended.
+pub enum Outcome {
+    /// It worked, in this long.
+    Done(Duration),
+    /// It failed: why.
+    Failed(String),
+    /// It did not finish within its deadline; the process doing it.
+    Hung(Box<dyn Stuck>),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Done(d) => write!(f, "Done({d:?})"),
+            Outcome::Failed(e) => write!(f, "Failed({e})"),
+            Outcome::Hung(_) => f.write_str("Hung"),
+        }
+    }
+}
+
+/// What the supervisor does to storage.
+pub trait Mounts: std::fmt::Debug + Send + Sync + 'static {
+    /// Whether something is mounted on `target` (never waits on storage).
+    fn mounted(&self, target: &str) -> bool;
+    fn mount(&self, ds: &Datastore, timeout: Duration) -> impl Future<Output = Outcome> + Send;
+    fn unmount(
+        &self,
+        target: &str,
+        lazy: bool,
+        timeout: Duration,
+    ) -> impl Future<Output = Outcome> + Send;
+    /// `write_as`: the write probe, as this server.
+    fn probe(
+        &self,
+        target: &str,
+        write_as: Option<u64>,
+        timeout: Duration,
+    ) -> impl Future<Output = Outcome> + Send;
+}
+
+/// The real thing: `<exe> helper ...` children.
+#[derive(Debug, Clone)]
+pub struct Children {
+    /// This binary (read once at start: an upgrade may replace the file).
+    pub exe: PathBuf,
+}
+
+struct Child(tokio::process::Child);
+
+impl Stuck for Child {
+    fn finished(&mut self) -> bool {
+        !matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Children {
+    async fn run(&self, args: Vec<String>, timeout: Duration) -> Outcome {
+        let started = Instant::now();
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("helper")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(false);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", self.exe.display())),
+        };
+        let mut stderr = child.stderr.take();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let status = tokio::time::timeout_at(deadline, child.wait()).await;
+        match status {
+            Ok(Ok(status)) => {
+                let mut why = String::new();
+                if let Some(e) = stderr.as_mut() {
+                    // The child has exited: its stderr ends at once.
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        e.read_to_string(&mut why),
+                    )
+                    .await;
+                }
+                if status.success() {
+                    Outcome::Done(started.elapsed())
+                } else {
+                    let why = why.trim();
+                    Outcome::Failed(if why.is_empty() {
+                        format!("helper {} ended with {status}", args.join(" "))
+                    } else {
+                        why.lines().last().unwrap_or(why).to_owned()
+                    })
+                }
+            }
+            Ok(Err(e)) => Outcome::Failed(format!("waiting for the helper: {e}")),
+            Err(_) => {
+                // SIGKILL: NFS waits are killable, but one in a truly
+                // uninterruptible sleep finishes only when the server
+                // answers. Either way it is never waited for here.
+                let _ = child.start_kill();
+                Outcome::Hung(Box::new(Child(child)))
+            }
+        }
+    }
+}
+
+impl Mounts for Children {
+    fn mounted(&self, target: &str) -> bool {
+        crate::mountinfo::is_mounted(target)
+    }
+
+    fn mount(&self, ds: &Datastore, timeout: Duration) -> impl Future<Output = Outcome> + Send {
+        let args = vec![
+            "mount".into(),
+            "--type".into(),
+            ds.r#type.clone(),
+            "--source".into(),
+            ds.source.clone(),
+            "--options".into(),
+            ds.options.clone(),
+            ds.target.clone(),
+        ];
+        self.run(args, timeout)
+    }
+
+    fn unmount(
+        &self,
+        target: &str,
+        lazy: bool,
+        timeout: Duration,
+    ) -> impl Future<Output = Outcome> + Send {
+        let mut args = vec!["umount".to_owned()];
+        if lazy {
+            args.push("--lazy".into());
+        }
+        args.push(target.to_owned());
+        self.run(args, timeout)
+    }
+
+    fn probe(
+        &self,
+        target: &str,
+        write_as: Option<u64>,
+        timeout: Duration,
+    ) -> impl Future<Output = Outcome> + Send {
+        let mut args = vec!["probe".to_owned()];
+        if let Some(id) = write_as {
+            args.push("--write-as".into());
+            args.push(id.to_string());
+        }
+        args.push(target.to_owned());
+        self.run(args, timeout)
+    }
+}
+
+/// Mounts in memory; a target in `hanging` hangs every operation until
+/// taken out, one in `failing` fails it.
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    pub mounted: Arc<Mutex<BTreeSet<String>>>,
+    pub hanging: Arc<Mutex<BTreeSet<String>>>,
+    pub failing: Arc<Mutex<BTreeSet<String>>>,
+    /// Every operation, in order (`mount /x`, `umount -l /x`, `probe /x`).
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+struct MemoryStuck {
+    target: String,
+    hanging: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Stuck for MemoryStuck {
+    fn finished(&mut self) -> bool {
+        !self.hanging.lock().unwrap().contains(&self.target)
+    }
+}
+
+impl Memory {
+    fn op(&self, what: String, target: &str, then: impl FnOnce(&Memory)) -> Outcome {
+        self.log.lock().unwrap().push(what);
+        // A lazy unmount does not wait for the storage.
+        let lazy = self
+            .log
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|l| l.starts_with("umount -l"));
+        if !lazy && self.hanging.lock().unwrap().contains(target) {
+            return Outcome::Hung(Box::new(MemoryStuck {
+                target: target.to_owned(),
+                hanging: self.hanging.clone(),
+            }));
+        }
+        if self.failing.lock().unwrap().contains(target) {
+            return Outcome::Failed(format!("{target}: Input/output error"));
+        }
+        then(self);
+        Outcome::Done(Duration::from_micros(100))
+    }
+}
+
+impl Mounts for Memory {
+    fn mounted(&self, target: &str) -> bool {
+        self.mounted.lock().unwrap().contains(target)
+    }
+
+    fn mount(&self, ds: &Datastore, _: Duration) -> impl Future<Output = Outcome> + Send {
+        let t = ds.target.clone();
+        let o = self.op(format!("mount {t}"), &t, |m| {
+            m.mounted.lock().unwrap().insert(t.clone());
+        });
+        std::future::ready(o)
+    }
+
+    fn unmount(
+        &self,
+        target: &str,
+        lazy: bool,
+        _: Duration,
+    ) -> impl Future<Output = Outcome> + Send {
+        let t = target.to_owned();
+        let what = format!("umount{} {t}", if lazy { " -l" } else { "" });
+        let o = self.op(what, &t, |m| {
+            m.mounted.lock().unwrap().remove(&t);
+        });
+        std::future::ready(o)
+    }
+
+    fn probe(
+        &self,
+        target: &str,
+        _: Option<u64>,
+        _: Duration,
+    ) -> impl Future<Output = Outcome> + Send {
+        let o = self.op(format!("probe {target}"), target, |_| {});
+        std::future::ready(o)
+    }
+}

@@ -1,0 +1,130 @@
+use super::*;
+use crate::effects::Memory;
+
+fn ds(name: &str, target: &str) -> Datastore {
+    Datastore {
+        name: name.into(),
+        r#type: "nfs4".into(),
+        source: "10.0.0.5:/srv".into(),
+        target: target.into(),
+        write_probe: true,
+        probe_interval_ms: 1000,
+        probe_timeout_ms: 500,
+        revision: 5,
+        ..Default::default()
+    }
+}
+
+fn state(sup: &Supervisor<Memory>, name: &str) -> Option<DatastoreState> {
+    sup.table
+        .report(0)
+        .datastores
+        .iter()
+        .find(|d| d.name == name)
+        .map(|d| d.state())
+}
+
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+fn count(m: &Memory, what: &str) -> usize {
+    m.log.lock().unwrap().iter().filter(|l| *l == what).count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_declared_datastore_is_mounted_probed_and_unmounted_when_removed() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    sup.reconcile(&[ds("one", "/srv/one")]);
+    settle().await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Mounted));
+    assert!(m.mounted("/srv/one"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        count(&m, "probe /srv/one") >= 3,
+        "{:?}",
+        m.log.lock().unwrap()
+    );
+    assert_eq!(count(&m, "mount /srv/one"), 1, "mounted once");
+    // Recorded as ours, for a restart that finds it undeclared.
+    let owned = std::fs::read_to_string(dir.path().join("owned.json")).unwrap();
+    assert!(owned.contains("/srv/one"), "{owned}");
+    sup.reconcile(&[]);
+    settle().await;
+    assert!(!m.mounted("/srv/one"));
+    assert_eq!(count(&m, "umount /srv/one"), 1);
+    assert_eq!(state(&sup, "one"), None);
+    // A new supervisor (a restart) unmounts nothing it does not own.
+    m.mounted.lock().unwrap().insert("/srv/other".into());
+    let mut again = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    again.reconcile(&[]);
+    settle().await;
+    assert!(m.mounted("/srv/other"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_datastore_is_reported_hung_probed_by_one_child_only_and_detached_lazily() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    sup.reconcile(&[ds("one", "/srv/one"), ds("two", "/srv/two")]);
+    settle().await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Mounted));
+    m.hanging.lock().unwrap().insert("/srv/one".into());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Hung));
+    let report = sup.table.report(0);
+    let one = report.datastores.iter().find(|d| d.name == "one").unwrap();
+    assert!(
+        one.error.contains("did not finish within 500 ms"),
+        "{}",
+        one.error
+    );
+    // The other datastore is not held up.
+    assert_eq!(state(&sup, "two"), Some(DatastoreState::Mounted));
+    let probes = count(&m, "probe /srv/one");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        count(&m, "probe /srv/one"),
+        probes,
+        "no second child while the first is stuck"
+    );
+    assert!(sup.table.report(0).datastores[0].unhealthy_ms >= 5000);
+    // The server answers again: healthy without anyone's help.
+    m.hanging.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Mounted));
+    assert_eq!(sup.table.report(0).datastores[0].unhealthy_ms, 0);
+    // Hung again, then removed: detached lazily, never a plain unmount.
+    m.hanging.lock().unwrap().insert("/srv/one".into());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Hung));
+    sup.reconcile(&[ds("two", "/srv/two")]);
+    settle().await;
+    assert_eq!(count(&m, "umount /srv/one"), 0);
+    assert_eq!(count(&m, "umount -l /srv/one"), 1);
+    assert!(!m.mounted("/srv/one"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_mount_is_failed_with_its_reason_and_retried() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    m.failing.lock().unwrap().insert("/srv/one".into());
+    sup.reconcile(&[ds("one", "/srv/one")]);
+    settle().await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Failed));
+    assert!(sup.table.report(0).datastores[0]
+        .error
+        .contains("Input/output error"));
+    m.failing.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Mounted));
+    assert!(count(&m, "mount /srv/one") >= 2);
+}
