@@ -409,3 +409,201 @@ async fn zone_mounts_mounts_a_declared_datastore_on_every_server_and_unmounts_it
         let _ = a.wait();
     }
 }
+
+/// An ext4 file system on a loop device, mounted in the test's namespace
+/// (before the zone-mounts start: each copies it into its own); frozen, its
+/// writers block in the kernel as on a storage server that stopped
+/// answering. Detached on drop.
+struct FreezableDisk {
+    dev: String,
+    mnt: std::path::PathBuf,
+}
+
+impl FreezableDisk {
+    fn new(dir: &Path) -> FreezableDisk {
+        let image = dir.join("disk.img");
+        let mnt = dir.join("disk");
+        std::fs::create_dir_all(&mnt).unwrap();
+        testbed::sh(&["truncate", "-s", "64M", image.to_str().unwrap()]);
+        let dev = testbed::sh(&["losetup", "-f", "--show", image.to_str().unwrap()])
+            .trim()
+            .to_owned();
+        testbed::sh(&["mkfs.ext4", "-q", "-F", &dev]);
+        testbed::sh(&["mount", &dev, mnt.to_str().unwrap()]);
+        FreezableDisk { dev, mnt }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        let flag = if frozen { "-f" } else { "-u" };
+        testbed::sh(&["fsfreeze", flag, self.mnt.to_str().unwrap()]);
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// The state of datastore `name` on every server, as Status says (None for
+/// a server that did not report it lately).
+async fn states(
+    zone: &TestZone,
+    via: usize,
+    name: &str,
+) -> Vec<Option<zone_proto::v1::DatastoreState>> {
+    let Ok(s) = zone.cluster(via).await.status(StatusRequest {}).await else {
+        return vec![None; 3];
+    };
+    let mut servers = s.into_inner().servers;
+    servers.sort_by_key(|x| x.id);
+    servers
+        .iter()
+        .map(|x| {
+            let st = x.storage.as_ref().filter(|st| st.reported)?;
+            st.datastores
+                .iter()
+                .find(|d| d.name == name)
+                .map(|d| d.state())
+        })
+        .collect()
+}
+
+/// Storage that stops answering (writes blocked in the kernel, as behind a
+/// dead NFS server): every server says `hung` within the probe timeout,
+/// while zoned and zone-mounts keep answering; thawed, healthy again with
+/// nobody's help; removed while hung, detached everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_that_stops_answering_is_hung_everywhere_blocks_nothing_and_recovers() {
+    use zone_proto::v1::DatastoreState::{Hung, Mounted};
+    require_root();
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let disk = FreezableDisk::new(zone.root.path());
+    let source = disk.mnt.join("shared");
+    std::fs::create_dir_all(&source).unwrap();
+    let mut agents: Vec<Child> = (0..3).map(|i| start_mounts(&zone, i)).collect();
+    let target = zone
+        .root
+        .path()
+        .join("mnt/images")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut c = StorageClient::new(zone.channel(l).await);
+    let ds = Datastore {
+        probe_interval_ms: 300,
+        probe_timeout_ms: 1500,
+        ..bind("images", &source, &target)
+    };
+    c.add(AddDatastoreRequest {
+        datastore: Some(ds),
+    })
+    .await
+    .unwrap();
+    poll(Duration::from_secs(20), "mounted everywhere", || async {
+        (states(&zone, l, "images").await == [Some(Mounted); 3]).then_some(())
+    })
+    .await;
+    disk.freeze(true);
+    let frozen_at = std::time::Instant::now();
+    poll(Duration::from_secs(15), "hung everywhere", || async {
+        (states(&zone, l, "images").await == [Some(Hung); 3]).then_some(())
+    })
+    .await;
+    let detected = frozen_at.elapsed();
+    // Nothing blocks: the zone answers at once, writes included, and every
+    // zone-mounts keeps reporting (a stale report would show as None).
+    for i in 0..3 {
+        let asked = std::time::Instant::now();
+        let st = states(&zone, i, "images").await;
+        assert_eq!(st, [Some(Hung); 3], "asked server {}", i + 1);
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "Status took {:?}",
+            asked.elapsed()
+        );
+    }
+    zone.kv(l)
+        .await
+        .put(PutRequest {
+            key: b"still-writing".to_vec(),
+            value: b"yes".to_vec(),
+            prev_kv: false,
+        })
+        .await
+        .expect("the zone takes writes while the storage hangs");
+    // The probe children are stuck in the kernel, and only one per server.
+    let stuck = testbed::sh(&[
+        "sh",
+        "-c",
+        "ps -eo stat,args | grep '^D.*zone-mounts helper probe' | grep -v grep || true",
+    ]);
+    let stuck_count = stuck.lines().filter(|l| l.contains(&target)).count();
+    assert!(
+        (1..=3).contains(&stuck_count),
+        "expected one probe stuck per server at most, in D state: {stuck}"
+    );
+    let s = zone
+        .cluster(l)
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for x in &s.servers {
+        let d = &x.storage.as_ref().unwrap().datastores[0];
+        assert!(
+            d.error.contains("did not finish within 1500 ms"),
+            "{}",
+            d.error
+        );
+    }
+    // Thawed: healthy again without anyone's help.
+    disk.freeze(false);
+    poll(
+        Duration::from_secs(20),
+        "healthy again everywhere",
+        || async { (states(&zone, l, "images").await == [Some(Mounted); 3]).then_some(()) },
+    )
+    .await;
+    // Hung again, then removed: detached everywhere all the same.
+    disk.freeze(true);
+    poll(Duration::from_secs(15), "hung everywhere again", || async {
+        (states(&zone, l, "images").await == [Some(Hung); 3]).then_some(())
+    })
+    .await;
+    c.remove(RemoveDatastoreRequest {
+        name: "images".into(),
+    })
+    .await
+    .unwrap();
+    poll(
+        Duration::from_secs(15),
+        "detached on every server while hung",
+        || async {
+            agents
+                .iter()
+                .all(|a| !targets_of(a.id()).contains(&target))
+                .then_some(())
+        },
+    )
+    .await;
+    disk.freeze(false);
+    for a in &mut agents {
+        assert!(a.try_wait().unwrap().is_none(), "zone-mounts exited");
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    eprintln!("storage that stopped answering was reported hung on all three servers after {detected:?} (probe timeout 1.5 s, interval 0.3 s)");
+}
