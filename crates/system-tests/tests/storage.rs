@@ -395,9 +395,9 @@ async fn zone_mounts_mounts_a_declared_datastore_on_every_server_and_unmounts_it
             s.servers
                 .iter()
                 .all(|x| {
-                    x.storage
-                        .as_ref()
-                        .is_some_and(|st| st.reported && st.datastores.is_empty())
+                    x.storage.as_ref().is_some_and(|st| {
+                        st.reported && st.datastores.is_empty() && st.unmounting.is_empty()
+                    })
                 })
                 .then_some(())
         },

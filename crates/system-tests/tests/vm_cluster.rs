@@ -613,3 +613,177 @@ fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()>
     )?;
     Ok(())
 }
+
+/// Each VM's view of datastore `name` (`zonectl storage status -o json`
+/// through `endpoint`): its state per server id, for servers whose
+/// zone-mounts reported lately.
+fn storage_states(client: &Client, endpoint: &str, name: &str) -> Option<Vec<(u64, String)>> {
+    let out = client
+        .zonectl(endpoint, &["-o", "json", "storage", "status"])
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let mut states = Vec::new();
+    for s in v.as_array()? {
+        let st = &s["storage"];
+        if st["reported"].as_bool() != Some(true) {
+            continue;
+        }
+        if let Some(d) = st["datastores"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == name)
+        {
+            states.push((s["id"].as_u64()?, d["state"].as_str()?.to_owned()));
+        }
+    }
+    Some(states)
+}
+
+/// Waits until every one of the three VMs reports datastore `name` in one
+/// of `states`; how long it took.
+fn wait_storage(client: &Client, name: &str, states: &[&str], what: &str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut last = None;
+    wait_for(Duration::from_secs(90), what, || {
+        let s = storage_states(client, &vip(), name);
+        if s != last {
+            eprintln!("{:>6.1} s: {s:?}", t0.elapsed().as_secs_f64());
+            last = s.clone();
+        }
+        let s = s?;
+        (s.len() == 3 && s.iter().all(|(_, st)| states.contains(&st.as_str()))).then_some(())
+    })?;
+    Ok(t0.elapsed())
+}
+
+/// A real NFS server (nfs-ganesha on the host side of the bridge) and a
+/// datastore declared once: mounted on all three VMs, each VM's write probe
+/// reaching the server; the server stopped: hung or failed on every VM
+/// within the probe timeout, while the zone answers; continued: healthy
+/// again by itself; stopped again and the datastore removed: unmounted on
+/// every VM all the same.
+#[test]
+fn an_nfs_datastore_is_mounted_everywhere_reported_hung_when_its_server_stops_and_removed_while_hung(
+) -> Result<()> {
+    let lab = start_zone("nfs_datastore", [Boot::DirectKernel; 3])?;
+    let client = lab.client();
+    wait_zone(&lab, Duration::from_secs(120))?;
+    let nfs = testbed::nfs::Ganesha::start(&lab.ns, testbed::vm::HOST_ADDR, &lab.dir.join("nfs"))?;
+    let add = [
+        "storage",
+        "add",
+        "images",
+        "--type",
+        "nfs4",
+        "--source",
+        &nfs.source(),
+        "--target",
+        "/var/lib/one/datastores/100",
+        "--options",
+        "soft,timeo=20,retrans=2",
+        "--required",
+        "--probe-interval",
+        "1s",
+        "--probe-timeout",
+        "4s",
+    ];
+    // The same declaration again changes nothing: asked until answered
+    // (under TCG, three VMs loading the NFS modules at once may delay the
+    // zone's heartbeats past an election timeout).
+    wait_for(Duration::from_secs(90), "`storage add` answered", || {
+        let out = client.zonectl(&vip(), &add).ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "storage add: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        out.status.success().then_some(())
+    })?;
+    let took = wait_storage(
+        &client,
+        "images",
+        &["mounted"],
+        "the datastore mounted on every VM",
+    )?;
+    eprintln!(
+        "mounted and probed on all three VMs {:.1} s after `storage add`",
+        took.as_secs_f64()
+    );
+    // Each VM wrote its probe on the NFS server itself.
+    for id in 1..=3 {
+        let dir = nfs.export.join(format!(".zoned-probe/{id}"));
+        assert!(
+            dir.is_dir(),
+            "VM {id} left no probe directory on the server"
+        );
+    }
+    // The server stops answering, its connections open.
+    nfs.pause();
+    let took = wait_storage(
+        &client,
+        "images",
+        &["hung", "failed"],
+        "the datastore hung or failed on every VM",
+    )?;
+    eprintln!(
+        "NFS server stopped: every VM reported it after {:.1} s (probe timeout 4 s)",
+        took.as_secs_f64()
+    );
+    // Nothing blocks: the zone answers and takes writes.
+    let t = Instant::now();
+    assert!(
+        client.put(&vip(), "while-nfs-hangs", "yes"),
+        "a write while NFS hangs"
+    );
+    assert!(
+        client.show(&vip()).is_some(),
+        "zonectl show while NFS hangs"
+    );
+    eprintln!(
+        "write and show through the VIP while NFS hangs: {:?}",
+        t.elapsed()
+    );
+    nfs.resume();
+    let took = wait_storage(&client, "images", &["mounted"], "healthy again on every VM")?;
+    eprintln!(
+        "NFS server continued: healthy everywhere after {:.1} s",
+        took.as_secs_f64()
+    );
+    // Stopped again, and removed while hung: unmounted everywhere.
+    nfs.pause();
+    wait_storage(
+        &client,
+        "images",
+        &["hung", "failed"],
+        "hung again on every VM",
+    )?;
+    let rm = through_vip(&client, &["storage", "rm", "images"])?;
+    assert!(
+        rm.status.success(),
+        "storage rm: {}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "unmounted on every VM while hung",
+        || {
+            let out = client
+                .zonectl(&vip(), &["-o", "json", "storage", "status"])
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let servers = v.as_array()?;
+            (servers.len() == 3
+                && servers.iter().all(|s| {
+                    s["storage"]["reported"].as_bool() == Some(true)
+                        && s["storage"]["datastores"]
+                            .as_array()
+                            .is_some_and(|d| d.is_empty())
+                        && s["storage"].get("unmounting").is_none()
+                }))
+            .then_some(())
+        },
+    )?;
+    nfs.resume();
+    Ok(())
+}

@@ -9,6 +9,7 @@
 
 pub mod arp;
 pub mod nemesis;
+pub mod nfs;
 pub mod pki;
 mod probe;
 pub mod vm;

@@ -24,6 +24,10 @@ use crate::effects::{Mounts, Outcome, Stuck};
 
 /// How long an unmount may take before it is done lazily instead.
 const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least a mount is given before it counts as hung, whatever the probe
+/// timeout: a first NFS mount loads the kernel's modules and negotiates
+/// with the server, seconds on a slow machine.
+const MOUNT_TIMEOUT_FLOOR: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone)]
 struct Slot {
@@ -35,6 +39,8 @@ struct Slot {
 #[derive(Debug, Clone, Default)]
 pub struct Table {
     slots: Arc<Mutex<BTreeMap<String, Slot>>>,
+    /// Targets of removed datastores not yet seen unmounted.
+    unmounting: Arc<Mutex<std::collections::BTreeSet<String>>>,
     /// Notified at every change of state (not of latency alone).
     pub changed: Arc<Notify>,
 }
@@ -84,6 +90,16 @@ impl Table {
             .map(|s| s.health.state())
     }
 
+    fn unmounting(&self, target: &str, pending: bool) {
+        let mut u = self.unmounting.lock().expect("table poisoned");
+        if pending {
+            u.insert(target.to_owned());
+        } else {
+            u.remove(target);
+        }
+        self.changed.notify_one();
+    }
+
     fn forget(&self, name: &str) {
         self.slots.lock().expect("table poisoned").remove(name);
         self.changed.notify_one();
@@ -94,6 +110,13 @@ impl Table {
         let slots = self.slots.lock().expect("table poisoned");
         StorageReport {
             revision,
+            unmounting: self
+                .unmounting
+                .lock()
+                .expect("table poisoned")
+                .iter()
+                .cloned()
+                .collect(),
             datastores: slots
                 .values()
                 .map(|s| DatastoreHealth {
@@ -206,32 +229,46 @@ impl<M: Mounts> Supervisor<M> {
     fn unmount(&mut self, name: String, target: String, hung: bool) {
         self.owned.remove(&name);
         let m = self.mounts.clone();
+        let table = self.table.clone();
+        table.unmounting(&target, true);
         tokio::spawn(async move {
-            if !m.mounted(&target) {
-                return;
+            unmount(&*m, &name, &target, hung).await;
+            // Reported until this namespace's mounts no longer show it.
+            let still = m.mounted(&target);
+            if still {
+                tracing::error!(datastore = %name, %target, "still mounted after unmounting");
             }
-            tracing::info!(datastore = %name, %target, lazy = hung, "unmounting");
-            if !hung {
-                match m.unmount(&target, false, UNMOUNT_TIMEOUT).await {
-                    Outcome::Done(_) => return,
-                    Outcome::Failed(e) => {
-                        tracing::warn!(datastore = %name, %target, error = %e, "unmount failed; detaching lazily")
-                    }
-                    Outcome::Hung(_) => {
-                        tracing::warn!(datastore = %name, %target, "unmount hung; detaching lazily")
-                    }
-                }
-            }
-            match m.unmount(&target, true, UNMOUNT_TIMEOUT).await {
-                Outcome::Done(_) => tracing::info!(datastore = %name, %target, "detached"),
-                Outcome::Failed(e) => {
-                    tracing::error!(datastore = %name, %target, error = %e, "cannot unmount")
-                }
-                Outcome::Hung(_) => {
-                    tracing::error!(datastore = %name, %target, "even a lazy unmount hung")
-                }
-            }
+            table.unmounting(&target, still);
         });
+    }
+}
+
+/// Unmounts `target` if mounted: normally first unless `hung`, then
+/// lazily.
+async fn unmount<M: Mounts>(m: &M, name: &str, target: &str, hung: bool) {
+    if !m.mounted(target) {
+        return;
+    }
+    tracing::info!(datastore = %name, %target, lazy = hung, "unmounting");
+    if !hung {
+        match m.unmount(target, false, UNMOUNT_TIMEOUT).await {
+            Outcome::Done(_) => return,
+            Outcome::Failed(e) => {
+                tracing::warn!(datastore = %name, %target, error = %e, "unmount failed; detaching lazily")
+            }
+            Outcome::Hung(_) => {
+                tracing::warn!(datastore = %name, %target, "unmount hung; detaching lazily")
+            }
+        }
+    }
+    match m.unmount(target, true, UNMOUNT_TIMEOUT).await {
+        Outcome::Done(_) => tracing::info!(datastore = %name, %target, "detached"),
+        Outcome::Failed(e) => {
+            tracing::error!(datastore = %name, %target, error = %e, "cannot unmount")
+        }
+        Outcome::Hung(_) => {
+            tracing::error!(datastore = %name, %target, "even a lazy unmount hung")
+        }
     }
 }
 
@@ -264,7 +301,8 @@ async fn supervise<M: Mounts>(m: Arc<M>, ds: Datastore, server: u64, table: Tabl
             stuck = None;
         }
         if !m.mounted(&ds.target) {
-            match m.mount(&ds, timeout).await {
+            let mount_timeout = timeout.max(MOUNT_TIMEOUT_FLOOR);
+            match m.mount(&ds, mount_timeout).await {
                 Outcome::Done(d) => {
                     tracing::info!(datastore = %ds.name, target = %ds.target, took = ?d, "mounted");
                 }
@@ -279,7 +317,10 @@ async fn supervise<M: Mounts>(m: Arc<M>, ds: Datastore, server: u64, table: Tabl
                         &ds,
                         DatastoreState::Hung,
                         None,
-                        format!("the mount did not finish within {} ms", timeout.as_millis()),
+                        format!(
+                            "the mount did not finish within {} ms",
+                            mount_timeout.as_millis()
+                        ),
                     );
                     continue;
                 }

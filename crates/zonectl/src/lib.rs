@@ -183,6 +183,9 @@ pub struct StorageRow {
     pub reported: bool,
     pub age_ms: u64,
     pub datastores: Vec<DatastoreRow>,
+    /// Targets of removed datastores still mounted on the server.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unmounting: Vec<String>,
 }
 
 /// One datastore on one server.
@@ -207,6 +210,7 @@ impl StorageRow {
         StorageRow {
             reported: h.reported,
             age_ms: h.age_ms,
+            unmounting: h.unmounting.clone(),
             datastores: h
                 .datastores
                 .iter()
@@ -596,6 +600,12 @@ pub fn render_storage(v: &ZoneView) -> String {
                 } else {
                     format!(" for {}s; its last word is shown", st.age_ms / 1000)
                 }
+            ));
+        }
+        for t in &st.unmounting {
+            notes.push_str(&format!(
+                "server {}: {t} is still mounted (its datastore was removed)\n",
+                s.id
             ));
         }
         for d in &st.datastores {

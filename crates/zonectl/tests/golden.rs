@@ -69,6 +69,7 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
                 datastore("images", DatastoreState::Mounted, 1_200 + id * 100, true),
                 datastore("backups", DatastoreState::Mounted, 15_400, false),
             ],
+            unmounting: Vec::new(),
         }),
         ..ServerStatus::default()
     }
@@ -103,6 +104,7 @@ fn storage_trouble() -> StatusResponse {
     let st = three.storage.as_mut().unwrap();
     st.reported = false;
     st.age_ms = 64_000;
+    st.unmounting = vec!["/srv/old".into()];
     let two = s.servers.iter_mut().find(|x| x.id == 2).unwrap();
     let backups = &mut two.storage.as_mut().unwrap().datastores[1];
     backups.state = DatastoreState::Failed as i32;

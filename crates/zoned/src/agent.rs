@@ -56,6 +56,7 @@ impl AgentRegistry {
                     reported: age < STORAGE_REPORT_STALE,
                     age_ms: age.as_millis() as u64,
                     datastores: report.datastores.clone(),
+                    unmounting: report.unmounting.clone(),
                 }
             }
         }

@@ -109,6 +109,7 @@ async fn a_hung_datastore_is_reported_hung_probed_by_one_child_only_and_detached
     assert_eq!(count(&m, "umount /srv/one"), 0);
     assert_eq!(count(&m, "umount -l /srv/one"), 1);
     assert!(!m.mounted("/srv/one"));
+    assert!(sup.table.report(0).unmounting.is_empty());
 }
 
 #[tokio::test(start_paused = true)]
