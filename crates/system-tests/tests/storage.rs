@@ -2,7 +2,8 @@
 //! declarations' checks and roles, and zone-mounts mounting, probing and
 //! unmounting with real mount(2) calls, each server's zone-mounts in a
 //! mount namespace of its own (as on three machines). The NFS cases, hung
-//! servers included, are in `netns_storage.rs`. Root only (mount(2),
+//! servers included, are in `vm_cluster.rs` (this host's kernel has no NFS
+//! client; the VMs' has). Root only (mount(2),
 //! unshare); the test fails with the reason otherwise.
 
 use std::path::Path;
@@ -606,4 +607,182 @@ async fn storage_that_stops_answering_is_hung_everywhere_blocks_nothing_and_reco
         let _ = a.wait();
     }
     eprintln!("storage that stopped answering was reported hung on all three servers after {detected:?} (probe timeout 1.5 s, interval 0.3 s)");
+}
+
+/// Starts server `i`'s zone-mounts in a mount namespace of its own in which
+/// `disk` is mounted on `at`: the same path on every server, a different
+/// disk behind it on each (so that one server's storage can fail alone).
+fn start_mounts_over(zone: &TestZone, i: usize, disk: &FreezableDisk, at: &Path) -> Child {
+    let s = &zone.servers[i];
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && exec "$3" --config "$4" --state-dir "$5""#)
+        .arg("sh")
+        .arg(&disk.mnt)
+        .arg(at)
+        .arg(testbed::binary("zone-mounts"))
+        .arg(s.config_path())
+        .arg(s.dir.join("mounts"));
+    testbed::spawn_logged(cmd, &s.dir.join("zone-mounts.log"))
+}
+
+/// The leader's id and term as server `via` sees them.
+async fn leader_of(zone: &TestZone, via: usize) -> Option<(u64, u64)> {
+    let v = zone.status(via).await?;
+    (v.leader_id != 0).then_some((v.leader_id, v.term))
+}
+
+async fn transfer(zone: &TestZone, via: usize) -> Result<u64, tonic::Status> {
+    zone.cluster(via)
+        .await
+        .transfer_leader(zone_proto::v1::TransferLeaderRequest { target: 0 })
+        .await
+        .map(|r| r.into_inner().leader_id)
+}
+
+/// A leader whose required datastore stays hung hands leadership to a
+/// server whose is healthy; a transfer that names no server never picks
+/// one with unhealthy storage; when no server is healthy, leadership stays
+/// where it is. Each server has its own disk behind the datastore's source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_follows_healthy_required_storage_and_stays_when_none_is() {
+    use zone_proto::v1::DatastoreState::{Hung, Mounted};
+    require_root();
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let disks: Vec<FreezableDisk> = (1..=3)
+        .map(|id| {
+            let d = zone.root.path().join(format!("disk-{id}"));
+            std::fs::create_dir_all(&d).unwrap();
+            FreezableDisk::new(&d)
+        })
+        .collect();
+    let source = zone.root.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let mut agents: Vec<Child> = (0..3)
+        .map(|i| start_mounts_over(&zone, i, &disks[i], &source))
+        .collect();
+    let target = zone
+        .root
+        .path()
+        .join("mnt/images")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let ds = Datastore {
+        probe_interval_ms: 300,
+        probe_timeout_ms: 1500,
+        ..bind("images", &source, &target)
+    };
+    let mut c = StorageClient::new(zone.channel(0).await);
+    c.add(AddDatastoreRequest {
+        datastore: Some(ds),
+    })
+    .await
+    .unwrap();
+    let all = |want: zone_proto::v1::DatastoreState| {
+        let zone = &zone;
+        move || async move { (states(zone, 0, "images").await == [Some(want); 3]).then_some(()) }
+    };
+    poll(Duration::from_secs(20), "mounted everywhere", all(Mounted)).await;
+    // Each server mounted its own disk: server 1's probe directory is on
+    // disk 1 alone.
+    assert!(disks[0].mnt.join(".zoned-probe/1").is_dir());
+    assert!(!disks[1].mnt.join(".zoned-probe/1").exists());
+
+    // One follower's storage hangs: transfers that name no server avoid it.
+    let (l, _) = poll(Duration::from_secs(10), "a leader", || leader_of(&zone, 0)).await;
+    let sick = (1..=3u64).find(|&id| id != l).unwrap();
+    disks[sick as usize - 1].freeze(true);
+    poll(
+        Duration::from_secs(15),
+        "the follower's storage hung",
+        || async {
+            (states(&zone, 0, "images").await[sick as usize - 1] == Some(Hung)).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let (l, _) = poll(Duration::from_secs(10), "a leader", || leader_of(&zone, 0)).await;
+        let to = transfer(&zone, l as usize - 1)
+            .await
+            .expect("a transfer to a healthy voter");
+        assert_ne!(
+            to, sick,
+            "leadership went to server {sick}, whose storage hangs"
+        );
+        assert_ne!(to, l);
+    }
+    disks[sick as usize - 1].freeze(false);
+    poll(
+        Duration::from_secs(20),
+        "healthy again everywhere",
+        all(Mounted),
+    )
+    .await;
+
+    // The leader's storage hangs: leadership moves to a healthy server.
+    let (l, term) = poll(Duration::from_secs(10), "a leader", || leader_of(&zone, 0)).await;
+    disks[l as usize - 1].freeze(true);
+    let t0 = std::time::Instant::now();
+    let (moved_to, _) = poll(
+        Duration::from_secs(30),
+        "leadership off the hung leader",
+        || async {
+            let v = leader_of(&zone, 0).await?;
+            (v.0 != l && v.1 > term).then_some(v)
+        },
+    )
+    .await;
+    let took = t0.elapsed();
+    let states_now = states(&zone, 0, "images").await;
+    assert_eq!(
+        states_now[moved_to as usize - 1],
+        Some(Mounted),
+        "moved to a server whose storage is healthy: {states_now:?}"
+    );
+    eprintln!("the leader's storage hung: leadership moved from {l} to {moved_to} {took:?} after the freeze (probe timeout 1.5 s, grace 2.4 s)");
+    assert!(zone
+        .log(l as usize - 1)
+        .contains("required storage unhealthy on the leader; handing leadership over"));
+    disks[l as usize - 1].freeze(false);
+    poll(
+        Duration::from_secs(20),
+        "healthy again everywhere",
+        all(Mounted),
+    )
+    .await;
+
+    // Every server's storage hangs: leadership stays, and a transfer that
+    // names no server is refused with the reason.
+    for d in &disks {
+        d.freeze(true);
+    }
+    poll(Duration::from_secs(15), "hung everywhere", all(Hung)).await;
+    let (l, term) = poll(Duration::from_secs(10), "a leader", || leader_of(&zone, 0)).await;
+    let e = transfer(&zone, l as usize - 1)
+        .await
+        .expect_err("a transfer to an unhealthy voter");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("no other voter has its required datastores healthy (server "),
+        "{}",
+        e.message()
+    );
+    // Well past the grace: no election, no move.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        leader_of(&zone, 0).await,
+        Some((l, term)),
+        "leadership moved while no server was healthy"
+    );
+    assert!(zone.log(l as usize - 1).contains("leadership stays here"));
+    for d in &disks {
+        d.freeze(false);
+    }
+    for a in &mut agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
 }

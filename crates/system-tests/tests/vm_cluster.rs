@@ -710,6 +710,13 @@ fn an_nfs_datastore_is_mounted_everywhere_reported_hung_when_its_server_stops_an
         "mounted and probed on all three VMs {:.1} s after `storage add`",
         took.as_secs_f64()
     );
+    let table = |client: &Client| {
+        client
+            .zonectl(&vip(), &["storage", "status"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    eprintln!("zonectl storage status:\n{}", table(&client));
     // Each VM wrote its probe on the NFS server itself.
     for id in 1..=3 {
         let dir = nfs.export.join(format!(".zoned-probe/{id}"));
@@ -730,6 +737,7 @@ fn an_nfs_datastore_is_mounted_everywhere_reported_hung_when_its_server_stops_an
         "NFS server stopped: every VM reported it after {:.1} s (probe timeout 4 s)",
         took.as_secs_f64()
     );
+    eprintln!("zonectl storage status:\n{}", table(&client));
     // Nothing blocks: the zone answers and takes writes.
     let t = Instant::now();
     assert!(

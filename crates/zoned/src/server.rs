@@ -281,6 +281,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         "zoned started"
     );
     tokio::spawn(crate::renew::run(zone.clone(), tls.clone()));
+    tokio::spawn(crate::api::handover::run(zone.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(node.clone(), period));

@@ -84,7 +84,7 @@ impl ServerContext {
             Some(Q::AddServer(a)) => A::Members(self.add_server(a, deadline).await?),
             Some(Q::RemoveServer(r)) => A::Members(self.remove_server(r.id, deadline).await?),
             Some(Q::TransferLeader(t)) => {
-                A::TransferLeader(self.transfer(t.target, deadline).await?)
+                A::TransferLeader(self.transfer(t.target, deadline, true).await?)
             }
             None => return Err(bad("request", "empty management request")),
         };
@@ -169,7 +169,7 @@ impl ServerContext {
         if id == self.node.id() {
             // The leader leaves last: hand leadership over, then the new
             // leader removes this server (the caller routes there).
-            let target = self.transfer(0, deadline).await?;
+            let target = self.transfer(0, deadline, false).await?;
             return Err(ApiError::NotApplied(format!(
                 "leadership handed to server {}; the removal continues there",
                 target.leader_id
@@ -185,20 +185,28 @@ impl ServerContext {
         self.members().await
     }
 
-    /// Hands leadership to `target` (0: the most caught-up voter) and waits
-    /// until it leads.
-    /// Hands leadership to `target` (0: the most caught-up voter). Runs as
-    /// a task of its own: a caller that gives up (a cancelled RPC) must not
-    /// cut it short between taking the lease away and giving it back.
-    async fn transfer(
+    /// Hands leadership to `target` and waits until it leads. Target 0:
+    /// the most caught-up voter whose required datastores are healthy
+    /// ([`ServerContext::storage_target`]; `strict`: refused when there is
+    /// none). Runs as a task of its own: a caller that gives up (a
+    /// cancelled RPC) must not cut it short between taking the lease away
+    /// and giving it back.
+    pub(crate) async fn transfer(
         &self,
         target: u64,
         deadline: Instant,
+        strict: bool,
     ) -> Result<TransferLeaderResponse, ApiError> {
         let this = self.clone();
-        tokio::spawn(async move { this.transfer_to_end(target, deadline).await })
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("the transfer failed: {e}")))?
+        tokio::spawn(async move {
+            let target = match target {
+                0 => this.storage_target(strict).await?,
+                t => t,
+            };
+            this.transfer_to_end(target, deadline).await
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the transfer failed: {e}")))?
     }
 
     async fn transfer_to_end(
@@ -286,7 +294,7 @@ impl ServerContext {
         }
         let budget = self.config.tick() * (self.config.raft.election_ticks as u32 * 2)
             + Duration::from_secs(1);
-        match self.transfer(0, Instant::now() + budget).await {
+        match self.transfer(0, Instant::now() + budget, false).await {
             Ok(r) => tracing::info!(
                 leader = r.leader_id,
                 term = r.term,

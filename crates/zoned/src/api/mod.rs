@@ -13,6 +13,7 @@
 //! - [`validate`]: the request checks ([`Limits`]);
 //! - [`leader`]: writes and management at the leader, linearizable reads;
 //! - [`admin`]: membership, leadership transfer, reset, maintenance;
+//! - [`handover`]: storage-aware leadership;
 //! - [`join`]: join tokens, and a new server's certificate for one;
 //! - [`users`]: client credentials issued and revoked;
 //! - [`status`]: this server's status and the zone's;
@@ -23,6 +24,7 @@
 mod admin;
 mod config;
 mod error;
+pub mod handover;
 pub mod join;
 mod leader;
 mod requests;

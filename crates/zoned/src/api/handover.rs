@@ -1,0 +1,186 @@
+//! Storage-aware leadership: the leader's front-end services need its
+//! `required` datastores, so a leader whose required datastores stay
+//! unhealthy hands leadership to a voter whose are healthy; and a transfer
+//! that names no server never picks one with unhealthy required storage.
+//!
+//! Health comes from each server's zone-mounts report (in its status). A
+//! datastore counts against the leader only once it has been unhealthy for
+//! its grace period (three probe intervals and a probe timeout): one slow
+//! probe moves nothing. A server whose zone-mounts has not reported lately
+//! is not known to be healthy, so it is never chosen; a leader whose own
+//! report is missing does not act on it. When no other voter is healthy,
+//! leadership stays where it is: moving it would only move the outage, and
+//! moving it back and forth would add elections to it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use raft::StateRole;
+use zone_datastores::{healthy, DS_PREFIX};
+use zone_proto::v1::{Datastore, DatastoreState, RangeRequest, Role, ServerStatus};
+
+use super::{ApiError, ServerContext};
+
+/// How often the leader looks at its own storage.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// How long a required datastore may be unhealthy on the leader before
+/// leadership moves: three probe intervals and a probe timeout.
+pub fn grace(d: &Datastore) -> Duration {
+    Duration::from_millis(3 * u64::from(d.probe_interval_ms) + u64::from(d.probe_timeout_ms))
+}
+
+/// The names of `s`'s required datastores that are not healthy (all of
+/// `required` when its zone-mounts has not reported lately).
+fn unhealthy_required(s: &ServerStatus, required: &[Datastore]) -> Vec<String> {
+    let Some(st) = s.storage.as_ref().filter(|st| st.reported) else {
+        return required.iter().map(|d| d.name.clone()).collect();
+    };
+    required
+        .iter()
+        .filter(|d| {
+            !st.datastores
+                .iter()
+                .any(|h| h.name == d.name && h.revision == d.revision && healthy(h.state()))
+        })
+        .map(|d| d.name.clone())
+        .collect()
+}
+
+impl ServerContext {
+    /// The required datastores declared in the zone, as this server applied
+    /// them.
+    fn required_datastores(&self) -> Result<Vec<Datastore>, ApiError> {
+        let (kvs, _, _) = self.reader().range(&RangeRequest {
+            prefix: DS_PREFIX.to_vec(),
+            limit: 0,
+            serializable: true,
+            keys_only: false,
+        })?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let mut d = Datastore::decode(kv.value.as_slice()).ok()?;
+                d.revision = kv.mod_revision;
+                d.required.then_some(d)
+            })
+            .collect())
+    }
+
+    /// The voter a transfer that names none should go to: 0 (the most
+    /// caught-up voter, as Raft picks it) when no datastore is required;
+    /// otherwise the most caught-up other voter whose required datastores
+    /// are healthy. When there is none: refused if `strict` (an operator's
+    /// `leader transfer`), else 0 (a server stopping hands over anyway).
+    pub(crate) async fn storage_target(&self, strict: bool) -> Result<u64, ApiError> {
+        let required = self.required_datastores()?;
+        if required.is_empty() {
+            return Ok(0);
+        }
+        let zone = self.zone_status().await?;
+        let me = self.node().id();
+        let mut why = BTreeMap::new();
+        let best = zone
+            .servers
+            .iter()
+            .filter(|s| s.id != me && s.voter && s.role != Role::Unreachable as i32)
+            .filter(|s| {
+                let bad = unhealthy_required(s, &required);
+                if !bad.is_empty() {
+                    why.insert(s.id, bad.join(", "));
+                }
+                bad.is_empty()
+            })
+            .max_by_key(|s| (s.match_index, std::cmp::Reverse(s.id)))
+            .map(|s| s.id);
+        match best {
+            Some(id) => Ok(id),
+            None if strict => Err(ApiError::FailedPrecondition(format!(
+                "no other voter has its required datastores healthy ({}); name a server to move leadership anyway",
+                if why.is_empty() {
+                    "no other voter answered".to_owned()
+                } else {
+                    why.iter()
+                        .map(|(id, bad)| format!("server {id}: {bad}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }
+            ))),
+            None => Ok(0),
+        }
+    }
+
+    /// The required datastores unhealthy here for longer than their grace,
+    /// from this server's own zone-mounts report (none when it has not
+    /// reported lately: nothing is known).
+    fn storage_failing(&self, required: &[Datastore]) -> Vec<(String, Duration)> {
+        let st = self.agents.storage();
+        if !st.reported {
+            return Vec::new();
+        }
+        required
+            .iter()
+            .filter_map(|d| {
+                let h = st
+                    .datastores
+                    .iter()
+                    .find(|h| h.name == d.name && h.revision == d.revision)?;
+                // As of the report, plus the report's age: still unhealthy
+                // as far as anyone knows (reports come every 2 s).
+                let down = Duration::from_millis(h.unhealthy_ms + st.age_ms);
+                let bad = !healthy(h.state()) && h.state() != DatastoreState::Unspecified;
+                (bad && down >= grace(d)).then(|| (d.name.clone(), down))
+            })
+            .collect()
+    }
+}
+
+/// On the leader, every second: if a required datastore has been unhealthy
+/// here past its grace, hands leadership to a voter whose are healthy.
+pub async fn run(zone: ServerContext) {
+    // Logged once per streak of "no healthy voter".
+    let mut stuck = false;
+    loop {
+        tokio::time::sleep(EVERY).await;
+        if zone.node().view().role != StateRole::Leader {
+            stuck = false;
+            continue;
+        }
+        let Ok(required) = zone.required_datastores() else {
+            continue;
+        };
+        let failing = zone.storage_failing(&required);
+        if failing.is_empty() {
+            stuck = false;
+            continue;
+        }
+        let what = failing
+            .iter()
+            .map(|(n, d)| format!("{n} for {} s", d.as_secs()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let target = match zone.storage_target(true).await {
+            Ok(t) => t,
+            Err(e) => {
+                if !stuck {
+                    tracing::warn!(unhealthy = %what, reason = %e, "required storage unhealthy on the leader; leadership stays here");
+                }
+                stuck = true;
+                continue;
+            }
+        };
+        stuck = false;
+        tracing::warn!(unhealthy = %what, to = target, "required storage unhealthy on the leader; handing leadership over");
+        let budget = zone.config().tick() * (zone.config().raft.election_ticks as u32 * 2)
+            + Duration::from_secs(1);
+        match zone.transfer(target, Instant::now() + budget, false).await {
+            Ok(r) => tracing::info!(
+                leader = r.leader_id,
+                term = r.term,
+                "leadership handed over for storage"
+            ),
+            Err(e) => tracing::warn!(reason = %e, "could not hand leadership over for storage"),
+        }
+    }
+}
