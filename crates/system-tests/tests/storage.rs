@@ -434,9 +434,17 @@ impl FreezableDisk {
         FreezableDisk { dev, mnt }
     }
 
+    /// Freezes, or thaws (a disk not frozen stays as it is).
     fn freeze(&self, frozen: bool) {
-        let flag = if frozen { "-f" } else { "-u" };
-        testbed::sh(&["fsfreeze", flag, self.mnt.to_str().unwrap()]);
+        if frozen {
+            testbed::sh(&["fsfreeze", "-f", self.mnt.to_str().unwrap()]);
+        } else {
+            let _ = std::process::Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -643,7 +651,9 @@ async fn transfer(zone: &TestZone, via: usize) -> Result<u64, tonic::Status> {
 /// A leader whose required datastore stays hung hands leadership to a
 /// server whose is healthy; a transfer that names no server never picks
 /// one with unhealthy storage; when no server is healthy, leadership stays
-/// where it is. Each server has its own disk behind the datastore's source.
+/// where it is; a leader made by an operator's named transfer starts its
+/// leader-only units only once its storage is healthy. Each server has its
+/// own disk behind the datastore's source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_follows_healthy_required_storage_and_stays_when_none_is() {
     use zone_proto::v1::DatastoreState::{Hung, Mounted};
@@ -662,6 +672,7 @@ async fn leadership_follows_healthy_required_storage_and_stays_when_none_is() {
     let mut agents: Vec<Child> = (0..3)
         .map(|i| start_mounts_over(&zone, i, &disks[i], &source))
         .collect();
+    let vips = start_vips(&zone);
     let target = zone
         .root
         .path()
@@ -778,11 +789,90 @@ async fn leadership_follows_healthy_required_storage_and_stays_when_none_is() {
         "leadership moved while no server was healthy"
     );
     assert!(zone.log(l as usize - 1).contains("leadership stays here"));
+    // An operator moves leadership anyway, naming a server whose storage
+    // hangs: its VIP comes up, its leader-only units wait until its
+    // required datastores are healthy.
+    let to = (1..=3u64).find(|&id| id != l).unwrap();
+    zone.cluster(l as usize - 1)
+        .await
+        .transfer_leader(zone_proto::v1::TransferLeaderRequest { target: to })
+        .await
+        .expect("a transfer that names its server");
+    let vip = &vips.config.vips[0];
+    let m = &vips.mem[to as usize - 1];
+    poll(
+        Duration::from_secs(10),
+        "the VIP on the named server",
+        || async { m.holds(vip).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let since_add = |m: &zone_vip::effects::Memory| {
+        let e = m.entries();
+        let last_add = e.iter().rposition(|x| x.starts_with("add ")).unwrap();
+        e[last_add..].to_vec()
+    };
+    assert!(
+        !since_add(m)
+            .iter()
+            .any(|e| e == "start leader-only.service"),
+        "a leader-only unit started on storage that hangs: {:?}",
+        since_add(m)
+    );
+    disks[to as usize - 1].freeze(false);
+    poll(
+        Duration::from_secs(20),
+        "the leader-only unit started once its storage is healthy",
+        || async {
+            since_add(m)
+                .iter()
+                .any(|e| e == "start leader-only.service")
+                .then_some(())
+        },
+    )
+    .await;
+    let _ = vips.stop.send(true);
     for d in &disks {
         d.freeze(false);
     }
     for a in &mut agents {
         let _ = a.kill();
         let _ = a.wait();
+    }
+}
+
+/// zone-vip runners (their side effects in memory) beside each server,
+/// with one leader-only unit.
+struct Vips {
+    mem: Vec<std::sync::Arc<zone_vip::effects::Memory>>,
+    config: zone_vip::config::Config,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn start_vips(zone: &TestZone) -> Vips {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut mem = Vec::new();
+    let mut config = None;
+    for s in &zone.servers {
+        let text = format!(
+            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[leader]\nunits = [\"leader-only.service\"]\n",
+            s.dir.join("agent.sock").display()
+        );
+        let c = zone_vip::config::Config::parse(&text).unwrap();
+        let m = std::sync::Arc::new(zone_vip::effects::Memory::default());
+        let effects = zone_vip::runner::Effects {
+            addresses: m.clone(),
+            announcer: m.clone(),
+            services: m.clone(),
+            rtc: None,
+        };
+        tokio::spawn(zone_vip::runner::run(c.clone(), effects, stop_rx.clone()));
+        mem.push(m);
+        config = Some(c);
+    }
+    Vips {
+        mem,
+        config: config.unwrap(),
+        stop,
     }
 }

@@ -7,6 +7,11 @@
 //! Leaving: remove the VIPs first (the time-critical part), then stop units
 //! and run the follower hook.
 //!
+//! Leader-only units and the leader hook wait, once the VIP is up, until the
+//! lease says this server's required datastores are mounted and healthy
+//! (`storage_ready`): a front-end service started before its data is there
+//! would fail, or write under the mount point.
+//!
 //! Damping: after a lease ran out without renewal, a lease that comes back
 //! makes this agent leader again only once it has been renewed without a
 //! gap for `lease.settle_ms`, so that a lease which keeps lapsing (an
@@ -39,12 +44,19 @@ pub struct LeaseView {
     /// CLOCK_BOOTTIME nanoseconds.
     pub expires_ns: u64,
     pub generation: u64,
+    /// This server's required datastores are mounted and healthy.
+    pub storage_ready: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Follower,
-    Leader { expires_ns: u64 },
+    /// `units`: the leader-only units were started (they wait for the
+    /// required datastores).
+    Leader {
+        expires_ns: u64,
+        units: bool,
+    },
 }
 
 /// Waiting, after a lapse, for the lease to hold without a gap.
@@ -78,7 +90,7 @@ impl Machine {
     /// When the current lease runs out, if leading.
     pub fn deadline_ns(&self) -> Option<u64> {
         match self.role {
-            Role::Leader { expires_ns } => Some(expires_ns),
+            Role::Leader { expires_ns, .. } => Some(expires_ns),
             Role::Follower => None,
         }
     }
@@ -108,19 +120,33 @@ impl Machine {
                 }
                 self.role = Role::Leader {
                     expires_ns: lease.expires_ns,
+                    units: lease.storage_ready,
                 };
-                self.become_leader()
+                if !lease.storage_ready {
+                    tracing::info!("leader-only units wait for this server's required datastores");
+                }
+                self.become_leader(lease.storage_ready)
             }
-            (Role::Leader { .. }, true) => {
+            (Role::Leader { units, .. }, true) => {
+                let start = !units && lease.storage_ready;
                 self.role = Role::Leader {
                     expires_ns: lease.expires_ns,
+                    units: units || lease.storage_ready,
                 };
-                self.config
+                let mut a: Vec<Action> = self
+                    .config
                     .vips
                     .iter()
                     .cloned()
                     .map(Action::RenewVip)
-                    .collect()
+                    .collect();
+                if start {
+                    tracing::info!(
+                        "the required datastores are healthy: starting leader-only units"
+                    );
+                    a.extend(self.leader_units());
+                }
+                a
             }
             (Role::Leader { .. }, false) => self.become_follower(),
             (Role::Follower, false) => {
@@ -157,7 +183,7 @@ impl Machine {
     /// The clock reached `now_ns` with no new lease.
     pub fn on_tick(&mut self, now_ns: u64) -> Vec<Action> {
         match self.role {
-            Role::Leader { expires_ns } if now_ns >= expires_ns => {
+            Role::Leader { expires_ns, .. } if now_ns >= expires_ns => {
                 if self.config.lease.settle_ms > 0 {
                     tracing::info!(
                         settle_ms = self.config.lease.settle_ms,
@@ -180,11 +206,25 @@ impl Machine {
         }
     }
 
-    fn become_leader(&self) -> Vec<Action> {
+    fn become_leader(&self, units: bool) -> Vec<Action> {
         let c = &self.config;
         let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::AddVip).collect();
         a.extend(c.vips.iter().cloned().map(Action::Announce));
-        a.extend(c.leader.units.iter().cloned().map(Action::StartUnit));
+        if units {
+            a.extend(self.leader_units());
+        }
+        a
+    }
+
+    fn leader_units(&self) -> Vec<Action> {
+        let c = &self.config;
+        let mut a: Vec<Action> = c
+            .leader
+            .units
+            .iter()
+            .cloned()
+            .map(Action::StartUnit)
+            .collect();
         a.extend(c.leader.hook.iter().cloned().map(Action::LeaderHook));
         a
     }
@@ -218,6 +258,7 @@ mod tests {
             held,
             expires_ns,
             generation: 1,
+            storage_ready: true,
         }
     }
 
@@ -246,6 +287,44 @@ mod tests {
             vec![Action::RenewVip(vip())]
         );
         assert_eq!(m.deadline_ns(), Some(2_000));
+    }
+
+    #[test]
+    fn leader_units_wait_for_the_required_datastores() {
+        let mut m = Machine::new(config());
+        let not_ready = |expires_ns| LeaseView {
+            storage_ready: false,
+            ..lease(true, expires_ns)
+        };
+        // The VIP at once; the units and the hook not yet.
+        assert_eq!(
+            m.on_lease(not_ready(1_000), 500),
+            vec![Action::AddVip(vip()), Action::Announce(vip())]
+        );
+        assert_eq!(
+            m.on_lease(not_ready(2_000), 900),
+            vec![Action::RenewVip(vip())]
+        );
+        // Healthy: started once, with the renewal.
+        assert_eq!(
+            m.on_lease(lease(true, 3_000), 1_900),
+            vec![
+                Action::RenewVip(vip()),
+                Action::StartUnit("a.service".into()),
+                Action::StartUnit("b.service".into()),
+                Action::LeaderHook("up".into()),
+            ]
+        );
+        assert_eq!(
+            m.on_lease(lease(true, 4_000), 2_900),
+            vec![Action::RenewVip(vip())]
+        );
+        // Unhealthy again while leading: the units keep running (storage
+        // trouble moves leadership instead).
+        assert_eq!(
+            m.on_lease(not_ready(5_000), 3_900),
+            vec![Action::RenewVip(vip())]
+        );
     }
 
     #[test]

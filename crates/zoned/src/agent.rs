@@ -139,8 +139,9 @@ impl AgentRegistry {
     }
 }
 
-fn state(server_id: u64, l: &Lease) -> LeaseState {
+fn state(server_id: u64, l: &Lease, storage_ready: bool) -> LeaseState {
     LeaseState {
+        storage_ready,
         server_id,
         held: l.held,
         term: l.term,
@@ -187,6 +188,7 @@ impl Agent for AgentService {
         let registry = self.registry.clone();
         let mut lease: watch::Receiver<Lease> = self.node.watch_lease();
         let server_id = self.node.id();
+        let node = self.node.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             // No lease state before the agent declared its addresses: the
@@ -215,7 +217,10 @@ impl Agent for AgentService {
                     false
                 }
             };
-            let first = state(server_id, &lease.borrow_and_update());
+            // Whether the required datastores are healthy here, asked
+            // afresh for every state sent (every renewal).
+            let ready = || crate::api::handover::storage_ready(node.reader(), &registry.storage());
+            let first = state(server_id, &lease.borrow_and_update(), ready());
             if declared && tx.send(Ok(first)).await.is_ok() {
                 loop {
                     tokio::select! {
@@ -224,7 +229,7 @@ impl Agent for AgentService {
                                 let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
                                 break;
                             }
-                            let s = state(server_id, &lease.borrow_and_update());
+                            let s = state(server_id, &lease.borrow_and_update(), ready());
                             if tx.send(Ok(s)).await.is_err() {
                                 break;
                             }

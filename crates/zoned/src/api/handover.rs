@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use raft::StateRole;
 use zone_datastores::{healthy, DS_PREFIX};
-use zone_proto::v1::{Datastore, DatastoreState, RangeRequest, Role, ServerStatus};
+use zone_proto::v1::{Datastore, DatastoreState, RangeRequest, Role, StorageHealth};
 
 use super::{ApiError, ServerContext};
 
@@ -31,10 +31,10 @@ pub fn grace(d: &Datastore) -> Duration {
     Duration::from_millis(3 * u64::from(d.probe_interval_ms) + u64::from(d.probe_timeout_ms))
 }
 
-/// The names of `s`'s required datastores that are not healthy (all of
-/// `required` when its zone-mounts has not reported lately).
-fn unhealthy_required(s: &ServerStatus, required: &[Datastore]) -> Vec<String> {
-    let Some(st) = s.storage.as_ref().filter(|st| st.reported) else {
+/// The names of the `required` datastores not healthy in `st` (all of them
+/// when zone-mounts has not reported lately).
+fn unhealthy_required(st: Option<&StorageHealth>, required: &[Datastore]) -> Vec<String> {
+    let Some(st) = st.filter(|st| st.reported) else {
         return required.iter().map(|d| d.name.clone()).collect();
     };
     required
@@ -48,24 +48,37 @@ fn unhealthy_required(s: &ServerStatus, required: &[Datastore]) -> Vec<String> {
         .collect()
 }
 
+/// Whether every required datastore is healthy in `st` (or none is
+/// required), as zone-vip asks before it starts leader-only units.
+pub(crate) fn storage_ready(reader: &crate::kv::Reader, st: &StorageHealth) -> bool {
+    match required_datastores(reader) {
+        Ok(required) => unhealthy_required(Some(st), &required).is_empty(),
+        Err(_) => false,
+    }
+}
+
+/// The required datastores declared in the zone, as this server applied
+/// them.
+pub(crate) fn required_datastores(reader: &crate::kv::Reader) -> Result<Vec<Datastore>, ApiError> {
+    let (kvs, _, _) = reader.range(&RangeRequest {
+        prefix: DS_PREFIX.to_vec(),
+        limit: 0,
+        serializable: true,
+        keys_only: false,
+    })?;
+    Ok(kvs
+        .iter()
+        .filter_map(|kv| {
+            let mut d = Datastore::decode(kv.value.as_slice()).ok()?;
+            d.revision = kv.mod_revision;
+            d.required.then_some(d)
+        })
+        .collect())
+}
+
 impl ServerContext {
-    /// The required datastores declared in the zone, as this server applied
-    /// them.
     fn required_datastores(&self) -> Result<Vec<Datastore>, ApiError> {
-        let (kvs, _, _) = self.reader().range(&RangeRequest {
-            prefix: DS_PREFIX.to_vec(),
-            limit: 0,
-            serializable: true,
-            keys_only: false,
-        })?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                let mut d = Datastore::decode(kv.value.as_slice()).ok()?;
-                d.revision = kv.mod_revision;
-                d.required.then_some(d)
-            })
-            .collect())
+        required_datastores(self.reader())
     }
 
     /// The voter a transfer that names none should go to: 0 (the most
@@ -86,7 +99,7 @@ impl ServerContext {
             .iter()
             .filter(|s| s.id != me && s.voter && s.role != Role::Unreachable as i32)
             .filter(|s| {
-                let bad = unhealthy_required(s, &required);
+                let bad = unhealthy_required(s.storage.as_ref(), &required);
                 if !bad.is_empty() {
                     why.insert(s.id, bad.join(", "));
                 }
