@@ -450,10 +450,7 @@ impl FreezableDisk {
 
 impl Drop for FreezableDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("fsfreeze")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status();
+        self.freeze(false);
         let _ = std::process::Command::new("umount")
             .arg("-l")
             .arg(&self.mnt)

@@ -154,7 +154,9 @@ enum ServerCommand {
 
 #[derive(Debug, Subcommand)]
 enum LeaderCommand {
-    /// Hand leadership to server ID, or to the most caught-up voter.
+    /// Hand leadership to server ID, or, without ID, to the most caught-up
+    /// voter whose required datastores are healthy (refused when none is:
+    /// name one to move leadership anyway).
     Transfer { id: Option<u64> },
 }
 
