@@ -187,6 +187,39 @@ impl Ganesha {
         let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
     }
 
+    /// Drops (or lets through again) what `client` sends to the server:
+    /// that client alone loses its path to it (an nftables rule in the
+    /// server's namespace).
+    pub fn cut(&self, client: &str, cut: bool) -> Result<()> {
+        let nft = |script: &str| -> Result<()> {
+            let st = Command::new("ip")
+                .args(["netns", "exec", &self.ns, "nft", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write as _;
+                    c.stdin
+                        .take()
+                        .expect("piped")
+                        .write_all(script.as_bytes())?;
+                    c.wait()
+                })
+                .context("running nft")?;
+            if !st.success() {
+                bail!("nft failed ({st}) on:\n{script}");
+            }
+            Ok(())
+        };
+        let table = format!("zoned_nfs_{}", client.replace(['.', ':'], "_"));
+        if cut {
+            nft(&format!(
+                "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0;\n    ip saddr {client} tcp dport 2049 drop\n  }}\n}}\n"
+            ))
+        } else {
+            nft(&format!("delete table inet {table}\n"))
+        }
+    }
+
     /// SIGKILL, then started again with the same export.
     pub fn restart(&mut self) -> Result<()> {
         crate::kill9(self.child.take());

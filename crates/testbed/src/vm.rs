@@ -698,6 +698,34 @@ impl Client {
             .is_ok_and(|o| o.status.success())
     }
 
+    /// Each server's state of datastore `name` (`zonectl storage status -o
+    /// json` through `endpoint`): (server id, state), for the servers whose
+    /// zone-mounts reported lately and know the datastore.
+    pub fn storage_states(&self, endpoint: &str, name: &str) -> Option<Vec<(u64, String)>> {
+        let out = self
+            .zonectl(endpoint, &["-o", "json", "storage", "status"])
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let mut states = Vec::new();
+        for s in v.as_array()? {
+            let st = &s["storage"];
+            if st["reported"].as_bool() != Some(true) {
+                continue;
+            }
+            if let Some(d) = st["datastores"]
+                .as_array()?
+                .iter()
+                .find(|d| d["name"] == name)
+            {
+                states.push((s["id"].as_u64()?, d["state"].as_str()?.to_owned()));
+            }
+        }
+        Some(states)
+    }
+
     /// A linearizable read of `key` through `endpoint`.
     pub fn get(&self, endpoint: &str, key: &str) -> Option<String> {
         let out = self

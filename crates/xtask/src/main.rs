@@ -109,6 +109,18 @@ enum BenchTask {
         #[arg(long)]
         skip_fresh: bool,
     },
+    /// Shared storage under QEMU (root): three VMs and nfs-ganesha, one NFS
+    /// datastore; time until every VM reports a stopped NFS server, and
+    /// until leadership moves when only the leader's path to it is cut
+    /// (p50/p99). Writes target/bench/storage-<time>.json.
+    Storage {
+        /// NFS server stops to time.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Leader path cuts to time.
+        #[arg(long, default_value_t = 5)]
+        leader_runs: usize,
+    },
     /// Zoned against etcd (Debian's etcd-server), three servers each on
     /// loopback, data on the same disk, fsync on: sequential puts, puts
     /// from 16, 64 and 256 clients, linearizable reads from 1 and 64, a
@@ -215,6 +227,9 @@ fn main() -> Result<()> {
         }
         Task::Bench(BenchTask::Qemu { runs, skip_fresh }) => {
             qemu::bench(&target_dir()?, runs, skip_fresh)
+        }
+        Task::Bench(BenchTask::Storage { runs, leader_runs }) => {
+            qemu::bench_storage(&target_dir()?, runs.max(1), leader_runs)
         }
         Task::Bench(BenchTask::Kv(kv)) => bench_kv(kv),
         Task::Qemu(QemuTask::Up) => qemu::up(&target_dir()?),

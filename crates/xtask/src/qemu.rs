@@ -246,3 +246,156 @@ pub fn bench(target: &Path, runs: usize, skip_fresh: bool) -> Result<()> {
     });
     crate::write_results(&target.join("bench"), "qemu", &json)
 }
+
+/// Waits until every one of the `n` VMs reports datastore `name` in one of
+/// `states`; how long that took.
+fn wait_storage(
+    lab: &Lab,
+    n: usize,
+    name: &str,
+    states: &[&str],
+    limit: Duration,
+) -> Result<Duration> {
+    let client = lab.client();
+    let vip = format!("{VIP}:7400");
+    let t0 = Instant::now();
+    wait_for(
+        limit,
+        &format!("datastore {name} {} on every VM", states.join(" or ")),
+        || {
+            let s = client.storage_states(&vip, name)?;
+            (s.len() == n && s.iter().all(|(_, st)| states.contains(&st.as_str()))).then_some(())
+        },
+    )?;
+    Ok(t0.elapsed())
+}
+
+/// `bench storage`: three VMs and nfs-ganesha on the host side of their
+/// bridge; one NFS datastore (`required`, probe every 1 s, timeout 4 s).
+/// Times, over `runs` runs each: the NFS server stopped (SIGSTOP) until
+/// every VM reports the datastore hung or failed; and only the leader's
+/// path to the server cut until another VM leads behind the VIP.
+pub fn bench_storage(target: &Path, runs: usize, leader_runs: usize) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the storage benchmark boots VMs in a network namespace: run it as root");
+    }
+    ensure_image(target)?;
+    let (lab, _) = boot_zone("bench-storage", 3)?;
+    wait_zone(&lab, 3)?;
+    let nfs = testbed::nfs::Ganesha::start(&lab.ns, testbed::vm::HOST_ADDR, &lab.dir.join("nfs"))?;
+    let client = lab.client();
+    let vip = format!("{VIP}:7400");
+    let (interval_ms, timeout_ms) = (1000, 4000);
+    let source = nfs.source();
+    let add = [
+        "storage",
+        "add",
+        "images",
+        "--type",
+        "nfs4",
+        "--source",
+        &source,
+        "--target",
+        "/var/lib/one/datastores/100",
+        "--options",
+        "soft,timeo=20,retrans=2",
+        "--required",
+        "--probe-interval",
+        "1s",
+        "--probe-timeout",
+        "4s",
+    ];
+    wait_for(Duration::from_secs(120), "`storage add` answered", || {
+        client
+            .zonectl(&vip, &add)
+            .ok()?
+            .status
+            .success()
+            .then_some(())
+    })?;
+    let limit = Duration::from_secs(120);
+    let mounted = wait_storage(&lab, 3, "images", &["mounted"], limit)?;
+    eprintln!(
+        "mounted on the three VMs {:.1} s after `storage add`",
+        mounted.as_secs_f64()
+    );
+    let mut detect = Vec::new();
+    for r in 0..runs {
+        nfs.pause();
+        let d = wait_storage(&lab, 3, "images", &["hung", "failed"], limit)?;
+        nfs.resume();
+        let back = wait_storage(&lab, 3, "images", &["mounted"], limit)?;
+        eprintln!(
+            "run {}/{runs}: NFS server stopped, every VM reported it after {:.2} s; healthy again {:.2} s after it continued",
+            r + 1,
+            d.as_secs_f64(),
+            back.as_secs_f64()
+        );
+        detect.push(d.as_secs_f64());
+    }
+    let mut moves = Vec::new();
+    for r in 0..leader_runs {
+        let zone = wait_zone(&lab, 3)?;
+        let leader = zone["leader_id"].as_u64().context("leader id")?;
+        let addr = format!("{}.{leader}", testbed::vm::NET);
+        nfs.cut(&addr, true)?;
+        let t0 = Instant::now();
+        let moved = wait_for(limit, "another VM leading behind the VIP", || {
+            let v = client.show(&vip)?;
+            let l = v["leader_id"].as_u64()?;
+            (l != leader && v["member_id"].as_u64() == Some(l)).then_some(l)
+        });
+        let took = t0.elapsed();
+        nfs.cut(&addr, false)?;
+        let new = moved?;
+        wait_storage(&lab, 3, "images", &["mounted"], limit)?;
+        eprintln!(
+            "run {}/{leader_runs}: VM {leader} alone lost its path to the NFS server; VM {new} led behind the VIP {:.2} s later",
+            r + 1,
+            took.as_secs_f64()
+        );
+        moves.push(took.as_secs_f64());
+    }
+    drop(nfs);
+    drop(lab);
+    let sorted = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let pct = |v: &[f64], p: f64| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[i.min(v.len() - 1)]
+    };
+    let (d, m) = (sorted(&detect), sorted(&moves));
+    println!();
+    println!(
+        "{:<64} {:>8} {:>8} {:>8}",
+        "MEASUREMENT (3 VMs, TCG, probe 1 s / timeout 4 s)", "p50", "p99", "runs"
+    );
+    println!(
+        "{:<64} {:>6.2} s {:>6.2} s {:>8}",
+        "NFS server stopped -> every VM reports it hung/failed",
+        pct(&d, 50.0),
+        pct(&d, 99.0),
+        d.len()
+    );
+    println!(
+        "{:<64} {:>6.2} s {:>6.2} s {:>8}",
+        "leader alone loses NFS -> another VM leads behind the VIP",
+        pct(&m, 50.0),
+        pct(&m, 99.0),
+        m.len()
+    );
+    let json = serde_json::json!({
+        "probe_interval_ms": interval_ms,
+        "probe_timeout_ms": timeout_ms,
+        "mounted_after_add_s": mounted.as_secs_f64(),
+        "detect_hung_s": detect,
+        "leader_moved_s": moves,
+    });
+    crate::write_results(&target.join("bench"), "storage", &json)
+}
