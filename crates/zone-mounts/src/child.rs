@@ -117,15 +117,53 @@ pub fn mount(ty: &str, source: &str, options: &str, target: &Path) -> Result<(),
         }
         return Ok(());
     }
-    let data = (!data.is_empty()).then_some(data.as_str());
-    nix::mount::mount(Some(source), target, Some(ty), flags, data)
-        .map_err(|source| ChildError::Sys { what, source })
+    // NFSv4 without a version given: the kernel alone would speak 4.0;
+    // mount.nfs would try the newest first. So does this, falling back
+    // while the server says the version is not supported.
+    let versions: &[&str] = if ty == "nfs4" && !has_version(&data) {
+        &["4.2", "4.1", "4.0"]
+    } else {
+        &[""]
+    };
+    let mut last = None;
+    for v in versions {
+        let data = match *v {
+            "" => data.clone(),
+            v if data.is_empty() => format!("vers={v}"),
+            v => format!("vers={v},{data}"),
+        };
+        let data = (!data.is_empty()).then_some(data.as_str());
+        match nix::mount::mount(Some(source), target, Some(ty), flags, data) {
+            Ok(()) => return Ok(()),
+            Err(e @ (nix::Error::EPROTONOSUPPORT | nix::Error::EINVAL)) if versions.len() > 1 => {
+                last = Some(e)
+            }
+            Err(source) => return Err(ChildError::Sys { what, source }),
+        }
+    }
+    Err(ChildError::Sys {
+        what,
+        source: last.unwrap_or(nix::Error::EINVAL),
+    })
 }
 
-/// Unmounts `target`; `lazy`: detach it now, whatever still uses it (the
-/// kernel finishes when it can: a hung NFS mount).
+fn has_version(data: &str) -> bool {
+    data.split(',').any(|o| {
+        o.starts_with("vers=") || o.starts_with("nfsvers=") || o.starts_with("minorversion=")
+    })
+}
+
+/// Unmounts `target`; `lazy`: detach it now, whatever still uses it. A
+/// hung NFS mount is first forced (`MNT_FORCE` aborts its requests in
+/// flight, so that processes stuck on the dead server, an abandoned probe
+/// among them, get an error and exit; it fails while they still use it),
+/// then detached.
 pub fn unmount(target: &Path, lazy: bool) -> Result<(), ChildError> {
     let flags = if lazy {
+        if nix::mount::umount2(target, MntFlags::MNT_FORCE).is_ok() {
+            // Nothing used it any more: unmounted.
+            return Ok(());
+        }
         MntFlags::MNT_DETACH
     } else {
         MntFlags::empty()
@@ -200,6 +238,8 @@ mod tests {
         assert_eq!(data, "hard,timeo=600,addr=10.0.0.5,vers=3");
         let (_, data) = plan("nfs4", "10.0.0.5:/srv", "vers=4.1").unwrap();
         assert_eq!(data, "vers=4.1,addr=10.0.0.5");
+        assert!(has_version(&data));
+        assert!(!has_version("hard,addr=10.0.0.5"));
         let (flags, data) = plan("ext4", "/dev/vdb", "noatime,rw,discard").unwrap();
         assert_eq!(flags, MsFlags::MS_NOATIME);
         assert_eq!(data, "discard");
