@@ -828,10 +828,33 @@ async fn leadership_follows_healthy_required_storage_and_stays_when_none_is() {
         },
     )
     .await;
-    let _ = vips.stop.send(true);
     for d in &disks {
         d.freeze(false);
     }
+    poll(
+        Duration::from_secs(20),
+        "healthy again everywhere",
+        all(Mounted),
+    )
+    .await;
+    // The leader's zone-mounts dies: its storage is no longer known to be
+    // healthy (zone-vip would not start the units there), so leadership
+    // moves once the report is stale (10 s) and the grace has passed.
+    let (l, term) = poll(Duration::from_secs(10), "a leader", || leader_of(&zone, 0)).await;
+    let a = &mut agents[l as usize - 1];
+    let _ = a.kill();
+    let _ = a.wait();
+    poll(
+        Duration::from_secs(40),
+        "leadership off the server whose zone-mounts died",
+        || async {
+            let v = leader_of(&zone, 0).await?;
+            (v.0 != l && v.1 > term).then_some(())
+        },
+    )
+    .await;
+    assert!(zone.log(l as usize - 1).contains("zone-mounts silent"));
+    let _ = vips.stop.send(true);
     for a in &mut agents {
         let _ = a.kill();
         let _ = a.wait();

@@ -43,9 +43,11 @@ pub const TYPES: [&str; 10] = [
     "nfs4", "nfs", "ext4", "xfs", "btrfs", "ext3", "ext2", "gfs2", "ocfs2", "bind",
 ];
 
-/// Paths no datastore may be mounted on or under: the system itself, the
-/// zone's own data, and the kernel's trees.
-pub const FORBIDDEN: [&str; 8] = [
+/// Paths no datastore may be mounted on or under: the system itself (the
+/// merged-/usr links to it included: mount(2) follows them), the zone's own
+/// data, the kernel's trees, root's home. Nor on any directory above one
+/// of them: a datastore on `/var/lib` would hide `/var/lib/zoned`.
+pub const FORBIDDEN: [&str; 15] = [
     "/etc",
     "/usr",
     "/boot",
@@ -53,8 +55,19 @@ pub const FORBIDDEN: [&str; 8] = [
     "/proc",
     "/sys",
     "/dev",
-    "/run/zoned",
+    "/run",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/root",
 ];
+
+/// File systems of their own on a server, which a datastore may go under
+/// but never replace.
+pub const MOUNT_POINTS: [&str; 4] = ["/var", "/tmp", "/home", "/var/tmp"];
 
 /// A declaration refused: the field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +103,21 @@ pub fn check(ds: &mut Datastore, others: &[Datastore]) -> Result<(), Invalid> {
     check_source(&ds.r#type, &ds.source)?;
     check_target(&ds.target)?;
     let opts = Options::parse(&ds.options)?;
+    if ds.exclusive {
+        return Err(invalid(
+            "exclusive",
+            "exclusive datastores (mounted on the lease holder alone, after the fence delay) need fencing, which this version does not have yet; declare it without --exclusive only if every server may mount it at once",
+        ));
+    }
+    if ds.r#type == "bind" && !opts.data.is_empty() {
+        return Err(invalid(
+            "options",
+            format!(
+                "a bind mount takes only generic options (ro, nosuid, nodev, noexec, ...), not `{}`",
+                opts.data.join(",")
+            ),
+        ));
+    }
     if ds.write_probe && opts.read_only() {
         return Err(invalid(
             "write_probe",
@@ -221,14 +249,28 @@ fn check_target(target: &str) -> Result<(), Invalid> {
         return Err(invalid("target", "`/` is the root file system"));
     }
     let t = Path::new(target);
+    let elsewhere = "datastores go elsewhere (e.g. /var/lib/one/datastores/NAME)";
     if let Some(f) = FORBIDDEN.iter().find(|f| t.starts_with(f)) {
+        let how = if t == Path::new(f) { "" } else { "under " };
         return Err(invalid(
             "target",
-            format!(
-                "`{target}` is {} `{f}`, which belongs to the system; datastores go elsewhere (e.g. /var/lib/one/datastores/NAME)",
-                if t == Path::new(f) { "" } else { "under" }
-            )
-            .replace("is  `", "is `"),
+            format!("`{target}` is {how}`{f}`, which belongs to the system; {elsewhere}"),
+        ));
+    }
+    if let Some(f) = MOUNT_POINTS.iter().find(|f| Path::new(f) == t) {
+        return Err(invalid(
+            "target",
+            format!("`{target}` is a file system of the server's own (`{f}`): a datastore there would hide it; {elsewhere}"),
+        ));
+    }
+    if let Some(f) = FORBIDDEN
+        .iter()
+        .chain(MOUNT_POINTS.iter())
+        .find(|f| Path::new(f).starts_with(t))
+    {
+        return Err(invalid(
+            "target",
+            format!("`{target}` holds `{f}`: a datastore there would hide it; {elsewhere}"),
         ));
     }
     Ok(())
@@ -291,6 +333,10 @@ pub fn split_nfs(source: &str) -> Option<(&str, &str)> {
         return Some((host, export));
     }
     let (host, _) = source.split_once(":/")?;
+    // An IPv6 address goes in brackets: `fd00::5:/x` is ambiguous.
+    if host.contains(':') {
+        return None;
+    }
     Some((host, &source[host.len() + 1..]))
 }
 

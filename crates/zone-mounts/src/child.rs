@@ -91,6 +91,19 @@ pub fn plan(ty: &str, source: &str, options: &str) -> Result<(MsFlags, String), 
 pub fn mount(ty: &str, source: &str, options: &str, target: &Path) -> Result<(), ChildError> {
     let (flags, data) = plan(ty, source, options)?;
     std::fs::create_dir_all(target).map_err(io(format!("making {}", target.display())))?;
+    // mount(2) follows symbolic links: a target through one would land
+    // elsewhere (the declared path was checked, not where it leads), and
+    // mountinfo would show the other path, so the mount would never be
+    // recognised as this datastore's.
+    let real =
+        std::fs::canonicalize(target).map_err(io(format!("resolving {}", target.display())))?;
+    if real != target {
+        return Err(ChildError::Other(format!(
+            "{} goes through a symbolic link (it is {}): refused; declare the real path",
+            target.display(),
+            real.display()
+        )));
+    }
     let what = format!("mount -t {ty} {source} {}", target.display());
     if ty == "bind" {
         nix::mount::mount(
@@ -153,17 +166,17 @@ fn has_version(data: &str) -> bool {
     })
 }
 
-/// Unmounts `target`; `lazy`: detach it now, whatever still uses it. A
-/// hung NFS mount is first forced (`MNT_FORCE` aborts its requests in
-/// flight, so that processes stuck on the dead server, an abandoned probe
-/// among them, get an error and exit; it fails while they still use it),
-/// then detached.
-pub fn unmount(target: &Path, lazy: bool) -> Result<(), ChildError> {
+/// Unmounts `target`; `lazy`: detach it now, whatever still uses it;
+/// `force` (a hung datastore only): first `MNT_FORCE`, which aborts an NFS
+/// mount's requests in flight, so that processes stuck on the dead server,
+/// an abandoned probe among them, get an error and exit (it fails while
+/// they still use it; on a healthy mount it would fail its users' I/O).
+pub fn unmount(target: &Path, lazy: bool, force: bool) -> Result<(), ChildError> {
+    if force && nix::mount::umount2(target, MntFlags::MNT_FORCE).is_ok() {
+        // Nothing used it any more: unmounted.
+        return Ok(());
+    }
     let flags = if lazy {
-        if nix::mount::umount2(target, MntFlags::MNT_FORCE).is_ok() {
-            // Nothing used it any more: unmounted.
-            return Ok(());
-        }
         MntFlags::MNT_DETACH
     } else {
         MntFlags::empty()
@@ -191,7 +204,21 @@ pub fn probe(target: &Path, write_as: Option<u64>) -> Result<(), ChildError> {
         return Ok(());
     };
     let dir = target.join(".zoned-probe").join(server.to_string());
-    std::fs::create_dir_all(&dir).map_err(io(format!("making {}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|source| {
+        let denied = source.kind() == std::io::ErrorKind::PermissionDenied;
+        ChildError::Io {
+            what: format!(
+                "making {}{}",
+                dir.display(),
+                if denied {
+                    " (an NFS export that maps root to nobody? export it with no_root_squash, or declare the datastore with --no-write-probe)"
+                } else {
+                    ""
+                }
+            ),
+            source,
+        }
+    })?;
     let file = dir.join("probe");
     let token = format!(
         "{} {}\n",

@@ -39,15 +39,60 @@ impl std::fmt::Debug for Outcome {
     }
 }
 
+/// A datastore's mount, as far as telling it from other mounts goes; what
+/// zone-mounts records of what it mounted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MountId {
+    pub target: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub source: String,
+}
+
+impl MountId {
+    pub fn of(ds: &Datastore) -> MountId {
+        MountId {
+            target: ds.target.clone(),
+            ty: ds.r#type.clone(),
+            source: ds.source.clone(),
+        }
+    }
+}
+
+/// What is mounted on a datastore's target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountState {
+    Absent,
+    /// The datastore itself (its type and source).
+    Ours,
+    /// Something else (what mountinfo says of it): never used, never
+    /// unmounted.
+    Other(String),
+}
+
+/// How an unmount goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmount {
+    /// umount2(0): fails while in use.
+    Plain,
+    /// MNT_DETACH: gone from the tree now, released once no longer used.
+    Lazy,
+    /// MNT_FORCE (aborts an NFS mount's requests in flight: processes
+    /// stuck on a dead server get an error), then MNT_DETACH. Only for a
+    /// datastore known to be hung: on a healthy one it would fail the I/O
+    /// of whoever uses it.
+    ForcedLazy,
+}
+
 /// What the supervisor does to storage.
 pub trait Mounts: std::fmt::Debug + Send + Sync + 'static {
-    /// Whether something is mounted on `target` (never waits on storage).
-    fn mounted(&self, target: &str) -> bool;
+    /// What is mounted on `id.target` now (never waits on storage).
+    fn state(&self, id: &MountId) -> MountState;
     fn mount(&self, ds: &Datastore, timeout: Duration) -> impl Future<Output = Outcome> + Send;
     fn unmount(
         &self,
         target: &str,
-        lazy: bool,
+        how: Unmount,
         timeout: Duration,
     ) -> impl Future<Output = Outcome> + Send;
     /// `write_as`: the write probe, as this server.
@@ -83,7 +128,9 @@ impl Children {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(false);
+            // A task stopped (its datastore removed) kills its helper: a
+            // mount must not complete after the supervisor stopped caring.
+            .kill_on_drop(true);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return Outcome::Failed(format!("cannot start {}: {e}", self.exe.display())),
@@ -126,8 +173,8 @@ impl Children {
 }
 
 impl Mounts for Children {
-    fn mounted(&self, target: &str) -> bool {
-        crate::mountinfo::is_mounted(target)
+    fn state(&self, id: &MountId) -> MountState {
+        crate::mountinfo::state(id)
     }
 
     fn mount(&self, ds: &Datastore, timeout: Duration) -> impl Future<Output = Outcome> + Send {
@@ -147,12 +194,14 @@ impl Mounts for Children {
     fn unmount(
         &self,
         target: &str,
-        lazy: bool,
+        how: Unmount,
         timeout: Duration,
     ) -> impl Future<Output = Outcome> + Send {
         let mut args = vec!["umount".to_owned()];
-        if lazy {
-            args.push("--lazy".into());
+        match how {
+            Unmount::Plain => {}
+            Unmount::Lazy => args.push("--lazy".into()),
+            Unmount::ForcedLazy => args.extend(["--lazy".into(), "--force".into()]),
         }
         args.push(target.to_owned());
         self.run(args, timeout)
@@ -174,14 +223,15 @@ impl Mounts for Children {
     }
 }
 
-/// Mounts in memory; a target in `hanging` hangs every operation until
-/// taken out, one in `failing` fails it.
+/// Mounts in memory; a target in `hanging` hangs every operation but a
+/// lazy unmount until taken out, one in `failing` fails it.
 #[derive(Debug, Clone, Default)]
 pub struct Memory {
-    pub mounted: Arc<Mutex<BTreeSet<String>>>,
+    pub mounted: Arc<Mutex<std::collections::BTreeMap<String, MountId>>>,
     pub hanging: Arc<Mutex<BTreeSet<String>>>,
     pub failing: Arc<Mutex<BTreeSet<String>>>,
-    /// Every operation, in order (`mount /x`, `umount -l /x`, `probe /x`).
+    /// Every operation, in order (`mount /x`, `umount -l /x`, `umount -lf
+    /// /x`, `probe /x`).
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -197,16 +247,9 @@ impl Stuck for MemoryStuck {
 }
 
 impl Memory {
-    fn op(&self, what: String, target: &str, then: impl FnOnce(&Memory)) -> Outcome {
+    fn op(&self, what: String, target: &str, waits: bool, then: impl FnOnce(&Memory)) -> Outcome {
         self.log.lock().unwrap().push(what);
-        // A lazy unmount does not wait for the storage.
-        let lazy = self
-            .log
-            .lock()
-            .unwrap()
-            .last()
-            .is_some_and(|l| l.starts_with("umount -l"));
-        if !lazy && self.hanging.lock().unwrap().contains(target) {
+        if waits && self.hanging.lock().unwrap().contains(target) {
             return Outcome::Hung(Box::new(MemoryStuck {
                 target: target.to_owned(),
                 hanging: self.hanging.clone(),
@@ -218,30 +261,47 @@ impl Memory {
         then(self);
         Outcome::Done(Duration::from_micros(100))
     }
+
+    pub fn is_mounted(&self, target: &str) -> bool {
+        self.mounted.lock().unwrap().contains_key(target)
+    }
 }
 
 impl Mounts for Memory {
-    fn mounted(&self, target: &str) -> bool {
-        self.mounted.lock().unwrap().contains(target)
+    fn state(&self, id: &MountId) -> MountState {
+        match self.mounted.lock().unwrap().get(&id.target) {
+            None => MountState::Absent,
+            Some(m) if m == id => MountState::Ours,
+            Some(m) => MountState::Other(format!("{} {}", m.ty, m.source)),
+        }
     }
 
     fn mount(&self, ds: &Datastore, _: Duration) -> impl Future<Output = Outcome> + Send {
-        let t = ds.target.clone();
-        let o = self.op(format!("mount {t}"), &t, |m| {
-            m.mounted.lock().unwrap().insert(t.clone());
-        });
+        let id = MountId::of(ds);
+        let o = self.op(
+            format!("mount {}", id.target),
+            &id.target.clone(),
+            true,
+            |m| {
+                m.mounted.lock().unwrap().insert(id.target.clone(), id);
+            },
+        );
         std::future::ready(o)
     }
 
     fn unmount(
         &self,
         target: &str,
-        lazy: bool,
+        how: Unmount,
         _: Duration,
     ) -> impl Future<Output = Outcome> + Send {
         let t = target.to_owned();
-        let what = format!("umount{} {t}", if lazy { " -l" } else { "" });
-        let o = self.op(what, &t, |m| {
+        let what = match how {
+            Unmount::Plain => format!("umount {t}"),
+            Unmount::Lazy => format!("umount -l {t}"),
+            Unmount::ForcedLazy => format!("umount -lf {t}"),
+        };
+        let o = self.op(what, &t, how == Unmount::Plain, |m| {
             m.mounted.lock().unwrap().remove(&t);
         });
         std::future::ready(o)
@@ -253,7 +313,7 @@ impl Mounts for Memory {
         _: Option<u64>,
         _: Duration,
     ) -> impl Future<Output = Outcome> + Send {
-        let o = self.op(format!("probe {target}"), target, |_| {});
+        let o = self.op(format!("probe {target}"), target, true, |_| {});
         std::future::ready(o)
     }
 }

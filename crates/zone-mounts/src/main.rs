@@ -53,6 +53,8 @@ enum Op {
     Umount {
         #[arg(long)]
         lazy: bool,
+        #[arg(long)]
+        force: bool,
         target: PathBuf,
     },
     Probe {
@@ -70,7 +72,11 @@ fn helper(op: Op) -> ! {
             options,
             target,
         } => zone_mounts::child::mount(&ty, &source, &options, &target),
-        Op::Umount { lazy, target } => zone_mounts::child::unmount(&target, lazy),
+        Op::Umount {
+            lazy,
+            force,
+            target,
+        } => zone_mounts::child::unmount(&target, lazy, force),
         Op::Probe { write_as, target } => zone_mounts::child::probe(&target, write_as),
     };
     match r {

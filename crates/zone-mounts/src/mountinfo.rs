@@ -1,6 +1,8 @@
 //! This mount namespace's mounts, from `/proc/self/mountinfo`: reading it
 //! never waits on a storage server, so the supervisor may do it itself.
 
+use crate::effects::{MountId, MountState};
+
 /// One line of mountinfo, as far as zone-mounts cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountLine {
@@ -50,9 +52,31 @@ pub fn read() -> std::io::Result<Vec<MountLine>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
-/// Whether something is mounted on `target`.
-pub fn is_mounted(target: &str) -> bool {
-    read().is_ok_and(|m| m.iter().any(|l| l.target == target))
+/// What is mounted on `id.target` (the top-most mount there): the
+/// datastore itself when its type and source match (a bind mount's source
+/// is not in mountinfo: any bind is taken for it). Unreadable mountinfo
+/// counts as something else there: nothing is used or unmounted blind.
+pub fn state(id: &MountId) -> MountState {
+    match read() {
+        Ok(lines) => state_in(&lines, id),
+        Err(e) => MountState::Other(format!("/proc/self/mountinfo unreadable: {e}")),
+    }
+}
+
+pub fn state_in(lines: &[MountLine], id: &MountId) -> MountState {
+    let Some(l) = lines.iter().rev().find(|l| l.target == id.target) else {
+        return MountState::Absent;
+    };
+    let ours = match id.ty.as_str() {
+        "nfs" | "nfs4" => l.fstype.starts_with("nfs") && l.source == id.source,
+        "bind" => true,
+        ty => l.fstype == ty,
+    };
+    if ours {
+        MountState::Ours
+    } else {
+        MountState::Other(format!("{} {}", l.fstype, l.source))
+    }
 }
 
 #[cfg(test)]
@@ -68,5 +92,32 @@ mod tests {
         assert_eq!(m[1].target, "/var/lib/one/datastores/1");
         assert_eq!(m[1].fstype, "nfs4");
         assert_eq!(m[1].source, "10.0.0.5:/srv/ds");
+        let id = |ty: &str, source: &str| MountId {
+            target: "/var/lib/one/datastores/1".into(),
+            ty: ty.into(),
+            source: source.into(),
+        };
+        assert_eq!(
+            state_in(&m, &id("nfs4", "10.0.0.5:/srv/ds")),
+            MountState::Ours
+        );
+        assert_eq!(
+            state_in(&m, &id("nfs4", "10.0.0.6:/srv/ds")),
+            MountState::Other("nfs4 10.0.0.5:/srv/ds".into())
+        );
+        assert_eq!(
+            state_in(&m, &id("ext4", "/dev/vdb")),
+            MountState::Other("nfs4 10.0.0.5:/srv/ds".into())
+        );
+        assert_eq!(
+            state_in(
+                &m,
+                &MountId {
+                    target: "/elsewhere".into(),
+                    ..id("nfs4", "x")
+                }
+            ),
+            MountState::Absent
+        );
     }
 }

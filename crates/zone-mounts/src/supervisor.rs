@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use zone_datastores::healthy;
 use zone_proto::v1::{Datastore, DatastoreHealth, DatastoreState, StorageReport};
 
-use crate::effects::{Mounts, Outcome, Stuck};
+use crate::effects::{MountId, MountState, Mounts, Outcome, Stuck, Unmount};
 
 /// How long an unmount may take before it is done lazily instead.
 const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,7 +66,7 @@ impl Table {
         slot.health.error = error;
         // An exclusive datastore away from the lease holder is as it should
         // be: not unhealthy.
-        let fine = healthy(state) || (ds.exclusive && state == DatastoreState::Unmounted);
+        let fine = healthy(state);
         if fine {
             slot.unhealthy_since = None;
         } else if slot.unhealthy_since.is_none() {
@@ -130,6 +130,59 @@ impl Table {
     }
 }
 
+/// What this supervisor mounted (name → mount), kept in `owned.json`, and
+/// the names whose unmount is under way.
+#[derive(Debug, Clone)]
+struct Owned {
+    path: PathBuf,
+    mounts: Arc<Mutex<BTreeMap<String, MountId>>>,
+    pending: Arc<Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl Owned {
+    fn load(path: PathBuf) -> Owned {
+        let mounts = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Owned {
+            path,
+            mounts: Arc::new(Mutex::new(mounts)),
+            pending: Arc::default(),
+        }
+    }
+
+    fn set(&self, name: &str, id: Option<&MountId>) {
+        let mut m = self.mounts.lock().expect("owned poisoned");
+        let changed = match id {
+            Some(id) => m.insert(name.to_owned(), id.clone()).as_ref() != Some(id),
+            None => m.remove(name).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        let data = serde_json::to_vec_pretty(&*m).expect("a map of strings serialises");
+        drop(m);
+        if let Err(e) = zone_files::atomic::write(&self.path, &data, 0o600, None) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot record what is mounted; a datastore removed while zone-mounts is down may stay mounted");
+        }
+    }
+}
+
+/// One lock per target: a removed datastore's unmount and a new one's
+/// mount on the same target never overlap (an unmount spawned first takes
+/// it first: tasks start in order).
+type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+fn lock_for(locks: &Locks, target: &str) -> Arc<tokio::sync::Mutex<()>> {
+    locks
+        .lock()
+        .expect("locks poisoned")
+        .entry(target.to_owned())
+        .or_default()
+        .clone()
+}
+
 /// The supervisor of this server's datastores.
 #[derive(Debug)]
 pub struct Supervisor<M: Mounts> {
@@ -138,38 +191,26 @@ pub struct Supervisor<M: Mounts> {
     server: u64,
     pub table: Table,
     tasks: HashMap<String, (Datastore, tokio::task::JoinHandle<()>)>,
-    owned_path: PathBuf,
-    /// name → target of what this supervisor mounted.
-    owned: BTreeMap<String, String>,
+    owned: Owned,
+    locks: Locks,
 }
 
 impl<M: Mounts> Supervisor<M> {
     /// `state_dir` keeps `owned.json`.
     pub fn new(mounts: Arc<M>, server: u64, state_dir: PathBuf) -> Supervisor<M> {
-        let owned_path = state_dir.join("owned.json");
-        let owned = std::fs::read(&owned_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
         Supervisor {
             mounts,
             server,
             table: Table::default(),
             tasks: HashMap::new(),
-            owned_path,
-            owned,
-        }
-    }
-
-    fn save_owned(&self) {
-        let data = serde_json::to_vec_pretty(&self.owned).expect("a map of strings serialises");
-        if let Err(e) = zone_files::atomic::write(&self.owned_path, &data, 0o600, None) {
-            tracing::error!(path = %self.owned_path.display(), error = %e, "cannot record what is mounted; a datastore removed while zone-mounts is down may stay mounted");
+            owned: Owned::load(state_dir.join("owned.json")),
+            locks: Locks::default(),
         }
     }
 
     /// Brings the tasks to `declared`: starts one for each new declaration
-    /// (or a new revision of one), stops and unmounts what is gone.
+    /// (or a new revision of one), stops and unmounts what is gone, and
+    /// what an earlier run mounted that is no longer declared.
     pub fn reconcile(&mut self, declared: &[Datastore]) {
         let wanted: HashMap<&str, &Datastore> =
             declared.iter().map(|d| (d.name.as_str(), d)).collect();
@@ -185,83 +226,116 @@ impl<M: Mounts> Supervisor<M> {
             .collect();
         for name in gone {
             let (ds, task) = self.tasks.remove(&name).expect("listed");
+            // Stopping the task kills its helper in flight, if any.
             task.abort();
             let hung = self.table.state(&name) == Some(DatastoreState::Hung);
             self.table.forget(&name);
-            self.unmount(name, ds.target, hung);
+            self.unmount(name, MountId::of(&ds), hung);
         }
-        // Mounted by an earlier run, and no longer declared.
-        let stale: Vec<(String, String)> = self
+        let stale: Vec<(String, MountId)> = self
             .owned
+            .mounts
+            .lock()
+            .expect("owned poisoned")
             .iter()
-            .filter(|(name, target)| {
+            .filter(|(name, id)| {
                 !self.tasks.contains_key(name.as_str())
                     && wanted
                         .get(name.as_str())
-                        .is_none_or(|w| &w.target != *target)
+                        .is_none_or(|w| MountId::of(w) != **id)
             })
-            .map(|(n, t)| (n.clone(), t.clone()))
+            .map(|(n, id)| (n.clone(), id.clone()))
             .collect();
-        for (name, target) in stale {
-            self.unmount(name, target, false);
+        for (name, id) in stale {
+            if !self
+                .owned
+                .pending
+                .lock()
+                .expect("owned poisoned")
+                .contains(&name)
+            {
+                self.unmount(name, id, false);
+            }
         }
         for ds in declared {
             if self.tasks.contains_key(&ds.name) {
                 continue;
             }
             tracing::info!(datastore = %ds.name, r#type = %ds.r#type, source = %ds.source, target = %ds.target, "following");
-            if !ds.exclusive {
-                self.owned.insert(ds.name.clone(), ds.target.clone());
-            }
             let task = tokio::spawn(supervise(
                 self.mounts.clone(),
                 ds.clone(),
                 self.server,
                 self.table.clone(),
+                self.owned.clone(),
+                lock_for(&self.locks, &ds.target),
             ));
             self.tasks.insert(ds.name.clone(), (ds.clone(), task));
         }
-        self.save_owned();
     }
 
-    /// Unmounts `target` in the background: normally first unless `hung`,
-    /// then lazily.
-    fn unmount(&mut self, name: String, target: String, hung: bool) {
-        self.owned.remove(&name);
+    /// Unmounts datastore `name`'s mount in the background, under its
+    /// target's lock: normally first unless `hung`, then lazily (forced
+    /// when hung). Forgotten from `owned.json` once the mount is gone.
+    fn unmount(&mut self, name: String, id: MountId, hung: bool) {
         let m = self.mounts.clone();
         let table = self.table.clone();
-        table.unmounting(&target, true);
+        let owned = self.owned.clone();
+        let lock = lock_for(&self.locks, &id.target);
+        owned
+            .pending
+            .lock()
+            .expect("owned poisoned")
+            .insert(name.clone());
+        table.unmounting(&id.target, true);
         tokio::spawn(async move {
-            unmount(&*m, &name, &target, hung).await;
+            let guard = lock.lock().await;
+            unmount(&*m, &name, &id, hung).await;
             // Reported until this namespace's mounts no longer show it.
-            let still = m.mounted(&target);
+            let still = m.state(&id) == MountState::Ours;
+            drop(guard);
             if still {
-                tracing::error!(datastore = %name, %target, "still mounted after unmounting");
+                tracing::error!(datastore = %name, target = %id.target, "still mounted after unmounting");
+            } else if owned.mounts.lock().expect("owned poisoned").get(&name) == Some(&id) {
+                owned.set(&name, None);
             }
-            table.unmounting(&target, still);
+            owned.pending.lock().expect("owned poisoned").remove(&name);
+            table.unmounting(&id.target, still);
         });
     }
 }
 
-/// Unmounts `target` if mounted: normally first unless `hung`, then
-/// lazily.
-async fn unmount<M: Mounts>(m: &M, name: &str, target: &str, hung: bool) {
-    if !m.mounted(target) {
-        return;
+/// Unmounts datastore `name` if it is what is mounted on its target:
+/// normally first unless `hung`, then lazily (forced when hung: see
+/// [`Unmount::ForcedLazy`]). Something else mounted there is left alone.
+async fn unmount<M: Mounts>(m: &M, name: &str, id: &MountId, hung: bool) {
+    let target = id.target.as_str();
+    match m.state(id) {
+        MountState::Absent => return,
+        MountState::Other(what) => {
+            tracing::warn!(datastore = %name, %target, mounted = %what, "another file system is mounted there; left alone");
+            return;
+        }
+        MountState::Ours => {}
     }
-    tracing::info!(datastore = %name, %target, lazy = hung, "unmounting");
+    tracing::info!(datastore = %name, %target, hung, "unmounting");
     if !hung {
-        match m.unmount(target, false, UNMOUNT_TIMEOUT).await {
+        match m.unmount(target, Unmount::Plain, UNMOUNT_TIMEOUT).await {
             Outcome::Done(_) => return,
             Outcome::Failed(e) => {
-                tracing::warn!(datastore = %name, %target, error = %e, "unmount failed; detaching lazily")
+                tracing::warn!(datastore = %name, %target, error = %e, "unmount failed (in use?); detaching lazily")
             }
             Outcome::Hung(_) => {
                 tracing::warn!(datastore = %name, %target, "unmount hung; detaching lazily")
             }
         }
     }
-    match m.unmount(target, true, UNMOUNT_TIMEOUT).await {
+    let how = if hung {
+        Unmount::ForcedLazy
+    } else {
+        Unmount::Lazy
+    };
+    match m.unmount(target, how, UNMOUNT_TIMEOUT).await {
         Outcome::Done(_) => tracing::info!(datastore = %name, %target, "detached"),
         Outcome::Failed(e) => {
             tracing::error!(datastore = %name, %target, error = %e, "cannot unmount")
@@ -273,21 +347,19 @@ async fn unmount<M: Mounts>(m: &M, name: &str, target: &str, hung: bool) {
 }
 
 /// Mounts and probes one datastore, forever (the supervisor aborts it).
-async fn supervise<M: Mounts>(m: Arc<M>, ds: Datastore, server: u64, table: Table) {
+/// Each operation holds the target's lock.
+async fn supervise<M: Mounts>(
+    m: Arc<M>,
+    ds: Datastore,
+    server: u64,
+    table: Table,
+    owned: Owned,
+    lock: Arc<tokio::sync::Mutex<()>>,
+) {
     let interval = Duration::from_millis(ds.probe_interval_ms.max(1).into());
     let timeout = Duration::from_millis(ds.probe_timeout_ms.max(1).into());
+    let id = MountId::of(&ds);
     table.set(&ds, DatastoreState::Probing, None, String::new());
-    if ds.exclusive {
-        // Mounting on the lease holder only, after the fence delay, comes
-        // with fencing; until then an exclusive datastore is never mounted.
-        table.set(
-            &ds,
-            DatastoreState::Unmounted,
-            None,
-            "exclusive: mounted only on the lease holder after the fence delay, which this zone-mounts does not do yet".into(),
-        );
-        std::future::pending::<()>().await;
-    }
     let write_as = ds.write_probe.then_some(server);
     let mut stuck: Option<Box<dyn Stuck>> = None;
     loop {
@@ -300,33 +372,59 @@ async fn supervise<M: Mounts>(m: Arc<M>, ds: Datastore, server: u64, table: Tabl
             }
             stuck = None;
         }
-        if !m.mounted(&ds.target) {
-            let mount_timeout = timeout.max(MOUNT_TIMEOUT_FLOOR);
-            match m.mount(&ds, mount_timeout).await {
-                Outcome::Done(d) => {
-                    tracing::info!(datastore = %ds.name, target = %ds.target, took = ?d, "mounted");
-                }
-                Outcome::Failed(e) => {
-                    table.set(&ds, DatastoreState::Failed, None, e);
-                    tokio::time::sleep(interval).await;
-                    continue;
-                }
-                Outcome::Hung(s) => {
-                    stuck = Some(s);
-                    table.set(
-                        &ds,
-                        DatastoreState::Hung,
-                        None,
-                        format!(
-                            "the mount did not finish within {} ms",
-                            mount_timeout.as_millis()
-                        ),
-                    );
-                    continue;
+        let guard = lock.lock().await;
+        match m.state(&id) {
+            MountState::Ours => {
+                // Mounted by an earlier run (or exactly as declared): ours.
+                owned.set(&ds.name, Some(&id));
+            }
+            MountState::Other(what) => {
+                drop(guard);
+                table.set(
+                    &ds,
+                    DatastoreState::Failed,
+                    None,
+                    format!(
+                        "another file system is mounted on {} ({what}); zone-mounts neither uses nor unmounts it",
+                        ds.target
+                    ),
+                );
+                tokio::time::sleep(interval).await;
+                continue;
+            }
+            MountState::Absent => {
+                let mount_timeout = timeout.max(MOUNT_TIMEOUT_FLOOR);
+                match m.mount(&ds, mount_timeout).await {
+                    Outcome::Done(d) => {
+                        owned.set(&ds.name, Some(&id));
+                        tracing::info!(datastore = %ds.name, target = %ds.target, took = ?d, "mounted");
+                    }
+                    Outcome::Failed(e) => {
+                        drop(guard);
+                        table.set(&ds, DatastoreState::Failed, None, e);
+                        tokio::time::sleep(interval).await;
+                        continue;
+                    }
+                    Outcome::Hung(s) => {
+                        drop(guard);
+                        stuck = Some(s);
+                        table.set(
+                            &ds,
+                            DatastoreState::Hung,
+                            None,
+                            format!(
+                                "the mount did not finish within {} ms",
+                                mount_timeout.as_millis()
+                            ),
+                        );
+                        continue;
+                    }
                 }
             }
         }
-        match m.probe(&ds.target, write_as, timeout).await {
+        let outcome = m.probe(&ds.target, write_as, timeout).await;
+        drop(guard);
+        match outcome {
             Outcome::Done(d) => table.set(&ds, DatastoreState::Mounted, Some(d), String::new()),
             Outcome::Failed(e) => table.set(&ds, DatastoreState::Failed, None, e),
             Outcome::Hung(s) => {

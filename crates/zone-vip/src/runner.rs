@@ -504,7 +504,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                             continue;
                         }
                         exec.round_sent = s.round_sent_boottime_ns;
-                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation, storage_ready: s.storage_ready };
+                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation, storage_ready: !s.storage_not_ready };
                         let actions = machine.on_lease(view, boottime_ns());
                         apply(&mut exec, &mut machine, actions).await;
                         if machine.is_leader() {

@@ -506,6 +506,12 @@ pub fn render_table(v: &ZoneView) -> String {
                 st.age_ms / 1000
             ));
         }
+        for t in &st.unmounting {
+            out.push_str(&format!(
+                "server {}: {t} is still mounted (its datastore was removed)\n",
+                s.id
+            ));
+        }
         for d in st.datastores.iter().filter(|d| !d.healthy) {
             out.push_str(&format!(
                 "server {}: datastore {}{} {} for {}s{}\n",

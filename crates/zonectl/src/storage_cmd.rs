@@ -43,8 +43,11 @@ pub enum StorageCommand {
         /// ext4, xfs...; a directory for bind.
         #[arg(long)]
         source: String,
-        /// Where it is mounted, the same on every server (not under /etc,
-        /// /usr, /boot, /var/lib/zoned, nor inside another datastore).
+        /// Where it is mounted, the same on every server: not on or under
+        /// the system's trees (/etc, /usr, /boot, /run, /var/lib/zoned...),
+        /// not on a directory holding one of them or a file system of the
+        /// server's own (/var, /tmp), nor inside another datastore; the
+        /// appliance's root is read-only: use /var/... there.
         #[arg(long)]
         target: String,
         /// Mount options, comma-separated (e.g. `hard,timeo=600,vers=4.2`).
@@ -55,7 +58,7 @@ pub enum StorageCommand {
         #[arg(long)]
         required: bool,
         /// Mounted only on the lease holder (a block device that must never
-        /// be mounted twice).
+        /// be mounted twice). Refused until fencing is built.
         #[arg(long)]
         exclusive: bool,
         /// Time between probes (e.g. 2s, 500ms).

@@ -35,6 +35,11 @@ const DECLARATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// reports every couple of seconds whatever its probes' intervals.
 pub const STORAGE_REPORT_STALE: Duration = Duration::from_secs(10);
 
+/// When this process started, near enough (forced when the registry is
+/// made): the age of a storage report never received.
+pub static STARTED: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
 /// What each connected agent last acknowledged, and zone-mounts' last
 /// storage report.
 #[derive(Debug, Default)]
@@ -49,7 +54,10 @@ impl AgentRegistry {
     /// This server's datastores as zone-mounts last reported them.
     pub fn storage(&self) -> StorageHealth {
         match &*self.storage.lock().expect("storage poisoned") {
-            None => StorageHealth::default(),
+            None => StorageHealth {
+                age_ms: STARTED.elapsed().as_millis() as u64,
+                ..StorageHealth::default()
+            },
             Some((report, at)) => {
                 let age = at.elapsed();
                 StorageHealth {
@@ -141,7 +149,7 @@ impl AgentRegistry {
 
 fn state(server_id: u64, l: &Lease, storage_ready: bool) -> LeaseState {
     LeaseState {
-        storage_ready,
+        storage_not_ready: !storage_ready,
         server_id,
         held: l.held,
         term: l.term,
@@ -219,7 +227,19 @@ impl Agent for AgentService {
             };
             // Whether the required datastores are healthy here, asked
             // afresh for every state sent (every renewal).
-            let ready = || crate::api::handover::storage_ready(node.reader(), &registry.storage());
+            // The required datastores are read again only when the store
+            // moved on: states go out at every renewal.
+            let mut required: Option<(u64, Vec<zone_proto::v1::Datastore>)> = None;
+            let mut ready = || {
+                let rev = node.reader().revision().unwrap_or(0);
+                if required.as_ref().is_none_or(|(r, _)| *r != rev) {
+                    let list = crate::api::handover::required_datastores(node.reader())
+                        .unwrap_or_default();
+                    required = Some((rev, list));
+                }
+                let list = &required.as_ref().expect("just set").1;
+                crate::api::handover::storage_ready(list, &registry.storage())
+            };
             let first = state(server_id, &lease.borrow_and_update(), ready());
             if declared && tx.send(Ok(first)).await.is_ok() {
                 loop {

@@ -153,6 +153,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         other => other?,
     };
     let agents = Arc::new(AgentRegistry::default());
+    std::sync::LazyLock::force(&agent::STARTED);
     let zone = ServerContext::new(
         node.clone(),
         transport,

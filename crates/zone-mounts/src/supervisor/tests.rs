@@ -1,5 +1,5 @@
 use super::*;
-use crate::effects::Memory;
+use crate::effects::{Memory, MountId};
 
 fn ds(name: &str, target: &str) -> Datastore {
     Datastore {
@@ -43,7 +43,7 @@ async fn a_declared_datastore_is_mounted_probed_and_unmounted_when_removed() {
     sup.reconcile(&[ds("one", "/srv/one")]);
     settle().await;
     assert_eq!(state(&sup, "one"), Some(DatastoreState::Mounted));
-    assert!(m.mounted("/srv/one"));
+    assert!(m.is_mounted("/srv/one"));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
         count(&m, "probe /srv/one") >= 3,
@@ -56,15 +56,102 @@ async fn a_declared_datastore_is_mounted_probed_and_unmounted_when_removed() {
     assert!(owned.contains("/srv/one"), "{owned}");
     sup.reconcile(&[]);
     settle().await;
-    assert!(!m.mounted("/srv/one"));
+    assert!(!m.is_mounted("/srv/one"));
     assert_eq!(count(&m, "umount /srv/one"), 1);
     assert_eq!(state(&sup, "one"), None);
-    // A new supervisor (a restart) unmounts nothing it does not own.
-    m.mounted.lock().unwrap().insert("/srv/other".into());
-    let mut again = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
-    again.reconcile(&[]);
+    let owned = std::fs::read_to_string(dir.path().join("owned.json")).unwrap();
+    assert!(
+        !owned.contains("/srv/one"),
+        "forgotten once unmounted: {owned}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_unmounts_what_it_mounted_and_was_removed_meanwhile_and_nothing_else() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    sup.reconcile(&[ds("one", "/srv/one"), ds("two", "/srv/two")]);
     settle().await;
-    assert!(m.mounted("/srv/other"));
+    assert!(m.is_mounted("/srv/one") && m.is_mounted("/srv/two"));
+    // zone-mounts stops (its tasks with it); meanwhile `one` is removed,
+    // and someone mounts something of their own.
+    drop(sup);
+    settle().await;
+    let foreign = MountId {
+        target: "/srv/other".into(),
+        ty: "ext4".into(),
+        source: "/dev/vdz".into(),
+    };
+    m.mounted
+        .lock()
+        .unwrap()
+        .insert(foreign.target.clone(), foreign);
+    let mut again = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    again.reconcile(&[ds("two", "/srv/two")]);
+    settle().await;
+    assert!(
+        !m.is_mounted("/srv/one"),
+        "removed while down: unmounted on restart"
+    );
+    assert!(m.is_mounted("/srv/two"), "still declared: kept");
+    assert_eq!(count(&m, "mount /srv/two"), 1, "adopted, not mounted again");
+    assert!(m.is_mounted("/srv/other"), "not ours: untouched");
+    assert_eq!(state(&again, "two"), Some(DatastoreState::Mounted));
+}
+
+#[tokio::test(start_paused = true)]
+async fn something_else_mounted_on_the_target_is_neither_used_nor_unmounted() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let other = MountId {
+        target: "/srv/one".into(),
+        ty: "ext4".into(),
+        source: "/dev/vdz".into(),
+    };
+    m.mounted
+        .lock()
+        .unwrap()
+        .insert(other.target.clone(), other);
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    sup.reconcile(&[ds("one", "/srv/one")]);
+    settle().await;
+    assert_eq!(state(&sup, "one"), Some(DatastoreState::Failed));
+    let e = sup.table.report(0).datastores[0].error.clone();
+    assert!(
+        e.contains("another file system is mounted on /srv/one (ext4 /dev/vdz)"),
+        "{e}"
+    );
+    assert_eq!(count(&m, "probe /srv/one"), 0, "not probed: not ours");
+    sup.reconcile(&[]);
+    settle().await;
+    assert!(m.is_mounted("/srv/one"), "not ours: not unmounted");
+    assert!(!m
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.starts_with("umount")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_healthy_datastore_removed_is_detached_not_forced() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    sup.reconcile(&[ds("one", "/srv/one")]);
+    settle().await;
+    // In use: a plain unmount fails (EBUSY).
+    m.failing.lock().unwrap().insert("/srv/one".into());
+    sup.reconcile(&[]);
+    settle().await;
+    let log = m.log.lock().unwrap().clone();
+    assert!(log.contains(&"umount /srv/one".to_owned()), "{log:?}");
+    assert!(log.contains(&"umount -l /srv/one".to_owned()), "{log:?}");
+    assert!(
+        !log.iter().any(|l| l.starts_with("umount -lf")),
+        "forced: {log:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -107,8 +194,12 @@ async fn a_hung_datastore_is_reported_hung_probed_by_one_child_only_and_detached
     sup.reconcile(&[ds("two", "/srv/two")]);
     settle().await;
     assert_eq!(count(&m, "umount /srv/one"), 0);
-    assert_eq!(count(&m, "umount -l /srv/one"), 1);
-    assert!(!m.mounted("/srv/one"));
+    assert_eq!(
+        count(&m, "umount -lf /srv/one"),
+        1,
+        "hung: forced, then detached"
+    );
+    assert!(!m.is_mounted("/srv/one"));
     assert!(sup.table.report(0).unmounting.is_empty());
 }
 

@@ -48,13 +48,10 @@ fn unhealthy_required(st: Option<&StorageHealth>, required: &[Datastore]) -> Vec
         .collect()
 }
 
-/// Whether every required datastore is healthy in `st` (or none is
+/// Whether every `required` datastore is healthy in `st` (or none is
 /// required), as zone-vip asks before it starts leader-only units.
-pub(crate) fn storage_ready(reader: &crate::kv::Reader, st: &StorageHealth) -> bool {
-    match required_datastores(reader) {
-        Ok(required) => unhealthy_required(Some(st), &required).is_empty(),
-        Err(_) => false,
-    }
+pub(crate) fn storage_ready(required: &[Datastore], st: &StorageHealth) -> bool {
+    unhealthy_required(Some(st), required).is_empty()
 }
 
 /// The required datastores declared in the zone, as this server applied
@@ -125,12 +122,20 @@ impl ServerContext {
     }
 
     /// The required datastores unhealthy here for longer than their grace,
-    /// from this server's own zone-mounts report (none when it has not
-    /// reported lately: nothing is known).
+    /// from this server's own zone-mounts report. When zone-mounts has not
+    /// reported lately (dead, stuck), every required datastore counts as
+    /// unhealthy since its last report (or zoned's start): zone-vip will
+    /// not start the leader-only units here either, so staying would keep
+    /// the front-end down.
     fn storage_failing(&self, required: &[Datastore]) -> Vec<(String, Duration)> {
         let st = self.agents.storage();
         if !st.reported {
-            return Vec::new();
+            let silent = Duration::from_millis(st.age_ms);
+            return required
+                .iter()
+                .filter(|d| silent >= grace(d))
+                .map(|d| (format!("{} (zone-mounts silent)", d.name), silent))
+                .collect();
         }
         required
             .iter()
@@ -154,8 +159,11 @@ impl ServerContext {
 pub async fn run(zone: ServerContext) {
     // Logged once per streak of "no healthy voter".
     let mut stuck = false;
+    // After a handover that failed (the lease was revoked, the VIP and the
+    // units stopped, for nothing), the next try waits longer each time.
+    let mut backoff = Duration::ZERO;
     loop {
-        tokio::time::sleep(EVERY).await;
+        tokio::time::sleep(EVERY + backoff).await;
         if zone.node().view().role != StateRole::Leader {
             stuck = false;
             continue;
@@ -188,12 +196,18 @@ pub async fn run(zone: ServerContext) {
         let budget = zone.config().tick() * (zone.config().raft.election_ticks as u32 * 2)
             + Duration::from_secs(1);
         match zone.transfer(target, Instant::now() + budget, false).await {
-            Ok(r) => tracing::info!(
-                leader = r.leader_id,
-                term = r.term,
-                "leadership handed over for storage"
-            ),
-            Err(e) => tracing::warn!(reason = %e, "could not hand leadership over for storage"),
+            Ok(r) => {
+                backoff = Duration::ZERO;
+                tracing::info!(
+                    leader = r.leader_id,
+                    term = r.term,
+                    "leadership handed over for storage"
+                )
+            }
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_secs(2), Duration::from_secs(60));
+                tracing::warn!(reason = %e, retry_in = ?backoff, "could not hand leadership over for storage");
+            }
         }
     }
 }
