@@ -240,7 +240,13 @@ impl Agent for AgentService {
                 let list = &required.as_ref().expect("just set").1;
                 crate::api::handover::storage_ready(list, &registry.storage())
             };
-            let first = state(server_id, &lease.borrow_and_update(), ready());
+            // The lease is copied out first: a borrow of the watch holds
+            // its lock, and the Raft driver's thread waits on that lock to
+            // publish the next renewal; nothing slower than a copy may run
+            // under it (reading the store there let leases lapse under
+            // QEMU's emulation).
+            let l = *lease.borrow_and_update();
+            let first = state(server_id, &l, ready());
             if declared && tx.send(Ok(first)).await.is_ok() {
                 loop {
                     tokio::select! {
@@ -249,7 +255,8 @@ impl Agent for AgentService {
                                 let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
                                 break;
                             }
-                            let s = state(server_id, &lease.borrow_and_update(), ready());
+                            let l = *lease.borrow_and_update();
+                            let s = state(server_id, &l, ready());
                             if tx.send(Ok(s)).await.is_err() {
                                 break;
                             }
