@@ -48,6 +48,11 @@ pub struct AgentRegistry {
     acks: Mutex<HashMap<u64, LeaseAck>>,
     changed: Notify,
     storage: Mutex<Option<(StorageReport, std::time::Instant)>>,
+    /// Whether this server's required datastores are healthy, as
+    /// [`crate::api::handover::run`] last worked out (every second): the
+    /// lease stream only loads it, adding nothing between a lease's renewal
+    /// and its delivery to the agents.
+    storage_ready: std::sync::atomic::AtomicBool,
 }
 
 impl AgentRegistry {
@@ -68,6 +73,14 @@ impl AgentRegistry {
                 }
             }
         }
+    }
+
+    pub fn set_storage_ready(&self, ready: bool) {
+        self.storage_ready.store(ready, Ordering::Release);
+    }
+
+    fn storage_ready(&self) -> bool {
+        self.storage_ready.load(Ordering::Acquire)
     }
 
     fn report_storage(&self, report: StorageReport) {
@@ -196,7 +209,6 @@ impl Agent for AgentService {
         let registry = self.registry.clone();
         let mut lease: watch::Receiver<Lease> = self.node.watch_lease();
         let server_id = self.node.id();
-        let node = self.node.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             // No lease state before the agent declared its addresses: the
@@ -227,26 +239,14 @@ impl Agent for AgentService {
             };
             // Whether the required datastores are healthy here, asked
             // afresh for every state sent (every renewal).
-            // The required datastores are read again only when the store
-            // moved on: states go out at every renewal.
-            let mut required: Option<(u64, Vec<zone_proto::v1::Datastore>)> = None;
-            let mut ready = || {
-                let rev = node.reader().revision().unwrap_or(0);
-                if required.as_ref().is_none_or(|(r, _)| *r != rev) {
-                    let list = crate::api::handover::required_datastores(node.reader())
-                        .unwrap_or_default();
-                    required = Some((rev, list));
-                }
-                let list = &required.as_ref().expect("just set").1;
-                crate::api::handover::storage_ready(list, &registry.storage())
-            };
             // The lease is copied out first: a borrow of the watch holds
             // its lock, and the Raft driver's thread waits on that lock to
             // publish the next renewal; nothing slower than a copy may run
             // under it (reading the store there let leases lapse under
-            // QEMU's emulation).
+            // QEMU's emulation). Nor between a renewal and its delivery:
+            // the storage's readiness is worked out elsewhere, only loaded.
             let l = *lease.borrow_and_update();
-            let first = state(server_id, &l, ready());
+            let first = state(server_id, &l, registry.storage_ready());
             if declared && tx.send(Ok(first)).await.is_ok() {
                 loop {
                     tokio::select! {
@@ -256,7 +256,7 @@ impl Agent for AgentService {
                                 break;
                             }
                             let l = *lease.borrow_and_update();
-                            let s = state(server_id, &l, ready());
+                            let s = state(server_id, &l, registry.storage_ready());
                             if tx.send(Ok(s)).await.is_err() {
                                 break;
                             }

@@ -162,8 +162,18 @@ pub async fn run(zone: ServerContext) {
     // After a handover that failed (the lease was revoked, the VIP and the
     // units stopped, for nothing), the next try waits longer each time.
     let mut backoff = Duration::ZERO;
+    let mut next_try = Instant::now();
+    let mut first = true;
     loop {
-        tokio::time::sleep(EVERY + backoff).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(EVERY).await;
+        }
+        // On every server: whether zone-vip may start leader-only units
+        // here (the lease stream only loads this).
+        if let Ok(required) = zone.required_datastores() {
+            zone.agents
+                .set_storage_ready(storage_ready(&required, &zone.agents.storage()));
+        }
         if zone.node().view().role != StateRole::Leader {
             stuck = false;
             continue;
@@ -174,6 +184,10 @@ pub async fn run(zone: ServerContext) {
         let failing = zone.storage_failing(&required);
         if failing.is_empty() {
             stuck = false;
+            backoff = Duration::ZERO;
+            continue;
+        }
+        if Instant::now() < next_try {
             continue;
         }
         let what = failing
@@ -206,6 +220,7 @@ pub async fn run(zone: ServerContext) {
             }
             Err(e) => {
                 backoff = (backoff * 2).clamp(Duration::from_secs(2), Duration::from_secs(60));
+                next_try = Instant::now() + backoff;
                 tracing::warn!(reason = %e, retry_in = ?backoff, "could not hand leadership over for storage");
             }
         }
