@@ -15,10 +15,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use raft::StateRole;
-use zone_datastores::{healthy, DS_PREFIX};
-use zone_proto::v1::{Datastore, DatastoreState, RangeRequest, Role, StorageHealth};
+use zone_datastores::healthy;
+use zone_proto::v1::{Datastore, DatastoreState, Role, StorageHealth};
 
 use super::{ApiError, ServerContext};
 
@@ -57,20 +56,9 @@ pub(crate) fn storage_ready(required: &[Datastore], st: &StorageHealth) -> bool 
 /// The required datastores declared in the zone, as this server applied
 /// them.
 pub(crate) fn required_datastores(reader: &crate::kv::Reader) -> Result<Vec<Datastore>, ApiError> {
-    let (kvs, _, _) = reader.range(&RangeRequest {
-        prefix: DS_PREFIX.to_vec(),
-        limit: 0,
-        serializable: true,
-        keys_only: false,
-    })?;
-    Ok(kvs
-        .iter()
-        .filter_map(|kv| {
-            let mut d = Datastore::decode(kv.value.as_slice()).ok()?;
-            d.revision = kv.mod_revision;
-            d.required.then_some(d)
-        })
-        .collect())
+    let mut all = super::storage::declared(reader)?;
+    all.retain(|d| d.required);
+    Ok(all)
 }
 
 impl ServerContext {

@@ -41,6 +41,17 @@ fn decode(kv: &KeyValue) -> Result<Datastore, ApiError> {
     Ok(d)
 }
 
+/// Every declared datastore, as this server applied them.
+pub(crate) fn declared(reader: &crate::kv::Reader) -> Result<Vec<Datastore>, ApiError> {
+    let (kvs, _, _) = reader.range(&RangeRequest {
+        prefix: DS_PREFIX.to_vec(),
+        limit: 0,
+        serializable: true,
+        keys_only: false,
+    })?;
+    kvs.iter().map(decode).collect()
+}
+
 impl StorageService {
     pub fn new(zone: ServerContext) -> StorageService {
         StorageService { zone }
@@ -54,14 +65,7 @@ impl StorageService {
             key: GEN_KEY.to_vec(),
             serializable: true,
         })?;
-        let (kvs, _, _) = reader.range(&RangeRequest {
-            prefix: DS_PREFIX.to_vec(),
-            limit: 0,
-            serializable: true,
-            keys_only: false,
-        })?;
-        let all = kvs.iter().map(decode).collect::<Result<_, _>>()?;
-        Ok((all, gen.map_or(0, |g| g.mod_revision)))
+        Ok((declared(reader)?, gen.map_or(0, |g| g.mod_revision)))
     }
 
     /// Runs `op` and rewrites `gen` if nothing changed the declarations
