@@ -369,6 +369,16 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
             );
         }
     }
+    // No unit of ours was killed by systemd's watchdog on the way (zone-vip
+    // was, on every VM while booting, when its watchdog counted from the
+    // exec rather than from READY=1).
+    let killed = lab.console_lines("Failed with result 'watchdog'");
+    assert!(
+        killed.is_empty(),
+        "units killed by systemd's watchdog: {killed:?}"
+    );
+    let lapses = lab.console_lines("lease expired without renewal");
+    eprintln!("lease lapses seen by zone-vip: {}", lapses.len());
     Ok(())
 }
 

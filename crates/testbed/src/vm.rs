@@ -22,6 +22,14 @@ use anyhow::{bail, Context, Result};
 pub const NET: &str = "10.79.0";
 pub const HOST_ADDR: &str = "10.79.0.254";
 pub const VIP: &str = "10.79.0.100";
+/// The zone's Raft tick in every VM's identity. QEMU runs here without
+/// KVM (TCG: tens of times slower than the hardware), three guests on two
+/// host cores, and a guest often waits a few hundred milliseconds for a
+/// host core: with the appliance's default 50 ms tick (a 350 ms lease
+/// renewed every 100 ms) the leader's lease lapsed every few seconds and
+/// the VIP went with it (up to 22 lapses per VM in one test). An operator
+/// on such servers would raise `tick_ms` the same way.
+pub const TICK_MS: u64 = 100;
 /// Each VM's disk: the image's 2.5 GiB grown to this.
 pub const DISK_SIZE: &str = "4G";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -265,7 +273,7 @@ impl Lab {
             .map(|p| format!("\"{p}@{NET}.{p}\""))
             .collect();
         let mut s = format!(
-            "id = {id}\ninterface = \"eth0\"\naddress = \"{NET}.{id}/24\"\npeers = [{}]\nvip = [\"{VIP}/24\"]\n",
+            "id = {id}\ninterface = \"eth0\"\naddress = \"{NET}.{id}/24\"\npeers = [{}]\nvip = [\"{VIP}/24\"]\ntick_ms = {TICK_MS}\n",
             peers.join(", ")
         );
         if id > self.founders {
@@ -280,7 +288,7 @@ impl Lab {
             .map(|p| format!("{p}@{NET}.{p}"))
             .collect();
         let mut s = format!(
-            "zoned.id={id} zoned.interface=eth0 zoned.address={NET}.{id}/24 zoned.peers={} zoned.vip={VIP}/24",
+            "zoned.id={id} zoned.interface=eth0 zoned.address={NET}.{id}/24 zoned.peers={} zoned.vip={VIP}/24 zoned.tick_ms={TICK_MS}",
             peers.join(",")
         );
         if id > self.founders {
@@ -646,6 +654,29 @@ impl Lab {
     }
 
     /// A management client on the host side of the bridge.
+    /// The lines of every VM's serial consoles (each boot's) that contain
+    /// `needle`, as (VM id, line).
+    pub fn console_lines(&self, needle: &str) -> Vec<(u64, String)> {
+        let mut found = Vec::new();
+        for vm in &self.vms {
+            for boot in 1..=vm.boots.max(1) {
+                let path = if boot == 1 {
+                    vm.serial.clone()
+                } else {
+                    vm.serial.with_extension(format!("{boot}.log"))
+                };
+                let text = std::fs::read(&path).unwrap_or_default();
+                found.extend(
+                    String::from_utf8_lossy(&text)
+                        .lines()
+                        .filter(|l| l.contains(needle))
+                        .map(|l| (vm.id, l.to_owned())),
+                );
+            }
+        }
+        found
+    }
+
     pub fn client(&self) -> Client {
         Client {
             ns: self.ns.clone(),

@@ -343,6 +343,16 @@ impl Watchdog {
         }
     }
 
+    /// Tells systemd that start-up is over (its watchdog runs from now)
+    /// and feeds the watchdog once.
+    fn ready(&mut self) {
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Watchdog,
+        ]);
+        self.last = tokio::time::Instant::now();
+    }
+
     fn feed(&mut self) {
         if self.every.is_some_and(|e| self.last.elapsed() >= e) {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -437,6 +447,12 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
     };
     let stale = machine.startup();
     apply(&mut exec, &mut machine, stale).await;
+    // Ready (Type=notify): systemd's watchdog counts from here, not from
+    // the exec. Before this, at boot, the gate's `nft` loads the kernel's
+    // nf_tables modules and the first netlink calls wait on a busy system:
+    // counted from the exec, that took more than WatchdogSec= in the QEMU
+    // zone, and systemd killed every VM's zone-vip once while booting.
+    watchdog.ready();
     let mut backoff = Duration::from_millis(50);
     'outer: loop {
         watchdog.feed();
