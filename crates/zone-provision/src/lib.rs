@@ -55,7 +55,10 @@ pub enum Error {
 }
 
 const KNOWN: &str =
-    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots";
+    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots, tick_ms";
+
+/// The zone's Raft tick when the identity names none (zoned's default).
+pub const DEFAULT_TICK_MS: u64 = 50;
 
 /// An identity as one source gives it: any field may be missing.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
@@ -88,6 +91,12 @@ pub struct Identity {
     /// Directories whose files `zonectl config push` may manage, besides
     /// /etc/zoned/managed (such as /etc/one).
     pub managed_roots: Option<Vec<String>>,
+    /// The zone's Raft tick in milliseconds, the same on every server
+    /// (default 50): heartbeats every 2 ticks, elections after 10-15 ticks
+    /// of silence, a lease of 7 ticks. Raise it for servers that stall for
+    /// hundreds of milliseconds (emulated or heavily shared VMs, distant
+    /// sites): a lease that lapses moves the VIP.
+    pub tick_ms: Option<u64>,
 }
 
 impl Identity {
@@ -136,6 +145,13 @@ impl Identity {
                 "join_token" => id.join_token = Some(value.to_owned()),
                 "leader_units" => id.leader_units = Some(list()),
                 "managed_roots" => id.managed_roots = Some(list()),
+                "tick_ms" => {
+                    id.tick_ms = Some(value.parse().map_err(|_| Error::Parse {
+                        source_name: "kernel command line".into(),
+                        path: "zoned.tick_ms".into(),
+                        message: format!("`{value}` is not a number"),
+                    })?)
+                }
                 _ => {
                     return Err(Error::UnknownKey {
                         key: key.to_owned(),
@@ -162,6 +178,7 @@ impl Identity {
             join_token: over.join_token.or(self.join_token),
             leader_units: over.leader_units.or(self.leader_units),
             managed_roots: over.managed_roots.or(self.managed_roots),
+            tick_ms: over.tick_ms.or(self.tick_ms),
         }
     }
 
@@ -336,7 +353,15 @@ impl Identity {
                 managed_roots.push(r.clone());
             }
         }
+        let tick_ms = self.tick_ms.unwrap_or(DEFAULT_TICK_MS);
+        if !(MIN_TICK_MS..=MAX_TICK_MS).contains(&tick_ms) {
+            return Err(invalid(
+                "tick_ms",
+                format!("{tick_ms} is out of range: {MIN_TICK_MS} to {MAX_TICK_MS} milliseconds"),
+            ));
+        }
         Ok(Resolved {
+            tick_ms,
             managed_roots,
             id,
             name,
@@ -424,7 +449,13 @@ pub struct Resolved {
     pub leader_units: Vec<String>,
     /// Always starts with /etc/zoned/managed.
     pub managed_roots: Vec<String>,
+    pub tick_ms: u64,
 }
+
+/// The range of `tick_ms`: below 10 ms a loaded server misses heartbeats;
+/// above 1 s an election takes tens of seconds.
+pub const MIN_TICK_MS: u64 = 10;
+pub const MAX_TICK_MS: u64 = 1000;
 
 fn host_port(addr: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(addr, port).to_string()
@@ -435,8 +466,17 @@ struct NodeFile {
     node: NodeSection,
     files: FilesEntry,
     tls: TlsEntry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raft: Option<RaftEntry>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     voters: Vec<VoterEntry>,
+}
+
+/// The zone's timing, written only when the identity changes the tick.
+#[derive(Serialize)]
+struct RaftEntry {
+    tick_ms: u64,
+    lease_margin_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -502,6 +542,13 @@ pub fn render_node(r: &Resolved, tls: &std::path::Path, with_token: bool) -> Str
         tls: TlsEntry {
             dir: tls.display().to_string(),
         },
+        // The lease margin scales with the tick, as zoned's default (100 ms
+        // for 50): zoned requires at least a tick plus drift, and the lease
+        // stays 7 ticks long.
+        raft: (r.tick_ms != DEFAULT_TICK_MS).then_some(RaftEntry {
+            tick_ms: r.tick_ms,
+            lease_margin_ms: 2 * r.tick_ms,
+        }),
         voters: if r.join.is_some() {
             Vec::new()
         } else {
@@ -684,6 +731,31 @@ mod tests {
             parsed["files"]["managed_roots"],
             toml::Value::from(vec!["/etc/zoned/managed", "/etc/one"])
         );
+    }
+
+    #[test]
+    fn the_tick_sets_the_zones_timing_and_scales_the_lease_margin() {
+        let default = render_node(&three(1).resolve().unwrap(), TLS_DIR.as_ref(), false);
+        let parsed: toml::Value = toml::from_str(&default).unwrap();
+        assert!(parsed.get("raft").is_none(), "{default}");
+        let slow = three(1)
+            .merge(Identity::from_cmdline("zoned.tick_ms=100").unwrap())
+            .resolve()
+            .unwrap();
+        let node = render_node(&slow, TLS_DIR.as_ref(), false);
+        let parsed: toml::Value = toml::from_str(&node).unwrap();
+        assert_eq!(parsed["raft"]["tick_ms"].as_integer(), Some(100), "{node}");
+        assert_eq!(parsed["raft"]["lease_margin_ms"].as_integer(), Some(200));
+        for bad in ["zoned.tick_ms=5", "zoned.tick_ms=1001"] {
+            let e = three(1)
+                .merge(Identity::from_cmdline(bad).unwrap())
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`tick_ms`") && e.contains("out of range"), "{e}");
+        }
+        let e = Identity::from_cmdline("zoned.tick_ms=fast").unwrap_err();
+        assert!(e.to_string().contains("zoned.tick_ms"), "{e}");
     }
 
     #[test]
