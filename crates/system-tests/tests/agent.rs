@@ -14,17 +14,19 @@ use zone_vip::config::Config;
 use zone_vip::config::Vip;
 use zone_vip::effects::{Addresses, Memory};
 use zone_vip::runner::{self, Effects};
+use zone_vip::watchdog::MemoryWatchdog;
 use zonectl::v1::{PutRequest, TransferLeaderRequest};
 
 struct Agents {
     mem: Vec<Arc<Memory>>,
+    dogs: Vec<Arc<MemoryWatchdog>>,
     config: Config,
     stop: watch::Sender<bool>,
 }
 
-/// Announcements and units of most tests' agents.
-const USUAL: &str =
-    "[announce]\ncount = 2\ninterval_ms = 50\n[leader]\nunits = [\"leader-only.service\"]\n";
+/// Announcements and units of most tests' agents (fencing has its own
+/// test: here the units start with the VIP).
+const USUAL: &str = "[announce]\ncount = 2\ninterval_ms = 50\n[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_mode = \"off\"\n";
 
 fn start_agents(zone: &TestZone) -> Agents {
     start_agents_with(zone, USUAL, |m| m)
@@ -39,6 +41,7 @@ fn start_agents_with(
 ) -> Agents {
     let (stop, stop_rx) = watch::channel(false);
     let mut mem = Vec::new();
+    let mut dogs = Vec::new();
     let mut config = None;
     for s in &zone.servers {
         let text = format!(
@@ -47,18 +50,22 @@ fn start_agents_with(
         );
         let c = Config::parse(&text).unwrap();
         let m = Arc::new(Memory::default());
+        let dog = Arc::new(MemoryWatchdog::default());
         let effects = Effects {
             addresses: addresses(m.clone()),
             announcer: m.clone(),
             services: m.clone(),
             rtc: None,
+            watchdog: dog.clone(),
         };
+        dogs.push(dog);
         tokio::spawn(runner::run(c.clone(), effects, stop_rx.clone()));
         mem.push(m);
         config = Some(c);
     }
     Agents {
         mem,
+        dogs,
         config: config.unwrap(),
         stop,
     }
@@ -90,6 +97,19 @@ impl Agents {
         }
     }
 
+    /// Moves leadership from server `from` to server `to`; the agent that
+    /// holds the VIP next.
+    async fn transfer(&self, zone: &TestZone, from: usize, to: usize) -> usize {
+        zone.cluster(to)
+            .await
+            .transfer_leader(TransferLeaderRequest {
+                target: zone.servers[to].id,
+            })
+            .await
+            .unwrap();
+        self.wait_holder(zone, Some(from)).await
+    }
+
     async fn wait_holder(&self, zone: &TestZone, not: Option<usize>) -> usize {
         poll(
             Duration::from_secs(20),
@@ -105,6 +125,97 @@ impl Agents {
         )
         .await
     }
+}
+
+/// When `entry` was last logged (CLOCK_BOOTTIME ns).
+fn logged_at(m: &Memory, entry: &str) -> Option<u64> {
+    m.log
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(_, e)| e == entry)
+        .map(|(t, _)| *t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_units_start_after_the_fence_delay_and_a_unit_that_will_not_stop_keeps_the_watchdog_armed(
+) {
+    const UNIT: &str = "leader-only.service";
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let agents = start_agents_with(
+        &zone,
+        "[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_timeout_s = 1\ndelay_ms = 1500\n",
+        |m| m,
+    );
+    let vip = agents.config.vips[0].to_string();
+    let started = |i: usize| logged_at(&agents.mem[i], &format!("start {UNIT}"));
+    let first = agents.wait_holder(&zone, None).await;
+    poll(
+        Duration::from_secs(10),
+        "the unit on the first leader",
+        || async { started(first) },
+    )
+    .await;
+    let added = logged_at(&agents.mem[first], &format!("add {vip}")).unwrap();
+    let waited = started(first).unwrap() - added;
+    assert!(
+        waited >= 1_500_000_000,
+        "the unit started {waited} ns after the VIP, within the fence delay"
+    );
+    // Armed on taking the lease, and petted with its renewals.
+    let log = agents.dogs[first].log.lock().unwrap().clone();
+    assert_eq!(log.first().map(String::as_str), Some("arm 1"), "{log:?}");
+    assert!(log.iter().filter(|e| *e == "pet").count() > 3, "{log:?}");
+
+    // A transfer: the old leader stops its unit, then disarms; the new
+    // one starts the unit the fence delay after its VIP, after that stop.
+    let target = (first + 1) % 3;
+    let second = agents.transfer(&zone, first, target).await;
+    poll(
+        Duration::from_secs(10),
+        "the unit on the second leader",
+        || async { started(second) },
+    )
+    .await;
+    let stopped = logged_at(&agents.mem[first], &format!("stop {UNIT}")).unwrap();
+    assert!(started(second).unwrap() > stopped);
+    assert!(!agents.dogs[first].armed(), "the old leader disarmed");
+    assert_eq!(
+        agents.dogs[first]
+            .log
+            .lock()
+            .unwrap()
+            .last()
+            .map(String::as_str),
+        Some("disarm 1")
+    );
+    let added = logged_at(&agents.mem[second], &format!("add {vip}")).unwrap();
+    assert!(started(second).unwrap() - added >= 1_500_000_000);
+
+    // The unit will not stop on the second leader: after the next
+    // transfer its watchdog stays armed and is never petted again, so a
+    // real one resets that server.
+    agents.mem[second]
+        .refuse_stop
+        .lock()
+        .unwrap()
+        .insert(UNIT.to_owned());
+    agents.transfer(&zone, second, (second + 1) % 3).await;
+    poll(Duration::from_secs(10), "the failed stop", || async {
+        logged_at(&agents.mem[second], &format!("stop {UNIT} failed"))
+    })
+    .await;
+    let pets = |i: usize| agents.dogs[i].log.lock().unwrap().len();
+    let before = pets(second);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        agents.dogs[second].armed(),
+        "left armed after a failed stop"
+    );
+    assert_eq!(pets(second), before, "petted after losing the lease");
+    let _ = agents.stop.send(true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,14 +253,7 @@ async fn the_vip_follows_the_lease_with_no_two_holders() {
     // A graceful transfer: the lease is revoked and released before the
     // transfer starts.
     let target = (first + 1) % 3;
-    zone.cluster(target)
-        .await
-        .transfer_leader(TransferLeaderRequest {
-            target: zone.servers[target].id,
-        })
-        .await
-        .unwrap();
-    let second = agents.wait_holder(&zone, Some(first)).await;
+    let second = agents.transfer(&zone, first, target).await;
     assert_eq!(second, target);
     assert!(agents.mem[first]
         .entries()

@@ -875,7 +875,7 @@ fn start_vips(zone: &TestZone) -> Vips {
     let mut config = None;
     for s in &zone.servers {
         let text = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[leader]\nunits = [\"leader-only.service\"]\n",
+            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_mode = \"off\"\n",
             s.dir.join("agent.sock").display()
         );
         let c = zone_vip::config::Config::parse(&text).unwrap();
@@ -885,6 +885,7 @@ fn start_vips(zone: &TestZone) -> Vips {
             announcer: m.clone(),
             services: m.clone(),
             rtc: None,
+            watchdog: std::sync::Arc::new(zone_vip::watchdog::MemoryWatchdog::default()),
         };
         tokio::spawn(zone_vip::runner::run(c.clone(), effects, stop_rx.clone()));
         mem.push(m);

@@ -624,6 +624,101 @@ fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()>
     Ok(())
 }
 
+/// The guest-clock times at which VM `id` printed lines containing
+/// `needle` on its console.
+fn console_times(lab: &Lab, id: u64, needle: &str) -> Vec<f64> {
+    lab.console_lines(needle)
+        .iter()
+        .filter(|(vm, _)| *vm == id)
+        .filter_map(|(_, l)| Lab::console_time(l))
+        .collect()
+}
+
+#[test]
+fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_watchdog() -> Result<()>
+{
+    // A stand-in leader-only unit the image has: starting and stopping it
+    // changes nothing (it applies sysctl settings again). Each VM's
+    // watchdog is the kernel's softdog (the cloud kernel has no driver for
+    // QEMU's emulated ones); zone-vip's defaults: a 10 s timeout, a 12 s
+    // fence delay.
+    let mut lab = Lab::new("fence", 3)?;
+    lab.leader_units = vec!["systemd-sysctl.service".into()];
+    let t0 = Instant::now();
+    for id in 1..=3 {
+        lab.add_vm(id, Boot::DirectKernel)?;
+    }
+    for i in 0..3 {
+        lab.wait_ready(i, t0, BOOT_LIMIT)?;
+    }
+    let client = lab.client();
+    let first = wait_zone(&lab, Duration::from_secs(120))?["leader_id"]
+        .as_u64()
+        .context("leader id")?;
+    let started = |id| console_times(&lab, id, "starting leader-only units");
+    wait_for(Duration::from_secs(90), "the first leader's units", || {
+        (!started(first).is_empty()).then_some(())
+    })?;
+    // A transfer moves the lease: the old leader stops its unit, then
+    // disarms; the new one starts it only after the fence delay.
+    let target = first % 3 + 1;
+    let out = through_vip(&client, &["leader", "transfer", &target.to_string()])?;
+    assert!(
+        out.status.success(),
+        "leader transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = wait_new_leader(&client, first)?["leader_id"]
+        .as_u64()
+        .context("leader id")?;
+    wait_for(Duration::from_secs(90), "the second leader's units", || {
+        (!started(second).is_empty()).then_some(())
+    })?;
+    let disarmed = console_times(&lab, first, "watchdog disarmed");
+    assert!(
+        !disarmed.is_empty(),
+        "the old leader did not disarm its watchdog: {:?}",
+        lab.console_lines("watchdog")
+    );
+    // Every start of the units on every VM came at least the fence delay
+    // after that VM's last takeover of the lease (logged just before the
+    // VIP is added), under an armed watchdog.
+    for id in 1..=3 {
+        let added = console_times(&lab, id, "units wait for the fence delay");
+        let armed = console_times(&lab, id, "watchdog armed");
+        for t in started(id) {
+            let took = added
+                .iter()
+                .filter(|&&a| a <= t)
+                .fold(f64::MIN, |m, &a| m.max(a));
+            eprintln!(
+                "VM {id}: units started {:.2} s after taking the lease",
+                t - took
+            );
+            assert!(
+                t - took >= 12.0,
+                "VM {id} started its units {:.2} s after taking the lease, within the fence delay",
+                t - took
+            );
+            assert!(
+                armed.iter().any(|&a| a >= took && a <= t),
+                "VM {id} started its units with no watchdog armed: {:?}",
+                lab.console_lines("watchdog")
+            );
+        }
+    }
+    // Disarmed for real: a softdog left armed resets its VM 10 s after the
+    // last pet, and QEMU, run with -no-reboot, then exits.
+    std::thread::sleep(Duration::from_secs(15));
+    assert!(
+        lab.vms[first as usize - 1].running(),
+        "VM {first} was reset after losing the lease"
+    );
+    let killed = lab.console_lines("Failed with result 'watchdog'");
+    assert!(killed.is_empty(), "{killed:?}");
+    Ok(())
+}
+
 /// Waits until every one of the three VMs reports datastore `name` in one
 /// of `states`; how long it took.
 fn wait_storage(client: &Client, name: &str, states: &[&str], what: &str) -> Result<Duration> {

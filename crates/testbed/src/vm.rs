@@ -219,6 +219,8 @@ pub struct Lab {
     pub pki: crate::pki::TestPki,
     /// The founders' ids: every VM's identity lists them as peers.
     founders: u64,
+    /// Every VM's identity's `leader_units` (set before adding VMs).
+    pub leader_units: Vec<String>,
     keep: bool,
 }
 
@@ -252,6 +254,7 @@ impl Lab {
             vms: Vec::new(),
             pki,
             founders,
+            leader_units: Vec::new(),
             keep: false,
         };
         lab.ip(&["link", "set", "lo", "up"])?;
@@ -279,6 +282,14 @@ impl Lab {
         if id > self.founders {
             s.push_str(&format!("join = \"{NET}.1\"\n"));
         }
+        if !self.leader_units.is_empty() {
+            let units: Vec<String> = self
+                .leader_units
+                .iter()
+                .map(|u| format!("\"{u}\""))
+                .collect();
+            s.push_str(&format!("leader_units = [{}]\n", units.join(", ")));
+        }
         s
     }
 
@@ -293,6 +304,12 @@ impl Lab {
         );
         if id > self.founders {
             s.push_str(&format!(" zoned.join={NET}.1"));
+        }
+        if !self.leader_units.is_empty() {
+            s.push_str(&format!(
+                " zoned.leader_units={}",
+                self.leader_units.join(",")
+            ));
         }
         s
     }
@@ -675,6 +692,13 @@ impl Lab {
             }
         }
         found
+    }
+
+    /// The guest's clock (seconds since its boot) at which a console line
+    /// was printed: `[   80.617624] zone-vip[368]: ...`.
+    pub fn console_time(line: &str) -> Option<f64> {
+        let rest = line.strip_prefix('[')?;
+        rest[..rest.find(']')?].trim().parse().ok()
     }
 
     pub fn client(&self) -> Client {

@@ -55,7 +55,7 @@ pub enum Error {
 }
 
 const KNOWN: &str =
-    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots, tick_ms";
+    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots, tick_ms, watchdog (fence_hook: the file only)";
 
 /// The zone's Raft tick when the identity names none (zoned's default).
 pub const DEFAULT_TICK_MS: u64 = 50;
@@ -97,6 +97,13 @@ pub struct Identity {
     /// hundreds of milliseconds (emulated or heavily shared VMs, distant
     /// sites): a lease that lapses moves the VIP.
     pub tick_ms: Option<u64>,
+    /// Whether the watchdog that fences the leader-only units must be
+    /// there: `required`, `automatic` (default) or `off` (zone-vip's
+    /// `fence.watchdog_mode`).
+    pub watchdog: Option<String>,
+    /// A command whose success tells that the old leader is off (IPMI,
+    /// Redfish): leader-only units need not wait out the fence delay.
+    pub fence_hook: Option<String>,
 }
 
 impl Identity {
@@ -145,6 +152,7 @@ impl Identity {
                 "join_token" => id.join_token = Some(value.to_owned()),
                 "leader_units" => id.leader_units = Some(list()),
                 "managed_roots" => id.managed_roots = Some(list()),
+                "watchdog" => id.watchdog = Some(value.to_owned()),
                 "tick_ms" => {
                     id.tick_ms = Some(value.parse().map_err(|_| Error::Parse {
                         source_name: "kernel command line".into(),
@@ -179,6 +187,8 @@ impl Identity {
             leader_units: over.leader_units.or(self.leader_units),
             managed_roots: over.managed_roots.or(self.managed_roots),
             tick_ms: over.tick_ms.or(self.tick_ms),
+            watchdog: over.watchdog.or(self.watchdog),
+            fence_hook: over.fence_hook.or(self.fence_hook),
         }
     }
 
@@ -360,7 +370,23 @@ impl Identity {
                 format!("{tick_ms} is out of range: {MIN_TICK_MS} to {MAX_TICK_MS} milliseconds"),
             ));
         }
+        let watchdog = self.watchdog.clone().unwrap_or_else(|| "automatic".into());
+        if !["required", "automatic", "off"].contains(&watchdog.as_str()) {
+            return Err(invalid(
+                "watchdog",
+                format!("`{watchdog}` is not one of required, automatic, off"),
+            ));
+        }
+        if self
+            .fence_hook
+            .as_deref()
+            .is_some_and(|h| h.trim().is_empty())
+        {
+            return Err(invalid("fence_hook", "is empty".into()));
+        }
         Ok(Resolved {
+            watchdog,
+            fence_hook: self.fence_hook.clone(),
             tick_ms,
             managed_roots,
             id,
@@ -450,6 +476,8 @@ pub struct Resolved {
     /// Always starts with /etc/zoned/managed.
     pub managed_roots: Vec<String>,
     pub tick_ms: u64,
+    pub watchdog: String,
+    pub fence_hook: Option<String>,
 }
 
 /// The range of `tick_ms`: below 10 ms a loaded server misses heartbeats;
@@ -509,6 +537,14 @@ struct VoterEntry {
 struct VipFile {
     vip: Vec<VipEntry>,
     leader: LeaderSection,
+    fence: FenceSection,
+}
+
+#[derive(Serialize)]
+struct FenceSection {
+    watchdog_mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hook: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -583,6 +619,10 @@ pub fn render_vip(r: &Resolved, interface: &str) -> Option<String> {
             .collect(),
         leader: LeaderSection {
             units: r.leader_units.clone(),
+        },
+        fence: FenceSection {
+            watchdog_mode: r.watchdog.clone(),
+            hook: r.fence_hook.clone(),
         },
     };
     Some(format!(
@@ -756,6 +796,30 @@ mod tests {
         }
         let e = Identity::from_cmdline("zoned.tick_ms=fast").unwrap_err();
         assert!(e.to_string().contains("zoned.tick_ms"), "{e}");
+    }
+
+    #[test]
+    fn the_watchdog_mode_and_the_fence_hook_reach_zone_vip() {
+        let vip = |r: &Resolved| -> toml::Value {
+            toml::from_str(&render_vip(r, "eth0").unwrap()).unwrap()
+        };
+        let v = vip(&three(1).resolve().unwrap());
+        assert_eq!(v["fence"]["watchdog_mode"].as_str(), Some("automatic"));
+        assert!(v["fence"].get("hook").is_none());
+        let mut id = three(1);
+        id.fence_hook = Some("ipmitool -H bmc-2 chassis power off".into());
+        id.watchdog = Some("required".into());
+        let v = vip(&id.resolve().unwrap());
+        assert_eq!(v["fence"]["watchdog_mode"].as_str(), Some("required"));
+        assert_eq!(
+            v["fence"]["hook"].as_str(),
+            Some("ipmitool -H bmc-2 chassis power off")
+        );
+        let e = three(1)
+            .merge(Identity::from_cmdline("zoned.watchdog=maybe").unwrap())
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("`watchdog`"), "{e}");
     }
 
     #[test]

@@ -44,6 +44,7 @@ struct FileConfig {
     lease: LeaseConfig,
     leader: Role,
     follower: Role,
+    fence: FenceFile,
 }
 
 impl Default for FileConfig {
@@ -55,9 +56,74 @@ impl Default for FileConfig {
             lease: LeaseConfig::default(),
             leader: Role::default(),
             follower: Role::default(),
+            fence: FenceFile::default(),
         }
     }
 }
+
+/// Whether the watchdog must be there (see [`Fence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchdogMode {
+    /// Leader-only units never start on a server whose watchdog cannot be
+    /// armed.
+    Required,
+    /// Used when it opens; without it the units still start after the
+    /// fence delay (logged loudly), fencing then resting on this agent
+    /// stopping them itself.
+    Automatic,
+    /// Never used.
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FenceFile {
+    watchdog: PathBuf,
+    watchdog_mode: WatchdogMode,
+    watchdog_timeout_s: u32,
+    delay_ms: Option<u64>,
+    hook: Option<String>,
+    hook_timeout_ms: u64,
+}
+
+impl Default for FenceFile {
+    fn default() -> Self {
+        FenceFile {
+            watchdog: PathBuf::from("/dev/watchdog"),
+            watchdog_mode: WatchdogMode::Automatic,
+            watchdog_timeout_s: 10,
+            delay_ms: None,
+            hook: None,
+            hook_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Self-fencing of the leader-only units (see the crate's `fence` module):
+/// the lease holder arms a watchdog and pets it only while its lease is
+/// valid; a new holder starts the units only after the fence delay, by
+/// which time the old holder has stopped its own or been reset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fence {
+    /// The watchdog device (`/dev/watchdog`).
+    pub watchdog: PathBuf,
+    pub watchdog_mode: WatchdogMode,
+    /// The watchdog resets the server this long after its last pet.
+    pub watchdog_timeout: Duration,
+    /// How long a new holder waits, from its first lease, before starting
+    /// leader-only units; at least the watchdog timeout.
+    pub delay: Duration,
+    /// A command (`sh -c`) that makes sure the old holder is off (IPMI,
+    /// Redfish): its success ends the wait early.
+    pub hook: Option<String>,
+    pub hook_timeout: Duration,
+}
+
+/// What the fence delay adds to the watchdog timeout by default: the old
+/// holder's timer and ours may run a little apart, and its reset takes a
+/// moment.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6):
 /// one burst at once when the VIP is added, then `count - 1` more.
@@ -121,6 +187,7 @@ pub struct Config {
     pub lease: LeaseConfig,
     pub leader: Role,
     pub follower: Role,
+    pub fence: Fence,
 }
 
 impl Config {
@@ -201,7 +268,47 @@ impl Config {
                 "units run only on the leader; list them under [leader]".into(),
             ));
         }
+        let f = &file.fence;
+        if f.watchdog_mode != WatchdogMode::Off && !(1..=600).contains(&f.watchdog_timeout_s) {
+            return Err((
+                "fence.watchdog_timeout_s".into(),
+                format!("{} is not between 1 and 600", f.watchdog_timeout_s),
+            ));
+        }
+        let watchdog_timeout = Duration::from_secs(f.watchdog_timeout_s.into());
+        let delay = match f.delay_ms {
+            None if f.watchdog_mode == WatchdogMode::Off => Duration::ZERO,
+            None => watchdog_timeout + FENCE_MARGIN,
+            Some(ms) => {
+                let d = Duration::from_millis(ms);
+                // Safety: the old holder may run its units until its
+                // watchdog fires, the timeout after its last pet (made
+                // before its lease ended, so before ours began).
+                if f.watchdog_mode != WatchdogMode::Off && d < watchdog_timeout {
+                    return Err((
+                        "fence.delay_ms".into(),
+                        format!(
+                            "{ms} is shorter than the watchdog's timeout ({} s): a new leader could start the units while the old one still runs them",
+                            f.watchdog_timeout_s
+                        ),
+                    ));
+                }
+                d
+            }
+        };
+        if f.hook.as_deref().is_some_and(|h| h.trim().is_empty()) {
+            return Err(("fence.hook".into(), "is empty".into()));
+        }
+        let fence = Fence {
+            watchdog: f.watchdog.clone(),
+            watchdog_mode: f.watchdog_mode,
+            watchdog_timeout,
+            delay,
+            hook: f.hook.clone(),
+            hook_timeout: Duration::from_millis(f.hook_timeout_ms),
+        };
         Ok(Config {
+            fence,
             socket: file.socket,
             vips,
             announce: file.announce,
@@ -238,6 +345,32 @@ mod tests {
         assert_eq!(c.announce.count, 5);
         assert_eq!(c.lease.settle_ms, 1000);
         assert_eq!(c.leader.units, vec!["opennebula.service".to_string()]);
+        assert_eq!(c.fence.watchdog_timeout, Duration::from_secs(10));
+        assert_eq!(c.fence.delay, Duration::from_secs(12));
+        assert_eq!(c.fence.watchdog_mode, WatchdogMode::Automatic);
+    }
+
+    #[test]
+    fn the_fence_delay_covers_the_watchdog() {
+        const VIP: &str = "[[vip]]\naddress = \"10.0.0.1/24\"\ninterface = \"eth0\"\n";
+        assert_eq!(
+            err(&format!("{VIP}[fence]\nwatchdog_timeout_s = 20\ndelay_ms = 15000\n")),
+            "fence.delay_ms: 15000 is shorter than the watchdog's timeout (20 s): a new leader could start the units while the old one still runs them"
+        );
+        assert_eq!(
+            err(&format!("{VIP}[fence]\nwatchdog_timeout_s = 0\n")),
+            "fence.watchdog_timeout_s: 0 is not between 1 and 600"
+        );
+        assert!(err(&format!("{VIP}[fence]\nwatchdog_mode = \"maybe\"\n"))
+            .starts_with("fence.watchdog_mode: unknown variant"));
+        let off = Config::parse(&format!("{VIP}[fence]\nwatchdog_mode = \"off\"\n")).unwrap();
+        assert_eq!(off.fence.delay, Duration::ZERO);
+        let hook = Config::parse(&format!(
+            "{VIP}[fence]\nwatchdog_timeout_s = 5\ndelay_ms = 5000\nhook = \"ipmitool power off\"\n"
+        ))
+        .unwrap();
+        assert_eq!(hook.fence.delay, Duration::from_secs(5));
+        assert_eq!(hook.fence.hook.as_deref(), Some("ipmitool power off"));
     }
 
     #[test]

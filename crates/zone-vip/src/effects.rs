@@ -51,6 +51,8 @@ pub struct Memory {
     pub log: Mutex<Vec<(u64, String)>>,
     /// Where [`Memory::ask`] sends questions, once the runner listens.
     questions: Mutex<Option<mpsc::Sender<Question>>>,
+    /// Units whose stop fails (stuck on a dead NFS server, say).
+    pub refuse_stop: Mutex<BTreeSet<String>>,
 }
 
 impl Memory {
@@ -153,6 +155,10 @@ impl Services for Memory {
     }
 
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
+        if self.refuse_stop.lock().expect("poisoned").contains(unit) {
+            self.note(format!("stop {unit} failed"));
+            return Err(format!("{unit} did not stop"));
+        }
         self.note(format!("stop {unit}"));
         Ok(())
     }

@@ -13,7 +13,8 @@
 //! - [`runner`]: the loop that follows zoned's lease;
 //! - [`netlink`], [`announce`]: the real address and ARP/NA side effects;
 //! - [`neighbours`]: ARP for the VIP answered by this agent, not the kernel;
-//! - [`rtc`]: the RTC against CLOCK_BOOTTIME, which tells of a VM pause.
+//! - [`rtc`]: the RTC against CLOCK_BOOTTIME, which tells of a VM pause;
+//! - [`watchdog`]: the watchdog that fences the leader-only units.
 
 pub mod announce;
 pub mod config;
@@ -23,3 +24,4 @@ pub mod neighbours;
 pub mod netlink;
 pub mod rtc;
 pub mod runner;
+pub mod watchdog;

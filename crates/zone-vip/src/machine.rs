@@ -12,6 +12,14 @@
 //! (`storage_ready`): a front-end service started before its data is there
 //! would fail, or write under the mount point.
 //!
+//! Fencing: they also wait for the fence delay after this server's first
+//! lease (or the fence hook's success), by which time the old holder has
+//! stopped its own units or been reset by its watchdog; this server arms
+//! its watchdog on taking the lease, pets it with each renewal, and
+//! disarms it only once its units have stopped after losing the lease
+//! (see [`crate::watchdog`] for the argument). Without leader-only units
+//! (or with `fence.watchdog_mode = "off"`) there is nothing to fence.
+//!
 //! Damping: after a lease ran out without renewal, a lease that comes back
 //! makes this agent leader again only once it has been renewed without a
 //! gap for `lease.settle_ms`, so that a lease which keeps lapsing (an
@@ -35,6 +43,23 @@ pub enum Action {
     StopAnnouncing,
     StopUnit(String),
     FollowerHook(String),
+    /// Arm the watchdog for leadership `epoch` (on taking the lease).
+    ArmWatchdog {
+        epoch: u64,
+    },
+    /// Pet it (with each renewal, only while the lease is valid).
+    PetWatchdog,
+    /// Disarm it once the units before this action have stopped, unless
+    /// leadership `epoch` is no longer the latest (0: at start).
+    DisarmWatchdog {
+        epoch: u64,
+    },
+    /// Run the fence hook for leadership `epoch`: its success ends the
+    /// fence delay early ([`Machine::on_fence_hook`]).
+    FenceHook {
+        command: String,
+        epoch: u64,
+    },
 }
 
 /// What the lease says, in this agent's terms.
@@ -56,6 +81,11 @@ enum Role {
     Leader {
         expires_ns: u64,
         units: bool,
+        /// The latest lease said the required datastores are healthy.
+        storage_ready: bool,
+        /// Until when the units wait for the old holder to be fenced
+        /// (CLOCK_BOOTTIME ns); 0 once fenced.
+        fence_until_ns: u64,
     },
 }
 
@@ -72,6 +102,9 @@ pub struct Machine {
     config: Config,
     role: Role,
     settling: Option<Settling>,
+    /// Counts the times this agent took the lease: the watchdog's arming
+    /// and disarming and the fence hook's answer carry it.
+    epoch: u64,
 }
 
 impl Machine {
@@ -80,6 +113,23 @@ impl Machine {
             config,
             role: Role::Follower,
             settling: None,
+            epoch: 0,
+        }
+    }
+
+    /// Whether there is anything to fence: leader-only units (or a leader
+    /// hook) and a watchdog mode other than off.
+    fn fencing(&self) -> bool {
+        let c = &self.config;
+        (!c.leader.units.is_empty() || c.leader.hook.is_some())
+            && c.fence.watchdog_mode != crate::config::WatchdogMode::Off
+    }
+
+    /// When the fence delay ends, while leading and waiting for it.
+    pub fn fence_due_ns(&self) -> Option<u64> {
+        match self.role {
+            Role::Leader { fence_until_ns, .. } if fence_until_ns > 0 => Some(fence_until_ns),
+            _ => None,
         }
     }
 
@@ -97,13 +147,30 @@ impl Machine {
 
     /// At start: whatever a previous run (or a crash) left on the
     /// interfaces goes, before anything else.
+    /// With fencing, the units a previous run may have left running are
+    /// stopped and its watchdog disarmed after them (still armed if it
+    /// died leading: the kernel keeps the timer running).
     pub fn startup(&self) -> Vec<Action> {
-        self.config
+        let mut a: Vec<Action> = self
+            .config
             .vips
             .iter()
             .cloned()
             .map(Action::RemoveVip)
-            .collect()
+            .collect();
+        if self.fencing() {
+            a.extend(
+                self.config
+                    .leader
+                    .units
+                    .iter()
+                    .rev()
+                    .cloned()
+                    .map(Action::StopUnit),
+            );
+            a.push(Action::DisarmWatchdog { epoch: 0 });
+        }
+        a
     }
 
     /// A lease state arrived at time `now_ns` (CLOCK_BOOTTIME).
@@ -118,34 +185,44 @@ impl Machine {
                 if !self.settled(lease.expires_ns, now_ns) {
                     return Vec::new();
                 }
+                self.epoch += 1;
+                let fence_until_ns = if self.fencing() && !self.config.fence.delay.is_zero() {
+                    now_ns + self.config.fence.delay.as_nanos() as u64
+                } else {
+                    0
+                };
                 self.role = Role::Leader {
                     expires_ns: lease.expires_ns,
-                    units: lease.storage_ready,
+                    units: false,
+                    storage_ready: lease.storage_ready,
+                    fence_until_ns,
                 };
+                if fence_until_ns > 0 {
+                    tracing::info!(delay = ?self.config.fence.delay, "leader-only units wait for the fence delay: the old leader stops its own or its watchdog resets it");
+                }
                 if !lease.storage_ready {
                     tracing::info!("leader-only units wait for this server's required datastores");
                 }
-                self.become_leader(lease.storage_ready)
+                let mut a = self.become_leader();
+                a.extend(self.start_units_if_ready());
+                a
             }
-            (Role::Leader { units, .. }, true) => {
-                let start = !units && lease.storage_ready;
-                self.role = Role::Leader {
-                    expires_ns: lease.expires_ns,
-                    units: units || lease.storage_ready,
-                };
-                let mut a: Vec<Action> = self
-                    .config
-                    .vips
-                    .iter()
-                    .cloned()
-                    .map(Action::RenewVip)
-                    .collect();
-                if start {
-                    tracing::info!(
-                        "the required datastores are healthy: starting leader-only units"
-                    );
-                    a.extend(self.leader_units());
+            (Role::Leader { .. }, true) => {
+                if let Role::Leader {
+                    expires_ns,
+                    storage_ready,
+                    ..
+                } = &mut self.role
+                {
+                    *expires_ns = lease.expires_ns;
+                    *storage_ready = lease.storage_ready;
                 }
+                let mut a = Vec::new();
+                if self.fencing() {
+                    a.push(Action::PetWatchdog);
+                }
+                a.extend(self.config.vips.iter().cloned().map(Action::RenewVip));
+                a.extend(self.start_units_if_ready());
                 a
             }
             (Role::Leader { .. }, false) => self.become_follower(),
@@ -156,6 +233,49 @@ impl Machine {
                 Vec::new()
             }
         }
+    }
+
+    /// The fence hook of leadership `epoch` succeeded: the old holder is
+    /// off, the units need not wait out the delay.
+    pub fn on_fence_hook(&mut self, epoch: u64) -> Vec<Action> {
+        if epoch != self.epoch || self.fence_due_ns().is_none() {
+            return Vec::new();
+        }
+        tracing::info!(
+            "the fence hook succeeded: leader-only units need not wait out the fence delay"
+        );
+        self.fenced()
+    }
+
+    /// The old holder is fenced: the units may start.
+    fn fenced(&mut self) -> Vec<Action> {
+        if let Role::Leader { fence_until_ns, .. } = &mut self.role {
+            *fence_until_ns = 0;
+        }
+        self.start_units_if_ready()
+    }
+
+    /// The leader-only units and the leader hook, once the required
+    /// datastores are healthy and the old holder is fenced.
+    fn start_units_if_ready(&mut self) -> Vec<Action> {
+        let Role::Leader {
+            units,
+            storage_ready,
+            fence_until_ns,
+            ..
+        } = &mut self.role
+        else {
+            return Vec::new();
+        };
+        if *units || !*storage_ready || *fence_until_ns > 0 {
+            return Vec::new();
+        }
+        *units = true;
+        let a = self.leader_units();
+        if !a.is_empty() {
+            tracing::info!("starting leader-only units");
+        }
+        a
     }
 
     /// Whether a valid lease (until `expires_ns`) may make this agent
@@ -180,7 +300,8 @@ impl Machine {
         true
     }
 
-    /// The clock reached `now_ns` with no new lease.
+    /// The clock reached `now_ns` with no new lease: the lease may have
+    /// run out, or the fence delay passed.
     pub fn on_tick(&mut self, now_ns: u64) -> Vec<Action> {
         match self.role {
             Role::Leader { expires_ns, .. } if now_ns >= expires_ns => {
@@ -192,6 +313,14 @@ impl Machine {
                     self.settling = Some(Settling { run: None });
                 }
                 self.become_follower()
+            }
+            Role::Leader { fence_until_ns, .. }
+                if fence_until_ns > 0 && now_ns >= fence_until_ns =>
+            {
+                tracing::info!(
+                    "fence delay over: the old leader has stopped its units or been reset"
+                );
+                self.fenced()
             }
             _ => Vec::new(),
         }
@@ -206,12 +335,22 @@ impl Machine {
         }
     }
 
-    fn become_leader(&self, units: bool) -> Vec<Action> {
+    /// The VIP at once; the watchdog armed before any unit can start, and
+    /// the fence hook started.
+    fn become_leader(&self) -> Vec<Action> {
         let c = &self.config;
         let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::AddVip).collect();
         a.extend(c.vips.iter().cloned().map(Action::Announce));
-        if units {
-            a.extend(self.leader_units());
+        if self.fencing() {
+            a.push(Action::ArmWatchdog { epoch: self.epoch });
+            if let Some(command) = &c.fence.hook {
+                if self.fence_due_ns().is_some() {
+                    a.push(Action::FenceHook {
+                        command: command.clone(),
+                        epoch: self.epoch,
+                    });
+                }
+            }
         }
         a
     }
@@ -235,6 +374,11 @@ impl Machine {
         let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::RemoveVip).collect();
         a.push(Action::StopAnnouncing);
         a.extend(c.leader.units.iter().rev().cloned().map(Action::StopUnit));
+        if self.fencing() {
+            // After the units: the watchdog stays armed (unpetted) until
+            // they have stopped, and resets this server if they do not.
+            a.push(Action::DisarmWatchdog { epoch: self.epoch });
+        }
         a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
         a
     }
@@ -244,13 +388,133 @@ impl Machine {
 mod tests {
     use super::*;
 
+    /// Units and hooks, no fencing (the tests of fencing add it).
     fn config() -> Config {
-        Config::parse(
+        with_fence("watchdog_mode = \"off\"\n")
+    }
+
+    fn with_fence(fence: &str) -> Config {
+        Config::parse(&format!(
             "[[vip]]\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\n\
              [leader]\nunits = [\"a.service\", \"b.service\"]\nhook = \"up\"\n\
-             [follower]\nhook = \"down\"\n",
-        )
+             [follower]\nhook = \"down\"\n[fence]\n{fence}"
+        ))
         .unwrap()
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    fn units() -> Vec<Action> {
+        vec![
+            Action::StartUnit("a.service".into()),
+            Action::StartUnit("b.service".into()),
+            Action::LeaderHook("up".into()),
+        ]
+    }
+
+    #[test]
+    fn units_wait_for_the_fence_delay_under_a_watchdog_armed_first_and_disarmed_after_them() {
+        // The default: a 10 s watchdog, a 12 s delay.
+        let mut m = Machine::new(with_fence(""));
+        assert_eq!(
+            m.startup(),
+            vec![
+                Action::RemoveVip(vip()),
+                Action::StopUnit("b.service".into()),
+                Action::StopUnit("a.service".into()),
+                Action::DisarmWatchdog { epoch: 0 },
+            ]
+        );
+        assert_eq!(
+            m.on_lease(lease(true, 100 * S), 10 * S),
+            vec![
+                Action::AddVip(vip()),
+                Action::Announce(vip()),
+                Action::ArmWatchdog { epoch: 1 },
+            ]
+        );
+        assert_eq!(m.fence_due_ns(), Some(22 * S));
+        assert_eq!(
+            m.on_lease(lease(true, 101 * S), 11 * S),
+            vec![Action::PetWatchdog, Action::RenewVip(vip())]
+        );
+        assert!(m.on_tick(22 * S - 1).is_empty());
+        assert_eq!(m.on_tick(22 * S), units());
+        assert_eq!(m.fence_due_ns(), None);
+        assert_eq!(
+            m.on_lease(lease(true, 102 * S), 23 * S),
+            vec![Action::PetWatchdog, Action::RenewVip(vip())]
+        );
+        assert_eq!(
+            m.on_lease(lease(false, 0), 24 * S),
+            vec![
+                Action::RemoveVip(vip()),
+                Action::StopAnnouncing,
+                Action::StopUnit("b.service".into()),
+                Action::StopUnit("a.service".into()),
+                Action::DisarmWatchdog { epoch: 1 },
+                Action::FollowerHook("down".into()),
+            ]
+        );
+        // The next leadership waits again, under a new epoch.
+        assert_eq!(
+            m.on_lease(lease(true, 200 * S), 30 * S)[2],
+            Action::ArmWatchdog { epoch: 2 }
+        );
+        assert_eq!(m.fence_due_ns(), Some(42 * S));
+    }
+
+    #[test]
+    fn the_fence_hook_ends_the_wait_for_its_own_leadership_only() {
+        let mut m = Machine::new(with_fence("hook = \"ipmitool power off\"\n"));
+        let hook = |epoch| Action::FenceHook {
+            command: "ipmitool power off".into(),
+            epoch,
+        };
+        assert_eq!(m.on_lease(lease(true, 100 * S), 10 * S)[3], hook(1));
+        assert!(m.on_fence_hook(0).is_empty());
+        assert_eq!(m.on_fence_hook(1), units());
+        assert!(m.on_fence_hook(1).is_empty(), "started once");
+        assert!(m.on_tick(22 * S).is_empty(), "the delay's end adds nothing");
+        m.on_stream_lost();
+        assert_eq!(m.on_lease(lease(true, 100 * S), 30 * S)[3], hook(2));
+        assert!(
+            m.on_fence_hook(1).is_empty(),
+            "an older leadership's answer"
+        );
+        assert_eq!(m.on_tick(42 * S), units());
+    }
+
+    #[test]
+    fn units_need_both_the_fence_and_the_storage() {
+        let mut m = Machine::new(with_fence("watchdog_timeout_s = 1\ndelay_ms = 1000\n"));
+        let not_ready = |expires_ns| LeaseView {
+            storage_ready: false,
+            ..lease(true, expires_ns)
+        };
+        m.on_lease(not_ready(100 * S), 10 * S);
+        assert!(m.on_tick(11 * S).is_empty(), "fenced, storage not ready");
+        assert_eq!(
+            m.on_lease(lease(true, 101 * S), 12 * S),
+            [vec![Action::PetWatchdog, Action::RenewVip(vip())], units()].concat()
+        );
+    }
+
+    #[test]
+    fn nothing_to_fence_without_leader_units() {
+        let c =
+            Config::parse("[[vip]]\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\n").unwrap();
+        let mut m = Machine::new(c);
+        assert_eq!(m.startup(), vec![Action::RemoveVip(vip())]);
+        assert_eq!(
+            m.on_lease(lease(true, 100 * S), 10 * S),
+            vec![Action::AddVip(vip()), Action::Announce(vip())]
+        );
+        assert_eq!(m.fence_due_ns(), None);
+        assert_eq!(
+            m.on_lease(lease(true, 101 * S), 11 * S),
+            vec![Action::RenewVip(vip())]
+        );
     }
 
     fn lease(held: bool, expires_ns: u64) -> LeaseView {

@@ -14,6 +14,7 @@ use zone_vip::neighbours::KernelGate;
 use zone_vip::netlink::Netlink;
 use zone_vip::rtc::Rtc;
 use zone_vip::runner::{self, Effects};
+use zone_vip::watchdog::Device;
 
 /// Keeps the zone's floating IP and leader-only services on this server
 /// exactly while it holds the leader lease of the local zoned.
@@ -93,6 +94,7 @@ fn main() -> ExitCode {
             announcer: Arc::new(RawAnnouncer),
             services: Arc::new(Systemd),
             rtc: Rtc::open(),
+            watchdog: Arc::new(Device::new(config.fence.watchdog.clone())),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

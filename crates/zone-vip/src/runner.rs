@@ -43,6 +43,7 @@ use crate::effects::{Addresses, Announcer, Services};
 use crate::machine::{Action, LeaseView, Machine};
 use crate::neighbours::Question;
 use crate::rtc::{Pause, Rtc};
+use crate::watchdog::Watchdog;
 
 pub use zone_proto::boottime_ns;
 use zone_proto::BootTimer;
@@ -55,6 +56,8 @@ pub struct Effects {
     pub services: Arc<dyn Services>,
     /// The RTC, to tell a VM pause (`None`: no such check).
     pub rtc: Option<Arc<Rtc>>,
+    /// The watchdog that fences the leader-only units.
+    pub watchdog: Arc<dyn Watchdog>,
 }
 
 impl std::fmt::Debug for Effects {
@@ -92,6 +95,9 @@ struct Executor {
     fresh: watch::Sender<u64>,
     /// When the round behind the lease state being applied was sent.
     round_sent: u64,
+    /// The watchdog is required and could not be armed for this
+    /// leadership: no leader-only unit or leader hook may start.
+    units_blocked: bool,
 }
 
 /// How long a repeated announcement waits for a lease round sent after it
@@ -221,12 +227,55 @@ impl Executor {
                         t.abort();
                     }
                 }
+                Action::ArmWatchdog { epoch } => {
+                    // Arming pets: only within the lease.
+                    if !lease_valid(&self.valid_until) {
+                        return false;
+                    }
+                    self.arm(epoch);
+                }
+                Action::PetWatchdog => {
+                    // Safety: the last pet comes before the lease ends
+                    // (see crate::watchdog).
+                    if !lease_valid(&self.valid_until) {
+                        return false;
+                    }
+                    if let Err(e) = self.effects.watchdog.pet() {
+                        tracing::warn!(error = %e, "cannot pet the watchdog");
+                    }
+                }
+                Action::StartUnit(ref u) if self.units_blocked => {
+                    tracing::error!(unit = %u, "not started: the watchdog is required (fence.watchdog_mode) and could not be armed");
+                }
+                Action::LeaderHook(_) if self.units_blocked => {
+                    tracing::error!("leader hook not run: the watchdog is required (fence.watchdog_mode) and could not be armed");
+                }
                 other => {
                     let _ = self.services.send(other);
                 }
             }
         }
         true
+    }
+
+    /// Arms the watchdog for leadership `epoch`; without it, blocks the
+    /// units if it is required.
+    fn arm(&mut self, epoch: u64) {
+        let fence = &self.config.fence;
+        self.units_blocked = false;
+        match self.effects.watchdog.arm(epoch, fence.watchdog_timeout) {
+            Ok(t) if t > fence.watchdog_timeout => {
+                tracing::error!(asked = ?fence.watchdog_timeout, set = ?t, "the watchdog's timeout is longer than asked (the hardware rounds it up): the fence delay may be too short; set fence.watchdog_timeout_s to what the hardware takes");
+            }
+            Ok(t) => tracing::info!(timeout = ?t, "watchdog armed"),
+            Err(e) if fence.watchdog_mode == crate::config::WatchdogMode::Required => {
+                tracing::error!(error = %e, "cannot arm the watchdog, which fence.watchdog_mode requires: leader-only units will not start on this server");
+                self.units_blocked = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot arm the watchdog: leader-only units still start after the fence delay, but should this server fail to stop them after losing the lease, nothing resets it");
+            }
+        }
     }
 
     /// Whether the clocks stood still since the round behind the lease
@@ -294,49 +343,88 @@ impl Executor {
     }
 }
 
-/// Runs units and hooks one after another, off the critical path.
+/// Runs units and hooks one after another, off the critical path; the
+/// watchdog is disarmed there too, after the units stopped before it. A
+/// fence hook's success is sent back on `fenced` with its epoch.
 fn start_service_worker(
     config: &Config,
     services: Arc<dyn Services>,
-) -> mpsc::UnboundedSender<Action> {
+    watchdog: Arc<dyn Watchdog>,
+    fenced: mpsc::UnboundedSender<u64>,
+) -> (mpsc::UnboundedSender<Action>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Action>();
     let leader_timeout = Duration::from_millis(config.leader.hook_timeout_ms.unwrap_or(30_000));
     let follower_timeout = Duration::from_millis(config.follower.hook_timeout_ms.unwrap_or(30_000));
-    tokio::spawn(async move {
+    let fence_timeout = config.fence.hook_timeout;
+    let worker = tokio::spawn(async move {
+        // A unit failed to stop since the last disarm: the watchdog must
+        // stay armed, and reset this server.
+        let mut stop_failed = false;
         while let Some(action) = rx.recv().await {
             let services = services.clone();
+            let watchdog = watchdog.clone();
+            let failed_before = stop_failed;
             let outcome = tokio::task::spawn_blocking(move || {
                 let r = match &action {
                     Action::StartUnit(u) => services.start_unit(u),
                     Action::StopUnit(u) => services.stop_unit(u),
                     Action::LeaderHook(h) => services.hook(h, "leader", leader_timeout),
                     Action::FollowerHook(h) => services.hook(h, "follower", follower_timeout),
+                    Action::FenceHook { command, .. } => services.hook(command, "fence", fence_timeout),
+                    Action::DisarmWatchdog { .. } if failed_before => Err(
+                        "a leader-only unit did not stop: the watchdog stays armed and will reset this server"
+                            .to_owned(),
+                    ),
+                    Action::DisarmWatchdog { epoch } => match watchdog.disarm(*epoch) {
+                        Ok(true) => {
+                            tracing::info!("leader-only units stopped: watchdog disarmed");
+                            Ok(())
+                        }
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(format!("cannot disarm the watchdog: {e}")),
+                    },
                     _ => Ok(()),
                 };
                 (action, r)
             })
             .await;
             match outcome {
+                Ok((Action::DisarmWatchdog { .. }, r)) => {
+                    stop_failed = false;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "watchdog left armed");
+                    }
+                }
+                Ok((Action::FenceHook { epoch, .. }, Ok(()))) => {
+                    let _ = fenced.send(epoch);
+                }
+                Ok((Action::FenceHook { .. }, Err(e))) => {
+                    tracing::warn!(error = %e, "the fence hook failed: leader-only units wait out the fence delay");
+                }
+                Ok((action @ Action::StopUnit(_), Err(e))) => {
+                    stop_failed = true;
+                    tracing::error!(?action, error = %e, "failed");
+                }
                 Ok((action, Ok(()))) => tracing::info!(?action, "done"),
                 Ok((action, Err(e))) => tracing::error!(?action, error = %e, "failed"),
                 Err(e) => tracing::error!(error = %e, "service worker task failed"),
             }
         }
     });
-    tx
+    (tx, worker)
 }
 
 /// Feeds systemd's watchdog (`WatchdogSec=`) from the lease loop itself,
 /// so that a loop stuck in a system call stops feeding it.
 #[derive(Debug)]
-struct Watchdog {
+struct SdWatchdog {
     every: Option<Duration>,
     last: tokio::time::Instant,
 }
 
-impl Watchdog {
-    fn new() -> Watchdog {
-        Watchdog {
+impl SdWatchdog {
+    fn new() -> SdWatchdog {
+        SdWatchdog {
             // Fed twice per period.
             every: sd_notify::watchdog_enabled().map(|p| p / 2),
             last: tokio::time::Instant::now(),
@@ -401,7 +489,13 @@ async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>)
 /// out, so the VIP never outlives the agent.
 pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<bool>) {
     let mut machine = Machine::new(config.clone());
-    let services = start_service_worker(&config, effects.services.clone());
+    let (fenced_tx, mut fenced) = mpsc::unbounded_channel();
+    let (services, worker) = start_service_worker(
+        &config,
+        effects.services.clone(),
+        effects.watchdog.clone(),
+        fenced_tx,
+    );
     let mut exec = Executor {
         config: config.clone(),
         effects,
@@ -410,6 +504,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         valid_until: Arc::new(AtomicU64::new(0)),
         fresh: watch::channel(0).0,
         round_sent: 0,
+        units_blocked: false,
     };
     let (questions_tx, questions) = mpsc::channel(256);
     match exec.effects.announcer.listen(&config.vips, questions_tx) {
@@ -432,7 +527,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
             "no RTC to read (/sys/class/rtc/rtc0): a VM pause is told only by the lease rounds"
         );
     }
-    let mut watchdog = Watchdog::new();
+    let mut watchdog = SdWatchdog::new();
     // Lease deadlines on CLOCK_BOOTTIME: one that passed while the host was
     // suspended ends the wait at once on resume.
     let timer = BootTimer::new();
@@ -507,6 +602,11 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         loop {
             watchdog.feed();
             let deadline = machine.deadline_ns();
+            // One timer: the lease's end or the fence delay's, the sooner.
+            let wake = match (deadline, machine.fence_due_ns()) {
+                (Some(d), Some(f)) => Some(d.min(f)),
+                (d, f) => d.or(f),
+            };
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(s)) => {
@@ -535,13 +635,23 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                         break;
                     }
                 },
-                _ = timer.sleep_until(deadline.unwrap_or(0)), if deadline.is_some() => {
-                    tracing::warn!("lease expired without renewal; stepping down");
-                    let down = machine.on_tick(boottime_ns());
-                    apply(&mut exec, &mut machine, down).await;
-                    // Tell zoned at once that the VIP is gone, so that its
-                    // fence has nothing to do.
-                    let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
+                _ = timer.sleep_until(wake.unwrap_or(0)), if wake.is_some() => {
+                    let now = boottime_ns();
+                    let expired = deadline.is_some_and(|d| now >= d);
+                    if expired {
+                        tracing::warn!("lease expired without renewal; stepping down");
+                    }
+                    let actions = machine.on_tick(now);
+                    apply(&mut exec, &mut machine, actions).await;
+                    if expired {
+                        // Tell zoned at once that the VIP is gone, so that
+                        // its fence has nothing to do.
+                        let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
+                    }
+                }
+                Some(epoch) = fenced.recv() => {
+                    let actions = machine.on_fence_hook(epoch);
+                    apply(&mut exec, &mut machine, actions).await;
                 }
                 pause = next_pause(&mut pauses) => {
                     if machine.is_leader() {
@@ -562,4 +672,11 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
     // Make sure the VIPs are gone even if we never held them this run.
     let all = machine.startup();
     apply(&mut exec, &mut machine, all).await;
+    // The units stop (and the watchdog is disarmed after them) before the
+    // process exits: left to the runtime's end, they would not run, and
+    // the watchdog, closed without being disarmed, would reset the server.
+    drop(exec);
+    if let Err(e) = worker.await {
+        tracing::error!(error = %e, "service worker task failed");
+    }
 }
