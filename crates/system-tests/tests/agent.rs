@@ -146,7 +146,7 @@ async fn leader_units_start_after_the_fence_delay_and_a_unit_that_will_not_stop_
     zone.wait_leader().await;
     let agents = start_agents_with(
         &zone,
-        "[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_timeout_s = 1\ndelay_ms = 1500\n",
+        "[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_timeout_s = 1\ndelay_ms = 2000\n",
         |m| m,
     );
     let vip = agents.config.vips[0].to_string();
@@ -161,7 +161,7 @@ async fn leader_units_start_after_the_fence_delay_and_a_unit_that_will_not_stop_
     let added = logged_at(&agents.mem[first], &format!("add {vip}")).unwrap();
     let waited = started(first).unwrap() - added;
     assert!(
-        waited >= 1_500_000_000,
+        waited >= 2_000_000_000,
         "the unit started {waited} ns after the VIP, within the fence delay"
     );
     // Armed on taking the lease, and petted with its renewals.
@@ -192,7 +192,7 @@ async fn leader_units_start_after_the_fence_delay_and_a_unit_that_will_not_stop_
         Some("disarm 1")
     );
     let added = logged_at(&agents.mem[second], &format!("add {vip}")).unwrap();
-    assert!(started(second).unwrap() - added >= 1_500_000_000);
+    assert!(started(second).unwrap() - added >= 2_000_000_000);
 
     // The unit will not stop on the second leader: after the next
     // transfer its watchdog stays armed and is never petted again, so a

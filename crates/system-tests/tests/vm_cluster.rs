@@ -43,6 +43,22 @@ fn start_zone_on(name: &str, vms: [(Boot, Cpu); 3]) -> Result<Lab> {
     Ok(lab)
 }
 
+/// Three VMs booted directly, every identity naming `leader_unit` (given
+/// as `text`) as the only leader-only unit.
+fn start_zone_with_unit(name: &str, leader_unit: &str, text: &str) -> Result<Lab> {
+    let mut lab = Lab::new(name, 3)?;
+    lab.units = vec![(leader_unit.to_owned(), text.to_owned())];
+    lab.leader_units = vec![leader_unit.to_owned()];
+    let t0 = Instant::now();
+    for id in 1..=3 {
+        lab.add_vm(id, Boot::DirectKernel)?;
+    }
+    for i in 0..3 {
+        lab.wait_ready(i, t0, BOOT_LIMIT)?;
+    }
+    Ok(lab)
+}
+
 /// The zone as seen through the VIP once it has three voters and a leader
 /// that all agree on.
 fn wait_zone(lab: &Lab, limit: Duration) -> Result<serde_json::Value> {
@@ -624,6 +640,25 @@ fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()>
     Ok(())
 }
 
+/// Once the zone formed and its leader started its leader-only units,
+/// moves leadership to the next server; the old leader's id.
+fn transfer_from_a_leader_running_its_units(lab: &Lab, client: &Client) -> Result<u64> {
+    let first = wait_zone(lab, Duration::from_secs(120))?["leader_id"]
+        .as_u64()
+        .context("leader id")?;
+    wait_for(Duration::from_secs(90), "the first leader's units", || {
+        (!console_times(lab, first, STARTED).is_empty()).then_some(())
+    })?;
+    let target = first % 3 + 1;
+    let out = through_vip(client, &["leader", "transfer", &target.to_string()])?;
+    assert!(
+        out.status.success(),
+        "leader transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(first)
+}
+
 /// The guest-clock times at which VM `id` printed lines containing
 /// `needle` on its console.
 fn console_times(lab: &Lab, id: u64, needle: &str) -> Vec<f64> {
@@ -640,7 +675,7 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
     // A stand-in leader-only unit the image has: starting and stopping it
     // changes nothing (it applies sysctl settings again). Each VM's
     // watchdog is the kernel's softdog (the cloud kernel has no driver for
-    // QEMU's emulated ones); zone-vip's defaults: a 10 s timeout, a 12 s
+    // QEMU's emulated ones); zone-vip's defaults: a 5 s timeout, a 12 s
     // fence delay.
     let mut lab = Lab::new("fence", 3)?;
     lab.leader_units = vec!["systemd-sysctl.service".into()];
@@ -652,29 +687,21 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
         lab.wait_ready(i, t0, BOOT_LIMIT)?;
     }
     let client = lab.client();
-    let first = wait_zone(&lab, Duration::from_secs(120))?["leader_id"]
-        .as_u64()
-        .context("leader id")?;
-    let started = |id| console_times(&lab, id, "starting leader-only units");
-    wait_for(Duration::from_secs(90), "the first leader's units", || {
-        (!started(first).is_empty()).then_some(())
-    })?;
+    let started = |id| console_times(&lab, id, STARTED);
     // A transfer moves the lease: the old leader stops its unit, then
     // disarms; the new one starts it only after the fence delay.
-    let target = first % 3 + 1;
-    let out = through_vip(&client, &["leader", "transfer", &target.to_string()])?;
-    assert!(
-        out.status.success(),
-        "leader transfer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let first = transfer_from_a_leader_running_its_units(&lab, &client)?;
     let second = wait_new_leader(&client, first)?["leader_id"]
         .as_u64()
         .context("leader id")?;
     wait_for(Duration::from_secs(90), "the second leader's units", || {
         (!started(second).is_empty()).then_some(())
     })?;
-    let disarmed = console_times(&lab, first, "watchdog disarmed");
+    let first_started = *started(first).last().context("first leader's start")?;
+    let disarmed: Vec<f64> = console_times(&lab, first, "watchdog disarmed")
+        .into_iter()
+        .filter(|&t| t > first_started)
+        .collect();
     assert!(
         !disarmed.is_empty(),
         "the old leader did not disarm its watchdog: {:?}",
@@ -689,8 +716,10 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
         for t in started(id) {
             let took = added
                 .iter()
-                .filter(|&&a| a <= t)
-                .fold(f64::MIN, |m, &a| m.max(a));
+                .copied()
+                .filter(|&a| a <= t)
+                .reduce(f64::max)
+                .with_context(|| format!("VM {id} started its units with no takeover logged"))?;
             eprintln!(
                 "VM {id}: units started {:.2} s after taking the lease",
                 t - took
@@ -707,7 +736,7 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
             );
         }
     }
-    // Disarmed for real: a softdog left armed resets its VM 10 s after the
+    // Disarmed for real: a softdog left armed resets its VM 5 s after the
     // last pet, and QEMU, run with -no-reboot, then exits.
     std::thread::sleep(Duration::from_secs(15));
     assert!(
@@ -716,6 +745,131 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
     );
     let killed = lab.console_lines("Failed with result 'watchdog'");
     assert!(killed.is_empty(), "{killed:?}");
+    Ok(())
+}
+
+/// What zone-vip logs when it starts the leader-only units.
+const STARTED: &str = "starting leader-only units";
+
+/// A leader-only unit whose stop never ends (stuck, as on a dead NFS
+/// server), given to the VMs with their identity.
+const STUCK_UNIT: &str = "[Unit]\nDescription=Zoned test: a leader-only unit that will not stop\n\
+[Service]\nExecStart=/bin/sleep infinity\nExecStop=/bin/sleep infinity\nTimeoutStopSec=infinity\n";
+
+#[test]
+fn a_leader_only_unit_that_will_not_stop_gets_its_vm_reset_by_the_watchdog() -> Result<()> {
+    let mut lab = start_zone_with_unit("fence_stuck", "zoned-test-stuck.service", STUCK_UNIT)?;
+    let client = lab.client();
+    let first = transfer_from_a_leader_running_its_units(&lab, &client)?;
+    let moved = Instant::now();
+    // The old leader cannot stop its unit, so it never disarms, and no
+    // longer pets (its lease is gone): its softdog resets it 5 s after the
+    // last pet, and QEMU, run with -no-reboot, exits.
+    let i = first as usize - 1;
+    wait_for(
+        Duration::from_secs(60),
+        "the old leader's VM to be reset",
+        || (!lab.vms[i].running()).then_some(()),
+    )?;
+    eprintln!(
+        "VM {first} reset {:.1} s after the transfer; its console: {:?}",
+        moved.elapsed().as_secs_f64(),
+        lab.console_lines("softdog")
+            .iter()
+            .chain(lab.console_lines("watchdog").iter())
+            .filter(|(vm, _)| *vm == first)
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        console_times(&lab, first, "watchdog disarmed")
+            .iter()
+            .all(|&t| console_times(&lab, first, STARTED).iter().all(|&s| t < s)),
+        "the old leader disarmed its watchdog with its unit still running"
+    );
+    // The zone goes on with the other two; the new leader runs the unit.
+    let second = wait_new_leader(&client, first)?["leader_id"]
+        .as_u64()
+        .context("leader id")?;
+    wait_for(Duration::from_secs(90), "the new leader's unit", || {
+        (!console_times(&lab, second, STARTED).is_empty()).then_some(())
+    })?;
+    Ok(())
+}
+
+/// A leader-only unit appending `<host name> <n>` to a log on the NFS
+/// datastore every 200 ms (`$$`: a literal `$` for systemd).
+const WRITER_UNIT: &str = "[Unit]\nDescription=Zoned test: a leader-only writer on shared storage\n\
+[Service]\nExecStart=/bin/sh -c 'n=0; while :; do n=$$((n+1)); echo \"$$(cat /proc/sys/kernel/hostname) $$n\" >> /var/lib/one/datastores/0/log; sleep 0.2; done'\n";
+
+#[test]
+fn a_leader_only_writer_on_nfs_moves_after_the_fence_delay_and_never_interleaves() -> Result<()> {
+    let mut lab = start_zone_with_unit("fence_writer", "zoned-test-writer.service", WRITER_UNIT)?;
+    let client = lab.client();
+    wait_zone(&lab, Duration::from_secs(120))?;
+    let nfs = testbed::nfs::Ganesha::start(&lab.ns, testbed::vm::HOST_ADDR, &lab.dir.join("nfs"))?;
+    client.add_nfs_datastore(
+        &vip(),
+        &nfs,
+        "shared",
+        "/var/lib/one/datastores/0",
+        &["--required"],
+    )?;
+    let log = nfs.export.join("log");
+    // The host names in the log, in order, and how many lines each run.
+    let runs = || -> Vec<(String, usize)> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let mut runs: Vec<(String, usize)> = Vec::new();
+        for host in text.lines().filter_map(|l| l.split(' ').next()) {
+            match runs.last_mut() {
+                Some((h, n)) if h == host => *n += 1,
+                _ => runs.push((host.to_owned(), 1)),
+            }
+        }
+        runs
+    };
+    let first = wait_for(Duration::from_secs(120), "the leader writing", || {
+        let r = runs();
+        (r.len() == 1 && r[0].1 >= 10).then(|| r[0].0.clone())
+    })?;
+    let id: u64 = first
+        .strip_prefix("zone-")
+        .and_then(|n| n.parse().ok())
+        .context("writer's host name")?;
+    // The writer's VM dies; the new leader starts the writer only after
+    // the fence delay.
+    lab.kill(id as usize - 1);
+    let killed = Instant::now();
+    let second = wait_for(Duration::from_secs(120), "the new leader writing", || {
+        let r = runs();
+        (r.len() >= 2 && r[1].1 >= 10).then(|| r[1].0.clone())
+    })?;
+    eprintln!(
+        "{second} writing {:.1} s after {first} was killed; runs in the log: {:?}",
+        killed.elapsed().as_secs_f64(),
+        runs()
+    );
+    assert_eq!(
+        runs().len(),
+        2,
+        "entries of two servers interleaved: {:?}",
+        runs()
+    );
+    assert!(killed.elapsed() >= Duration::from_secs(12));
+    let new: u64 = second
+        .strip_prefix("zone-")
+        .and_then(|n| n.parse().ok())
+        .context("writer's host name")?;
+    let took = console_times(&lab, new, "units wait for the fence delay");
+    let started = console_times(&lab, new, STARTED);
+    let (Some(&took), Some(&started)) = (took.last(), started.last()) else {
+        anyhow::bail!("VM {new} logged no takeover or no start of its units");
+    };
+    assert!(
+        started - took >= 12.0,
+        "VM {new} started the writer {:.1} s after its takeover",
+        started - took
+    );
     Ok(())
 }
 
@@ -750,37 +904,13 @@ fn an_nfs_datastore_is_mounted_everywhere_reported_hung_when_its_server_stops_an
     let client = lab.client();
     wait_zone(&lab, Duration::from_secs(120))?;
     let nfs = testbed::nfs::Ganesha::start(&lab.ns, testbed::vm::HOST_ADDR, &lab.dir.join("nfs"))?;
-    let add = [
-        "storage",
-        "add",
+    client.add_nfs_datastore(
+        &vip(),
+        &nfs,
         "images",
-        "--type",
-        "nfs4",
-        "--source",
-        &nfs.source(),
-        "--target",
         "/var/lib/one/datastores/100",
-        "--options",
-        "soft,timeo=20,retrans=2",
-        "--required",
-        "--probe-interval",
-        "1s",
-        "--probe-timeout",
-        "4s",
-    ];
-    // The same declaration again changes nothing: asked until answered
-    // (under TCG, three VMs loading the NFS modules at once may delay the
-    // zone's heartbeats past an election timeout).
-    wait_for(Duration::from_secs(90), "`storage add` answered", || {
-        let out = client.zonectl(&vip(), &add).ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "storage add: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        out.status.success().then_some(())
-    })?;
+        testbed::vm::NFS_BENCH_OPTIONS,
+    )?;
     let took = wait_storage(
         &client,
         "images",

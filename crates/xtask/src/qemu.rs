@@ -286,33 +286,13 @@ pub fn bench_storage(target: &Path, runs: usize, leader_runs: usize) -> Result<(
     let client = lab.client();
     let vip = format!("{VIP}:7400");
     let (interval_ms, timeout_ms) = (1000, 4000);
-    let source = nfs.source();
-    let add = [
-        "storage",
-        "add",
+    client.add_nfs_datastore(
+        &vip,
+        &nfs,
         "images",
-        "--type",
-        "nfs4",
-        "--source",
-        &source,
-        "--target",
         "/var/lib/one/datastores/100",
-        "--options",
-        "soft,timeo=20,retrans=2",
-        "--required",
-        "--probe-interval",
-        "1s",
-        "--probe-timeout",
-        "4s",
-    ];
-    wait_for(Duration::from_secs(120), "`storage add` answered", || {
-        client
-            .zonectl(&vip, &add)
-            .ok()?
-            .status
-            .success()
-            .then_some(())
-    })?;
+        testbed::vm::NFS_BENCH_OPTIONS,
+    )?;
     let limit = Duration::from_secs(120);
     let mounted = wait_storage(&lab, 3, "images", &["mounted"], limit)?;
     eprintln!(

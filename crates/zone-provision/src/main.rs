@@ -44,6 +44,20 @@ struct Args {
         default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/zoned/tls"
     )]
     fw_cfg_tls: PathBuf,
+    /// systemd units given with the identity on the EFI partition
+    /// (`leader_units` the image lacks), installed in --units-dir.
+    #[arg(long, default_value = "/boot/efi/zoned/units")]
+    units: PathBuf,
+    /// Where QEMU's `-fw_cfg name=opt/zoned/units/<unit>` entries appear
+    /// (they win over the EFI partition's, unit by unit).
+    #[arg(
+        long,
+        default_value = "/sys/firmware/qemu_fw_cfg/by_name/opt/zoned/units"
+    )]
+    fw_cfg_units: PathBuf,
+    /// Where the units given are installed (then systemd reloads).
+    #[arg(long, default_value = "/run/systemd/system")]
+    units_dir: PathBuf,
     /// The kernel command line, for zoned.KEY=VALUE words.
     #[arg(long, default_value = "/proc/cmdline")]
     cmdline: PathBuf,
@@ -243,8 +257,49 @@ fn run(args: &Args) -> Result<()> {
             println!("wrote {}", path.display());
         }
     }
+    install_units(args)?;
     if !args.dry_run && !args.keep_hostname {
         nix::unistd::sethostname(&r.name).context("setting the host name")?;
+    }
+    Ok(())
+}
+
+/// The units given with the identity, into --units-dir; systemd reloads
+/// when there are any (zone-vip, which starts them, runs after this).
+fn install_units(args: &Args) -> Result<()> {
+    let units = zone_provision::units::gather(&args.units, &args.fw_cfg_units)?;
+    if units.is_empty() {
+        return Ok(());
+    }
+    for u in &units {
+        let path = args.units_dir.join(&u.name);
+        if args.dry_run {
+            println!(
+                "---- {} (from {})\n{}",
+                path.display(),
+                u.source.display(),
+                u.text
+            );
+            continue;
+        }
+        zone_files::atomic::write(&path, u.text.as_bytes(), 0o644, None)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "installed unit {} from {}",
+            path.display(),
+            u.source.display()
+        );
+    }
+    if !args.dry_run {
+        let status = std::process::Command::new("systemctl")
+            .arg("daemon-reload")
+            .status()
+            .context("running systemctl daemon-reload")?;
+        if !status.success() {
+            anyhow::bail!(
+                "systemctl daemon-reload failed ({status}): the units given are not loaded"
+            );
+        }
     }
     Ok(())
 }
@@ -346,6 +401,9 @@ mod tests {
             tls_dir: d.path().join("var-lib-zoned-tls"),
             admin_dir: d.path().join("var-lib-zoned-admin"),
             fw_cfg_tls: fw_tls.clone(),
+            units: d.path().join("missing-units"),
+            fw_cfg_units: d.path().join("missing-fw-units"),
+            units_dir: d.path().join("units-out"),
             cmdline: cmdline.clone(),
             out: d.path().join("run"),
             network_dir: d.path().join("network"),
@@ -381,6 +439,9 @@ mod tests {
         // where to put them).
         let e = run(&Args {
             fw_cfg_tls: d.path().join("missing-fw-tls"),
+            units: d.path().join("missing-units"),
+            fw_cfg_units: d.path().join("missing-fw-units"),
+            units_dir: d.path().join("units-out"),
             ..args.clone()
         })
         .unwrap_err();
@@ -416,6 +477,9 @@ mod tests {
             tls_dir: d.path().join("var-lib-zoned-tls"),
             admin_dir: d.path().join("var-lib-zoned-admin"),
             fw_cfg_tls: d.path().join("missing-fw-tls"),
+            units: d.path().join("missing-units"),
+            fw_cfg_units: d.path().join("missing-fw-units"),
+            units_dir: d.path().join("units-out"),
             cmdline: d.path().join("missing-cmdline"),
             out: d.path().join("run"),
             network_dir: d.path().join("network"),

@@ -92,7 +92,7 @@ impl Default for FenceFile {
         FenceFile {
             watchdog: PathBuf::from("/dev/watchdog"),
             watchdog_mode: WatchdogMode::Automatic,
-            watchdog_timeout_s: 10,
+            watchdog_timeout_s: 5,
             delay_ms: None,
             hook: None,
             hook_timeout_ms: 30_000,
@@ -112,7 +112,7 @@ pub struct Fence {
     /// The watchdog resets the server this long after its last pet.
     pub watchdog_timeout: Duration,
     /// How long a new holder waits, from its first lease, before starting
-    /// leader-only units; at least the watchdog timeout.
+    /// leader-only units; at least twice the watchdog timeout.
     pub delay: Duration,
     /// A command (`sh -c`) that makes sure the old holder is off (IPMI,
     /// Redfish): its success ends the wait early.
@@ -120,9 +120,9 @@ pub struct Fence {
     pub hook_timeout: Duration,
 }
 
-/// What the fence delay adds to the watchdog timeout by default: the old
-/// holder's timer and ours may run a little apart, and its reset takes a
-/// moment.
+/// What the fence delay adds to twice the watchdog timeout by default: the
+/// old holder's timer and ours may run a little apart, and its reset takes
+/// a moment.
 pub const FENCE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6):
@@ -276,19 +276,23 @@ impl Config {
             ));
         }
         let watchdog_timeout = Duration::from_secs(f.watchdog_timeout_s.into());
+        // Safety: the old holder may run its units until its watchdog
+        // fires, the timeout after its last pet (made before its lease
+        // ended, so before ours began). One more timeout: should its
+        // zone-vip die (crash, or killed by systemd's watchdog) before
+        // then, the kernel pings the watchdog once as it closes the device
+        // without disarming it, and the reset comes a timeout after that.
+        let floor = 2 * watchdog_timeout;
         let delay = match f.delay_ms {
             None if f.watchdog_mode == WatchdogMode::Off => Duration::ZERO,
-            None => watchdog_timeout + FENCE_MARGIN,
+            None => floor + FENCE_MARGIN,
             Some(ms) => {
                 let d = Duration::from_millis(ms);
-                // Safety: the old holder may run its units until its
-                // watchdog fires, the timeout after its last pet (made
-                // before its lease ended, so before ours began).
-                if f.watchdog_mode != WatchdogMode::Off && d < watchdog_timeout {
+                if f.watchdog_mode != WatchdogMode::Off && d < floor {
                     return Err((
                         "fence.delay_ms".into(),
                         format!(
-                            "{ms} is shorter than the watchdog's timeout ({} s): a new leader could start the units while the old one still runs them",
+                            "{ms} is shorter than twice the watchdog's timeout ({} s): a new leader could start the units while the old one still runs them",
                             f.watchdog_timeout_s
                         ),
                     ));
@@ -345,7 +349,7 @@ mod tests {
         assert_eq!(c.announce.count, 5);
         assert_eq!(c.lease.settle_ms, 1000);
         assert_eq!(c.leader.units, vec!["opennebula.service".to_string()]);
-        assert_eq!(c.fence.watchdog_timeout, Duration::from_secs(10));
+        assert_eq!(c.fence.watchdog_timeout, Duration::from_secs(5));
         assert_eq!(c.fence.delay, Duration::from_secs(12));
         assert_eq!(c.fence.watchdog_mode, WatchdogMode::Automatic);
     }
@@ -354,8 +358,8 @@ mod tests {
     fn the_fence_delay_covers_the_watchdog() {
         const VIP: &str = "[[vip]]\naddress = \"10.0.0.1/24\"\ninterface = \"eth0\"\n";
         assert_eq!(
-            err(&format!("{VIP}[fence]\nwatchdog_timeout_s = 20\ndelay_ms = 15000\n")),
-            "fence.delay_ms: 15000 is shorter than the watchdog's timeout (20 s): a new leader could start the units while the old one still runs them"
+            err(&format!("{VIP}[fence]\nwatchdog_timeout_s = 10\ndelay_ms = 15000\n")),
+            "fence.delay_ms: 15000 is shorter than twice the watchdog's timeout (10 s): a new leader could start the units while the old one still runs them"
         );
         assert_eq!(
             err(&format!("{VIP}[fence]\nwatchdog_timeout_s = 0\n")),
@@ -366,10 +370,10 @@ mod tests {
         let off = Config::parse(&format!("{VIP}[fence]\nwatchdog_mode = \"off\"\n")).unwrap();
         assert_eq!(off.fence.delay, Duration::ZERO);
         let hook = Config::parse(&format!(
-            "{VIP}[fence]\nwatchdog_timeout_s = 5\ndelay_ms = 5000\nhook = \"ipmitool power off\"\n"
+            "{VIP}[fence]\nwatchdog_timeout_s = 5\ndelay_ms = 10000\nhook = \"ipmitool power off\"\n"
         ))
         .unwrap();
-        assert_eq!(hook.fence.delay, Duration::from_secs(5));
+        assert_eq!(hook.fence.delay, Duration::from_secs(10));
         assert_eq!(hook.fence.hook.as_deref(), Some("ipmitool power off"));
     }
 

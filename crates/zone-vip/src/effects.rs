@@ -41,6 +41,8 @@ pub trait Services: Send + Sync + 'static {
     fn start_unit(&self, unit: &str) -> Result<(), String>;
     fn stop_unit(&self, unit: &str) -> Result<(), String>;
     fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String>;
+    /// The fence hook against server `target` (`ZONE_FENCE_ID`).
+    fn fence(&self, command: &str, target: u64, timeout: Duration) -> Result<(), String>;
 }
 
 /// Everything in memory, with a log of what happened and when
@@ -167,6 +169,11 @@ impl Services for Memory {
         self.note(format!("hook {role} {command}"));
         Ok(())
     }
+
+    fn fence(&self, command: &str, target: u64, _timeout: Duration) -> Result<(), String> {
+        self.note(format!("fence {target} {command}"));
+        Ok(())
+    }
 }
 
 /// Units through `systemctl`, hooks through `sh -c` with `ZONE_ROLE` set.
@@ -178,13 +185,42 @@ impl Services for Systemd {
         zone_units::Systemctl::default().start_no_block(unit, Duration::from_secs(30))
     }
 
+    /// Stopped means no process left: a stop job can end with processes
+    /// the kernel will not kill (waiting on a dead NFS server), and the
+    /// watchdog must then stay armed.
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
-        zone_units::Systemctl::default().stop(unit, Duration::from_secs(90))
+        zone_units::Systemctl::default().stop(unit, Duration::from_secs(90))?;
+        let out = std::process::Command::new("systemctl")
+            .args(["show", "--value", "-p", "ControlGroup", unit])
+            .output()
+            .map_err(|e| format!("systemctl show {unit}: {e}"))?;
+        let group = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if group.is_empty() {
+            return Ok(());
+        }
+        let procs = std::path::Path::new("/sys/fs/cgroup")
+            .join(group.trim_start_matches('/'))
+            .join("cgroup.procs");
+        match std::fs::read_to_string(&procs) {
+            Ok(p) if !p.trim().is_empty() => Err(format!(
+                "{unit} stopped with processes left in {group}: {}",
+                p.split_whitespace().collect::<Vec<_>>().join(" ")
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String> {
         let mut c = std::process::Command::new("sh");
         c.args(["-c", command]).env("ZONE_ROLE", role);
+        zone_units::run_with_timeout(c, timeout)
+    }
+
+    fn fence(&self, command: &str, target: u64, timeout: Duration) -> Result<(), String> {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", command])
+            .env("ZONE_ROLE", "fence")
+            .env("ZONE_FENCE_ID", target.to_string());
         zone_units::run_with_timeout(c, timeout)
     }
 }

@@ -54,11 +54,13 @@ pub enum Action {
     DisarmWatchdog {
         epoch: u64,
     },
-    /// Run the fence hook for leadership `epoch`: its success ends the
-    /// fence delay early ([`Machine::on_fence_hook`]).
+    /// Run the fence hook against server `target` (the leader this server
+    /// last saw) for leadership `epoch`: its success ends the fence delay
+    /// early ([`Machine::on_fence_hook`]).
     FenceHook {
         command: String,
         epoch: u64,
+        target: u64,
     },
 }
 
@@ -71,6 +73,9 @@ pub struct LeaseView {
     pub generation: u64,
     /// This server's required datastores are mounted and healthy.
     pub storage_ready: bool,
+    /// The leader this server knows (0: none), and this server's id.
+    pub leader_id: u64,
+    pub server_id: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +110,9 @@ pub struct Machine {
     /// Counts the times this agent took the lease: the watchdog's arming
     /// and disarming and the fence hook's answer carry it.
     epoch: u64,
+    /// The last leader other than this server that the lease states named
+    /// (0: none yet): the one the fence hook powers off.
+    last_other_leader: u64,
 }
 
 impl Machine {
@@ -114,6 +122,7 @@ impl Machine {
             role: Role::Follower,
             settling: None,
             epoch: 0,
+            last_other_leader: 0,
         }
     }
 
@@ -176,6 +185,9 @@ impl Machine {
     /// A lease state arrived at time `now_ns` (CLOCK_BOOTTIME).
     pub fn on_lease(&mut self, lease: LeaseView, now_ns: u64) -> Vec<Action> {
         let valid = lease.held && lease.expires_ns > now_ns;
+        if lease.leader_id != 0 && lease.leader_id != lease.server_id {
+            self.last_other_leader = lease.leader_id;
+        }
         if !lease.held {
             // Another leader, or this one handing over: a new start.
             self.settling = None;
@@ -343,11 +355,14 @@ impl Machine {
         a.extend(c.vips.iter().cloned().map(Action::Announce));
         if self.fencing() {
             a.push(Action::ArmWatchdog { epoch: self.epoch });
+            // Not against an unknown server, nor against this one (taking
+            // the lease back after its own lapse: it stopped its units).
             if let Some(command) = &c.fence.hook {
-                if self.fence_due_ns().is_some() {
+                if self.fence_due_ns().is_some() && self.last_other_leader != 0 {
                     a.push(Action::FenceHook {
                         command: command.clone(),
                         epoch: self.epoch,
+                        target: self.last_other_leader,
                     });
                 }
             }
@@ -374,12 +389,14 @@ impl Machine {
         let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::RemoveVip).collect();
         a.push(Action::StopAnnouncing);
         a.extend(c.leader.units.iter().rev().cloned().map(Action::StopUnit));
+        a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
         if self.fencing() {
-            // After the units: the watchdog stays armed (unpetted) until
-            // they have stopped, and resets this server if they do not.
+            // After the units and the follower hook (which may be what
+            // undoes the leader hook's work): the watchdog stays armed
+            // (unpetted) until they are done, and resets this server if
+            // they take longer than its timeout or a unit fails to stop.
             a.push(Action::DisarmWatchdog { epoch: self.epoch });
         }
-        a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
         a
     }
 }
@@ -452,8 +469,8 @@ mod tests {
                 Action::StopAnnouncing,
                 Action::StopUnit("b.service".into()),
                 Action::StopUnit("a.service".into()),
-                Action::DisarmWatchdog { epoch: 1 },
                 Action::FollowerHook("down".into()),
+                Action::DisarmWatchdog { epoch: 1 },
             ]
         );
         // The next leadership waits again, under a new epoch.
@@ -467,19 +484,30 @@ mod tests {
     #[test]
     fn the_fence_hook_ends_the_wait_for_its_own_leadership_only() {
         let mut m = Machine::new(with_fence("hook = \"ipmitool power off\"\n"));
-        let hook = |epoch| Action::FenceHook {
+        let hook = |epoch, target| Action::FenceHook {
             command: "ipmitool power off".into(),
             epoch,
+            target,
         };
-        assert_eq!(m.on_lease(lease(true, 100 * S), 10 * S)[3], hook(1));
-        assert!(m.on_fence_hook(0).is_empty());
-        assert_eq!(m.on_fence_hook(1), units());
-        assert!(m.on_fence_hook(1).is_empty(), "started once");
+        // No other leader seen yet: no one to fence, the delay runs.
+        assert_eq!(m.on_lease(lease(true, 100 * S), S).len(), 3);
+        m.on_stream_lost();
+        // Server 2 led; then this server takes the lease.
+        m.on_lease(lease(false, 0), 5 * S);
+        assert_eq!(m.on_lease(lease(true, 100 * S), 10 * S)[3], hook(2, 2));
+        assert!(m.on_fence_hook(1).is_empty());
+        assert_eq!(m.on_fence_hook(2), units());
+        assert!(m.on_fence_hook(2).is_empty(), "started once");
         assert!(m.on_tick(22 * S).is_empty(), "the delay's end adds nothing");
         m.on_stream_lost();
-        assert_eq!(m.on_lease(lease(true, 100 * S), 30 * S)[3], hook(2));
+        let third = LeaseView {
+            leader_id: 3,
+            ..lease(false, 0)
+        };
+        m.on_lease(third, 25 * S);
+        assert_eq!(m.on_lease(lease(true, 100 * S), 30 * S)[3], hook(3, 3));
         assert!(
-            m.on_fence_hook(1).is_empty(),
+            m.on_fence_hook(2).is_empty(),
             "an older leadership's answer"
         );
         assert_eq!(m.on_tick(42 * S), units());
@@ -487,15 +515,15 @@ mod tests {
 
     #[test]
     fn units_need_both_the_fence_and_the_storage() {
-        let mut m = Machine::new(with_fence("watchdog_timeout_s = 1\ndelay_ms = 1000\n"));
+        let mut m = Machine::new(with_fence("watchdog_timeout_s = 1\ndelay_ms = 2000\n"));
         let not_ready = |expires_ns| LeaseView {
             storage_ready: false,
             ..lease(true, expires_ns)
         };
         m.on_lease(not_ready(100 * S), 10 * S);
-        assert!(m.on_tick(11 * S).is_empty(), "fenced, storage not ready");
+        assert!(m.on_tick(12 * S).is_empty(), "fenced, storage not ready");
         assert_eq!(
-            m.on_lease(lease(true, 101 * S), 12 * S),
+            m.on_lease(lease(true, 101 * S), 13 * S),
             [vec![Action::PetWatchdog, Action::RenewVip(vip())], units()].concat()
         );
     }
@@ -517,12 +545,15 @@ mod tests {
         );
     }
 
+    /// A lease state of server 1, led by server 1 when held, else by 2.
     fn lease(held: bool, expires_ns: u64) -> LeaseView {
         LeaseView {
             held,
             expires_ns,
             generation: 1,
             storage_ready: true,
+            leader_id: if held { 1 } else { 2 },
+            server_id: 1,
         }
     }
 

@@ -98,6 +98,8 @@ struct Executor {
     /// The watchdog is required and could not be armed for this
     /// leadership: no leader-only unit or leader hook may start.
     units_blocked: bool,
+    /// Where a fence hook's success is told, with its epoch.
+    fenced: mpsc::UnboundedSender<u64>,
 }
 
 /// How long a repeated announcement waits for a lease round sent after it
@@ -244,6 +246,28 @@ impl Executor {
                         tracing::warn!(error = %e, "cannot pet the watchdog");
                     }
                 }
+                Action::FenceHook {
+                    command,
+                    epoch,
+                    target,
+                } => {
+                    // On its own task: a BMC slow to answer must hold up
+                    // neither the units stopping nor the delay's end.
+                    let services = self.effects.services.clone();
+                    let fenced = self.fenced.clone();
+                    let timeout = self.config.fence.hook_timeout;
+                    tokio::task::spawn_blocking(move || {
+                        match services.fence(&command, target, timeout) {
+                            Ok(()) => {
+                                tracing::info!(target, "the fence hook succeeded");
+                                let _ = fenced.send(epoch);
+                            }
+                            Err(e) => {
+                                tracing::warn!(target, error = %e, "the fence hook failed: leader-only units wait out the fence delay");
+                            }
+                        }
+                    });
+                }
                 Action::StartUnit(ref u) if self.units_blocked => {
                     tracing::error!(unit = %u, "not started: the watchdog is required (fence.watchdog_mode) and could not be armed");
                 }
@@ -264,9 +288,6 @@ impl Executor {
         let fence = &self.config.fence;
         self.units_blocked = false;
         match self.effects.watchdog.arm(epoch, fence.watchdog_timeout) {
-            Ok(t) if t > fence.watchdog_timeout => {
-                tracing::error!(asked = ?fence.watchdog_timeout, set = ?t, "the watchdog's timeout is longer than asked (the hardware rounds it up): the fence delay may be too short; set fence.watchdog_timeout_s to what the hardware takes");
-            }
             Ok(t) => tracing::info!(timeout = ?t, "watchdog armed"),
             Err(e) if fence.watchdog_mode == crate::config::WatchdogMode::Required => {
                 tracing::error!(error = %e, "cannot arm the watchdog, which fence.watchdog_mode requires: leader-only units will not start on this server");
@@ -344,18 +365,15 @@ impl Executor {
 }
 
 /// Runs units and hooks one after another, off the critical path; the
-/// watchdog is disarmed there too, after the units stopped before it. A
-/// fence hook's success is sent back on `fenced` with its epoch.
+/// watchdog is disarmed there too, after the units stopped before it.
 fn start_service_worker(
     config: &Config,
     services: Arc<dyn Services>,
     watchdog: Arc<dyn Watchdog>,
-    fenced: mpsc::UnboundedSender<u64>,
 ) -> (mpsc::UnboundedSender<Action>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Action>();
     let leader_timeout = Duration::from_millis(config.leader.hook_timeout_ms.unwrap_or(30_000));
     let follower_timeout = Duration::from_millis(config.follower.hook_timeout_ms.unwrap_or(30_000));
-    let fence_timeout = config.fence.hook_timeout;
     let worker = tokio::spawn(async move {
         // A unit failed to stop since the last disarm: the watchdog must
         // stay armed, and reset this server.
@@ -370,7 +388,6 @@ fn start_service_worker(
                     Action::StopUnit(u) => services.stop_unit(u),
                     Action::LeaderHook(h) => services.hook(h, "leader", leader_timeout),
                     Action::FollowerHook(h) => services.hook(h, "follower", follower_timeout),
-                    Action::FenceHook { command, .. } => services.hook(command, "fence", fence_timeout),
                     Action::DisarmWatchdog { .. } if failed_before => Err(
                         "a leader-only unit did not stop: the watchdog stays armed and will reset this server"
                             .to_owned(),
@@ -395,19 +412,17 @@ fn start_service_worker(
                         tracing::error!(error = %e, "watchdog left armed");
                     }
                 }
-                Ok((Action::FenceHook { epoch, .. }, Ok(()))) => {
-                    let _ = fenced.send(epoch);
-                }
-                Ok((Action::FenceHook { .. }, Err(e))) => {
-                    tracing::warn!(error = %e, "the fence hook failed: leader-only units wait out the fence delay");
-                }
                 Ok((action @ Action::StopUnit(_), Err(e))) => {
                     stop_failed = true;
                     tracing::error!(?action, error = %e, "failed");
                 }
                 Ok((action, Ok(()))) => tracing::info!(?action, "done"),
                 Ok((action, Err(e))) => tracing::error!(?action, error = %e, "failed"),
-                Err(e) => tracing::error!(error = %e, "service worker task failed"),
+                Err(e) => {
+                    // Perhaps a stop: the watchdog stays armed.
+                    stop_failed = true;
+                    tracing::error!(error = %e, "service worker task failed");
+                }
             }
         }
     });
@@ -490,12 +505,8 @@ async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>)
 pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<bool>) {
     let mut machine = Machine::new(config.clone());
     let (fenced_tx, mut fenced) = mpsc::unbounded_channel();
-    let (services, worker) = start_service_worker(
-        &config,
-        effects.services.clone(),
-        effects.watchdog.clone(),
-        fenced_tx,
-    );
+    let (services, worker) =
+        start_service_worker(&config, effects.services.clone(), effects.watchdog.clone());
     let mut exec = Executor {
         config: config.clone(),
         effects,
@@ -505,6 +516,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         fresh: watch::channel(0).0,
         round_sent: 0,
         units_blocked: false,
+        fenced: fenced_tx,
     };
     let (questions_tx, questions) = mpsc::channel(256);
     match exec.effects.announcer.listen(&config.vips, questions_tx) {
@@ -620,7 +632,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                             continue;
                         }
                         exec.round_sent = s.round_sent_boottime_ns;
-                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation, storage_ready: !s.storage_not_ready };
+                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation, storage_ready: !s.storage_not_ready, leader_id: s.leader_id, server_id: s.server_id };
                         let actions = machine.on_lease(view, boottime_ns());
                         apply(&mut exec, &mut machine, actions).await;
                         if machine.is_leader() {
@@ -650,8 +662,11 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                     }
                 }
                 Some(epoch) = fenced.recv() => {
-                    let actions = machine.on_fence_hook(epoch);
-                    apply(&mut exec, &mut machine, actions).await;
+                    // Only within the lease (else the timer steps down).
+                    if machine.deadline_ns().is_some_and(|d| boottime_ns() < d) {
+                        let actions = machine.on_fence_hook(epoch);
+                        apply(&mut exec, &mut machine, actions).await;
+                    }
                 }
                 pause = next_pause(&mut pauses) => {
                     if machine.is_leader() {

@@ -22,15 +22,16 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 /// The lease holder's watchdog.
 pub trait Watchdog: Send + Sync + 'static {
     /// Arms the watchdog (opening it if needed) with `timeout`, for the
-    /// leadership `epoch`, and pets it. Returns the timeout in force (the
-    /// hardware may round it).
+    /// leadership `epoch`, and pets it. Returns the timeout in force; an
+    /// error (and nothing armed) when the watchdog cannot fence: it does
+    /// not support a magic close, or took a longer timeout than asked.
     fn arm(&self, epoch: u64, timeout: Duration) -> std::io::Result<Duration>;
     /// Pets it, if armed.
     fn pet(&self) -> std::io::Result<()>;
@@ -45,9 +46,36 @@ pub trait Watchdog: Send + Sync + 'static {
 mod ioctl {
     use std::os::fd::AsRawFd;
 
+    /// `struct watchdog_info`.
+    #[repr(C)]
+    #[derive(Default)]
+    pub struct Info {
+        pub options: u32,
+        pub firmware_version: u32,
+        pub identity: [u8; 32],
+    }
+
     // include/uapi/linux/watchdog.h
+    nix::ioctl_read!(wdioc_getsupport, b'W', 0, Info);
     nix::ioctl_read!(wdioc_keepalive, b'W', 5, nix::libc::c_int);
     nix::ioctl_readwrite!(wdioc_settimeout, b'W', 6, nix::libc::c_int);
+
+    pub const WDIOF_SETTIMEOUT: u32 = 0x0080;
+    pub const WDIOF_MAGICCLOSE: u32 = 0x0100;
+    pub const WDIOF_KEEPALIVEPING: u32 = 0x8000;
+
+    /// What the driver supports, and its name.
+    pub fn support(f: &std::fs::File) -> nix::Result<(u32, String)> {
+        let mut info = Info::default();
+        // SAFETY: `f` is open, so its fd is valid for the call; `info` is
+        // a struct watchdog_info the kernel fills (the ioctl's ABI).
+        unsafe { wdioc_getsupport(f.as_raw_fd(), &mut info) }?;
+        let end = info.identity.iter().position(|&b| b == 0).unwrap_or(32);
+        Ok((
+            info.options,
+            String::from_utf8_lossy(&info.identity[..end]).into_owned(),
+        ))
+    }
 
     /// Sets the timeout in seconds; returns the one the driver set.
     pub fn set_timeout(f: &std::fs::File, secs: nix::libc::c_int) -> nix::Result<nix::libc::c_int> {
@@ -92,6 +120,18 @@ impl Device {
         }
     }
 
+    /// Whether sysfs says the watchdog is not running (false when it
+    /// cannot tell). `/dev/watchdog` is the first one's other name.
+    fn inactive(&self) -> bool {
+        let name = match self.path.file_name().and_then(|n| n.to_str()) {
+            Some("watchdog") => "watchdog0",
+            Some(n) => n,
+            None => return false,
+        };
+        std::fs::read_to_string(Path::new("/sys/class/watchdog").join(name).join("state"))
+            .is_ok_and(|s| s.trim() == "inactive")
+    }
+
     fn open(&self) -> std::io::Result<File> {
         std::fs::OpenOptions::new()
             .write(true)
@@ -104,18 +144,54 @@ fn ioctl_error(call: &str, e: nix::Error) -> std::io::Error {
     std::io::Error::other(format!("{call}: {e}"))
 }
 
+/// Whether the watchdog open as `f` can fence, with `timeout` set.
+fn check(f: &File, timeout: Duration) -> Result<(), String> {
+    let (options, name) = ioctl::support(f).map_err(|e| format!("WDIOC_GETSUPPORT: {e}"))?;
+    for (flag, what) in [
+        (
+            ioctl::WDIOF_MAGICCLOSE,
+            "stops on any close (no magic close): a crash of zone-vip would disarm it",
+        ),
+        (ioctl::WDIOF_SETTIMEOUT, "cannot have its timeout set"),
+        (ioctl::WDIOF_KEEPALIVEPING, "cannot be petted"),
+    ] {
+        if options & flag == 0 {
+            return Err(format!("{name} {what}"));
+        }
+    }
+    let asked = nix::libc::c_int::try_from(timeout.as_secs()).unwrap_or(nix::libc::c_int::MAX);
+    let set = ioctl::set_timeout(f, asked).map_err(|e| format!("WDIOC_SETTIMEOUT: {e}"))?;
+    if set > asked {
+        return Err(format!(
+            "{name} took a {set} s timeout for the {asked} s asked: set fence.watchdog_timeout_s to one it takes"
+        ));
+    }
+    Ok(())
+}
+
 impl Watchdog for Device {
     fn arm(&self, epoch: u64, timeout: Duration) -> std::io::Result<Duration> {
         let mut st = self.state.lock().expect("watchdog poisoned");
         st.epoch = epoch;
         if st.file.is_none() {
-            st.file = Some(self.open()?);
+            let f = self.open()?;
+            // A watchdog that cannot fence is disarmed at once and
+            // refused: one that stops on any close (a crash would disarm
+            // it), or whose timeout cannot be set or is longer than asked
+            // (the fence delay rests on it).
+            if let Err(e) = check(&f, timeout) {
+                let mut f = f;
+                let _ = f.write_all(b"V");
+                return Err(std::io::Error::other(format!(
+                    "{}: {e}",
+                    self.path.display()
+                )));
+            }
+            st.file = Some(f);
         }
         let f = st.file.as_ref().expect("just opened");
-        let secs = nix::libc::c_int::try_from(timeout.as_secs()).unwrap_or(nix::libc::c_int::MAX);
-        let set = ioctl::set_timeout(f, secs).map_err(|e| ioctl_error("WDIOC_SETTIMEOUT", e))?;
         ioctl::keepalive(f).map_err(|e| ioctl_error("WDIOC_KEEPALIVE", e))?;
-        Ok(Duration::from_secs(set.max(0) as u64))
+        Ok(timeout)
     }
 
     fn pet(&self) -> std::io::Result<()> {
@@ -135,6 +211,9 @@ impl Watchdog for Device {
             Some(f) => f,
             // At start: a previous run may have died with it armed (the
             // kernel keeps the timer running after an unexpected close).
+            // Only then is it opened: opening starts it, and a driver
+            // built with nowayout would never stop it again.
+            None if epoch == 0 && self.inactive() => return Ok(false),
             None if epoch == 0 => match self.open() {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
