@@ -725,7 +725,7 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
                 t - took
             );
             assert!(
-                t - took >= 12.0,
+                t - took >= FENCE_DELAY_SEEN,
                 "VM {id} started its units {:.2} s after taking the lease, within the fence delay",
                 t - took
             );
@@ -747,6 +747,12 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
     assert!(killed.is_empty(), "{killed:?}");
     Ok(())
 }
+
+/// zone-vip's default fence delay (12 s) as two console lines can show
+/// it: the takeover's line is printed a moment after the instant the delay
+/// counts from, and may wait longer for the console than the start's
+/// (CI saw 11.998 s, printed as 12.00).
+const FENCE_DELAY_SEEN: f64 = 12.0 - 0.25;
 
 /// What zone-vip logs when it starts the leader-only units.
 const STARTED: &str = "starting leader-only units";
@@ -866,7 +872,7 @@ fn a_leader_only_writer_on_nfs_moves_after_the_fence_delay_and_never_interleaves
         anyhow::bail!("VM {new} logged no takeover or no start of its units");
     };
     assert!(
-        started - took >= 12.0,
+        started - took >= FENCE_DELAY_SEEN,
         "VM {new} started the writer {:.1} s after its takeover",
         started - took
     );
