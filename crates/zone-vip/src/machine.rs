@@ -216,6 +216,11 @@ impl Machine {
                     tracing::info!("leader-only units wait for this server's required datastores");
                 }
                 let mut a = self.become_leader();
+                // The fence hook's target was the leader before this
+                // takeover: once this server led, taking the lease back
+                // after its own lapse fences no one (it stopped its units
+                // itself), unless another leader is seen meanwhile.
+                self.last_other_leader = 0;
                 a.extend(self.start_units_if_ready());
                 a
             }
@@ -511,6 +516,13 @@ mod tests {
             "an older leadership's answer"
         );
         assert_eq!(m.on_tick(42 * S), units());
+        // Its own lease lapses and comes back (no other leader meanwhile):
+        // no one to fence, the delay runs.
+        assert!(!m.on_tick(100 * S).is_empty(), "the lapse steps down");
+        m.on_lease(lease(true, 200 * S), 101 * S);
+        let again = m.on_lease(lease(true, 200 * S), 103 * S);
+        assert_eq!(again.len(), 3, "no fence hook: {again:?}");
+        assert_eq!(m.fence_due_ns(), Some(115 * S));
     }
 
     #[test]
