@@ -134,14 +134,15 @@ impl Identity {
                     .map(str::to_owned)
                     .collect()
             };
+            let number = || -> Result<u64, Error> {
+                value.parse().map_err(|_| Error::Parse {
+                    source_name: "kernel command line".into(),
+                    path: format!("zoned.{key}"),
+                    message: format!("`{value}` is not a number"),
+                })
+            };
             match key {
-                "id" => {
-                    id.id = Some(value.parse().map_err(|_| Error::Parse {
-                        source_name: "kernel command line".into(),
-                        path: "zoned.id".into(),
-                        message: format!("`{value}` is not a number"),
-                    })?)
-                }
+                "id" => id.id = Some(number()?),
                 "name" => id.name = Some(value.to_owned()),
                 "interface" => id.interface = Some(value.to_owned()),
                 "address" => id.address = Some(value.to_owned()),
@@ -154,13 +155,7 @@ impl Identity {
                 "leader_units" => id.leader_units = Some(list()),
                 "managed_roots" => id.managed_roots = Some(list()),
                 "watchdog" => id.watchdog = Some(value.to_owned()),
-                "tick_ms" => {
-                    id.tick_ms = Some(value.parse().map_err(|_| Error::Parse {
-                        source_name: "kernel command line".into(),
-                        path: "zoned.tick_ms".into(),
-                        message: format!("`{value}` is not a number"),
-                    })?)
-                }
+                "tick_ms" => id.tick_ms = Some(number()?),
                 _ => {
                     return Err(Error::UnknownKey {
                         key: key.to_owned(),
