@@ -110,6 +110,11 @@ impl Agents {
         self.wait_holder(zone, Some(from)).await
     }
 
+    /// What agent `i` last did to its watchdog.
+    fn last_watchdog(&self, i: usize) -> Option<String> {
+        self.dogs[i].log.lock().unwrap().last().cloned()
+    }
+
     async fn wait_holder(&self, zone: &TestZone, not: Option<usize>) -> usize {
         poll(
             Duration::from_secs(20),
@@ -182,15 +187,7 @@ async fn leader_units_start_after_the_fence_delay_and_a_unit_that_will_not_stop_
     let stopped = logged_at(&agents.mem[first], &format!("stop {UNIT}")).unwrap();
     assert!(started(second).unwrap() > stopped);
     assert!(!agents.dogs[first].armed(), "the old leader disarmed");
-    assert_eq!(
-        agents.dogs[first]
-            .log
-            .lock()
-            .unwrap()
-            .last()
-            .map(String::as_str),
-        Some("disarm 1")
-    );
+    assert_eq!(agents.last_watchdog(first).as_deref(), Some("disarm 1"));
     let added = logged_at(&agents.mem[second], &format!("add {vip}")).unwrap();
     assert!(started(second).unwrap() - added >= 2_000_000_000);
 
@@ -215,6 +212,80 @@ async fn leader_units_start_after_the_fence_delay_and_a_unit_that_will_not_stop_
         "left armed after a failed stop"
     );
     assert_eq!(pets(second), before, "petted after losing the lease");
+    let _ = agents.stop.send(true);
+}
+
+/// Exclusive datastores, as zone-mounts lists their mount units: mounted
+/// on the lease holder alone, after the fence delay, before the units;
+/// stopped after them, before the watchdog is disarmed; a mount that fails
+/// keeps the units from starting in that leadership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_datastores_mount_on_the_holder_after_the_fence_and_before_its_units() {
+    const UNIT: &str = "leader-only.service";
+    const MOUNT: &str = "srv-db.mount";
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("exclusive-units");
+    std::fs::write(&list, format!("{MOUNT}\n")).unwrap();
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let agents = start_agents_with(
+        &zone,
+        &format!(
+            "[leader]\nunits = [\"{UNIT}\"]\n[fence]\nwatchdog_timeout_s = 1\ndelay_ms = 2000\n\
+             [storage]\nexclusive_units = \"{}\"\n",
+            list.display()
+        ),
+        |m| m,
+    );
+    let vip = agents.config.vips[0].to_string();
+    let at = |i: usize, e: &str| logged_at(&agents.mem[i], e);
+    let first = agents.wait_holder(&zone, None).await;
+    poll(
+        Duration::from_secs(10),
+        "the unit on the first leader",
+        || async { at(first, &format!("start {UNIT}")) },
+    )
+    .await;
+    let added = at(first, &format!("add {vip}")).unwrap();
+    let mounted = at(first, &format!("mount {MOUNT}")).expect("mounted");
+    assert!(
+        mounted - added >= 2_000_000_000,
+        "mounted within the fence delay"
+    );
+    assert!(mounted < at(first, &format!("start {UNIT}")).unwrap());
+    for i in (0..3).filter(|&i| i != first) {
+        assert_eq!(
+            at(i, &format!("mount {MOUNT}")),
+            None,
+            "mounted on follower {i}"
+        );
+    }
+    // The next holder's mount fails: its units do not start.
+    let target = (first + 1) % 3;
+    agents.mem[target]
+        .refuse_mount
+        .lock()
+        .unwrap()
+        .insert(MOUNT.to_owned());
+    let second = agents.transfer(&zone, first, target).await;
+    poll(Duration::from_secs(10), "the failed mount", || async {
+        at(second, &format!("mount {MOUNT} failed"))
+    })
+    .await;
+    // The old holder: its unit, then the mount, then the watchdog.
+    let (unit_stop, mount_stop) = (
+        at(first, &format!("stop {UNIT}")).unwrap(),
+        at(first, &format!("stop {MOUNT}")).unwrap(),
+    );
+    assert!(unit_stop < mount_stop);
+    assert!(mount_stop < at(second, &format!("mount {MOUNT} failed")).unwrap());
+    assert_eq!(agents.last_watchdog(first).as_deref(), Some("disarm 1"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        at(second, &format!("start {UNIT}")),
+        None,
+        "the unit started without its datastore"
+    );
     let _ = agents.stop.send(true);
 }
 

@@ -34,7 +34,9 @@ fn start_mounts(zone: &TestZone, i: usize) -> Child {
         .arg("--config")
         .arg(s.config_path())
         .arg("--state-dir")
-        .arg(s.dir.join("mounts"));
+        .arg(s.dir.join("mounts"))
+        .arg("--units-dir")
+        .arg(s.dir.join("units"));
     testbed::spawn_logged(cmd, &s.dir.join("zone-mounts.log"))
 }
 
@@ -621,7 +623,7 @@ fn start_mounts_over(zone: &TestZone, i: usize, disk: &FreezableDisk, at: &Path)
     let s = &zone.servers[i];
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" "$2" && exec "$3" --config "$4" --state-dir "$5""#)
+        .arg(r#"mount --bind "$1" "$2" && exec "$3" --config "$4" --state-dir "$5" --units-dir "$5/units""#)
         .arg("sh")
         .arg(&disk.mnt)
         .arg(at)

@@ -46,7 +46,21 @@ fn start_zone_on(name: &str, vms: [(Boot, Cpu); 3]) -> Result<Lab> {
 /// Three VMs booted directly, every identity naming `leader_unit` (given
 /// as `text`) as the only leader-only unit.
 fn start_zone_with_unit(name: &str, leader_unit: &str, text: &str) -> Result<Lab> {
+    start_zone_with(name, leader_unit, text, None)
+}
+
+/// [`start_zone_with_unit`], every VM also given one disk of `disk_mib`
+/// MiB with an empty ext4 file system, if any ([`Lab::add_shared_disk`]).
+fn start_zone_with(
+    name: &str,
+    leader_unit: &str,
+    text: &str,
+    disk_mib: Option<u64>,
+) -> Result<Lab> {
     let mut lab = Lab::new(name, 3)?;
+    if let Some(mib) = disk_mib {
+        lab.add_shared_disk(mib)?;
+    }
     lab.units = vec![(leader_unit.to_owned(), text.to_owned())];
     lab.leader_units = vec![leader_unit.to_owned()];
     let t0 = Instant::now();
@@ -718,15 +732,9 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
     // after that VM's last takeover of the lease (logged just before the
     // VIP is added), under an armed watchdog.
     for id in 1..=3 {
-        let added = console_times(&lab, id, "units wait for the fence delay");
         let armed = console_times(&lab, id, "watchdog armed");
         for t in started(id) {
-            let took = added
-                .iter()
-                .copied()
-                .filter(|&a| a <= t)
-                .reduce(f64::max)
-                .with_context(|| format!("VM {id} started its units with no takeover logged"))?;
+            let took = takeover_before(&lab, id, t)?;
             eprintln!(
                 "VM {id}: units started {:.2} s after taking the lease",
                 t - took
@@ -753,6 +761,16 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
     let killed = lab.console_lines("Failed with result 'watchdog'");
     assert!(killed.is_empty(), "{killed:?}");
     Ok(())
+}
+
+/// When VM `id` last took the lease (zone-vip's line, logged just before
+/// it adds the VIP) at or before guest time `t`.
+fn takeover_before(lab: &Lab, id: u64, t: f64) -> Result<f64> {
+    console_times(lab, id, "units wait for the fence delay")
+        .into_iter()
+        .filter(|&a| a <= t)
+        .reduce(f64::max)
+        .with_context(|| format!("VM {id} logged no takeover before {t:.2} s"))
 }
 
 /// zone-vip's default fence delay (12 s) as two console lines can show
@@ -883,6 +901,210 @@ fn a_leader_only_writer_on_nfs_moves_after_the_fence_delay_and_never_interleaves
         "VM {new} started the writer {:.1} s after its takeover",
         started - took
     );
+    Ok(())
+}
+
+/// Where the test's exclusive datastore is mounted (under /var: the root
+/// file system is read-only, and the mount makes its mount point).
+const DB_TARGET: &str = "/var/lib/one/db";
+
+/// A leader-only unit appending `<host> <n>` to a log on the exclusive
+/// datastore every 300 ms, each line synced to the disk, then printed
+/// (`wrote ...`, on the console through the journal). Before the datastore
+/// exists (the zone's first leader starts it before the test declares the
+/// datastore) it exits, and systemd starts it again a second later, for as
+/// long as it takes.
+const DB_WRITER_UNIT: &str = "[Unit]\nDescription=Zoned test: a leader-only writer on an exclusive datastore\n\
+StartLimitIntervalSec=0\n[Service]\nRestart=always\nRestartSec=1\n\
+ExecStart=/bin/sh -c 'mountpoint -q /var/lib/one/db || exit 1; n=0; while :; do n=$$((n+1)); l=\"$$(cat /proc/sys/kernel/hostname) $$n\"; echo \"$$l\" >> /var/lib/one/db/log && sync /var/lib/one/db/log && echo \"wrote $$l\"; sleep 0.3; done'\n";
+
+/// The mount unit zone-mounts writes for [`DB_TARGET`].
+const DB_UNIT: &str = "var-lib-one-db.mount";
+
+/// The lines VM `id` wrote (`wrote <host> <n>` on its console).
+fn wrote(lab: &Lab, id: u64) -> usize {
+    lab.console_lines("wrote zone-")
+        .iter()
+        .filter(|(vm, _)| *vm == id)
+        .count()
+}
+
+/// Issue 22: an `exclusive` datastore, ext4 on one virtual disk all three
+/// VMs are attached to (a shared LUN), under a leader-only writer. It is
+/// mounted on the lease holder alone: by a graceful transfer, the old
+/// leader stops the writer and unmounts before the new one mounts, after
+/// the fence delay; when the holder's VM is killed, the next mounts only
+/// after the fence delay; when the holder loses quorum, it stops the writer
+/// and unmounts by itself. Then, on the host, the file system is clean
+/// (`e2fsck -fn`), and the log on it holds one run of lines per holder, in
+/// order, never two interleaved.
+#[test]
+fn an_exclusive_datastore_on_a_shared_disk_is_mounted_on_the_lease_holder_alone() -> Result<()> {
+    let mut lab = start_zone_with(
+        "exclusive_disk",
+        "zoned-test-db-writer.service",
+        DB_WRITER_UNIT,
+        Some(64),
+    )?;
+    let disk = lab.shared_disk.clone().context("the shared disk")?;
+    let client = lab.client();
+    let first = wait_zone(&lab, Duration::from_secs(120))?["leader_id"]
+        .as_u64()
+        .context("leader id")?;
+    let add = [
+        "storage",
+        "add",
+        "db",
+        "--type",
+        "ext4",
+        "--source",
+        testbed::vm::SHARED_DISK,
+        "--target",
+        DB_TARGET,
+        "--exclusive",
+        "--required",
+    ];
+    wait_for(Duration::from_secs(60), "`storage add` answered", || {
+        let out = client.zonectl(&vip(), &add).ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "storage add: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        out.status.success().then_some(())
+    })?;
+    // Mounted on the leader alone; the others see the disk and leave it.
+    let expect = |leader: u64| -> Result<()> {
+        let t0 = Instant::now();
+        wait_for(
+            Duration::from_secs(90),
+            "the datastore on the leader alone",
+            || {
+                let s = client.storage_states(&vip(), "db")?;
+                let ok = s.len() == 3
+                    && s.iter().all(|(id, st)| {
+                        st == if *id == leader {
+                            "mounted"
+                        } else {
+                            "unmounted"
+                        }
+                    });
+                ok.then_some(())
+            },
+        )?;
+        eprintln!(
+            "datastore mounted on VM {leader} alone after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(())
+    };
+    expect(first)?;
+    let table = client.zonectl(&vip(), &["storage", "status"])?;
+    eprintln!(
+        "zonectl storage status:\n{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+    wait_for(Duration::from_secs(60), "the first leader writing", || {
+        (wrote(&lab, first) >= 5).then_some(())
+    })?;
+
+    // 1. A graceful transfer.
+    let second = first % 3 + 1;
+    let out = through_vip(&client, &["leader", "transfer", &second.to_string()])?;
+    assert!(
+        out.status.success(),
+        "leader transfer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(90), "the second leader writing", || {
+        (wrote(&lab, second) >= 5).then_some(())
+    })?;
+    expect(second)?;
+    // 2. The holder's VM killed.
+    let killed_at = Instant::now();
+    lab.kill(second as usize - 1);
+    let third = wait_new_leader(&client, second)?["leader_id"]
+        .as_u64()
+        .context("leader id")?;
+    // Not writing yet: it waits for the fence delay.
+    let before = wrote(&lab, third);
+    wait_for(Duration::from_secs(90), "the next leader writing", || {
+        (wrote(&lab, third) >= before + 5).then_some(())
+    })?;
+    eprintln!(
+        "VM {third} writing {:.1} s after VM {second} was killed",
+        killed_at.elapsed().as_secs_f64()
+    );
+    // Each mount came the fence delay after that VM's takeover.
+    let mut holders = vec![first, second, third];
+    holders.sort_unstable();
+    holders.dedup();
+    for id in holders {
+        for t in console_times(&lab, id, "mounting the exclusive datastores") {
+            let since = takeover_before(&lab, id, t)?;
+            eprintln!("VM {id}: mounted {:.2} s after taking the lease", t - since);
+            assert!(
+                t - since >= FENCE_DELAY_SEEN,
+                "VM {id} mounted the datastore {:.2} s after taking the lease",
+                t - since
+            );
+        }
+    }
+    // The first leader unmounted after the transfer, its writer stopped.
+    assert!(
+        !console_times(&lab, first, "Unmounted var-lib-one-db.mount").is_empty(),
+        "VM {first} never unmounted: {:?}",
+        lab.console_lines(DB_UNIT)
+    );
+    // 3. The holder loses quorum: the other VM left is killed.
+    let other = (1..=3)
+        .find(|&id| id != second && id != third)
+        .context("a follower")?;
+    let lost = console_times(&lab, third, "Unmounted var-lib-one-db.mount").len();
+    lab.kill(other as usize - 1);
+    wait_for(
+        Duration::from_secs(60),
+        "the holder without quorum to unmount",
+        || {
+            (console_times(&lab, third, "Unmounted var-lib-one-db.mount").len() > lost)
+                .then_some(())
+        },
+    )?;
+    // On the host: a clean file system, one run per holder.
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&disk)
+        .output()?;
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn: {}\n{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /log"])
+        .arg(&disk)
+        .output()?;
+    let text = String::from_utf8_lossy(&cat.stdout);
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for host in text.lines().filter_map(|l| l.split(' ').next()) {
+        match runs.last_mut() {
+            Some((h, n)) if h == host => *n += 1,
+            _ => runs.push((host.to_owned(), 1)),
+        }
+    }
+    eprintln!("runs in the log on the shared disk: {runs:?}");
+    let hosts: Vec<String> = [first, second, third]
+        .iter()
+        .map(|id| format!("zone-{id}"))
+        .collect();
+    assert_eq!(
+        runs.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>(),
+        hosts,
+        "the holders' lines, in order, one run each: {runs:?}"
+    );
+    assert!(runs.iter().all(|(_, n)| *n >= 5), "{runs:?}");
     Ok(())
 }
 

@@ -226,8 +226,17 @@ pub struct Lab {
     /// Unit files (name, text) given to every VM with its identity (set
     /// before adding VMs): by fw_cfg, or on the EFI partition when flashed.
     pub units: Vec<(String, String)>,
+    /// One raw disk image every VM is given (set before adding VMs, by
+    /// [`Lab::add_shared_disk`]): a shared SAN LUN, seen in the guests as
+    /// [`SHARED_DISK`].
+    pub shared_disk: Option<PathBuf>,
     keep: bool,
 }
+
+/// The shared disk's serial number, and so its path in the guests.
+pub const SHARED_DISK_SERIAL: &str = "zoned-shared";
+/// Where the guests see the shared disk (udev's by-id link).
+pub const SHARED_DISK: &str = "/dev/disk/by-id/virtio-zoned-shared";
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
@@ -261,6 +270,7 @@ impl Lab {
             founders,
             leader_units: Vec::new(),
             units: Vec::new(),
+            shared_disk: None,
             keep: false,
         };
         lab.ip(&["link", "set", "lo", "up"])?;
@@ -504,6 +514,16 @@ impl Lab {
                 "tap,id=n0,ifname={},script=no,downscript=no",
                 vm.tap
             ))
+            .args(self.shared_disk.iter().flat_map(|disk| {
+                // share-rw: every VM's QEMU writes the one file, as hosts
+                // share a LUN; the host's page cache keeps them coherent.
+                [
+                    "-drive".to_owned(),
+                    format!("file={},if=none,id=shared,format=raw", disk.display()),
+                    "-device".to_owned(),
+                    format!("virtio-blk-pci,drive=shared,serial={SHARED_DISK_SERIAL},share-rw=on"),
+                ]
+            }))
             .arg("-device")
             .arg(format!("virtio-net-pci,netdev=n0,mac={}", vm.mac()));
         if vm.boot != Boot::Flashed {
@@ -547,6 +567,25 @@ impl Lab {
             .stderr(Stdio::piped());
         vm.process = Some(cmd.spawn().context("cannot start qemu-system-x86_64")?);
         Ok(())
+    }
+
+    /// A raw disk of `mib` MiB with an empty ext4 file system, given to
+    /// every VM added after this (see [`Lab::shared_disk`]); its path.
+    pub fn add_shared_disk(&mut self, mib: u64) -> Result<PathBuf> {
+        let path = self.dir.join("shared-disk.raw");
+        let f = std::fs::File::create(&path)?;
+        f.set_len(mib << 20)?;
+        drop(f);
+        sh(&[
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "shared",
+            &path.to_string_lossy(),
+        ])?;
+        self.shared_disk = Some(path.clone());
+        Ok(path)
     }
 
     /// SIGKILL to VM `i`'s QEMU: the whole machine stops at once, as on a

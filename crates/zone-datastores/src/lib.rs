@@ -103,10 +103,13 @@ pub fn check(ds: &mut Datastore, others: &[Datastore]) -> Result<(), Invalid> {
     check_source(&ds.r#type, &ds.source)?;
     check_target(&ds.target)?;
     let opts = Options::parse(&ds.options)?;
-    if ds.exclusive {
+    if ds.exclusive && matches!(ds.r#type.as_str(), "nfs" | "nfs4" | "bind") {
         return Err(invalid(
             "exclusive",
-            "exclusive datastores (mounted on the lease holder alone, after the fence delay) need fencing, which this version does not have yet; declare it without --exclusive only if every server may mount it at once",
+            format!(
+                "a `{}` datastore may be mounted on every server at once; exclusive is for a block device's file system (ext4, xfs, ...), which must never be mounted twice: declare it without --exclusive",
+                ds.r#type
+            ),
         ));
     }
     if ds.r#type == "bind" && !opts.data.is_empty() {
@@ -467,9 +470,72 @@ impl Options {
     }
 }
 
-/// Whether a datastore in `state` is usable.
-pub fn healthy(state: DatastoreState) -> bool {
-    state == DatastoreState::Mounted
+/// Whether a datastore in `state` is as it should be on a server: mounted
+/// and answering, or, for an `exclusive` one, also not mounted (it is
+/// mounted on the lease holder alone, once fenced; away from it, and on
+/// the holder until then, unmounted is its normal state, and zone-mounts
+/// reports it failed when its device is missing).
+pub fn healthy(state: DatastoreState, exclusive: bool) -> bool {
+    state == DatastoreState::Mounted || (exclusive && state == DatastoreState::Unmounted)
+}
+
+/// The systemd unit name of a mount on `target` (an absolute path in
+/// normal form, as [`check`] lets through), as `systemd-escape --path
+/// --suffix=mount` spells it: slashes become `-`; bytes other than ASCII
+/// letters, digits, `:`, `_` and `.` (and a leading `.`) become `\xNN`.
+pub fn mount_unit_name(target: &str) -> String {
+    let trimmed = target.trim_matches('/');
+    if trimmed.is_empty() {
+        return "-.mount".to_owned();
+    }
+    let mut out = String::with_capacity(trimmed.len() + 6);
+    for (i, b) in trimmed.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b":_.".contains(&b) => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out.push_str(".mount");
+    out
+}
+
+/// The first line of every unit file zone-mounts writes: how it tells its
+/// own files from others in the units directory.
+pub const UNIT_HEADER: &str = "# Written by zone-mounts: an exclusive datastore of the zone.";
+
+/// The systemd mount unit of exclusive datastore `ds`: zone-vip starts it
+/// on the lease holder once the old holder is fenced, and stops it (after
+/// the leader-only units) when the lease ends. Nothing else pulls it in: no
+/// `[Install]` section, so it is never mounted at boot.
+pub fn mount_unit_text(ds: &Datastore) -> String {
+    let mut t = format!(
+        "{UNIT_HEADER}\n\
+         # Mounted on the lease holder alone, by zone-vip, after the fence delay;\n\
+         # not by hand: another server may hold it. `zonectl storage rm {name}` removes it.\n\
+         [Unit]\n\
+         Description=Zoned exclusive datastore {name} (on the lease holder only)\n\
+         \n\
+         [Mount]\n\
+         What={source}\n\
+         Where={target}\n\
+         Type={ty}\n",
+        name = ds.name,
+        source = ds.source,
+        target = ds.target,
+        ty = ds.r#type,
+    );
+    if !ds.options.is_empty() {
+        t.push_str(&format!("Options={}\n", ds.options));
+    }
+    // A mount or unmount that takes longer has failed: the unmount's
+    // failure keeps zone-vip's watchdog armed (see zone-vip's watchdog).
+    t.push_str(&format!(
+        "TimeoutSec={}\n",
+        (u64::from(ds.probe_timeout_ms).max(1_000) / 1_000).max(10)
+    ));
+    t
 }
 
 /// The state's name as zonectl prints it.

@@ -197,6 +197,14 @@ fn each_bad_field_is_named() {
             "datastore.probe_timeout_ms",
             "outside",
         ),
+        (
+            Datastore {
+                exclusive: true,
+                ..nfs("a", "/srv/a")
+            },
+            "datastore.exclusive",
+            "may be mounted on every server at once",
+        ),
     ];
     for (ds, field, words) in cases {
         let what = format!("{ds:?}");
@@ -250,4 +258,73 @@ fn nfs_sources_split_into_host_and_export() {
     assert_eq!(split_nfs("10.0.0.5:/"), Some(("10.0.0.5", "/")));
     assert_eq!(split_nfs("nas"), None);
     assert_eq!(split_nfs("[nas]:/x"), None);
+}
+
+fn disk(name: &str, target: &str) -> Datastore {
+    Datastore {
+        name: name.into(),
+        r#type: "ext4".into(),
+        source: "/dev/disk/by-id/virtio-zoned-shared".into(),
+        target: target.into(),
+        exclusive: true,
+        required: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn an_exclusive_block_device_is_accepted_and_unmounted_is_its_normal_state() {
+    let mut ds = disk("db", "/srv/db");
+    check(&mut ds, &[]).unwrap();
+    use DatastoreState::*;
+    assert!(healthy(Unmounted, true), "away from the holder");
+    assert!(!healthy(Unmounted, false));
+    for s in [Probing, Hung, Failed, Unspecified] {
+        assert!(!healthy(s, true), "{s:?}");
+    }
+    assert!(healthy(Mounted, true) && healthy(Mounted, false));
+}
+
+#[test]
+fn mount_unit_names_are_spelled_as_systemd_escape_spells_them() {
+    // `systemd-escape --path --suffix=mount PATH`, systemd 252.
+    for (target, unit) in [
+        ("/srv/db", "srv-db.mount"),
+        (
+            "/var/lib/one/datastores/0",
+            "var-lib-one-datastores-0.mount",
+        ),
+        ("/srv/my-db", "srv-my\\x2ddb.mount"),
+        ("/srv/.hidden/x", "srv-.hidden-x.mount"),
+        ("/.db", "\\x2edb.mount"),
+        ("/srv/a:b_c.d", "srv-a:b_c.d.mount"),
+        ("/srv/caf\u{e9}", "srv-caf\\xc3\\xa9.mount"),
+        ("/srv/a+b", "srv-a\\x2bb.mount"),
+    ] {
+        assert_eq!(mount_unit_name(target), unit, "{target}");
+    }
+}
+
+#[test]
+fn a_mount_unit_names_the_declaration_and_is_never_started_at_boot() {
+    let mut ds = Datastore {
+        options: "noatime,data=ordered".into(),
+        ..disk("db", "/srv/db")
+    };
+    check(&mut ds, &[]).unwrap();
+    let t = mount_unit_text(&ds);
+    assert!(t.starts_with(UNIT_HEADER), "{t}");
+    for line in [
+        "[Mount]",
+        "What=/dev/disk/by-id/virtio-zoned-shared",
+        "Where=/srv/db",
+        "Type=ext4",
+        "Options=noatime,data=ordered",
+        "TimeoutSec=10",
+    ] {
+        assert!(t.lines().any(|l| l == line), "no `{line}` in:\n{t}");
+    }
+    assert!(!t.contains("[Install]"), "{t}");
+    let bare = mount_unit_text(&disk("db", "/srv/db"));
+    assert!(!bare.contains("Options="), "{bare}");
 }

@@ -102,13 +102,26 @@ pub trait Mounts: std::fmt::Debug + Send + Sync + 'static {
         write_as: Option<u64>,
         timeout: Duration,
     ) -> impl Future<Output = Outcome> + Send;
+    /// Whether an exclusive datastore's device (`source`, under /dev) is
+    /// present on this server. Never waits on storage.
+    fn device_present(&self, source: &str) -> bool;
+    /// Makes the units directory hold exactly `units` (file name, text) of
+    /// the mount units zone-mounts writes, and systemd know them. Blocks:
+    /// run it off the runtime.
+    fn install_units(&self, units: &[(String, String)]) -> Result<(), String>;
 }
 
-/// The real thing: `<exe> helper ...` children.
+/// The real thing: `<exe> helper ...` children, and exclusive datastores'
+/// mount units written for systemd.
 #[derive(Debug, Clone)]
 pub struct Children {
     /// This binary (read once at start: an upgrade may replace the file).
     pub exe: PathBuf,
+    /// Where the mount units go (`/run/systemd/system`).
+    pub units_dir: PathBuf,
+    /// Whether to run `systemctl daemon-reload` after a change (not when
+    /// the units go somewhere systemd does not read, as in tests).
+    pub reload: bool,
 }
 
 struct Child(tokio::process::Child);
@@ -221,6 +234,67 @@ impl Mounts for Children {
         args.push(target.to_owned());
         self.run(args, timeout)
     }
+
+    fn device_present(&self, source: &str) -> bool {
+        std::fs::metadata(source).is_ok()
+    }
+
+    /// New files and removals need no `systemctl daemon-reload`: systemd
+    /// loads a unit it does not know from disk when it is first asked for
+    /// it (its unit file cache is rebuilt when the directories change), and
+    /// forgets one that is gone once nothing refers to it. Only a file
+    /// replaced by a different text does (its unit is loaded already).
+    /// Avoided otherwise: on a busy server a reload holds systemd for
+    /// seconds, and zone-vip's `systemctl stop` on losing the lease waits
+    /// behind it (under QEMU's emulation, one reload on the leader cost it
+    /// its lease, and its stop waited past the watchdog's timeout).
+    fn install_units(&self, units: &[(String, String)]) -> Result<(), String> {
+        let dir = &self.units_dir;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".mount") || units.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let first = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if first.lines().next() == Some(zone_datastores::UNIT_HEADER) {
+                std::fs::remove_file(e.path())
+                    .map_err(|err| format!("{}: {err}", e.path().display()))?;
+                tracing::info!(unit = %name, "mount unit removed");
+            }
+        }
+        let mut replaced = false;
+        let mut refused = Vec::new();
+        for (name, text) in units {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(old) if old == *text => continue,
+                Ok(old) if old.lines().next() != Some(zone_datastores::UNIT_HEADER) => {
+                    refused.push(format!(
+                        "{} exists and was not written by zone-mounts; left alone",
+                        path.display()
+                    ));
+                    continue;
+                }
+                Ok(_) => replaced = true,
+                Err(_) => {}
+            }
+            zone_files::atomic::write(&path, text.as_bytes(), 0o644, None)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::info!(unit = %name, "mount unit written");
+        }
+        if replaced && self.reload {
+            let mut c = std::process::Command::new("systemctl");
+            c.arg("daemon-reload");
+            zone_units::run_with_timeout(c, Duration::from_secs(60))?;
+        }
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(refused.join("; "))
+        }
+    }
 }
 
 /// Mounts in memory; a target in `hanging` hangs every operation but a
@@ -233,6 +307,10 @@ pub struct Memory {
     /// Every operation, in order (`mount /x`, `umount -l /x`, `umount -lf
     /// /x`, `probe /x`).
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Devices not present.
+    pub missing: Arc<Mutex<BTreeSet<String>>>,
+    /// The mount units installed, by file name.
+    pub units: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 struct MemoryStuck {
@@ -315,5 +393,14 @@ impl Mounts for Memory {
     ) -> impl Future<Output = Outcome> + Send {
         let o = self.op(format!("probe {target}"), target, true, |_| {});
         std::future::ready(o)
+    }
+
+    fn device_present(&self, source: &str) -> bool {
+        !self.missing.lock().unwrap().contains(source)
+    }
+
+    fn install_units(&self, units: &[(String, String)]) -> Result<(), String> {
+        *self.units.lock().unwrap() = units.iter().cloned().collect();
+        Ok(())
     }
 }

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use zone_mounts::effects::Children;
 use zone_mounts::supervisor::Supervisor;
 
+const SYSTEMD_RUNTIME_UNITS: &str = "/run/systemd/system";
+
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -28,6 +30,12 @@ struct Args {
     /// do not outlive a boot either.
     #[arg(long, default_value = "/run/zone-mounts")]
     state_dir: PathBuf,
+    /// Where the mount units of exclusive datastores go (zone-vip starts
+    /// them on the lease holder). systemd is told of changes
+    /// (`systemctl daemon-reload`) only when this is its runtime unit
+    /// directory, /run/systemd/system.
+    #[arg(long, default_value = SYSTEMD_RUNTIME_UNITS)]
+    units_dir: PathBuf,
     #[command(subcommand)]
     helper: Option<Helper>,
 }
@@ -121,7 +129,13 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     runtime.block_on(async move {
-        let mut sup = Supervisor::new(Arc::new(Children { exe }), node.node.id, args.state_dir);
+        let reload = args.units_dir == std::path::Path::new(SYSTEMD_RUNTIME_UNITS);
+        let children = Children {
+            exe,
+            units_dir: args.units_dir,
+            reload,
+        };
+        let mut sup = Supervisor::new(Arc::new(children), node.node.id, args.state_dir);
         let ch = zone_mounts::follow::channel(&socket);
         let (rev_tx, rev_rx) = tokio::sync::watch::channel(0);
         tokio::spawn(zone_mounts::follow::report(

@@ -7,6 +7,17 @@
 //! /run: mounts do not outlive a boot either), so that a datastore removed
 //! while zone-mounts was down is still unmounted when it comes back, and
 //! nothing it did not mount is ever unmounted.
+//!
+//! An `exclusive` datastore is never mounted here: it must be mounted on
+//! the lease holder alone, and only once the old holder is fenced, which
+//! zone-vip knows. zone-mounts writes its systemd mount unit (see
+//! [`zone_datastores::mount_unit_text`]) and lists the units, in
+//! declaration order, in `<state dir>/exclusive-units`, which zone-vip
+//! reads: it starts them before the leader-only units and stops them
+//! after. Here such a datastore is probed while mounted (on the holder),
+//! and otherwise reported `unmounted`, or `failed` when its device is
+//! missing (this server could not take it over). A removed one is
+//! unmounted like any other.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -66,7 +77,7 @@ impl Table {
         slot.health.error = error;
         // An exclusive datastore away from the lease holder is as it should
         // be: not unhealthy.
-        let fine = healthy(state);
+        let fine = healthy(state, ds.exclusive);
         if fine {
             slot.unhealthy_since = None;
         } else if slot.unhealthy_since.is_none() {
@@ -183,6 +194,13 @@ fn lock_for(locks: &Locks, target: &str) -> Arc<tokio::sync::Mutex<()>> {
         .clone()
 }
 
+/// The file, in the state directory, that lists the exclusive datastores'
+/// mount units for zone-vip: one unit name per line, in declaration order.
+pub const EXCLUSIVE_UNITS: &str = "exclusive-units";
+
+/// How long a failed installation of the mount units waits to try again.
+const UNITS_RETRY: Duration = Duration::from_secs(5);
+
 /// The supervisor of this server's datastores.
 #[derive(Debug)]
 pub struct Supervisor<M: Mounts> {
@@ -193,11 +211,20 @@ pub struct Supervisor<M: Mounts> {
     tasks: HashMap<String, (Datastore, tokio::task::JoinHandle<()>)>,
     owned: Owned,
     locks: Locks,
+    /// The exclusive datastores' mount units (file name, text) wanted.
+    units: tokio::sync::watch::Sender<Vec<(String, String)>>,
 }
 
 impl<M: Mounts> Supervisor<M> {
-    /// `state_dir` keeps `owned.json`.
+    /// `state_dir` keeps `owned.json` and [`EXCLUSIVE_UNITS`]. Starts the
+    /// task that installs the mount units (in a runtime).
     pub fn new(mounts: Arc<M>, server: u64, state_dir: PathBuf) -> Supervisor<M> {
+        let (units, rx) = tokio::sync::watch::channel(Vec::new());
+        tokio::spawn(install_units(
+            mounts.clone(),
+            rx,
+            state_dir.join(EXCLUSIVE_UNITS),
+        ));
         Supervisor {
             mounts,
             server,
@@ -205,6 +232,7 @@ impl<M: Mounts> Supervisor<M> {
             tasks: HashMap::new(),
             owned: Owned::load(state_dir.join("owned.json")),
             locks: Locks::default(),
+            units,
         }
     }
 
@@ -212,6 +240,21 @@ impl<M: Mounts> Supervisor<M> {
     /// (or a new revision of one), stops and unmounts what is gone, and
     /// what an earlier run mounted that is no longer declared.
     pub fn reconcile(&mut self, declared: &[Datastore]) {
+        let units: Vec<(String, String)> = declared
+            .iter()
+            .filter(|d| d.exclusive)
+            .map(|d| {
+                (
+                    zone_datastores::mount_unit_name(&d.target),
+                    zone_datastores::mount_unit_text(d),
+                )
+            })
+            .collect();
+        self.units.send_if_modified(|u| {
+            let changed = *u != units;
+            *u = units;
+            changed
+        });
         let wanted: HashMap<&str, &Datastore> =
             declared.iter().map(|d| (d.name.as_str(), d)).collect();
         let gone: Vec<String> = self
@@ -305,6 +348,56 @@ impl<M: Mounts> Supervisor<M> {
     }
 }
 
+/// Installs the exclusive datastores' mount units as they change, then
+/// lists them for zone-vip in `list` (after: zone-vip must never find a
+/// unit systemd does not know). Gives up when the supervisor is dropped.
+async fn install_units<M: Mounts>(
+    m: Arc<M>,
+    mut wanted: tokio::sync::watch::Receiver<Vec<(String, String)>>,
+    list: PathBuf,
+) {
+    // The list as last written: none at start, so that it is written once
+    // even when no datastore is exclusive (a stale one from an earlier run
+    // would name units that are gone).
+    let mut listed: Option<Vec<String>> = None;
+    loop {
+        let units = wanted.borrow_and_update().clone();
+        let names: Vec<String> = units.iter().map(|(n, _)| n.clone()).collect();
+        let m2 = m.clone();
+        let installed = tokio::task::spawn_blocking(move || m2.install_units(&units)).await;
+        let retry = match installed {
+            Ok(Ok(())) => false,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot install the exclusive datastores' mount units");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "installing the mount units panicked");
+                true
+            }
+        };
+        if !retry && listed.as_ref() != Some(&names) {
+            let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+            match zone_files::atomic::write(&list, text.as_bytes(), 0o644, None) {
+                Ok(()) => listed = Some(names),
+                Err(e) => {
+                    tracing::error!(path = %list.display(), error = %e, "cannot list the exclusive datastores' units for zone-vip")
+                }
+            }
+        }
+        let changed = if retry || listed.is_none() {
+            tokio::time::timeout(UNITS_RETRY, wanted.changed())
+                .await
+                .unwrap_or(Ok(()))
+        } else {
+            wanted.changed().await
+        };
+        if changed.is_err() {
+            return;
+        }
+    }
+}
+
 /// Unmounts datastore `name` if it is what is mounted on its target:
 /// normally first unless `hung`, then lazily (forced when hung: see
 /// [`Unmount::ForcedLazy`]). Something else mounted there is left alone.
@@ -389,6 +482,25 @@ async fn supervise<M: Mounts>(
                         ds.target
                     ),
                 );
+                tokio::time::sleep(interval).await;
+                continue;
+            }
+            MountState::Absent if ds.exclusive => {
+                // Mounted by zone-vip on the lease holder alone.
+                drop(guard);
+                if m.device_present(&ds.source) {
+                    table.set(&ds, DatastoreState::Unmounted, None, String::new());
+                } else {
+                    table.set(
+                        &ds,
+                        DatastoreState::Failed,
+                        None,
+                        format!(
+                            "{} is not present on this server: it could not mount the datastore if it led",
+                            ds.source
+                        ),
+                    );
+                }
                 tokio::time::sleep(interval).await;
                 continue;
             }

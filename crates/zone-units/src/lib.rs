@@ -35,9 +35,26 @@ impl Systemctl {
         run_with_timeout(self.command(&["start", "--no-block"], unit), timeout)
     }
 
+    /// Starts `unit`, waiting for the start job (a mount unit: until it is
+    /// mounted).
+    pub fn start(&self, unit: &str, timeout: Duration) -> Result<(), String> {
+        run_with_timeout(self.command(&["start"], unit), timeout)
+    }
+
     /// Stops `unit`, waiting for the stop job.
     pub fn stop(&self, unit: &str, timeout: Duration) -> Result<(), String> {
         run_with_timeout(self.command(&["stop"], unit), timeout)
+    }
+
+    /// `systemctl show -p PROPERTY --value UNIT`; None when it cannot tell.
+    pub fn property(&self, unit: &str, property: &str) -> Option<String> {
+        let out = self
+            .command(&["show", "-p", property, "--value"], unit)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Restarts `unit`, waiting for the job; the error carries systemctl's

@@ -45,6 +45,26 @@ struct FileConfig {
     leader: Role,
     follower: Role,
     fence: FenceFile,
+    storage: Storage,
+}
+
+/// The zone's exclusive datastores, which this agent mounts on the lease
+/// holder before the leader-only units (see the crate's `machine`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// The list zone-mounts keeps of their systemd mount units, one per
+    /// line (`<zone-mounts --state-dir>/exclusive-units`); read at start
+    /// and every second. Missing: none.
+    pub exclusive_units: PathBuf,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            exclusive_units: PathBuf::from("/run/zone-mounts/exclusive-units"),
+        }
+    }
 }
 
 impl Default for FileConfig {
@@ -57,6 +77,7 @@ impl Default for FileConfig {
             leader: Role::default(),
             follower: Role::default(),
             fence: FenceFile::default(),
+            storage: Storage::default(),
         }
     }
 }
@@ -188,6 +209,7 @@ pub struct Config {
     pub leader: Role,
     pub follower: Role,
     pub fence: Fence,
+    pub storage: Storage,
 }
 
 impl Config {
@@ -319,6 +341,7 @@ impl Config {
             lease: file.lease,
             leader: file.leader,
             follower: file.follower,
+            storage: file.storage,
         })
     }
 

@@ -39,6 +39,9 @@ pub trait Announcer: Send + Sync + 'static {
 /// Leader-only units and role hooks. Called off the time-critical path.
 pub trait Services: Send + Sync + 'static {
     fn start_unit(&self, unit: &str) -> Result<(), String>;
+    /// Starts an exclusive datastore's mount unit and waits until it is
+    /// mounted.
+    fn mount(&self, unit: &str) -> Result<(), String>;
     fn stop_unit(&self, unit: &str) -> Result<(), String>;
     fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String>;
     /// The fence hook against server `target` (`ZONE_FENCE_ID`).
@@ -55,6 +58,8 @@ pub struct Memory {
     questions: Mutex<Option<mpsc::Sender<Question>>>,
     /// Units whose stop fails (stuck on a dead NFS server, say).
     pub refuse_stop: Mutex<BTreeSet<String>>,
+    /// Mount units whose start fails.
+    pub refuse_mount: Mutex<BTreeSet<String>>,
 }
 
 impl Memory {
@@ -156,6 +161,15 @@ impl Services for Memory {
         Ok(())
     }
 
+    fn mount(&self, unit: &str) -> Result<(), String> {
+        if self.refuse_mount.lock().expect("poisoned").contains(unit) {
+            self.note(format!("mount {unit} failed"));
+            return Err(format!("{unit} did not mount"));
+        }
+        self.note(format!("mount {unit}"));
+        Ok(())
+    }
+
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
         if self.refuse_stop.lock().expect("poisoned").contains(unit) {
             self.note(format!("stop {unit} failed"));
@@ -188,8 +202,40 @@ impl Services for Systemd {
     /// Stopped means no process left: a stop job can end with processes
     /// the kernel will not kill (waiting on a dead NFS server), and the
     /// watchdog must then stay armed.
+    fn mount(&self, unit: &str) -> Result<(), String> {
+        // The unit's own TimeoutSec= ends a mount that hangs first.
+        zone_units::Systemctl::default().start(unit, Duration::from_secs(120))
+    }
+
+    /// A unit systemd does not know (never installed, or an exclusive
+    /// datastore's mount unit removed with its declaration) and not active
+    /// is stopped. A mount unit is stopped once nothing is mounted on its
+    /// `Where=`.
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
-        zone_units::Systemctl::default().stop(unit, Duration::from_secs(90))?;
+        let systemctl = zone_units::Systemctl::default();
+        if let Err(e) = systemctl.stop(unit, Duration::from_secs(90)) {
+            let load = systemctl.property(unit, "LoadState");
+            let active = systemctl.property(unit, "ActiveState");
+            if load.as_deref() == Some("not-found") && active.as_deref() == Some("inactive") {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        if unit.ends_with(".mount") {
+            if let Some(at) = systemctl.property(unit, "Where").filter(|w| !w.is_empty()) {
+                let info = std::fs::read_to_string("/proc/self/mountinfo")
+                    .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+                // Targets with spaces are escaped there; a datastore's
+                // never has one (zone-datastores refuses it).
+                if info
+                    .lines()
+                    .any(|l| l.split(' ').nth(4) == Some(at.as_str()))
+                {
+                    return Err(format!("{unit} stopped but {at} is still mounted"));
+                }
+            }
+            return Ok(());
+        }
         let out = std::process::Command::new("systemctl")
             .args(["show", "--value", "-p", "ControlGroup", unit])
             .output()

@@ -18,7 +18,18 @@
 //! its watchdog on taking the lease, pets it with each renewal, and
 //! disarms it only once its units have stopped after losing the lease
 //! (see [`crate::watchdog`] for the argument). Without leader-only units
-//! (or with `fence.watchdog_mode = "off"`) there is nothing to fence.
+//! or exclusive datastores (or with `fence.watchdog_mode = "off"`) there is
+//! nothing to fence.
+//!
+//! Exclusive datastores (a shared block device's file system, which must
+//! never be mounted on two servers at once) are systemd mount units that
+//! zone-mounts writes and lists ([`Machine::on_exclusive_units`]). They are
+//! fenced like the units: mounted (`Mount`) once the delay is over, before
+//! the leader-only units, and stopped after the units and the follower hook
+//! when the lease ends, before the watchdog is disarmed; a mount that will
+//! not go keeps the watchdog armed, and the server is reset. One declared
+//! while this server leads is mounted at once if the old holder is fenced
+//! already, else after a delay of its own.
 //!
 //! Damping: after a lease ran out without renewal, a lease that comes back
 //! makes this agent leader again only once it has been renewed without a
@@ -36,6 +47,9 @@ pub enum Action {
     RenewVip(Vip),
     /// Start announcing (gratuitous ARP / unsolicited NA), `count` times.
     Announce(Vip),
+    /// Mount an exclusive datastore: start its mount unit and wait for it.
+    /// The units after it do not start if it fails.
+    Mount(String),
     StartUnit(String),
     LeaderHook(String),
     RemoveVip(Vip),
@@ -91,6 +105,8 @@ enum Role {
         /// Until when the units wait for the old holder to be fenced
         /// (CLOCK_BOOTTIME ns); 0 once fenced.
         fence_until_ns: u64,
+        /// The watchdog was armed for this leadership.
+        armed: bool,
     },
 }
 
@@ -113,6 +129,10 @@ pub struct Machine {
     /// The last leader other than this server that the lease states named
     /// (0: none yet): the one the fence hook powers off.
     last_other_leader: u64,
+    /// The exclusive datastores' mount units, as zone-mounts lists them.
+    exclusive: Vec<String>,
+    /// The mount units started in this leadership, in order.
+    mounted: Vec<String>,
 }
 
 impl Machine {
@@ -123,15 +143,76 @@ impl Machine {
             settling: None,
             epoch: 0,
             last_other_leader: 0,
+            exclusive: Vec::new(),
+            mounted: Vec::new(),
         }
     }
 
     /// Whether there is anything to fence: leader-only units (or a leader
-    /// hook) and a watchdog mode other than off.
+    /// hook, or exclusive datastores) and a watchdog mode other than off.
     fn fencing(&self) -> bool {
         let c = &self.config;
-        (!c.leader.units.is_empty() || c.leader.hook.is_some())
+        (!c.leader.units.is_empty() || c.leader.hook.is_some() || !self.exclusive.is_empty())
             && c.fence.watchdog_mode != crate::config::WatchdogMode::Off
+    }
+
+    /// The exclusive datastores' mount units, as zone-mounts lists them now
+    /// (read at start, before [`Machine::startup`], and every second).
+    /// While leading: new ones are mounted at once when the old holder is
+    /// fenced and the units run; when nothing was fenced for this
+    /// leadership (there was nothing to fence at its start), the watchdog
+    /// is armed now and they wait for a fence delay from now. Ones gone
+    /// from the list are still stopped when the lease ends (zone-mounts
+    /// unmounts a removed datastore itself).
+    pub fn on_exclusive_units(&mut self, units: Vec<String>, now_ns: u64) -> Vec<Action> {
+        if units == self.exclusive {
+            return Vec::new();
+        }
+        tracing::info!(?units, "exclusive datastores' mount units");
+        self.exclusive = units;
+        let fencing = self.fencing();
+        let delay = self.config.fence.delay.as_nanos() as u64;
+        let epoch = self.epoch;
+        let Role::Leader {
+            units: started,
+            fence_until_ns,
+            armed,
+            ..
+        } = &mut self.role
+        else {
+            return Vec::new();
+        };
+        let mut a = Vec::new();
+        if fencing && !*armed {
+            *armed = true;
+            a.push(Action::ArmWatchdog { epoch });
+            if delay > 0 {
+                tracing::info!(delay = ?self.config.fence.delay, "exclusive datastores wait for the fence delay");
+                *fence_until_ns = now_ns + delay;
+                // Mounted after the delay, by the start of the "units"
+                // (none other: had there been any, this leadership would
+                // have been fenced from its start).
+                *started = false;
+                return a;
+            }
+        }
+        if *started {
+            a.extend(self.pending_mounts());
+        }
+        a
+    }
+
+    /// `Mount` for each listed mount unit not started yet in this
+    /// leadership, recorded as started.
+    fn pending_mounts(&mut self) -> Vec<Action> {
+        let new: Vec<String> = self
+            .exclusive
+            .iter()
+            .filter(|u| !self.mounted.contains(u))
+            .cloned()
+            .collect();
+        self.mounted.extend(new.iter().cloned());
+        new.into_iter().map(Action::Mount).collect()
     }
 
     /// When the fence delay ends, while leading and waiting for it.
@@ -177,6 +258,7 @@ impl Machine {
                     .cloned()
                     .map(Action::StopUnit),
             );
+            a.extend(self.exclusive.iter().rev().cloned().map(Action::StopUnit));
             a.push(Action::DisarmWatchdog { epoch: 0 });
         }
         a
@@ -198,16 +280,19 @@ impl Machine {
                     return Vec::new();
                 }
                 self.epoch += 1;
-                let fence_until_ns = if self.fencing() && !self.config.fence.delay.is_zero() {
+                let fencing = self.fencing();
+                let fence_until_ns = if fencing && !self.config.fence.delay.is_zero() {
                     now_ns + self.config.fence.delay.as_nanos() as u64
                 } else {
                     0
                 };
+                self.mounted.clear();
                 self.role = Role::Leader {
                     expires_ns: lease.expires_ns,
                     units: false,
                     storage_ready: lease.storage_ready,
                     fence_until_ns,
+                    armed: fencing,
                 };
                 if fence_until_ns > 0 {
                     tracing::info!(delay = ?self.config.fence.delay, "leader-only units wait for the fence delay: the old leader stops its own or its watchdog resets it");
@@ -235,7 +320,7 @@ impl Machine {
                     *storage_ready = lease.storage_ready;
                 }
                 let mut a = Vec::new();
-                if self.fencing() {
+                if matches!(self.role, Role::Leader { armed: true, .. }) {
                     a.push(Action::PetWatchdog);
                 }
                 a.extend(self.config.vips.iter().cloned().map(Action::RenewVip));
@@ -288,10 +373,15 @@ impl Machine {
             return Vec::new();
         }
         *units = true;
-        let a = self.leader_units();
+        let mut a = self.pending_mounts();
         if !a.is_empty() {
+            tracing::info!("mounting the exclusive datastores");
+        }
+        let units = self.leader_units();
+        if !units.is_empty() {
             tracing::info!("starting leader-only units");
         }
+        a.extend(units);
         a
     }
 
@@ -358,7 +448,7 @@ impl Machine {
         let c = &self.config;
         let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::AddVip).collect();
         a.extend(c.vips.iter().cloned().map(Action::Announce));
-        if self.fencing() {
+        if matches!(self.role, Role::Leader { armed: true, .. }) {
             a.push(Action::ArmWatchdog { epoch: self.epoch });
             // Not against an unknown server, nor against this one (taking
             // the lease back after its own lapse: it stopped its units).
@@ -389,13 +479,26 @@ impl Machine {
     }
 
     fn become_follower(&mut self) -> Vec<Action> {
+        let armed = matches!(self.role, Role::Leader { armed: true, .. });
         self.role = Role::Follower;
         let c = &self.config;
         let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::RemoveVip).collect();
         a.push(Action::StopAnnouncing);
         a.extend(c.leader.units.iter().rev().cloned().map(Action::StopUnit));
         a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
-        if self.fencing() {
+        // The exclusive datastores last, once nothing runs on them: those
+        // mounted in this leadership and any listed (a stop of a unit not
+        // active is no work).
+        let mut mounts = std::mem::take(&mut self.mounted);
+        mounts.extend(
+            self.exclusive
+                .iter()
+                .filter(|u| !mounts.contains(u))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        a.extend(mounts.into_iter().rev().map(Action::StopUnit));
+        if armed {
             // After the units and the follower hook (which may be what
             // undoes the leader hook's work): the watchdog stays armed
             // (unpetted) until they are done, and resets this server if
@@ -523,6 +626,127 @@ mod tests {
         let again = m.on_lease(lease(true, 200 * S), 103 * S);
         assert_eq!(again.len(), 3, "no fence hook: {again:?}");
         assert_eq!(m.fence_due_ns(), Some(115 * S));
+    }
+
+    fn mounts(units: &[&str]) -> Vec<String> {
+        units.iter().map(|u| format!("{u}.mount")).collect()
+    }
+
+    #[test]
+    fn exclusive_datastores_mount_after_the_fence_before_the_units_and_go_after_them() {
+        let mut m = Machine::new(with_fence(""));
+        assert!(m
+            .on_exclusive_units(mounts(&["srv-db", "srv-logs"]), 0)
+            .is_empty());
+        // A previous run's mounts stop at start, after its units.
+        assert_eq!(
+            m.startup()[3..],
+            [
+                Action::StopUnit("srv-logs.mount".into()),
+                Action::StopUnit("srv-db.mount".into()),
+                Action::DisarmWatchdog { epoch: 0 },
+            ]
+        );
+        m.on_lease(lease(true, 100 * S), 10 * S);
+        assert!(m.on_tick(22 * S - 1).is_empty());
+        assert_eq!(
+            m.on_tick(22 * S),
+            [
+                vec![
+                    Action::Mount("srv-db.mount".into()),
+                    Action::Mount("srv-logs.mount".into()),
+                ],
+                units()
+            ]
+            .concat()
+        );
+        // One declared while leading, fenced already: mounted at once;
+        // one removed: still stopped at the end.
+        assert_eq!(
+            m.on_exclusive_units(mounts(&["srv-db", "srv-new"]), 23 * S),
+            vec![Action::Mount("srv-new.mount".into())]
+        );
+        assert_eq!(
+            m.on_lease(lease(false, 0), 24 * S),
+            vec![
+                Action::RemoveVip(vip()),
+                Action::StopAnnouncing,
+                Action::StopUnit("b.service".into()),
+                Action::StopUnit("a.service".into()),
+                Action::FollowerHook("down".into()),
+                Action::StopUnit("srv-new.mount".into()),
+                Action::StopUnit("srv-logs.mount".into()),
+                Action::StopUnit("srv-db.mount".into()),
+                Action::DisarmWatchdog { epoch: 1 },
+            ]
+        );
+        // A follower mounts nothing, whatever is declared.
+        assert!(m.on_exclusive_units(mounts(&["srv-db"]), 25 * S).is_empty());
+    }
+
+    #[test]
+    fn an_exclusive_datastore_alone_is_fenced_and_one_declared_later_waits_a_delay_of_its_own() {
+        // No leader-only units: the datastore alone makes a fence.
+        let bare = |fence: &str| {
+            Config::parse(&format!(
+                "[[vip]]\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\n[fence]\n{fence}"
+            ))
+            .unwrap()
+        };
+        let mut m = Machine::new(bare(""));
+        m.on_exclusive_units(mounts(&["srv-db"]), 0);
+        assert_eq!(
+            m.on_lease(lease(true, 100 * S), 10 * S)[2..],
+            [Action::ArmWatchdog { epoch: 1 }]
+        );
+        assert_eq!(
+            m.on_tick(22 * S),
+            vec![Action::Mount("srv-db.mount".into())]
+        );
+        // Without any at the start of a leadership, nothing was fenced: one
+        // declared later arms the watchdog and waits a delay from then.
+        let mut m = Machine::new(bare(""));
+        assert_eq!(
+            m.on_lease(lease(true, 100 * S), 10 * S).len(),
+            2,
+            "VIP only"
+        );
+        assert_eq!(
+            m.on_lease(lease(true, 101 * S), 11 * S),
+            vec![Action::RenewVip(vip())],
+            "nothing to pet"
+        );
+        assert_eq!(
+            m.on_exclusive_units(mounts(&["srv-db"]), 30 * S),
+            vec![Action::ArmWatchdog { epoch: 1 }]
+        );
+        assert_eq!(m.fence_due_ns(), Some(42 * S));
+        assert_eq!(
+            m.on_lease(lease(true, 102 * S), 31 * S),
+            vec![Action::PetWatchdog, Action::RenewVip(vip())]
+        );
+        assert_eq!(
+            m.on_tick(42 * S),
+            vec![Action::Mount("srv-db.mount".into())]
+        );
+        assert_eq!(
+            m.on_stream_lost()[2..],
+            [
+                Action::StopUnit("srv-db.mount".into()),
+                Action::DisarmWatchdog { epoch: 1 },
+            ]
+        );
+        // With the watchdog off: no fence, mounted with the units at once.
+        let mut m = Machine::new(bare("watchdog_mode = \"off\"\n"));
+        m.on_exclusive_units(mounts(&["srv-db"]), 0);
+        assert_eq!(
+            m.on_lease(lease(true, 100 * S), 10 * S)[2..],
+            [Action::Mount("srv-db.mount".into())]
+        );
+        assert_eq!(
+            m.on_stream_lost()[2..],
+            [Action::StopUnit("srv-db.mount".into())]
+        );
     }
 
     #[test]

@@ -268,6 +268,9 @@ impl Executor {
                         }
                     });
                 }
+                Action::Mount(ref u) if self.units_blocked => {
+                    tracing::error!(unit = %u, "not mounted: the watchdog is required (fence.watchdog_mode) and could not be armed");
+                }
                 Action::StartUnit(ref u) if self.units_blocked => {
                     tracing::error!(unit = %u, "not started: the watchdog is required (fence.watchdog_mode) and could not be armed");
                 }
@@ -378,12 +381,26 @@ fn start_service_worker(
         // A unit failed to stop since the last disarm: the watchdog must
         // stay armed, and reset this server.
         let mut stop_failed = false;
+        // An exclusive datastore did not mount in this leadership: the
+        // units that would run on it are not started (they would write
+        // under the empty mount point).
+        let mut mount_failed: Option<String> = None;
         while let Some(action) = rx.recv().await {
             let services = services.clone();
             let watchdog = watchdog.clone();
             let failed_before = stop_failed;
+            if matches!(action, Action::StopUnit(_)) {
+                mount_failed = None;
+            }
+            if let (Some(m), Action::StartUnit(_) | Action::LeaderHook(_)) =
+                (&mount_failed, &action)
+            {
+                tracing::error!(?action, mount = %m, "not started: an exclusive datastore did not mount");
+                continue;
+            }
             let outcome = tokio::task::spawn_blocking(move || {
                 let r = match &action {
+                    Action::Mount(u) => services.mount(u),
                     Action::StartUnit(u) => services.start_unit(u),
                     Action::StopUnit(u) => services.stop_unit(u),
                     Action::LeaderHook(h) => services.hook(h, "leader", leader_timeout),
@@ -416,6 +433,10 @@ fn start_service_worker(
                     stop_failed = true;
                     tracing::error!(?action, error = %e, "failed");
                 }
+                Ok((Action::Mount(u), Err(e))) => {
+                    tracing::error!(unit = %u, error = %e, "the exclusive datastore did not mount: the leader-only units are not started");
+                    mount_failed = Some(u);
+                }
                 Ok((action, Ok(()))) => tracing::info!(?action, "done"),
                 Ok((action, Err(e))) => tracing::error!(?action, error = %e, "failed"),
                 Err(e) => {
@@ -427,6 +448,35 @@ fn start_service_worker(
         }
     });
     (tx, worker)
+}
+
+/// How often zone-mounts' list of exclusive datastores is read.
+const EXCLUSIVE_UNITS_EVERY: Duration = Duration::from_secs(1);
+
+/// The mount units in zone-mounts' list (`[storage] exclusive_units`): one
+/// unit name per line; none when the file is missing. A line that is not a
+/// mount unit's name is skipped, loudly.
+fn read_exclusive_units(path: &std::path::Path) -> Vec<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the exclusive datastores' units");
+            return Vec::new();
+        }
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| {
+            let ok = l.ends_with(".mount") && !l.contains('/') && !l.starts_with('-');
+            if !ok {
+                tracing::warn!(path = %path.display(), line = %l, "not a mount unit's name; skipped");
+            }
+            ok
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Feeds systemd's watchdog (`WatchdogSec=`) from the lease loop itself,
@@ -552,6 +602,13 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         holding,
         addresses: addresses.clone(),
     };
+    // The exclusive datastores first: a previous run may have left them
+    // mounted, and startup stops them.
+    let mut exclusive_every = tokio::time::interval(EXCLUSIVE_UNITS_EVERY);
+    exclusive_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let listed = read_exclusive_units(&config.storage.exclusive_units);
+    let none = machine.on_exclusive_units(listed, boottime_ns());
+    debug_assert!(none.is_empty(), "a follower at start");
     let stale = machine.startup();
     apply(&mut exec, &mut machine, stale).await;
     // Ready (Type=notify): systemd's watchdog counts from here, not from
@@ -675,6 +732,11 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                         apply(&mut exec, &mut machine, down).await;
                         let _ = ack_tx.try_send(ack(machine.is_leader(), generation));
                     }
+                }
+                _ = exclusive_every.tick() => {
+                    let listed = read_exclusive_units(&config.storage.exclusive_units);
+                    let actions = machine.on_exclusive_units(listed, boottime_ns());
+                    apply(&mut exec, &mut machine, actions).await;
                 }
                 _ = tokio::time::sleep_until(watchdog.due()) => {}
                 _ = stop.changed() => break 'outer,

@@ -219,8 +219,7 @@ impl StorageRow {
                     DatastoreRow {
                         name: d.name.clone(),
                         state: zone_datastores::state_name(state).to_owned(),
-                        healthy: zone_datastores::healthy(state)
-                            || (d.exclusive && state == zone_proto::v1::DatastoreState::Unmounted),
+                        healthy: zone_datastores::healthy(state, d.exclusive),
                         required: d.required,
                         exclusive: d.exclusive,
                         latency_us: d.latency_us,

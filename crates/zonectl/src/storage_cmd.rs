@@ -57,8 +57,10 @@ pub enum StorageCommand {
         /// required datastores stay unhealthy hands leadership over.
         #[arg(long)]
         required: bool,
-        /// Mounted only on the lease holder (a block device that must never
-        /// be mounted twice). Refused until fencing is built.
+        /// Mounted only on the lease holder, after the fence delay (a
+        /// shared block device's ext4, xfs... that must never be mounted
+        /// twice); not for nfs or bind. zone-vip mounts it before the
+        /// leader-only units and unmounts it after them.
         #[arg(long)]
         exclusive: bool,
         /// Time between probes (e.g. 2s, 500ms).

@@ -220,3 +220,77 @@ async fn a_failing_mount_is_failed_with_its_reason_and_retried() {
     assert_eq!(state(&sup, "one"), Some(DatastoreState::Mounted));
     assert!(count(&m, "mount /srv/one") >= 2);
 }
+
+fn exclusive(name: &str, target: &str) -> Datastore {
+    Datastore {
+        r#type: "ext4".into(),
+        source: "/dev/disk/by-id/virtio-shared".into(),
+        exclusive: true,
+        required: true,
+        write_probe: true,
+        ..ds(name, target)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_datastore_is_never_mounted_here_its_unit_is_listed_and_probed_once_mounted() {
+    let m = Memory::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
+    let db = exclusive("db", "/srv/db");
+    sup.reconcile(&[db.clone(), ds("one", "/srv/one")]);
+    settle().await;
+    // Away from the lease holder: unmounted, and that is healthy.
+    assert_eq!(state(&sup, "db"), Some(DatastoreState::Unmounted));
+    assert_eq!(count(&m, "mount /srv/db"), 0, "{:?}", m.log.lock().unwrap());
+    assert_eq!(count(&m, "mount /srv/one"), 1);
+    let units = m.units.lock().unwrap().clone();
+    assert_eq!(
+        units.keys().collect::<Vec<_>>(),
+        ["srv-db.mount"],
+        "only the exclusive one has a unit"
+    );
+    assert!(units["srv-db.mount"].contains("Where=/srv/db"));
+    let list = dir.path().join(EXCLUSIVE_UNITS);
+    assert_eq!(std::fs::read_to_string(&list).unwrap(), "srv-db.mount\n");
+    // zone-vip mounts it (on the holder): probed like any other.
+    m.mounted
+        .lock()
+        .unwrap()
+        .insert("/srv/db".into(), MountId::of(&db));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
+    assert_eq!(state(&sup, "db"), Some(DatastoreState::Mounted));
+    assert!(count(&m, "probe /srv/db") >= 1);
+    // Unmounted again (the lease moved): unmounted, not failed.
+    m.mounted.lock().unwrap().remove("/srv/db");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
+    assert_eq!(state(&sup, "db"), Some(DatastoreState::Unmounted));
+    // Its device gone from this server: failed, naming it.
+    m.missing
+        .lock()
+        .unwrap()
+        .insert("/dev/disk/by-id/virtio-shared".into());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
+    let report = sup.table.report(0);
+    let h = report.datastores.iter().find(|d| d.name == "db").unwrap();
+    assert_eq!(h.state(), DatastoreState::Failed);
+    assert!(
+        h.error.contains("/dev/disk/by-id/virtio-shared"),
+        "{}",
+        h.error
+    );
+    // Removed while mounted here: unmounted, its unit and listing gone.
+    m.missing.lock().unwrap().clear();
+    m.mounted
+        .lock()
+        .unwrap()
+        .insert("/srv/db".into(), MountId::of(&db));
+    sup.reconcile(&[ds("one", "/srv/one")]);
+    settle().await;
+    assert!(!m.is_mounted("/srv/db"));
+    assert!(m.units.lock().unwrap().is_empty());
+    assert_eq!(std::fs::read_to_string(&list).unwrap(), "");
+}

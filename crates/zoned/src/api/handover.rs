@@ -39,9 +39,9 @@ fn unhealthy_required(st: Option<&StorageHealth>, required: &[Datastore]) -> Vec
     required
         .iter()
         .filter(|d| {
-            !st.datastores
-                .iter()
-                .any(|h| h.name == d.name && h.revision == d.revision && healthy(h.state()))
+            !st.datastores.iter().any(|h| {
+                h.name == d.name && h.revision == d.revision && healthy(h.state(), h.exclusive)
+            })
         })
         .map(|d| d.name.clone())
         .collect()
@@ -135,7 +135,8 @@ impl ServerContext {
                 // As of the report, plus the report's age: still unhealthy
                 // as far as anyone knows (reports come every 2 s).
                 let down = Duration::from_millis(h.unhealthy_ms + st.age_ms);
-                let bad = !healthy(h.state()) && h.state() != DatastoreState::Unspecified;
+                let bad =
+                    !healthy(h.state(), h.exclusive) && h.state() != DatastoreState::Unspecified;
                 (bad && down >= grace(d)).then(|| (d.name.clone(), down))
             })
             .collect()
