@@ -232,8 +232,9 @@ async fn exclusive_datastores_mount_on_the_holder_after_the_fence_and_before_its
         &zone,
         &format!(
             "[leader]\nunits = [\"{UNIT}\"]\n[fence]\nwatchdog_timeout_s = 1\ndelay_ms = 2000\n\
-             [storage]\nexclusive_units = \"{}\"\n",
-            list.display()
+             [storage]\nexclusive_units = \"{}\"\nmounted_record = \"{}\"\n",
+            list.display(),
+            dir.path().join("mounted").display()
         ),
         |m| m,
     );
@@ -285,6 +286,42 @@ async fn exclusive_datastores_mount_on_the_holder_after_the_fence_and_before_its
         at(second, &format!("start {UNIT}")),
         None,
         "the unit started without its datastore"
+    );
+    let _ = agents.stop.send(true);
+}
+
+/// Without a watchdog (`watchdog_mode = "off"` here), an exclusive
+/// datastore is never mounted, and the units that would use it do not
+/// start: a shared disk is never mounted unfenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_watchdog_an_exclusive_datastore_is_never_mounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("exclusive-units");
+    std::fs::write(&list, "srv-db.mount\n").unwrap();
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let agents = start_agents_with(
+        &zone,
+        &format!(
+            "{USUAL}[storage]\nexclusive_units = \"{}\"\nmounted_record = \"{}\"\n",
+            list.display(),
+            dir.path().join("mounted").display()
+        ),
+        |m| m,
+    );
+    let first = agents.wait_holder(&zone, None).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log: Vec<String> = agents.mem[first]
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, e)| e.clone())
+        .collect();
+    assert!(
+        !log.iter()
+            .any(|e| e.starts_with("mount ") || e.starts_with("start ")),
+        "{log:?}"
     );
     let _ = agents.stop.send(true);
 }

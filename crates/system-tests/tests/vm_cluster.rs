@@ -1040,6 +1040,12 @@ fn an_exclusive_datastore_on_a_shared_disk_is_mounted_on_the_lease_holder_alone(
     let mut holders = vec![first, second, third];
     holders.sort_unstable();
     holders.dedup();
+    for id in [second, third] {
+        assert!(
+            !console_times(&lab, id, "mounting the exclusive datastores").is_empty(),
+            "VM {id} wrote without its mount logged"
+        );
+    }
     for id in holders {
         for t in console_times(&lab, id, "mounting the exclusive datastores") {
             let since = takeover_before(&lab, id, t)?;

@@ -103,14 +103,8 @@ pub fn check(ds: &mut Datastore, others: &[Datastore]) -> Result<(), Invalid> {
     check_source(&ds.r#type, &ds.source)?;
     check_target(&ds.target)?;
     let opts = Options::parse(&ds.options)?;
-    if ds.exclusive && matches!(ds.r#type.as_str(), "nfs" | "nfs4" | "bind") {
-        return Err(invalid(
-            "exclusive",
-            format!(
-                "a `{}` datastore may be mounted on every server at once; exclusive is for a block device's file system (ext4, xfs, ...), which must never be mounted twice: declare it without --exclusive",
-                ds.r#type
-            ),
-        ));
+    if ds.exclusive {
+        check_exclusive(ds)?;
     }
     if ds.r#type == "bind" && !opts.data.is_empty() {
         return Err(invalid(
@@ -184,6 +178,39 @@ pub fn check(ds: &mut Datastore, others: &[Datastore]) -> Result<(), Invalid> {
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// What an exclusive datastore needs besides: a block device (zone-vip
+/// mounts it through a systemd mount unit), and names systemd takes as
+/// they are.
+fn check_exclusive(ds: &Datastore) -> Result<(), Invalid> {
+    if matches!(ds.r#type.as_str(), "nfs" | "nfs4" | "bind") {
+        return Err(invalid(
+            "exclusive",
+            format!(
+                "a `{}` datastore may be mounted on every server at once; exclusive is for a block device's file system (ext4, xfs, ...), which must never be mounted twice: declare it without --exclusive",
+                ds.r#type
+            ),
+        ));
+    }
+    for (field, value) in [("source", &ds.source), ("target", &ds.target)] {
+        if value.contains('%') {
+            return Err(invalid(
+                field,
+                format!("`{value}` holds `%`, which systemd reads as a specifier in an exclusive datastore's mount unit"),
+            ));
+        }
+    }
+    if mount_unit_name(&ds.target).len() > 255 {
+        return Err(invalid(
+            "target",
+            format!(
+                "`{}` makes a mount unit name longer than 255 bytes once escaped",
+                ds.target
+            ),
+        ));
     }
     Ok(())
 }
@@ -505,6 +532,14 @@ pub fn mount_unit_name(target: &str) -> String {
 /// own files from others in the units directory.
 pub const UNIT_HEADER: &str = "# Written by zone-mounts: an exclusive datastore of the zone.";
 
+/// A file zone-vip makes on the lease holder once the old holder is
+/// fenced, just before it mounts the exclusive datastores, and removes
+/// before it unmounts them. Every exclusive datastore's mount unit asserts
+/// it: started any other way (a unit's `RequiresMountsFor=`, an operator's
+/// `systemctl start`) on a server that is not the fenced holder, the
+/// mount fails, and so do the units that require it.
+pub const FENCED_FLAG: &str = "/run/zone-vip/fenced";
+
 /// The systemd mount unit of exclusive datastore `ds`: zone-vip starts it
 /// on the lease holder once the old holder is fenced, and stops it (after
 /// the leader-only units) when the lease ends. Nothing else pulls it in: no
@@ -516,6 +551,7 @@ pub fn mount_unit_text(ds: &Datastore) -> String {
          # not by hand: another server may hold it. `zonectl storage rm {name}` removes it.\n\
          [Unit]\n\
          Description=Zoned exclusive datastore {name} (on the lease holder only)\n\
+         AssertPathExists={FENCED_FLAG}\n\
          \n\
          [Mount]\n\
          What={source}\n\
@@ -529,12 +565,10 @@ pub fn mount_unit_text(ds: &Datastore) -> String {
     if !ds.options.is_empty() {
         t.push_str(&format!("Options={}\n", ds.options));
     }
-    // A mount or unmount that takes longer has failed: the unmount's
-    // failure keeps zone-vip's watchdog armed (see zone-vip's watchdog).
-    t.push_str(&format!(
-        "TimeoutSec={}\n",
-        (u64::from(ds.probe_timeout_ms).max(1_000) / 1_000).max(10)
-    ));
+    // Time for a journal replay after the old holder died; an unmount
+    // that hangs meanwhile is cut short by the watchdog (zone-vip stops
+    // petting it with the lease).
+    t.push_str("TimeoutSec=90\n");
     t
 }
 

@@ -286,6 +286,32 @@ fn an_exclusive_block_device_is_accepted_and_unmounted_is_its_normal_state() {
 }
 
 #[test]
+fn an_exclusive_datastore_names_nothing_systemd_would_read_otherwise() {
+    let e = refused(disk("db", "/srv/50%"), &[]);
+    assert_eq!(e.field, "datastore.target", "{e}");
+    let e = refused(
+        Datastore {
+            source: "/dev/disk/by-id/a%n".into(),
+            ..disk("db", "/srv/db")
+        },
+        &[],
+    );
+    assert_eq!(e.field, "datastore.source", "{e}");
+    let long = format!("/srv/{}", "-".repeat(70));
+    let e = refused(disk("db", &long), &[]);
+    assert!(e.reason.contains("255 bytes"), "{e}");
+    // Not exclusive: mount(2) takes them as they are.
+    check(&mut disk_shared("/srv/50%"), &[]).unwrap();
+}
+
+fn disk_shared(target: &str) -> Datastore {
+    Datastore {
+        exclusive: false,
+        ..disk("db", target)
+    }
+}
+
+#[test]
 fn mount_unit_names_are_spelled_as_systemd_escape_spells_them() {
     // `systemd-escape --path --suffix=mount PATH`, systemd 252.
     for (target, unit) in [
@@ -320,7 +346,8 @@ fn a_mount_unit_names_the_declaration_and_is_never_started_at_boot() {
         "Where=/srv/db",
         "Type=ext4",
         "Options=noatime,data=ordered",
-        "TimeoutSec=10",
+        "AssertPathExists=/run/zone-vip/fenced",
+        "TimeoutSec=90",
     ] {
         assert!(t.lines().any(|l| l == line), "no `{line}` in:\n{t}");
     }

@@ -106,9 +106,10 @@ pub trait Mounts: std::fmt::Debug + Send + Sync + 'static {
     /// present on this server. Never waits on storage.
     fn device_present(&self, source: &str) -> bool;
     /// Makes the units directory hold exactly `units` (file name, text) of
-    /// the mount units zone-mounts writes, and systemd know them. Blocks:
-    /// run it off the runtime.
-    fn install_units(&self, units: &[(String, String)]) -> Result<(), String>;
+    /// the mount units zone-mounts writes, and systemd know them; the ones
+    /// it may not write (another file of that name is there), with why.
+    /// Blocks: run it off the runtime.
+    fn install_units(&self, units: &[(String, String)]) -> Result<Vec<(String, String)>, String>;
 }
 
 /// The real thing: `<exe> helper ...` children, and exclusive datastores'
@@ -248,7 +249,7 @@ impl Mounts for Children {
     /// seconds, and zone-vip's `systemctl stop` on losing the lease waits
     /// behind it (under QEMU's emulation, one reload on the leader cost it
     /// its lease, and its stop waited past the watchdog's timeout).
-    fn install_units(&self, units: &[(String, String)]) -> Result<(), String> {
+    fn install_units(&self, units: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
         let dir = &self.units_dir;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -271,9 +272,12 @@ impl Mounts for Children {
             match std::fs::read_to_string(&path) {
                 Ok(old) if old == *text => continue,
                 Ok(old) if old.lines().next() != Some(zone_datastores::UNIT_HEADER) => {
-                    refused.push(format!(
-                        "{} exists and was not written by zone-mounts; left alone",
-                        path.display()
+                    refused.push((
+                        name.clone(),
+                        format!(
+                            "{} exists and was not written by zone-mounts; left alone",
+                            path.display()
+                        ),
                     ));
                     continue;
                 }
@@ -289,11 +293,7 @@ impl Mounts for Children {
             c.arg("daemon-reload");
             zone_units::run_with_timeout(c, Duration::from_secs(60))?;
         }
-        if refused.is_empty() {
-            Ok(())
-        } else {
-            Err(refused.join("; "))
-        }
+        Ok(refused)
     }
 }
 
@@ -399,8 +399,8 @@ impl Mounts for Memory {
         !self.missing.lock().unwrap().contains(source)
     }
 
-    fn install_units(&self, units: &[(String, String)]) -> Result<(), String> {
+    fn install_units(&self, units: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
         *self.units.lock().unwrap() = units.iter().cloned().collect();
-        Ok(())
+        Ok(Vec::new())
     }
 }

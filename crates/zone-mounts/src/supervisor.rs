@@ -16,8 +16,9 @@
 //! reads: it starts them before the leader-only units and stops them
 //! after. Here such a datastore is probed while mounted (on the holder),
 //! and otherwise reported `unmounted`, or `failed` when its device is
-//! missing (this server could not take it over). A removed one is
-//! unmounted like any other.
+//! missing (this server could not take it over). zone-mounts never
+//! unmounts one: a removed one leaves the list, and zone-vip unmounts it
+//! (at once if it can, else when the lease ends, after the units on it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -273,6 +274,12 @@ impl<M: Mounts> Supervisor<M> {
             task.abort();
             let hung = self.table.state(&name) == Some(DatastoreState::Hung);
             self.table.forget(&name);
+            if ds.exclusive {
+                // zone-vip's: it unmounts it once the units on it stopped
+                // (unmounted here, lazily if busy, the units would go on
+                // under the empty mount point).
+                continue;
+            }
             self.unmount(name, MountId::of(&ds), hung);
         }
         let stale: Vec<(String, MountId)> = self
@@ -365,18 +372,30 @@ async fn install_units<M: Mounts>(
         let names: Vec<String> = units.iter().map(|(n, _)| n.clone()).collect();
         let m2 = m.clone();
         let installed = tokio::task::spawn_blocking(move || m2.install_units(&units)).await;
-        let retry = match installed {
-            Ok(Ok(())) => false,
+        // What to list (None: the installation failed, list nothing new),
+        // and whether to try again.
+        let (to_list, retry): (Option<Vec<String>>, bool) = match installed {
+            Ok(Ok(refused)) => {
+                for (unit, why) in &refused {
+                    tracing::error!(%unit, error = %why, "exclusive datastore's mount unit not installed: zone-vip will not mount it");
+                }
+                // A refused unit is left out, the others listed.
+                let names = names
+                    .into_iter()
+                    .filter(|n| !refused.iter().any(|(r, _)| r == n))
+                    .collect();
+                (Some(names), !refused.is_empty())
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot install the exclusive datastores' mount units");
-                true
+                (None, true)
             }
             Err(e) => {
                 tracing::error!(error = %e, "installing the mount units panicked");
-                true
+                (None, true)
             }
         };
-        if !retry && listed.as_ref() != Some(&names) {
+        if let Some(names) = to_list.filter(|n| listed.as_ref() != Some(n)) {
             let text: String = names.iter().map(|n| format!("{n}\n")).collect();
             match zone_files::atomic::write(&list, text.as_bytes(), 0o644, None) {
                 Ok(()) => listed = Some(names),
@@ -467,6 +486,10 @@ async fn supervise<M: Mounts>(
         }
         let guard = lock.lock().await;
         match m.state(&id) {
+            MountState::Ours if ds.exclusive => {
+                // Mounted by zone-vip on the lease holder: probed, never
+                // recorded (zone-mounts never unmounts it).
+            }
             MountState::Ours => {
                 // Mounted by an earlier run (or exactly as declared): ours.
                 owned.set(&ds.name, Some(&id));

@@ -57,12 +57,16 @@ pub struct Storage {
     /// line (`<zone-mounts --state-dir>/exclusive-units`); read at start
     /// and every second. Missing: none.
     pub exclusive_units: PathBuf,
+    /// Where this agent records the mount units it may have mounted, so
+    /// that after a restart it unmounts one that has left the list since.
+    pub mounted_record: PathBuf,
 }
 
 impl Default for Storage {
     fn default() -> Self {
         Storage {
             exclusive_units: PathBuf::from("/run/zone-mounts/exclusive-units"),
+            mounted_record: PathBuf::from("/run/zone-vip/exclusive-mounted"),
         }
     }
 }

@@ -42,7 +42,12 @@ pub trait Services: Send + Sync + 'static {
     /// Starts an exclusive datastore's mount unit and waits until it is
     /// mounted.
     fn mount(&self, unit: &str) -> Result<(), String>;
+    /// Stops a unit; for a mount unit, this server is no longer fenced
+    /// (nothing may mount an exclusive datastore here any more).
     fn stop_unit(&self, unit: &str) -> Result<(), String>;
+    /// Unmounts one exclusive datastore while still leading (it was
+    /// removed from the zone): the others stay mountable.
+    fn release(&self, unit: &str) -> Result<(), String>;
     fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String>;
     /// The fence hook against server `target` (`ZONE_FENCE_ID`).
     fn fence(&self, command: &str, target: u64, timeout: Duration) -> Result<(), String>;
@@ -170,6 +175,15 @@ impl Services for Memory {
         Ok(())
     }
 
+    fn release(&self, unit: &str) -> Result<(), String> {
+        if self.refuse_stop.lock().expect("poisoned").contains(unit) {
+            self.note(format!("release {unit} failed"));
+            return Err(format!("{unit} is in use"));
+        }
+        self.note(format!("release {unit}"));
+        Ok(())
+    }
+
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
         if self.refuse_stop.lock().expect("poisoned").contains(unit) {
             self.note(format!("stop {unit} failed"));
@@ -190,6 +204,22 @@ impl Services for Memory {
     }
 }
 
+/// Whether block device `dev` is free: opened with `O_EXCL`, refused
+/// (EBUSY) while a file system on it is mounted anywhere. A device not
+/// there holds nothing.
+fn device_released(dev: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(dev)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{dev} is still in use: {e}")),
+    }
+}
+
 /// Units through `systemctl`, hooks through `sh -c` with `ZONE_ROLE` set.
 #[derive(Debug, Default)]
 pub struct Systemd;
@@ -202,7 +232,14 @@ impl Services for Systemd {
     /// Stopped means no process left: a stop job can end with processes
     /// the kernel will not kill (waiting on a dead NFS server), and the
     /// watchdog must then stay armed.
+    /// Marks this server fenced first ([`zone_datastores::FENCED_FLAG`]:
+    /// the unit asserts it, so that nothing else can start it elsewhere).
     fn mount(&self, unit: &str) -> Result<(), String> {
+        let flag = std::path::Path::new(zone_datastores::FENCED_FLAG);
+        if let Some(dir) = flag.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(flag, b"").map_err(|e| format!("{}: {e}", flag.display()))?;
         // The unit's own TimeoutSec= ends a mount that hangs first.
         zone_units::Systemctl::default().start(unit, Duration::from_secs(120))
     }
@@ -211,8 +248,47 @@ impl Services for Systemd {
     /// datastore's mount unit removed with its declaration) and not active
     /// is stopped. A mount unit is stopped once nothing is mounted on its
     /// `Where=`.
+    ///
+    /// An exclusive datastore's device is then opened with `O_EXCL`, which
+    /// the kernel refuses while any mount, in any mount namespace, still
+    /// holds it (a lazily detached one, a service's private copy): only
+    /// then is it stopped.
     fn stop_unit(&self, unit: &str) -> Result<(), String> {
         let systemctl = zone_units::Systemctl::default();
+        if unit.ends_with(".mount") {
+            // No longer fenced: nothing may mount them again here.
+            match std::fs::remove_file(zone_datastores::FENCED_FLAG) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("{}: {e}", zone_datastores::FENCED_FLAG))
+                }
+                _ => {}
+            }
+        }
+        self.stop_checked(&systemctl, unit)
+    }
+
+    fn release(&self, unit: &str) -> Result<(), String> {
+        self.stop_checked(&zone_units::Systemctl::default(), unit)
+    }
+
+    fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String> {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", command]).env("ZONE_ROLE", role);
+        zone_units::run_with_timeout(c, timeout)
+    }
+
+    fn fence(&self, command: &str, target: u64, timeout: Duration) -> Result<(), String> {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", command])
+            .env("ZONE_ROLE", "fence")
+            .env("ZONE_FENCE_ID", target.to_string());
+        zone_units::run_with_timeout(c, timeout)
+    }
+}
+
+impl Systemd {
+    /// `systemctl stop`, then the checks that the unit really stopped.
+    fn stop_checked(&self, systemctl: &zone_units::Systemctl, unit: &str) -> Result<(), String> {
         if let Err(e) = systemctl.stop(unit, Duration::from_secs(90)) {
             let load = systemctl.property(unit, "LoadState");
             let active = systemctl.property(unit, "ActiveState");
@@ -234,6 +310,12 @@ impl Services for Systemd {
                     return Err(format!("{unit} stopped but {at} is still mounted"));
                 }
             }
+            if let Some(dev) = systemctl
+                .property(unit, "What")
+                .filter(|w| w.starts_with("/dev/"))
+            {
+                device_released(&dev).map_err(|e| format!("{unit} stopped but {e}"))?;
+            }
             return Ok(());
         }
         let out = std::process::Command::new("systemctl")
@@ -254,19 +336,5 @@ impl Services for Systemd {
             )),
             _ => Ok(()),
         }
-    }
-
-    fn hook(&self, command: &str, role: &str, timeout: Duration) -> Result<(), String> {
-        let mut c = std::process::Command::new("sh");
-        c.args(["-c", command]).env("ZONE_ROLE", role);
-        zone_units::run_with_timeout(c, timeout)
-    }
-
-    fn fence(&self, command: &str, target: u64, timeout: Duration) -> Result<(), String> {
-        let mut c = std::process::Command::new("sh");
-        c.args(["-c", command])
-            .env("ZONE_ROLE", "fence")
-            .env("ZONE_FENCE_ID", target.to_string());
-        zone_units::run_with_timeout(c, timeout)
     }
 }

@@ -48,8 +48,14 @@ pub enum Action {
     /// Start announcing (gratuitous ARP / unsolicited NA), `count` times.
     Announce(Vip),
     /// Mount an exclusive datastore: start its mount unit and wait for it.
-    /// The units after it do not start if it fails.
+    /// The units after it do not start if it fails, nor when the watchdog
+    /// is not armed for this leadership (whatever `fence.watchdog_mode`:
+    /// a shared block device is never mounted unfenced).
     Mount(String),
+    /// Unmount an exclusive datastore removed from the zone while leading,
+    /// if it can go (nothing uses it); if not, it goes when the lease ends,
+    /// after the units.
+    Release(String),
     StartUnit(String),
     LeaderHook(String),
     RemoveVip(Vip),
@@ -133,6 +139,9 @@ pub struct Machine {
     exclusive: Vec<String>,
     /// The mount units started in this leadership, in order.
     mounted: Vec<String>,
+    /// Mount units that left the list while mounted (or that a previous
+    /// run recorded): stopped when the lease ends, and at start.
+    released: Vec<String>,
 }
 
 impl Machine {
@@ -145,14 +154,42 @@ impl Machine {
             last_other_leader: 0,
             exclusive: Vec::new(),
             mounted: Vec::new(),
+            released: Vec::new(),
         }
+    }
+
+    /// The mount units a previous run recorded as mounted (read at start,
+    /// before [`Machine::startup`]): stopped with the listed ones.
+    pub fn on_recorded_mounts(&mut self, units: Vec<String>) {
+        for u in units {
+            if !self.released.contains(&u) {
+                self.released.push(u);
+            }
+        }
+    }
+
+    /// What this agent may have mounted and not yet stopped: to record, so
+    /// that a restart stops it even once it has left the list.
+    pub fn mounted_units(&self) -> Vec<String> {
+        let mut all = self.mounted.clone();
+        let released: Vec<String> = self
+            .released
+            .iter()
+            .filter(|u| !all.contains(u))
+            .cloned()
+            .collect();
+        all.extend(released);
+        all
     }
 
     /// Whether there is anything to fence: leader-only units (or a leader
     /// hook, or exclusive datastores) and a watchdog mode other than off.
     fn fencing(&self) -> bool {
         let c = &self.config;
-        (!c.leader.units.is_empty() || c.leader.hook.is_some() || !self.exclusive.is_empty())
+        (!c.leader.units.is_empty()
+            || c.leader.hook.is_some()
+            || !self.exclusive.is_empty()
+            || !self.released.is_empty())
             && c.fence.watchdog_mode != crate::config::WatchdogMode::Off
     }
 
@@ -163,13 +200,27 @@ impl Machine {
     /// leadership (there was nothing to fence at its start), the watchdog
     /// is armed now and they wait for a fence delay from now. Ones gone
     /// from the list are still stopped when the lease ends (zone-mounts
-    /// unmounts a removed datastore itself).
+    /// leaves them to this agent).
     pub fn on_exclusive_units(&mut self, units: Vec<String>, now_ns: u64) -> Vec<Action> {
         if units == self.exclusive {
             return Vec::new();
         }
         tracing::info!(?units, "exclusive datastores' mount units");
         self.exclusive = units;
+        // Gone from the zone while mounted here: unmounted now if it can
+        // be, and in any case when the lease ends.
+        let gone: Vec<String> = self
+            .mounted
+            .iter()
+            .filter(|u| !self.exclusive.contains(u))
+            .cloned()
+            .collect();
+        self.mounted.retain(|u| !gone.contains(u));
+        // Back in the zone: mounted again like a new one.
+        let listed = self.exclusive.clone();
+        self.released.retain(|u| !listed.contains(u));
+        self.released.extend(gone.iter().cloned());
+        let mut a: Vec<Action> = gone.into_iter().map(Action::Release).collect();
         let fencing = self.fencing();
         let delay = self.config.fence.delay.as_nanos() as u64;
         let epoch = self.epoch;
@@ -180,9 +231,8 @@ impl Machine {
             ..
         } = &mut self.role
         else {
-            return Vec::new();
+            return a;
         };
-        let mut a = Vec::new();
         if fencing && !*armed {
             *armed = true;
             a.push(Action::ArmWatchdog { epoch });
@@ -248,7 +298,8 @@ impl Machine {
             .cloned()
             .map(Action::RemoveVip)
             .collect();
-        if self.fencing() {
+        let fencing = self.fencing();
+        if fencing {
             a.extend(
                 self.config
                     .leader
@@ -258,10 +309,28 @@ impl Machine {
                     .cloned()
                     .map(Action::StopUnit),
             );
-            a.extend(self.exclusive.iter().rev().cloned().map(Action::StopUnit));
+        }
+        // Whatever the watchdog's mode: a shared disk left mounted by a
+        // previous run must go before anything else mounts it.
+        a.extend(self.all_mounts().into_iter().rev().map(Action::StopUnit));
+        if fencing {
             a.push(Action::DisarmWatchdog { epoch: 0 });
         }
         a
+    }
+
+    /// Every mount unit this agent may have to stop, in mounting order:
+    /// those mounted in this leadership, those released, those listed.
+    fn all_mounts(&self) -> Vec<String> {
+        let mut all = self.mounted_units();
+        let listed: Vec<String> = self
+            .exclusive
+            .iter()
+            .filter(|u| !all.contains(u))
+            .cloned()
+            .collect();
+        all.extend(listed);
+        all
     }
 
     /// A lease state arrived at time `now_ns` (CLOCK_BOOTTIME).
@@ -489,14 +558,9 @@ impl Machine {
         // The exclusive datastores last, once nothing runs on them: those
         // mounted in this leadership and any listed (a stop of a unit not
         // active is no work).
-        let mut mounts = std::mem::take(&mut self.mounted);
-        mounts.extend(
-            self.exclusive
-                .iter()
-                .filter(|u| !mounts.contains(u))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
+        let mounts = self.all_mounts();
+        self.mounted.clear();
+        self.released.clear();
         a.extend(mounts.into_iter().rev().map(Action::StopUnit));
         if armed {
             // After the units and the follower hook (which may be what
@@ -661,10 +725,18 @@ mod tests {
             .concat()
         );
         // One declared while leading, fenced already: mounted at once;
-        // one removed: still stopped at the end.
+        // one removed: released now, and stopped again at the end.
         assert_eq!(
             m.on_exclusive_units(mounts(&["srv-db", "srv-new"]), 23 * S),
-            vec![Action::Mount("srv-new.mount".into())]
+            vec![
+                Action::Release("srv-logs.mount".into()),
+                Action::Mount("srv-new.mount".into())
+            ]
+        );
+        assert_eq!(
+            m.mounted_units(),
+            mounts(&["srv-db", "srv-new", "srv-logs"]),
+            "recorded for a restart"
         );
         assert_eq!(
             m.on_lease(lease(false, 0), 24 * S),
@@ -674,14 +746,44 @@ mod tests {
                 Action::StopUnit("b.service".into()),
                 Action::StopUnit("a.service".into()),
                 Action::FollowerHook("down".into()),
-                Action::StopUnit("srv-new.mount".into()),
                 Action::StopUnit("srv-logs.mount".into()),
+                Action::StopUnit("srv-new.mount".into()),
                 Action::StopUnit("srv-db.mount".into()),
                 Action::DisarmWatchdog { epoch: 1 },
             ]
         );
+        assert!(m.mounted_units().is_empty());
         // A follower mounts nothing, whatever is declared.
         assert!(m.on_exclusive_units(mounts(&["srv-db"]), 25 * S).is_empty());
+    }
+
+    #[test]
+    fn a_removed_datastore_declared_again_is_mounted_again_and_a_restart_stops_what_was_recorded() {
+        let mut m = Machine::new(with_fence(""));
+        m.on_exclusive_units(mounts(&["srv-db"]), 0);
+        m.on_lease(lease(true, 100 * S), 10 * S);
+        m.on_tick(22 * S);
+        assert_eq!(
+            m.on_exclusive_units(Vec::new(), 23 * S),
+            vec![Action::Release("srv-db.mount".into())]
+        );
+        assert_eq!(
+            m.on_exclusive_units(mounts(&["srv-db"]), 24 * S),
+            vec![Action::Mount("srv-db.mount".into())]
+        );
+        // A restart (a crash) after it left the list again: the record
+        // has it, and startup stops it, whatever the watchdog's mode.
+        let mut m = Machine::new(with_fence("watchdog_mode = \"off\"\n"));
+        m.on_recorded_mounts(mounts(&["srv-old"]));
+        m.on_exclusive_units(mounts(&["srv-db"]), 0);
+        assert_eq!(
+            m.startup(),
+            vec![
+                Action::RemoveVip(vip()),
+                Action::StopUnit("srv-db.mount".into()),
+                Action::StopUnit("srv-old.mount".into()),
+            ]
+        );
     }
 
     #[test]
@@ -736,7 +838,8 @@ mod tests {
                 Action::DisarmWatchdog { epoch: 1 },
             ]
         );
-        // With the watchdog off: no fence, mounted with the units at once.
+        // With the watchdog off: no fence delay; the mount is asked for with
+        // the units at once, and the runner refuses it (no watchdog armed).
         let mut m = Machine::new(bare("watchdog_mode = \"off\"\n"));
         m.on_exclusive_units(mounts(&["srv-db"]), 0);
         assert_eq!(

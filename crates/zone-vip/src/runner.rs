@@ -98,6 +98,11 @@ struct Executor {
     /// The watchdog is required and could not be armed for this
     /// leadership: no leader-only unit or leader hook may start.
     units_blocked: bool,
+    /// The watchdog was armed for the current leadership: exclusive
+    /// datastores may be mounted.
+    watchdog_armed: bool,
+    /// The mount units last recorded as possibly mounted.
+    recorded_mounts: Vec<String>,
     /// Where a fence hook's success is told, with its epoch.
     fenced: mpsc::UnboundedSender<u64>,
 }
@@ -224,11 +229,6 @@ impl Executor {
                     }
                     self.announce(vip);
                 }
-                Action::StopAnnouncing => {
-                    for t in self.announcing.drain(..) {
-                        t.abort();
-                    }
-                }
                 Action::ArmWatchdog { epoch } => {
                     // Arming pets: only within the lease.
                     if !lease_valid(&self.valid_until) {
@@ -268,8 +268,30 @@ impl Executor {
                         }
                     });
                 }
-                Action::Mount(ref u) if self.units_blocked => {
-                    tracing::error!(unit = %u, "not mounted: the watchdog is required (fence.watchdog_mode) and could not be armed");
+                Action::Mount(ref u) => {
+                    if !lease_valid(&self.valid_until) {
+                        return false;
+                    }
+                    // Safety: a shared block device mounted on two servers
+                    // is corrupted. Only under a watchdog armed for this
+                    // leadership, which resets this server should it fail
+                    // to unmount once the lease is gone; whatever
+                    // fence.watchdog_mode says. Else the units that would
+                    // use it do not start either.
+                    if self.units_blocked || !self.watchdog_armed {
+                        tracing::error!(unit = %u, mode = ?self.config.fence.watchdog_mode, "exclusive datastore not mounted: no watchdog armed for this leadership (a shared disk is never mounted unfenced); leader-only units not started");
+                        self.units_blocked = true;
+                    } else {
+                        let _ = self.services.send(Action::Mount(u.clone()));
+                    }
+                }
+                Action::StopAnnouncing => {
+                    for t in self.announcing.drain(..) {
+                        t.abort();
+                    }
+                    // The step-down: this leadership's watchdog is left to
+                    // the worker's disarm.
+                    self.watchdog_armed = false;
                 }
                 Action::StartUnit(ref u) if self.units_blocked => {
                     tracing::error!(unit = %u, "not started: the watchdog is required (fence.watchdog_mode) and could not be armed");
@@ -290,8 +312,12 @@ impl Executor {
     fn arm(&mut self, epoch: u64) {
         let fence = &self.config.fence;
         self.units_blocked = false;
+        self.watchdog_armed = false;
         match self.effects.watchdog.arm(epoch, fence.watchdog_timeout) {
-            Ok(t) => tracing::info!(timeout = ?t, "watchdog armed"),
+            Ok(t) => {
+                tracing::info!(timeout = ?t, "watchdog armed");
+                self.watchdog_armed = true;
+            }
             Err(e) if fence.watchdog_mode == crate::config::WatchdogMode::Required => {
                 tracing::error!(error = %e, "cannot arm the watchdog, which fence.watchdog_mode requires: leader-only units will not start on this server");
                 self.units_blocked = true;
@@ -401,6 +427,7 @@ fn start_service_worker(
             let outcome = tokio::task::spawn_blocking(move || {
                 let r = match &action {
                     Action::Mount(u) => services.mount(u),
+                    Action::Release(u) => services.release(u),
                     Action::StartUnit(u) => services.start_unit(u),
                     Action::StopUnit(u) => services.stop_unit(u),
                     Action::LeaderHook(h) => services.hook(h, "leader", leader_timeout),
@@ -433,6 +460,11 @@ fn start_service_worker(
                     stop_failed = true;
                     tracing::error!(?action, error = %e, "failed");
                 }
+                Ok((Action::Release(u), Err(e))) => {
+                    // Still mounted: stopped again when the lease ends, after
+                    // the units, under the failed-stop rule.
+                    tracing::warn!(unit = %u, error = %e, "a removed exclusive datastore is still in use: unmounted when the lease ends");
+                }
                 Ok((Action::Mount(u), Err(e))) => {
                     tracing::error!(unit = %u, error = %e, "the exclusive datastore did not mount: the leader-only units are not started");
                     mount_failed = Some(u);
@@ -456,16 +488,18 @@ const EXCLUSIVE_UNITS_EVERY: Duration = Duration::from_secs(1);
 /// The mount units in zone-mounts' list (`[storage] exclusive_units`): one
 /// unit name per line; none when the file is missing. A line that is not a
 /// mount unit's name is skipped, loudly.
-fn read_exclusive_units(path: &std::path::Path) -> Vec<String> {
+fn read_exclusive_units(path: &std::path::Path) -> Option<Vec<String>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(Vec::new()),
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the exclusive datastores' units");
-            return Vec::new();
+            // Not "none": the mounts listed before stay known.
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the exclusive datastores' units; keeping the last list");
+            return None;
         }
     };
-    text.lines()
+    let units = text
+        .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .filter(|l| {
@@ -476,7 +510,34 @@ fn read_exclusive_units(path: &std::path::Path) -> Vec<String> {
             ok
         })
         .map(str::to_owned)
-        .collect()
+        .collect();
+    Some(units)
+}
+
+/// Reads what a previous run recorded as mounted ([`record_mounts`]).
+fn read_recorded_mounts(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| l.ends_with(".mount"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Records the mount units this agent may have mounted (on /run: mounts
+/// do not outlive a boot), so that a restart stops them even once they
+/// have left zone-mounts' list.
+fn record_mounts(path: &std::path::Path, units: &[String]) {
+    let text: String = units.iter().map(|u| format!("{u}\n")).collect();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = zone_files::atomic::write(path, text.as_bytes(), 0o644, None) {
+        tracing::error!(path = %path.display(), error = %e, "cannot record the mounted exclusive datastores; a restart may not unmount one removed meanwhile");
+    }
 }
 
 /// Feeds systemd's watchdog (`WatchdogSec=`) from the lease loop itself,
@@ -536,6 +597,12 @@ fn declared(config: &Config) -> Vec<HeldAddress> {
 /// Carries out `actions`; if the lease ran out meanwhile, steps down at
 /// once.
 async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>) {
+    // Recorded before the mounts are done (by the worker, later).
+    let mounted = machine.mounted_units();
+    if mounted != exec.recorded_mounts {
+        record_mounts(&exec.config.storage.mounted_record, &mounted);
+        exec.recorded_mounts = mounted;
+    }
     let deadline = machine.deadline_ns().unwrap_or(0);
     exec.valid_until.store(deadline, Ordering::Release);
     if !machine.is_leader() {
@@ -566,6 +633,8 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         fresh: watch::channel(0).0,
         round_sent: 0,
         units_blocked: false,
+        watchdog_armed: false,
+        recorded_mounts: Vec::new(),
         fenced: fenced_tx,
     };
     let (questions_tx, questions) = mpsc::channel(256);
@@ -606,7 +675,8 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
     // mounted, and startup stops them.
     let mut exclusive_every = tokio::time::interval(EXCLUSIVE_UNITS_EVERY);
     exclusive_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let listed = read_exclusive_units(&config.storage.exclusive_units);
+    machine.on_recorded_mounts(read_recorded_mounts(&config.storage.mounted_record));
+    let listed = read_exclusive_units(&config.storage.exclusive_units).unwrap_or_default();
     let none = machine.on_exclusive_units(listed, boottime_ns());
     debug_assert!(none.is_empty(), "a follower at start");
     let stale = machine.startup();
@@ -734,9 +804,10 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                     }
                 }
                 _ = exclusive_every.tick() => {
-                    let listed = read_exclusive_units(&config.storage.exclusive_units);
-                    let actions = machine.on_exclusive_units(listed, boottime_ns());
-                    apply(&mut exec, &mut machine, actions).await;
+                    if let Some(listed) = read_exclusive_units(&config.storage.exclusive_units) {
+                        let actions = machine.on_exclusive_units(listed, boottime_ns());
+                        apply(&mut exec, &mut machine, actions).await;
+                    }
                 }
                 _ = tokio::time::sleep_until(watchdog.due()) => {}
                 _ = stop.changed() => break 'outer,

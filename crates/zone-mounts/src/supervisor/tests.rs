@@ -233,7 +233,8 @@ fn exclusive(name: &str, target: &str) -> Datastore {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_exclusive_datastore_is_never_mounted_here_its_unit_is_listed_and_probed_once_mounted() {
+async fn an_exclusive_datastore_is_never_mounted_nor_unmounted_here_its_unit_is_listed_and_probed()
+{
     let m = Memory::default();
     let dir = tempfile::tempdir().unwrap();
     let mut sup = Supervisor::new(Arc::new(m.clone()), 2, dir.path().into());
@@ -282,15 +283,24 @@ async fn an_exclusive_datastore_is_never_mounted_here_its_unit_is_listed_and_pro
         "{}",
         h.error
     );
-    // Removed while mounted here: unmounted, its unit and listing gone.
+    // Removed while mounted here: left to zone-vip (which stops the units
+    // on it first), its unit and listing gone, nothing recorded as ours.
     m.missing.lock().unwrap().clear();
     m.mounted
         .lock()
         .unwrap()
         .insert("/srv/db".into(), MountId::of(&db));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
     sup.reconcile(&[ds("one", "/srv/one")]);
     settle().await;
-    assert!(!m.is_mounted("/srv/db"));
+    assert!(m.is_mounted("/srv/db"), "unmounted under zone-vip's units");
+    assert_eq!(
+        count(&m, "umount /srv/db") + count(&m, "umount -l /srv/db"),
+        0
+    );
     assert!(m.units.lock().unwrap().is_empty());
     assert_eq!(std::fs::read_to_string(&list).unwrap(), "");
+    let owned = std::fs::read_to_string(dir.path().join("owned.json")).unwrap();
+    assert!(!owned.contains("/srv/db"), "{owned}");
 }
