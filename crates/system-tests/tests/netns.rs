@@ -473,3 +473,64 @@ fn transfer_and_sigterm_move_the_vip_with_no_dual_holder() {
     assert!(write_through_vip(&tb, "after-handoffs"));
     eprintln!("transfer moved the VIP in {transfer:?}, SIGTERM in {sigterm:?}; {samples} samples, never two holders");
 }
+
+/// Issue 23, honest health: a server cut from the others turns NOT_SERVING
+/// (overall and for the key-value store) within an election timeout (500
+/// to 750 ms at the default timing: it then campaigns, knowing no leader),
+/// while its Cluster service, which answers there, stays SERVING; healed,
+/// it is SERVING again. Asked from the server's own namespace, which still
+/// reaches it. On the code before, every server said SERVING from its start
+/// on, whatever happened.
+#[test]
+fn a_cut_server_is_not_serving_within_an_election_timeout_and_serving_once_healed() {
+    let tb = Testbed::start(3);
+    let leader = leader_holder(&tb, None);
+    let cut = (leader + 1) % 3;
+    let health = |i: usize| -> Option<serde_json::Value> {
+        let out = tb.zonectl_in(i, &["-o", "json", "health"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v.get(0)?.clone())
+    };
+    wait_for(Duration::from_secs(20), "every server serving", || {
+        (0..3)
+            .all(|i| health(i).is_some_and(|h| h["serving"] == true))
+            .then_some(())
+    });
+    let t = Instant::now();
+    tb.set_link(cut, false);
+    let h = wait_for(
+        Duration::from_secs(10),
+        "the cut server not serving",
+        || health(cut).filter(|h| h["server"] == "NOT_SERVING"),
+    );
+    let flipped = t.elapsed();
+    assert_eq!(h["kv"], "NOT_SERVING", "{h}");
+    assert_eq!(h["cluster"], "SERVING", "{h}");
+    assert!(
+        tb.log(cut, "zoned.log").contains("health: NOT_SERVING"),
+        "the reason is not logged"
+    );
+    // The others go on serving (the leader, if it was the one cut from,
+    // keeps its quorum with the third).
+    for i in (0..3).filter(|&i| i != cut) {
+        assert_eq!(
+            health(i).map(|h| h["serving"].clone()),
+            Some(true.into()),
+            "server {i}"
+        );
+    }
+    tb.set_link(cut, true);
+    let t = Instant::now();
+    wait_for(Duration::from_secs(20), "the healed server serving", || {
+        health(cut).filter(|h| h["serving"] == true)
+    });
+    eprintln!(
+        "health: NOT_SERVING {flipped:?} after the cut, SERVING {:?} after healing",
+        t.elapsed()
+    );
+    // The election timeout (at most 750 ms) and one zonectl call's time.
+    assert!(
+        flipped < Duration::from_millis(2_000),
+        "NOT_SERVING only {flipped:?} after the cut"
+    );
+}

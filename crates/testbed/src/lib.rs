@@ -539,6 +539,21 @@ impl Testbed {
             .expect("run zonectl")
     }
 
+    /// Runs `zonectl` inside server `i`'s own namespace, as the zone's
+    /// admin: it reaches that server even while its link is down.
+    pub fn zonectl_in(&self, i: usize, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.nodes[i].ns])
+            .arg(binary("zonectl"))
+            .arg("--credentials")
+            .arg(self.pki.admin_dir())
+            .args(["--timeout", "2", "--endpoints"])
+            .arg(format!("{}:7400", self.nodes[i].ip))
+            .args(args)
+            .output()
+            .expect("run zonectl")
+    }
+
     /// The IPv6 VIP (zone-vip only; keepalived runs the IPv4 one).
     pub fn vip6(&self) -> String {
         format!("{SUBNET6}::100")

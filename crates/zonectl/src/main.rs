@@ -112,6 +112,12 @@ enum Command {
     /// Shared datastores, mounted and probed on every server.
     #[command(subcommand)]
     Storage(storage_cmd::StorageCommand),
+    /// Ask each endpoint for its gRPC health, as a load balancer would:
+    /// SERVING only while the server is a member, knows a leader and has
+    /// applied its log; `zone.v1.Cluster` answers while its Raft driver
+    /// runs. Exit code 1 when any endpoint is not serving or cannot be
+    /// reached.
+    Health,
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +328,78 @@ fn print_members(members: &[Member], json: bool) {
     }
 }
 
+/// The services `zonectl health` asks about: the whole server (`""`), the
+/// key-value store, the cluster service.
+const HEALTH_SERVICES: [(&str, &str); 3] = [
+    ("SERVER", ""),
+    ("KV", "zone.v1.KV"),
+    ("CLUSTER", "zone.v1.Cluster"),
+];
+
+/// `zonectl health`: every endpoint on its own.
+async fn health(
+    endpoints: &[String],
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let mut rows = Vec::new();
+    for e in endpoints {
+        let mut statuses = Vec::new();
+        match connect(std::slice::from_ref(e)).await {
+            Ok((channel, _)) => {
+                let mut client = HealthClient::new(channel);
+                for (_, service) in HEALTH_SERVICES {
+                    let r = client
+                        .check(t(
+                            HealthCheckRequest {
+                                service: service.into(),
+                            },
+                            timeout,
+                        ))
+                        .await;
+                    statuses.push(match r {
+                        Ok(r) => r.into_inner().status().as_str_name().to_owned(),
+                        Err(s) => format!("error: {}", s.message()),
+                    });
+                }
+            }
+            Err(err) => statuses.push(format!("unreachable: {err}")),
+        }
+        rows.push((e.clone(), statuses));
+    }
+    let serving = |s: &[String]| s.first().is_some_and(|v| v == "SERVING");
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(e, s)| {
+                let mut o = serde_json::json!({ "endpoint": e, "serving": serving(s) });
+                for ((name, _), st) in HEALTH_SERVICES.iter().zip(s) {
+                    o[name.to_lowercase()] = st.clone().into();
+                }
+                o
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(v));
+    } else {
+        let w = rows.iter().map(|(e, _)| e.len()).max().unwrap_or(0).max(8);
+        println!("{:<w$}  {:<12} {:<12} CLUSTER", "ENDPOINT", "SERVER", "KV");
+        for (e, s) in &rows {
+            match s.as_slice() {
+                [server, kv, cluster] => {
+                    println!("{e:<w$}  {server:<12} {kv:<12} {cluster}")
+                }
+                other => println!("{e:<w$}  {}", other.join(" ")),
+            }
+        }
+    }
+    let bad = rows.iter().filter(|(_, s)| !serving(s)).count();
+    if bad > 0 {
+        anyhow::bail!("{bad} of {} endpoints not serving", rows.len());
+    }
+    Ok(())
+}
+
 /// A request with a deadline.
 fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -358,6 +436,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = CREDENTIALS.set(Some(creds));
     let timeout = std::time::Duration::from_secs(args.timeout.max(1));
     let endpoints = parse_endpoints(&args.endpoints);
+    if let Command::Health = args.command {
+        return health(&endpoints, timeout, args.output == Output::Json).await;
+    }
     let (channel, _) = connect(&endpoints).await?;
     let json = args.output == Output::Json;
     match args.command {
@@ -490,6 +571,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
+        Command::Health => unreachable!("answered before connecting"),
         Command::Zone(cmd) => {
             let disabled = matches!(cmd, ZoneCommand::Disable);
             let r = ClusterClient::new(channel)

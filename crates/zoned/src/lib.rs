@@ -16,7 +16,8 @@
 //!   certificate for its join token; [`renew`]: certificates renewed;
 //! - [`server`]: wiring and clean shutdown;
 //! - [`coalesce`]: one socket write per connection per scheduler round;
-//! - [`host`]: host figures for the zone status.
+//! - [`host`]: host figures for the zone status; [`health`]: the gRPC
+//!   health status, worked out from the Raft state.
 //!
 //! Safety rules kept here: a write is acknowledged only once committed,
 //! applied and written; reads are linearizable unless asked otherwise; bad
@@ -26,6 +27,7 @@ pub mod agent;
 pub mod api;
 pub mod coalesce;
 pub mod config;
+pub mod health;
 pub mod host;
 pub mod join;
 pub mod kv;

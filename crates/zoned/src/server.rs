@@ -162,9 +162,13 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         incarnation,
     );
 
+    // SERVING only while this server is a member, knows a leader and has
+    // applied its log (`crate::health`): NOT_SERVING until then.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<KvServer<KvService>>().await;
-    health.set_serving::<ClusterServer<ClusterService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::spawn(crate::health::run(node.clone(), health));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(zone_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
