@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod config_cmd;
 mod pki_cmd;
+mod snapshot_cmd;
 mod storage_cmd;
 mod user_cmd;
 
@@ -112,6 +113,9 @@ enum Command {
     /// Shared datastores, mounted and probed on every server.
     #[command(subcommand)]
     Storage(storage_cmd::StorageCommand),
+    /// Back the store up to a file, and check a backup file.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
     /// Ask each endpoint for its gRPC health, as a load balancer would:
     /// SERVING only while the server is a member, knows a leader and has
     /// applied its log; `zone.v1.Cluster` answers while its Raft driver
@@ -417,6 +421,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Command::Snapshot(snapshot_cmd::SnapshotCommand::Status { file }) = &args.command {
+        return snapshot_cmd::status(file, args.output == Output::Json);
+    }
     let creds = Credentials::resolve(
         args.tls_cacert.as_deref(),
         args.tls_cert.as_deref(),
@@ -436,6 +443,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = CREDENTIALS.set(Some(creds));
     let timeout = std::time::Duration::from_secs(args.timeout.max(1));
     let endpoints = parse_endpoints(&args.endpoints);
+    if let Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, .. }) = &args.command {
+        // Before any connection: an existing file is never overwritten.
+        snapshot_cmd::refuse_existing(file)?;
+    }
     if let Command::Health = args.command {
         return health(&endpoints, timeout, args.output == Output::Json).await;
     }
@@ -572,6 +583,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
         Command::Health => unreachable!("answered before connecting"),
+        Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, serializable }) => {
+            snapshot_cmd::save(channel, &file, serializable, json).await?
+        }
+        Command::Snapshot(snapshot_cmd::SnapshotCommand::Status { .. }) => {
+            unreachable!("answered before connecting")
+        }
         Command::Zone(cmd) => {
             let disabled = matches!(cmd, ZoneCommand::Disable);
             let r = ClusterClient::new(channel)

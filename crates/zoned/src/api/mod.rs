@@ -22,6 +22,7 @@
 //! - [`service`]: the tonic service impls, thin.
 
 mod admin;
+mod backup;
 mod config;
 mod error;
 pub mod handover;

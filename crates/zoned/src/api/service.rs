@@ -5,11 +5,12 @@
 use tonic::{Request, Response, Status};
 use zone_proto::v1::{
     cluster_server::Cluster, command, command_result, kv_server::Kv, manage_request,
-    manage_response, AddServerRequest, CommandResult, DeleteRequest, DeleteResponse, GetRequest,
-    GetResponse, ManageRequest, MembersRequest, MembersResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RemoveServerRequest, ResetServerRequest, ResetServerResponse,
-    SetMaintenanceRequest, SetMaintenanceResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse, TxnRequest, TxnResponse, WatchRequest,
+    manage_response, AddServerRequest, BackupRequest, CommandResult, DeleteRequest, DeleteResponse,
+    GetRequest, GetResponse, ManageRequest, MembersRequest, MembersResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RemoveServerRequest, ResetServerRequest,
+    ResetServerResponse, SetMaintenanceRequest, SetMaintenanceResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TxnRequest, TxnResponse,
+    WatchRequest,
 };
 
 use super::watch::WatchStream;
@@ -234,6 +235,18 @@ impl Cluster for ClusterService {
             self.0
                 .set_maintenance(req.into_inner().disabled, budget)
                 .await?,
+        ))
+    }
+
+    type BackupStream = super::backup::BackupStream;
+
+    async fn backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let budget = self.0.budget(&req);
+        Ok(Response::new(
+            self.0.backup(req.into_inner().linearizable, budget).await?,
         ))
     }
 }

@@ -24,6 +24,7 @@
 //! at one revision even while the driver keeps applying.
 
 mod apply;
+mod backup;
 mod read;
 pub mod sessions;
 mod snapshot;

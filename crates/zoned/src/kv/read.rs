@@ -23,7 +23,7 @@ pub enum HistoryError {
 /// Consistent reads for request handlers.
 #[derive(Debug, Clone)]
 pub struct Reader {
-    engine: Engine,
+    pub(super) engine: Engine,
     /// The maintenance flag, kept by the Raft driver after each write so
     /// that every write request need not read it from RocksDB.
     disabled: Arc<AtomicBool>,

@@ -39,7 +39,9 @@ pub fn snapshot_data(
     .encode_to_vec())
 }
 
-fn decode_members(bytes: Option<Vec<u8>>) -> Result<Option<Vec<Member>>, StorageFailure> {
+pub(super) fn decode_members(
+    bytes: Option<Vec<u8>>,
+) -> Result<Option<Vec<Member>>, StorageFailure> {
     match bytes {
         None => Ok(None),
         Some(b) => MembersResponse::decode(&b[..])

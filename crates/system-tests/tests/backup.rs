@@ -1,0 +1,132 @@
+//! Backups (issue 23): `zonectl snapshot save` against a zone of real
+//! processes, `zonectl snapshot status`, and what damaged files get.
+
+use std::process::{Command, Output};
+
+use testbed::zone::TestZone;
+use zonectl::v1::{DeleteRequest, KeyValue, PutRequest};
+
+fn zonectl(zone: &TestZone, args: &[&str]) -> Output {
+    Command::new(testbed::binary("zonectl"))
+        .args(zone.zonectl_credentials())
+        .args(args)
+        .output()
+        .expect("run zonectl")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "zonectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("zonectl's JSON")
+}
+
+/// 3000 keys of 1 KiB (three batches of the backup), every seventh written
+/// twice, every eleventh deleted; a backup from a follower holds every key
+/// with its value and revisions as a read at its revision saw them, later
+/// writes do not touch it, `status` checks it; an existing file is not
+/// overwritten, and a truncated or altered copy is refused by `status`
+/// with what is wrong, and nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused() {
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let mut kv = zone.kv(0).await;
+    let put = |i: u32, round: u8| PutRequest {
+        key: format!("k{i:05}").into_bytes(),
+        value: vec![b'a' + round; 1024],
+        ..Default::default()
+    };
+    for i in 0..3000 {
+        kv.put(put(i, 0)).await.unwrap();
+    }
+    for i in (0..3000).step_by(7) {
+        kv.put(put(i, 1)).await.unwrap();
+    }
+    for i in (0..3000).step_by(11) {
+        kv.delete(DeleteRequest {
+            key: format!("k{i:05}").into_bytes(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let before = zone.range(0, b"", false).await;
+    let revision = before.header.as_ref().unwrap().revision;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("zone.backup");
+    let f = file.to_str().unwrap();
+    let follower = zone.servers[1].endpoint();
+    let saved = json(&zonectl(
+        &zone,
+        &[
+            "--endpoints",
+            &follower,
+            "-o",
+            "json",
+            "snapshot",
+            "save",
+            f,
+        ],
+    ));
+    assert_eq!(saved["revision"], revision, "{saved}");
+    assert_eq!(saved["keys"], before.kvs.len() as u64, "{saved}");
+    assert_eq!(saved["zone_id"].as_str().map(str::len), Some(32), "{saved}");
+    assert_eq!(saved["server_id"], zone.servers[1].id, "{saved}");
+    // Later writes change the zone, not the file.
+    kv.put(put(9999, 2)).await.unwrap();
+    let status = json(&zonectl(&zone, &["-o", "json", "snapshot", "status", f]));
+    assert_eq!(status["revision"], revision);
+    assert_eq!(status["sha256"], saved["sha256"]);
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    let summary = zone_backup::read(std::fs::File::open(&file).unwrap(), |b| {
+        kvs.extend(b.iter().cloned())
+    })
+    .unwrap();
+    assert_eq!(summary.keys, before.kvs.len() as u64);
+    assert!(
+        kvs == before.kvs,
+        "the backup's keys differ from a read at revision {revision}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no .part left"
+    );
+
+    // An existing file is not overwritten.
+    let out = zonectl(&zone, &["snapshot", "save", f]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
+    assert_eq!(
+        zone_backup::read(std::fs::File::open(&file).unwrap(), |_| {})
+            .unwrap()
+            .sha256,
+        summary.sha256
+    );
+    // Truncated, or one byte changed: refused, saying what is wrong.
+    let whole = std::fs::read(&file).unwrap();
+    let cut = dir.path().join("cut.backup");
+    std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+    let out = zonectl(&zone, &["snapshot", "status", cut.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("truncated"), "{err}");
+    let mut bad = whole.clone();
+    let at = whole.len() / 3;
+    bad[at] ^= 0x40;
+    let altered = dir.path().join("altered.backup");
+    std::fs::write(&altered, &bad).unwrap();
+    let out = zonectl(&zone, &["snapshot", "status", altered.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && (err.contains("checksum") || err.contains("corrupt")),
+        "{err}"
+    );
+    eprintln!("a changed byte: {}", err.trim());
+    let other = dir.path().join("notes.txt");
+    std::fs::write(&other, "not a backup\n").unwrap();
+    let out = zonectl(&zone, &["snapshot", "status", other.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a Zoned backup"));
+}
