@@ -337,20 +337,24 @@ async fn health_reflection_and_clean_sigterm() {
     let mut zone = TestZone::start(1, "");
     zone.wait_leader().await;
     let ch = zone.channel(0).await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    // Health is worked out a moment after the election (a read barrier).
     for service in ["", "zone.v1.KV", "zone.v1.Cluster"] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service}"
-        );
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        testbed::zone::poll(Duration::from_secs(10), service, || {
+            let mut h = health.clone();
+            async move {
+                let r = h
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.status == serving).then_some(())
+            }
+        })
+        .await;
     }
     use tonic_reflection::pb::v1::{
         server_reflection_client::ServerReflectionClient,

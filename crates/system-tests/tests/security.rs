@@ -125,18 +125,27 @@ async fn without_a_certificate_only_health_answers() {
     let mut zone = TestZone::start(3, "");
     let l = zone.wait_leader().await;
     let anonymous = zone.channel_as(l, None);
-    let mut health = tonic_health::pb::health_client::HealthClient::new(anonymous.clone());
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health answers without a certificate")
-        .into_inner();
-    assert_eq!(
-        r.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let health = tonic_health::pb::health_client::HealthClient::new(anonymous.clone());
+    // Health is worked out a moment after the election (a read barrier).
+    testbed::zone::poll(
+        Duration::from_secs(10),
+        "SERVING without a certificate",
+        || {
+            let mut health = health.clone();
+            async move {
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .expect("health answers without a certificate")
+                    .into_inner();
+                (r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let e = KvClient::new(anonymous.clone())
         .get(GetRequest {
             key: b"k".to_vec(),

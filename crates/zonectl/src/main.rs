@@ -584,7 +584,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
         Command::Health => unreachable!("answered before connecting"),
         Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, serializable }) => {
-            snapshot_cmd::save(channel, &file, serializable, json).await?
+            snapshot_cmd::save(channel, &file, serializable, timeout, json).await?
         }
         Command::Snapshot(snapshot_cmd::SnapshotCommand::Status { .. }) => {
             unreachable!("answered before connecting")

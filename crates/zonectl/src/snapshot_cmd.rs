@@ -4,6 +4,7 @@
 //! covers the rest.
 
 use std::io::{IsTerminal as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -53,18 +54,36 @@ pub fn refuse_existing(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `save`.
+/// `save`: `idle` is the longest wait for the next chunk.
 pub async fn save(
     channel: Channel,
     file: &Path,
     serializable: bool,
+    idle: std::time::Duration,
     json: bool,
 ) -> anyhow::Result<()> {
     refuse_existing(file)?;
     let mut part = file.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let r = save_to(channel, file, &part, serializable).await;
+    // Made here, never truncated: a second save to the same FILE at once
+    // is refused instead of writing into this one.
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&part)
+        .with_context(|| {
+            format!(
+                "{} (another save of {} under way, or one interrupted: remove it)",
+                part.display(),
+                file.display()
+            )
+        })?;
+    let r = tokio::select! {
+        r = save_to(channel, out, file, &part, serializable, idle) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; nothing saved")),
+    };
     match r {
         Ok(summary) => {
             print_summary(file, &summary, json);
@@ -79,13 +98,16 @@ pub async fn save(
 
 async fn save_to(
     channel: Channel,
+    out: std::fs::File,
     file: &Path,
     part: &Path,
     serializable: bool,
+    idle: std::time::Duration,
 ) -> anyhow::Result<Summary> {
-    let out = std::fs::File::create(part).with_context(|| format!("{}", part.display()))?;
     let mut writer = zone_backup::Writer::new(std::io::BufWriter::new(out))?;
+    // A batch may carry a value up to zoned's largest.
     let mut stream = ClusterClient::new(channel)
+        .max_decoding_message_size(zone_backup::MAX_FRAME)
         .backup(BackupRequest {
             linearizable: !serializable,
         })
@@ -93,7 +115,16 @@ async fn save_to(
         .into_inner();
     let progress = std::io::stderr().is_terminal();
     let mut keys = 0;
-    while let Some(chunk) = stream.message().await? {
+    loop {
+        let next = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the server sent nothing for {} s; nothing saved",
+                    idle.as_secs()
+                )
+            })??;
+        let Some(chunk) = next else { break };
         keys += writer.push(&chunk)?;
         if progress {
             let total = writer.header().map_or(0, |h| h.key_count);
@@ -111,8 +142,10 @@ async fn save_to(
     let out = out.into_inner().map_err(|e| e.into_error())?;
     out.sync_all()?;
     drop(out);
-    std::fs::rename(part, file)
-        .with_context(|| format!("renaming {} to {}", part.display(), file.display()))?;
+    // A link, not a rename: it fails if FILE appeared meanwhile.
+    std::fs::hard_link(part, file)
+        .with_context(|| format!("linking {} to {}", part.display(), file.display()))?;
+    std::fs::remove_file(part)?;
     let dir = file
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -2,11 +2,16 @@
 //! load balancers and for `zonectl health`.
 //!
 //! A server is SERVING only while its answers are worth having: it is a
-//! member of the zone, it knows a leader (a partitioned server loses it
+//! member of the zone, it knows a leader (a partitioned voter loses it
 //! within an election timeout: pre-vote makes it a pre-candidate, with no
-//! leader), and it has applied its log up to within [`MAX_APPLY_LAG`]
-//! entries of the commit index it knows. Otherwise NOT_SERVING, with the
-//! reason logged once per change. The overall status (service `""`) and
+//! leader), and a read barrier through the leader finishes within
+//! [`BARRIER_TIMEOUT`]: the leader confirmed its leadership with a quorum
+//! and this server has applied everything committed before the check. The
+//! commit index a server knows is no guide to that: a leader tells a
+//! follower only what it has matched, so a server still receiving its
+//! snapshot, or a learner cut off from the zone (learners never campaign,
+//! and keep their leader), would look caught up. Otherwise NOT_SERVING,
+//! with the reason logged once per change. The overall status (service `""`) and
 //! every service that needs the leader (the key-value store, Config,
 //! Storage, Users, Join) follow that; `zone.v1.Cluster` is SERVING while
 //! the Raft driver answers at all: its Status is what an operator asks a
@@ -21,14 +26,17 @@ use tonic_health::ServingStatus;
 
 use crate::node::{LocalStatus, NodeHandle};
 
-/// Applied entries may trail the known commit index by this many.
-pub const MAX_APPLY_LAG: u64 = 1_000;
+/// How long the read barrier of a check may take.
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the driver may take to say how it is.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the verdict is worked out again, besides at every change of
 /// the Raft view.
-const EVERY: Duration = Duration::from_millis(500);
+const EVERY: Duration = Duration::from_secs(1);
 
-/// Why this server should not be used now, if it should not.
+/// Why this server should not be used now, if it should not, as far as
+/// its own Raft state tells (the read barrier is [`run`]'s).
 pub fn judge(s: &LocalStatus) -> Result<(), String> {
     if !s.voters.contains(&s.id) && !s.learners.contains(&s.id) {
         return Err(format!(
@@ -39,14 +47,42 @@ pub fn judge(s: &LocalStatus) -> Result<(), String> {
     if s.leader_id == 0 {
         return Err("no leader known: cut off from the zone, or an election under way".to_owned());
     }
-    let lag = s.commit.saturating_sub(s.applied);
-    if lag > MAX_APPLY_LAG {
-        return Err(format!(
-            "catching up: applied {} of {} committed ({lag} behind, at most {MAX_APPLY_LAG})",
-            s.applied, s.commit
-        ));
-    }
     Ok(())
+}
+
+/// The whole verdict: the Raft state, then the read barrier; and whether
+/// the driver answers at all.
+async fn check(node: &NodeHandle) -> (Result<(), String>, bool) {
+    let status = match tokio::time::timeout(STATUS_TIMEOUT, node.status()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return (Err(format!("the Raft driver stopped: {e}")), false),
+        Err(_) => {
+            return (
+                Err(format!(
+                    "the Raft driver did not answer within {} s (a stalled disk?)",
+                    STATUS_TIMEOUT.as_secs()
+                )),
+                true,
+            )
+        }
+    };
+    if let Err(why) = judge(&status) {
+        return (Err(why), true);
+    }
+    match tokio::time::timeout(BARRIER_TIMEOUT, node.read_barrier()).await {
+        Ok(Ok(())) => (Ok(()), true),
+        Ok(Err(e)) => (
+            Err(format!("a read barrier through the leader failed: {e}")),
+            true,
+        ),
+        Err(_) => (
+            Err(format!(
+                "not caught up with the leader: a read barrier did not finish within {} s",
+                BARRIER_TIMEOUT.as_secs()
+            )),
+            true,
+        ),
+    }
 }
 
 /// The services whose status follows [`judge`]; `zone.v1.Cluster` follows
@@ -77,9 +113,21 @@ pub async fn run(node: NodeHandle, reporter: HealthReporter) {
     // What was last set: (overall verdict, driver answering).
     let mut last: Option<(Result<(), String>, bool)> = None;
     loop {
-        let (verdict, answering) = match node.status().await {
-            Ok(s) => (judge(&s), true),
-            Err(e) => (Err(format!("the Raft driver stopped: {e}")), false),
+        // A change of leader or role while the read barrier waits (a cut
+        // server's barrier waits its whole timeout) starts the check again
+        // at once: the verdict follows the view within moments.
+        let checked = tokio::select! {
+            r = check(&node) => Some(r),
+            changed = view.changed() => {
+                if changed.is_err() {
+                    // The driver is gone: said at the next check.
+                    tokio::time::sleep(EVERY).await;
+                }
+                None
+            }
+        };
+        let Some((verdict, answering)) = checked else {
+            continue;
         };
         if last.as_ref() != Some(&(verdict.clone(), answering)) {
             match &verdict {
@@ -140,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn serving_needs_membership_a_leader_and_the_log_applied() {
+    fn serving_needs_membership_and_a_leader() {
         assert_eq!(judge(&status(2)), Ok(()));
         assert_eq!(judge(&status(4)), Ok(()), "a learner is a member");
         let e = judge(&status(5)).unwrap_err();
@@ -151,19 +199,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("no leader known"), "{e}");
-        let behind = LocalStatus {
-            commit: 100 + MAX_APPLY_LAG + 1,
-            ..status(2)
-        };
-        let e = judge(&behind).unwrap_err();
-        assert!(e.contains("catching up"), "{e}");
-        assert_eq!(
-            judge(&LocalStatus {
-                commit: 100 + MAX_APPLY_LAG,
-                ..status(2)
-            }),
-            Ok(()),
-            "within the bound"
-        );
     }
 }

@@ -37,11 +37,16 @@ impl ServerContext {
                 .map_or(0, |d| d.as_millis() as i64);
             let started = std::time::Instant::now();
             let mut chunks = 0u64;
+            let mut gone = false;
             let r = zone.reader().backup(id, taken, |c| {
                 chunks += 1;
-                tx.blocking_send(Ok(c)).is_ok()
+                gone = tx.blocking_send(Ok(c)).is_err();
+                !gone
             });
             match r {
+                Ok(()) if gone => {
+                    tracing::warn!(chunks, "backup abandoned: the client went away")
+                }
                 Ok(()) => tracing::info!(chunks, took = ?started.elapsed(), "backup streamed"),
                 Err(e) => {
                     tracing::error!(error = %e, "backup failed");
