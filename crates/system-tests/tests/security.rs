@@ -741,15 +741,7 @@ async fn issue_token(zone: &TestZone, i: usize, id: u64, ttl_seconds: u64) -> St
 }
 
 async fn add(zone: &TestZone, i: usize, id: u64, peer: String) {
-    zone.cluster(i)
-        .await
-        .add_server(AddServerRequest {
-            id,
-            name: format!("zone-{id}"),
-            peer,
-        })
-        .await
-        .expect("the admin adds a server");
+    zone.add_server(i, id, peer).await;
 }
 
 /// Join tokens: a garbled token, another zone's, one for another server,

@@ -188,6 +188,20 @@ impl TestZone {
             .token
     }
 
+    /// Adds server `id` (name `zone-<id>`) at `peer` to the zone, asking
+    /// server index `via` as the admin; panics if refused.
+    pub async fn add_server(&self, via: usize, id: u64, peer: String) {
+        self.cluster(via)
+            .await
+            .add_server(zonectl::v1::AddServerRequest {
+                id,
+                name: format!("zone-{id}"),
+                peer,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("the admin adds server {id}: {e}"));
+    }
+
     /// Where a server prepared with [`TestZone::prepare_token_joiner`]
     /// keeps the certificates it gets.
     pub fn tls_dir(&self, i: usize) -> PathBuf {
@@ -257,6 +271,26 @@ impl TestZone {
     /// Starts server index `i` as the argument of `runner` (a program and
     /// its arguments, e.g. an emulator), or directly if `runner` is empty.
     pub fn launch_under(&mut self, i: usize, runner: &[&str]) {
+        self.spawn(i, runner, &[]);
+    }
+
+    /// Starts server index `i` with `args` after its `--config`.
+    pub fn launch_with(&mut self, i: usize, args: &[&str]) {
+        self.spawn(i, &[], args);
+    }
+
+    /// Runs `zoned --config <server i's> ARGS` to its end (a subcommand
+    /// such as `restore`), the server itself not running.
+    pub fn run_zoned(&self, i: usize, args: &[&str]) -> std::process::Output {
+        Command::new(crate::binary("zoned"))
+            .arg("--config")
+            .arg(self.servers[i].config_path())
+            .args(args)
+            .output()
+            .expect("run zoned")
+    }
+
+    fn spawn(&mut self, i: usize, runner: &[&str], args: &[&str]) {
         let s = &mut self.servers[i];
         assert!(s.child.is_none(), "server {} already running", s.id);
         let zoned = crate::binary("zoned");
@@ -268,7 +302,7 @@ impl TestZone {
             }
             None => Command::new(zoned),
         };
-        cmd.arg("--config").arg(s.config_path());
+        cmd.arg("--config").arg(s.config_path()).args(args);
         let child = crate::spawn_logged(cmd, &s.log_path());
         s.child = Some(child);
     }

@@ -14,7 +14,8 @@
 //! - [`agent`]: the leader lease for local agents, on a unix socket;
 //! - [`tls`]: who may call what, on which port; [`join`]: a new server's
 //!   certificate for its join token; [`renew`]: certificates renewed;
-//! - [`server`]: wiring and clean shutdown;
+//! - [`server`]: wiring and clean shutdown; [`recovery`]: a zone restored
+//!   from a backup, or forced onto the survivor of a quorum loss;
 //! - [`coalesce`]: one socket write per connection per scheduler round;
 //! - [`host`]: host figures for the zone status; [`health`]: the gRPC
 //!   health status, worked out from the Raft state.
@@ -34,6 +35,7 @@ pub mod kv;
 pub mod logging;
 pub mod node;
 pub mod peer;
+pub mod recovery;
 pub mod renew;
 pub mod server;
 pub mod storage;

@@ -25,16 +25,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, about, long_about)]
 struct Args {
     /// Node configuration file (TOML).
-    #[arg(short, long, env = "ZONED_CONFIG")]
+    #[arg(short, long, env = "ZONED_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Raft id of this server (node.id).
-    #[arg(long)]
+    #[arg(long, global = true)]
     id: Option<u64>,
     /// Display name (node.name).
-    #[arg(long)]
+    #[arg(long, global = true)]
     name: Option<String>,
     /// Data directory (node.data_dir).
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Client gRPC listen address (node.client_listen).
     #[arg(long)]
@@ -44,7 +44,7 @@ struct Args {
     peer_listen: Option<SocketAddr>,
     /// Initial voters as id=host:port,... (replaces [[voters]]); may be
     /// given more than once.
-    #[arg(long, value_parser = parse_voter, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_voter, value_delimiter = ',', global = true)]
     voters: Option<Vec<Voter>>,
     /// Join an existing zone through this member's client address
     /// (node.join); the server must have been added with `zonectl server add`.
@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, env = "ZONED_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// Log filter, RUST_LOG syntax (default: info).
-    #[arg(long)]
+    #[arg(long, global = true)]
     log: Option<String>,
     /// Print a commented configuration with every default and exit.
     #[arg(long)]
@@ -64,6 +64,33 @@ struct Args {
     /// Validate the configuration, print it resolved, and exit.
     #[arg(long)]
     check_config: bool,
+    /// After losing quorum (the other servers' disks gone): make this
+    /// server, with its data, the single voter of its zone; add the others
+    /// back with `zonectl server add`. Refused when a leader told it of
+    /// entries beyond its log or another server of the zone answers; given
+    /// twice, forces regardless. Remove it once the server runs.
+    #[arg(long, action = clap::ArgAction::Count)]
+    force_new_zone: u8,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Build this server's data directory from a backup (`zonectl snapshot
+    /// save`), as a founder of a new zone, then exit.
+    ///
+    /// Run it on every founder of the new zone with the same file and the
+    /// same voters ([[voters]] or --voters), then start them: the zone
+    /// gets a new id, every key its value and revisions at the backup's
+    /// revision. Or restore one server alone (voters: itself) and add the
+    /// others with `zonectl server add`. The file is checked whole before
+    /// anything is written; an existing store is never overwritten.
+    Restore {
+        /// The backup file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,7 +99,9 @@ fn main() -> ExitCode {
         print!("{}", Config::example());
         return ExitCode::SUCCESS;
     }
-    zoned::logging::init(args.log.as_deref());
+    // A restore prints its own lines; the log says only what goes wrong.
+    let quiet = matches!(args.command, Some(Command::Restore { .. })).then_some("warn");
+    zoned::logging::init(args.log.as_deref().or(quiet));
     let overrides = Overrides {
         id: args.id,
         name: args.name,
@@ -107,7 +136,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(zoned::server::run(config)) {
+    if let Some(Command::Restore { from }) = &args.command {
+        return restore(&config, from);
+    }
+    match runtime.block_on(zoned::server::run(config, args.force_new_zone)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %zoned::logging::chain(&e), "zoned failed");
@@ -118,9 +150,66 @@ fn main() -> ExitCode {
                 zoned::server::ServeError::Removed { .. } => ExitCode::from(3),
                 zoned::server::ServeError::NotAMember { .. }
                 | zoned::server::ServeError::WipedFounder { .. }
-                | zoned::server::ServeError::ZoneTiming(_) => ExitCode::from(2),
+                | zoned::server::ServeError::ZoneTiming(_)
+                | zoned::server::ServeError::Recovery(_) => ExitCode::from(2),
                 zoned::server::ServeError::Joining(j) if j.is_final() => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// `zoned restore --from FILE`: exit 0 once the store is in place, 2 when
+/// the file or the data directory is refused, 1 on a write failure.
+fn restore(config: &Config, from: &std::path::Path) -> ExitCode {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = std::time::Instant::now();
+    let progress = |done: u64, total: u64| {
+        if tty && (shown.elapsed().as_millis() >= 200 || done == total) {
+            shown = std::time::Instant::now();
+            eprint!("\rzoned: restoring: {done} of {total} keys");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    match zoned::recovery::restore(config, from, progress) {
+        Ok(r) => {
+            let h = &r.summary.header;
+            println!(
+                "restored {} keys at revision {} (backup of zone {} taken from server {}, SHA-256 {}) into {}",
+                r.summary.keys,
+                h.revision,
+                if h.zone_id.is_empty() { "?" } else { &h.zone_id },
+                h.server_id,
+                r.summary.sha256,
+                r.db.display()
+            );
+            if r.voters.len() == 1 {
+                println!(
+                    "server {} is the single founder of a new zone: start it, then add the other servers with `zonectl server add`",
+                    config.node.id
+                );
+            } else {
+                println!(
+                    "server {} is a founder of a new zone of voters {}: restore every other founder from the same file, then start them all",
+                    config.node.id,
+                    r.voters
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zoned restore: {}", zoned::logging::chain(&e));
+            match e {
+                zoned::recovery::RecoveryError::Storage(_)
+                | zoned::recovery::RecoveryError::Io { .. } => ExitCode::FAILURE,
+                _ => ExitCode::from(2),
             }
         }
     }

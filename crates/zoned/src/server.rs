@@ -81,6 +81,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     ZoneTiming(node::zone::TimingMismatch),
+    #[error(transparent)]
+    Recovery(#[from] crate::recovery::RecoveryError),
 }
 
 async fn listen(field: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -93,8 +95,9 @@ async fn listen(field: &'static str, addr: SocketAddr) -> Result<TcpListener, Se
         })
 }
 
-/// Runs the daemon until a signal or a fatal error.
-pub async fn run(config: Config) -> Result<(), ServeError> {
+/// Runs the daemon until a signal or a fatal error; `force_new_zone` is
+/// how many times `--force-new-zone` was given (`crate::recovery`).
+pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     let config = Arc::new(config);
     // A new server with a join token and no certificate yet gets one
     // first (`crate::join`).
@@ -121,6 +124,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     let incarnation = engine
         .next_incarnation()
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
+    if force_new_zone > 0 {
+        force(&engine, &config, &tls, force_new_zone).await?;
+    }
 
     // Bind first: a port in use must fail before Raft starts campaigning.
     let client_listener = listen("node.client_listen", config.node.client_listen).await?;
@@ -339,7 +345,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
 }
 
 /// The founding members, from the configured initial voters.
-fn founders(config: &Config) -> Vec<Member> {
+pub(crate) fn founders(config: &Config) -> Vec<Member> {
     config
         .voters
         .iter()
@@ -377,6 +383,45 @@ const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_milli
 /// founder down, a wiped founder cannot be told from a new one. Left open:
 /// a server wiped within a tick or so of its first acknowledgement, before
 /// the leader recorded it.
+/// `--force-new-zone`, said loudly: on the console and in the journal.
+async fn force(
+    engine: &Engine,
+    config: &Config,
+    tls: &ZoneTls,
+    times: u8,
+) -> Result<(), ServeError> {
+    let Some(f) = crate::recovery::force_new_zone(engine, config, tls, times).await? else {
+        return Ok(());
+    };
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    let text = format!(
+        "FORCED A NEW CONFIGURATION: server {id} is now the only voter of its zone (voters were {voters}{learners}); \
+         {committed}, {voided} unapplied membership change(s) voided. \
+         Every other server of the old zone must stay stopped and have its data directory wiped; add servers back \
+         with `zonectl server add`. Remove --force-new-zone from this server's command line now",
+        id = config.node.id,
+        voters = ids(&f.voters_before),
+        learners = if f.learners_before.is_empty() {
+            String::new()
+        } else {
+            format!(", learners {}", ids(&f.learners_before))
+        },
+        committed = if f.last > f.committed_before {
+            format!(
+                "entries {}..={} of its log taken as committed",
+                f.committed_before + 1,
+                f.last
+            )
+        } else {
+            format!("its log committed to its end ({})", f.last)
+        },
+        voided = f.voided.len(),
+    );
+    eprintln!("zoned: WARNING: {text}");
+    tracing::warn!("{text}");
+    Ok(())
+}
+
 async fn refuse_if_wiped(config: &Config, tls: &ZoneTls) -> Result<(), ServeError> {
     let me = config.node.id;
     let asks = config
@@ -384,14 +429,8 @@ async fn refuse_if_wiped(config: &Config, tls: &ZoneTls) -> Result<(), ServeErro
         .iter()
         .filter(|v| v.id != me)
         .map(|v| async move {
-            let mut client = crate::transport::peer_client(v.id, &v.peer, tls).ok()?;
-            let mut req = tonic::Request::new(zone_proto::v1::NodeStatusRequest {});
-            req.set_timeout(WIPED_CHECK_TIMEOUT);
-            let r = tokio::time::timeout(WIPED_CHECK_TIMEOUT, client.node_status(req))
-                .await
-                .ok()?
-                .ok()?
-                .into_inner();
+            let r =
+                crate::transport::ask_node_status(v.id, &v.peer, tls, WIPED_CHECK_TIMEOUT).await?;
             let zone = r
                 .server
                 .as_ref()

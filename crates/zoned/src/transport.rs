@@ -59,6 +59,25 @@ pub fn peer_client(
         .max_encoding_message_size(MAX_PEER_MESSAGE))
 }
 
+/// Server `id`'s own status (`Peer.NodeStatus`) at `addr`, or None when it
+/// does not answer within `timeout`: asked at start by a founder whose
+/// data directory is empty and by `--force-new-zone`.
+pub async fn ask_node_status(
+    id: u64,
+    addr: &str,
+    tls: &ZoneTls,
+    timeout: Duration,
+) -> Option<zone_proto::v1::NodeStatusResponse> {
+    let mut client = peer_client(id, addr, tls).ok()?;
+    let mut req = tonic::Request::new(zone_proto::v1::NodeStatusRequest {});
+    req.set_timeout(timeout);
+    let r = tokio::time::timeout(timeout, client.node_status(req))
+        .await
+        .ok()?
+        .ok()?;
+    Some(r.into_inner())
+}
+
 /// One peer: its address, the queue its sender task drains, and a client
 /// for the other peer calls.
 #[derive(Debug)]

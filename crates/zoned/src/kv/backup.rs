@@ -6,7 +6,8 @@ use zone_proto::v1::{backup_chunk::Part, BackupBatch, BackupChunk, BackupHeader}
 
 use super::snapshot::{decode_members, decode_zone};
 use super::*;
-use crate::storage::{StorageFailure, CF_META};
+use crate::storage::{encode_u64, StorageFailure, CF_META};
+use zone_proto::v1::Member;
 
 impl Reader {
     /// Streams the whole store as one RocksDB snapshot sees it: the header
@@ -70,6 +71,36 @@ impl Reader {
         send(sealer.trailer());
         Ok(())
     }
+}
+
+/// Stages a batch of a backup's keys into a store being restored
+/// (`zoned restore`), as they were: create and mod revisions, versions.
+pub fn stage_restored_keys(engine: &Engine, wb: &mut rocksdb::WriteBatch, kvs: &[KeyValue]) {
+    let cf = engine.cf(CF_KV);
+    for kv in kvs {
+        let mut kv = kv.clone();
+        let record = encode_kv(&mut kv);
+        wb.put_cf(cf, &kv.key, record);
+    }
+}
+
+/// Stages the records of a store restored from a backup taken at
+/// `revision`: its revision (history before it is not carried: watchers
+/// older than it are told so), the maintenance flag, and the new zone's
+/// `members`. No zone record (the new zone's first leader makes one, with
+/// a new id), nor the old zone's servers or client sessions.
+pub fn stage_restored_meta(
+    engine: &Engine,
+    wb: &mut rocksdb::WriteBatch,
+    revision: u64,
+    disabled: bool,
+    members: &[Member],
+) {
+    let meta = engine.cf(CF_META);
+    wb.put_cf(meta, KEY_REVISION, encode_u64(revision));
+    wb.put_cf(meta, KEY_HISTORY_FLOOR, encode_u64(revision + 1));
+    wb.put_cf(meta, KEY_DISABLED, encode_u64(u64::from(disabled)));
+    super::snapshot::stage_members(engine, wb, members);
 }
 
 /// A batch of the keys in `kvs` (taken), counted in the checksum.

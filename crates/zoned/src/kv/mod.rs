@@ -40,6 +40,7 @@ use zone_proto::v1::KeyValue;
 use crate::storage::{decode_u64, Engine, StorageFailure, CF_KV};
 
 pub use apply::{Applier, KvCache};
+pub use backup::{stage_restored_keys, stage_restored_meta};
 pub use read::{HistoryError, Reader};
 pub use snapshot::{
     read_members, read_took_part, read_zone, restore, snapshot_data, stage_members,

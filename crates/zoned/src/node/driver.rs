@@ -102,6 +102,9 @@ pub struct Driver {
     pub(super) took_part: BTreeSet<u64>,
     /// Those this server, leading in that term, proposed to add.
     pub(super) took_part_proposed: (u64, BTreeSet<u64>),
+    /// The highest commit index a leader's append carried, and the value
+    /// last staged on disk (`RaftStorage::leader_commit`).
+    leader_commit: (u64, u64),
 }
 
 impl std::fmt::Debug for Driver {
@@ -155,6 +158,7 @@ impl Driver {
             mismatch: None,
             took_part: p.took_part,
             took_part_proposed: (0, BTreeSet::new()),
+            leader_commit: (0, 0),
             config: p.config,
         }
     }
@@ -405,6 +409,9 @@ impl Driver {
             return;
         }
         self.last_heard_ns.insert(msg.from, self.clock.now_ns());
+        if msg.get_msg_type() == MessageType::MsgAppend {
+            self.leader_commit.0 = self.leader_commit.0.max(msg.commit);
+        }
         if self.disk.low().is_some()
             && (msg.get_msg_type() == MessageType::MsgSnapshot
                 || (msg.get_msg_type() == MessageType::MsgAppend && !msg.entries.is_empty()))
@@ -709,6 +716,16 @@ impl Driver {
                 let (leader, role) = (self.raw.raft.leader_id, self.raw.raft.state);
                 self.publish_view(leader, role);
             }
+        }
+
+        // Evidence for a later `--force-new-zone`: what the leader said was
+        // committed, which may lie beyond this log (one small key, written
+        // with the batch, only when it moved).
+        if self.leader_commit.0 > self.leader_commit.1 {
+            self.leader_commit.1 = self.leader_commit.0;
+            self.raw
+                .store()
+                .set_leader_commit(&mut wb, self.leader_commit.0);
         }
 
         // 7. One write, one fsync, for all of it; then the results.

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use protobuf::Message as PbMessage;
 
 pub use engine::{hardware_checksums, Engine};
-pub use raft_storage::RaftStorage;
+pub use raft_storage::{Forced, RaftStorage};
 
 pub(crate) const CF_LOG: &str = "log";
 pub(crate) const CF_RAFT: &str = "raft";
@@ -43,6 +43,10 @@ const KEY_CONF_STATE: &[u8] = b"conf_state";
 const KEY_TRUNCATED: &[u8] = b"truncated";
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_REMOVED: &[u8] = b"removed";
+/// The highest commit index a leader told this server (in its appends),
+/// which may lie beyond this server's own log: evidence, for
+/// `zoned --force-new-zone`, of entries committed elsewhere.
+const KEY_LEADER_COMMIT: &[u8] = b"leader_commit";
 
 /// Builds the state machine's part of a snapshot from a RocksDB snapshot.
 pub type SnapshotData = fn(&Engine, &rocksdb::Snapshot<'_>) -> Result<Vec<u8>, StorageFailure>;

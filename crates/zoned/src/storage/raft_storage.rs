@@ -44,6 +44,19 @@ fn bootstrap(engine: &Engine, voters: &[u64]) -> Result<(), StorageFailure> {
     engine.write(wb, true)
 }
 
+/// What [`RaftStorage::force_single_voter`] changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forced {
+    pub voters_before: Vec<u64>,
+    pub learners_before: Vec<u64>,
+    /// The commit index this server knew; entries after it, up to `last`,
+    /// were made committed.
+    pub committed_before: u64,
+    pub last: u64,
+    /// Membership changes in the log not yet applied, made empty entries.
+    pub voided: Vec<u64>,
+}
+
 /// raft-rs `Storage` over [`Engine`], with the small in-memory view Raft asks
 /// for on every step (first and last index, hard and conf state).
 #[derive(Debug)]
@@ -215,6 +228,75 @@ impl RaftStorage {
 
     pub fn set_removed(&mut self, wb: &mut WriteBatch, index: u64) {
         wb.put_cf(self.engine.cf(CF_RAFT), KEY_REMOVED, encode_u64(index));
+    }
+
+    /// The highest commit index a leader told this server, as last staged
+    /// with [`RaftStorage::set_leader_commit`] (0 if never).
+    pub fn leader_commit(engine: &Engine) -> Result<u64, StorageFailure> {
+        Ok(engine
+            .get(CF_RAFT, KEY_LEADER_COMMIT)?
+            .map(|b| decode_u64(&b, "raft/leader_commit"))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    pub fn set_leader_commit(&self, wb: &mut WriteBatch, index: u64) {
+        wb.put_cf(
+            self.engine.cf(CF_RAFT),
+            KEY_LEADER_COMMIT,
+            encode_u64(index),
+        );
+    }
+
+    /// Makes this server the single voter of its zone, keeping its log and
+    /// store (`zoned --force-new-zone`): every entry in its log counts as
+    /// committed (an acknowledged write may be among those whose commit it
+    /// had not heard yet, so none is dropped; one never acknowledged may
+    /// take effect, as after any failed request); membership changes not
+    /// yet applied become empty entries, so the forced configuration is the
+    /// one that stands; a joint configuration is left. The caller has
+    /// checked that nothing committed elsewhere is missing here.
+    /// `wb` holds the caller's part (the membership record), written in
+    /// the same batch.
+    pub fn force_single_voter(
+        &mut self,
+        id: u64,
+        mut wb: WriteBatch,
+    ) -> Result<Forced, StorageFailure> {
+        let mut voided = Vec::new();
+        for index in self.applied + 1..=self.last_index {
+            let mut e = self
+                .read_entry(index)
+                .map_err(|e| StorageFailure::Corrupt {
+                    what: format!("log entry {index}: {e}"),
+                })?;
+            if e.get_entry_type() != raft::eraftpb::EntryType::EntryNormal {
+                e.set_entry_type(raft::eraftpb::EntryType::EntryNormal);
+                e.data = Default::default();
+                e.context = Default::default();
+                wb.put_cf(self.engine.cf(CF_LOG), index_key(index), encode_pb(&e));
+                voided.push(index);
+            }
+        }
+        self.cache.clear();
+        let before = self.conf_state.clone();
+        let mut cs = ConfState::default();
+        cs.set_voters(vec![id]);
+        self.set_conf_state(&mut wb, &cs);
+        let mut hs = self.hard_state.clone();
+        let committed_before = hs.commit;
+        hs.commit = self.last_index;
+        self.set_hard_state(&mut wb, &hs);
+        // The old zone's commits are no evidence against this one.
+        wb.delete_cf(self.engine.cf(CF_RAFT), KEY_LEADER_COMMIT);
+        self.engine.write(wb, true)?;
+        Ok(Forced {
+            voters_before: before.voters.clone(),
+            learners_before: before.learners.clone(),
+            committed_before,
+            last: self.last_index,
+            voided,
+        })
     }
 
     /// Snapshots built by this server since it started.

@@ -316,3 +316,44 @@ fn a_snapshot_built_across_a_membership_change_is_not_handed_out() {
     );
     assert_eq!(snap.get_metadata().index, 10);
 }
+
+/// `--force-new-zone`'s storage step: the log kept whole and committed to
+/// its end, the unapplied membership change voided, this server the only
+/// voter, the leader's commit evidence gone; and all of it after a reopen.
+#[test]
+fn forcing_a_single_voter_keeps_the_log_commits_it_and_voids_pending_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = RaftStorage::open(Engine::open(dir.path()).unwrap(), &[1, 2, 3], no_data).unwrap();
+    let mut change = entry(8, 6);
+    change.set_entry_type(raft::eraftpb::EntryType::EntryConfChangeV2);
+    let entries = [entry(6, 6), entry(7, 6), change, entry(9, 6)];
+    write(&mut s, |s, wb| {
+        s.append(wb, &entries);
+        s.set_commit(wb, 7);
+        s.set_applied(wb, 7);
+        s.set_leader_commit(wb, 9);
+    });
+    assert_eq!(RaftStorage::leader_commit(s.engine()).unwrap(), 9);
+    let forced = s.force_single_voter(2, WriteBatch::default()).unwrap();
+    assert_eq!(forced.voters_before, vec![1, 2, 3]);
+    assert_eq!((forced.committed_before, forced.last), (7, 9));
+    assert_eq!(forced.voided, vec![8]);
+    let engine = s.engine().clone();
+    drop(s);
+    let s = RaftStorage::open(engine, &[], no_data).unwrap();
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.conf_state.voters, vec![2]);
+    assert_eq!(st.hard_state.commit, 9);
+    assert_eq!(s.last_index().unwrap(), 9);
+    let got = s
+        .entries(6, 10, None, GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    assert_eq!(
+        got[2].get_entry_type(),
+        raft::eraftpb::EntryType::EntryNormal
+    );
+    assert!(got[2].data.is_empty(), "the change is voided");
+    assert_eq!(got[3].data, entries[3].data, "the rest is kept");
+    assert_eq!(RaftStorage::leader_commit(s.engine()).unwrap(), 0);
+}
