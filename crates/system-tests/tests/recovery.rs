@@ -258,6 +258,13 @@ async fn a_quorum_loss_is_survived_with_force_new_zone_and_no_acknowledged_write
     zone.launch_with(survivor, &["--force-new-zone"]);
     let status = zone.wait_exit(survivor, Duration::from_secs(20));
     assert_eq!(status.code(), Some(2), "{}", zone.log(survivor));
+    let log = zone.log(survivor);
+    let refusal = log
+        .lines()
+        .rfind(|l| l.contains("--force-new-zone refused"))
+        .unwrap_or_else(|| panic!("no refusal in the log:\n{log}"));
+    assert!(refusal.contains("was forced already"), "{refusal}");
+    assert!(refusal.contains("answers on its peer port"), "{refusal}");
     zone.launch(survivor);
     poll(
         Duration::from_secs(30),

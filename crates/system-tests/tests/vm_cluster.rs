@@ -272,17 +272,38 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
             "server {id}'s checksums (VM 2 alone is on qemu64): {s}"
         );
     }
-    // Nothing listens in plaintext: on each VM, the only open TCP ports are
-    // zoned's two, both TLS only (a plaintext gRPC call gets no answer),
-    // and health answers over TLS without a client certificate. The
-    // console lists the sockets (zone-ports.service).
+    // On each VM the only open TCP ports are zoned's: its two gRPC ports,
+    // TLS only (a plaintext gRPC call gets no answer), and its metrics,
+    // plain HTTP as Prometheus scrapes, figures only; health answers over
+    // TLS without a client certificate. The console lists the sockets
+    // (zone-ports.service).
     for vm in &lab.vms {
         let open = lab.open_tcp_ports(&vm.addr())?;
-        assert_eq!(open, [7400, 7401], "VM {}: open TCP ports", vm.id);
-        for port in &open {
+        assert_eq!(open, [7400, 7401, 7402], "VM {}: open TCP ports", vm.id);
+        for port in [7400, 7401] {
             let ep = format!("{}:{port}", vm.addr());
             assert!(!lab.answers_plaintext(&ep), "{ep} answers in plaintext");
         }
+        let metrics = wait_for(Duration::from_secs(30), "a scrape of the metrics", || {
+            lab.scrape(&vm.addr())
+        })?;
+        let shown: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("zoned_raft_term")
+                    || l.starts_with("zoned_raft_is_leader")
+                    || l.starts_with("zoned_raft_commit_index")
+                    || l.starts_with("zoned_lease_held")
+                    || l.starts_with("zoned_disk_wal_fsync_duration_seconds_count")
+            })
+            .collect();
+        assert_eq!(shown.len(), 5, "VM {}: metrics:\n{metrics}", vm.id);
+        eprintln!(
+            "VM {}: GET http://{}:7402/metrics from the lab's namespace:\n{}",
+            vm.id,
+            vm.addr(),
+            shown.join("\n")
+        );
         // SERVING needs a read barrier through the leader: asked until it
         // answers so (a TCG guest may be slow for a moment).
         wait_for(Duration::from_secs(30), "health SERVING over TLS", || {

@@ -715,3 +715,29 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The port zoned serves Prometheus metrics on by default.
+pub const METRICS_PORT: u16 = 7402;
+
+/// One scrape of zoned's metrics at `addr` (`GET /metrics`, HTTP/1.1, as
+/// Prometheus or curl asks): the body, or None if nothing answered 200
+/// within a few seconds.
+pub async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut s = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: zoned\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}

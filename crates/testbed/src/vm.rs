@@ -651,6 +651,15 @@ impl Lab {
         .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     }
 
+    /// One scrape of the metrics of the VM at `addr` (its port 7402), from
+    /// the lab's namespace, as Prometheus there would.
+    pub fn scrape(&self, addr: &str) -> Option<String> {
+        let at: std::net::SocketAddr = format!("{addr}:{}", crate::METRICS_PORT).parse().ok()?;
+        self.in_ns(move |rt| rt.block_on(crate::scrape(at)))
+            .ok()
+            .flatten()
+    }
+
     /// Whether zoned at `endpoint` answers the gRPC health check as SERVING
     /// (over TLS, without a client certificate, as a load balancer asks).
     pub fn healthy(&self, endpoint: &str) -> bool {

@@ -52,6 +52,31 @@ pub struct Config {
     pub limits: LimitsSection,
     pub files: zone_files::settings::FilesSection,
     pub tls: TlsSection,
+    pub metrics: MetricsSection,
+}
+
+/// Prometheus metrics on plain HTTP, `GET /metrics` (`crate::metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Address to serve them on, `host:port`, or "off". Default (empty):
+    /// the host of `node.client_listen`, port 7402: loopback on a
+    /// development machine, the server's own address on the appliance.
+    pub listen: String,
+}
+
+/// The metrics port when `metrics.listen` is empty.
+pub const METRICS_PORT: u16 = 7402;
+
+impl Config {
+    /// Where the metrics are served; None when turned off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        match self.metrics.listen.trim() {
+            "off" => None,
+            "" => Some(SocketAddr::new(self.node.client_listen.ip(), METRICS_PORT)),
+            a => a.parse().ok(),
+        }
+    }
 }
 
 /// The zone's certificates for this server (`zonectl zone init` writes
@@ -323,6 +348,13 @@ impl Config {
     /// Fills the defaults that depend on other fields, then checks every
     /// rule. Public so that tests and embedders can build a config in code.
     pub fn finish(&mut self) -> Result<(), ConfigError> {
+        let listen = self.metrics.listen.trim();
+        if !listen.is_empty() && listen != "off" && listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                format!("'{listen}' is not an address:port (such as 10.0.0.11:7402) nor \"off\""),
+            ));
+        }
         if self.node.id == 0 {
             return Err(invalid(
                 "node.id",

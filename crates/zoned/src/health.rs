@@ -172,6 +172,7 @@ mod tests {
             term: 4,
             vote: 1,
             leader_id: 1,
+            first_index: 0,
             last_index: 100,
             commit: 100,
             applied: 100,

@@ -17,6 +17,7 @@
 //! - [`server`]: wiring and clean shutdown; [`recovery`]: a zone restored
 //!   from a backup, or forced onto the survivor of a quorum loss;
 //! - [`coalesce`]: one socket write per connection per scheduler round;
+//! - [`metrics`]: Prometheus metrics on HTTP;
 //! - [`host`]: host figures for the zone status; [`health`]: the gRPC
 //!   health status, worked out from the Raft state.
 //!
@@ -33,6 +34,7 @@ pub mod host;
 pub mod join;
 pub mod kv;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod recovery;

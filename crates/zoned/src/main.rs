@@ -137,6 +137,10 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Restore { from }) = &args.command {
+        if args.force_new_zone > 0 {
+            eprintln!("zoned restore: --force-new-zone does not apply to a restore (it forces a running zone's survivor)");
+            return ExitCode::from(2);
+        }
         return restore(&config, from);
     }
     match runtime.block_on(zoned::server::run(config, args.force_new_zone)) {

@@ -63,6 +63,8 @@ pub enum RecoveryError {
     NoZone { dir: String },
     #[error("--force-new-zone refused: {evidence}. Forcing now could lose committed writes or leave two zones. Force on the server that holds the most (the one with the highest commit), stop every other server of the zone, or give --force-new-zone twice to force anyway")]
     Refused { evidence: String },
+    #[error("--force-new-zone: this server was removed from the zone (at entry {index}): it holds no part of the zone to force; force another survivor")]
+    Removed { index: u64 },
     #[error("--force-new-zone: cannot read this server's state")]
     State(#[source] StorageFailure),
 }
@@ -123,7 +125,17 @@ pub fn restore(
         });
     }
     std::fs::create_dir_all(dir).map_err(io("cannot create it"))?;
-    let scratch = dir.join(format!(".restore-{}", std::process::id()));
+    sweep_scratch(dir);
+    // A name no earlier restore used (a pid alone repeats: pid 1 in a
+    // container), created here: a leftover store is never built upon.
+    let scratch = dir.join(format!(
+        "{SCRATCH}{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir(&scratch).map_err(io("cannot create the restore's scratch directory"))?;
     let built = build(
         config,
         &scratch,
@@ -148,6 +160,30 @@ pub fn restore(
         db,
         voters,
     })
+}
+
+/// The scratch directories of restores, `<data_dir>/.restore-<pid>-<ns>`.
+const SCRATCH: &str = ".restore-";
+
+/// Removes what interrupted restores (Ctrl-C, a crash) left in `dir`:
+/// scratch directories whose process is gone.
+fn sweep_scratch(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(SCRATCH)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            tracing::info!(path = %e.path().display(), "removing an interrupted restore's scratch directory");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Writes the store into `scratch` (its `db`), from a second read of the
@@ -201,10 +237,8 @@ fn build<R: std::io::Read>(
         &members,
     );
     engine.write(wb, true).map_err(RecoveryError::Storage)?;
-    // The Raft state last, synced: the bootstrap point of every founder.
-    let storage = RaftStorage::open(engine.clone(), voters, kv::snapshot_data)
-        .map_err(RecoveryError::Storage)?;
-    drop(storage);
+    // The Raft state last, synced: the restore point of every founder.
+    RaftStorage::found_restored(&engine, voters).map_err(RecoveryError::Storage)?;
     drop(engine);
     Ok(())
 }
@@ -227,6 +261,9 @@ pub async fn force_new_zone(
     if !RaftStorage::has_configuration(engine).map_err(RecoveryError::State)? {
         return Err(RecoveryError::NoZone { dir });
     }
+    if let Some(index) = RaftStorage::removed(engine).map_err(RecoveryError::State)? {
+        return Err(RecoveryError::Removed { index });
+    }
     let mut storage =
         RaftStorage::open(engine.clone(), &[], kv::snapshot_data).map_err(RecoveryError::State)?;
     let cs = storage.conf_state();
@@ -242,7 +279,20 @@ pub async fn force_new_zone(
         .unwrap_or_default();
     let told = RaftStorage::leader_commit(engine).map_err(RecoveryError::State)?;
     let answers = ask_others(&members, me, tls).await;
-    let evidence = evidence(told, storage.last(), &answers);
+    let mut evidence = evidence(told, storage.hard_state().commit, storage.last(), &answers);
+    let cs = storage.conf_state();
+    if !cs.voters.contains(&me) {
+        evidence.push(format!(
+            "this server is not a voter (voters {:?}): a learner may lag far behind them",
+            cs.voters
+        ));
+    }
+    if let Some(at) = RaftStorage::forced(engine).map_err(RecoveryError::State)? {
+        evidence.push(format!(
+            "this server was forced already (at entry {at}) and the zone has grown since (voters {:?}): was --force-new-zone left on its command line?",
+            cs.voters
+        ));
+    }
     if !evidence.is_empty() {
         if times < 2 {
             return Err(RecoveryError::Refused {
@@ -278,14 +328,21 @@ pub async fn force_new_zone(
     Ok(Some(forced))
 }
 
-/// Why forcing would be unsafe: a leader's commit beyond this server's
-/// log (`told` against its `last` entry), or other servers that answer.
-fn evidence(told: u64, last: u64, answers: &[(u64, zone_proto::v1::ServerStatus)]) -> Vec<String> {
+/// Why forcing would be unsafe: a leader's commit beyond what this server
+/// knows committed (`told` against its `commit`; its own entries past that
+/// may not be the committed ones: a leader whose appends it refused), or
+/// other servers that answer.
+fn evidence(
+    told: u64,
+    commit: u64,
+    last: u64,
+    answers: &[(u64, zone_proto::v1::ServerStatus)],
+) -> Vec<String> {
     let mut evidence = Vec::new();
-    if told > last {
+    if told > commit {
         evidence.push(format!(
-            "a leader told this server that entries up to {told} were committed, and its log ends at {last} (entries {}..={told} would be lost)",
-            last + 1
+            "a leader told this server that entries up to {told} were committed, and it holds them only up to {commit} (its log ends at {last}): entries {}..={told} would be lost or replaced",
+            commit + 1
         ));
     }
     for (id, answer) in answers {
@@ -320,17 +377,22 @@ mod tests {
 
     #[test]
     fn a_commit_beyond_the_log_or_a_server_that_answers_is_evidence() {
-        assert!(evidence(120, 120, &[]).is_empty());
-        assert!(evidence(0, 120, &[]).is_empty());
-        let e = evidence(130, 120, &[]);
+        assert!(evidence(120, 120, 125, &[]).is_empty());
+        assert!(evidence(0, 120, 125, &[]).is_empty());
+        // Its log reaches past what the leader said: its entries there may
+        // be a deposed leader's, not the committed ones.
+        let e = evidence(123, 120, 125, &[]);
         assert_eq!(e.len(), 1);
-        assert!(e[0].contains("entries 121..=130 would be lost"), "{e:?}");
+        assert!(
+            e[0].contains("entries 121..=123 would be lost or replaced"),
+            "{e:?}"
+        );
         let answer = zone_proto::v1::ServerStatus {
             commit: 140,
             last_index: 141,
             ..Default::default()
         };
-        let e = evidence(100, 120, &[(2, answer)]);
+        let e = evidence(100, 120, 120, &[(2, answer)]);
         assert_eq!(e.len(), 1);
         assert!(e[0].contains("server 2 answers"), "{e:?}");
         assert!(e[0].contains("commit 140, last entry 141"), "{e:?}");

@@ -131,6 +131,11 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     // Bind first: a port in use must fail before Raft starts campaigning.
     let client_listener = listen("node.client_listen", config.node.client_listen).await?;
     let peer_listener = listen("node.peer_listen", config.node.peer_listen).await?;
+    let metrics_listener = match config.metrics_addr() {
+        Some(addr) => Some(listen("metrics.listen", addr).await?),
+        None => None,
+    };
+    let metrics_engine = engine.clone();
 
     let start_as = node::start_as(&engine, &config)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
@@ -175,6 +180,16 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     tokio::spawn(crate::health::run(node.clone(), health));
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr().ok();
+        tracing::info!(addr = ?addr, "serving metrics on /metrics");
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, node, metrics_engine).await {
+                tracing::error!(error = %e, "the metrics port stopped");
+            }
+        });
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(zone_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -196,6 +211,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
             port: Port::Client,
             revoked,
         })
+        .layer(crate::metrics::Measure)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -364,25 +380,6 @@ pub(crate) fn founders(config: &Config) -> Vec<Member> {
         .collect()
 }
 
-/// How long a blank founder waits for each other founder's answer.
-const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Safety: a founder with an empty data directory may be one whose data
-/// was wiped (a reflashed disk). Founding again, it would forget its votes
-/// and the entries it acknowledged: with one other server lagging, a
-/// committed write could be lost. So before founding, it asks the other
-/// founders what they know of it:
-/// - every server's store records the servers that took part, those a
-///   leader saw acknowledge an entry past the bootstrap (`node::zone`);
-/// - a leader also knows from its progress, before that record commits.
-///
-/// A founder that merely starts late (never ran) is in neither, and
-/// founds: it gets the zone's data from the leader. Best effort: a founder
-/// that does not answer within [`WIPED_CHECK_TIMEOUT`] is skipped (at the
-/// zone's first start the others are not serving yet); with every other
-/// founder down, a wiped founder cannot be told from a new one. Left open:
-/// a server wiped within a tick or so of its first acknowledgement, before
-/// the leader recorded it.
 /// `--force-new-zone`, said loudly: on the console and in the journal.
 async fn force(
     engine: &Engine,
@@ -422,6 +419,25 @@ async fn force(
     Ok(())
 }
 
+/// How long a blank founder waits for each other founder's answer.
+const WIPED_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Safety: a founder with an empty data directory may be one whose data
+/// was wiped (a reflashed disk). Founding again, it would forget its votes
+/// and the entries it acknowledged: with one other server lagging, a
+/// committed write could be lost. So before founding, it asks the other
+/// founders what they know of it:
+/// - every server's store records the servers that took part, those a
+///   leader saw acknowledge an entry past the bootstrap (`node::zone`);
+/// - a leader also knows from its progress, before that record commits.
+///
+/// A founder that merely starts late (never ran) is in neither, and
+/// founds: it gets the zone's data from the leader. Best effort: a founder
+/// that does not answer within [`WIPED_CHECK_TIMEOUT`] is skipped (at the
+/// zone's first start the others are not serving yet); with every other
+/// founder down, a wiped founder cannot be told from a new one. Left open:
+/// a server wiped within a tick or so of its first acknowledgement, before
+/// the leader recorded it.
 async fn refuse_if_wiped(config: &Config, tls: &ZoneTls) -> Result<(), ServeError> {
     let me = config.node.id;
     let asks = config

@@ -486,6 +486,17 @@ async fn send_snapshot(mut client: PeerClient<Channel>, mut msg: Message, report
             SnapshotStatus::Failure
         }
     };
+    crate::metrics::METRICS
+        .snapshots_sent
+        .get_or_create(&crate::metrics::OutcomeLabels {
+            outcome: if status == SnapshotStatus::Finish {
+                "sent"
+            } else {
+                "failed"
+            }
+            .to_owned(),
+        })
+        .inc();
     reports.snapshot(to, status);
 }
 

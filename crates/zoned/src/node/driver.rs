@@ -52,6 +52,8 @@ pub(super) struct Parts {
     /// The zone's record, if the store holds one.
     pub(super) zone: Option<ZoneRecord>,
     pub(super) took_part: BTreeSet<u64>,
+    /// The highest commit a leader told this server, as stored.
+    pub(super) leader_commit: u64,
 }
 
 /// One server's Raft node; see the module documentation.
@@ -158,7 +160,7 @@ impl Driver {
             mismatch: None,
             took_part: p.took_part,
             took_part_proposed: (0, BTreeSet::new()),
-            leader_commit: (0, 0),
+            leader_commit: (p.leader_commit, p.leader_commit),
             config: p.config,
         }
     }
@@ -590,7 +592,16 @@ impl Driver {
     }
 
     fn publish_lease_for(&mut self, held: bool, expires_ns: u64, leader_id: u64) {
-        let generation = self.lease_tx.borrow().generation + 1;
+        let before = *self.lease_tx.borrow();
+        let generation = before.generation + 1;
+        let m = &*crate::metrics::METRICS;
+        if held {
+            m.lease_renewals.inc();
+        }
+        if before.held && self.clock.now_ns() > before.expires_ns {
+            // Renewed late, or given up, after it had expired.
+            m.lease_lapses.inc();
+        }
         // Every held lease comes from a round: it ends a lease after the
         // round was sent.
         let round_sent_ns = if held {
@@ -673,6 +684,7 @@ impl Driver {
                 self.transport.set_peers(&self.members);
             }
             self.snapshots_received += 1;
+            crate::metrics::METRICS.snapshots_received.inc();
             tracing::info!(index = meta.index, term = meta.term, "installed snapshot");
             self.proposals
                 .overtaken_by_snapshot(meta.index, &mut done.writes);
@@ -775,6 +787,9 @@ impl Driver {
     fn publish_view(&mut self, leader_id: u64, role: StateRole) {
         let term = self.raw.raft.term;
         let old = *self.view_tx.borrow();
+        if old.leader_id != leader_id {
+            crate::metrics::METRICS.leader_changes.inc();
+        }
         if old.leader_id != leader_id || old.term != term {
             self.reads.fail_in_flight(NodeError::LeadershipChanged);
             tracing::info!(leader = leader_id, term, role = ?role, "Raft view changed");
@@ -825,6 +840,7 @@ impl Driver {
             vote: raft.vote,
             leader_id: raft.leader_id,
             last_index: raft.raft_log.last_index(),
+            first_index: store.first(),
             commit: raft.raft_log.committed,
             applied: store.applied(),
             revision: self.reader.revision().unwrap_or(0),

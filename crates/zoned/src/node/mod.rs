@@ -184,6 +184,8 @@ pub struct LocalStatus {
     pub vote: u64,
     pub leader_id: u64,
     pub last_index: u64,
+    /// The first index still in the log (entries before it compacted).
+    pub first_index: u64,
     pub commit: u64,
     pub applied: u64,
     pub revision: u64,
@@ -296,6 +298,7 @@ pub fn build(
     // answers a vote (see `zone`).
     let zone = kv::read_zone(&engine)?;
     let took_part = kv::read_took_part(&engine)?;
+    let leader_commit = RaftStorage::leader_commit(&engine)?;
     if let Some(z) = &zone {
         zone::check(config, z).map_err(StartError::ZoneTiming)?;
     }
@@ -352,6 +355,7 @@ pub fn build(
         members,
         zone,
         took_part,
+        leader_commit,
     });
     Ok((handle, driver))
 }

@@ -44,6 +44,11 @@ impl Waiter {
     /// Tells the proposer how its entry ended: an outcome of another kind
     /// than its proposal means the entry at its index was not its own.
     pub(crate) fn answer(self, outcome: Result<Outcome, NodeError>) {
+        let m = &*crate::metrics::METRICS;
+        match &outcome {
+            Ok(Outcome::Command(Some(_)) | Outcome::Conf(Ok(()))) => m.proposals_committed.inc(),
+            _ => m.proposals_failed.inc(),
+        };
         match self {
             Waiter::Command(reply) => {
                 let r = match outcome {

@@ -131,6 +131,32 @@ impl Engine {
         &self.db
     }
 
+    /// The database's directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Bytes per column family: SST files and memtables (for metrics).
+    pub fn sizes(&self) -> Vec<(&'static str, u64)> {
+        [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_META, CF_SESSIONS]
+            .into_iter()
+            .map(|name| {
+                let cf = self.cf(name);
+                let prop = |p: &str| {
+                    self.db
+                        .property_int_value_cf(cf, p)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                (
+                    name,
+                    prop("rocksdb.total-sst-files-size") + prop("rocksdb.size-all-mem-tables"),
+                )
+            })
+            .collect()
+    }
+
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
         // Every family is created at open; a missing one is a programming error.
         self.db
@@ -142,6 +168,7 @@ impl Engine {
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageFailure> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
+        let _timer = sync.then(crate::metrics::fsync_timer);
         self.db.write_opt(batch, &wo).map_err(StorageFailure::Write)
     }
 

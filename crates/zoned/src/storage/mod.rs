@@ -47,6 +47,10 @@ const KEY_REMOVED: &[u8] = b"removed";
 /// which may lie beyond this server's own log: evidence, for
 /// `zoned --force-new-zone`, of entries committed elsewhere.
 const KEY_LEADER_COMMIT: &[u8] = b"leader_commit";
+/// The last index at which `--force-new-zone` made this server the single
+/// voter: with the flag left on its command line after the zone grew
+/// again, a restart must not force once more.
+const KEY_FORCED: &[u8] = b"forced";
 
 /// Builds the state machine's part of a snapshot from a RocksDB snapshot.
 pub type SnapshotData = fn(&Engine, &rocksdb::Snapshot<'_>) -> Result<Vec<u8>, StorageFailure>;
@@ -80,6 +84,14 @@ pub enum StorageFailure {
 /// sends it a snapshot, which carries the configuration and the membership.
 pub const BOOTSTRAP_INDEX: u64 = 5;
 pub const BOOTSTRAP_TERM: u64 = 5;
+
+/// Where a founder restored from a backup (`zoned restore`) starts: past a
+/// blank founder's point, so that a founder left blank beside restored
+/// ones cannot win a restored one's vote (its log is behind) and, led by
+/// a restored one, gets the store in a snapshot (the entry it lacks is
+/// before the leader's log).
+pub const RESTORE_INDEX: u64 = BOOTSTRAP_INDEX + 1;
+pub const RESTORE_TERM: u64 = BOOTSTRAP_TERM + 1;
 
 /// The truncated point: index and term, 8 bytes each.
 fn encode_truncated(index: u64, term: u64) -> [u8; 16] {

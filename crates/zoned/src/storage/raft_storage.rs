@@ -23,24 +23,30 @@ struct SnapshotSlot {
 
 /// Writes a founding member's initial Raft state, once.
 fn bootstrap(engine: &Engine, voters: &[u64]) -> Result<(), StorageFailure> {
+    bootstrap_at(engine, voters, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
+}
+
+/// A founder's initial Raft state at `index` and `term`.
+fn bootstrap_at(
+    engine: &Engine,
+    voters: &[u64],
+    index: u64,
+    term: u64,
+) -> Result<(), StorageFailure> {
     let mut cs = ConfState::default();
     cs.set_voters(voters.to_vec());
     let hs = HardState {
-        term: BOOTSTRAP_TERM,
+        term,
         vote: 0,
-        commit: BOOTSTRAP_INDEX,
+        commit: index,
         ..Default::default()
     };
     let raft = engine.cf(CF_RAFT);
     let mut wb = WriteBatch::default();
     wb.put_cf(raft, KEY_CONF_STATE, encode_pb(&cs));
     wb.put_cf(raft, KEY_HARD_STATE, encode_pb(&hs));
-    wb.put_cf(
-        raft,
-        KEY_TRUNCATED,
-        encode_truncated(BOOTSTRAP_INDEX, BOOTSTRAP_TERM),
-    );
-    wb.put_cf(raft, KEY_APPLIED, encode_u64(BOOTSTRAP_INDEX));
+    wb.put_cf(raft, KEY_TRUNCATED, encode_truncated(index, term));
+    wb.put_cf(raft, KEY_APPLIED, encode_u64(index));
     engine.write(wb, true)
 }
 
@@ -198,6 +204,21 @@ impl RaftStorage {
         })
     }
 
+    /// Writes the initial Raft state of a founder restored from a backup
+    /// (at [`RESTORE_INDEX`]); the database must hold none.
+    pub fn found_restored(engine: &Engine, voters: &[u64]) -> Result<(), StorageFailure> {
+        assert!(!RaftStorage::has_state(engine)?, "restore over Raft state");
+        bootstrap_at(engine, voters, RESTORE_INDEX, RESTORE_TERM)
+    }
+
+    /// The index `--force-new-zone` last forced this server at, if ever.
+    pub fn forced(engine: &Engine) -> Result<Option<u64>, StorageFailure> {
+        engine
+            .get(CF_RAFT, KEY_FORCED)?
+            .map(|b| decode_u64(&b, "raft/forced"))
+            .transpose()
+    }
+
     /// True once the database holds a configuration (voters or learners):
     /// the server founded the zone or finished joining it. A joiner that
     /// has heard a term but not yet installed its first snapshot has Raft
@@ -289,6 +310,11 @@ impl RaftStorage {
         self.set_hard_state(&mut wb, &hs);
         // The old zone's commits are no evidence against this one.
         wb.delete_cf(self.engine.cf(CF_RAFT), KEY_LEADER_COMMIT);
+        wb.put_cf(
+            self.engine.cf(CF_RAFT),
+            KEY_FORCED,
+            encode_u64(self.last_index),
+        );
         self.engine.write(wb, true)?;
         Ok(Forced {
             voters_before: before.voters.clone(),
