@@ -356,30 +356,48 @@ async fn health_reflection_and_clean_sigterm() {
         })
         .await;
     }
-    use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
-    };
-    let mut refl = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        resp.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("not a service list");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["zone.v1.KV", "zone.v1.Cluster", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    // Reflection, v1 and v1alpha, lists what this port serves, and only
+    // that (not the peer port's zone.v1.Peer, nor the agent socket's).
+    let served = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "zone.v1.Cluster",
+        "zone.v1.Config",
+        "zone.v1.Join",
+        "zone.v1.KV",
+        "zone.v1.Storage",
+        "zone.v1.Users",
+    ];
+    // The same call in both versions: their generated types differ.
+    macro_rules! list_services {
+        ($version:ident, $ch:expr) => {{
+            use tonic_reflection::pb::$version::{
+                server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse, ServerReflectionRequest,
+            };
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut resp = ServerReflectionClient::new($ch)
+                .server_reflection_info(tokio_stream::iter(vec![req]))
+                .await
+                .expect(concat!("reflection ", stringify!($version), " is served"))
+                .into_inner();
+            let Some(MessageResponse::ListServicesResponse(list)) =
+                resp.message().await.unwrap().unwrap().message_response
+            else {
+                panic!("not a service list");
+            };
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            names
+        }};
     }
+    assert_eq!(list_services!(v1, ch.clone()), served, "reflection v1");
+    assert_eq!(list_services!(v1alpha, ch), served, "reflection v1alpha");
 
     zone.kv(0).await.put(put("before-term", "1")).await.unwrap();
     let status = zone.terminate(0);

@@ -30,7 +30,7 @@ fn metrics_addr(zone: &TestZone, i: usize) -> SocketAddr {
     SocketAddr::new(zone.servers[i].client.ip(), testbed::METRICS_PORT)
 }
 
-/// 40 writes to server 1 and one refused: every server answers a scrape,
+/// 40 writes to server 1, one refused, one denied: every server answers a scrape,
 /// one is the leader and holds the lease, the client port counted the
 /// calls by method and code and timed them, the writes were proposed,
 /// committed and synced; the dashboard's every series exists.
@@ -56,8 +56,20 @@ async fn every_server_serves_metrics_that_follow_the_zone() {
         })
         .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // A reader's write is refused by the gate, before the count: callers
+    // without the role cannot make the figures say anything.
+    let reader = zone.pki.user("rita", zonectl::zone_pki::Role::Reader);
+    let denied = zonectl::v1::kv_client::KvClient::new(zone.channel_as(0, Some(&reader)))
+        .put(PutRequest {
+            key: b"m-denied".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(denied.unwrap_err().code(), tonic::Code::PermissionDenied);
 
-    // The lease is taken a moment after the election: polled.
+    // The lease is taken a moment after the election, and the Raft
+    // figures are read every 2 s: polled.
     let scrapes: Vec<BTreeMap<String, f64>> = poll(
         Duration::from_secs(10),
         "a scrape of every server, one holding the lease",
@@ -66,8 +78,15 @@ async fn every_server_serves_metrics_that_follow_the_zone() {
             for i in 0..3 {
                 all.push(series(&testbed::scrape(metrics_addr(&zone, i)).await?));
             }
+            // The Raft figures are read every 2 s: wait for a reading
+            // taken after the writes, the same leader seen everywhere.
             let held: f64 = all.iter().map(|s| value(s, "zoned_lease_held")).sum();
-            (held == 1.0).then_some(all)
+            let leader = value(&all[0], "zoned_raft_leader_id");
+            let settled = all.iter().all(|s| {
+                value(s, "zoned_raft_leader_id") == leader
+                    && value(s, "zoned_raft_applied_index") >= 40.0
+            });
+            (held == 1.0 && leader > 0.0 && settled).then_some(all)
         },
     )
     .await;
@@ -127,6 +146,10 @@ async fn every_server_serves_metrics_that_follow_the_zone() {
             "zoned_grpc_request_duration_seconds_count{method=\"/zone.v1.KV/Put\"}"
         ),
         41.0
+    );
+    assert!(
+        !s1.keys().any(|k| k.contains("PermissionDenied")),
+        "a call refused by the gate was counted"
     );
 
     // Every series the dashboard asks for is exposed.

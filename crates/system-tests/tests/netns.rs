@@ -76,6 +76,25 @@ fn the_vip_sits_on_the_leader_and_moves_when_its_zoned_is_killed() {
     );
     assert_eq!(show["leader_id"].as_u64(), Some(tb.nodes[first].id));
     assert!(write_through_vip(&tb, "before"));
+    // Each zone-vip's figures reach its zoned's metrics (every 5 s): the
+    // holder's VIPs, taken once and announced; nobody else holds one.
+    let figures = wait_for(
+        Duration::from_secs(20),
+        "zone-vip's figures in the metrics",
+        || {
+            let all: Vec<[f64; 3]> = (0..tb.nodes.len())
+                .map(|i| vip_figures(&tb, i))
+                .collect::<Option<_>>()?;
+            (all[first][0] >= 1.0).then_some(all)
+        },
+    );
+    for (i, [held, transitions, announcements]) in figures.iter().enumerate() {
+        if i == first {
+            assert!(*transitions >= 1.0 && *announcements >= 1.0, "{figures:?}");
+        } else {
+            assert_eq!(*held, 0.0, "server {i} holds no VIP: {figures:?}");
+        }
+    }
     // The client's neighbour entry points at the leader's MAC.
     assert_eq!(
         tb.client_neighbour_mac().as_deref(),
@@ -536,4 +555,19 @@ fn a_cut_server_is_not_serving_within_an_election_timeout_and_serving_once_heale
         flipped < Duration::from_millis(2_000),
         "NOT_SERVING only {flipped:?} after the cut"
     );
+}
+
+/// zone-vip's figures as server `i`'s zoned serves them: VIPs held,
+/// transitions, announcements; None until all three are there.
+fn vip_figures(tb: &Testbed, i: usize) -> Option<[f64; 3]> {
+    let text = tb.scrape(i)?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
+    Some([
+        value("zoned_vip_held")?,
+        value("zoned_vip_transitions_total")?,
+        value("zoned_vip_announcements_total")?,
+    ])
 }

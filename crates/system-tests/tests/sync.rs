@@ -289,6 +289,19 @@ async fn every_server_converges_on_the_latest_version() {
         },
     )
     .await;
+    // zone-sync's figures in its zoned's metrics: the restore counted, the
+    // latest revision applied, nothing waiting to restart.
+    poll(
+        Duration::from_secs(20),
+        "zone-sync's figures in server 1's metrics",
+        || async {
+            let restores = metric(&zone, 0, "zoned_sync_drift_restores_total").await?;
+            let applied = metric(&zone, 0, "zoned_sync_applied_revision").await?;
+            let pending = metric(&zone, 0, "zoned_sync_restarts_pending").await?;
+            (restores >= 1.0 && applied >= rev as f64 && pending == 0.0).then_some(())
+        },
+    )
+    .await;
 
     // A push outside the managed roots is refused by the zone and changes
     // nothing on any disk.
@@ -627,4 +640,12 @@ async fn diff_shows_each_servers_disk_and_import_takes_one_copy() {
         (zonectl(&zone, &["diff"]).0 == 0).then_some(())
     })
     .await;
+}
+
+/// A metric of server `i`'s zoned (one without labels), as scraped.
+async fn metric(zone: &TestZone, i: usize, name: &str) -> Option<f64> {
+    let addr = std::net::SocketAddr::new(zone.servers[i].client.ip(), testbed::METRICS_PORT);
+    let text = testbed::scrape(addr).await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

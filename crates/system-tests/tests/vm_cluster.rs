@@ -290,11 +290,15 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
         let shown: Vec<&str> = metrics
             .lines()
             .filter(|l| {
-                l.starts_with("zoned_raft_term")
-                    || l.starts_with("zoned_raft_is_leader")
-                    || l.starts_with("zoned_raft_commit_index")
-                    || l.starts_with("zoned_lease_held")
-                    || l.starts_with("zoned_disk_wal_fsync_duration_seconds_count")
+                let name = l.split(' ').next().unwrap_or_default();
+                [
+                    "zoned_raft_term",
+                    "zoned_raft_is_leader",
+                    "zoned_raft_commit_index",
+                    "zoned_lease_held",
+                    "zoned_disk_wal_fsync_duration_seconds_count",
+                ]
+                .contains(&name)
             })
             .collect();
         assert_eq!(shown.len(), 5, "VM {}: metrics:\n{metrics}", vm.id);

@@ -539,6 +539,14 @@ impl Testbed {
             .expect("run zonectl")
     }
 
+    /// Server `i`'s metrics, scraped from the client's namespace.
+    pub fn scrape(&self, i: usize) -> Option<String> {
+        let addr = format!("{}:{METRICS_PORT}", self.nodes[i].ip)
+            .parse()
+            .ok()?;
+        scrape_in_ns(&self.client_ns, addr)
+    }
+
     /// Runs `zonectl` inside server `i`'s own namespace, as the zone's
     /// admin: it reaches that server even while its link is down.
     pub fn zonectl_in(&self, i: usize, args: &[&str]) -> std::process::Output {
@@ -740,4 +748,22 @@ pub async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
     let text = String::from_utf8(raw).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// [`scrape`] from inside network namespace `ns` (a thread of its own
+/// enters it), as a Prometheus there would.
+pub fn scrape_in_ns(ns: &str, addr: std::net::SocketAddr) -> Option<String> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).ok()?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(scrape(addr))
+    })
+    .join()
+    .ok()
+    .flatten()
 }

@@ -654,10 +654,8 @@ impl Lab {
     /// One scrape of the metrics of the VM at `addr` (its port 7402), from
     /// the lab's namespace, as Prometheus there would.
     pub fn scrape(&self, addr: &str) -> Option<String> {
-        let at: std::net::SocketAddr = format!("{addr}:{}", crate::METRICS_PORT).parse().ok()?;
-        self.in_ns(move |rt| rt.block_on(crate::scrape(at)))
-            .ok()
-            .flatten()
+        let at = format!("{addr}:{}", crate::METRICS_PORT).parse().ok()?;
+        crate::scrape_in_ns(&self.ns, at)
     }
 
     /// Whether zoned at `endpoint` answers the gRPC health check as SERVING

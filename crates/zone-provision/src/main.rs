@@ -285,8 +285,9 @@ fn install_units(args: &Args) -> Result<()> {
         zone_files::atomic::write(&path, u.text.as_bytes(), 0o644, None)
             .with_context(|| format!("writing {}", path.display()))?;
         println!(
-            "installed unit {} from {}",
+            "installed unit {} ({} bytes) from {}",
             path.display(),
+            u.text.len(),
             u.source.display()
         );
     }

@@ -59,6 +59,8 @@ pub struct Daemon<S, D: Disk, U, C = SystemClock> {
     last_report: Option<SyncReport>,
     /// Why the pending restarts wait, as the last roll step decided.
     roll_wait: Option<String>,
+    /// Files restored after a change by hand, since this process started.
+    drift_restores: u64,
 }
 
 impl<S, D, U, C> Daemon<S, D, U, C>
@@ -85,6 +87,7 @@ where
             state_path,
             last_report: None,
             roll_wait: None,
+            drift_restores: 0,
         }
     }
 
@@ -103,6 +106,7 @@ where
         // local one), its name and address from the membership.
         let node = self.store.member(files.me).await?;
         let report = self.applier.apply(&files.wanted, files.revision, &node);
+        self.drift_restores += report.drift_restored.len() as u64;
         self.save()?;
         let state = &self.applier.state;
         let mut status = SyncReport {
@@ -145,6 +149,29 @@ where
             );
         }
         Ok(report)
+    }
+
+    /// This server's figures for zoned's metrics (`Agent.ReportFigures`):
+    /// the revision last applied, drift restores, the roll's state.
+    pub fn figures(&self) -> zone_proto::v1::AgentFigures {
+        let state = &self.applier.state;
+        let f = |name: &str, value: f64| zone_proto::v1::AgentFigure {
+            name: name.to_owned(),
+            value,
+        };
+        let applied = self.last_report.as_ref().map_or(0, |r| r.applied_revision);
+        zone_proto::v1::AgentFigures {
+            agent: "zone-sync".into(),
+            figures: vec![
+                f("sync_applied_revision", applied as f64),
+                f("sync_drift_restores", self.drift_restores as f64),
+                f("sync_restarts_pending", state.pending_restarts.len() as f64),
+                f(
+                    "sync_roll_halted",
+                    f64::from(u8::from(state.restart_failed.is_some())),
+                ),
+            ],
+        }
     }
 
     /// Records why this server's restarts wait in its report: the roll's

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tonic::transport::{Channel, Endpoint};
 use zone_files::keys::FILE_PREFIX;
-use zone_proto::v1::{kv_client::KvClient, WatchRequest};
+use zone_proto::v1::{agent_client::AgentClient, kv_client::KvClient, WatchRequest};
 use zone_sync::apply::{Applier, State};
 use zone_sync::daemon::{Daemon, RollOptions, SystemClock};
 use zone_sync::disk::RootedDisk;
@@ -187,6 +187,8 @@ async fn follow(
     daemon.store = Grpc::new(ch.clone());
     let report = daemon.pass().await?;
     daemon.roll_step().await?;
+    let mut agent = AgentClient::new(ch.clone());
+    report_figures(&mut agent, daemon).await;
     let mut stream = KvClient::new(ch)
         .watch(WatchRequest {
             prefix: FILE_PREFIX.to_vec(),
@@ -205,19 +207,36 @@ async fn follow(
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         daemon.pass().await?;
                         daemon.roll_step().await?;
+                        report_figures(&mut agent, daemon).await;
                     }
                     None => anyhow::bail!("the watch ended"),
                 }
             }
             _ = tokio::time::sleep(drift) => {
                 daemon.pass().await?;
+                report_figures(&mut agent, daemon).await;
             }
             // While units wait for their turn, look again often.
             _ = tokio::time::sleep(Duration::from_secs(1)),
                 if !daemon.applier.state.pending_restarts.is_empty() =>
             {
                 daemon.roll_step().await?;
+                report_figures(&mut agent, daemon).await;
             }
         }
+    }
+}
+
+/// Sends the daemon's figures to zoned for its metrics; best effort (a
+/// zoned that predates the call answers UNIMPLEMENTED): a failure is only
+/// logged at debug level.
+async fn report_figures(
+    agent: &mut AgentClient<Channel>,
+    daemon: &Daemon<Grpc, RootedDisk, Systemctl>,
+) {
+    let mut req = tonic::Request::new(daemon.figures());
+    req.set_timeout(Duration::from_secs(2));
+    if let Err(e) = agent.report_figures(req).await {
+        tracing::debug!(error = %e.message(), "cannot report figures to zoned");
     }
 }

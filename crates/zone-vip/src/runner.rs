@@ -177,6 +177,65 @@ async fn answer_questions(
     }
 }
 
+/// What zone-vip counts for zoned's metrics (`Agent.ReportFigures`).
+#[derive(Debug)]
+pub struct Figures {
+    /// VIP addresses added and not removed since.
+    pub held: AtomicU64,
+    /// VIPs added or removed.
+    pub transitions: AtomicU64,
+    /// Announcements sent (each a gratuitous ARP or unsolicited NA burst).
+    pub announcements: AtomicU64,
+}
+
+pub static FIGURES: Figures = Figures {
+    held: AtomicU64::new(0),
+    transitions: AtomicU64::new(0),
+    announcements: AtomicU64::new(0),
+};
+
+/// How often the figures go to zoned.
+const FIGURES_EVERY: Duration = Duration::from_secs(5);
+
+impl Figures {
+    fn report(&self) -> zone_proto::v1::AgentFigures {
+        let f = |name: &str, v: &AtomicU64| zone_proto::v1::AgentFigure {
+            name: name.to_owned(),
+            value: v.load(Ordering::Relaxed) as f64,
+        };
+        zone_proto::v1::AgentFigures {
+            agent: "zone-vip".into(),
+            figures: vec![
+                f("vip_held", &self.held),
+                f("vip_transitions", &self.transitions),
+                f("vip_announcements", &self.announcements),
+            ],
+        }
+    }
+}
+
+/// Sends [`FIGURES`] to zoned every [`FIGURES_EVERY`], forever, on a
+/// connection of its own: nothing here waits on the lease loop, nor it on
+/// this (a zoned that does not know the call is asked again later).
+async fn report_figures(socket: std::path::PathBuf) {
+    let mut every = tokio::time::interval(FIGURES_EVERY);
+    let mut client = None;
+    loop {
+        every.tick().await;
+        if client.is_none() {
+            client = connect(&socket).await.ok().map(AgentClient::new);
+        }
+        if let Some(c) = client.as_mut() {
+            let mut req = tonic::Request::new(FIGURES.report());
+            req.set_timeout(Duration::from_secs(2));
+            if let Err(e) = c.report_figures(req).await {
+                tracing::debug!(error = %e.message(), "cannot report figures to zoned");
+                client = None;
+            }
+        }
+    }
+}
+
 /// The next pause the RTC sampler sees (never, without an RTC).
 async fn next_pause(pauses: &mut Option<watch::Receiver<Pause>>) -> Pause {
     if let Some(rx) = pauses {
@@ -214,13 +273,26 @@ impl Executor {
                     }
                     let first = matches!(action, Action::AddVip(_));
                     match r {
-                        Ok(()) if first => tracing::info!(%vip, "VIP added"),
+                        Ok(()) if first => {
+                            FIGURES.held.fetch_add(1, Ordering::Relaxed);
+                            FIGURES.transitions.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(%vip, "VIP added")
+                        }
                         Ok(()) => {}
                         Err(e) => tracing::error!(%vip, error = %e, "cannot add the VIP"),
                     }
                 }
                 Action::RemoveVip(vip) => match self.effects.addresses.remove(&vip).await {
-                    Ok(()) => tracing::info!(%vip, "VIP removed"),
+                    Ok(()) => {
+                        let _ =
+                            FIGURES
+                                .held
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                                    Some(h.saturating_sub(1))
+                                });
+                        FIGURES.transitions.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%vip, "VIP removed")
+                    }
                     Err(e) => tracing::error!(%vip, error = %e, "cannot remove the VIP"),
                 },
                 Action::Announce(vip) => {
@@ -340,8 +412,11 @@ impl Executor {
 
     /// The first announcement at once, the rest in the background.
     fn announce(&mut self, vip: Vip) {
-        if let Err(e) = self.effects.announcer.announce(&vip) {
-            tracing::warn!(%vip, error = %e, "announcement failed");
+        match self.effects.announcer.announce(&vip) {
+            Ok(()) => {
+                FIGURES.announcements.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(%vip, error = %e, "announcement failed"),
         }
         let rest = self.config.announce.count.saturating_sub(1);
         if rest == 0 {
@@ -385,8 +460,11 @@ impl Executor {
                     tracing::warn!(%vip, stood_still = ?gap, "the clocks stood still since the announcement came due (a paused VM?): the rest given up");
                     return;
                 }
-                if let Err(e) = announcer.announce(&vip) {
-                    tracing::warn!(%vip, error = %e, "announcement failed");
+                match announcer.announce(&vip) {
+                    Ok(()) => {
+                        FIGURES.announcements.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(%vip, error = %e, "announcement failed"),
                 }
             }
         }));
@@ -687,6 +765,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
     // counted from the exec, that took more than WatchdogSec= in the QEMU
     // zone, and systemd killed every VM's zone-vip once while booting.
     watchdog.ready();
+    tokio::spawn(report_figures(config.socket.clone()));
     let mut backoff = Duration::from_millis(50);
     'outer: loop {
         watchdog.feed();

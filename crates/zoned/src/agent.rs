@@ -200,6 +200,17 @@ impl Agent for AgentService {
         Ok(Response::new(StorageReportAck {}))
     }
 
+    async fn report_figures(
+        &self,
+        req: Request<zone_proto::v1::AgentFigures>,
+    ) -> Result<Response<zone_proto::v1::AgentFiguresAck>, Status> {
+        let r = req.into_inner();
+        for f in &r.figures {
+            crate::metrics::METRICS.agent_figure(&r.agent, &f.name, f.value);
+        }
+        Ok(Response::new(zone_proto::v1::AgentFiguresAck {}))
+    }
+
     async fn lease(
         &self,
         req: Request<Streaming<LeaseAck>>,

@@ -60,8 +60,9 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     /// Address to serve them on, `host:port`, or "off". Default (empty):
-    /// the host of `node.client_listen`, port 7402: loopback on a
-    /// development machine, the server's own address on the appliance.
+    /// the host of `node.client_listen`, port 7402: the server's loopback
+    /// address on the local cluster; every address on the appliance (as
+    /// the client port, `0.0.0.0`), the VIP included.
     pub listen: String,
 }
 
@@ -354,6 +355,23 @@ impl Config {
                 "metrics.listen",
                 format!("'{listen}' is not an address:port (such as 10.0.0.11:7402) nor \"off\""),
             ));
+        }
+        if let Some(m) = self.metrics_addr() {
+            for (field, addr) in [
+                ("node.client_listen", self.node.client_listen),
+                ("node.peer_listen", self.node.peer_listen),
+            ] {
+                if m.port() == addr.port()
+                    && (m.ip() == addr.ip()
+                        || m.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+                {
+                    return Err(invalid(
+                        "metrics.listen",
+                        format!("{m} is {field}'s port ({addr}): give the metrics a port of their own (metrics.listen = \"HOST:PORT\")"),
+                    ));
+                }
+            }
         }
         if self.node.id == 0 {
             return Err(invalid(

@@ -1,6 +1,7 @@
 //! Prometheus metrics on plain HTTP (`GET /metrics`, `[metrics] listen`):
 //! Raft, the disk, the client API, the lease, and what the local agents
-//! report. Counters and histograms are kept where things happen (the
+//! report (`Agent.ReportFigures`: zone-vip's VIP, zone-sync's files and
+//! roll). Counters and histograms are kept where things happen (the
 //! driver, the engine, the client port's layer); the Raft figures and sizes
 //! are read when scraped. Names follow Prometheus conventions: `zoned_`,
 //! base units, `_total` for counters (added by the encoder), `_seconds`.
@@ -9,7 +10,6 @@
 //! as Prometheus scrapes expect; bind it to an address only the monitoring
 //! network reaches, or turn it off (`listen = "off"`).
 
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::Instant;
 
@@ -47,14 +47,6 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AgentLabels {
-    /// The agent (`zone-vip`, `zone-sync`, `zone-mounts`).
-    pub agent: String,
-    /// What it counts or measures, as it names it.
-    pub figure: String,
-}
-
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric of the process.
@@ -83,7 +75,15 @@ pub struct Metrics {
     pub lease_held: Gauge,
     pub lease_renewals: Counter,
     pub lease_lapses: Counter,
-    pub agent_figures: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub vip_held: Gauge,
+    pub vip_transitions: Counter,
+    pub vip_announcements: Counter,
+    pub sync_applied_revision: Gauge,
+    pub sync_drift_restores: Counter,
+    pub sync_restarts_pending: Gauge,
+    pub sync_roll_halted: Gauge,
+    /// The last value of each counter an agent reported (`agent_figure`).
+    reported: std::sync::Mutex<std::collections::HashMap<(String, String), f64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -175,7 +175,7 @@ impl Metrics {
             ),
             proposals_failed: reg!(
                 "zoned_raft_proposals_failed",
-                "Proposals of this server that failed (dropped, leadership lost, refused)",
+                "Proposals of this server that failed once in the log (dropped by a new leader, leadership lost, a membership change refused)",
                 Counter::default()
             ),
             leader_changes: reg!(
@@ -195,7 +195,7 @@ impl Metrics {
             ),
             wal_fsync: reg!(
                 "zoned_disk_wal_fsync_duration_seconds",
-                "Time of each synced write of the store (one per Raft Ready that must persist)",
+                "Time of each Raft Ready's synced write (log entries and state: WAL append and fsync)",
                 latency()
             ),
             db_bytes: reg!(
@@ -233,13 +233,82 @@ impl Metrics {
                 "Leases that expired before they were renewed",
                 Counter::default()
             ),
-            agent_figures: reg!(
-                "zoned_agent_figure",
-                "Figures the local agents report through zoned (zone-vip, zone-sync, zone-mounts)",
-                Family::default()
+            vip_held: reg!(
+                "zoned_vip_held",
+                "VIP addresses zone-vip holds on this server, as it reported",
+                Gauge::default()
             ),
+            vip_transitions: reg!(
+                "zoned_vip_transitions",
+                "VIPs taken or let go by zone-vip on this server",
+                Counter::default()
+            ),
+            vip_announcements: reg!(
+                "zoned_vip_announcements",
+                "Gratuitous ARP and unsolicited neighbour advertisements zone-vip sent",
+                Counter::default()
+            ),
+            sync_applied_revision: reg!(
+                "zoned_sync_applied_revision",
+                "Store revision of the managed files zone-sync last applied here",
+                Gauge::default()
+            ),
+            sync_drift_restores: reg!(
+                "zoned_sync_drift_restores",
+                "Managed files zone-sync restored after they were changed by hand",
+                Counter::default()
+            ),
+            sync_restarts_pending: reg!(
+                "zoned_sync_restarts_pending",
+                "Units waiting for this server's turn in the rolling restart",
+                Gauge::default()
+            ),
+            sync_roll_halted: reg!(
+                "zoned_sync_roll_halted",
+                "1 while the rolling restart is halted by a failed restart",
+                Gauge::default()
+            ),
+            reported: Default::default(),
             registry: r,
         }
+    }
+
+    /// One figure a local agent reported (`Agent.ReportFigures`). A
+    /// counter the agent counts from its own start is added as the
+    /// difference from its last report (all of it after a restart of the
+    /// agent: lower than before), so zoned's counter only grows. Unknown
+    /// names are ignored.
+    pub fn agent_figure(&self, agent: &str, name: &str, value: f64) {
+        if !value.is_finite() || value < 0.0 {
+            return;
+        }
+        let gauge = match name {
+            "vip_held" => Some(&self.vip_held),
+            "sync_applied_revision" => Some(&self.sync_applied_revision),
+            "sync_restarts_pending" => Some(&self.sync_restarts_pending),
+            "sync_roll_halted" => Some(&self.sync_roll_halted),
+            _ => None,
+        };
+        if let Some(g) = gauge {
+            g.set(value as i64);
+            return;
+        }
+        let counter = match name {
+            "vip_transitions" => &self.vip_transitions,
+            "vip_announcements" => &self.vip_announcements,
+            "sync_drift_restores" => &self.sync_drift_restores,
+            _ => return,
+        };
+        let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let before = last
+            .insert((agent.to_owned(), name.to_owned()), value)
+            .unwrap_or(0.0);
+        let delta = if value >= before {
+            value - before
+        } else {
+            value
+        };
+        counter.inc_by(delta as u64);
     }
 
     /// The text exposition of every metric.
@@ -252,7 +321,8 @@ impl Metrics {
 
     /// Reads the figures kept elsewhere: the Raft state, the lease, sizes.
     pub async fn refresh(&self, node: &NodeHandle, engine: &Engine) {
-        if let Ok(s) = node.status().await {
+        let status = tokio::time::timeout(REFRESH_EVERY, node.status()).await;
+        if let Ok(Ok(s)) = status {
             self.term.set(s.term as i64);
             self.leader_id.set(s.leader_id as i64);
             self.is_leader
@@ -283,46 +353,81 @@ impl Metrics {
     }
 }
 
-/// Times a synced write.
-pub fn fsync_timer() -> impl Drop {
-    struct T(Instant);
-    impl Drop for T {
-        fn drop(&mut self) {
-            METRICS.wal_fsync.observe(self.0.elapsed().as_secs_f64());
+/// How often the figures kept elsewhere are read ([`Metrics::refresh`]):
+/// a scrape only encodes, so scrapes cost the Raft driver nothing.
+const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 8;
+/// A connection's request must arrive within this, and its answer go out
+/// within [`CONNECTION_LIMIT`]; one request per connection.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CONNECTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `GET /metrics` on `listener` until the process ends, and keeps
+/// the figures fresh. Nothing a scraper does reaches the Raft driver: the
+/// figures are read every [`REFRESH_EVERY`] by a task of their own;
+/// connections are bounded in number and time (no keep-alive).
+pub async fn serve(listener: tokio::net::TcpListener, node: NodeHandle, engine: Engine) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(REFRESH_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            METRICS.refresh(&node, &engine).await;
         }
-    }
-    T(Instant::now())
-}
-
-/// Serves `GET /metrics` on `addr` until the process ends.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    node: NodeHandle,
-    engine: Engine,
-) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let (node, engine) = (node.clone(), engine.clone());
-            async move {
-                METRICS.refresh(&node, &engine).await;
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    METRICS.encode(),
-                )
+    });
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
             }
-        }),
-    );
-    axum::serve(listener, app).await
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper::service::service_fn(answer),
+                );
+            let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
+        });
+    }
 }
 
-/// Binds the metrics port: a port in use fails the start, like the others.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+/// `GET /metrics`: the text exposition; anything else: 404.
+async fn answer(
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    let found = req.method() == http::Method::GET && req.uri().path() == "/metrics";
+    let (status, body) = if found {
+        (http::StatusCode::OK, METRICS.encode())
+    } else {
+        (
+            http::StatusCode::NOT_FOUND,
+            "not found: GET /metrics\n".to_owned(),
+        )
+    };
+    let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *resp.status_mut() = status;
+    if found {
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+    }
+    Ok(resp)
 }
 
 /// A tower layer for the client port: counts each call by method and gRPC
@@ -364,8 +469,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
-        let started = Instant::now();
+        let mut pending = Pending {
+            method: method_label(req.uri().path()),
+            started: Instant::now(),
+            done: false,
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let r = fut.await;
@@ -378,22 +486,84 @@ where
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32),
                 Err(_) => tonic::Code::Unknown,
             };
-            let m = &*METRICS;
-            // grpc-go's names: OK, InvalidArgument, Unavailable, ...
-            let code = match code {
-                tonic::Code::Ok => "OK".to_owned(),
-                other => format!("{other:?}"),
-            };
-            m.calls
-                .get_or_create(&CallLabels {
-                    method: method.clone(),
-                    code,
-                })
-                .inc();
-            m.call_seconds
-                .get_or_create(&MethodLabels { method })
-                .observe(started.elapsed().as_secs_f64());
+            pending.record(code);
             r
         })
+    }
+}
+
+/// A call being measured: recorded once, with its code, or as Cancelled
+/// when dropped before its answer (a deadline passed, the client left).
+struct Pending {
+    method: String,
+    started: Instant,
+    done: bool,
+}
+
+impl Pending {
+    fn record(&mut self, code: tonic::Code) {
+        self.done = true;
+        let m = &*METRICS;
+        // grpc-go's names: OK, InvalidArgument, Unavailable, ...
+        let code = match code {
+            tonic::Code::Ok => "OK".to_owned(),
+            other => format!("{other:?}"),
+        };
+        m.calls
+            .get_or_create(&CallLabels {
+                method: self.method.clone(),
+                code,
+            })
+            .inc();
+        m.call_seconds
+            .get_or_create(&MethodLabels {
+                method: self.method.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// The method label for a call's path: the path of a method the client
+/// port serves, else "other" (a caller cannot make the label's values
+/// grow: health needs no certificate, and any path reaches this layer).
+fn method_label(path: &str) -> String {
+    static KNOWN: LazyLock<std::collections::HashSet<String>> = LazyLock::new(|| {
+        use prost::Message as _;
+        let mut known = std::collections::HashSet::new();
+        for set in [
+            zone_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in set.file {
+                for service in &file.service {
+                    let name = format!("{}.{}", file.package(), service.name());
+                    if !crate::server::CLIENT_SERVICES.contains(&name.as_str()) {
+                        continue;
+                    }
+                    for method in &service.method {
+                        known.insert(format!("/{name}/{}", method.name()));
+                    }
+                }
+            }
+        }
+        known
+    });
+    if KNOWN.contains(path) {
+        path.to_owned()
+    } else {
+        "other".to_owned()
     }
 }

@@ -184,16 +184,11 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         let addr = listener.local_addr().ok();
         tracing::info!(addr = ?addr, "serving metrics on /metrics");
         let node = node.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, node, metrics_engine).await {
-                tracing::error!(error = %e, "the metrics port stopped");
-            }
-        });
+        tokio::spawn(crate::metrics::serve(listener, node, metrics_engine));
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(zone_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = reflection_builder().build_v1()?;
+    // Python's grpcio-reflection and several GUI clients speak v1alpha only.
+    let reflection_alpha = reflection_builder().build_v1alpha()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -214,6 +209,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         .layer(crate::metrics::Measure)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(
             KvServer::new(KvService(zone.clone()))
                 .max_decoding_message_size(max_client)
@@ -378,6 +374,31 @@ pub(crate) fn founders(config: &Config) -> Vec<Member> {
             learner: false,
         })
         .collect()
+}
+
+/// The services the client port serves, as reflection lists them (not
+/// the peer port's, nor the agent socket's, though their descriptors are
+/// in the same file set).
+pub const CLIENT_SERVICES: &[&str] = &[
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    zone_proto::v1::kv_server::SERVICE_NAME,
+    zone_proto::v1::cluster_server::SERVICE_NAME,
+    zone_proto::v1::config_server::SERVICE_NAME,
+    zone_proto::v1::storage_server::SERVICE_NAME,
+    zone_proto::v1::users_server::SERVICE_NAME,
+    zone_proto::v1::join_server::SERVICE_NAME,
+];
+
+/// gRPC reflection over the client port's services ([`CLIENT_SERVICES`]).
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    CLIENT_SERVICES.iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(zone_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        |b, name| b.with_service_name(*name),
+    )
 }
 
 /// `--force-new-zone`, said loudly: on the console and in the journal.

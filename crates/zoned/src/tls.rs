@@ -486,9 +486,10 @@ pub fn needs(path: &str) -> Need {
     use Role::*;
     const HEALTH: &str = "grpc.health.v1.Health";
     const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
+    const REFLECTION_ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
     match (service, method) {
         (HEALTH, _) => Need::Anyone,
-        (REFLECTION, _) => Need::Role(Reader),
+        (REFLECTION | REFLECTION_ALPHA, _) => Need::Role(Reader),
         (kv_server::SERVICE_NAME, "Get" | "Range" | "Watch") => Need::Role(Reader),
         (kv_server::SERVICE_NAME, "Put" | "Delete" | "Txn") => Need::Role(Operator),
         (cluster_server::SERVICE_NAME, "Members") => Need::ReaderOrServer,

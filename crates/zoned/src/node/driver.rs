@@ -107,6 +107,8 @@ pub struct Driver {
     /// The highest commit index a leader's append carried, and the value
     /// last staged on disk (`RaftStorage::leader_commit`).
     leader_commit: (u64, u64),
+    /// The last leader known (never 0 once one was), for the metrics.
+    last_leader: u64,
 }
 
 impl std::fmt::Debug for Driver {
@@ -161,6 +163,7 @@ impl Driver {
             took_part: p.took_part,
             took_part_proposed: (0, BTreeSet::new()),
             leader_commit: (p.leader_commit, p.leader_commit),
+            last_leader: 0,
             config: p.config,
         }
     }
@@ -743,7 +746,13 @@ impl Driver {
         // 7. One write, one fsync, for all of it; then the results.
         let sync = ready.must_sync() || !ready.entries().is_empty();
         if !wb.is_empty() {
+            let started = std::time::Instant::now();
             self.engine.write(wb, sync)?;
+            if sync {
+                crate::metrics::METRICS
+                    .wal_fsync
+                    .observe(started.elapsed().as_secs_f64());
+            }
         }
         self.complete(done);
         if self.mismatch.is_some() {
@@ -787,8 +796,13 @@ impl Driver {
     fn publish_view(&mut self, leader_id: u64, role: StateRole) {
         let term = self.raw.raft.term;
         let old = *self.view_tx.borrow();
-        if old.leader_id != leader_id {
-            crate::metrics::METRICS.leader_changes.inc();
+        // A new leader, not a pre-candidate's "none" (raft-rs forgets the
+        // leader while it stands) nor the same one found again.
+        if leader_id != 0 && leader_id != self.last_leader {
+            if self.last_leader != 0 {
+                crate::metrics::METRICS.leader_changes.inc();
+            }
+            self.last_leader = leader_id;
         }
         if old.leader_id != leader_id || old.term != term {
             self.reads.fail_in_flight(NodeError::LeadershipChanged);

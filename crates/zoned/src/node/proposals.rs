@@ -44,11 +44,6 @@ impl Waiter {
     /// Tells the proposer how its entry ended: an outcome of another kind
     /// than its proposal means the entry at its index was not its own.
     pub(crate) fn answer(self, outcome: Result<Outcome, NodeError>) {
-        let m = &*crate::metrics::METRICS;
-        match &outcome {
-            Ok(Outcome::Command(Some(_)) | Outcome::Conf(Ok(()))) => m.proposals_committed.inc(),
-            _ => m.proposals_failed.inc(),
-        };
         match self {
             Waiter::Command(reply) => {
                 let r = match outcome {
@@ -56,6 +51,7 @@ impl Waiter {
                     Ok(_) => Err(NodeError::Dropped),
                     Err(e) => Err(e),
                 };
+                count(r.is_ok());
                 let _ = reply.send(r);
             }
             Waiter::Conf(reply) => {
@@ -65,9 +61,20 @@ impl Waiter {
                     Ok(_) => Err(NodeError::Dropped),
                     Err(e) => Err(e),
                 };
+                count(r.is_ok());
                 let _ = reply.send(r);
             }
         }
+    }
+}
+
+/// Counts a proposal's end, as its proposer is told it.
+fn count(ok: bool) {
+    let m = &*crate::metrics::METRICS;
+    if ok {
+        m.proposals_committed.inc();
+    } else {
+        m.proposals_failed.inc();
     }
 }
 

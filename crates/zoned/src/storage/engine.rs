@@ -168,7 +168,6 @@ impl Engine {
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageFailure> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        let _timer = sync.then(crate::metrics::fsync_timer);
         self.db.write_opt(batch, &wo).map_err(StorageFailure::Write)
     }
 
