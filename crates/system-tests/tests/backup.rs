@@ -1,5 +1,8 @@
-//! Backups (issue 23): `zonectl snapshot save` against a zone of real
-//! processes, `zonectl snapshot status`, and what damaged files get.
+//! Operations (issue 23) against a zone of real processes: backups
+//! (`zonectl snapshot save`, `zonectl snapshot status`, what damaged files
+//! get), `zonectl version`, and who may read a server's journal
+//! (`zonectl logs`; the journal itself is read in the QEMU zone, whose
+//! servers run under systemd).
 
 use std::process::{Command, Output};
 
@@ -127,4 +130,105 @@ async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused(
     std::fs::write(&other, "not a backup\n").unwrap();
     let out = zonectl(&zone, &["snapshot", "status", other.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a Zoned backup"));
+}
+
+/// `zonectl version` and `show` name every server's build (the zoned of
+/// this tree, as the zonectl beside it) and image; `zonectl logs` needs
+/// the admin role, checks its request before anything runs, and on a
+/// server without a journal says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_and_who_reads_the_journal() {
+    let mut zone = TestZone::start(3, "");
+    let l = zone.wait_leader().await;
+    let endpoints = zone.endpoints().join(",");
+    let ctl = |args: &[&str]| zonectl(&zone, &[&["--endpoints", &endpoints][..], args].concat());
+    let own = ctl(&["--version"]);
+    let own = String::from_utf8_lossy(&own.stdout).trim().to_owned();
+    let build = own.strip_prefix("zonectl ").expect("zonectl --version");
+    let (version, commit) = build.split_once('+').expect("version+commit");
+    assert_eq!(
+        (version, commit),
+        (zone_version::VERSION, zone_version::COMMIT)
+    );
+    let v = json(&ctl(&["-o", "json", "version"]));
+    assert_eq!(v["client"]["build_commit"], commit, "{v}");
+    let servers = v["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 3, "{v}");
+    for s in servers {
+        assert_eq!(s["version"], version, "{s}");
+        assert_eq!(s["build_commit"], commit, "{s}");
+        // This host's os-release, as the server read it (empty off the
+        // appliance).
+        assert_eq!(s["image_version"], zone_version::image(), "{s}");
+        assert_eq!(s["error"], "", "{s}");
+    }
+    let table = ctl(&["version"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with(&format!("client {build}\nID")), "{text}");
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    for r in &rows {
+        assert_eq!(r.get(2..4), Some(&[version, commit][..]), "{text}");
+    }
+    let show = ctl(&["show"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.lines().next().unwrap().ends_with("STORAGE  VERSION"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches(&format!("{version}+{}", &commit[..7])).count(),
+        3,
+        "{text}"
+    );
+
+    // Logs: the admin's request with a bad unit is refused naming it.
+    let out = ctl(&["logs", "--unit", "zoned;reboot"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && said.contains("InvalidArgument: units:"),
+        "{said}"
+    );
+    let out = ctl(&["logs", "--server", "9"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("server 9 is not a member of the zone (members: 1, 2, 3)"),
+        "{said}"
+    );
+    // A well-formed one is served where there is a journal (a directory
+    // of journald's in /run/log/journal or /var/log/journal), refused
+    // saying there is none elsewhere (a host without journald, as CI's).
+    let journal = ["/run/log/journal", "/var/log/journal"]
+        .iter()
+        .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()));
+    let out = ctl(&["logs", "--server", "2", "-n", "3"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    if journal {
+        assert!(out.status.success(), "{said}");
+    } else {
+        assert!(
+            out.status.code() == Some(1)
+                && said.contains("FailedPrecondition: server 2 keeps no systemd journal"),
+            "{said}"
+        );
+    }
+    // A reader may not read the journal (it may hold anything).
+    let reader = zone.pki.user_dir("rita", zonectl::zone_pki::Role::Reader);
+    let out = Command::new(testbed::binary("zonectl"))
+        .arg("--credentials")
+        .arg(&reader)
+        .args(["--endpoints", &zone.servers[l].endpoint(), "logs"])
+        .output()
+        .expect("run zonectl");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(
+            "PermissionDenied: zone.v1.Cluster/Logs needs the admin role; rita has reader"
+        ),
+        "{said}"
+    );
 }

@@ -203,6 +203,196 @@ fn push_through_vip(
     Ok(out)
 }
 
+/// `zonectl version` through the VIP: every VM runs the zoned of this
+/// tree (as the zonectl built beside it) on the image built from it;
+/// `zonectl show` has zone-vip's VIP on the leader alone.
+fn versions_and_vip_holder(client: &Client, leader: u64) -> Result<()> {
+    let own = client.zonectl(&vip(), &["--version"])?;
+    let own = String::from_utf8_lossy(&own.stdout).trim().to_owned();
+    let build = own.strip_prefix("zonectl ").context("zonectl --version")?;
+    let (version, commit) = build.split_once('+').context("version+commit")?;
+    let out = through_vip(client, &["-o", "json", "version"])?;
+    assert!(out.status.success(), "zonectl version: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["client"]["build_commit"], commit, "{v}");
+    let servers = v["servers"].as_array().context("servers")?;
+    assert_eq!(servers.len(), 3, "{v}");
+    for s in servers {
+        assert_eq!(s["version"], version, "{s}");
+        assert_eq!(s["build_commit"], commit, "{s}");
+        let image = s["image_version"].as_str().unwrap_or_default();
+        assert!(
+            image.starts_with("zoned-") && image.ends_with(&format!(" {build}")),
+            "server {}: image {image:?}, not one built from {build}",
+            s["id"]
+        );
+    }
+    let table = through_vip(client, &["version"])?;
+    eprintln!(
+        "zonectl version:\n{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+    // zone-vip tells its zoned what it holds as it acknowledges the lease.
+    let vip_address = format!("{VIP}/");
+    wait_for(Duration::from_secs(30), "the VIP column", || {
+        let v = client.show(&vip())?;
+        let holders: Vec<u64> = v["servers"]
+            .as_array()?
+            .iter()
+            .filter(|s| {
+                s["vips_held"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().is_some_and(|x| x.starts_with(&vip_address)))
+                })
+            })
+            .filter_map(|s| s["id"].as_u64())
+            .collect();
+        (holders == [leader]).then_some(())
+    })?;
+    let show = through_vip(client, &["show"])?;
+    eprintln!("zonectl show:\n{}", String::from_utf8_lossy(&show.stdout));
+    Ok(())
+}
+
+/// `zonectl logs`: VM 2's journal read on VM 2 through the VIP.
+fn journal_over_the_api(client: &Client, names: &[String]) -> Result<()> {
+    let out = through_vip(
+        client,
+        &[
+            "-o", "json", "logs", "--server", "2", "-u", "zoned", "-n", "5000",
+        ],
+    )?;
+    assert!(
+        out.status.success(),
+        "zonectl logs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("zonectl logs -o json: one object per line")?;
+    assert!(!entries.is_empty() && entries.len() <= 5000);
+    for e in &entries {
+        // zoned's own entries, and systemd's about zoned.service
+        // (journalctl -u matches both).
+        assert!(
+            e["unit"] == "zoned.service" || e["identifier"] == "systemd",
+            "not zoned's entry: {e}"
+        );
+        assert_eq!(e["hostname"], names[1].as_str(), "not VM 2's entry: {e}");
+    }
+    assert!(
+        entries.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("serving metrics"))),
+        "zoned's start on VM 2 is not in its journal: {entries:?}"
+    );
+    let times: Vec<i64> = entries
+        .iter()
+        .filter_map(|e| e["time_unix_us"].as_i64())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "entries out of order"
+    );
+    let text = through_vip(client, &["logs", "--server", "2", "-u", "zoned", "-n", "5"])?;
+    eprintln!(
+        "zonectl logs --server 2 -u zoned -n 5:\n{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    // A unit name that is not one is refused, naming the field.
+    let bad = through_vip(client, &["logs", "--unit", "zoned;reboot"])?;
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && said.contains("units"), "{said}");
+    Ok(())
+}
+
+/// A journal stream ends on the server when its client goes away: one
+/// more follower than the server runs at once (4), each killed after its
+/// first entry, then a plain read is still served.
+fn journal_streams_end_with_their_client(client: &Client, endpoint: &str) -> Result<()> {
+    for _ in 0..5 {
+        let f = Follower::start(client, endpoint, &["-o", "json", "logs", "-n", "1", "-f"])?;
+        let got = f.wait_line(Duration::from_secs(30), 0, |_| true);
+        let said = f.stop();
+        assert!(got, "a follower got no entry: {said:?}");
+    }
+    let out = client.zonectl(endpoint, &["logs", "-n", "3"])?;
+    assert!(
+        out.status.success(),
+        "after 5 followers went away: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `zonectl ... logs -f -o json` running, its entries collected.
+struct Follower {
+    child: std::process::Child,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Follower {
+    fn start(client: &Client, endpoint: &str, args: &[&str]) -> Result<Follower> {
+        let mut child = client.zonectl_child(endpoint, args)?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Ok(Follower { child, lines })
+    }
+
+    /// Waits until an entry after the first `skip` matches `want`.
+    fn wait_line(
+        &self,
+        within: Duration,
+        skip: usize,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(skip)
+                .any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| want(&e)));
+            if found {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    }
+
+    /// Kills zonectl (as Ctrl-C would); the lines it printed.
+    fn stop(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        let lines = self.lines.lock().unwrap().clone();
+        lines
+    }
+}
+
+impl Drop for Follower {
+    /// A test that fails leaves no zonectl behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
     // VM 2 is installed as a server is: the raw image on its disk, its
@@ -374,6 +564,20 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
         String::from_utf8_lossy(&diff.stderr)
     );
 
+    versions_and_vip_holder(&client, leader)?;
+    journal_over_the_api(&client, &names)?;
+    // zone-vip's entries on VM 3, followed while the roll below restarts it.
+    let follower = Follower::start(
+        &client,
+        &lab.vms[2].endpoint(),
+        &["-o", "json", "logs", "-u", "zone-vip", "-n", "1", "-f"],
+    )?;
+    // Its first entry (the last one before) says the stream runs.
+    assert!(
+        follower.wait_line(Duration::from_secs(30), 0, |_| true),
+        "zonectl logs -f printed nothing"
+    );
+
     // A file whose change restarts zone-vip: the roll restarts it on each
     // VM, followers first, the leader last (the VIP blinks then).
     push_through_vip(
@@ -404,6 +608,26 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
         .iter()
         .find(|s| s["id"].as_u64() == Some(leader))
         .context("the leader's report")?;
+    // The follower saw systemd restart zone-vip on VM 3 as it happened
+    // (after its first entry, the last one from before the push).
+    let seen = follower.wait_line(Duration::from_secs(30), 1, |e| {
+        e["identifier"] == "systemd"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Started zone-vip.service"))
+    });
+    let lines = follower.stop();
+    assert!(
+        seen,
+        "`zonectl logs -f -u zone-vip` on VM 3 did not show its restart:\n{}",
+        lines.join("\n")
+    );
+    eprintln!(
+        "zonectl logs -u zone-vip -f on VM 3 during the roll ({} entries), the last:\n{}",
+        lines.len(),
+        lines.last().map_or("", String::as_str)
+    );
+    journal_streams_end_with_their_client(&client, &lab.vms[2].endpoint())?;
     for s in &restarts {
         eprintln!(
             "VM {} restarted zone-vip: {} - {} ms (active since {})",

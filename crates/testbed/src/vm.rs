@@ -858,15 +858,30 @@ impl Client {
     }
 
     pub fn zonectl(&self, endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
-        let bin = zonectl_bin()?;
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(bin)
+        self.command(endpoint, args)?
+            .output()
+            .context("cannot run zonectl")
+    }
+
+    /// zonectl with `args` at `endpoint`, in the lab's namespace.
+    fn command(&self, endpoint: &str, args: &[&str]) -> Result<Command> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns])
+            .arg(zonectl_bin()?)
             .arg("--credentials")
             .arg(&self.credentials)
             .args(["--endpoints", endpoint, "--timeout", "10"])
-            .args(args)
-            .output()
+            .args(args);
+        Ok(c)
+    }
+
+    /// `zonectl` started with `args` at `endpoint`, its stdout piped, for a
+    /// command that streams (`logs -f`); the caller kills it.
+    pub fn zonectl_child(&self, endpoint: &str, args: &[&str]) -> Result<std::process::Child> {
+        self.command(endpoint, args)?
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
             .context("cannot run zonectl")
     }
 

@@ -171,8 +171,41 @@ pub struct ServerRow {
     /// The server's datastores as its zone-mounts reported them; `None`
     /// when the server did not answer.
     pub storage: Option<StorageRow>,
+    /// The server's zoned build (`0.1.0`, 12 hex digits) and the appliance
+    /// image it booted (`zoned-vm 0.1.0+...`); empty when it did not say
+    /// (unreachable, a zoned that predates them, not an appliance).
+    pub version: String,
+    pub build_commit: String,
+    pub image_version: String,
+    /// The addresses zone-vip holds on the server (`address/prefix`), as
+    /// it last told the server's zoned.
+    pub vips_held: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
+}
+
+impl ServerRow {
+    /// The VERSION column: `0.1.0+3f2a1b9` (the commit cut to 7 digits),
+    /// `-` when unknown.
+    pub fn build(&self) -> String {
+        match (self.version.as_str(), self.build_commit.as_str()) {
+            ("", _) => "-".into(),
+            (v, "" | "unknown") => v.to_owned(),
+            (v, c) => format!("{v}+{}", c.chars().take(7).collect::<String>()),
+        }
+    }
+
+    /// The VIP column: the addresses without their prefix, `-` for none.
+    pub fn vips(&self) -> String {
+        if self.vips_held.is_empty() {
+            return "-".into();
+        }
+        self.vips_held
+            .iter()
+            .map(|a| a.split('/').next().unwrap_or(a))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// A server's datastores, as its zone-mounts last reported them.
@@ -345,6 +378,10 @@ impl ZoneView {
                         .as_ref()
                         .filter(|_| reachable)
                         .map(StorageRow::from_health),
+                    version: x.version.clone(),
+                    build_commit: x.build_commit.clone(),
+                    image_version: x.image_version.clone(),
+                    vips_held: x.vips_held.clone(),
                     error: x.error.clone(),
                 }
             })
@@ -427,6 +464,7 @@ pub fn render_table(v: &ZoneView) -> String {
         "ID",
         "NAME",
         "STATE",
+        "VIP",
         "TERM",
         "INDEX",
         "COMMIT",
@@ -439,6 +477,7 @@ pub fn render_table(v: &ZoneView) -> String {
         "DISK-FREE",
         "CERT-EXPIRES",
         "STORAGE",
+        "VERSION",
     ];
     let dash = |reachable: bool, n: u64| if reachable { n.to_string() } else { "-".into() };
     let rows: Vec<Vec<String>> = v
@@ -455,6 +494,7 @@ pub fn render_table(v: &ZoneView) -> String {
                     s.name.clone()
                 },
                 s.state.clone(),
+                s.vips(),
                 dash(ok, s.term),
                 dash(ok, s.index),
                 dash(ok, s.commit),
@@ -479,6 +519,7 @@ pub fn render_table(v: &ZoneView) -> String {
                 }),
                 s.cert_expires_unix.map_or("-".into(), day),
                 s.storage.as_ref().map_or("-".into(), StorageRow::summary),
+                s.build(),
             ]
         })
         .collect();
@@ -548,6 +589,21 @@ pub fn render_table(v: &ZoneView) -> String {
             });
         }
     }
+    let holders: Vec<u64> = v
+        .servers
+        .iter()
+        .filter(|s| !s.vips_held.is_empty())
+        .map(|s| s.id)
+        .collect();
+    if holders.len() > 1 {
+        out.push_str(&format!(
+            "servers {} each say their zone-vip holds a VIP (a lease handover in progress, or a fence that failed)\n",
+            holders.iter().map(u64::to_string).collect::<Vec<_>>().join(" and ")
+        ));
+    }
+    if let Some(note) = mixed_builds(v) {
+        out.push_str(&note);
+    }
     if v.leader_id == 0 {
         out.push_str("no leader elected\n");
     }
@@ -572,6 +628,80 @@ pub fn render_table(v: &ZoneView) -> String {
     }
     out
 }
+
+/// A line naming the builds when the servers that said run more than one
+/// (a rolling upgrade under way, or one left behind); None otherwise.
+fn mixed_builds(v: &ZoneView) -> Option<String> {
+    let mut builds: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for s in v.servers.iter().filter(|s| !s.version.is_empty()) {
+        builds
+            .entry(format!("{}+{}", s.version, s.build_commit))
+            .or_default()
+            .push(s.id);
+    }
+    if builds.len() < 2 {
+        return None;
+    }
+    let each: Vec<String> = builds
+        .iter()
+        .map(|(b, ids)| {
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            format!("{b} on {}", ids.join(","))
+        })
+        .collect();
+    Some(format!(
+        "servers run {} builds: {}\n",
+        builds.len(),
+        each.join("; ")
+    ))
+}
+
+/// `zonectl version`'s table (below the client's own line): each server's
+/// zoned build (BUILD: the commit) and appliance image.
+pub fn render_versions(v: &ZoneView) -> String {
+    let mut out = String::new();
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let rows = v
+        .servers
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                dash(&s.name),
+                dash(&s.version),
+                dash(&s.build_commit),
+                dash(&s.image_version),
+            ]
+        })
+        .collect();
+    out.push_str(&columns(&["ID", "NAME", "VERSION", "BUILD", "IMAGE"], rows));
+    for s in v.servers.iter().filter(|s| !s.error.is_empty()) {
+        out.push_str(&format!("server {} unreachable: {}\n", s.id, s.error));
+    }
+    for s in v
+        .servers
+        .iter()
+        .filter(|s| s.error.is_empty() && s.version.is_empty())
+    {
+        out.push_str(&format!(
+            "server {}: its zoned does not report its version (older than this field)\n",
+            s.id
+        ));
+    }
+    if let Some(note) = mixed_builds(v) {
+        out.push_str(&note);
+    }
+    out
+}
+
+/// This zonectl's build, `0.1.0+3f2a1b9c0d1e`.
+pub const CLIENT_BUILD: &str = zone_version::LONG;
 
 /// `zonectl storage status`: one row per server and datastore.
 pub fn render_storage(v: &ZoneView) -> String {

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 mod config_cmd;
+mod logs_cmd;
 mod pki_cmd;
 mod snapshot_cmd;
 mod storage_cmd;
@@ -37,7 +38,7 @@ pub(crate) async fn connect(
 
 /// Manage a Zoned zone: its servers and its replicated key-value store.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = zonectl::CLIENT_BUILD, about, long_about = None)]
 struct Args {
     /// Client endpoints (host:port), comma-separated; the first that answers
     /// is used. Default: the local cluster of `cargo xtask cluster up`, whose
@@ -90,8 +91,15 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show every server of the zone: role, term, log indexes, lag.
+    /// Show every server of the zone: role, who holds the VIP, term, log
+    /// indexes, lag, host figures, storage, certificate and build.
     Show,
+    /// Print this zonectl's version and every server's: zoned's version,
+    /// the commit it was built from, and the appliance image it booted.
+    Version,
+    /// Read a server's systemd journal (journalctl on that server, over
+    /// the API; admin only): the last entries, then new ones with -f.
+    Logs(logs_cmd::LogsArgs),
     /// Read and write the replicated key-value store.
     #[command(subcommand)]
     Kv(KvCommand),
@@ -404,6 +412,58 @@ async fn health(
     Ok(())
 }
 
+/// `zonectl version`: each server's build (the client's own line is
+/// printed before: see `run`); with `-o json` the client's too, even when
+/// no server answers.
+async fn version(
+    endpoints: &[String],
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = serde_json::json!({
+        "version": zone_version::VERSION,
+        "build_commit": zone_version::COMMIT,
+    });
+    let status = match connect(endpoints).await {
+        Ok((channel, _)) => ClusterClient::new(channel)
+            .status(t(StatusRequest {}, timeout))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            if json {
+                print_json(&serde_json::json!({ "client": client }));
+            }
+            return Err(e.context("no server told its version"));
+        }
+    };
+    let view = ZoneView::from_status(&status);
+    if json {
+        let servers: Vec<_> = view
+            .servers
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "version": s.version,
+                    "build_commit": s.build_commit,
+                    "image_version": s.image_version,
+                    "error": s.error,
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({ "client": client, "servers": servers }));
+    } else {
+        print!("{}", zonectl::render_versions(&view));
+    }
+    Ok(())
+}
+
 /// A request with a deadline.
 fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -412,6 +472,11 @@ fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if matches!(args.command, Command::Version) && args.output == Output::Table {
+        // The client's own build first, whatever happens next (no
+        // credential, no server answering).
+        println!("client {}", zonectl::CLIENT_BUILD);
+    }
     if let Command::Zone(ZoneCommand::Init(init)) = &args.command {
         let made = pki_cmd::init(init)?;
         if args.output == Output::Json {
@@ -449,6 +514,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Command::Health = args.command {
         return health(&endpoints, timeout, args.output == Output::Json).await;
+    }
+    if let Command::Version = args.command {
+        return version(&endpoints, timeout, args.output == Output::Json).await;
     }
     let (channel, _) = connect(&endpoints).await?;
     let json = args.output == Output::Json;
@@ -582,7 +650,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
-        Command::Health => unreachable!("answered before connecting"),
+        Command::Health | Command::Version => unreachable!("answered before connecting"),
+        Command::Logs(logs) => logs_cmd::run(logs, channel, timeout, json).await?,
         Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, serializable }) => {
             snapshot_cmd::save(channel, &file, serializable, timeout, json).await?
         }

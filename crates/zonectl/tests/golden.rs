@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use zonectl::v1::{
     DatastoreHealth, DatastoreState, HostFigures, Role, ServerStatus, StatusResponse, StorageHealth,
 };
-use zonectl::{render_table, ZoneView};
+use zonectl::{render_table, render_versions, ZoneView};
 
 fn check(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -71,6 +71,15 @@ fn server(id: u64, role: Role, last: u64, matched: u64, contact: Option<u64>) ->
             ],
             unmounting: Vec::new(),
         }),
+        version: "0.1.0".into(),
+        build_commit: "3f2a1b9c0d1e".into(),
+        image_version: "zoned-vm 0.1.0+3f2a1b9c0d1e".into(),
+        // zone-vip holds the VIP on the leader.
+        vips_held: if role == Role::Leader {
+            vec!["10.0.0.10/24".into()]
+        } else {
+            Vec::new()
+        },
         ..ServerStatus::default()
     }
 }
@@ -210,4 +219,33 @@ fn show_json() {
         "show-healthy.json",
         &(serde_json::to_string_pretty(&v).unwrap() + "\n"),
     );
+}
+
+/// `zonectl version` during a rolling upgrade: server 2 already runs the
+/// new build, server 3 does not answer.
+#[test]
+fn versions_of_a_zone_mid_upgrade() {
+    let mut s = healthy();
+    let two = s.servers.iter_mut().find(|x| x.id == 2).unwrap();
+    two.build_commit = "8e41d07a55c2".into();
+    two.version = "0.2.0".into();
+    two.image_version = "zoned-vm 0.2.0+8e41d07a55c2".into();
+    s.servers[0] = ServerStatus {
+        id: 3,
+        role: Role::Unreachable as i32,
+        error: "transport error: connection refused".into(),
+        ..ServerStatus::default()
+    };
+    let view = ZoneView::from_status(&s);
+    check("version-mid-upgrade.txt", &render_versions(&view));
+    // The same zone's table names both builds and who holds the VIP.
+    check("show-mid-upgrade.txt", &render_table(&view));
+}
+
+/// Two servers whose zone-vip both hold a VIP are named.
+#[test]
+fn show_table_with_two_vip_holders() {
+    let mut s = healthy();
+    s.servers[0].vips_held = vec!["10.0.0.10/24".into()];
+    check_show("show-two-vip-holders.txt", &s);
 }

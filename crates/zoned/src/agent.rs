@@ -134,6 +134,23 @@ impl AgentRegistry {
         self.changed.notify_waiters();
     }
 
+    /// The addresses the agents hold now, as they last acknowledged
+    /// (`address/prefix`, sorted): where the VIP is, for `zonectl show`.
+    pub fn vips_held(&self) -> Vec<String> {
+        let mut held: Vec<String> = self
+            .acks
+            .lock()
+            .expect("acks poisoned")
+            .values()
+            .filter(|a| a.holding)
+            .flat_map(|a| a.addresses.iter())
+            .map(|h| format!("{}/{}", h.address, h.prefix))
+            .collect();
+        held.sort();
+        held.dedup();
+        held
+    }
+
     pub fn connected(&self) -> usize {
         self.acks.lock().expect("acks poisoned").len()
     }

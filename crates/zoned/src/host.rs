@@ -12,6 +12,8 @@ use zone_proto::v1::HostFigures;
 #[derive(Debug)]
 pub struct Host {
     system: Option<Mutex<sysinfo::System>>,
+    /// The appliance image booted (read once: it changes with a reboot).
+    image: String,
 }
 
 impl Default for Host {
@@ -23,11 +25,19 @@ impl Default for Host {
                 None
             }
         };
-        Host { system }
+        Host {
+            system,
+            image: zone_version::image(),
+        }
     }
 }
 
 impl Host {
+    /// os-release's IMAGE_ID and IMAGE_VERSION; empty off the appliance.
+    pub fn image_version(&self) -> &str {
+        &self.image
+    }
+
     pub fn figures(&self, data_dir: &Path) -> HostFigures {
         let load1 = sysinfo::System::load_average().map_or(0.0, |l| l.one);
         let (memory_total_bytes, memory_available_bytes) =

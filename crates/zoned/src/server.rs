@@ -201,7 +201,14 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         let zone = zone.clone();
         Arc::new(move |serial: &str| crate::api::users::is_revoked(&zone, serial))
     };
+    // Keepalives find a client whose connection died without a word (a
+    // cut cable, a host powered off): its watches and journal streams
+    // (`zonectl logs -f`, a journalctl each, a few at most) end within a
+    // minute instead of never.
     let client_server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
         .layer(Gate {
             port: Port::Client,
             revoked,

@@ -495,9 +495,10 @@ pub fn needs(path: &str) -> Need {
         (cluster_server::SERVICE_NAME, "Members") => Need::ReaderOrServer,
         (cluster_server::SERVICE_NAME, "Status") => Need::Role(Reader),
         (cluster_server::SERVICE_NAME, "TransferLeader" | "SetMaintenance") => Need::Role(Operator),
-        (cluster_server::SERVICE_NAME, "AddServer" | "RemoveServer" | "ResetServer" | "Backup") => {
-            Need::Role(Admin)
-        }
+        (
+            cluster_server::SERVICE_NAME,
+            "AddServer" | "RemoveServer" | "ResetServer" | "Backup" | "Logs",
+        ) => Need::Role(Admin),
         (config_server::SERVICE_NAME, "Get" | "List" | "History" | "ReadLocal") => {
             Need::Role(Reader)
         }
@@ -714,7 +715,7 @@ mod tests {
         use Role::{Admin, Operator, Reader};
         // What each client call needs, written out: a change to `needs`
         // that moves a call to another role fails here.
-        let table: [(&str, &str, Need); 29] = [
+        let table: [(&str, &str, Need); 30] = [
             ("zone.v1.KV", "Get", Need::Role(Reader)),
             ("zone.v1.KV", "Range", Need::Role(Reader)),
             ("zone.v1.KV", "Watch", Need::Role(Reader)),
@@ -729,6 +730,7 @@ mod tests {
             ("zone.v1.Cluster", "RemoveServer", Need::Role(Admin)),
             ("zone.v1.Cluster", "ResetServer", Need::Role(Admin)),
             ("zone.v1.Cluster", "Backup", Need::Role(Admin)),
+            ("zone.v1.Cluster", "Logs", Need::Role(Admin)),
             ("zone.v1.Config", "Get", Need::Role(Reader)),
             ("zone.v1.Config", "List", Need::Role(Reader)),
             ("zone.v1.Config", "History", Need::Role(Reader)),

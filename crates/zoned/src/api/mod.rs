@@ -16,6 +16,7 @@
 //! - [`handover`]: storage-aware leadership;
 //! - [`join`]: join tokens, and a new server's certificate for one;
 //! - [`users`]: client credentials issued and revoked;
+//! - [`logs`]: this server's journal, streamed;
 //! - [`status`]: this server's status and the zone's;
 //! - [`storage`]: the shared datastores' declarations;
 //! - [`watch`]: history replay and live events;
@@ -28,6 +29,7 @@ mod error;
 pub mod handover;
 pub mod join;
 mod leader;
+mod logs;
 mod requests;
 mod service;
 mod status;

@@ -249,4 +249,13 @@ impl Cluster for ClusterService {
             self.0.backup(req.into_inner().linearizable, budget).await?,
         ))
     }
+
+    type LogsStream = super::logs::LogsStream;
+
+    async fn logs(
+        &self,
+        req: Request<zone_proto::v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        Ok(Response::new(self.0.logs(req.into_inner()).await?))
+    }
 }

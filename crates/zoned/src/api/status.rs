@@ -59,6 +59,10 @@ impl ServerContext {
             zone_id: s.zone_id.clone(),
             cert_expires_unix: self.transport.cert_expires_unix(),
             storage: Some(self.agents.storage()),
+            version: zone_version::VERSION.to_owned(),
+            build_commit: zone_version::COMMIT.to_owned(),
+            image_version: self.host.image_version().to_owned(),
+            vips_held: self.agents.vips_held(),
         }
     }
 
