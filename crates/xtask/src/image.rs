@@ -382,6 +382,21 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             );
         }
     }
+    // zonectl's man pages and bash completion, as zonectl makes them.
+    let zonectl = target.join("debug").join("zonectl");
+    run(Command::new(&zonectl)
+        .args(["manpage", "--dir"])
+        .arg(root.join("usr/share/man/man1")))?;
+    let completions = root.join("usr/share/bash-completion/completions");
+    std::fs::create_dir_all(&completions)?;
+    let script = Command::new(&zonectl)
+        .args(["completion", "bash"])
+        .output()
+        .context("cannot run zonectl completion")?;
+    if !script.status.success() || script.stdout.is_empty() {
+        bail!("zonectl completion bash failed: {script:?}");
+    }
+    std::fs::write(completions.join("zonectl"), &script.stdout)?;
     let share = root.join("usr/share/zoned");
     std::fs::create_dir_all(&share)?;
     for (src, dst) in [

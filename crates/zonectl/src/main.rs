@@ -13,7 +13,7 @@ mod storage_cmd;
 mod user_cmd;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use zonectl::v1::{
     cluster_client::ClusterClient, event::EventType, join_client::JoinClient, kv_client::KvClient,
     AddServerRequest, DeleteRequest, GetRequest, JoinTokenRequest, JoinTokenResponse, KeyValue,
@@ -36,9 +36,18 @@ pub(crate) async fn connect(
     zonectl::connect(endpoints, credentials()).await
 }
 
+/// What zonectl's exit code says (in --help and the man page).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  the zone refused or failed the request (the reason on stderr), no
+     server answered, or `health` found an endpoint not serving
+  2  bad usage (an unknown command or flag, a bad value)
+  3  `config diff` found a server's copy differing from the zone's";
+
 /// Manage a Zoned zone: its servers and its replicated key-value store.
 #[derive(Debug, Parser)]
-#[command(version = zonectl::CLIENT_BUILD, about, long_about = None)]
+#[command(version = zonectl::CLIENT_BUILD, about, long_about = None, after_help = EXIT_CODES)]
 struct Args {
     /// Client endpoints (host:port), comma-separated; the first that answers
     /// is used. Default: the local cluster of `cargo xtask cluster up`, whose
@@ -100,6 +109,21 @@ enum Command {
     /// Read a server's systemd journal (journalctl on that server, over
     /// the API; admin only): the last entries, then new ones with -f.
     Logs(logs_cmd::LogsArgs),
+    /// Print a completion script for SHELL. bash: `zonectl completion
+    /// bash > /etc/bash_completion.d/zonectl` (in place on the appliance);
+    /// zsh: as `_zonectl` in a directory of $fpath; fish: as
+    /// ~/.config/fish/completions/zonectl.fish.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print zonectl's man page (roff: `zonectl manpage | man -l -`), or
+    /// with --dir write it and one page per command (zonectl-logs.1, ...)
+    /// into DIR (the appliance has them in /usr/share/man/man1).
+    Manpage {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
     /// Read and write the replicated key-value store.
     #[command(subcommand)]
     Kv(KvCommand),
@@ -464,6 +488,32 @@ async fn version(
     Ok(())
 }
 
+/// `zonectl manpage`: the main page on stdout, or every page into `dir`.
+fn manpage(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+            clap_mangen::generate_to(Args::command(), dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Args::command()).render(&mut page)?;
+            print_all(&page)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is
+/// not an error.
+fn print_all(bytes: &[u8]) -> anyhow::Result<()> {
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 /// A request with a deadline.
 fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -476,6 +526,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // The client's own build first, whatever happens next (no
         // credential, no server answering).
         println!("client {}", zonectl::CLIENT_BUILD);
+    }
+    match &args.command {
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Args::command(), "zonectl", &mut script);
+            return print_all(&script);
+        }
+        Command::Manpage { dir } => return manpage(dir.as_deref()),
+        _ => {}
     }
     if let Command::Zone(ZoneCommand::Init(init)) = &args.command {
         let made = pki_cmd::init(init)?;
@@ -650,7 +709,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
-        Command::Health | Command::Version => unreachable!("answered before connecting"),
+        Command::Health
+        | Command::Version
+        | Command::Completion { .. }
+        | Command::Manpage { .. } => {
+            unreachable!("answered before connecting")
+        }
         Command::Logs(logs) => logs_cmd::run(logs, channel, timeout, json).await?,
         Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, serializable }) => {
             snapshot_cmd::save(channel, &file, serializable, timeout, json).await?
@@ -836,5 +900,57 @@ async fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn completion_scripts_name_every_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "zonectl", &mut buf);
+            let text = String::from_utf8(buf).unwrap();
+            for sub in Args::command().get_subcommands() {
+                assert!(
+                    text.contains(sub.get_name()),
+                    "{shell:?}: no {}",
+                    sub.get_name()
+                );
+            }
+            assert!(text.contains("--endpoints"), "{shell:?}");
+        }
+    }
+
+    #[test]
+    fn a_man_page_for_zonectl_and_each_command() {
+        let dir = tempfile::tempdir().unwrap();
+        manpage(Some(dir.path())).unwrap();
+        let main = std::fs::read_to_string(dir.path().join("zonectl.1")).unwrap();
+        assert!(main.contains(".TH zonectl 1"), "{main}");
+        assert!(main.contains("Exit codes"), "{main}");
+        for page in [
+            "zonectl-logs.1",
+            "zonectl-version.1",
+            "zonectl-kv-put.1",
+            "zonectl-snapshot-save.1",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(page))
+                .unwrap_or_else(|e| panic!("{page}: {e}"));
+            assert!(text.contains(".TH"), "{page}");
+        }
+        let logs = std::fs::read_to_string(dir.path().join("zonectl-logs.1")).unwrap();
+        assert!(logs.contains("follow"), "{logs}");
     }
 }
