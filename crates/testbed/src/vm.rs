@@ -281,6 +281,13 @@ impl Lab {
     }
 
     /// [`Lab::units`] written under the lab's directory: (name, path).
+    ///
+    /// Each boot calls this, while the QEMU of a VM booted a moment before
+    /// may still be reading the same files for its fw_cfg: a file written
+    /// in place (truncated, then filled) was read empty by it now and then
+    /// (zone-provision refused the empty unit, and that VM's zoned never
+    /// started). So a file is replaced by a rename, and only when its
+    /// content changed.
     fn unit_files(&self) -> Result<Vec<(String, PathBuf)>> {
         let dir = self.dir.join("units");
         std::fs::create_dir_all(&dir)?;
@@ -288,7 +295,11 @@ impl Lab {
             .iter()
             .map(|(name, text)| {
                 let path = dir.join(name);
-                std::fs::write(&path, text)?;
+                if std::fs::read(&path).ok().as_deref() != Some(text.as_bytes()) {
+                    let part = dir.join(format!(".{name}.part"));
+                    std::fs::write(&part, text)?;
+                    std::fs::rename(&part, &path)?;
+                }
                 Ok((name.clone(), path))
             })
             .collect()
