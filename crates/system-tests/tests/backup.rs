@@ -9,14 +9,6 @@ use std::process::{Command, Output};
 use testbed::zone::TestZone;
 use zonectl::v1::{DeleteRequest, KeyValue, PutRequest};
 
-fn zonectl(zone: &TestZone, args: &[&str]) -> Output {
-    Command::new(testbed::binary("zonectl"))
-        .args(zone.zonectl_credentials())
-        .args(args)
-        .output()
-        .expect("run zonectl")
-}
-
 fn json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
@@ -62,23 +54,20 @@ async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused(
     let file = dir.path().join("zone.backup");
     let f = file.to_str().unwrap();
     let follower = zone.servers[1].endpoint();
-    let saved = json(&zonectl(
-        &zone,
-        &[
-            "--endpoints",
-            &follower,
-            "-o",
-            "json",
-            "snapshot",
-            "save",
-            f,
-        ],
-    ));
+    let saved = json(&zone.zonectl(&[
+        "--endpoints",
+        &follower,
+        "-o",
+        "json",
+        "snapshot",
+        "save",
+        f,
+    ]));
     assert_eq!(saved["revision"], revision, "{saved}");
     assert_eq!(saved["keys"], before.kvs.len() as u64, "{saved}");
     assert_eq!(saved["zone_id"].as_str().map(str::len), Some(32), "{saved}");
     assert_eq!(saved["server_id"], zone.servers[1].id, "{saved}");
-    let status = json(&zonectl(&zone, &["-o", "json", "snapshot", "status", f]));
+    let status = json(&zone.zonectl(&["-o", "json", "snapshot", "status", f]));
     assert_eq!(status["revision"], revision);
     assert_eq!(status["sha256"], saved["sha256"]);
     let mut kvs: Vec<KeyValue> = Vec::new();
@@ -98,7 +87,7 @@ async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused(
     );
 
     // An existing file is not overwritten.
-    let out = zonectl(&zone, &["snapshot", "save", f]);
+    let out = zone.zonectl(&["snapshot", "save", f]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
     assert_eq!(
@@ -111,7 +100,7 @@ async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused(
     let whole = std::fs::read(&file).unwrap();
     let cut = dir.path().join("cut.backup");
     std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
-    let out = zonectl(&zone, &["snapshot", "status", cut.to_str().unwrap()]);
+    let out = zone.zonectl(&["snapshot", "status", cut.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("truncated"), "{err}");
     let mut bad = whole.clone();
@@ -119,7 +108,7 @@ async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused(
     bad[at] ^= 0x40;
     let altered = dir.path().join("altered.backup");
     std::fs::write(&altered, &bad).unwrap();
-    let out = zonectl(&zone, &["snapshot", "status", altered.to_str().unwrap()]);
+    let out = zone.zonectl(&["snapshot", "status", altered.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && (err.contains("checksum") || err.contains("corrupt")),
@@ -128,7 +117,7 @@ async fn a_backup_holds_every_key_at_its_revision_and_a_damaged_copy_is_refused(
     eprintln!("a changed byte: {}", err.trim());
     let other = dir.path().join("notes.txt");
     std::fs::write(&other, "not a backup\n").unwrap();
-    let out = zonectl(&zone, &["snapshot", "status", other.to_str().unwrap()]);
+    let out = zone.zonectl(&["snapshot", "status", other.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a Zoned backup"));
 }
 
@@ -141,7 +130,7 @@ async fn versions_and_who_reads_the_journal() {
     let mut zone = TestZone::start(3, "");
     let l = zone.wait_leader().await;
     let endpoints = zone.endpoints().join(",");
-    let ctl = |args: &[&str]| zonectl(&zone, &[&["--endpoints", &endpoints][..], args].concat());
+    let ctl = |args: &[&str]| zone.zonectl(&[&["--endpoints", &endpoints][..], args].concat());
     let own = ctl(&["--version"]);
     let own = String::from_utf8_lossy(&own.stdout).trim().to_owned();
     let build = own.strip_prefix("zonectl ").expect("zonectl --version");

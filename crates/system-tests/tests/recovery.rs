@@ -2,20 +2,12 @@
 //! `zoned restore`, and a quorum loss survived with `zoned
 //! --force-new-zone`, against real processes, disks and sockets.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
 use testbed::zone::{poll, TestZone};
 use zonectl::v1::{DeleteRequest, MembersRequest, PutRequest};
-
-fn zonectl(zone: &TestZone, args: &[&str]) -> Output {
-    Command::new(testbed::binary("zonectl"))
-        .args(zone.zonectl_credentials())
-        .args(args)
-        .output()
-        .expect("run zonectl")
-}
 
 fn text(out: &Output) -> String {
     format!(
@@ -108,7 +100,7 @@ async fn a_backup_restored_into_a_new_zone_holds_every_key_at_its_revision() {
     let file = dir.path().join("zone.backup");
     let f = file.to_str().unwrap();
     let endpoints = old.endpoints().join(",");
-    let out = zonectl(&old, &["--endpoints", &endpoints, "snapshot", "save", f]);
+    let out = old.zonectl(&["--endpoints", &endpoints, "snapshot", "save", f]);
     assert!(out.status.success(), "{}", text(&out));
 
     let mut new = TestZone::prepare(3, "");

@@ -360,6 +360,16 @@ impl TestZone {
         ep.connect_timeout(Duration::from_secs(1)).connect_lazy()
     }
 
+    /// The zonectl binary run with `args` as the admin (give
+    /// `--endpoints`: its default is the local cluster's).
+    pub fn zonectl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::binary("zonectl"))
+            .args(self.zonectl_credentials())
+            .args(args)
+            .output()
+            .expect("run zonectl")
+    }
+
     /// `--credentials DIR` for the zonectl binary: the admin's.
     pub fn zonectl_credentials(&self) -> [String; 2] {
         [
