@@ -118,6 +118,13 @@ impl Kv for Replica {
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         not_here()
     }
+
+    async fn compact(
+        &self,
+        _: Request<zone_proto::v1::CompactRequest>,
+    ) -> Result<Response<zone_proto::v1::CompactResponse>, Status> {
+        not_here()
+    }
 }
 
 /// Serves `replica` on a loopback port of its own, on `runtime` (whose

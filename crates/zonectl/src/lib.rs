@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
-use zone_proto::v1::{Role, StatusResponse};
+use zone_proto::v1::{Alarm, AlarmKind, Role, StatusResponse};
 
 pub use zone_pki;
 pub use zone_proto::v1;
@@ -312,7 +312,109 @@ pub struct ZoneView {
     pub term: u64,
     /// True while the zone is disabled for maintenance (writes refused).
     pub disabled: bool,
+    /// Space alarms standing (writes that add data refused).
+    pub alarms: Vec<AlarmRow>,
     pub servers: Vec<ServerRow>,
+}
+
+/// A space alarm as zonectl prints it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlarmRow {
+    pub server: u64,
+    pub name: String,
+    /// `no-space` (free space below the floor) or `store-quota`.
+    pub kind: &'static str,
+    pub free_bytes: u64,
+    pub store_bytes: u64,
+    pub limit_bytes: u64,
+    pub raised_unix_ms: u64,
+}
+
+impl AlarmRow {
+    pub fn from_alarm(a: &Alarm) -> AlarmRow {
+        AlarmRow {
+            server: a.server,
+            name: a.name.clone(),
+            kind: match AlarmKind::try_from(a.kind) {
+                Ok(AlarmKind::NoSpace) => "no-space",
+                Ok(AlarmKind::StoreQuota) => "store-quota",
+                _ => "unknown",
+            },
+            free_bytes: a.free_bytes,
+            store_bytes: a.store_bytes,
+            limit_bytes: a.limit_bytes,
+            raised_unix_ms: a.raised_unix_ms,
+        }
+    }
+
+    /// One line: who, what it measured, against which limit.
+    pub fn describe(&self) -> String {
+        let who = if self.name.is_empty() {
+            format!("server {}", self.server)
+        } else {
+            format!("server {} ({})", self.server, self.name)
+        };
+        match self.kind {
+            "store-quota" => format!(
+                "{who}: store {} over its quota of {} (limits.max_store_mb), {} free",
+                human_bytes(self.store_bytes),
+                human_bytes(self.limit_bytes),
+                human_bytes(self.free_bytes)
+            ),
+            _ => format!(
+                "{who}: {} free on its data directory, below {} (limits.min_free_disk_mb)",
+                human_bytes(self.free_bytes),
+                human_bytes(self.limit_bytes)
+            ),
+        }
+    }
+}
+
+/// `zonectl alarm ls`: a table of the alarms, or a line saying there are
+/// none.
+pub fn render_alarms(alarms: &[AlarmRow], now_unix_ms: u64) -> String {
+    if alarms.is_empty() {
+        return "no alarm: writes are accepted\n".to_owned();
+    }
+    let rows = alarms
+        .iter()
+        .map(|a| {
+            vec![
+                a.server.to_string(),
+                a.name.clone(),
+                a.kind.to_owned(),
+                human_bytes(a.free_bytes),
+                human_bytes(a.store_bytes),
+                human_bytes(a.limit_bytes),
+                if a.raised_unix_ms == 0 {
+                    "-".to_owned()
+                } else {
+                    let age = now_unix_ms.saturating_sub(a.raised_unix_ms) / 1000;
+                    format!("{} ago", human_secs(age))
+                },
+            ]
+        })
+        .collect();
+    let mut out = columns(
+        &[
+            "SERVER", "NAME", "ALARM", "FREE", "STORE", "LIMIT", "RAISED",
+        ],
+        rows,
+    );
+    out.push_str(
+        "writes that add data are refused until every alarm clears: delete what is not needed, then zonectl compact REV --physical\n",
+    );
+    out
+}
+
+/// 45s, 12m, 3h, 2d.
+fn human_secs(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 pub fn role_name(role: i32) -> &'static str {
@@ -392,6 +494,7 @@ impl ZoneView {
             leader_id: s.leader_id,
             term: s.term,
             disabled: s.disabled,
+            alarms: s.alarms.iter().map(AlarmRow::from_alarm).collect(),
             servers,
         }
     }
@@ -610,6 +713,12 @@ pub fn render_table(v: &ZoneView) -> String {
     if v.disabled {
         out.push_str("zone DISABLED for maintenance: writes are refused (zonectl zone enable)\n");
     }
+    for a in &v.alarms {
+        out.push_str(&format!(
+            "ALARM {}: writes that add data are refused (zonectl alarm ls)\n",
+            a.describe()
+        ));
+    }
     let zones: std::collections::BTreeSet<&str> = v
         .servers
         .iter()
@@ -801,6 +910,7 @@ mod tests {
                 ..ServerStatus::default()
             }],
             disabled: false,
+            alarms: Vec::new(),
         };
         let table = render_table(&ZoneView::from_status(&status(now + 10 * 86_400 + 60)));
         assert!(

@@ -9,6 +9,7 @@ mod config_cmd;
 mod logs_cmd;
 mod pki_cmd;
 mod snapshot_cmd;
+mod space_cmd;
 mod storage_cmd;
 mod user_cmd;
 
@@ -148,6 +149,14 @@ enum Command {
     /// Back the store up to a file, and check a backup file.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// The zone's space alarms: raised by a server short of room, they
+    /// stop writes that add data zone-wide until it has room again.
+    #[command(subcommand)]
+    Alarm(space_cmd::AlarmCommand),
+    /// Drop the change history before a revision on every server (like
+    /// etcdctl compact), and with --physical give the space back to the
+    /// filesystem now.
+    Compact(space_cmd::CompactArgs),
     /// Ask each endpoint for its gRPC health, as a load balancer would:
     /// SERVING only while the server is a member, knows a leader and has
     /// applied its log; `zone.v1.Cluster` answers while its Raft driver
@@ -515,7 +524,8 @@ fn print_all(bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// A request with a deadline.
-fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
+/// `msg` with a deadline: the global --timeout.
+pub(crate) fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
@@ -709,6 +719,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
+        Command::Alarm(cmd) => space_cmd::alarm(cmd, channel, timeout, json).await?,
+        Command::Compact(args) => space_cmd::compact(args, channel, timeout, json).await?,
         Command::Health
         | Command::Version
         | Command::Completion { .. }

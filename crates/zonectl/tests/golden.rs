@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 
 use zonectl::v1::{
-    DatastoreHealth, DatastoreState, HostFigures, Role, ServerStatus, StatusResponse, StorageHealth,
+    Alarm, AlarmKind, DatastoreHealth, DatastoreState, HostFigures, Role, ServerStatus,
+    StatusResponse, StorageHealth,
 };
-use zonectl::{render_table, render_versions, ZoneView};
+use zonectl::{render_alarms, render_table, render_versions, AlarmRow, ZoneView};
 
 fn check(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -148,6 +149,7 @@ fn healthy() -> StatusResponse {
             server(2, Role::Follower, 1204, 1204, Some(12)),
         ],
         disabled: false,
+        alarms: Vec::new(),
     }
 }
 
@@ -248,4 +250,45 @@ fn show_table_with_two_vip_holders() {
     let mut s = healthy();
     s.servers[0].vips_held = vec!["10.0.0.10/24".into()];
     check_show("show-two-vip-holders.txt", &s);
+}
+
+/// Server 2 short of disk, server 3 over its store quota.
+fn alarms() -> Vec<Alarm> {
+    vec![
+        Alarm {
+            server: 2,
+            name: "zone-2".into(),
+            kind: AlarmKind::NoSpace as i32,
+            free_bytes: 200 << 20,
+            store_bytes: 900 << 20,
+            limit_bytes: 256 << 20,
+            raised_unix_ms: 1_700_000_000_000,
+        },
+        Alarm {
+            server: 3,
+            name: "zone-3".into(),
+            kind: AlarmKind::StoreQuota as i32,
+            free_bytes: 40 << 30,
+            store_bytes: 2100 << 20,
+            limit_bytes: 2048 << 20,
+            raised_unix_ms: 1_700_000_000_000 - 3_600_000,
+        },
+    ]
+}
+
+#[test]
+fn show_table_with_space_alarms() {
+    let mut s = healthy();
+    s.alarms = alarms();
+    check_show("show-space-alarms.txt", &s);
+}
+
+#[test]
+fn alarm_list() {
+    let rows: Vec<AlarmRow> = alarms().iter().map(AlarmRow::from_alarm).collect();
+    check(
+        "alarm-ls.txt",
+        &render_alarms(&rows, 1_700_000_000_000 + 75_000),
+    );
+    check("alarm-ls-none.txt", &render_alarms(&[], 0));
 }

@@ -227,11 +227,19 @@ pub struct LimitsSection {
     /// Revisions of change history kept for watchers. Default 100000.
     pub watch_history: u64,
     /// Free space, in MiB, kept on the data directory's filesystem. Below
-    /// it the leader refuses writes (RESOURCE_EXHAUSTED, nothing proposed)
-    /// and a follower stops taking new log entries (the others carry the
-    /// zone) until space is freed: the store never meets a full disk in
-    /// the middle of a write. 0 disables the check. Default 256.
+    /// it this server raises the space alarm: the zone refuses writes that
+    /// add data (RESOURCE_EXHAUSTED naming this server) while reads,
+    /// deletes and compaction go on, until the server has room again
+    /// (`crate::space`). Below a quarter of it (the hard floor) the server
+    /// takes nothing but alarms and compactions: the store never meets a
+    /// full disk in the middle of a write. 0 disables both. Default 256.
     pub min_free_disk_mb: u64,
+    /// The store's largest size on disk, in MiB (RocksDB's files and
+    /// memtables, the log and history included), like etcd's quota: past
+    /// it this server raises the space alarm. Below `max_snapshot_mb` by
+    /// default, so that a new server can still take the store as a
+    /// snapshot. 0: no quota. Default 2048.
+    pub max_store_mb: u64,
     /// Largest Raft snapshot this server takes from another, in MiB: a
     /// snapshot is received whole in memory, and one announced larger is
     /// refused before any of it is read (RESOURCE_EXHAUSTED, naming this
@@ -249,6 +257,7 @@ impl Default for LimitsSection {
             request_timeout_ms: 10_000,
             watch_history: 100_000,
             min_free_disk_mb: 256,
+            max_store_mb: 2048,
             max_snapshot_mb: 4096,
         }
     }
@@ -548,6 +557,18 @@ impl Config {
         }
         if l.watch_history == 0 {
             return Err(invalid("limits.watch_history", "must be at least 1"));
+        }
+        if l.min_free_disk_mb > 1 << 20 {
+            return Err(invalid(
+                "limits.min_free_disk_mb",
+                "must be at most 1048576 (1 TiB); 0 turns the check off",
+            ));
+        }
+        if l.max_store_mb > 1 << 24 {
+            return Err(invalid(
+                "limits.max_store_mb",
+                "must be at most 16777216 (16 TiB); 0 turns the quota off",
+            ));
         }
         if l.max_snapshot_mb == 0 || l.max_snapshot_mb > 1 << 20 {
             return Err(invalid(

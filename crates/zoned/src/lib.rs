@@ -40,6 +40,7 @@ pub mod peer;
 pub mod recovery;
 pub mod renew;
 pub mod server;
+pub mod space;
 pub mod storage;
 pub mod tls;
 pub mod transport;

@@ -70,6 +70,7 @@ pub struct Metrics {
     pub wal_fsync: Histogram,
     pub db_bytes: Family<FamilyLabels, Gauge>,
     pub data_free_bytes: Gauge,
+    pub space_alarms: Gauge,
     pub calls: Family<CallLabels, Counter>,
     pub call_seconds: Histograms<MethodLabels>,
     pub lease_held: Gauge,
@@ -206,6 +207,11 @@ impl Metrics {
             data_free_bytes: reg!(
                 "zoned_disk_data_free_bytes",
                 "Free space on the data directory's file system",
+                Gauge::default()
+            ),
+            space_alarms: reg!(
+                "zoned_space_alarms",
+                "Space alarms standing in the zone (writes that add data refused while above 0)",
                 Gauge::default()
             ),
             calls: reg!(
@@ -346,6 +352,7 @@ impl Metrics {
                 .get_or_create(&FamilyLabels { cf: cf.to_owned() })
                 .set(bytes as i64);
         }
+        self.space_alarms.set(node.reader().alarms().len() as i64);
         if let Ok(st) = nix::sys::statvfs::statvfs(engine.path()) {
             self.data_free_bytes
                 .set((st.blocks_available() * st.fragment_size()) as i64);

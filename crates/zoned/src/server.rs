@@ -136,6 +136,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         None => None,
     };
     let metrics_engine = engine.clone();
+    let space_engine = engine.clone();
 
     let start_as = node::start_as(&engine, &config)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
@@ -311,6 +312,12 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         "zoned started"
     );
     tokio::spawn(crate::renew::run(zone.clone(), tls.clone()));
+    tokio::spawn(crate::space::run(
+        zone.clone(),
+        space_engine,
+        config.node.data_dir.clone(),
+        crate::space::Thresholds::from_limits(&config.limits),
+    ));
     tokio::spawn(crate::api::handover::run(zone.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {

@@ -491,10 +491,12 @@ pub fn needs(path: &str) -> Need {
         (HEALTH, _) => Need::Anyone,
         (REFLECTION | REFLECTION_ALPHA, _) => Need::Role(Reader),
         (kv_server::SERVICE_NAME, "Get" | "Range" | "Watch") => Need::Role(Reader),
-        (kv_server::SERVICE_NAME, "Put" | "Delete" | "Txn") => Need::Role(Operator),
+        (kv_server::SERVICE_NAME, "Put" | "Delete" | "Txn" | "Compact") => Need::Role(Operator),
         (cluster_server::SERVICE_NAME, "Members") => Need::ReaderOrServer,
-        (cluster_server::SERVICE_NAME, "Status") => Need::Role(Reader),
-        (cluster_server::SERVICE_NAME, "TransferLeader" | "SetMaintenance") => Need::Role(Operator),
+        (cluster_server::SERVICE_NAME, "Status" | "Alarms") => Need::Role(Reader),
+        (cluster_server::SERVICE_NAME, "TransferLeader" | "SetMaintenance" | "DisarmAlarm") => {
+            Need::Role(Operator)
+        }
         (
             cluster_server::SERVICE_NAME,
             "AddServer" | "RemoveServer" | "ResetServer" | "Backup" | "Logs",
@@ -715,17 +717,20 @@ mod tests {
         use Role::{Admin, Operator, Reader};
         // What each client call needs, written out: a change to `needs`
         // that moves a call to another role fails here.
-        let table: [(&str, &str, Need); 30] = [
+        let table: [(&str, &str, Need); 33] = [
             ("zone.v1.KV", "Get", Need::Role(Reader)),
             ("zone.v1.KV", "Range", Need::Role(Reader)),
             ("zone.v1.KV", "Watch", Need::Role(Reader)),
             ("zone.v1.KV", "Put", Need::Role(Operator)),
             ("zone.v1.KV", "Delete", Need::Role(Operator)),
             ("zone.v1.KV", "Txn", Need::Role(Operator)),
+            ("zone.v1.KV", "Compact", Need::Role(Operator)),
             ("zone.v1.Cluster", "Members", Need::ReaderOrServer),
             ("zone.v1.Cluster", "Status", Need::Role(Reader)),
             ("zone.v1.Cluster", "TransferLeader", Need::Role(Operator)),
             ("zone.v1.Cluster", "SetMaintenance", Need::Role(Operator)),
+            ("zone.v1.Cluster", "Alarms", Need::Role(Reader)),
+            ("zone.v1.Cluster", "DisarmAlarm", Need::Role(Operator)),
             ("zone.v1.Cluster", "AddServer", Need::Role(Admin)),
             ("zone.v1.Cluster", "RemoveServer", Need::Role(Admin)),
             ("zone.v1.Cluster", "ResetServer", Need::Role(Admin)),

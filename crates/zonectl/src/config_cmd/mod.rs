@@ -16,6 +16,8 @@ use zonectl::v1::{
 };
 use zonectl::ZoneView;
 
+use crate::t;
+
 /// `config diff` found a server whose copy differs (exit code 3).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -181,12 +183,6 @@ async fn push_file(
         println!("{}", text(&f, r.changed));
     }
     Ok(())
-}
-
-fn t<T>(msg: T, timeout: std::time::Duration) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(timeout);
-    r
 }
 
 pub async fn run(

@@ -32,6 +32,7 @@ mod leader;
 mod logs;
 mod requests;
 mod service;
+mod space;
 mod status;
 mod storage;
 pub mod users;
@@ -204,6 +205,7 @@ impl ServerContext {
         self.limits.command(&op)?;
         validate::writable(&op)?;
         self.check_enabled()?;
+        self.check_space(&op)?;
         self.write(op, budget).await
     }
 
@@ -215,10 +217,15 @@ impl ServerContext {
         budget: Duration,
     ) -> Result<CommandResult, ApiError> {
         let r = self.write_any(op, budget).await?;
-        if let Some(command_result::Result::FailedPrecondition(m)) = &r.result {
-            return Err(ApiError::FailedPrecondition(m.clone()));
+        match &r.result {
+            Some(command_result::Result::FailedPrecondition(m)) => {
+                Err(ApiError::FailedPrecondition(m.clone()))
+            }
+            Some(command_result::Result::ResourceExhausted(m)) => {
+                Err(ApiError::ResourceExhausted(m.clone()))
+            }
+            _ => Ok(r),
         }
-        Ok(r)
     }
 
     /// Runs `ops` in one transaction if `key`'s mod revision is still
@@ -244,7 +251,9 @@ impl ServerContext {
             failure: Vec::new(),
         };
         self.check_enabled()?;
-        let r = self.write(command::Op::Txn(txn), budget).await?;
+        let op = command::Op::Txn(txn);
+        self.check_space(&op)?;
+        let r = self.write(op, budget).await?;
         match r.result {
             Some(command_result::Result::Txn(t)) if t.succeeded => {
                 Ok(Some(t.header.map(|h| h.revision).unwrap_or_default()))
@@ -263,6 +272,20 @@ impl ServerContext {
     pub(crate) fn check_enabled(&self) -> Result<(), ApiError> {
         if self.node.view().role == StateRole::Leader && self.node.reader().disabled() {
             return Err(ApiError::FailedPrecondition(kv::DISABLED_MESSAGE.into()));
+        }
+        Ok(())
+    }
+}
+
+impl ServerContext {
+    /// Refuses a write that adds data early while a space alarm stands, on
+    /// the leader (as [`ServerContext::check_enabled`]); the state machine
+    /// refuses it anyway when applied. Saves the log the write's bytes.
+    pub(crate) fn check_space(&self, op: &command::Op) -> Result<(), ApiError> {
+        if self.node.view().role == StateRole::Leader && kv::adds_data(op) {
+            if let Some(why) = self.node.reader().alarmed() {
+                return Err(ApiError::ResourceExhausted(why));
+            }
         }
         Ok(())
     }

@@ -5,12 +5,12 @@
 use tonic::{Request, Response, Status};
 use zone_proto::v1::{
     cluster_server::Cluster, command, command_result, kv_server::Kv, manage_request,
-    manage_response, AddServerRequest, BackupRequest, CommandResult, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, ManageRequest, MembersRequest, MembersResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RemoveServerRequest, ResetServerRequest,
-    ResetServerResponse, SetMaintenanceRequest, SetMaintenanceResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, TxnRequest, TxnResponse,
-    WatchRequest,
+    manage_response, AddServerRequest, AlarmsRequest, AlarmsResponse, BackupRequest, CommandResult,
+    CompactRequest, CompactResponse, DeleteRequest, DeleteResponse, DisarmAlarmRequest, GetRequest,
+    GetResponse, ManageRequest, MembersRequest, MembersResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RemoveServerRequest, ResetServerRequest, ResetServerResponse,
+    SetMaintenanceRequest, SetMaintenanceResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse, TxnRequest, TxnResponse, WatchRequest,
 };
 
 use super::watch::WatchStream;
@@ -106,6 +106,16 @@ impl Kv for KvService {
             _ => None,
         })
         .await
+    }
+
+    async fn compact(
+        &self,
+        req: Request<CompactRequest>,
+    ) -> Result<Response<CompactResponse>, Status> {
+        let budget = self.0.budget(&req);
+        Ok(Response::new(
+            self.0.compact(req.into_inner(), budget).await?,
+        ))
     }
 
     type WatchStream = WatchStream;
@@ -235,6 +245,25 @@ impl Cluster for ClusterService {
             self.0
                 .set_maintenance(req.into_inner().disabled, budget)
                 .await?,
+        ))
+    }
+
+    async fn alarms(
+        &self,
+        _req: Request<AlarmsRequest>,
+    ) -> Result<Response<AlarmsResponse>, Status> {
+        Ok(Response::new(AlarmsResponse {
+            alarms: self.0.reader().alarms(),
+        }))
+    }
+
+    async fn disarm_alarm(
+        &self,
+        req: Request<DisarmAlarmRequest>,
+    ) -> Result<Response<AlarmsResponse>, Status> {
+        let budget = self.0.budget(&req);
+        Ok(Response::new(
+            self.0.disarm_alarm(req.into_inner().server, budget).await?,
         ))
     }
 

@@ -142,6 +142,7 @@ impl ServerContext {
             term: local.term,
             servers,
             disabled: self.node.reader().disabled(),
+            alarms: self.node.reader().alarms(),
         })
     }
 }

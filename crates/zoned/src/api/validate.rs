@@ -26,7 +26,10 @@ impl Limits {
             command::Op::Put(r) => self.put("", r),
             command::Op::Delete(r) => self.delete("", r),
             command::Op::Txn(r) => self.txn(r),
-            command::Op::SetMaintenance(_) => Ok(()),
+            command::Op::SetMaintenance(_)
+            | command::Op::RaiseAlarm(_)
+            | command::Op::DisarmAlarm(_)
+            | command::Op::Compact(_) => Ok(()),
             // Only a leader's own driver proposes the zone's record; one
             // forwarded by a peer is refused.
             command::Op::FoundZone(_) => Err(bad(
@@ -212,9 +215,12 @@ pub fn writable(op: &command::Op) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        command::Op::SetMaintenance(_) | command::Op::FoundZone(_) | command::Op::TookPart(_) => {
-            Ok(())
-        }
+        command::Op::SetMaintenance(_)
+        | command::Op::FoundZone(_)
+        | command::Op::TookPart(_)
+        | command::Op::RaiseAlarm(_)
+        | command::Op::DisarmAlarm(_)
+        | command::Op::Compact(_) => Ok(()),
     }
 }
 

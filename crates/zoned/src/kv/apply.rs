@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use prost::Message as _;
 use rocksdb::WriteBatch;
 use zone_proto::v1::{
-    command, compare, event::EventType, request_op, response_op, Command, CommandResult, Compare,
-    DeleteRequest, DeleteResponse, Event, GetResponse, KeyValue, PutRequest, PutResponse,
-    RangeResponse, ResponseHeader, ResponseOp, SetMaintenanceResponse, TxnRequest, TxnResponse,
-    ZoneRecord,
+    command, compare, event::EventType, request_op, response_op, Alarm, AlarmsResponse, Command,
+    CommandResult, CompactRequest, CompactResponse, Compare, DeleteRequest, DeleteResponse, Event,
+    GetResponse, KeyValue, PutRequest, PutResponse, RangeResponse, ResponseHeader, ResponseOp,
+    SetMaintenanceResponse, TxnRequest, TxnResponse, ZoneRecord,
 };
 
 use super::sessions::{Seen, Sessions};
@@ -33,12 +33,13 @@ pub struct KvCache {
     pub(super) sessions: Sessions,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Meta {
     revision: u64,
     floor: u64,
     disabled: bool,
     has_zone: bool,
+    alarms: Vec<Alarm>,
 }
 
 /// Bound of [`KvCache`].
@@ -82,6 +83,12 @@ pub struct Applier<'a> {
     floor: u64,
     disabled: bool,
     has_zone: bool,
+    /// The space alarms standing, as of the commands applied so far.
+    alarms: Vec<Alarm>,
+    /// Set when this batch raised or cleared an alarm.
+    alarms_changed: bool,
+    /// The highest `physical` compaction this batch applied, by revision.
+    pub compacted_physically: Option<u64>,
     dirty_meta: bool,
     /// Events of this batch, in revision order, for live watchers.
     pub events: Vec<Event>,
@@ -109,8 +116,8 @@ impl<'a> Applier<'a> {
         term: u64,
         watch_history: u64,
     ) -> Result<Applier<'a>, StorageFailure> {
-        let meta = match cache.meta {
-            Some(m) => m,
+        let meta = match &cache.meta {
+            Some(m) => m.clone(),
             None => {
                 let get = |k: &[u8]| engine.db().get_cf(engine.cf(CF_META), k);
                 Meta {
@@ -118,6 +125,9 @@ impl<'a> Applier<'a> {
                     floor: read_u64(get, KEY_HISTORY_FLOOR, 1)?,
                     disabled: read_u64(get, KEY_DISABLED, 0)? != 0,
                     has_zone: get(KEY_ZONE).map_err(StorageFailure::Read)?.is_some(),
+                    alarms: super::snapshot::decode_alarms(
+                        get(KEY_ALARMS).map_err(StorageFailure::Read)?,
+                    )?,
                 }
             }
         };
@@ -132,6 +142,9 @@ impl<'a> Applier<'a> {
             floor: meta.floor,
             disabled: meta.disabled,
             has_zone: meta.has_zone,
+            alarms: meta.alarms,
+            alarms_changed: false,
+            compacted_physically: None,
             dirty_meta: false,
             events: Vec::new(),
             founded: None,
@@ -152,6 +165,11 @@ impl<'a> Applier<'a> {
     /// True while the zone is disabled, as of the commands applied so far.
     pub fn disabled(&self) -> bool {
         self.disabled
+    }
+
+    /// The alarms standing, if this batch raised or cleared one.
+    pub fn alarms(&self) -> Option<&[Alarm]> {
+        self.alarms_changed.then_some(self.alarms.as_slice())
     }
 
     fn header(&self) -> Option<ResponseHeader> {
@@ -455,10 +473,30 @@ impl<'a> Applier<'a> {
                 })),
             }));
         }
+        match cmd.op {
+            Some(command::Op::RaiseAlarm(alarm)) => return Ok(Some(self.raise_alarm(wb, alarm))),
+            Some(command::Op::DisarmAlarm(d)) => return Ok(Some(self.disarm_alarm(wb, d.server))),
+            // Compaction frees space: served in maintenance and under an
+            // alarm alike.
+            Some(command::Op::Compact(c)) => return Ok(Some(self.compact(wb, &c))),
+            _ => {}
+        }
         if self.disabled && cmd.op.is_some() {
             return Ok(Some(CommandResult {
                 result: Some(R::FailedPrecondition(DISABLED_MESSAGE.to_owned())),
             }));
+        }
+        if let Some(alarm) = self.alarms.first() {
+            // Deterministic like every refusal here: every server holds the
+            // same alarms at this entry, so every server refuses it.
+            if cmd.op.as_ref().is_some_and(adds_data) {
+                return Ok(Some(CommandResult {
+                    result: Some(R::ResourceExhausted(no_space_message(
+                        alarm,
+                        self.alarms.len(),
+                    ))),
+                }));
+            }
         }
         let result = match cmd.op {
             Some(command::Op::Put(p)) => R::Put(self.put(wb, p, started_at)?),
@@ -467,13 +505,89 @@ impl<'a> Applier<'a> {
             Some(
                 command::Op::SetMaintenance(_)
                 | command::Op::FoundZone(_)
-                | command::Op::TookPart(_),
+                | command::Op::TookPart(_)
+                | command::Op::RaiseAlarm(_)
+                | command::Op::DisarmAlarm(_)
+                | command::Op::Compact(_),
             )
             | None => return Ok(None),
         };
         Ok(Some(CommandResult {
             result: Some(result),
         }))
+    }
+
+    /// Records a server's alarm, replacing its earlier one. Not a change of
+    /// the key space: no revision, no event.
+    fn raise_alarm(&mut self, wb: &mut WriteBatch, alarm: Alarm) -> CommandResult {
+        match self.alarms.iter_mut().find(|a| a.server == alarm.server) {
+            Some(a) => *a = alarm,
+            None => {
+                self.alarms.push(alarm);
+                self.alarms.sort_by_key(|a| a.server);
+            }
+        }
+        self.stage_alarms(wb)
+    }
+
+    /// Clears `server`'s alarm (0: all of them).
+    fn disarm_alarm(&mut self, wb: &mut WriteBatch, server: u64) -> CommandResult {
+        self.alarms.retain(|a| server != 0 && a.server != server);
+        self.stage_alarms(wb)
+    }
+
+    fn stage_alarms(&mut self, wb: &mut WriteBatch) -> CommandResult {
+        let list = AlarmsResponse {
+            alarms: self.alarms.clone(),
+        };
+        wb.put_cf(self.engine.cf(CF_META), KEY_ALARMS, list.encode_to_vec());
+        self.alarms_changed = true;
+        CommandResult {
+            result: Some(zone_proto::v1::command_result::Result::Alarms(list)),
+        }
+    }
+
+    /// Drops the history before `c.revision`. The history floor is each
+    /// server's own (its retention is a local setting, and watchers are
+    /// served only from it): it moves to the revision if it was below, the
+    /// same outcome on every server as far as the revision is concerned.
+    fn compact(&mut self, wb: &mut WriteBatch, c: &CompactRequest) -> CommandResult {
+        use zone_proto::v1::command_result::Result as R;
+        // Up to one past the store's revision: all of the history (the
+        // events of the last revision hold the values a delete removed).
+        if c.revision > self.revision + 1 {
+            return CommandResult {
+                result: Some(R::FailedPrecondition(format!(
+                    "revision {} is ahead of the store's revision {} (at most {}: all of the history); nothing was compacted",
+                    c.revision,
+                    self.revision,
+                    self.revision + 1
+                ))),
+            };
+        }
+        if c.revision > self.floor {
+            wb.delete_range_cf(
+                self.engine.cf(CF_HISTORY),
+                history_key(self.floor, 0),
+                history_key(c.revision, 0),
+            );
+            self.floor = c.revision;
+            wb.put_cf(
+                self.engine.cf(CF_META),
+                KEY_HISTORY_FLOOR,
+                encode_u64(self.floor),
+            );
+        }
+        if c.physical {
+            self.compacted_physically = Some(self.revision);
+        }
+        CommandResult {
+            result: Some(R::Compact(CompactResponse {
+                header: self.header(),
+                compacted: self.floor,
+                physical_done: false,
+            })),
+        }
     }
 
     /// Stages the revision and trims old history; call once per batch,
@@ -491,6 +605,7 @@ impl<'a> Applier<'a> {
             floor: self.floor,
             disabled: self.disabled,
             has_zone: self.has_zone,
+            alarms: self.alarms.clone(),
         });
     }
 
@@ -513,4 +628,57 @@ impl<'a> Applier<'a> {
         }
         self.dirty_meta = false;
     }
+}
+
+/// Whether a command adds data to the store: refused while a space alarm
+/// stands. Deletes, compaction and the zone's own small records do not; a
+/// transaction does if either branch puts (which branch runs is known only
+/// once it is applied, and a refusal must not depend on it).
+pub fn adds_data(op: &command::Op) -> bool {
+    match op {
+        command::Op::Put(_) => true,
+        command::Op::Txn(t) => t
+            .success
+            .iter()
+            .chain(&t.failure)
+            .any(|o| matches!(o.request, Some(request_op::Request::Put(_)))),
+        command::Op::Delete(_)
+        | command::Op::SetMaintenance(_)
+        | command::Op::FoundZone(_)
+        | command::Op::TookPart(_)
+        | command::Op::RaiseAlarm(_)
+        | command::Op::DisarmAlarm(_)
+        | command::Op::Compact(_) => false,
+    }
+}
+
+/// Why a write is refused while `alarm` (the first of `count`) stands:
+/// names the server, its free space and the limit it crossed.
+pub fn no_space_message(alarm: &Alarm, count: usize) -> String {
+    use zone_proto::v1::AlarmKind;
+    let who = if alarm.name.is_empty() {
+        format!("server {}", alarm.server)
+    } else {
+        format!("server {} ({})", alarm.server, alarm.name)
+    };
+    let what = match AlarmKind::try_from(alarm.kind) {
+        Ok(AlarmKind::StoreQuota) => format!(
+            "{who}'s store is {} MiB, over limits.max_store_mb ({} MiB); {} MiB free on its data directory",
+            alarm.store_bytes >> 20,
+            alarm.limit_bytes >> 20,
+            alarm.free_bytes >> 20,
+        ),
+        _ => format!(
+            "{who} has {} MiB free on its data directory, below limits.min_free_disk_mb ({} MiB)",
+            alarm.free_bytes >> 20,
+            alarm.limit_bytes >> 20,
+        ),
+    };
+    let others = match count {
+        0 | 1 => String::new(),
+        n => format!(" ({} more alarm{})", n - 1, if n == 2 { "" } else { "s" }),
+    };
+    format!(
+        "space alarm: {what}{others}; writes that add data are refused until it clears (reads, deletes and compaction are served; see zonectl alarm ls)"
+    )
 }

@@ -25,6 +25,7 @@
 
 mod apply;
 mod backup;
+pub mod compactor;
 mod read;
 pub mod sessions;
 mod snapshot;
@@ -39,11 +40,11 @@ use zone_proto::v1::KeyValue;
 
 use crate::storage::{decode_u64, Engine, StorageFailure, CF_KV};
 
-pub use apply::{Applier, KvCache};
+pub use apply::{adds_data, no_space_message, Applier, KvCache};
 pub use backup::{stage_restored_keys, stage_restored_meta};
 pub use read::{HistoryError, Reader};
 pub use snapshot::{
-    read_members, read_took_part, read_zone, restore, snapshot_data, stage_members,
+    read_alarms, read_members, read_took_part, read_zone, restore, snapshot_data, stage_members,
 };
 
 const KEY_REVISION: &[u8] = b"revision";
@@ -54,6 +55,8 @@ const KEY_MEMBERS: &[u8] = b"members";
 const KEY_ZONE: &[u8] = b"zone";
 /// The servers known to have taken part (`ServerIds`).
 const KEY_TOOK_PART: &[u8] = b"took_part";
+/// The space alarms standing (`AlarmsResponse`).
+const KEY_ALARMS: &[u8] = b"alarms";
 
 /// The message a write gets while the zone is disabled for maintenance.
 pub const DISABLED_MESSAGE: &str = "zone disabled for maintenance";

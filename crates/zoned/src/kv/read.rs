@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prost::Message as _;
-use zone_proto::v1::{Event, GetRequest, KeyValue, RangeRequest};
+use zone_proto::v1::{Alarm, Event, GetRequest, KeyValue, RangeRequest};
 
 use super::*;
 use crate::storage::{Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
@@ -27,14 +27,20 @@ pub struct Reader {
     /// The maintenance flag, kept by the Raft driver after each write so
     /// that every write request need not read it from RocksDB.
     disabled: Arc<AtomicBool>,
+    /// The space alarms standing, kept the same way.
+    alarms: Arc<RwLock<Vec<Alarm>>>,
+    /// The physical compactions done here, by the revision they were asked at.
+    compactor: super::compactor::Compactor,
 }
 
 impl Reader {
     /// Reads the maintenance flag from the store once.
     pub fn new(engine: Engine) -> Result<Reader, StorageFailure> {
         let reader = Reader {
+            compactor: super::compactor::Compactor::new(engine.clone()),
             engine,
             disabled: Arc::new(AtomicBool::new(false)),
+            alarms: Arc::default(),
         };
         reader.reload()?;
         Ok(reader)
@@ -49,7 +55,34 @@ impl Reader {
             0,
         )? != 0;
         self.set_disabled(disabled);
+        self.set_alarms(super::snapshot::read_alarms(&self.engine)?);
         Ok(())
+    }
+
+    /// Sets what [`Reader::alarms`] answers, once the store holds it.
+    pub(crate) fn set_alarms(&self, alarms: Vec<Alarm>) {
+        *self.alarms.write().unwrap_or_else(|e| e.into_inner()) = alarms;
+    }
+
+    /// The space alarms standing, as this server applied them.
+    pub fn alarms(&self) -> Vec<Alarm> {
+        self.alarms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The refusal a write that adds data gets while a space alarm stands.
+    pub fn alarmed(&self) -> Option<String> {
+        let alarms = self.alarms.read().unwrap_or_else(|e| e.into_inner());
+        alarms
+            .first()
+            .map(|a| super::no_space_message(a, alarms.len()))
+    }
+
+    /// This server's physical compactions (see [`super::compactor`]).
+    pub fn compactor(&self) -> &super::compactor::Compactor {
+        &self.compactor
     }
 
     /// Sets the flag [`Reader::disabled`] answers, once the store holds it.

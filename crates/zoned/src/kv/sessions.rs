@@ -231,6 +231,13 @@ fn set_headers(r: &mut CommandResult, member_id: u64, term: u64) {
                 }
             }
         }
-        Some(R::SetMaintenance(_)) | Some(R::FailedPrecondition(_)) | None => {}
+        Some(R::Compact(c)) => set(&mut c.header),
+        Some(
+            R::SetMaintenance(_)
+            | R::FailedPrecondition(_)
+            | R::ResourceExhausted(_)
+            | R::Alarms(_),
+        )
+        | None => {}
     }
 }

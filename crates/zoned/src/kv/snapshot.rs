@@ -4,7 +4,9 @@ use prost::Message as _;
 use rocksdb::WriteBatch;
 use std::collections::BTreeSet;
 
-use zone_proto::v1::{Member, MembersResponse, ServerIds, StoreSnapshot, ZoneRecord};
+use zone_proto::v1::{
+    Alarm, AlarmsResponse, Member, MembersResponse, ServerIds, StoreSnapshot, ZoneRecord,
+};
 
 use super::*;
 use crate::storage::{encode_u64, Engine, StorageFailure, CF_HISTORY, CF_KV, CF_META};
@@ -35,6 +37,7 @@ pub fn snapshot_data(
         took_part: decode_took_part(meta(KEY_TOOK_PART).map_err(StorageFailure::Read)?)?
             .into_iter()
             .collect(),
+        alarms: decode_alarms(meta(KEY_ALARMS).map_err(StorageFailure::Read)?)?,
     }
     .encode_to_vec())
 }
@@ -60,6 +63,22 @@ pub(super) fn decode_zone(bytes: Option<Vec<u8>>) -> Result<Option<ZoneRecord>, 
             })
         })
         .transpose()
+}
+
+pub(super) fn decode_alarms(bytes: Option<Vec<u8>>) -> Result<Vec<Alarm>, StorageFailure> {
+    match bytes {
+        None => Ok(Vec::new()),
+        Some(b) => AlarmsResponse::decode(&b[..])
+            .map(|a| a.alarms)
+            .map_err(|_| StorageFailure::Corrupt {
+                what: "meta/alarms".into(),
+            }),
+    }
+}
+
+/// The space alarms standing, as this server applied them.
+pub fn read_alarms(engine: &Engine) -> Result<Vec<Alarm>, StorageFailure> {
+    decode_alarms(engine.get(CF_META, KEY_ALARMS)?)
 }
 
 pub(super) fn decode_took_part(bytes: Option<Vec<u8>>) -> Result<BTreeSet<u64>, StorageFailure> {
@@ -137,6 +156,14 @@ pub fn restore(engine: &Engine, wb: &mut WriteBatch, data: &[u8]) -> Result<u64,
         None => wb.delete_cf(meta, KEY_ZONE),
     }
     stage_took_part(engine, wb, &snap.took_part.iter().copied().collect());
+    wb.put_cf(
+        meta,
+        KEY_ALARMS,
+        AlarmsResponse {
+            alarms: snap.alarms.clone(),
+        }
+        .encode_to_vec(),
+    );
     sessions::restore(engine, wb, &snap.sessions);
     Ok(snap.revision)
 }

@@ -545,3 +545,265 @@ fn sessions_survive_a_snapshot_and_repeats_carry_this_servers_header() {
     assert_eq!((h1.member_id, h1.raft_term), (1, 1));
     assert_eq!((h2.member_id, h2.raft_term), (3, 7));
 }
+
+fn alarm(server: u64, free_mib: u64) -> Command {
+    own(command::Op::RaiseAlarm(zone_proto::v1::Alarm {
+        server,
+        name: format!("zone-{server}"),
+        kind: zone_proto::v1::AlarmKind::NoSpace as i32,
+        free_bytes: free_mib << 20,
+        store_bytes: 0,
+        limit_bytes: 256 << 20,
+        raised_unix_ms: 1,
+    }))
+}
+
+fn disarm(server: u64) -> Command {
+    own(command::Op::DisarmAlarm(
+        zone_proto::v1::DisarmAlarmRequest { server },
+    ))
+}
+
+fn delete(key: &str) -> Command {
+    own(command::Op::Delete(DeleteRequest {
+        key: key.into(),
+        prefix: false,
+        prev_kv: false,
+    }))
+}
+
+fn exhausted(r: &Option<CommandResult>) -> Option<&str> {
+    match r.as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::ResourceExhausted(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// While an alarm stands, puts and transactions with a put are refused
+/// (naming the server and its free space) and change nothing; deletes,
+/// read-only and delete-only transactions are served; once the alarm is
+/// cleared, writes go in again. The alarms travel in snapshots.
+#[test]
+fn a_space_alarm_refuses_what_adds_data_and_serves_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let del_txn = own(command::Op::Txn(TxnRequest {
+        compare: vec![],
+        success: vec![RequestOp {
+            request: Some(request_op::Request::Delete(DeleteRequest {
+                key: b"b".to_vec(),
+                prefix: false,
+                prev_kv: false,
+            })),
+        }],
+        failure: vec![],
+    }));
+    // A put in the branch that will not run still counts.
+    let put_txn = own(command::Op::Txn(TxnRequest {
+        compare: vec![Compare {
+            key: b"a".to_vec(),
+            target: compare::Target::Version as i32,
+            op: compare::Op::Equal as i32,
+            target_value: Some(compare::TargetValue::Version(1)),
+        }],
+        success: vec![],
+        failure: vec![RequestOp {
+            request: Some(request_op::Request::Put(PutRequest {
+                key: b"c".to_vec(),
+                value: b"3".to_vec(),
+                prev_kv: false,
+            })),
+        }],
+    }));
+    let out = apply_all(
+        &engine,
+        &[
+            put("a", "1"),
+            put("b", "2"),
+            put("gone", "x"),
+            alarm(2, 100),
+            put("a", "refused"),
+            put_txn,
+            delete("gone"),
+            del_txn,
+        ],
+    );
+    let why = exhausted(&out[4]).expect("a put refused");
+    assert!(
+        why.contains("server 2 (zone-2) has 100 MiB free")
+            && why.contains("limits.min_free_disk_mb (256 MiB)"),
+        "{why}"
+    );
+    assert!(exhausted(&out[5]).is_some(), "a txn with a put refused");
+    assert!(exhausted(&out[6]).is_none() && exhausted(&out[7]).is_none());
+    let r = Reader::new(engine.clone()).unwrap();
+    assert_eq!(r.alarms().len(), 1);
+    assert!(r.alarmed().is_some());
+    let (kvs, _, rev) = r.range(&RangeRequest::default()).unwrap();
+    assert_eq!(
+        kvs.iter()
+            .map(|k| (k.key.clone(), k.value.clone()))
+            .collect::<Vec<_>>(),
+        vec![(b"a".to_vec(), b"1".to_vec())],
+        "the refused writes changed nothing, the deletes were applied"
+    );
+    assert_eq!(rev, 5, "three puts and two deletes");
+
+    // A second server's alarm; its snapshot carries both.
+    apply_all(&engine, &[alarm(3, 10), alarm(2, 90)]);
+    let data = snapshot_data(&engine, &engine.db().snapshot()).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Engine::open(other_dir.path()).unwrap();
+    let mut wb = WriteBatch::default();
+    restore(&other, &mut wb, &data).unwrap();
+    other.write(wb, true).unwrap();
+    let alarms = Reader::new(other).unwrap().alarms();
+    assert_eq!(
+        alarms
+            .iter()
+            .map(|a| (a.server, a.free_bytes >> 20))
+            .collect::<Vec<_>>(),
+        vec![(2, 90), (3, 10)],
+        "one alarm per server, the latest figures"
+    );
+
+    // Server 2 cleared: server 3's still refuses; all cleared: taken.
+    let out = apply_all(&engine, &[disarm(2), put("a", "still refused")]);
+    assert!(exhausted(&out[1]).unwrap().contains("server 3 (zone-3)"));
+    let out = apply_all(&engine, &[disarm(0), put("a", "taken")]);
+    assert!(exhausted(&out[1]).is_none());
+    let r = Reader::new(engine).unwrap();
+    assert!(r.alarms().is_empty() && r.alarmed().is_none());
+}
+
+/// Compaction drops the history before its revision (watchers from there
+/// are told it was compacted), leaves every key as it was, moves no
+/// revision, refuses a revision ahead of the store, and is served while
+/// an alarm stands.
+#[test]
+fn compaction_drops_history_before_its_revision_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let cmds: Vec<_> = (0..20).map(|i| put(&format!("k{}", i % 5), "v")).collect();
+    apply_all(&engine, &cmds);
+    let compact = |revision: u64, physical: bool| {
+        own(command::Op::Compact(zone_proto::v1::CompactRequest {
+            revision,
+            physical,
+        }))
+    };
+    let out = apply_all(
+        &engine,
+        &[alarm(1, 1), compact(15, false), compact(22, false)],
+    );
+    match out[1].as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::Compact(c)) => {
+            assert_eq!(c.compacted, 15);
+            assert_eq!(c.header.as_ref().unwrap().revision, 20);
+        }
+        other => panic!("{other:?}"),
+    }
+    match out[2].as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::FailedPrecondition(m)) => {
+            assert!(
+                m.contains("ahead of the store's revision 20 (at most 21"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = Reader::new(engine.clone()).unwrap();
+    assert_eq!(r.history_floor().unwrap(), 15);
+    assert!(matches!(
+        r.history(14, 20, b""),
+        Err(HistoryError::Trimmed { floor: 15, .. })
+    ));
+    assert_eq!(r.history(15, 20, b"").unwrap().len(), 6);
+    // One past the store's revision: all of the history.
+    let out = apply_all(&engine, &[compact(21, false)]);
+    assert!(matches!(
+        out[0].as_ref().and_then(|r| r.result.as_ref()),
+        Some(command_result::Result::Compact(c)) if c.compacted == 21
+    ));
+    let r = Reader::new(engine.clone()).unwrap();
+    assert_eq!(r.history_floor().unwrap(), 21);
+    assert!(matches!(
+        r.history(20, 20, b""),
+        Err(HistoryError::Trimmed { floor: 21, .. })
+    ));
+    assert_eq!(r.revision().unwrap(), 20);
+    assert_eq!(r.range(&RangeRequest::default()).unwrap().0.len(), 5);
+    // An older revision than the floor: nothing moves back.
+    let out = apply_all(&engine, &[compact(3, false)]);
+    match out[0].as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::Compact(c)) => assert_eq!(c.compacted, 21),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A physical compaction gives back the space of deleted values: the
+/// store's size on disk falls once it has run.
+#[test]
+fn a_physical_compaction_gives_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    // Values that do not compress.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .collect()
+    };
+    for chunk in 0..8 {
+        let cmds: Vec<_> = (0..64)
+            .map(|i| put(&format!("big/{chunk}/{i}"), &noise(64 << 10)))
+            .collect();
+        apply_all(&engine, &cmds);
+    }
+    engine.flush().unwrap();
+    let size = |e: &Engine| e.sizes().iter().map(|(_, b)| b).sum::<u64>();
+    let full = size(&engine);
+    assert!(full > 30 << 20, "32 MiB written, {full} bytes on disk");
+    let out = apply_all(
+        &engine,
+        &[own(command::Op::Delete(DeleteRequest {
+            key: b"big/".to_vec(),
+            prefix: true,
+            prev_kv: false,
+        }))],
+    );
+    let rev = match out[0].as_ref().and_then(|r| r.result.as_ref()) {
+        Some(command_result::Result::Delete(d)) => d.header.as_ref().unwrap().revision,
+        other => panic!("{other:?}"),
+    };
+    // All of the history: its last revision's events hold the deleted
+    // values.
+    apply_all(
+        &engine,
+        &[own(command::Op::Compact(zone_proto::v1::CompactRequest {
+            revision: rev + 1,
+            physical: true,
+        }))],
+    );
+    let r = Reader::new(engine.clone()).unwrap();
+    r.compactor().request(rev);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(60), r.compactor().wait(rev))
+                .await
+                .expect("the compaction finished within a minute")
+        });
+    let after = size(&engine);
+    assert!(
+        after < full / 8,
+        "{full} bytes before, {after} after the deletes and the compaction"
+    );
+}

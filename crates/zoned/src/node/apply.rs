@@ -23,6 +23,10 @@ pub(super) struct Completions {
     events: Vec<Event>,
     /// The maintenance flag after the applied commands.
     disabled: Option<bool>,
+    /// The space alarms, if the applied commands changed them.
+    alarms: Option<Vec<zone_proto::v1::Alarm>>,
+    /// A physical compaction applied, by the store's revision.
+    compact: Option<u64>,
 }
 
 impl Driver {
@@ -85,6 +89,10 @@ impl Driver {
         }
         done.events = std::mem::take(&mut applier.events);
         done.disabled = Some(applier.disabled());
+        if let Some(alarms) = applier.alarms() {
+            done.alarms = Some(alarms.to_vec());
+        }
+        done.compact = done.compact.max(applier.compacted_physically);
         drop(applier);
         self.kv_cache = cache;
         self.raw.mut_store().set_applied(wb, last);
@@ -96,6 +104,14 @@ impl Driver {
     pub(super) fn complete(&mut self, done: Completions) {
         if let Some(disabled) = done.disabled {
             self.reader.set_disabled(disabled);
+        }
+        if let Some(alarms) = done.alarms {
+            self.reader.set_alarms(alarms);
+        }
+        if let Some(rev) = done.compact {
+            // After the batch is durable: the history it trimmed is gone
+            // from what the compaction reads.
+            self.reader.compactor().request(rev);
         }
         for (waiter, outcome) in done.writes {
             waiter.answer(outcome);

@@ -1,14 +1,46 @@
-//! The free-space floor of the data directory (`limits.min_free_disk_mb`).
+//! The hard free-space floor of the data directory: a quarter of
+//! `limits.min_free_disk_mb`.
 //!
 //! RocksDB that meets a full disk in the middle of a write stops the
-//! driver (a storage failure), and the server with it. So a server keeps a
-//! floor instead: below it, the leader refuses new writes before proposing
-//! them (RESOURCE_EXHAUSTED: nothing was applied, the client may try again
-//! later) and a follower takes no new log entries. Nothing already
-//! acknowledged is touched, reads go on, and everything resumes by itself
-//! once space is freed.
+//! driver (a storage failure), and the server with it. The space alarm
+//! (`crate::space`) comes first: below `min_free_disk_mb` a server raises
+//! it and the zone refuses what adds data, while deletes and compaction,
+//! which need a little room themselves (a delete records the old value in
+//! the history), go on. This floor is the last guard, for a disk filled by
+//! something else or faster than the alarm takes effect: below it, the
+//! leader refuses every proposal but alarms and compactions before
+//! proposing it (RESOURCE_EXHAUSTED: nothing was applied, the client may
+//! try again later) and a follower takes no other log entries. Nothing
+//! already acknowledged is touched, reads go on, and everything resumes by
+//! itself once space is freed.
 
 use std::path::PathBuf;
+
+use raft::eraftpb::{Entry, EntryType};
+use zone_proto::v1::{command, Command};
+
+/// The hard floor, in bytes, for `limits.min_free_disk_mb`.
+pub(crate) fn hard_floor(min_free_disk_mb: u64) -> u64 {
+    (min_free_disk_mb << 20) / 4
+}
+
+/// Whether a command may be proposed below the hard floor: a space alarm
+/// raised or cleared, or a compaction (small, and what frees space).
+pub(super) fn passes_floor(cmd: &Command) -> bool {
+    matches!(
+        cmd.op,
+        Some(command::Op::RaiseAlarm(_) | command::Op::DisarmAlarm(_) | command::Op::Compact(_))
+    )
+}
+
+/// Whether a follower below the hard floor takes this log entry: an empty
+/// one (a new leader's), a membership change, or a command that passes.
+pub(super) fn entry_passes_floor(e: &Entry) -> bool {
+    use prost::Message as _;
+    e.get_entry_type() != EntryType::EntryNormal
+        || e.data.is_empty()
+        || Command::decode(&e.data[..]).is_ok_and(|c| passes_floor(&c))
+}
 
 /// How often the free space is measured (a statvfs call).
 const CHECK_EVERY_NS: u64 = 100_000_000;
@@ -24,10 +56,10 @@ pub(super) struct DiskFloor {
 }
 
 impl DiskFloor {
-    pub(super) fn new(path: PathBuf, min_free_mb: u64) -> DiskFloor {
+    pub(super) fn new(path: PathBuf, min_free: u64) -> DiskFloor {
         DiskFloor {
             path,
-            min_free: min_free_mb << 20,
+            min_free,
             checked_ns: None,
             low: None,
         }
@@ -59,11 +91,11 @@ impl DiskFloor {
                 free_mib = free >> 20,
                 floor_mib = self.min_free >> 20,
                 path = %self.path.display(),
-                "the data directory's free space is below its floor: refusing writes and new log entries until space is freed"
+                "the data directory's free space is below its hard floor: refusing all but alarms and compactions until space is freed"
             ),
             (true, false) => tracing::info!(
                 free_mib = free >> 20,
-                "free space is back above the floor: taking writes again"
+                "free space is back above the hard floor"
             ),
             _ => {}
         }
@@ -82,7 +114,7 @@ mod tests {
 
     #[test]
     fn below_the_floor_until_space_is_freed() {
-        let mut d = DiskFloor::new("/".into(), 64);
+        let mut d = DiskFloor::new("/".into(), 64 << 20);
         d.observe(100 << 20);
         assert_eq!(d.low(), None);
         d.observe(10 << 20);
@@ -101,7 +133,7 @@ mod tests {
 
     #[test]
     fn measures_at_most_every_tenth_of_a_second() {
-        let mut d = DiskFloor::new(std::env::temp_dir(), 1);
+        let mut d = DiskFloor::new(std::env::temp_dir(), 1 << 20);
         d.refresh(1_000);
         assert_eq!(d.checked_ns, Some(1_000));
         d.refresh(50_000_000);

@@ -72,7 +72,9 @@ pub struct Driver {
     /// Commands received since the last Ready, proposed together as one
     /// Raft message: one append per follower for the lot instead of one
     /// per command (each costing a message, a step and an ack per peer).
-    to_propose: Vec<(Vec<u8>, Reply<CommandResult>)>,
+    /// Encoded commands with their callers, and whether each may pass the
+    /// hard free-space floor (see [`super::disk`]).
+    to_propose: Vec<(Vec<u8>, Reply<CommandResult>, bool)>,
     /// Records of recently applied keys, for the applier.
     pub(super) kv_cache: KvCache,
     /// The handle's reader: the driver keeps its maintenance flag.
@@ -128,7 +130,7 @@ impl Driver {
         );
         let mut disk = super::disk::DiskFloor::new(
             p.config.node.data_dir.clone(),
-            p.config.limits.min_free_disk_mb,
+            super::disk::hard_floor(p.config.limits.min_free_disk_mb),
         );
         disk.refresh(p.clock.now_ns());
         Driver {
@@ -312,7 +314,8 @@ impl Driver {
 
     fn handle(&mut self, req: Request) {
         if let Request::Propose { cmd, reply } = req {
-            self.to_propose.push((cmd.encode_to_vec(), reply));
+            let passes = super::disk::passes_floor(&cmd);
+            self.to_propose.push((cmd.encode_to_vec(), reply, passes));
             return;
         }
         // Anything else sees the commands received before it proposed.
@@ -419,12 +422,14 @@ impl Driver {
         }
         if self.disk.low().is_some()
             && (msg.get_msg_type() == MessageType::MsgSnapshot
-                || (msg.get_msg_type() == MessageType::MsgAppend && !msg.entries.is_empty()))
+                || (msg.get_msg_type() == MessageType::MsgAppend
+                    && !msg.entries.iter().all(super::disk::entry_passes_floor)))
         {
-            // Below the free-space floor: no new entries or snapshot to
-            // write. Dropping an append is always safe in Raft; the leader
-            // sends it again (the others carry the zone meanwhile), and
-            // once space is freed this server catches up.
+            // Below the hard free-space floor: no new entries or snapshot
+            // to write, but for alarms and compactions (which free space).
+            // Dropping an append is always safe in Raft; the leader sends
+            // it again (the others carry the zone meanwhile), and once
+            // space is freed this server catches up.
             tracing::debug!(
                 from = msg.from,
                 "append dropped: the disk is below its floor"
@@ -508,23 +513,35 @@ impl Driver {
         if self.to_propose.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.to_propose);
-        let no_space = self.disk.low().map(|(free, floor)| NodeError::NoSpace {
-            id: self.id,
-            free_mib: free >> 20,
-            floor_mib: floor >> 20,
-        });
-        if let Some(err) = self.not_leader().or(no_space) {
-            for (_, reply) in batch {
+        let mut batch = std::mem::take(&mut self.to_propose);
+        if let Some(err) = self.not_leader() {
+            for (_, reply, _) in batch {
                 let _ = reply.send(Err(err.clone()));
             }
             return;
+        }
+        if let Some((free, floor)) = self.disk.low() {
+            // Below the hard floor only what frees space, or says the
+            // zone is short of it, is written (a few hundred bytes each).
+            let err = NodeError::NoSpace {
+                id: self.id,
+                free_mib: free >> 20,
+                floor_mib: floor >> 20,
+            };
+            let (pass, refused): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.2);
+            for (_, reply, _) in refused {
+                let _ = reply.send(Err(err.clone()));
+            }
+            batch = pass;
+            if batch.is_empty() {
+                return;
+            }
         }
         let before = self.raw.raft.raft_log.last_index();
         let n = batch.len() as u64;
         let mut replies = Vec::with_capacity(batch.len());
         let mut entries = Vec::with_capacity(batch.len());
-        for (data, reply) in batch {
+        for (data, reply, _) in batch {
             entries.push(Entry {
                 data: data.into(),
                 ..Entry::default()
@@ -870,7 +887,7 @@ impl Driver {
     }
 
     fn fail_all(&mut self, err: NodeError) {
-        for (_, reply) in self.to_propose.drain(..) {
+        for (_, reply, _) in self.to_propose.drain(..) {
             let _ = reply.send(Err(err.clone()));
         }
         self.proposals.fail_all(err.clone());

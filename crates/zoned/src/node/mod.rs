@@ -136,9 +136,9 @@ pub enum NodeError {
     /// yet applied its log): nothing was proposed; retry shortly.
     #[error("another membership change is still in progress; retry in a moment")]
     ConfBusy,
-    /// The leader's data directory is below its free-space floor: nothing
-    /// was proposed.
-    #[error("server {id}'s data directory has {free_mib} MiB free, below its floor of {floor_mib} MiB (limits.min_free_disk_mb): writes are refused until space is freed")]
+    /// The leader's data directory is below its hard free-space floor:
+    /// nothing was proposed.
+    #[error("server {id}'s data directory has {free_mib} MiB free, below its hard floor of {floor_mib} MiB (a quarter of limits.min_free_disk_mb): nothing but alarms and compaction is written until space is freed")]
     NoSpace {
         id: u64,
         free_mib: u64,

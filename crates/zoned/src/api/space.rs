@@ -1,0 +1,117 @@
+//! Space alarms and compaction: the calls behind `zonectl alarm` and
+//! `zonectl compact`, and the write each server's space monitor
+//! (`crate::space`) makes to raise or clear its own alarm.
+//!
+//! All of them are commands through Raft, served while the zone is
+//! disabled for maintenance and while an alarm stands (they add no data),
+//! and proposed even below the hard free-space floor (`node::disk`).
+
+use std::time::Duration;
+
+use zone_proto::v1::{
+    command, command_result, Alarm, AlarmsResponse, CompactRequest, CompactResponse,
+    DisarmAlarmRequest,
+};
+
+use super::error::bad;
+use super::{ApiError, ServerContext};
+
+impl ServerContext {
+    /// Drops the history before `req.revision` on every server; with
+    /// `physical`, every server also compacts its RocksDB, and the answer
+    /// waits for this server's within the budget (`physical_done` says
+    /// whether it finished; it goes on in the background otherwise).
+    pub(crate) async fn compact(
+        &self,
+        req: CompactRequest,
+        budget: Duration,
+    ) -> Result<CompactResponse, ApiError> {
+        if req.revision == 0 {
+            return Err(bad("revision", "must be at least 1"));
+        }
+        let started = tokio::time::Instant::now();
+        let physical = req.physical;
+        let r = self.write(command::Op::Compact(req), budget).await?;
+        let Some(command_result::Result::Compact(mut c)) = r.result else {
+            return Err(ApiError::Unavailable(
+                "unexpected answer to a compaction".into(),
+            ));
+        };
+        tracing::info!(compacted = c.compacted, physical, "history compacted");
+        if physical {
+            let rev = c.header.as_ref().map_or(0, |h| h.revision);
+            let left = budget.saturating_sub(started.elapsed());
+            c.physical_done = tokio::time::timeout(left, self.reader().compactor().wait(rev))
+                .await
+                .is_ok();
+        }
+        Ok(c)
+    }
+
+    /// Clears `server`'s alarm (0: all); the alarms left.
+    pub(crate) async fn disarm_alarm(
+        &self,
+        server: u64,
+        budget: Duration,
+    ) -> Result<AlarmsResponse, ApiError> {
+        if server != 0 && !self.reader().alarms().iter().any(|a| a.server == server) {
+            let standing: Vec<String> = self
+                .reader()
+                .alarms()
+                .iter()
+                .map(|a| a.server.to_string())
+                .collect();
+            return Err(ApiError::NotFound(format!(
+                "server {server} has no alarm standing (alarms: {})",
+                if standing.is_empty() {
+                    "none".to_owned()
+                } else {
+                    standing.join(", ")
+                }
+            )));
+        }
+        let r = self
+            .write(
+                command::Op::DisarmAlarm(DisarmAlarmRequest { server }),
+                budget,
+            )
+            .await?;
+        let alarms = alarms_of(r.result)?;
+        tracing::warn!(
+            server,
+            left = alarms.alarms.len(),
+            "space alarm disarmed by an operator"
+        );
+        Ok(alarms)
+    }
+
+    /// This server's alarm, raised (or its figures replaced).
+    pub(crate) async fn raise_alarm(
+        &self,
+        alarm: Alarm,
+        budget: Duration,
+    ) -> Result<AlarmsResponse, ApiError> {
+        let r = self.write(command::Op::RaiseAlarm(alarm), budget).await?;
+        alarms_of(r.result)
+    }
+
+    /// This server's own alarm cleared, once it has room again.
+    pub(crate) async fn clear_own_alarm(&self, budget: Duration) -> Result<(), ApiError> {
+        let server = self.node().id();
+        self.write(
+            command::Op::DisarmAlarm(DisarmAlarmRequest { server }),
+            budget,
+        )
+        .await
+        .map(drop)
+    }
+}
+
+fn alarms_of(r: Option<command_result::Result>) -> Result<AlarmsResponse, ApiError> {
+    match r {
+        Some(command_result::Result::Alarms(a)) => Ok(a),
+        _ => Err(ApiError::Unavailable(
+            "unexpected answer to an alarm change".into(),
+        )),
+    }
+}

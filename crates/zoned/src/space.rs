@@ -1,0 +1,285 @@
+//! The space alarm, like etcd's NOSPACE alarm: every server measures its
+//! own room for the zone's data once a second, and raises an alarm through
+//! Raft when its data directory's free space falls below
+//! `limits.min_free_disk_mb` or its store grows past `limits.max_store_mb`.
+//! While any alarm stands, the whole zone refuses what adds data (puts,
+//! transactions with a put) with RESOURCE_EXHAUSTED naming the server and
+//! its figures; reads, deletes and compaction are served, so an operator
+//! can make room (`zonectl compact REV --physical`).
+//!
+//! Why zone-wide: every server holds the same data, so one that is short
+//! of room is short for the zone's next writes too. A zone that wrote on
+//! without it would leave it behind, then without the redundancy the
+//! operator counts on, silently. The alarm says it on every write instead.
+//!
+//! The server clears its own alarm once it has room again with a margin
+//! (no flapping at the threshold); an operator may clear any alarm
+//! (`zonectl alarm disarm`), and a server still short raises its own again
+//! at its next measure. Below a quarter of `min_free_disk_mb` the Raft
+//! driver's hard floor takes over (`node::disk`).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use zone_proto::v1::{Alarm, AlarmKind};
+
+use crate::api::ServerContext;
+use crate::storage::Engine;
+
+/// Between measures.
+const EVERY: Duration = Duration::from_millis(500);
+/// A server short of room raises its alarm again this often, with fresh
+/// figures, even when it sees it standing: what it sees may be stale (a
+/// server below the hard floor takes no entry past one that adds data, so
+/// it may not see an operator clear its alarm).
+const REFRESH: Duration = Duration::from_secs(5);
+/// How long a raise or a clear may take.
+const BUDGET: Duration = Duration::from_secs(5);
+
+/// The thresholds, in bytes (0: that check is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub min_free: u64,
+    pub max_store: u64,
+}
+
+impl Thresholds {
+    pub fn from_limits(l: &crate::config::LimitsSection) -> Thresholds {
+        Thresholds {
+            min_free: l.min_free_disk_mb << 20,
+            max_store: l.max_store_mb << 20,
+        }
+    }
+
+    /// The alarm a server with `free` bytes free and a store of `store`
+    /// bytes must have standing, if any; free space first (the disk
+    /// filling is the more urgent).
+    pub fn short(&self, free: u64, store: u64) -> Option<(AlarmKind, u64)> {
+        if self.min_free != 0 && free < self.min_free {
+            Some((AlarmKind::NoSpace, self.min_free))
+        } else if self.max_store != 0 && store > self.max_store {
+            Some((AlarmKind::StoreQuota, self.max_store))
+        } else {
+            None
+        }
+    }
+
+    /// Whether an alarm of `kind` may clear: room again with a margin of
+    /// an eighth of the threshold (at least 1 MiB).
+    pub fn room_again(&self, kind: AlarmKind, free: u64, store: u64) -> bool {
+        let margin = |t: u64| (t / 8).max(1 << 20);
+        let free_ok = self.min_free == 0 || free >= self.min_free + margin(self.min_free);
+        let store_ok =
+            self.max_store == 0 || store.saturating_add(margin(self.max_store)) <= self.max_store;
+        match kind {
+            AlarmKind::NoSpace => free_ok && self.short(free, store).is_none(),
+            AlarmKind::StoreQuota => store_ok && self.short(free, store).is_none(),
+            AlarmKind::Unspecified => self.short(free, store).is_none(),
+        }
+    }
+}
+
+/// What the monitor does after a measure, given this server's standing
+/// alarm (if any).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Nothing,
+    Raise(AlarmKind, u64),
+    Clear,
+}
+
+/// `raised` is how long ago this server last raised its alarm, if it did.
+pub fn step(
+    t: &Thresholds,
+    standing: Option<AlarmKind>,
+    raised: Option<Duration>,
+    free: u64,
+    store: u64,
+) -> Step {
+    let stale = raised.is_none_or(|ago| ago >= REFRESH);
+    match (t.short(free, store), standing) {
+        (Some((kind, limit)), None) => Step::Raise(kind, limit),
+        (Some((kind, limit)), Some(had)) if had != kind || stale => Step::Raise(kind, limit),
+        (None, Some(had)) if t.room_again(had, free, store) => Step::Clear,
+        _ => Step::Nothing,
+    }
+}
+
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(path)
+        .ok()
+        .map(|st| st.blocks_available() * st.fragment_size())
+}
+
+/// Measures and raises or clears this server's alarm, for the server's
+/// life.
+pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thresholds) {
+    if t.min_free == 0 && t.max_store == 0 {
+        return;
+    }
+    let (me, name) = {
+        let (id, name) = zone.identity();
+        (id, name.to_owned())
+    };
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    let mut raised_at: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(free) = free_bytes(&data_dir) else {
+            continue;
+        };
+        let store: u64 = engine.sizes().iter().map(|(_, b)| b).sum();
+        let standing = zone
+            .reader()
+            .alarms()
+            .into_iter()
+            .find(|a| a.server == me)
+            .map(|a| AlarmKind::try_from(a.kind).unwrap_or(AlarmKind::Unspecified));
+        let raised = raised_at.map(|at| at.elapsed());
+        let outcome = match step(&t, standing, raised, free, store) {
+            Step::Nothing => continue,
+            Step::Raise(kind, limit) => {
+                let alarm = Alarm {
+                    server: me,
+                    name: name.clone(),
+                    kind: kind as i32,
+                    free_bytes: free,
+                    store_bytes: store,
+                    limit_bytes: limit,
+                    raised_unix_ms: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                };
+                let why = crate::kv::no_space_message(&alarm, 1);
+                let r = zone.raise_alarm(alarm, BUDGET).await;
+                if r.is_ok() {
+                    // Said once per alarm, not at every refresh.
+                    if standing.is_none() {
+                        tracing::warn!("{why}");
+                    }
+                    raised_at = Some(tokio::time::Instant::now());
+                }
+                r.map(drop)
+            }
+            Step::Clear => {
+                let r = zone.clear_own_alarm(BUDGET).await;
+                if r.is_ok() {
+                    raised_at = None;
+                    tracing::info!(
+                        free_mib = free >> 20,
+                        store_mib = store >> 20,
+                        "room again: space alarm cleared"
+                    );
+                }
+                r
+            }
+        };
+        // Not being heard (no leader, a removed server) is said once.
+        match outcome {
+            Ok(()) => last_error = None,
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "could not change this server's space alarm; trying again");
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const SECOND: Option<Duration> = Some(Duration::from_secs(1));
+
+    fn t() -> Thresholds {
+        Thresholds {
+            min_free: 256 * MIB,
+            max_store: 1024 * MIB,
+        }
+    }
+
+    #[test]
+    fn raised_below_the_floor_or_over_the_quota() {
+        assert_eq!(step(&t(), None, None, 300 * MIB, 10 * MIB), Step::Nothing);
+        assert_eq!(
+            step(&t(), None, None, 100 * MIB, 10 * MIB),
+            Step::Raise(AlarmKind::NoSpace, 256 * MIB)
+        );
+        assert_eq!(
+            step(&t(), None, None, 300 * MIB, 1025 * MIB),
+            Step::Raise(AlarmKind::StoreQuota, 1024 * MIB)
+        );
+        // Both: the disk first.
+        assert_eq!(
+            step(&t(), None, None, 100 * MIB, 1025 * MIB),
+            Step::Raise(AlarmKind::NoSpace, 256 * MIB)
+        );
+    }
+
+    #[test]
+    fn cleared_only_with_a_margin() {
+        let no_space = Some(AlarmKind::NoSpace);
+        assert_eq!(step(&t(), no_space, SECOND, 100 * MIB, 0), Step::Nothing);
+        // Above the floor, within the margin (an eighth): kept.
+        assert_eq!(step(&t(), no_space, None, 270 * MIB, 0), Step::Nothing);
+        assert_eq!(step(&t(), no_space, None, 288 * MIB, 0), Step::Clear);
+        let quota = Some(AlarmKind::StoreQuota);
+        assert_eq!(
+            step(&t(), quota, SECOND, 300 * MIB, 1000 * MIB),
+            Step::Nothing
+        );
+        assert_eq!(step(&t(), quota, None, 300 * MIB, 896 * MIB), Step::Clear);
+    }
+
+    #[test]
+    fn a_standing_alarm_of_the_other_kind_is_replaced() {
+        assert_eq!(
+            step(
+                &t(),
+                Some(AlarmKind::StoreQuota),
+                SECOND,
+                100 * MIB,
+                1025 * MIB
+            ),
+            Step::Raise(AlarmKind::NoSpace, 256 * MIB)
+        );
+        // Quota alarm, the disk now fine but the store still over: kept.
+        assert_eq!(
+            step(
+                &t(),
+                Some(AlarmKind::StoreQuota),
+                SECOND,
+                300 * MIB,
+                1025 * MIB
+            ),
+            Step::Nothing
+        );
+    }
+
+    /// What a server sees may be stale: a standing alarm is raised again
+    /// every few seconds while the server is short, and at once by a
+    /// server that has not raised it itself (after a restart).
+    #[test]
+    fn a_standing_alarm_is_refreshed() {
+        let no_space = Some(AlarmKind::NoSpace);
+        let raise = Step::Raise(AlarmKind::NoSpace, 256 * MIB);
+        assert_eq!(step(&t(), no_space, SECOND, 100 * MIB, 0), Step::Nothing);
+        assert_eq!(step(&t(), no_space, Some(REFRESH), 100 * MIB, 0), raise);
+        assert_eq!(step(&t(), no_space, None, 100 * MIB, 0), raise);
+    }
+
+    #[test]
+    fn zero_thresholds_never_raise() {
+        let off = Thresholds {
+            min_free: 0,
+            max_store: 0,
+        };
+        assert_eq!(step(&off, None, None, 0, u64::MAX), Step::Nothing);
+    }
+}
