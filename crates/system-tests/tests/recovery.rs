@@ -176,6 +176,60 @@ async fn a_backup_restored_into_a_new_zone_holds_every_key_at_its_revision() {
         .unwrap()
         .into_inner();
     assert_eq!(r.header.unwrap().revision, revision + 1);
+
+    // The appliance's route: node.restore_from (the identity's
+    // `restore_from`) builds the store at the first start with an empty
+    // data directory, and is ignored once a store is there.
+    let mut third = TestZone::prepare(3, "");
+    for i in 0..3 {
+        let path = third.servers[i].config_path();
+        let config = std::fs::read_to_string(&path).unwrap();
+        let config = config.replacen("[node]\n", &format!("[node]\nrestore_from = {f:?}\n"), 1);
+        std::fs::write(&path, config).unwrap();
+        third.launch(i);
+    }
+    third.wait_leader().await;
+    for i in 0..3 {
+        let after = third.range(i, b"", false).await;
+        assert_eq!(after.header.as_ref().unwrap().revision, revision);
+        assert!(
+            after.kvs == before.kvs,
+            "server {} restored at start",
+            i + 1
+        );
+        assert!(
+            third
+                .log(i)
+                .contains("building it from the backup named by node.restore_from"),
+            "server {}'s log",
+            i + 1
+        );
+    }
+    third
+        .kv(0)
+        .await
+        .put(PutRequest {
+            key: b"after".to_vec(),
+            value: b"kept".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    third.kill9(0);
+    third.launch(0);
+    third.wait_leader().await;
+    assert_eq!(
+        third.value(0, "after", false).await.as_deref(),
+        Some(&b"kept"[..]),
+        "a restart with a store in place restored nothing"
+    );
+    assert!(
+        third
+            .log(0)
+            .contains("node.restore_from ignored: a store is in place"),
+        "{}",
+        third.log(0)
+    );
 }
 
 /// Three servers under a writer; one follower killed, then the leader

@@ -56,7 +56,11 @@ pub enum Error {
 }
 
 const KNOWN: &str =
-    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots, tick_ms, watchdog (fence_hook: the file only)";
+    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots, tick_ms, watchdog, restore_from (fence_hook: the file only)";
+
+/// Where the identity's `restore_from` file lies on the running appliance:
+/// beside identity.toml on the EFI partition.
+pub const ESP_ZONED_DIR: &str = "/boot/efi/zoned";
 
 /// The zone's Raft tick when the identity names none (zoned's default).
 pub const DEFAULT_TICK_MS: u64 = 50;
@@ -105,6 +109,12 @@ pub struct Identity {
     /// A command whose success tells that the old leader is off (IPMI,
     /// Redfish): leader-only units need not wait out the fence delay.
     pub fence_hook: Option<String>,
+    /// A backup file (`zonectl snapshot save`) beside identity.toml on the
+    /// EFI partition, by name: at the first start with an empty data
+    /// partition zoned builds its store from it, this server a founder of
+    /// a new zone (restore every founder from the same file); ignored once
+    /// a store is in place.
+    pub restore_from: Option<String>,
 }
 
 impl Identity {
@@ -156,6 +166,7 @@ impl Identity {
                 "managed_roots" => id.managed_roots = Some(list()),
                 "watchdog" => id.watchdog = Some(value.to_owned()),
                 "tick_ms" => id.tick_ms = Some(number()?),
+                "restore_from" => id.restore_from = Some(value.to_owned()),
                 _ => {
                     return Err(Error::UnknownKey {
                         key: key.to_owned(),
@@ -185,6 +196,7 @@ impl Identity {
             tick_ms: over.tick_ms.or(self.tick_ms),
             watchdog: over.watchdog.or(self.watchdog),
             fence_hook: over.fence_hook.or(self.fence_hook),
+            restore_from: over.restore_from.or(self.restore_from),
         }
     }
 
@@ -280,6 +292,31 @@ impl Identity {
                 j.parse::<IpAddr>()
                     .map_err(|_| invalid("join", format!("`{j}` is not an IP address")))?,
             ),
+        };
+        let restore_from = match &self.restore_from {
+            None => None,
+            Some(f) => {
+                let plain = !f.is_empty()
+                    && !f.starts_with('.')
+                    && f.len() <= 128
+                    && f.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                if !plain {
+                    return Err(invalid(
+                        "restore_from",
+                        format!(
+                            "`{f}` is not a file name (letters, digits, `.`, `_`, `-`; the file lies beside identity.toml)"
+                        ),
+                    ));
+                }
+                if join.is_some() {
+                    return Err(invalid(
+                        "restore_from",
+                        "a restored server founds a new zone: it cannot also `join` one".into(),
+                    ));
+                }
+                Some(f.clone())
+            }
         };
         let join_token = match &self.join_token {
             None => None,
@@ -383,6 +420,7 @@ impl Identity {
         Ok(Resolved {
             watchdog,
             fence_hook: self.fence_hook.clone(),
+            restore_from,
             tick_ms,
             managed_roots,
             id,
@@ -474,6 +512,8 @@ pub struct Resolved {
     pub tick_ms: u64,
     pub watchdog: String,
     pub fence_hook: Option<String>,
+    /// A file name under [`ESP_ZONED_DIR`].
+    pub restore_from: Option<String>,
 }
 
 /// The range of `tick_ms`: below 10 ms a loaded server misses heartbeats;
@@ -521,6 +561,8 @@ struct NodeSection {
     join: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     join_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restore_from: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -567,6 +609,10 @@ pub fn render_node(r: &Resolved, tls: &std::path::Path, with_token: bool) -> Str
             name: r.name.clone(),
             join: r.join.map(|j| host_port(j, CLIENT_PORT)),
             join_token: r.join_token.clone().filter(|_| with_token),
+            restore_from: r
+                .restore_from
+                .as_ref()
+                .map(|f| format!("{ESP_ZONED_DIR}/{f}")),
         },
         files: FilesEntry {
             managed_roots: r.managed_roots.clone(),
@@ -675,6 +721,37 @@ mod tests {
     }
 
     const TLS_DIR: &str = "/var/lib/zoned/tls";
+
+    /// A backup named by the identity becomes node.restore_from beside
+    /// identity.toml; a path, a hidden name and a joiner are refused.
+    #[test]
+    fn restore_from_names_a_file_beside_the_identity() {
+        let mut i = three(2);
+        i.restore_from = Some("zone-2026.backup".into());
+        let node = render_node(&i.resolve().unwrap(), TLS_DIR.as_ref(), false);
+        let parsed: toml::Value = toml::from_str(&node).unwrap();
+        assert_eq!(
+            parsed["node"]["restore_from"].as_str(),
+            Some("/boot/efi/zoned/zone-2026.backup"),
+            "{node}"
+        );
+        for bad in ["../etc/shadow", "a/b", ".hidden", ""] {
+            i.restore_from = Some(bad.into());
+            let e = i.resolve().unwrap_err().to_string();
+            assert!(
+                e.contains("identity field `restore_from`") && e.contains("not a file name"),
+                "{bad}: {e}"
+            );
+        }
+        i.restore_from = Some("zone.backup".into());
+        i.join = Some("10.0.0.11".into());
+        let e = i.resolve().unwrap_err().to_string();
+        assert!(e.contains("cannot also `join`"), "{e}");
+        let from_cmdline = Identity::from_cmdline("zoned.restore_from=zone.backup").unwrap();
+        assert_eq!(from_cmdline.restore_from.as_deref(), Some("zone.backup"));
+        let plain = render_node(&three(2).resolve().unwrap(), TLS_DIR.as_ref(), false);
+        assert!(!plain.contains("restore_from"), "{plain}");
+    }
 
     #[test]
     fn renders_a_founder() {

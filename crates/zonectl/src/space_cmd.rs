@@ -144,7 +144,7 @@ pub async fn compact(
         return Ok(());
     }
     println!(
-        "history compacted: the oldest revision kept is {}",
+        "history compacted: everything before revision {} is gone on every server",
         r.compacted
     );
     if args.physical {

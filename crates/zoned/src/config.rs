@@ -130,6 +130,13 @@ pub struct NodeSection {
     /// Unix socket for local agents (zone-vip): the leader lease. Empty
     /// disables it. Default `/run/zoned/agent.sock`.
     pub agent_socket: PathBuf,
+    /// A backup file (`zonectl snapshot save`): at start, when the data
+    /// directory holds no store, the store is built from it first, as
+    /// `zoned restore --from` does (this server a founder of a new zone of
+    /// `voters`; restore every founder from the same file); ignored once a
+    /// store is in place. The appliance's identity field `restore_from`
+    /// sets it. Default: none.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl Default for NodeSection {
@@ -143,6 +150,7 @@ impl Default for NodeSection {
             join: None,
             join_token: None,
             agent_socket: PathBuf::from("/run/zoned/agent.sock"),
+            restore_from: None,
         }
     }
 }
@@ -393,6 +401,20 @@ impl Config {
         }
         if let Some(join) = &self.node.join {
             check_host_port(join).map_err(|r| invalid("node.join", r))?;
+            if self.node.restore_from.is_some() {
+                return Err(invalid(
+                    "node.restore_from",
+                    "a restored server founds a new zone: it cannot also join one (node.join)",
+                ));
+            }
+        }
+        if self
+            .node
+            .restore_from
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("node.restore_from", "must name a backup file"));
         }
         if let Some(token) = &self.node.join_token {
             let token: zone_pki::JoinToken =

@@ -1,5 +1,5 @@
 //! The space alarm, like etcd's NOSPACE alarm: every server measures its
-//! own room for the zone's data once a second, and raises an alarm through
+//! own room for the zone's data every half second, and raises an alarm through
 //! Raft when its data directory's free space falls below
 //! `limits.min_free_disk_mb` or its store grows past `limits.max_store_mb`.
 //! While any alarm stands, the whole zone refuses what adds data (puts,
@@ -15,8 +15,12 @@
 //! The server clears its own alarm once it has room again with a margin
 //! (no flapping at the threshold); an operator may clear any alarm
 //! (`zonectl alarm disarm`), and a server still short raises its own again
-//! at its next measure. Below a quarter of `min_free_disk_mb` the Raft
-//! driver's hard floor takes over (`node::disk`).
+//! within [`REFRESH`]. Below a quarter of `min_free_disk_mb` the Raft
+//! driver's hard floor takes over (`node::disk`): a server there takes no
+//! put until it has room, so clearing its alarm does not help it; free
+//! space on it, or remove it from the zone (then `zonectl alarm disarm
+//! --server N` clears the alarm it left: a removed or dead server's alarm
+//! stays until cleared).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,13 +30,21 @@ use zone_proto::v1::{Alarm, AlarmKind};
 use crate::api::ServerContext;
 use crate::storage::Engine;
 
+/// What this build understands of the replicated state beyond the first
+/// release's (`ServerStatus.features`).
+pub const FEATURES: &[&str] = &[FEATURE];
+
+/// Space alarms and compaction commands.
+const FEATURE: &str = "space-alarm";
+
 /// Between measures.
 const EVERY: Duration = Duration::from_millis(500);
 /// A server short of room raises its alarm again this often, with fresh
-/// figures, even when it sees it standing: what it sees may be stale (a
-/// server below the hard floor takes no entry past one that adds data, so
-/// it may not see an operator clear its alarm).
-const REFRESH: Duration = Duration::from_secs(5);
+/// figures, even when it sees it standing; and no more often when it does
+/// not see it yet. What it sees may be stale: a server below the hard
+/// floor takes no entry past a put it cannot store, so it may not see its
+/// own alarm, or an operator clearing it.
+const REFRESH: Duration = Duration::from_secs(10);
 /// How long a raise or a clear may take.
 const BUDGET: Duration = Duration::from_secs(5);
 
@@ -96,13 +108,36 @@ pub fn step(
     free: u64,
     store: u64,
 ) -> Step {
-    let stale = raised.is_none_or(|ago| ago >= REFRESH);
+    let due = raised.is_none_or(|ago| ago >= REFRESH);
     match (t.short(free, store), standing) {
-        (Some((kind, limit)), None) => Step::Raise(kind, limit),
-        (Some((kind, limit)), Some(had)) if had != kind || stale => Step::Raise(kind, limit),
+        (Some((kind, limit)), None) if due => Step::Raise(kind, limit),
+        (Some((kind, limit)), Some(had)) if had != kind || due => Step::Raise(kind, limit),
         (None, Some(had)) if t.room_again(had, free, store) => Step::Clear,
         _ => Step::Nothing,
     }
+}
+
+/// Why this zone cannot take an alarm yet: a member whose build does not
+/// know alarms (it would apply the writes the others refuse: its copy of
+/// the store would part from theirs), or one that cannot be asked.
+async fn not_every_member_knows_alarms(zone: &ServerContext) -> Option<String> {
+    let status = match zone.zone_status().await {
+        Ok(s) => s,
+        Err(e) => return Some(format!("the zone's status: {e}")),
+    };
+    let lacking: Vec<String> = status
+        .servers
+        .iter()
+        .filter(|s| !s.features.iter().any(|f| f == FEATURE))
+        .map(|s| {
+            if s.error.is_empty() {
+                format!("server {} runs a build without them ({})", s.id, s.version)
+            } else {
+                format!("server {} cannot be asked ({})", s.id, s.error)
+            }
+        })
+        .collect();
+    (!lacking.is_empty()).then(|| lacking.join("; "))
 }
 
 fn free_bytes(path: &std::path::Path) -> Option<u64> {
@@ -125,6 +160,9 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
     let mut raised_at: Option<tokio::time::Instant> = None;
+    // Said once per episode, not at every refresh.
+    let mut warned = false;
+    let mut held_back = false;
     loop {
         tick.tick().await;
         let Some(free) = free_bytes(&data_dir) else {
@@ -137,10 +175,30 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
             .into_iter()
             .find(|a| a.server == me)
             .map(|a| AlarmKind::try_from(a.kind).unwrap_or(AlarmKind::Unspecified));
+        if standing.is_none() && t.short(free, store).is_none() {
+            // An episode over (also one whose alarm was held back).
+            warned = false;
+            held_back = false;
+            raised_at = None;
+        }
         let raised = raised_at.map(|at| at.elapsed());
         let outcome = match step(&t, standing, raised, free, store) {
             Step::Nothing => continue,
             Step::Raise(kind, limit) => {
+                if let Some(why) = not_every_member_knows_alarms(&zone).await {
+                    // Tried again at the next refresh; the hard floor
+                    // guards the disk meanwhile.
+                    raised_at = Some(tokio::time::Instant::now());
+                    if !held_back {
+                        tracing::warn!(
+                            free_mib = free >> 20,
+                            store_mib = store >> 20,
+                            "this server is short of space but does not raise the space alarm: {why}"
+                        );
+                        held_back = true;
+                    }
+                    continue;
+                }
                 let alarm = Alarm {
                     server: me,
                     name: name.clone(),
@@ -155,9 +213,9 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
                 let why = crate::kv::no_space_message(&alarm, 1);
                 let r = zone.raise_alarm(alarm, BUDGET).await;
                 if r.is_ok() {
-                    // Said once per alarm, not at every refresh.
-                    if standing.is_none() {
+                    if !warned {
                         tracing::warn!("{why}");
+                        warned = true;
                     }
                     raised_at = Some(tokio::time::Instant::now());
                 }
@@ -167,6 +225,8 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
                 let r = zone.clear_own_alarm(BUDGET).await;
                 if r.is_ok() {
                     raised_at = None;
+                    warned = false;
+                    held_back = false;
                     tracing::info!(
                         free_mib = free >> 20,
                         store_mib = store >> 20,
@@ -272,6 +332,10 @@ mod tests {
         assert_eq!(step(&t(), no_space, SECOND, 100 * MIB, 0), Step::Nothing);
         assert_eq!(step(&t(), no_space, Some(REFRESH), 100 * MIB, 0), raise);
         assert_eq!(step(&t(), no_space, None, 100 * MIB, 0), raise);
+        // Raised a second ago and not seen yet (this server lags): not
+        // raised again at every measure.
+        assert_eq!(step(&t(), None, SECOND, 100 * MIB, 0), Step::Nothing);
+        assert_eq!(step(&t(), None, Some(REFRESH), 100 * MIB, 0), raise);
     }
 
     #[test]

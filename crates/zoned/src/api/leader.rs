@@ -182,6 +182,10 @@ impl ServerContext {
     ) -> Result<CommandResult, ApiError> {
         if let Some(op) = &cmd.op {
             self.limits.command(op)?;
+            // A write through a follower is refused here while an alarm
+            // stands, as one sent to the leader is: its bytes never reach
+            // the log of a zone short of space.
+            self.check_space(op)?;
         }
         if self.node.view().role != StateRole::Leader {
             return Err(ApiError::NotApplied(

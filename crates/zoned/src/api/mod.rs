@@ -154,6 +154,19 @@ impl ServerContext {
         }
     }
 
+    /// How long a long-running part of a request (a physical compaction)
+    /// may take: the client's own deadline, at most `max`; the configured
+    /// request timeout when the client gave none.
+    pub(crate) fn client_budget<T>(&self, req: &Request<T>, max: Duration) -> Duration {
+        req.metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.config.request_timeout(), |client| {
+                client.mul_f64(0.9).min(max)
+            })
+    }
+
     /// This server's id and name.
     pub(crate) fn identity(&self) -> (u64, &str) {
         (self.node.id(), &self.info.name)

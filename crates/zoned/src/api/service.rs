@@ -113,8 +113,11 @@ impl Kv for KvService {
         req: Request<CompactRequest>,
     ) -> Result<Response<CompactResponse>, Status> {
         let budget = self.0.budget(&req);
+        let wait = self
+            .0
+            .client_budget(&req, std::time::Duration::from_secs(3600));
         Ok(Response::new(
-            self.0.compact(req.into_inner(), budget).await?,
+            self.0.compact(req.into_inner(), budget, wait).await?,
         ))
     }
 
@@ -250,11 +253,10 @@ impl Cluster for ClusterService {
 
     async fn alarms(
         &self,
-        _req: Request<AlarmsRequest>,
+        req: Request<AlarmsRequest>,
     ) -> Result<Response<AlarmsResponse>, Status> {
-        Ok(Response::new(AlarmsResponse {
-            alarms: self.0.reader().alarms(),
-        }))
+        let budget = self.0.budget(&req);
+        Ok(Response::new(self.0.alarms(budget / 2).await))
     }
 
     async fn disarm_alarm(

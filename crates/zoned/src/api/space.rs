@@ -19,57 +19,50 @@ use super::{ApiError, ServerContext};
 impl ServerContext {
     /// Drops the history before `req.revision` on every server; with
     /// `physical`, every server also compacts its RocksDB, and the answer
-    /// waits for this server's within the budget (`physical_done` says
-    /// whether it finished; it goes on in the background otherwise).
+    /// waits for this server's within `wait` (`physical_done` says whether
+    /// it finished; it goes on in the background otherwise).
     pub(crate) async fn compact(
         &self,
         req: CompactRequest,
         budget: Duration,
+        wait: Duration,
     ) -> Result<CompactResponse, ApiError> {
         if req.revision == 0 {
             return Err(bad("revision", "must be at least 1"));
         }
         let started = tokio::time::Instant::now();
         let physical = req.physical;
+        let seen = self.reader().compactor().requested();
         let r = self.write(command::Op::Compact(req), budget).await?;
         let Some(command_result::Result::Compact(mut c)) = r.result else {
             return Err(ApiError::Unavailable(
                 "unexpected answer to a compaction".into(),
             ));
         };
-        tracing::info!(compacted = c.compacted, physical, "history compacted");
+        tracing::info!(revision = c.compacted, physical, "history compacted");
         if physical {
-            let rev = c.header.as_ref().map_or(0, |h| h.revision);
-            let left = budget.saturating_sub(started.elapsed());
-            c.physical_done = tokio::time::timeout(left, self.reader().compactor().wait(rev))
+            // A run that started after this server applied the command
+            // (its request counted after `seen`).
+            let left = wait.saturating_sub(started.elapsed());
+            c.physical_done = tokio::time::timeout(left, self.reader().compactor().wait(seen))
                 .await
                 .is_ok();
+            // The server whose compaction the answer speaks of.
+            if let Some(h) = &mut c.header {
+                h.member_id = self.node().id();
+            }
         }
         Ok(c)
     }
 
-    /// Clears `server`'s alarm (0: all); the alarms left.
+    /// Clears `server`'s alarm (0: all); the alarms left. No check that it
+    /// has one: what this server sees may lag, the zone's list is the
+    /// answer.
     pub(crate) async fn disarm_alarm(
         &self,
         server: u64,
         budget: Duration,
     ) -> Result<AlarmsResponse, ApiError> {
-        if server != 0 && !self.reader().alarms().iter().any(|a| a.server == server) {
-            let standing: Vec<String> = self
-                .reader()
-                .alarms()
-                .iter()
-                .map(|a| a.server.to_string())
-                .collect();
-            return Err(ApiError::NotFound(format!(
-                "server {server} has no alarm standing (alarms: {})",
-                if standing.is_empty() {
-                    "none".to_owned()
-                } else {
-                    standing.join(", ")
-                }
-            )));
-        }
         let r = self
             .write(
                 command::Op::DisarmAlarm(DisarmAlarmRequest { server }),
@@ -83,6 +76,15 @@ impl ServerContext {
             "space alarm disarmed by an operator"
         );
         Ok(alarms)
+    }
+
+    /// The alarms standing, as of a read barrier (this server may lag);
+    /// this server's own view when the zone cannot confirm one in time.
+    pub(crate) async fn alarms(&self, budget: Duration) -> AlarmsResponse {
+        let _ = self.linearize(budget).await;
+        AlarmsResponse {
+            alarms: self.reader().alarms(),
+        }
     }
 
     /// This server's alarm, raised (or its figures replaced).

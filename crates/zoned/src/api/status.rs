@@ -63,6 +63,10 @@ impl ServerContext {
             build_commit: zone_version::COMMIT.to_owned(),
             image_version: self.host.image_version().to_owned(),
             vips_held: self.agents.vips_held(),
+            features: crate::space::FEATURES
+                .iter()
+                .map(|f| (*f).to_owned())
+                .collect(),
         }
     }
 

@@ -87,8 +87,8 @@ pub struct Applier<'a> {
     alarms: Vec<Alarm>,
     /// Set when this batch raised or cleared an alarm.
     alarms_changed: bool,
-    /// The highest `physical` compaction this batch applied, by revision.
-    pub compacted_physically: Option<u64>,
+    /// Whether this batch applied a `physical` compaction.
+    pub compacted_physically: bool,
     dirty_meta: bool,
     /// Events of this batch, in revision order, for live watchers.
     pub events: Vec<Event>,
@@ -144,7 +144,7 @@ impl<'a> Applier<'a> {
             has_zone: meta.has_zone,
             alarms: meta.alarms,
             alarms_changed: false,
-            compacted_physically: None,
+            compacted_physically: false,
             dirty_meta: false,
             events: Vec::new(),
             founded: None,
@@ -277,6 +277,11 @@ impl<'a> Applier<'a> {
         } else {
             self.get(&req.key)?.into_iter().collect()
         };
+        // The history keeps the value a delete removes, for watchers that
+        // ask for it; while a space alarm stands it does not (the same on
+        // every server: the alarms are replicated), so that a delete makes
+        // room instead of taking as much again.
+        let keep_values = self.alarms.is_empty();
         for prev in &victims {
             let rev = self.change_revision(started_at);
             wb.delete_cf(self.engine.cf(CF_KV), &prev.key);
@@ -290,7 +295,7 @@ impl<'a> Applier<'a> {
                         mod_revision: rev,
                         ..KeyValue::default()
                     }),
-                    prev_kv: Some(prev.clone()),
+                    prev_kv: keep_values.then(|| prev.clone()),
                 },
             );
         }
@@ -521,6 +526,13 @@ impl<'a> Applier<'a> {
     /// the key space: no revision, no event.
     fn raise_alarm(&mut self, wb: &mut WriteBatch, alarm: Alarm) -> CommandResult {
         match self.alarms.iter_mut().find(|a| a.server == alarm.server) {
+            // Fresh figures; the time it was first raised stays.
+            Some(a) if a.kind == alarm.kind => {
+                *a = Alarm {
+                    raised_unix_ms: a.raised_unix_ms,
+                    ..alarm
+                }
+            }
             Some(a) => *a = alarm,
             None => {
                 self.alarms.push(alarm);
@@ -578,13 +590,14 @@ impl<'a> Applier<'a> {
                 encode_u64(self.floor),
             );
         }
-        if c.physical {
-            self.compacted_physically = Some(self.revision);
-        }
+        self.compacted_physically |= c.physical;
         CommandResult {
             result: Some(R::Compact(CompactResponse {
                 header: self.header(),
-                compacted: self.floor,
+                // The asked revision, not this server's floor (its own,
+                // with its retention): a remembered answer must be the
+                // same bytes on every server.
+                compacted: c.revision,
                 physical_done: false,
             })),
         }

@@ -25,13 +25,15 @@ pub struct Compactor {
 struct Inner {
     engine: Engine,
     state: Mutex<State>,
-    /// The highest revision a finished compaction was asked at.
+    /// How many requests the last finished run covered (it started after
+    /// them).
     done: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    wanted: u64,
+    /// Requests so far.
+    requests: u64,
     running: bool,
 }
 
@@ -46,11 +48,20 @@ impl Compactor {
         }
     }
 
-    /// Asks for a compaction of everything written so far, tagged with the
-    /// store's revision `rev`; returns at once.
-    pub fn request(&self, rev: u64) {
+    /// Requests so far: a run that finishes covering more than this many
+    /// started after this call ([`Compactor::wait`]).
+    pub fn requested(&self) -> u64 {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+    }
+
+    /// Asks for a compaction of everything written so far; returns at once.
+    pub fn request(&self) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.wanted = st.wanted.max(rev.max(1));
+        st.requests += 1;
         if st.running {
             return;
         }
@@ -65,10 +76,11 @@ impl Compactor {
         }
     }
 
-    /// Resolves once a compaction asked at `rev` or later has finished.
-    pub async fn wait(&self, rev: u64) {
+    /// Resolves once a run that started after more than `seen` requests
+    /// (see [`Compactor::requested`]) has finished.
+    pub async fn wait(&self, seen: u64) {
         let mut rx = self.inner.done.subscribe();
-        let _ = rx.wait_for(|&done| done >= rev.max(1)).await;
+        let _ = rx.wait_for(|&done| done > seen).await;
     }
 }
 
@@ -77,18 +89,17 @@ impl Inner {
         loop {
             let target = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if st.wanted <= *self.done.borrow() {
+                if st.requests <= *self.done.borrow() {
                     st.running = false;
                     return;
                 }
-                st.wanted
+                st.requests
             };
             let before: u64 = self.engine.sizes().iter().map(|(_, b)| b).sum();
             let started = Instant::now();
             self.engine.compact_all();
             let after: u64 = self.engine.sizes().iter().map(|(_, b)| b).sum();
             tracing::info!(
-                revision = target,
                 before_mib = before >> 20,
                 after_mib = after >> 20,
                 seconds = format!("{:.1}", started.elapsed().as_secs_f64()),

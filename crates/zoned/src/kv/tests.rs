@@ -733,12 +733,14 @@ fn compaction_drops_history_before_its_revision_only() {
     ));
     assert_eq!(r.revision().unwrap(), 20);
     assert_eq!(r.range(&RangeRequest::default()).unwrap().0.len(), 5);
-    // An older revision than the floor: nothing moves back.
+    // An older revision than the floor: nothing moves back, and the answer
+    // is the asked revision (the same on every server, whatever its floor).
     let out = apply_all(&engine, &[compact(3, false)]);
     match out[0].as_ref().and_then(|r| r.result.as_ref()) {
-        Some(command_result::Result::Compact(c)) => assert_eq!(c.compacted, 21),
+        Some(command_result::Result::Compact(c)) => assert_eq!(c.compacted, 3),
         other => panic!("{other:?}"),
     }
+    assert_eq!(r.history_floor().unwrap(), 21);
 }
 
 /// A physical compaction gives back the space of deleted values: the
@@ -791,13 +793,14 @@ fn a_physical_compaction_gives_space_back() {
         }))],
     );
     let r = Reader::new(engine.clone()).unwrap();
-    r.compactor().request(rev);
+    let seen = r.compactor().requested();
+    r.compactor().request();
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .unwrap()
         .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(60), r.compactor().wait(rev))
+            tokio::time::timeout(std::time::Duration::from_secs(60), r.compactor().wait(seen))
                 .await
                 .expect("the compaction finished within a minute")
         });
@@ -805,5 +808,58 @@ fn a_physical_compaction_gives_space_back() {
     assert!(
         after < full / 8,
         "{full} bytes before, {after} after the deletes and the compaction"
+    );
+}
+
+/// One cache kept across batches (as the Raft driver keeps it): the
+/// alarms it holds refuse in the next batch and clear in the one after;
+/// a client write refused under the alarm and sent again after it cleared
+/// gets its first answer (the refusal), not a second application; deletes
+/// under the alarm keep no value in the history, deletes without one do.
+#[test]
+fn alarms_hold_across_batches_and_a_refused_write_stays_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path()).unwrap();
+    let mut cache = KvCache::default();
+    let mut batch = |cmds: Vec<Command>| {
+        let mut wb = WriteBatch::default();
+        let mut a = Applier::new(&engine, &mut cache, 1, 1, 100).unwrap();
+        let out: Vec<_> = cmds
+            .into_iter()
+            .map(|c| a.apply(&mut wb, c).unwrap())
+            .collect();
+        let alarms = a.alarms().map(<[_]>::to_vec);
+        a.finish(&mut wb);
+        engine.write(wb, true).unwrap();
+        (out, alarms)
+    };
+    batch(vec![put("a", "1"), put("b", "2")]);
+    let (_, alarms) = batch(vec![alarm(2, 100)]);
+    assert_eq!(alarms.map(|a| a.len()), Some(1), "the batch reports them");
+    let write = sent(put("c", "3"), 7, 1, 1, 1);
+    let (out, alarms) = batch(vec![write.clone(), delete("a")]);
+    assert!(
+        exhausted(&out[0]).is_some(),
+        "refused from the cached alarms"
+    );
+    assert_eq!(alarms, None, "unchanged: not reported");
+    let (out, _) = batch(vec![disarm(0), write, delete("b")]);
+    assert!(
+        exhausted(&out[1]).is_some(),
+        "the retry gets the first answer: {:?}",
+        out[1]
+    );
+    let r = Reader::new(engine.clone()).unwrap();
+    assert_eq!(r.range(&RangeRequest::default()).unwrap().0.len(), 0);
+    let events = r.history(1, r.revision().unwrap(), b"").unwrap();
+    let deletes: Vec<_> = events
+        .iter()
+        .filter(|e| e.r#type == zone_proto::v1::event::EventType::Delete as i32)
+        .map(|e| (e.kv.as_ref().unwrap().key.clone(), e.prev_kv.is_some()))
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![(b"a".to_vec(), false), (b"b".to_vec(), true)],
+        "the delete under the alarm kept no value"
     );
 }

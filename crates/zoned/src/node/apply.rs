@@ -25,8 +25,8 @@ pub(super) struct Completions {
     disabled: Option<bool>,
     /// The space alarms, if the applied commands changed them.
     alarms: Option<Vec<zone_proto::v1::Alarm>>,
-    /// A physical compaction applied, by the store's revision.
-    compact: Option<u64>,
+    /// A physical compaction applied.
+    compact: bool,
 }
 
 impl Driver {
@@ -92,7 +92,7 @@ impl Driver {
         if let Some(alarms) = applier.alarms() {
             done.alarms = Some(alarms.to_vec());
         }
-        done.compact = done.compact.max(applier.compacted_physically);
+        done.compact |= applier.compacted_physically;
         drop(applier);
         self.kv_cache = cache;
         self.raw.mut_store().set_applied(wb, last);
@@ -108,10 +108,10 @@ impl Driver {
         if let Some(alarms) = done.alarms {
             self.reader.set_alarms(alarms);
         }
-        if let Some(rev) = done.compact {
+        if done.compact {
             // After the batch is durable: the history it trimmed is gone
             // from what the compaction reads.
-            self.reader.compactor().request(rev);
+            self.reader.compactor().request();
         }
         for (waiter, outcome) in done.writes {
             waiter.answer(outcome);

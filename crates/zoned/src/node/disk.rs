@@ -8,38 +8,40 @@
 //! which need a little room themselves (a delete records the old value in
 //! the history), go on. This floor is the last guard, for a disk filled by
 //! something else or faster than the alarm takes effect: below it, the
-//! leader refuses every proposal but alarms and compactions before
-//! proposing it (RESOURCE_EXHAUSTED: nothing was applied, the client may
-//! try again later) and a follower takes no other log entries. Nothing
+//! leader refuses every proposal that adds data before proposing it
+//! (RESOURCE_EXHAUSTED: nothing was applied, the client may
+//! try again later) and a follower takes no such log entries. Nothing
 //! already acknowledged is touched, reads go on, and everything resumes by
 //! itself once space is freed.
 
 use std::path::PathBuf;
 
 use raft::eraftpb::{Entry, EntryType};
-use zone_proto::v1::{command, Command};
+use zone_proto::v1::Command;
 
 /// The hard floor, in bytes, for `limits.min_free_disk_mb`.
 pub(crate) fn hard_floor(min_free_disk_mb: u64) -> u64 {
     (min_free_disk_mb << 20) / 4
 }
 
-/// Whether a command may be proposed below the hard floor: a space alarm
-/// raised or cleared, or a compaction (small, and what frees space).
+/// Whether a command may be proposed below the hard floor: anything that
+/// adds no data (`kv::adds_data`): deletes, which record no values while
+/// the alarm stands (`kv::apply`), compactions, alarms, the zone's small
+/// records. Puts wait: the Raft log is in order, and a put a follower
+/// cannot take holds back everything behind it, so letting the rest
+/// through keeps deletes and compactions reaching every server.
 pub(super) fn passes_floor(cmd: &Command) -> bool {
-    matches!(
-        cmd.op,
-        Some(command::Op::RaiseAlarm(_) | command::Op::DisarmAlarm(_) | command::Op::Compact(_))
-    )
+    cmd.op.as_ref().is_none_or(|op| !crate::kv::adds_data(op))
 }
 
 /// Whether a follower below the hard floor takes this log entry: an empty
 /// one (a new leader's), a membership change, or a command that passes.
+/// An entry that does not decode is taken (the applier reports it).
 pub(super) fn entry_passes_floor(e: &Entry) -> bool {
     use prost::Message as _;
     e.get_entry_type() != EntryType::EntryNormal
         || e.data.is_empty()
-        || Command::decode(&e.data[..]).is_ok_and(|c| passes_floor(&c))
+        || Command::decode(&e.data[..]).map_or(true, |c| passes_floor(&c))
 }
 
 /// How often the free space is measured (a statvfs call).
@@ -91,7 +93,7 @@ impl DiskFloor {
                 free_mib = free >> 20,
                 floor_mib = self.min_free >> 20,
                 path = %self.path.display(),
-                "the data directory's free space is below its hard floor: refusing all but alarms and compactions until space is freed"
+                "the data directory's free space is below its hard floor: refusing every write that adds data until space is freed"
             ),
             (true, false) => tracing::info!(
                 free_mib = free >> 20,

@@ -425,8 +425,9 @@ impl Driver {
                 || (msg.get_msg_type() == MessageType::MsgAppend
                     && !msg.entries.iter().all(super::disk::entry_passes_floor)))
         {
-            // Below the hard free-space floor: no new entries or snapshot
-            // to write, but for alarms and compactions (which free space).
+            // Below the hard free-space floor: no snapshot and no entry
+            // that adds data to write (deletes, compactions and alarms
+            // are taken: they make room or say the zone lacks it).
             // Dropping an append is always safe in Raft; the leader sends
             // it again (the others carry the zone meanwhile), and once
             // space is freed this server catches up.
@@ -521,8 +522,8 @@ impl Driver {
             return;
         }
         if let Some((free, floor)) = self.disk.low() {
-            // Below the hard floor only what frees space, or says the
-            // zone is short of it, is written (a few hundred bytes each).
+            // Below the hard floor only what adds no data is written:
+            // deletes, compactions, alarms (see `super::disk`).
             let err = NodeError::NoSpace {
                 id: self.id,
                 free_mib: free >> 20,

@@ -138,7 +138,7 @@ pub enum NodeError {
     ConfBusy,
     /// The leader's data directory is below its hard free-space floor:
     /// nothing was proposed.
-    #[error("server {id}'s data directory has {free_mib} MiB free, below its hard floor of {floor_mib} MiB (a quarter of limits.min_free_disk_mb): nothing but alarms and compaction is written until space is freed")]
+    #[error("server {id}'s data directory has {free_mib} MiB free, below its hard floor of {floor_mib} MiB (a quarter of limits.min_free_disk_mb): writes that add data are refused until space is freed")]
     NoSpace {
         id: u64,
         free_mib: u64,

@@ -43,6 +43,9 @@ fn log_checksums() {
     }
 }
 
+/// Free space a physical compaction leaves untouched ([`Engine::compact_all`]).
+pub const COMPACTION_SLACK: u64 = 16 << 20;
+
 /// The opened database, shared by the Raft driver (the only writer) and the
 /// request handlers (readers).
 #[derive(Clone)]
@@ -159,14 +162,56 @@ impl Engine {
 
     /// Compacts every column family down to its last level now: tombstones
     /// and overwritten values are dropped and their space given back.
-    /// (The binding reports no error: a failed compaction leaves the store
-    /// as it was and shows as RocksDB's background error.)
+    ///
+    /// A compaction writes its output before it deletes its input, so it
+    /// needs room itself, and it runs when room is short. A family whose
+    /// files fit in the free space (less [`COMPACTION_SLACK`]) is compacted
+    /// whole; a larger one one file's key range at a time (each step
+    /// rewrites about one file), and a file larger than the room is left
+    /// for RocksDB's own compactions (said in the log). (The binding
+    /// reports no error: a failed compaction leaves the store as it was and
+    /// shows as RocksDB's background error.)
     pub fn compact_all(&self) {
         let mut opts = rocksdb::CompactOptions::default();
-        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::ForceOptimized);
+        let files = self.db.live_files().unwrap_or_default();
+        let room = || {
+            nix::sys::statvfs::statvfs(&self.path)
+                .map(|st| st.blocks_available() * st.fragment_size())
+                .unwrap_or(0)
+                .saturating_sub(COMPACTION_SLACK)
+        };
         for name in [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_META, CF_SESSIONS] {
-            self.db
-                .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &opts);
+            let cf = self.cf(name);
+            let mut own: Vec<_> = files
+                .iter()
+                .filter(|f| f.column_family_name == name)
+                .collect();
+            let total: u64 = own.iter().map(|f| f.size as u64).sum();
+            if total <= room() {
+                self.db
+                    .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+                continue;
+            }
+            own.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+            for f in own {
+                if f.size as u64 > room() {
+                    tracing::warn!(
+                        cf = name,
+                        file = %f.name,
+                        mib = f.size >> 20,
+                        room_mib = room() >> 20,
+                        "not enough room to compact this file now; RocksDB compacts it later"
+                    );
+                    continue;
+                }
+                self.db.compact_range_cf_opt(
+                    cf,
+                    f.start_key.as_deref(),
+                    f.end_key.as_deref(),
+                    &opts,
+                );
+            }
         }
     }
 
