@@ -15,7 +15,7 @@ use std::time::Duration;
 use testbed::fill_disk as fill;
 use testbed::zone::{poll, TestZone};
 use tonic::Code;
-use zonectl::v1::{DeleteRequest, PutRequest, RangeRequest};
+use zonectl::v1::{DeleteRequest, GetRequest, PutRequest, RangeRequest};
 
 /// The tmpfs mounts, unmounted when the test ends (also on a panic).
 struct Mounts(Vec<PathBuf>);
@@ -197,8 +197,18 @@ async fn a_full_disk_raises_the_alarm_refuses_writes_loses_nothing_and_resumes()
         Duration::from_secs(10),
         "the delete applied on the follower below its hard floor",
         || async {
-            zone.value(follower, "before/1", true)
+            // Its own copy, and a read that must succeed (a failed read is
+            // not an absent key).
+            zone.kv(follower)
                 .await
+                .get(GetRequest {
+                    key: b"before/1".to_vec(),
+                    serializable: true,
+                })
+                .await
+                .expect("a read on the follower")
+                .into_inner()
+                .kv
                 .is_none()
                 .then_some(())
         },
@@ -300,7 +310,7 @@ async fn check_all(zone: &mut TestZone, acked: &[(String, Vec<u8>)]) {
 /// by itself and writes resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_filling_its_disk_is_refused_cleanly_and_resumes_after_deletes_and_compaction() {
-    let (mut zone, mounts) = zone_on_tmpfs("[limits]\nmin_free_disk_mb = 96\n", 256);
+    let (mut zone, mounts) = zone_on_tmpfs("[limits]\nmin_free_disk_mb = 256\n", 512);
     let leader = zone.wait_leader().await;
     let ep = zone.servers[leader].client.to_string();
     let free = |i: usize| {

@@ -230,6 +230,21 @@ async fn a_backup_restored_into_a_new_zone_holds_every_key_at_its_revision() {
         "{}",
         third.log(0)
     );
+    // The field left in place, the disk of a founder of the running zone
+    // replaced later: refused (it took part), not restored from the old
+    // backup (which would have it answer as a member that forgot its vote).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    third.kill9(1);
+    std::fs::remove_dir_all(third.data_dir(1).join("data")).unwrap();
+    third.launch(1);
+    let st = third.wait_exit(1, Duration::from_secs(30));
+    let log = third.log(1);
+    assert_eq!(st.code(), Some(2), "{log}");
+    assert!(log.contains("already took part in the zone"), "{log}");
+    assert!(
+        !third.data_dir(1).join("data/db").exists(),
+        "a refused server restored the old backup"
+    );
 }
 
 /// Three servers under a writer; one follower killed, then the leader

@@ -143,26 +143,12 @@ fn main() -> ExitCode {
         }
         return restore(&config, from);
     }
-    if let Some(from) = config.node.restore_from.clone() {
-        // The appliance's route to a restore: the identity names the
-        // backup, and the first start with an empty data directory builds
-        // the store from it. Once a store is in place it is never touched.
-        let db = config.node.data_dir.join("db");
-        if db.exists() {
-            tracing::info!(
-                from = %from.display(),
-                "node.restore_from ignored: a store is in place"
-            );
-        } else {
-            tracing::warn!(
-                from = %from.display(),
-                "no store in the data directory: building it from the backup named by node.restore_from"
-            );
-            let done = restore(&config, &from);
-            if done != ExitCode::SUCCESS {
-                return done;
-            }
-        }
+    if config.node.restore_from.is_some()
+        && args.force_new_zone > 0
+        && !config.node.data_dir.join("db").exists()
+    {
+        eprintln!("zoned: --force-new-zone does not apply to a start that restores node.restore_from (it forces a running zone's survivor)");
+        return ExitCode::from(2);
     }
     match runtime.block_on(zoned::server::run(config, args.force_new_zone)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -119,6 +119,9 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     // Read before anything opens: a missing or wrong certificate is a
     // configuration error, found at start.
     let tls = ZoneTls::load(&config.tls.dir, config.node.id)?;
+    if let Some(from) = &config.node.restore_from {
+        restore_at_start(&config, &tls, from).await?;
+    }
     let engine = Engine::open(&config.node.data_dir)
         .map_err(|e| ServeError::Storage(config.node.data_dir.display().to_string(), e))?;
     let incarnation = engine
@@ -312,6 +315,9 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         "zoned started"
     );
     tokio::spawn(crate::renew::run(zone.clone(), tls.clone()));
+    node.reader()
+        .compactor()
+        .set_keep(crate::node::disk_hard_floor(config.limits.min_free_disk_mb));
     tokio::spawn(crate::space::run(
         zone.clone(),
         space_engine,
@@ -511,6 +517,58 @@ async fn refuse_if_wiped(config: &Config, tls: &ZoneTls) -> Result<(), ServeErro
         Some(refusal) => Err(refusal),
         None => Ok(()),
     }
+}
+
+/// `node.restore_from`, the appliance's route to a restore (the identity
+/// names a backup on the EFI partition): with no store in the data
+/// directory, builds it from the backup as `zoned restore` does; with one,
+/// touches nothing.
+///
+/// Safety: the field may stay in the identity long after the restore. A
+/// founder whose data partition is later replaced must not come back from
+/// that old backup: it would have forgotten its vote and the entries it
+/// acknowledged, and the restored store's Raft state would let it answer as
+/// a member. So the wiped-founder check runs first, as for a blank founder:
+/// a member that records this server as having taken part refuses it
+/// (exit 2). Founders restored together, none of them started yet, pass.
+async fn restore_at_start(
+    config: &Arc<Config>,
+    tls: &ZoneTls,
+    from: &std::path::Path,
+) -> Result<(), ServeError> {
+    if config.node.data_dir.join("db").exists() {
+        tracing::warn!(
+            from = %from.display(),
+            "node.restore_from ignored: a store is in place"
+        );
+        return Ok(());
+    }
+    refuse_if_wiped(config, tls).await?;
+    tracing::warn!(
+        from = %from.display(),
+        "no store in the data directory: building it from the backup named by node.restore_from"
+    );
+    // Before READY: a large backup may take longer than systemd's start
+    // timeout (zoned.service: 120 s).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(1_800_000_000)]);
+    let (config2, from2) = (config.clone(), from.to_owned());
+    let r =
+        tokio::task::spawn_blocking(move || crate::recovery::restore(&config2, &from2, |_, _| {}))
+            .await
+            .map_err(|e| crate::recovery::RecoveryError::Io {
+                dir: config.node.data_dir.display().to_string(),
+                what: "the restore stopped",
+                source: std::io::Error::other(e.to_string()),
+            })??;
+    tracing::warn!(
+        keys = r.summary.keys,
+        revision = r.summary.header.revision,
+        zone = %r.summary.header.zone_id,
+        sha256 = %r.summary.sha256,
+        db = %r.db.display(),
+        "restored from the backup: this server is a founder of a new zone (every founder must be restored from the same file)"
+    );
+    Ok(())
 }
 
 /// Asks a member of the zone for the membership, and checks this server

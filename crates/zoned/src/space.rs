@@ -117,27 +117,86 @@ pub fn step(
     }
 }
 
-/// Why this zone cannot take an alarm yet: a member whose build does not
-/// know alarms (it would apply the writes the others refuse: its copy of
-/// the store would part from theirs), or one that cannot be asked.
-async fn not_every_member_knows_alarms(zone: &ServerContext) -> Option<String> {
-    let status = match zone.zone_status().await {
-        Ok(s) => s,
-        Err(e) => return Some(format!("the zone's status: {e}")),
-    };
-    let lacking: Vec<String> = status
-        .servers
-        .iter()
-        .filter(|s| !s.features.iter().any(|f| f == FEATURE))
-        .map(|s| {
-            if s.error.is_empty() {
-                format!("server {} runs a build without them ({})", s.id, s.version)
-            } else {
-                format!("server {} cannot be asked ({})", s.id, s.error)
-            }
+/// The members seen running a build that knows alarms, so that the check
+/// before a raise asks the zone only about members not seen yet (asking
+/// every member's status takes a moment a fast writer fills the disk in).
+/// Refreshed every [`KNOWN_REFRESH`] while there is room, so that it is
+/// ready when needed.
+#[derive(Debug, Default)]
+struct KnownMembers {
+    ids: std::collections::BTreeSet<u64>,
+    asked: Option<tokio::time::Instant>,
+}
+
+const KNOWN_REFRESH: Duration = Duration::from_secs(60);
+const UNKNOWN_REFRESH: Duration = Duration::from_secs(2);
+
+impl KnownMembers {
+    /// Why this zone cannot take an alarm yet: a member that answers with
+    /// a build that does not know alarms (it would apply the writes the
+    /// others refuse: its copy of the store would part from theirs). A
+    /// member that does not answer does not hold the alarm back: a dead
+    /// server, or a learner not booted yet, must not leave the zone without
+    /// its alarm (and its disk to the hard floor); it runs the build it
+    /// ran, and an older build coming back into a zone with an alarm
+    /// standing is the case this leaves open.
+    async fn lacking(&mut self, zone: &ServerContext) -> Option<String> {
+        if self.complete(zone).await {
+            return None;
+        }
+        self.ask(zone).await
+    }
+
+    /// Whether every member was seen with the feature.
+    async fn complete(&self, zone: &ServerContext) -> bool {
+        zone.local().await.is_ok_and(|local| {
+            local
+                .voters
+                .iter()
+                .chain(local.learners.iter())
+                .all(|id| self.ids.contains(id))
         })
-        .collect();
-    (!lacking.is_empty()).then(|| lacking.join("; "))
+    }
+
+    async fn ask(&mut self, zone: &ServerContext) -> Option<String> {
+        self.asked = Some(tokio::time::Instant::now());
+        let status = match zone.zone_status().await {
+            Ok(s) => s,
+            Err(e) => return Some(format!("the zone's status: {e}")),
+        };
+        let mut lacking = Vec::new();
+        for s in &status.servers {
+            if !s.error.is_empty() {
+                continue;
+            }
+            if s.features.iter().any(|f| f == FEATURE) {
+                self.ids.insert(s.id);
+            } else {
+                // A member seen with the feature may have been restarted
+                // onto an older build.
+                self.ids.remove(&s.id);
+                lacking.push(format!(
+                    "server {} runs a build without them ({})",
+                    s.id, s.version
+                ));
+            }
+        }
+        (!lacking.is_empty()).then(|| lacking.join("; "))
+    }
+
+    /// Asks again if the last answer is old (while there is room): every
+    /// [`KNOWN_REFRESH`], or every [`UNKNOWN_REFRESH`] while some member
+    /// was not seen yet (at start the others may not be up; a member down).
+    async fn refresh(&mut self, zone: &ServerContext) {
+        let every = if self.complete(zone).await {
+            KNOWN_REFRESH
+        } else {
+            UNKNOWN_REFRESH
+        };
+        if self.asked.is_none_or(|at| at.elapsed() >= every) {
+            let _ = self.ask(zone).await;
+        }
+    }
 }
 
 fn free_bytes(path: &std::path::Path) -> Option<u64> {
@@ -163,6 +222,7 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
     // Said once per episode, not at every refresh.
     let mut warned = false;
     let mut held_back = false;
+    let mut known = KnownMembers::default();
     loop {
         tick.tick().await;
         let Some(free) = free_bytes(&data_dir) else {
@@ -180,12 +240,13 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
             warned = false;
             held_back = false;
             raised_at = None;
+            known.refresh(&zone).await;
         }
         let raised = raised_at.map(|at| at.elapsed());
         let outcome = match step(&t, standing, raised, free, store) {
             Step::Nothing => continue,
             Step::Raise(kind, limit) => {
-                if let Some(why) = not_every_member_knows_alarms(&zone).await {
+                if let Some(why) = known.lacking(&zone).await {
                     // Tried again at the next refresh; the hard floor
                     // guards the disk meanwhile.
                     raised_at = Some(tokio::time::Instant::now());
@@ -193,7 +254,7 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
                         tracing::warn!(
                             free_mib = free >> 20,
                             store_mib = store >> 20,
-                            "this server is short of space but does not raise the space alarm: {why}"
+                            "this server is short of space but cannot raise the space alarm: {why}"
                         );
                         held_back = true;
                     }

@@ -32,7 +32,6 @@ impl ServerContext {
         }
         let started = tokio::time::Instant::now();
         let physical = req.physical;
-        let seen = self.reader().compactor().requested();
         let r = self.write(command::Op::Compact(req), budget).await?;
         let Some(command_result::Result::Compact(mut c)) = r.result else {
             return Err(ApiError::Unavailable(
@@ -41,12 +40,20 @@ impl ServerContext {
         };
         tracing::info!(revision = c.compacted, physical, "history compacted");
         if physical {
-            // A run that started after this server applied the command
-            // (its request counted after `seen`).
+            // This server applies the command (a forwarded write is
+            // answered by the leader first), then counts its request
+            // before it releases reads: after the barrier, a run that
+            // started after `target` requests includes this compaction.
             let left = wait.saturating_sub(started.elapsed());
-            c.physical_done = tokio::time::timeout(left, self.reader().compactor().wait(seen))
-                .await
-                .is_ok();
+            let done = tokio::time::timeout(left, async {
+                self.linearize(left).await?;
+                let target = self.reader().compactor().requested();
+                Ok::<u64, ApiError>(self.reader().compactor().wait(target).await)
+            })
+            .await;
+            // Done only when the run finished and left nothing for lack
+            // of room.
+            c.physical_done = matches!(done, Ok(Ok(0)));
             // The server whose compaction the answer speaks of.
             if let Some(h) = &mut c.header {
                 h.member_id = self.node().id();

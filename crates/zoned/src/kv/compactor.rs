@@ -9,6 +9,7 @@
 //! meanwhile (RocksDB compacts beside live writes). Requests that arrive
 //! while one runs are served by one more run after it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -26,8 +27,10 @@ struct Inner {
     engine: Engine,
     state: Mutex<State>,
     /// How many requests the last finished run covered (it started after
-    /// them).
-    done: watch::Sender<u64>,
+    /// them), and the bytes it left uncompacted for lack of room.
+    done: watch::Sender<(u64, u64)>,
+    /// Free bytes a compaction leaves alone: the hard floor.
+    keep: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -43,13 +46,18 @@ impl Compactor {
             inner: Arc::new(Inner {
                 engine,
                 state: Mutex::default(),
-                done: watch::Sender::new(0),
+                done: watch::Sender::new((0, 0)),
+                keep: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Requests so far: a run that finishes covering more than this many
-    /// started after this call ([`Compactor::wait`]).
+    /// Sets the free bytes a compaction leaves alone (the hard floor).
+    pub fn set_keep(&self, bytes: u64) {
+        self.inner.keep.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Requests so far ([`Compactor::wait`]).
     pub fn requested(&self) -> u64 {
         self.inner
             .state
@@ -76,36 +84,64 @@ impl Compactor {
         }
     }
 
-    /// Resolves once a run that started after more than `seen` requests
-    /// (see [`Compactor::requested`]) has finished.
-    pub async fn wait(&self, seen: u64) {
+    /// Resolves once a run that started after `target` requests (see
+    /// [`Compactor::requested`]) has finished; the bytes it left
+    /// uncompacted for lack of room.
+    pub async fn wait(&self, target: u64) -> u64 {
         let mut rx = self.inner.done.subscribe();
-        let _ = rx.wait_for(|&done| done > seen).await;
+        let skipped = match rx.wait_for(|&(done, _)| done >= target).await {
+            Ok(d) => d.1,
+            Err(_) => 0,
+        };
+        skipped
+    }
+}
+
+/// Clears `running` if the thread panics, so that a later request starts
+/// a new one (the normal end clears it under the lock: [`Inner::finish`]).
+struct Running<'a>(&'a Inner);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .running = false;
+        }
     }
 }
 
 impl Inner {
     fn run(&self) {
+        let _running = Running(self);
         loop {
             let target = {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if st.requests <= *self.done.borrow() {
-                    st.running = false;
-                    return;
+                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if st.requests <= self.done.borrow().0 {
+                    return self.finish(st);
                 }
                 st.requests
             };
             let before: u64 = self.engine.sizes().iter().map(|(_, b)| b).sum();
             let started = Instant::now();
-            self.engine.compact_all();
+            let skipped = self.engine.compact_all(self.keep.load(Ordering::Relaxed));
             let after: u64 = self.engine.sizes().iter().map(|(_, b)| b).sum();
             tracing::info!(
                 before_mib = before >> 20,
                 after_mib = after >> 20,
+                skipped_mib = skipped >> 20,
                 seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
                 "store compacted"
             );
-            self.done.send_replace(target);
+            self.done.send_replace((target, skipped));
         }
+    }
+
+    /// Ends the run under the lock: `running` cleared before the lock is
+    /// let go, so a request after this sees it clear and starts a thread.
+    fn finish(&self, mut st: std::sync::MutexGuard<'_, State>) {
+        st.running = false;
     }
 }

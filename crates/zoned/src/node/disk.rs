@@ -29,7 +29,11 @@ pub(crate) fn hard_floor(min_free_disk_mb: u64) -> u64 {
 /// the alarm stands (`kv::apply`), compactions, alarms, the zone's small
 /// records. Puts wait: the Raft log is in order, and a put a follower
 /// cannot take holds back everything behind it, so letting the rest
-/// through keeps deletes and compactions reaching every server.
+/// through keeps deletes and compactions reaching every server. A delete
+/// still writes a tombstone and a history event per key (with the old
+/// value when no alarm stands yet): a prefix delete of very many keys
+/// below the floor takes room in proportion; the floor leaves a quarter
+/// of `min_free_disk_mb` for that.
 pub(super) fn passes_floor(cmd: &Command) -> bool {
     cmd.op.as_ref().is_none_or(|op| !crate::kv::adds_data(op))
 }

@@ -29,6 +29,7 @@
 mod apply;
 pub mod clock;
 mod disk;
+pub(crate) use disk::hard_floor as disk_hard_floor;
 pub mod driver;
 pub mod handle;
 pub mod lease;

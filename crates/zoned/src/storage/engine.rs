@@ -162,57 +162,114 @@ impl Engine {
 
     /// Compacts every column family down to its last level now: tombstones
     /// and overwritten values are dropped and their space given back.
+    /// Returns the bytes of files left uncompacted for lack of room.
     ///
     /// A compaction writes its output before it deletes its input, so it
-    /// needs room itself, and it runs when room is short. A family whose
-    /// files fit in the free space (less [`COMPACTION_SLACK`]) is compacted
-    /// whole; a larger one one file's key range at a time (each step
-    /// rewrites about one file), and a file larger than the room is left
-    /// for RocksDB's own compactions (said in the log). (The binding
-    /// reports no error: a failed compaction leaves the store as it was and
-    /// shows as RocksDB's background error.)
-    pub fn compact_all(&self) {
+    /// needs room itself, and it runs when room is short. Each step keeps
+    /// `keep` bytes free (the hard floor) and [`COMPACTION_SLACK`] more: a
+    /// family whose files fit is compacted whole; a larger one one file's
+    /// key range at a time, each step counted with every file that range
+    /// overlaps (an L0 file may span the family) and the files read again
+    /// after each step; a step that does not fit is left for RocksDB's own
+    /// compactions (said in the log). When the free space cannot be
+    /// measured, everything is compacted whole. (The binding reports no
+    /// error: a failed compaction leaves the store as it was and shows as
+    /// RocksDB's background error.)
+    pub fn compact_all(&self, keep: u64) -> u64 {
         let mut opts = rocksdb::CompactOptions::default();
         opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::ForceOptimized);
-        let files = self.db.live_files().unwrap_or_default();
-        let room = || {
-            nix::sys::statvfs::statvfs(&self.path)
-                .map(|st| st.blocks_available() * st.fragment_size())
-                .unwrap_or(0)
-                .saturating_sub(COMPACTION_SLACK)
+        let room = || match nix::sys::statvfs::statvfs(&self.path) {
+            Ok(st) => (st.blocks_available() * st.fragment_size())
+                .saturating_sub(keep)
+                .saturating_sub(COMPACTION_SLACK),
+            Err(_) => u64::MAX,
         };
-        for name in [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_META, CF_SESSIONS] {
-            let cf = self.cf(name);
-            let mut own: Vec<_> = files
-                .iter()
+        let files_of = |name: &str| -> Vec<rocksdb::LiveFile> {
+            let mut v: Vec<_> = self
+                .db
+                .live_files()
+                .unwrap_or_default()
+                .into_iter()
                 .filter(|f| f.column_family_name == name)
                 .collect();
-            let total: u64 = own.iter().map(|f| f.size as u64).sum();
+            v.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+            v
+        };
+        // Whether two files' key ranges meet (None: unbounded).
+        let overlaps = |a: &rocksdb::LiveFile, b: &rocksdb::LiveFile| {
+            let before = |end: &Option<Vec<u8>>, start: &Option<Vec<u8>>| match (end, start) {
+                (Some(e), Some(s)) => e < s,
+                _ => false,
+            };
+            !before(&a.end_key, &b.start_key) && !before(&b.end_key, &a.start_key)
+        };
+        // The history first: trimmed by the compaction command, it gives
+        // the most room back, for the others. A second pass for what the
+        // first had no room for.
+        let mut skipped = 0u64;
+        for pass in 0..2 {
+            if pass == 1 && skipped == 0 {
+                break;
+            }
+            skipped = self.compact_pass(&opts, &room, &files_of, &overlaps, pass == 1);
+        }
+        skipped
+    }
+
+    /// One pass of [`Engine::compact_all`] over every family; the bytes
+    /// left uncompacted.
+    fn compact_pass(
+        &self,
+        opts: &rocksdb::CompactOptions,
+        room: &dyn Fn() -> u64,
+        files_of: &dyn Fn(&str) -> Vec<rocksdb::LiveFile>,
+        overlaps: &dyn Fn(&rocksdb::LiveFile, &rocksdb::LiveFile) -> bool,
+        last: bool,
+    ) -> u64 {
+        let mut skipped = 0u64;
+        for name in [CF_HISTORY, CF_LOG, CF_KV, CF_SESSIONS, CF_META, CF_RAFT] {
+            let cf = self.cf(name);
+            let files = files_of(name);
+            let total: u64 = files.iter().map(|f| f.size as u64).sum();
             if total <= room() {
                 self.db
-                    .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+                    .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, opts);
                 continue;
             }
-            own.sort_by(|a, b| a.start_key.cmp(&b.start_key));
-            for f in own {
-                if f.size as u64 > room() {
-                    tracing::warn!(
-                        cf = name,
-                        file = %f.name,
-                        mib = f.size >> 20,
-                        room_mib = room() >> 20,
-                        "not enough room to compact this file now; RocksDB compacts it later"
-                    );
+            // One step per file of the list as it was; each step sizes its
+            // range against the files as they are now.
+            for step in files {
+                let now = files_of(name);
+                let Some(f) = now.iter().find(|f| f.name == step.name) else {
+                    continue; // compacted away by an earlier step
+                };
+                let need: u64 = now
+                    .iter()
+                    .filter(|o| overlaps(f, o))
+                    .map(|o| o.size as u64)
+                    .sum();
+                if need > room() {
+                    skipped += f.size as u64;
+                    if last {
+                        tracing::warn!(
+                            cf = name,
+                            file = %f.name,
+                            need_mib = need >> 20,
+                            room_mib = room() >> 20,
+                            "not enough room to compact this file's range now; RocksDB compacts it later"
+                        );
+                    }
                     continue;
                 }
                 self.db.compact_range_cf_opt(
                     cf,
                     f.start_key.as_deref(),
                     f.end_key.as_deref(),
-                    &opts,
+                    opts,
                 );
             }
         }
+        skipped
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
