@@ -353,9 +353,8 @@ impl Metrics {
                 .set(bytes as i64);
         }
         self.space_alarms.set(node.reader().alarms().len() as i64);
-        if let Ok(st) = nix::sys::statvfs::statvfs(engine.path()) {
-            self.data_free_bytes
-                .set((st.blocks_available() * st.fragment_size()) as i64);
+        if let Ok(free) = crate::storage::free_bytes(engine.path()) {
+            self.data_free_bytes.set(free as i64);
         }
     }
 }

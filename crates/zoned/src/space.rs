@@ -188,21 +188,17 @@ impl KnownMembers {
     /// [`KNOWN_REFRESH`], or every [`UNKNOWN_REFRESH`] while some member
     /// was not seen yet (at start the others may not be up; a member down).
     async fn refresh(&mut self, zone: &ServerContext) {
-        let every = if self.complete(zone).await {
-            KNOWN_REFRESH
-        } else {
-            UNKNOWN_REFRESH
-        };
-        if self.asked.is_none_or(|at| at.elapsed() >= every) {
-            let _ = self.ask(zone).await;
+        let since = self.asked.map(|at| at.elapsed());
+        // The clock first: the driver is asked for the members only when
+        // an answer may be due, not at every measure.
+        if since.is_some_and(|s| s < UNKNOWN_REFRESH) {
+            return;
         }
+        if since.is_some_and(|s| s < KNOWN_REFRESH) && self.complete(zone).await {
+            return;
+        }
+        let _ = self.ask(zone).await;
     }
-}
-
-fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    nix::sys::statvfs::statvfs(path)
-        .ok()
-        .map(|st| st.blocks_available() * st.fragment_size())
 }
 
 /// Measures and raises or clears this server's alarm, for the server's
@@ -225,10 +221,10 @@ pub async fn run(zone: ServerContext, engine: Engine, data_dir: PathBuf, t: Thre
     let mut known = KnownMembers::default();
     loop {
         tick.tick().await;
-        let Some(free) = free_bytes(&data_dir) else {
+        let Ok(free) = crate::storage::free_bytes(&data_dir) else {
             continue;
         };
-        let store: u64 = engine.sizes().iter().map(|(_, b)| b).sum();
+        let store = engine.size();
         let standing = zone
             .reader()
             .alarms()

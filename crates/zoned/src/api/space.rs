@@ -70,13 +70,7 @@ impl ServerContext {
         server: u64,
         budget: Duration,
     ) -> Result<AlarmsResponse, ApiError> {
-        let r = self
-            .write(
-                command::Op::DisarmAlarm(DisarmAlarmRequest { server }),
-                budget,
-            )
-            .await?;
-        let alarms = alarms_of(r.result)?;
+        let alarms = self.disarm(server, budget).await?;
         tracing::warn!(
             server,
             left = alarms.alarms.len(),
@@ -106,13 +100,18 @@ impl ServerContext {
 
     /// This server's own alarm cleared, once it has room again.
     pub(crate) async fn clear_own_alarm(&self, budget: Duration) -> Result<(), ApiError> {
-        let server = self.node().id();
-        self.write(
-            command::Op::DisarmAlarm(DisarmAlarmRequest { server }),
-            budget,
-        )
-        .await
-        .map(drop)
+        self.disarm(self.node().id(), budget).await.map(drop)
+    }
+
+    /// The disarm command through the leader; the alarms left.
+    async fn disarm(&self, server: u64, budget: Duration) -> Result<AlarmsResponse, ApiError> {
+        let r = self
+            .write(
+                command::Op::DisarmAlarm(DisarmAlarmRequest { server }),
+                budget,
+            )
+            .await?;
+        alarms_of(r.result)
     }
 }
 

@@ -124,10 +124,10 @@ impl Inner {
                 }
                 st.requests
             };
-            let before: u64 = self.engine.sizes().iter().map(|(_, b)| b).sum();
+            let before = self.engine.size();
             let started = Instant::now();
             let skipped = self.engine.compact_all(self.keep.load(Ordering::Relaxed));
-            let after: u64 = self.engine.sizes().iter().map(|(_, b)| b).sum();
+            let after = self.engine.size();
             tracing::info!(
                 before_mib = before >> 20,
                 after_mib = after >> 20,

@@ -768,8 +768,7 @@ fn a_physical_compaction_gives_space_back() {
         apply_all(&engine, &cmds);
     }
     engine.flush().unwrap();
-    let size = |e: &Engine| e.sizes().iter().map(|(_, b)| b).sum::<u64>();
-    let full = size(&engine);
+    let full = engine.size();
     assert!(full > 30 << 20, "32 MiB written, {full} bytes on disk");
     let out = apply_all(
         &engine,
@@ -809,7 +808,7 @@ fn a_physical_compaction_gives_space_back() {
             .expect("the compaction finished within a minute")
         });
     assert_eq!(skipped, 0, "room enough: nothing left out");
-    let after = size(&engine);
+    let after = engine.size();
     assert!(
         after < full / 8,
         "{full} bytes before, {after} after the deletes and the compaction"

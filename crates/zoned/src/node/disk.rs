@@ -81,8 +81,8 @@ impl DiskFloor {
             return;
         }
         self.checked_ns = Some(now_ns);
-        match nix::sys::statvfs::statvfs(&self.path) {
-            Ok(st) => self.observe(st.blocks_available() * st.fragment_size()),
+        match crate::storage::free_bytes(&self.path) {
+            Ok(free) => self.observe(free),
             // Not knowing is not a reason to stop the zone: the write
             // itself reports a real failure.
             Err(e) => tracing::debug!(error = %e, path = %self.path.display(), "statvfs failed"),

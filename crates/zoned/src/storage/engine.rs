@@ -139,6 +139,12 @@ impl Engine {
         &self.path
     }
 
+    /// The store's size: every column family's SST files and memtables
+    /// (what `limits.max_store_mb` bounds).
+    pub fn size(&self) -> u64 {
+        self.sizes().iter().map(|(_, b)| b).sum()
+    }
+
     /// Bytes per column family: SST files and memtables (for metrics).
     pub fn sizes(&self) -> Vec<(&'static str, u64)> {
         [CF_LOG, CF_RAFT, CF_KV, CF_HISTORY, CF_META, CF_SESSIONS]
@@ -178,10 +184,8 @@ impl Engine {
     pub fn compact_all(&self, keep: u64) -> u64 {
         let mut opts = rocksdb::CompactOptions::default();
         opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::ForceOptimized);
-        let room = || match nix::sys::statvfs::statvfs(&self.path) {
-            Ok(st) => (st.blocks_available() * st.fragment_size())
-                .saturating_sub(keep)
-                .saturating_sub(COMPACTION_SLACK),
+        let room = || match free_bytes(&self.path) {
+            Ok(free) => free.saturating_sub(keep).saturating_sub(COMPACTION_SLACK),
             Err(_) => u64::MAX,
         };
         let files_of = |name: &str| -> Vec<rocksdb::LiveFile> {

@@ -129,6 +129,13 @@ fn encode_pb<M: PbMessage>(m: &M) -> Vec<u8> {
         .expect("protobuf encoding to memory cannot fail")
 }
 
+/// Free bytes on the filesystem holding `path`, for an unprivileged
+/// writer (statvfs: available blocks times the fragment size). One measure
+/// for the hard floor, the space alarm, the compaction and the metrics.
+pub fn free_bytes(path: &std::path::Path) -> Result<u64, nix::Error> {
+    nix::sys::statvfs::statvfs(path).map(|st| st.blocks_available() * st.fragment_size())
+}
+
 pub(crate) fn encode_u64(v: u64) -> [u8; 8] {
     v.to_be_bytes()
 }
