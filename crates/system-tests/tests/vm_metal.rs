@@ -50,3 +50,100 @@ fn the_metal_image_runs_a_zone_on_qemus_default_cpu() -> Result<()> {
     assert_eq!(read, "qemu64");
     Ok(())
 }
+
+/// A file of the image's root filesystem (partition `zoned-root-a` of the
+/// raw image), read with debugfs.
+fn root_file(raw: &std::path::Path, manifest: &serde_json::Value, path: &str) -> Result<Vec<u8>> {
+    let offset = manifest["partitions"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "zoned-root-a"))
+        .and_then(|p| p["start_bytes"].as_u64())
+        .context("no zoned-root-a in the manifest's partitions")?;
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(format!("{}?offset={offset}", raw.display()))
+        .output()
+        .context("debugfs (e2fsprogs)")?;
+    anyhow::ensure!(
+        out.status.success() && !out.stdout.is_empty(),
+        "debugfs cat {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+/// Both images ship the tests' own release binaries and a signed update
+/// bundle their root trusts: the bundle verifies with the keys read out of
+/// the image, its manifest names the image's version and the release
+/// profile, and /usr/bin/zoned in the image is target/release/zoned.
+#[test]
+fn each_image_ships_the_release_build_and_a_bundle_signed_by_a_key_it_trusts() -> Result<()> {
+    testbed::vm::require_host()?;
+    let dir = testbed::vm::target_dir().join("image");
+    for profile in ["vm", "metal"] {
+        let image = Image::find_profile(profile)?;
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            dir.join(format!("manifest-{profile}.json")),
+        )?)?;
+        assert_eq!(manifest["binaries_profile"], "release", "{manifest}");
+
+        let mut keys = zone_bundle::TrustedKeys::default();
+        let trusted = manifest["bundle"]["trusted_keys"]
+            .as_array()
+            .context("bundle.trusted_keys")?;
+        assert!(!trusted.is_empty(), "{manifest}");
+        for id in trusted {
+            let id = id.as_str().context("key id")?;
+            let text = root_file(
+                &image.raw,
+                &manifest,
+                &format!("/usr/share/zoned/keys/{id}.pub"),
+            )?;
+            keys.add(id, &String::from_utf8(text)?)?;
+        }
+        let bundle = dir.join(manifest["bundle"]["file"].as_str().context("bundle.file")?);
+        let v = zone_bundle::verify(&bundle, &keys)
+            .with_context(|| format!("{} with the image's own keys", bundle.display()))?;
+        assert_eq!(v.manifest.binaries_profile, "release");
+        assert_eq!(v.manifest.image_id, format!("zoned-{profile}"));
+        assert_eq!(
+            Some(v.manifest.version.as_str()),
+            manifest["image_version"].as_str()
+        );
+        for f in [zone_bundle::ROOT_IMAGE, "zoned-a.efi", "zoned-b.efi"] {
+            assert!(
+                v.manifest.file(f).is_some(),
+                "{f} missing: {:?}",
+                v.manifest
+            );
+        }
+        let os_release =
+            String::from_utf8(root_file(&image.raw, &manifest, "/usr/lib/os-release")?)?;
+        assert!(
+            os_release.contains(&format!("IMAGE_VERSION={}", v.manifest.version)),
+            "{os_release}"
+        );
+
+        // The image's zoned is the tests' (debug info stripped).
+        let ours = tempfile::NamedTempFile::new()?;
+        let strip = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(testbed::binary("zoned"))
+            .arg(ours.path())
+            .status()?;
+        assert!(strip.success());
+        assert!(
+            testbed::bin_dir().ends_with("release"),
+            "the tests run from {}: run them with --release (README)",
+            testbed::bin_dir().display()
+        );
+        let shipped = root_file(&image.raw, &manifest, "/usr/bin/zoned")?;
+        assert!(
+            shipped == std::fs::read(ours.path())?,
+            "/usr/bin/zoned in the {profile} image is not {}: rebuild the image",
+            testbed::binary("zoned").display()
+        );
+    }
+    Ok(())
+}

@@ -148,8 +148,8 @@ pub fn kill9(child: Option<Child>) {
 }
 
 /// The directory holding the workspace's binaries: `ZONED_BIN_DIR`, else
-/// found from the running executable (target/debug/deps/<test>, or
-/// target/debug/<tool>).
+/// found from the running executable (target/release/deps/<test>, or
+/// target/release/<tool>): the binaries of the tests' own profile.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ZONED_BIN_DIR") {
         return PathBuf::from(dir);
@@ -167,7 +167,7 @@ pub fn binary(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} is missing: build the workspace's binaries first (cargo build --workspace --bins)",
+        "{} is missing: build the workspace's binaries first (cargo build --release --workspace --bins)",
         p.display()
     );
     p

@@ -38,11 +38,13 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// The workspace's target directory (CARGO_TARGET_DIR or ./target), found
-/// from the running test executable: target/debug/deps/<test>.
+/// from the running test executable: target/release/deps/<test>.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     exe.ancestors()
-        .find(|p| p.join("image").is_dir() || p.join("debug").is_dir())
+        .find(|p| {
+            p.join("image").is_dir() || p.join("release").is_dir() || p.join("debug").is_dir()
+        })
         .map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from("target"))
 }
@@ -963,10 +965,10 @@ fn tls_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn zonectl_bin() -> Result<PathBuf> {
-    let p = target_dir().join("debug").join("zonectl");
+    let p = crate::bin_dir().join("zonectl");
     if !p.exists() {
         bail!(
-            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            "{} is missing: build the binaries first (cargo build --release --workspace --bins)",
             p.display()
         );
     }

@@ -43,6 +43,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("objcopy", "binutils"),
     ("objdump", "binutils"),
     ("qemu-img", "qemu-utils"),
+    ("zstd", "zstd"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -239,6 +240,7 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 /// command line and os-release as PE sections (ukify is not in bookworm).
 fn make_uki(
     dir: &Path,
+    file_name: &str,
     kernel: &Path,
     initrd: &Path,
     cmdline: &str,
@@ -283,10 +285,41 @@ fn make_uki(
             .arg(format!("{name}={offset:#x}"));
         offset = up(offset + std::fs::metadata(file)?.len());
     }
-    let uki = dir.join("zoned.efi");
+    let uki = dir.join(file_name);
     cmd.arg(STUB).arg(&uki);
     run(&mut cmd)?;
     Ok(uki)
+}
+
+/// What `cargo xtask image` builds.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub profile: Profile,
+    /// Rebuild the cached Debian root tree.
+    pub fresh_root: bool,
+    /// os-release IMAGE_VERSION (and the bundle's version); default
+    /// `<workspace version>+<commit>`.
+    pub version: Option<String>,
+    /// The minisign secret key signing the bundle; default a throwaway
+    /// test key in target/image/signing/.
+    pub signing_key: Option<PathBuf>,
+    /// More public keys the image trusts bundles from.
+    pub trust_keys: Vec<PathBuf>,
+    /// Write the update bundle only (no disk image).
+    pub bundle_only: bool,
+}
+
+impl Options {
+    pub fn new(profile: Profile) -> Options {
+        Options {
+            profile,
+            fresh_root: false,
+            version: None,
+            signing_key: None,
+            trust_keys: Vec::new(),
+            bundle_only: false,
+        }
+    }
 }
 
 /// What a build took and made, for `bench qemu`.
@@ -301,7 +334,18 @@ pub struct Stats {
     pub qcow2_bytes: u64,
 }
 
-pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats> {
+/// The disk image (and its update bundle); what it took.
+pub fn build(opts: &Options, target: &Path) -> Result<Stats> {
+    build_with(opts, target)?.context("--bundle-only builds no disk image")
+}
+
+/// The disk image and the update bundle, or with `bundle_only` the bundle
+/// alone (then None).
+pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
+    let (profile, fresh_root) = (opts.profile, opts.fresh_root);
+    if let Some(v) = &opts.version {
+        crate::bundle::check_version(v)?;
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("building the image needs root (mmdebstrap, and file ownership in the root tree): run it as root");
     }
@@ -317,14 +361,24 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     let mut progress = Progress {
         start: started,
         step: 0,
-        steps: 9,
+        steps: if opts.bundle_only { 6 } else { 11 },
     };
     let out = target.join("image");
+    std::fs::create_dir_all(&out)?;
+    let key = crate::bundle::SigningKey::load(opts.signing_key.as_deref(), &out)?;
+    let mut trusted = vec![(format!("{}.pub", key.id()?), key.public_file()?)];
+    for p in &opts.trust_keys {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("--trust-key {}", p.display()))?;
+        let mut t = zone_bundle::TrustedKeys::default();
+        t.add(&p.display().to_string(), &text)?;
+        trusted.push((format!("{}.pub", t.ids().remove(0)), text));
+    }
     let work = out.join(format!("work-{}", profile.name()));
     let name = format!("zoned-{}", profile.name());
 
     progress
-        .step("building zoned, zone-vip, zone-sync, zone-mounts, zonectl, zone-provision (the test profile)");
+        .step("building zoned, zone-vip, zone-sync, zone-mounts, zonectl, zone-provision (release, as the tests)");
     let bins = [
         "zoned",
         "zone-vip",
@@ -336,7 +390,11 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     // The same build as the test suite's (cargo nextest builds tests and
     // binaries together): one profile, one set of features, so RocksDB and
     // the binaries are compiled once for the tests and the image.
-    run(crate::cargo().args(["build", "--workspace", "--tests", "--bins"]))?;
+    run(&mut crate::cargo_build(&[
+        "--workspace",
+        "--tests",
+        "--bins",
+    ]))?;
 
     progress.step("Debian root tree (mmdebstrap, cached)");
     let root_started = Instant::now();
@@ -360,9 +418,10 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
         .arg(repo_root().join("rootfs").join("."))
         .arg(&root))?;
     for b in bins {
-        let src = target.join("debug").join(b);
+        let src = target.join(crate::PROFILE).join(b);
         let dst = root.join("usr/bin").join(b);
-        // Debug info stays on the build machine; the code is the tests'.
+        // Debug info (if any) stays on the build machine; the code is the
+        // tests'.
         run(Command::new("objcopy")
             .arg("--strip-debug")
             .arg(&src)
@@ -383,7 +442,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
         }
     }
     // zonectl's man pages and bash completion, as zonectl makes them.
-    let zonectl = target.join("debug").join("zonectl");
+    let zonectl = target.join(crate::PROFILE).join("zonectl");
     run(Command::new(&zonectl)
         .args(["manpage", "--dir"])
         .arg(root.join("usr/share/man/man1")))?;
@@ -409,6 +468,12 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     ] {
         std::fs::copy(repo_root().join(src), share.join(dst))?;
     }
+    // The keys update bundles must be signed with (zone-bundle).
+    let keys_dir = share.join("keys");
+    std::fs::create_dir_all(&keys_dir)?;
+    for (name, text) in &trusted {
+        std::fs::write(keys_dir.join(name), text)?;
+    }
     run(Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
         .args([
@@ -421,6 +486,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             "zone-mounts.service",
             "zone-ports.service",
             "systemd-networkd.service",
+            "systemd-timesyncd.service",
         ]))?;
     // A read-only root: no first-boot questions, a machine id per boot.
     run(Command::new("systemctl")
@@ -428,7 +494,6 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
         .args(["mask", "--quiet", "systemd-firstboot.service"]))?;
     std::fs::write(root.join("etc/machine-id"), "")?;
     let _ = std::fs::remove_file(root.join("etc/hostname"));
-    let version = env!("CARGO_PKG_VERSION");
     let commit = output(
         Command::new("git")
             .args(["rev-parse", "--short=12", "HEAD"])
@@ -436,10 +501,14 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     )
     .map(|s| s.trim().to_owned())
     .unwrap_or_else(|_| "unknown".into());
+    let image_version = opts
+        .version
+        .clone()
+        .unwrap_or_else(|| format!("{}+{commit}", env!("CARGO_PKG_VERSION")));
     let osrel_file = root.join("usr/lib/os-release");
     let mut osrel = std::fs::read_to_string(&osrel_file)?;
     osrel.push_str(&format!(
-        "IMAGE_ID=zoned-{}\nIMAGE_VERSION={version}+{commit}\n",
+        "IMAGE_ID=zoned-{}\nIMAGE_VERSION={image_version}\n",
         profile.name()
     ));
     std::fs::write(&osrel_file, &osrel)?;
@@ -481,29 +550,20 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
 
     progress.step("unified kernel image (EFI stub + kernel + initrd + command line)");
     let cmdline = std::fs::read_to_string(repo_root().join("image/cmdline.txt"))?;
-    let uki = make_uki(&work, &vmlinuz, &initrd, &cmdline, &osrel)?;
+    let uki = make_uki(&work, "zoned-a.efi", &vmlinuz, &initrd, &cmdline, &osrel)?;
+    // The same for root slot b (what an upgrade installs there).
+    if cmdline.matches("root=PARTLABEL=zoned-root-a").count() != 1 {
+        bail!("image/cmdline.txt must name the root once as root=PARTLABEL=zoned-root-a");
+    }
+    let cmdline_b = cmdline.replace("root=PARTLABEL=zoned-root-a", "root=PARTLABEL=zoned-root-b");
+    let uki_b = make_uki(&work, "zoned-b.efi", &vmlinuz, &initrd, &cmdline_b, &osrel)?;
 
-    progress.step("EFI system partition (FAT32)");
-    let esp = work.join("esp.img");
-    run(Command::new("mkfs.vfat")
-        .args(["-F", "32", "-n", "ZONED-ESP", "-C"])
-        .arg(&esp)
-        .arg((ESP_MIB * 1024).to_string())
-        .stdout(Stdio::null()))?;
-    let mtools = |args: &[&str]| {
-        let mut c = Command::new(args[0]);
-        c.arg("-i").arg(&esp).args(&args[1..]);
-        c
-    };
-    run(&mut mtools(&["mmd", "::/EFI", "::/EFI/BOOT", "::/zoned"]))?;
-    run(mtools(&["mcopy"]).arg(&uki).arg("::/EFI/BOOT/BOOTX64.EFI"))?;
-    run(mtools(&["mcopy"])
-        .arg(share.join("identity.example.toml"))
-        .arg("::/zoned/identity.example.toml"))?;
-
-    progress.step("root and data filesystems (mke2fs -d)");
+    progress.step("root filesystem (mke2fs -d)");
     let root_bytes = dir_bytes(&root)?;
-    // Room for an upgrade's growth; slot B gets the same size.
+    // The root filesystem is sized to its tree (an upgrade writes it into
+    // the other slot: the smaller, the likelier it fits); the partitions
+    // leave room for later releases to grow, slot B the same size.
+    let root_fs_mib = ((root_bytes as f64 * 1.2) as u64 / MIB + 64).next_multiple_of(16);
     let root_mib = ((root_bytes as f64 * 1.4) as u64 / MIB + 128).next_multiple_of(64);
     let mkfs = |label: &str, src: &Path, file: &Path, mib: u64| -> Result<()> {
         let f = std::fs::File::create(file)?;
@@ -524,10 +584,65 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             ])
             .arg(src)
             .arg(file))
+        .with_context(|| format!("{label}: {mib} MiB too small for {}?", src.display()))
     };
     let root_img = work.join("root.img");
+    mkfs("zoned-root", &root, &root_img, root_fs_mib)?;
+
+    progress.step("update bundle (root image, a kernel image per slot, signed manifest)");
+    let (bundle, bundle_manifest) = crate::bundle::write(
+        &out,
+        &name,
+        &crate::bundle::Parts {
+            image_id: name.clone(),
+            version: &image_version,
+            commit: &commit,
+            kernel: &kernel_version,
+            root_img: &root_img,
+            ukis: [&uki, &uki_b],
+        },
+        &key,
+    )?;
+    eprintln!(
+        "  {}  {:.0} MiB, signed by key {} ({})",
+        bundle.display(),
+        bundle_manifest.payload_bytes() as f64 / MIB as f64,
+        key.id()?,
+        key.path.display()
+    );
+    if opts.bundle_only {
+        std::fs::remove_dir_all(&work)?;
+        return Ok(None);
+    }
+    // A full build keeps only its own bundle of this profile (each is
+    // 100-250 MiB, one per version or commit built).
+    for e in std::fs::read_dir(&out)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&format!("{name}-")) && n.ends_with(".bundle") && e.path() != bundle {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+
+    progress.step("EFI system partition (FAT32)");
+    let esp = work.join("esp.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-F", "32", "-n", "ZONED-ESP", "-C"])
+        .arg(&esp)
+        .arg((ESP_MIB * 1024).to_string())
+        .stdout(Stdio::null()))?;
+    let mtools = |args: &[&str]| {
+        let mut c = Command::new(args[0]);
+        c.arg("-i").arg(&esp).args(&args[1..]);
+        c
+    };
+    run(&mut mtools(&["mmd", "::/EFI", "::/EFI/BOOT", "::/zoned"]))?;
+    run(mtools(&["mcopy"]).arg(&uki).arg("::/EFI/BOOT/BOOTX64.EFI"))?;
+    run(mtools(&["mcopy"])
+        .arg(share.join("identity.example.toml"))
+        .arg("::/zoned/identity.example.toml"))?;
+
+    progress.step("data filesystem (mke2fs -d)");
     let data_img = work.join("data.img");
-    mkfs("zoned-root-a", &root, &root_img, root_mib)?;
     mkfs("zoned-data", &data, &data_img, DATA_MIB)?;
 
     progress.step("GPT disk image (sfdisk on a file)");
@@ -619,7 +734,17 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
     }
     let manifest = serde_json::json!({
         "profile": profile.name(),
-        "version": version,
+        // The cargo profile of the binaries in the root (README's figures
+        // are measured on the same build).
+        "binaries_profile": crate::PROFILE,
+        "version": env!("CARGO_PKG_VERSION"),
+        "image_version": image_version,
+        "bundle": {
+            "file": bundle.file_name().unwrap_or_default().to_string_lossy(),
+            "sha256": sha256_file(&bundle)?,
+            "signing_key": key.id()?,
+            "trusted_keys": trusted.iter().map(|(n, _)| n.trim_end_matches(".pub").to_owned()).collect::<Vec<_>>(),
+        },
         "commit": commit,
         "debian": SUITE,
         "kernel": kernel_version,
@@ -651,7 +776,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
         manifest_path.display()
     );
     let raw_meta = std::fs::metadata(&raw)?;
-    Ok(Stats {
+    Ok(Some(Stats {
         profile: profile.name(),
         seconds,
         root_tree_built: built_root,
@@ -662,7 +787,7 @@ pub fn build(profile: Profile, fresh_root: bool, target: &Path) -> Result<Stats>
             raw_meta.blocks() * 512
         },
         qcow2_bytes: std::fs::metadata(&qcow2)?.len(),
-    })
+    }))
 }
 
 pub fn which(tool: &str) -> Option<PathBuf> {

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bundle;
 mod image;
 mod qemu;
 mod test;
@@ -75,7 +76,9 @@ enum Task {
     },
     /// Build the appliance disk image (root): target/image/zoned-<profile>.raw
     /// (for dd onto a disk), .qcow2 (for VMs), the kernel and initrd for
-    /// direct kernel boot, and manifest.json (versions, sizes, sha256).
+    /// direct kernel boot, the signed update bundle
+    /// zoned-<profile>-<version>.bundle, and manifest.json (versions, sizes,
+    /// sha256).
     Image {
         /// vm: cloud kernel, virtio-only initramfs; metal: generic kernel
         /// with hardware drivers.
@@ -85,6 +88,24 @@ enum Task {
         /// from the same inputs exists.
         #[arg(long)]
         fresh_root: bool,
+        /// The image's version (os-release IMAGE_VERSION, the bundle's
+        /// name and manifest); default <workspace version>+<commit>.
+        #[arg(long)]
+        version: Option<String>,
+        /// The minisign secret key that signs the bundle (`minisign -G`;
+        /// an encrypted one reads its password from
+        /// ZONED_SIGNING_KEY_PASSWORD). Default: a throwaway test key,
+        /// target/image/signing/zoned-test.key, made if absent. The image
+        /// trusts bundles signed with this key.
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// Another minisign public key the image trusts bundles from
+        /// (repeatable): e.g. the next release key, before rotating to it.
+        #[arg(long, value_name = "FILE")]
+        trust_key: Vec<PathBuf>,
+        /// Write the update bundle only, not the disk image.
+        #[arg(long)]
+        bundle_only: bool,
     },
 }
 
@@ -191,6 +212,8 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "dosfstools",
     "mtools",
+    // The update bundle's root image.
+    "zstd",
     "fdisk",
     "binutils",
     "systemd-boot-efi",
@@ -220,7 +243,22 @@ fn main() -> Result<()> {
         Task::Image {
             profile,
             fresh_root,
-        } => image::build(profile, fresh_root, &target_dir()?).map(|_| ()),
+            version,
+            signing_key,
+            trust_key,
+            bundle_only,
+        } => image::build_with(
+            &image::Options {
+                profile,
+                fresh_root,
+                version,
+                signing_key,
+                trust_keys: trust_key,
+                bundle_only,
+            },
+            &target_dir()?,
+        )
+        .map(|_| ()),
         Task::Bench(BenchTask::Failover { runs }) => {
             let target = build_testbed_binaries()?;
             bench::failover(runs.max(1), &target.join("bench"))
@@ -247,11 +285,11 @@ fn main() -> Result<()> {
 /// directory.
 fn build_testbed_binaries() -> Result<PathBuf> {
     eprintln!("building zoned, zone-vip and zonectl...");
-    run(cargo().args([
-        "build", "--bin", "zoned", "--bin", "zone-vip", "--bin", "zonectl",
+    run(&mut cargo_build(&[
+        "--bin", "zoned", "--bin", "zone-vip", "--bin", "zonectl",
     ]))?;
     let target = target_dir()?;
-    std::env::set_var("ZONED_BIN_DIR", target.join("debug"));
+    std::env::set_var("ZONED_BIN_DIR", target.join(PROFILE));
     Ok(target)
 }
 
@@ -355,6 +393,19 @@ fn deps() -> Result<()> {
 /// build scripts watch them (ring's): with them, every switch between a
 /// plain `cargo build` and one run by xtask rebuilt ring and everything
 /// above it (rustls, tonic, the whole workspace).
+/// The one build of the workspace: the tests, the local zone, the
+/// benchmarks and the appliance image all run these binaries, so what the
+/// appliance ships is what the tests checked and the benchmarks measured
+/// (and RocksDB's C++, most of a build's time, is compiled once).
+pub const PROFILE: &str = "release";
+
+/// `cargo build --release` (the profile above) with `args`.
+fn cargo_build(args: &[&str]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release"]).args(args);
+    cmd
+}
+
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     for (name, _) in std::env::vars_os() {
@@ -530,8 +581,7 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         bail!("--nodes: {nodes} is not between 1 and 9");
     }
     eprintln!("building zoned, zone-sync and zonectl (the first build compiles RocksDB: ~10-15 minutes)...");
-    run(cargo().args([
-        "build",
+    run(&mut cargo_build(&[
         "--bin",
         "zoned",
         "--bin",
@@ -540,7 +590,7 @@ fn cluster_up(nodes: u64, fresh: bool) -> Result<()> {
         "zonectl",
     ]))?;
     let target = target_dir()?;
-    let bin = target.join("debug");
+    let bin = target.join(PROFILE);
     let base = target.join("cluster");
     if fresh && base.exists() {
         std::fs::remove_dir_all(&base)

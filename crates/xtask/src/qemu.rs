@@ -17,7 +17,7 @@ const BOOT_LIMIT: Duration = Duration::from_secs(240);
 fn ensure_image(target: &Path) -> Result<()> {
     if testbed::vm::Image::find().is_err() {
         eprintln!("no vm image yet: building it (cargo xtask image --profile vm)");
-        image::build(Profile::Vm, false, target)?;
+        image::build(&image::Options::new(Profile::Vm), target)?;
     }
     Ok(())
 }
@@ -153,10 +153,16 @@ pub fn bench(target: &Path, runs: usize, skip_fresh: bool) -> Result<()> {
         None
     } else {
         eprintln!("== image from scratch (a new Debian root tree)");
-        Some(image::build(Profile::Vm, true, target)?)
+        Some(image::build(
+            &image::Options {
+                fresh_root: true,
+                ..image::Options::new(Profile::Vm)
+            },
+            target,
+        )?)
     };
     eprintln!("== image from the cached root tree");
-    let cached = image::build(Profile::Vm, false, target)?;
+    let cached = image::build(&image::Options::new(Profile::Vm), target)?;
 
     eprintln!("== one VM (a zone of one)");
     let (lab, one) = boot_zone("bench-one", 1)?;

@@ -58,15 +58,30 @@ pub fn run(mut cargo: impl FnMut() -> Command, n: u8) -> Result<()> {
     eprintln!("tier {}: {} (needs {})", tier.number, tier.what, tier.needs);
     if tier.number >= 3 {
         eprintln!("building the workspace's binaries...");
-        crate::run(cargo().args(["build", "--workspace", "--bins"]))?;
+        crate::run(&mut crate::cargo_build(&["--workspace", "--bins"]))?;
     }
-    crate::run(cargo().args(["nextest", "run", "--workspace", "-E", tier.filter]))
+    crate::run(cargo().args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--cargo-profile",
+        crate::PROFILE,
+        "-E",
+        tier.filter,
+    ]))
 }
 
 /// The tests of the whole workspace each tier selects, by name.
 fn listed(cargo: &mut impl FnMut() -> Command, filter: Option<&str>) -> Result<Vec<String>> {
     let mut cmd = cargo();
-    cmd.args(["nextest", "list", "--workspace", "-T", "oneline"]);
+    cmd.args([
+        "nextest",
+        "list",
+        "--workspace",
+        "--cargo-profile",
+        crate::PROFILE,
+    ]);
+    cmd.args(["-T", "oneline"]);
     if let Some(f) = filter {
         cmd.args(["-E", f]);
     }

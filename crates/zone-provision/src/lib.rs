@@ -56,7 +56,7 @@ pub enum Error {
 }
 
 const KNOWN: &str =
-    "id, name, interface, address, gateway, dns, peers, vip, join, join_token, leader_units, managed_roots, tick_ms, watchdog, restore_from (fence_hook: the file only)";
+    "id, name, interface, address, gateway, dns, ntp, peers, vip, join, join_token, leader_units, managed_roots, tick_ms, watchdog, restore_from (fence_hook: the file only)";
 
 /// Where the identity's `restore_from` file lies on the running appliance:
 /// beside identity.toml on the EFI partition.
@@ -80,6 +80,10 @@ pub struct Identity {
     pub address: Option<String>,
     pub gateway: Option<String>,
     pub dns: Option<Vec<String>>,
+    /// Time servers (addresses or host names) systemd-timesyncd keeps the
+    /// clock to; none: the clock is not synchronised (the appliance asks
+    /// no server it was not given).
+    pub ntp: Option<Vec<String>>,
     /// The founding members as `ID@ADDRESS`, the same list on every server.
     pub peers: Option<Vec<String>>,
     /// Floating addresses held by the leader, with prefix.
@@ -158,6 +162,7 @@ impl Identity {
                 "address" => id.address = Some(value.to_owned()),
                 "gateway" => id.gateway = Some(value.to_owned()),
                 "dns" => id.dns = Some(list()),
+                "ntp" => id.ntp = Some(list()),
                 "peers" => id.peers = Some(list()),
                 "vip" => id.vip = Some(list()),
                 "join" => id.join = Some(value.to_owned()),
@@ -187,6 +192,7 @@ impl Identity {
             address: over.address.or(self.address),
             gateway: over.gateway.or(self.gateway),
             dns: over.dns.or(self.dns),
+            ntp: over.ntp.or(self.ntp),
             peers: over.peers.or(self.peers),
             vip: over.vip.or(self.vip),
             join: over.join.or(self.join),
@@ -263,6 +269,28 @@ impl Identity {
             .map(|d| {
                 d.parse::<IpAddr>()
                     .map_err(|_| invalid("dns", format!("`{d}` is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ntp = self
+            .ntp
+            .iter()
+            .flatten()
+            .map(|n| {
+                let host = !n.is_empty()
+                    && n.len() <= 253
+                    && n.split('.').all(|l| {
+                        !l.is_empty()
+                            && !l.starts_with('-')
+                            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    });
+                if n.parse::<IpAddr>().is_ok() || host {
+                    Ok(n.clone())
+                } else {
+                    Err(invalid(
+                        "ntp",
+                        format!("`{n}` is neither an IP address nor a host name"),
+                    ))
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut peers = Vec::new();
@@ -429,6 +457,7 @@ impl Identity {
             address,
             gateway,
             dns,
+            ntp,
             peers,
             vip,
             join,
@@ -502,6 +531,7 @@ pub struct Resolved {
     pub address: Cidr,
     pub gateway: Option<IpAddr>,
     pub dns: Vec<IpAddr>,
+    pub ntp: Vec<String>,
     pub peers: Vec<Peer>,
     pub vip: Vec<Cidr>,
     pub join: Option<IpAddr>,
@@ -685,6 +715,10 @@ pub fn render_network(r: &Resolved, interface: &str) -> String {
     for d in &r.dns {
         s.push_str(&format!("DNS={d}\n"));
     }
+    // systemd-timesyncd takes the link's time servers from networkd.
+    for n in &r.ntp {
+        s.push_str(&format!("NTP={n}\n"));
+    }
     // No router advertisements or DHCP: a control plane's addresses are
     // what the identity says, nothing else.
     s.push_str("DHCP=no\nIPv6AcceptRA=no\nLinkLocalAddressing=ipv6\n");
@@ -770,6 +804,30 @@ mod tests {
         assert!(net.contains("Name=eth0\n"), "{net}");
         assert!(net.contains("Address=10.0.0.12/24\n"), "{net}");
         assert_eq!(parsed["tls"]["dir"].as_str(), Some("/var/lib/zoned/tls"));
+    }
+
+    #[test]
+    fn time_servers_go_to_the_network_unit_and_bad_ones_are_refused() {
+        let mut i = three(1);
+        let none = render_network(&i.resolve().unwrap(), "eth0");
+        assert!(!none.contains("NTP="), "{none}");
+        i.ntp = Some(vec![
+            "10.0.0.1".into(),
+            "ntp.example.org".into(),
+            "fd00::1".into(),
+        ]);
+        let net = render_network(&i.resolve().unwrap(), "eth0");
+        assert!(
+            net.contains("NTP=10.0.0.1\nNTP=ntp.example.org\nNTP=fd00::1\n"),
+            "{net}"
+        );
+        for bad in ["ntp example", "", "-x.org", "a..b", "x;reboot"] {
+            i.ntp = Some(vec![bad.into()]);
+            let e = i.resolve().unwrap_err().to_string();
+            assert!(e.contains("identity field `ntp`"), "{bad}: {e}");
+        }
+        let c = Identity::from_cmdline("zoned.ntp=10.0.0.1,10.0.0.2").unwrap();
+        assert_eq!(c.ntp, Some(vec!["10.0.0.1".into(), "10.0.0.2".into()]));
     }
 
     #[test]
