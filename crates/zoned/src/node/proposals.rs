@@ -10,7 +10,14 @@
 //! and, as leader of a later term, commit it at the same index and term
 //! (Raft's log matching makes (index, term) name one entry zone-wide). So
 //! a cut proposal stays queued beside the one that took its index here,
-//! until whatever is committed at that index is applied.
+//! until whatever is committed at that index is applied, or until an entry
+//! of a later term is applied at a lower index: terms never decrease along
+//! a Raft log, so once index j holds a term-t' entry in the committed log,
+//! every committed entry after j has a term of at least t', and a proposal
+//! of an earlier term at or after j can never be committed. Without that
+//! rule a proposal cut from a deposed leader's log waited until the zone
+//! next wrote at its index, forever in a zone that wrote nothing more (a
+//! seeded run found it: the final write after the faults never answered).
 
 use std::collections::VecDeque;
 
@@ -117,7 +124,8 @@ impl Proposals {
     /// The entry at `index` of `term` was applied with `outcome`: it settles
     /// the proposal made at that index in that term, and as not applied the
     /// others made at that index (in other terms: their entries can no
-    /// longer be committed anywhere) and any still queued before it.
+    /// longer be committed anywhere), any still queued before it, and any
+    /// queued after it from an earlier term (see the module doc).
     pub(crate) fn applied(
         &mut self,
         index: u64,
@@ -134,6 +142,15 @@ impl Proposals {
                 Err(NodeError::Dropped)
             };
             out.push((p.waiter, result));
+        }
+        if self.queue.iter().any(|p| p.term < term) {
+            let (dead, live): (VecDeque<_>, VecDeque<_>) =
+                self.queue.drain(..).partition(|p| p.term < term);
+            self.queue = live;
+            out.extend(
+                dead.into_iter()
+                    .map(|p| (p.waiter, Err(NodeError::Dropped))),
+            );
         }
     }
 
@@ -195,13 +212,16 @@ mod tests {
         let mut later = command(&mut p, 7, 2);
         let mut out = Vec::new();
         p.applied(5, 2, Outcome::Command(Some(result(1))), &mut out);
-        // Index 6 carries another leader's entry (term 3).
-        p.applied(6, 3, Outcome::Command(Some(result(2))), &mut out);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 1);
         assert!(matches!(later.try_recv(), Err(TryRecvError::Empty)));
+        // Index 6 carries another leader's entry (term 3): the term-2
+        // proposal at 7 cannot be committed after it either.
+        p.applied(6, 3, Outcome::Command(Some(result(2))), &mut out);
+        assert_eq!(out.len(), 3);
         answer_all(out);
         assert_eq!(mine.try_recv(), Ok(Ok(result(1))));
         assert_eq!(replaced.try_recv(), Ok(Err(NodeError::Dropped)));
+        assert_eq!(later.try_recv(), Ok(Err(NodeError::Dropped)));
     }
 
     #[test]
@@ -235,6 +255,31 @@ mod tests {
             rejected.try_recv(),
             Ok(Err(NodeError::Rejected("no".into())))
         );
+    }
+
+    #[test]
+    fn a_later_terms_entry_settles_earlier_terms_proposals_after_it() {
+        // A term-15 leader proposed at 524-526 and was deposed; the term-16
+        // leader's empty entry at 524 is applied, and the zone writes
+        // nothing more. Before, the proposals at 525 and 526 waited forever.
+        let mut p = Proposals::default();
+        let mut at524 = command(&mut p, 524, 15);
+        let mut at525 = command(&mut p, 525, 15);
+        let mut at526 = command(&mut p, 526, 15);
+        // This server's own proposal of the new term stays queued.
+        let mut ours = command(&mut p, 525, 16);
+        let mut out = Vec::new();
+        p.applied(524, 16, Outcome::Nothing, &mut out);
+        assert_eq!(out.len(), 3);
+        answer_all(out);
+        for rx in [&mut at524, &mut at525, &mut at526] {
+            assert_eq!(rx.try_recv(), Ok(Err(NodeError::Dropped)));
+        }
+        assert!(matches!(ours.try_recv(), Err(TryRecvError::Empty)));
+        let mut out = Vec::new();
+        p.applied(525, 16, Outcome::Command(Some(result(3))), &mut out);
+        answer_all(out);
+        assert_eq!(ours.try_recv(), Ok(Ok(result(3))));
     }
 
     #[test]
