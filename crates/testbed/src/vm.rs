@@ -191,6 +191,8 @@ pub struct Vm {
     tap: String,
     process: Option<Child>,
     boots: u32,
+    /// Whether a reboot of the guest restarts it (else QEMU exits).
+    reboots: bool,
 }
 
 impl Vm {
@@ -241,6 +243,9 @@ pub const SHARED_DISK_SERIAL: &str = "zoned-shared";
 pub const SHARED_DISK: &str = "/dev/disk/by-id/virtio-zoned-shared";
 
 static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// Changes a flashed VM's raw disk before its first boot.
+pub type PrepareDisk = dyn Fn(&Path) -> Result<()>;
 
 impl Lab {
     /// A namespace and bridge for a cluster of `founders` VMs of the vm
@@ -365,6 +370,34 @@ impl Lab {
 
     /// [`Lab::add_vm`] with the VM's CPU model.
     pub fn add_vm_on(&mut self, id: u64, boot: Boot, cpu: Cpu) -> Result<usize> {
+        self.add_vm_with(id, boot, cpu, None)
+    }
+
+    /// A [`Boot::Flashed`] VM whose raw disk `prepare` changes after the
+    /// image and the identity are on it, before it boots (an upgrade's
+    /// slot written, an entry added to its EFI partition). Unlike other
+    /// VMs, it reboots when its guest does (boot counting needs that).
+    pub fn add_flashed_vm_with(
+        &mut self,
+        id: u64,
+        cpu: Cpu,
+        prepare: &PrepareDisk,
+    ) -> Result<usize> {
+        self.add_vm_with(id, Boot::Flashed, cpu, Some(prepare))
+    }
+
+    /// VM `i`'s disk (the raw copy of a flashed VM, else its qcow2 overlay).
+    pub fn disk(&self, i: usize) -> &Path {
+        &self.vms[i].overlay
+    }
+
+    fn add_vm_with(
+        &mut self,
+        id: u64,
+        boot: Boot,
+        cpu: Cpu,
+        prepare: Option<&PrepareDisk>,
+    ) -> Result<usize> {
         let identity = self.dir.join(format!("vm{id}-identity.toml"));
         let mut text = self.identity_toml(id);
         if boot == Boot::Flashed {
@@ -396,6 +429,9 @@ impl Lab {
                 &identity.to_string_lossy(),
                 "::/zoned/identity.toml",
             ])?;
+            if let Some(prepare) = prepare {
+                prepare(&disk)?;
+            }
             if !self.units.is_empty() {
                 sh(&["mmd", "-i", &target, "::/zoned/units"])?;
             }
@@ -475,6 +511,7 @@ impl Lab {
             tap,
             process: None,
             boots: 0,
+            reboots: prepare.is_some(),
         });
         let i = self.vms.len() - 1;
         self.boot(i)?;
@@ -507,7 +544,14 @@ impl Lab {
         cmd.args(["netns", "exec", &ns, "qemu-system-x86_64"])
             .args(["-machine", "q35", "-accel", "tcg", "-cpu", vm.cpu.model()])
             .args(["-smp", "1", "-m", "1024"])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-display", "none", "-monitor", "none"])
+            // A reboot ends QEMU (the tests see a VM that reset itself),
+            // except where the test is about reboots (boot counting).
+            .args(if vm.reboots {
+                &[][..]
+            } else {
+                &["-no-reboot"][..]
+            })
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", vm.qmp.display()))
             .arg("-serial")

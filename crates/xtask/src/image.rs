@@ -8,9 +8,12 @@
 //! onto a plain file and the partitions are copied into place.
 //!
 //! Layout (GPT, partition names are what fstab and the kernel mount):
-//! `zoned-esp` (FAT32: EFI/BOOT/BOOTX64.EFI, zoned/identity.toml),
-//! `zoned-root-a` (ext4, read-only at run time), `zoned-root-b` (empty,
-//! reserved for A/B upgrades), `zoned-data` (ext4, mounted on /var).
+//! `zoned-esp` (FAT32: EFI/BOOT/BOOTX64.EFI is systemd-boot,
+//! EFI/Linux/zoned-0001-a.efi the unified kernel image of slot a,
+//! loader/loader.conf, zoned/identity.toml), `zoned-root-a` (ext4,
+//! read-only at run time), `zoned-root-b` (empty: an upgrade writes the
+//! next release there, zone-upgrade), `zoned-data` (ext4, mounted on
+//! /var). Also written: the signed update bundle (`crate::bundle`).
 //!
 //! Outputs in target/image/: zoned-<profile>.raw, .qcow2, the kernel and
 //! initrd (for QEMU's direct kernel boot), and manifest.json.
@@ -33,6 +36,14 @@ const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const TYPE_LINUX_DATA: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+/// The boot loader (systemd-boot, same package and version as the stub).
+const SD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// systemd-boot's configuration: boot the first entry at once (hold a key
+/// at power-on for the menu); no editing of the kernel command line from
+/// the console (it would give a root shell to anyone at the keyboard); no
+/// entries but Zoned's.
+const LOADER_CONF: &str =
+    "timeout 0\neditor no\nauto-entries no\nauto-firmware no\nconsole-mode keep\n";
 /// Host tools the build runs, and the Debian package that has each.
 const TOOLS: &[(&str, &str)] = &[
     ("mmdebstrap", "mmdebstrap"),
@@ -354,8 +365,8 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
             bail!("`{tool}` is missing (Debian package {package}): run `cargo xtask deps`");
         }
     }
-    if !Path::new(STUB).exists() {
-        bail!("{STUB} is missing (Debian package systemd-boot-efi): run `cargo xtask deps`");
+    if !Path::new(STUB).exists() || !Path::new(SD_BOOT).exists() {
+        bail!("{STUB} or {SD_BOOT} is missing (Debian package systemd-boot-efi): run `cargo xtask deps`");
     }
     let started = Instant::now();
     let mut progress = Progress {
@@ -386,6 +397,7 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
         "zone-mounts",
         "zonectl",
         "zone-provision",
+        "zone-upgrade",
     ];
     // The same build as the test suite's (cargo nextest builds tests and
     // binaries together): one profile, one set of features, so RocksDB and
@@ -487,11 +499,18 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
             "zone-ports.service",
             "systemd-networkd.service",
             "systemd-timesyncd.service",
+            "zone-boot-check.service",
         ]))?;
     // A read-only root: no first-boot questions, a machine id per boot.
+    // The boot loader on the EFI partition is the image's, not bootctl's.
     run(Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
-        .args(["mask", "--quiet", "systemd-firstboot.service"]))?;
+        .args([
+            "mask",
+            "--quiet",
+            "systemd-firstboot.service",
+            "systemd-boot-update.service",
+        ]))?;
     std::fs::write(root.join("etc/machine-id"), "")?;
     let _ = std::fs::remove_file(root.join("etc/hostname"));
     let commit = output(
@@ -550,13 +569,34 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
 
     progress.step("unified kernel image (EFI stub + kernel + initrd + command line)");
     let cmdline = std::fs::read_to_string(repo_root().join("image/cmdline.txt"))?;
-    let uki = make_uki(&work, "zoned-a.efi", &vmlinuz, &initrd, &cmdline, &osrel)?;
+    // The kernel images' own os-release names the release for the loader's
+    // menu but carries no version field: systemd-boot would order entries
+    // by it before their file names, and the file names (the generation
+    // an upgrade gives them, zone-upgrade) must decide which boots.
+    let uki_osrel = format!(
+        "ID=zoned\nNAME=Zoned\nPRETTY_NAME=\"Zoned {image_version} ({name})\"\nIMAGE_ID={name}\n"
+    );
+    let uki = make_uki(
+        &work,
+        "zoned-a.efi",
+        &vmlinuz,
+        &initrd,
+        &cmdline,
+        &uki_osrel,
+    )?;
     // The same for root slot b (what an upgrade installs there).
     if cmdline.matches("root=PARTLABEL=zoned-root-a").count() != 1 {
         bail!("image/cmdline.txt must name the root once as root=PARTLABEL=zoned-root-a");
     }
     let cmdline_b = cmdline.replace("root=PARTLABEL=zoned-root-a", "root=PARTLABEL=zoned-root-b");
-    let uki_b = make_uki(&work, "zoned-b.efi", &vmlinuz, &initrd, &cmdline_b, &osrel)?;
+    let uki_b = make_uki(
+        &work,
+        "zoned-b.efi",
+        &vmlinuz,
+        &initrd,
+        &cmdline_b,
+        &uki_osrel,
+    )?;
 
     progress.step("root filesystem (mke2fs -d)");
     let root_bytes = dir_bytes(&root)?;
@@ -635,8 +675,28 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
         c.arg("-i").arg(&esp).args(&args[1..]);
         c
     };
-    run(&mut mtools(&["mmd", "::/EFI", "::/EFI/BOOT", "::/zoned"]))?;
-    run(mtools(&["mcopy"]).arg(&uki).arg("::/EFI/BOOT/BOOTX64.EFI"))?;
+    run(&mut mtools(&[
+        "mmd",
+        "::/EFI",
+        "::/EFI/BOOT",
+        "::/EFI/Linux",
+        "::/loader",
+        "::/zoned",
+    ]))?;
+    // Firmware starts systemd-boot (the removable-media path: no boot
+    // variable to set); it boots the first entry of EFI/Linux, slot a's
+    // kernel image, generation 1, known good (no boot counter).
+    run(mtools(&["mcopy"])
+        .arg(SD_BOOT)
+        .arg("::/EFI/BOOT/BOOTX64.EFI"))?;
+    run(mtools(&["mcopy"])
+        .arg(&uki)
+        .arg("::/EFI/Linux/zoned-0001-a.efi"))?;
+    let loader_conf = work.join("loader.conf");
+    std::fs::write(&loader_conf, LOADER_CONF)?;
+    run(mtools(&["mcopy"])
+        .arg(&loader_conf)
+        .arg("::/loader/loader.conf"))?;
     run(mtools(&["mcopy"])
         .arg(share.join("identity.example.toml"))
         .arg("::/zoned/identity.example.toml"))?;

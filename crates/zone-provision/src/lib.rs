@@ -593,7 +593,12 @@ struct NodeSection {
     join_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     restore_from: Option<String>,
+    serving_file: String,
 }
+
+/// The file zoned keeps while it is SERVING, which the boot assessment of
+/// an upgrade (zone-boot-check.service) waits for.
+pub const SERVING_FILE: &str = "/run/zoned/serving";
 
 #[derive(Serialize)]
 struct VoterEntry {
@@ -643,6 +648,7 @@ pub fn render_node(r: &Resolved, tls: &std::path::Path, with_token: bool) -> Str
                 .restore_from
                 .as_ref()
                 .map(|f| format!("{ESP_ZONED_DIR}/{f}")),
+            serving_file: SERVING_FILE.to_owned(),
         },
         files: FilesEntry {
             managed_roots: r.managed_roots.clone(),

@@ -137,6 +137,12 @@ pub struct NodeSection {
     /// store is in place. The appliance's identity field `restore_from`
     /// sets it. Default: none.
     pub restore_from: Option<PathBuf>,
+    /// A file kept while this server is SERVING (`crate::health`: a
+    /// member that knows a leader and has applied what it committed):
+    /// written when it becomes SERVING, removed when it stops. The
+    /// appliance's boot assessment waits for it (`zone-upgrade check`).
+    /// Default: none.
+    pub serving_file: Option<PathBuf>,
 }
 
 impl Default for NodeSection {
@@ -151,6 +157,7 @@ impl Default for NodeSection {
             join_token: None,
             agent_socket: PathBuf::from("/run/zoned/agent.sock"),
             restore_from: None,
+            serving_file: None,
         }
     }
 }

@@ -106,9 +106,33 @@ fn status(ok: bool) -> ServingStatus {
     }
 }
 
-/// Keeps `reporter` in step with this server, until the driver stops
-/// (then everything is NOT_SERVING).
-pub async fn run(node: NodeHandle, reporter: HealthReporter) {
+/// Keeps `serving_file` present exactly while the verdict is SERVING (best
+/// effort: a failure is logged, the gRPC status is what clients use).
+fn mark(serving_file: Option<&std::path::Path>, serving: bool) {
+    let Some(path) = serving_file else { return };
+    let result = if serving {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", zone_version::LONG))
+            .and_then(|()| std::fs::rename(&tmp, path))
+    } else {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "health: cannot update the serving file");
+    }
+}
+
+/// Keeps `reporter` (and `serving_file`, if any) in step with this server,
+/// until the driver stops (then everything is NOT_SERVING).
+pub async fn run(
+    node: NodeHandle,
+    reporter: HealthReporter,
+    serving_file: Option<std::path::PathBuf>,
+) {
+    mark(serving_file.as_deref(), false);
     let mut view = node.watch_view();
     // What was last set: (overall verdict, driver answering).
     let mut last: Option<(Result<(), String>, bool)> = None;
@@ -134,6 +158,7 @@ pub async fn run(node: NodeHandle, reporter: HealthReporter) {
                 Ok(()) => tracing::info!("health: SERVING"),
                 Err(why) => tracing::warn!(reason = %why, "health: NOT_SERVING"),
             }
+            mark(serving_file.as_deref(), verdict.is_ok());
             for service in NEEDS_LEADER {
                 reporter
                     .set_service_status(service, status(verdict.is_ok()))
@@ -145,6 +170,7 @@ pub async fn run(node: NodeHandle, reporter: HealthReporter) {
             last = Some((verdict, answering));
         }
         if !answering {
+            mark(serving_file.as_deref(), false);
             return;
         }
         tokio::select! {

@@ -183,7 +183,11 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    tokio::spawn(crate::health::run(node.clone(), health));
+    tokio::spawn(crate::health::run(
+        node.clone(),
+        health,
+        config.node.serving_file.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr().ok();
         tracing::info!(addr = ?addr, "serving metrics on /metrics");
