@@ -58,6 +58,10 @@ impl SigningKey {
                         path.display()
                     );
                 }
+                eprintln!(
+                    "the bundle is signed with the throwaway test key {} and the image trusts it: for servers you run, pass --signing-key",
+                    path.display()
+                );
                 path
             }
         };

@@ -500,6 +500,7 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
             "systemd-networkd.service",
             "systemd-timesyncd.service",
             "zone-boot-check.service",
+            "zone-boot-deadline.service",
         ]))?;
     // A read-only root: no first-boot questions, a machine id per boot.
     // The boot loader on the EFI partition is the image's, not bootctl's.

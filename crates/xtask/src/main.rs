@@ -388,11 +388,6 @@ fn deps() -> Result<()> {
     Ok(())
 }
 
-/// cargo, as if run from the shell: without the variables `cargo run` set
-/// for xtask itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...). Some
-/// build scripts watch them (ring's): with them, every switch between a
-/// plain `cargo build` and one run by xtask rebuilt ring and everything
-/// above it (rustls, tonic, the whole workspace).
 /// The one build of the workspace: the tests, the local zone, the
 /// benchmarks and the appliance image all run these binaries, so what the
 /// appliance ships is what the tests checked and the benchmarks measured
@@ -406,6 +401,11 @@ fn cargo_build(args: &[&str]) -> Command {
     cmd
 }
 
+/// cargo, as if run from the shell: without the variables `cargo run` set
+/// for xtask itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...). Some
+/// build scripts watch them (ring's): with them, every switch between a
+/// plain `cargo build` and one run by xtask rebuilt ring and everything
+/// above it (rustls, tonic, the whole workspace).
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     for (name, _) in std::env::vars_os() {

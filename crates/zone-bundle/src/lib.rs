@@ -43,6 +43,34 @@ pub const SIGNATURE: &str = "manifest.json.minisig";
 pub const ROOT_IMAGE: &str = "root.img.zst";
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 const MAX_SIGNATURE_BYTES: u64 = 4096;
+/// What tar may read besides the members' contents, per member (its
+/// header blocks, a long name, the padding).
+const HEADER_ALLOWANCE: u64 = 64 << 10;
+
+/// A reader that fails once more than the budget in `left` is read: the tar
+/// reader keeps extension headers (long names, PAX records) in memory
+/// whole, and those are not covered by the signature, so without a budget
+/// a crafted bundle could make the server hold gigabytes before anything
+/// was checked.
+struct Budget<R> {
+    inner: R,
+    left: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(std::io::Error::other(
+                "the bundle holds more than its signed manifest accounts for (oversized tar headers?)",
+            ));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
+}
 
 /// The unified kernel image whose command line mounts root slot `slot`
 /// (`a` or `b`).
@@ -433,7 +461,15 @@ pub fn read<R: Read>(
     accept: impl FnOnce(&Manifest) -> Result<(), Error>,
     mut sink: impl FnMut(&FileEntry, &mut dyn Read) -> std::io::Result<()>,
 ) -> Result<Verified, Error> {
-    let mut archive = tar::Archive::new(r);
+    // Until the signature is checked: the manifest, the signature and
+    // their headers; then what the signed manifest names.
+    let left = std::rc::Rc::new(std::cell::Cell::new(
+        MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + 3 * HEADER_ALLOWANCE,
+    ));
+    let mut archive = tar::Archive::new(Budget {
+        inner: r,
+        left: left.clone(),
+    });
     let mut entries = archive.entries().map_err(io(path))?;
     let manifest_bytes = read_member(path, entries.next(), MANIFEST, MAX_MANIFEST_BYTES)?;
     let signature = read_member(path, entries.next(), SIGNATURE, MAX_SIGNATURE_BYTES)?;
@@ -446,6 +482,11 @@ pub fn read<R: Read>(
         })?;
     manifest.check()?;
     accept(&manifest)?;
+    left.set(
+        left.get()
+            + manifest.payload_bytes()
+            + (manifest.files.len() as u64 + 1) * HEADER_ALLOWANCE,
+    );
     for want in &manifest.files {
         let file_err = |reason: String| Error::File {
             name: want.name.clone(),

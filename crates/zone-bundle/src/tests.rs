@@ -343,3 +343,46 @@ fn trusted_keys_come_from_a_directory_of_minisign_public_keys() {
     let err = TrustedKeys::load_dir(dir.path()).unwrap_err();
     assert!(err.to_string().contains("broken.pub"), "{err}");
 }
+
+#[test]
+fn oversized_tar_headers_are_refused_before_they_fill_memory() {
+    let k = key();
+    let m = make(&k);
+    // A 64 MiB PAX extension header before the manifest: not covered by
+    // the signature, and kept in memory whole by the tar reader.
+    let evil = m.dir.path().join("evil.bundle");
+    {
+        let mut out = File::create(&evil).unwrap();
+        let record = {
+            let value = "x".repeat(64 << 20);
+            let body = format!("comment={value}\n");
+            // PAX: "<len> <key>=<value>\n" where len counts itself.
+            let mut len = body.len() + 1;
+            loop {
+                let l = format!("{len} {body}").len();
+                if l == len {
+                    break;
+                }
+                len = l;
+            }
+            format!("{len} {body}")
+        };
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_path("pax").unwrap();
+        h.set_size(record.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        out.write_all(h.as_bytes()).unwrap();
+        out.write_all(record.as_bytes()).unwrap();
+        let pad = (512 - record.len() % 512) % 512;
+        out.write_all(&vec![0u8; pad]).unwrap();
+        out.write_all(&std::fs::read(&m.bundle).unwrap()).unwrap();
+    }
+    let err = verify(&evil, &k.trusted()).unwrap_err();
+    let text = format!("{err:#} {:?}", std::error::Error::source(&err));
+    assert!(
+        text.contains("more than its signed manifest accounts for"),
+        "{text}"
+    );
+}

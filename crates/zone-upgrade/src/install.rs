@@ -48,7 +48,11 @@ pub struct Installed {
     pub removed: Vec<String>,
 }
 
-const STAGED: &str = "zoned-staged.tmp";
+/// The kernel image is written under this name (with the generation)
+/// before it is renamed into place; the loader ignores it.
+fn staged_name(generation: u32) -> String {
+    format!("zoned-staged-{generation:04}.tmp")
+}
 
 struct Counting<'a, R> {
     inner: R,
@@ -134,6 +138,21 @@ pub fn install(
         Slot::B => 1,
     }];
     let uki = zone_bundle::uki_name(slot.letter());
+    let dir = t.esp.join(entries::DIR);
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    // One install at a time on this EFI partition (zoned's and an
+    // operator's): the lock is the entries' directory itself, held until
+    // this returns.
+    let _lock = nix::fcntl::Flock::lock(
+        File::open(&dir).map_err(io_err(&dir))?,
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|(_, e)| {
+        Error::Refused(format!(
+            "another install is under way ({} is locked: {e})",
+            dir.display()
+        ))
+    })?;
 
     // The running slot must have a good entry: it is what the loader falls
     // back to if the new one fails all its tries.
@@ -184,19 +203,61 @@ pub fn install(
         total: bundle_bytes,
     });
     let manifest = verified.manifest;
-    let unpacked = manifest
-        .file(zone_bundle::ROOT_IMAGE)
-        .and_then(|f| f.unpacked.clone())
-        .ok_or_else(|| Error::Refused("no unpacked root image in the manifest".into()))?;
 
     // 2. Nothing boots the target slot from here until step 4: a power cut
     // while it is written leaves the running slot's entry the only one.
     let removed = entries::remove_slot(&t.esp, slot)?;
-    let dir = t.esp.join(entries::DIR);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let staged = dir.join(STAGED);
+    // The staged name carries the new generation. On FAT a rename cut by
+    // a power loss can leave the old name and the new entry sharing
+    // clusters; deleting that old name later would free the clusters of an
+    // entry that may be booting by then. So only the staged file of this
+    // generation is ever deleted: no entry of this generation exists (it is
+    // one above every entry's), so it shares clusters with none. Older
+    // leftovers stay (fsck.fat at boot repairs the partition: fstab checks
+    // it).
+    let generation = before.iter().map(|e| e.generation).max().unwrap_or(0) + 1;
+    let staged = dir.join(staged_name(generation));
     let _ = std::fs::remove_file(&staged);
+    let result = write_and_stage(
+        path, keys, &manifest, &uki, partition, &staged, slot, &report,
+    );
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
 
+    // 4. The slot becomes bootable, on trial.
+    let name = Entry::trial_name(generation, slot);
+    let target = dir.join(&name);
+    std::fs::rename(&staged, &target).map_err(io_err(&target))?;
+    entries::sync_dir(&dir)?;
+    Ok(Installed {
+        slot,
+        entry: name,
+        version: manifest.version,
+        key_id: verified.key_id,
+        removed,
+    })
+}
+
+/// Step 3 of [`install`]: the root image onto `partition`, checked as it
+/// is written and read back from the device, and the slot's kernel image
+/// written to `staged`.
+#[allow(clippy::too_many_arguments)]
+fn write_and_stage(
+    path: &Path,
+    keys: &TrustedKeys,
+    manifest: &Manifest,
+    uki: &str,
+    partition: &Path,
+    staged: &Path,
+    slot: Slot,
+    report: &dyn Fn(Progress),
+) -> Result<(), Error> {
+    let unpacked = manifest
+        .file(zone_bundle::ROOT_IMAGE)
+        .and_then(|f| f.unpacked.clone())
+        .ok_or_else(|| Error::Refused("no unpacked root image in the manifest".into()))?;
     // 3. The root image onto the partition, and the kernel image staged
     // under a name the loader ignores; both checked against the manifest
     // as they are written (the read fails on any difference, and then
@@ -207,7 +268,7 @@ pub fn install(
         BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err(path))?),
         keys,
         |m| {
-            if *m != manifest {
+            if m != manifest {
                 return Err(zone_bundle::Error::Refused {
                     reason: "the bundle changed while it was being installed".into(),
                 });
@@ -228,7 +289,7 @@ pub fn install(
                     total: unpacked.bytes,
                     every: 32 << 20,
                     next: 0,
-                    report: &report,
+                    report,
                     kind: |done, total| Progress::Writing { done, total },
                 };
                 let got = zone_bundle::copy_hashed(&mut counting, Some(&mut out))?;
@@ -236,7 +297,7 @@ pub fn install(
                 file.sync_all()?;
                 *written.borrow_mut() = Some(got);
             } else if entry.name == uki {
-                let mut f = File::create(&staged)?;
+                let mut f = File::create(staged)?;
                 std::io::copy(r, &mut f)?;
                 f.sync_all()?;
             }
@@ -263,13 +324,13 @@ pub fn install(
             total: unpacked.bytes,
             every: 64 << 20,
             next: 0,
-            report: &report,
+            report,
             kind: |done, total| Progress::ReadingBack { done, total },
         };
         let (_, found) = zone_bundle::copy_hashed(&mut r, None).map_err(io_err(partition))?;
         if found != unpacked.sha256 {
             return Err(Error::ReadBack {
-                partition: partition.clone(),
+                partition: partition.to_owned(),
                 slot,
                 expected: unpacked.sha256,
                 found,
@@ -277,19 +338,7 @@ pub fn install(
         }
     }
 
-    // 4. The slot becomes bootable, on trial.
-    let generation = before.iter().map(|e| e.generation).max().unwrap_or(0) + 1;
-    let name = Entry::trial_name(generation, slot);
-    let target = dir.join(&name);
-    std::fs::rename(&staged, &target).map_err(io_err(&target))?;
-    entries::sync_dir(&dir)?;
-    Ok(Installed {
-        slot,
-        entry: name,
-        version: manifest.version,
-        key_id: verified.key_id,
-        removed,
-    })
+    Ok(())
 }
 
 /// Asks the kernel to forget the file's cached pages (after a sync they

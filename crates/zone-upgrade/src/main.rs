@@ -58,6 +58,13 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         hold: u64,
     },
+    /// On a counted boot (zone-boot-deadline.service): reboots unless
+    /// boot-complete.target is reached within --seconds, whatever stopped
+    /// the boot before zone-boot-check could judge it.
+    Deadline {
+        #[arg(long, default_value_t = 900)]
+        seconds: u64,
+    },
 }
 
 /// What keeps this boot from being good now, if anything.
@@ -69,16 +76,60 @@ fn unhealthy(serving_file: &std::path::Path, units: &[String]) -> Option<String>
         ));
     }
     for u in units {
-        let active = std::process::Command::new("systemctl")
-            .args(["is-active", "--quiet", u])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !active {
-            return Some(format!("{u} is not active"));
+        // ActiveState, then ConditionResult: a unit its condition skipped
+        // (zone-vip on a server with no VIP) is not a failure.
+        let out = std::process::Command::new("systemctl")
+            .args([
+                "show",
+                "-p",
+                "ActiveState",
+                "-p",
+                "ConditionResult",
+                "--value",
+                u,
+            ])
+            .output();
+        let text = out
+            .as_ref()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut lines = text.lines();
+        let (state, condition) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        if state != "active" && !(state == "inactive" && condition == "no") {
+            return Some(format!(
+                "{u} is {}",
+                if state.is_empty() { "unknown" } else { state }
+            ));
         }
     }
     None
+}
+
+/// On a counted boot: reboots if boot-complete.target is not reached within
+/// `seconds` (the boot stuck before zone-boot-check could run, or in
+/// emergency mode: the loader then counts the try as failed).
+fn deadline(seconds: u64) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let reached = std::process::Command::new("systemctl")
+            .args(["is-active", "--quiet", "boot-complete.target"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if reached {
+            println!("boot-complete.target reached: the deadline is off");
+            return Ok(());
+        }
+        if start.elapsed().as_secs() >= seconds {
+            eprintln!("boot-complete.target not reached within {seconds} s: rebooting (this try of the new slot failed)");
+            let st = std::process::Command::new("systemctl")
+                .arg("reboot")
+                .status()?;
+            anyhow::ensure!(st.success(), "systemctl reboot failed: {st}");
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
 }
 
 fn check(serving_file: &std::path::Path, units: &[String], timeout: u64, hold: u64) -> Result<()> {
@@ -127,6 +178,7 @@ fn main() -> Result<()> {
             timeout,
             hold,
         } => check(&serving_file, &units, timeout, hold)?,
+        Command::Deadline { seconds } => deadline(seconds)?,
         Command::Status => {
             let s = Status::read(
                 &args.esp,

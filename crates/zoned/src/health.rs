@@ -108,7 +108,9 @@ fn status(ok: bool) -> ServingStatus {
 
 /// Keeps `serving_file` present exactly while the verdict is SERVING (best
 /// effort: a failure is logged, the gRPC status is what clients use).
-fn mark(serving_file: Option<&std::path::Path>, serving: bool) {
+/// Called with false before the server says it is ready, so a file left
+/// by a crashed run is gone by then.
+pub fn mark(serving_file: Option<&std::path::Path>, serving: bool) {
     let Some(path) = serving_file else { return };
     let result = if serving {
         let tmp = path.with_extension("tmp");

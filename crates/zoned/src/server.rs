@@ -183,6 +183,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    crate::health::mark(config.node.serving_file.as_deref(), false);
     tokio::spawn(crate::health::run(
         node.clone(),
         health,

@@ -139,7 +139,12 @@ fn a_bundle_goes_to_the_other_slot_and_its_entry_boots_next_on_trial() {
         std::fs::read(entries::path(&s.target.esp, "zoned-0002-b+3.efi")).unwrap(),
         b"new kernel b"
     );
-    assert!(!s.target.esp.join(entries::DIR).join(STAGED).exists());
+    assert!(!s
+        .target
+        .esp
+        .join(entries::DIR)
+        .join(staged_name(2))
+        .exists());
     // Slot a (running) untouched.
     assert!(std::fs::read(&s.target.partitions[0])
         .unwrap()
@@ -267,4 +272,23 @@ fn an_install_stopped_while_writing_leaves_only_the_running_slot_bootable() {
     let done = install(&bundle, &s.keys(), &s.target, &mut |_| {}).unwrap();
     assert_eq!(done.entry, "zoned-0002-b+3.efi");
     assert_eq!(s.entries(), ["zoned-0002-b+3.efi", "zoned-0001-a.efi"]);
+}
+
+#[test]
+fn one_install_at_a_time() {
+    let s = setup();
+    let (bundle, _) = s.bundle("v2", "zoned-vm", 1 << 20);
+    let held = nix::fcntl::Flock::lock(
+        File::open(s.target.esp.join(entries::DIR)).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    let e = install(&bundle, &s.keys(), &s.target, &mut |_| {}).unwrap_err();
+    assert!(
+        e.to_string().contains("another install is under way"),
+        "{e}"
+    );
+    assert!(s.partition_b().iter().all(|&x| x == 0));
+    drop(held);
+    install(&bundle, &s.keys(), &s.target, &mut |_| {}).unwrap();
 }

@@ -556,7 +556,13 @@ impl Driver {
         match self.raw.raft.step(m) {
             Ok(()) => {
                 let last = self.raw.raft.raft_log.last_index();
-                debug_assert_eq!(last, before + n);
+                // The answers below are matched by index: a step that
+                // appended anything else would answer the wrong callers.
+                assert_eq!(
+                    last,
+                    before + n,
+                    "a proposal appended other than its entries"
+                );
                 let term = self.raw.raft.term;
                 for (i, reply) in (before + 1..).zip(replies) {
                     self.proposals.push(i, term, Waiter::Command(reply));
@@ -708,7 +714,7 @@ impl Driver {
             crate::metrics::METRICS.snapshots_received.inc();
             tracing::info!(index = meta.index, term = meta.term, "installed snapshot");
             self.proposals
-                .overtaken_by_snapshot(meta.index, &mut done.writes);
+                .overtaken_by_snapshot(meta.index, meta.term, &mut done.writes);
             if self.mismatch.is_some() {
                 // A server that must not run in this zone stops before it
                 // acknowledges the snapshot: a learner's acknowledgement

@@ -97,6 +97,8 @@ struct Pending {
 #[derive(Debug, Default)]
 pub(crate) struct Proposals {
     queue: VecDeque<Pending>,
+    /// The highest term of an entry applied (or a snapshot installed).
+    applied_term: u64,
 }
 
 impl Proposals {
@@ -107,10 +109,12 @@ impl Proposals {
         let at = self
             .queue
             .partition_point(|p| (p.index, p.term) < (index, term));
-        debug_assert!(self
-            .queue
-            .get(at)
-            .is_none_or(|p| (p.index, p.term) != (index, term)));
+        assert!(
+            self.queue
+                .get(at)
+                .is_none_or(|p| (p.index, p.term) != (index, term)),
+            "two proposals at index {index} in term {term}"
+        );
         self.queue.insert(
             at,
             Pending {
@@ -143,6 +147,15 @@ impl Proposals {
             };
             out.push((p.waiter, result));
         }
+        // Only when the applied term rose: a proposal is made in its
+        // leader's term, never below that of an entry it has applied, so
+        // after one scan none is below `applied_term` until that rises (one
+        // scan per term, not per entry).
+        if term > self.applied_term {
+            self.applied_term = term;
+        } else {
+            return;
+        }
         if self.queue.iter().any(|p| p.term < term) {
             let (dead, live): (VecDeque<_>, VecDeque<_>) =
                 self.queue.drain(..).partition(|p| p.term < term);
@@ -154,13 +167,23 @@ impl Proposals {
         }
     }
 
-    /// A snapshot up to `index` replaced the log: the proposals at or below
-    /// it were replaced or applied elsewhere, and which cannot be told.
-    pub(crate) fn overtaken_by_snapshot(&mut self, index: u64, out: &mut Vec<Settled>) {
+    /// A snapshot up to `index` (its last entry of `term`) replaced the
+    /// log: the proposals at or below it were replaced or applied
+    /// elsewhere, and which cannot be told; those after it of an earlier
+    /// term can no longer be committed (see the module doc).
+    pub(crate) fn overtaken_by_snapshot(&mut self, index: u64, term: u64, out: &mut Vec<Settled>) {
         while self.queue.front().is_some_and(|p| p.index <= index) {
             let p = self.queue.pop_front().expect("front exists");
             out.push((p.waiter, Err(NodeError::LeadershipChanged)));
         }
+        self.applied_term = self.applied_term.max(term);
+        let (dead, live): (VecDeque<_>, VecDeque<_>) =
+            self.queue.drain(..).partition(|p| p.term < term);
+        self.queue = live;
+        out.extend(
+            dead.into_iter()
+                .map(|p| (p.waiter, Err(NodeError::Dropped))),
+        );
     }
 
     /// Fails every proposal (the driver stops).
@@ -302,7 +325,7 @@ mod tests {
         assert_eq!(new5.try_recv(), Ok(Err(NodeError::Dropped)));
         assert!(matches!(cut6.try_recv(), Err(TryRecvError::Empty)));
         let mut out = Vec::new();
-        p.overtaken_by_snapshot(6, &mut out);
+        p.overtaken_by_snapshot(6, 2, &mut out);
         answer_all(out);
         assert_eq!(cut6.try_recv(), Ok(Err(NodeError::LeadershipChanged)));
         let mut next = command(&mut p, 7, 5);
