@@ -67,7 +67,6 @@ impl ServerContext {
                 .iter()
                 .map(|f| (*f).to_owned())
                 .collect(),
-            boot: super::upgrade::boot_status(&self.config.upgrade.esp),
         }
     }
 
