@@ -942,6 +942,21 @@ impl Client {
             .context("cannot run zonectl")
     }
 
+    /// `zonectl` started with `args` at `endpoint`, its stderr piped (the
+    /// progress of `upgrade`), stdout discarded; the caller waits for it.
+    pub fn zonectl_child_stderr(
+        &self,
+        endpoint: &str,
+        args: &[&str],
+    ) -> Result<std::process::Child> {
+        self.command(endpoint, args)?
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run zonectl")
+    }
+
     /// `zonectl -o json show` through `endpoint`, parsed.
     pub fn show(&self, endpoint: &str) -> Option<serde_json::Value> {
         let out = self.zonectl(endpoint, &["-o", "json", "show"]).ok()?;

@@ -302,6 +302,13 @@ fn make_uki(
     Ok(uki)
 }
 
+/// The QEMU upgrade test's bundles (`--test-bundles`): the same tree under
+/// another version, and one whose zoned never starts.
+pub const TEST_BUNDLES: [(&str, bool); 2] = [
+    ("99.0.0-upgrade-test", false),
+    ("99.0.1-never-healthy", true),
+];
+
 /// What `cargo xtask image` builds.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -318,6 +325,9 @@ pub struct Options {
     pub trust_keys: Vec<PathBuf>,
     /// Write the update bundle only (no disk image).
     pub bundle_only: bool,
+    /// Test only: the root's zoned.service exits at once, so a server
+    /// booted from it is never healthy (the rollback test). Bundle only.
+    pub never_healthy: bool,
 }
 
 impl Options {
@@ -329,6 +339,7 @@ impl Options {
             signing_key: None,
             trust_keys: Vec::new(),
             bundle_only: false,
+            never_healthy: false,
         }
     }
 }
@@ -356,6 +367,9 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
     let (profile, fresh_root) = (opts.profile, opts.fresh_root);
     if let Some(v) = &opts.version {
         crate::bundle::check_version(v)?;
+    }
+    if opts.never_healthy && (!opts.bundle_only || opts.version.is_none()) {
+        bail!("--never-healthy makes a test bundle whose zoned never starts: give it with --bundle-only and a --version of its own");
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("building the image needs root (mmdebstrap, and file ownership in the root tree): run it as root");
@@ -514,6 +528,16 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
         ]))?;
     std::fs::write(root.join("etc/machine-id"), "")?;
     let _ = std::fs::remove_file(root.join("etc/hostname"));
+    if opts.never_healthy {
+        // Exit status 2 is zoned's "needs an operator": systemd does not
+        // restart it, the unit fails, and the boot assessment fails at once.
+        let dropin = root.join("etc/systemd/system/zoned.service.d");
+        std::fs::create_dir_all(&dropin)?;
+        std::fs::write(
+            dropin.join("never-healthy.conf"),
+            "# A test bundle (cargo xtask image --never-healthy): zoned never starts.\n[Service]\nExecStart=\nExecStart=/bin/sh -c 'echo \"zoned does not start: this root was built with --never-healthy, a test bundle\" >&2; exit 2'\n",
+        )?;
+    }
     let commit = output(
         Command::new("git")
             .args(["rev-parse", "--short=12", "HEAD"])

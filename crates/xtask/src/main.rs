@@ -106,6 +106,16 @@ enum Task {
         /// Write the update bundle only, not the disk image.
         #[arg(long)]
         bundle_only: bool,
+        /// Test only (with --bundle-only and --version): a bundle whose
+        /// zoned exits at start, so a server upgraded to it is never
+        /// healthy and rolls back by itself (the rollback test).
+        #[arg(long)]
+        never_healthy: bool,
+        /// After the image, also write the QEMU upgrade test's two bundles:
+        /// version 99.0.0-upgrade-test (this tree), and
+        /// 99.0.1-never-healthy (--never-healthy).
+        #[arg(long, conflicts_with_all = ["bundle_only", "never_healthy", "version"])]
+        test_bundles: bool,
     },
 }
 
@@ -247,18 +257,33 @@ fn main() -> Result<()> {
             signing_key,
             trust_key,
             bundle_only,
-        } => image::build_with(
-            &image::Options {
+            never_healthy,
+            test_bundles,
+        } => {
+            let opts = image::Options {
                 profile,
                 fresh_root,
                 version,
                 signing_key,
                 trust_keys: trust_key,
                 bundle_only,
-            },
-            &target_dir()?,
-        )
-        .map(|_| ()),
+                never_healthy,
+            };
+            let target = target_dir()?;
+            image::build_with(&opts, &target)?;
+            if test_bundles {
+                for (version, never_healthy) in image::TEST_BUNDLES {
+                    let o = image::Options {
+                        version: Some(version.to_owned()),
+                        bundle_only: true,
+                        never_healthy,
+                        ..opts.clone()
+                    };
+                    image::build_with(&o, &target)?;
+                }
+            }
+            Ok(())
+        }
         Task::Bench(BenchTask::Failover { runs }) => {
             let target = build_testbed_binaries()?;
             bench::failover(runs.max(1), &target.join("bench"))

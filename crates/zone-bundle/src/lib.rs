@@ -471,16 +471,7 @@ pub fn read<R: Read>(
         left: left.clone(),
     });
     let mut entries = archive.entries().map_err(io(path))?;
-    let manifest_bytes = read_member(path, entries.next(), MANIFEST, MAX_MANIFEST_BYTES)?;
-    let signature = read_member(path, entries.next(), SIGNATURE, MAX_SIGNATURE_BYTES)?;
-    let signature = String::from_utf8(signature).map_err(|_| Error::SignatureFormat)?;
-    // Nothing in the manifest is looked at before its signature matched.
-    let key_id = keys.check(&manifest_bytes, &signature)?;
-    let manifest: Manifest =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| Error::Manifest {
-            reason: e.to_string(),
-        })?;
-    manifest.check()?;
+    let Verified { manifest, key_id } = head(path, &mut entries, keys)?;
     accept(&manifest)?;
     left.set(
         left.get()
@@ -534,6 +525,42 @@ pub fn read<R: Read>(
         });
     }
     Ok(Verified { manifest, key_id })
+}
+
+/// The manifest and its signature, the first two members: the signed
+/// manifest, once its signature matched one of `keys`.
+fn head<R: Read>(
+    path: &Path,
+    entries: &mut tar::Entries<'_, R>,
+    keys: &TrustedKeys,
+) -> Result<Verified, Error> {
+    let manifest_bytes = read_member(path, entries.next(), MANIFEST, MAX_MANIFEST_BYTES)?;
+    let signature = read_member(path, entries.next(), SIGNATURE, MAX_SIGNATURE_BYTES)?;
+    let signature = String::from_utf8(signature).map_err(|_| Error::SignatureFormat)?;
+    // Nothing in the manifest is looked at before its signature matched.
+    let key_id = keys.check(&manifest_bytes, &signature)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| Error::Manifest {
+            reason: e.to_string(),
+        })?;
+    manifest.check()?;
+    Ok(Verified { manifest, key_id })
+}
+
+/// The signed manifest of the bundle at `path`, its signature checked with
+/// `keys`; the files are not read (a bundle verified whole before, to
+/// describe it; [`verify`] or [`read`] before using any file).
+pub fn signed_manifest(path: &Path, keys: &TrustedKeys) -> Result<Verified, Error> {
+    let f = File::open(path).map_err(io(path))?;
+    let left = std::rc::Rc::new(std::cell::Cell::new(
+        MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + 3 * HEADER_ALLOWANCE,
+    ));
+    let mut archive = tar::Archive::new(Budget {
+        inner: BufReader::new(f),
+        left,
+    });
+    let mut entries = archive.entries().map_err(io(path))?;
+    head(path, &mut entries, keys)
 }
 
 struct HashingReader<'a, R: Read> {

@@ -386,3 +386,19 @@ fn oversized_tar_headers_are_refused_before_they_fill_memory() {
         "{text}"
     );
 }
+
+#[test]
+fn the_signed_manifest_alone_is_read_without_the_files_and_still_needs_a_trusted_key() {
+    let k = key();
+    let m = make(&k);
+    let mut b = std::fs::read(&m.bundle).unwrap();
+    let at = find(&b, b"MZ a kernel");
+    b[at + 3] ^= 1;
+    std::fs::write(&m.bundle, &b).unwrap();
+    // The files are not read: a changed file is verify's to find.
+    let v = signed_manifest(&m.bundle, &k.trusted()).unwrap();
+    assert_eq!(v.manifest, m.manifest);
+    assert!(verify(&m.bundle, &k.trusted()).is_err());
+    let err = signed_manifest(&m.bundle, &key().trusted()).unwrap_err();
+    assert!(matches!(err, Error::UnknownKey { .. }), "{err}");
+}

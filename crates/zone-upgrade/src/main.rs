@@ -42,7 +42,8 @@ enum Command {
     /// Boot assessment (zone-boot-check.service, on a boot that systemd-boot
     /// counts): waits until zoned is SERVING (SERVING_FILE present) and
     /// every unit in --units is active, both holding for --hold seconds;
-    /// exits 1 if that has not happened within --timeout seconds (the unit
+    /// exits 1 if that has not happened within --timeout seconds, or at
+    /// once when one of the units has failed for good (the unit
     /// then reboots the server, and the loader counts a failed try).
     Check {
         #[arg(long, default_value = "/run/zoned/serving")]
@@ -67,10 +68,12 @@ enum Command {
     },
 }
 
-/// What keeps this boot from being good now, if anything.
-fn unhealthy(serving_file: &std::path::Path, units: &[String]) -> Option<String> {
+/// What keeps this boot from being good now, if anything; `Err` when it
+/// never can be (a unit failed: systemd gave up restarting it).
+fn unhealthy(serving_file: &std::path::Path, units: &[String]) -> Result<Option<String>, String> {
+    let mut waiting = None;
     if !serving_file.exists() {
-        return Some(format!(
+        waiting = Some(format!(
             "zoned is not SERVING ({} absent): not a member, no leader, or not caught up",
             serving_file.display()
         ));
@@ -95,14 +98,19 @@ fn unhealthy(serving_file: &std::path::Path, units: &[String]) -> Option<String>
             .unwrap_or_default();
         let mut lines = text.lines();
         let (state, condition) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-        if state != "active" && !(state == "inactive" && condition == "no") {
-            return Some(format!(
+        if state == "failed" {
+            return Err(format!(
+                "{u} failed (systemd gave up restarting it): this boot cannot become healthy"
+            ));
+        }
+        if waiting.is_none() && state != "active" && !(state == "inactive" && condition == "no") {
+            waiting = Some(format!(
                 "{u} is {}",
                 if state.is_empty() { "unknown" } else { state }
             ));
         }
     }
-    None
+    Ok(waiting)
 }
 
 /// On a counted boot: reboots if boot-complete.target is not reached within
@@ -137,7 +145,7 @@ fn check(serving_file: &std::path::Path, units: &[String], timeout: u64, hold: u
     let mut good_since: Option<std::time::Instant> = None;
     let mut last_reason = String::new();
     loop {
-        match unhealthy(serving_file, units) {
+        match unhealthy(serving_file, units).map_err(anyhow::Error::msg)? {
             None => {
                 let since = *good_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed().as_secs() >= hold {

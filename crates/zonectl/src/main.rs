@@ -11,6 +11,7 @@ mod pki_cmd;
 mod snapshot_cmd;
 mod space_cmd;
 mod storage_cmd;
+mod upgrade_cmd;
 mod user_cmd;
 
 use anyhow::Context as _;
@@ -146,6 +147,13 @@ enum Command {
     /// Shared datastores, mounted and probed on every server.
     #[command(subcommand)]
     Storage(storage_cmd::StorageCommand),
+    /// Upgrade the zone's servers from a signed update bundle, one at a
+    /// time, followers first and the leader last (admin): each installs it
+    /// into its inactive root slot, reboots, and must be back in the zone
+    /// with the new slot marked good before the next starts; the roll
+    /// stops at the first failure or rollback. `upgrade status` shows each
+    /// server's slot, image, boot entries and last upgrade.
+    Upgrade(upgrade_cmd::UpgradeArgs),
     /// Back the store up to a file, and check a backup file.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
@@ -728,6 +736,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             unreachable!("answered before connecting")
         }
         Command::Logs(logs) => logs_cmd::run(logs, channel, timeout, json).await?,
+        Command::Upgrade(args) => upgrade_cmd::run(args, channel, timeout, json).await?,
         Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, serializable }) => {
             snapshot_cmd::save(channel, &file, serializable, timeout, json).await?
         }

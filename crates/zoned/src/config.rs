@@ -53,6 +53,36 @@ pub struct Config {
     pub files: zone_files::settings::FilesSection,
     pub tls: TlsSection,
     pub metrics: MetricsSection,
+    pub upgrade: UpgradeSection,
+}
+
+/// Installing update bundles (`zone.v1.Upgrade`, the `zone-upgrade` tool).
+/// Bundles are kept under `<data_dir>/upgrade`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpgradeSection {
+    /// The minisign public keys a bundle must be signed by (one `.pub`
+    /// file each). Default `/usr/share/zoned/keys`, the image's own.
+    pub keys_dir: PathBuf,
+    /// The EFI system partition's mount point. Default `/boot/efi`.
+    pub esp: PathBuf,
+    /// The program that writes a bundle into the inactive slot. Default
+    /// `zone-upgrade` (on PATH).
+    pub tool: PathBuf,
+    /// What reboots the server after an install. Default `systemctl
+    /// reboot`.
+    pub reboot_command: Vec<String>,
+}
+
+impl Default for UpgradeSection {
+    fn default() -> Self {
+        UpgradeSection {
+            keys_dir: PathBuf::from("/usr/share/zoned/keys"),
+            esp: PathBuf::from("/boot/efi"),
+            tool: PathBuf::from("zone-upgrade"),
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
+        }
+    }
 }
 
 /// Prometheus metrics on plain HTTP, `GET /metrics` (`crate::metrics`).

@@ -161,7 +161,7 @@ fn main() -> ExitCode {
                 zoned::server::ServeError::Removed { .. } => ExitCode::from(3),
                 zoned::server::ServeError::NotAMember { .. }
                 | zoned::server::ServeError::WipedFounder { .. }
-                | zoned::server::ServeError::ZoneTiming(_)
+                | zoned::server::ServeError::ZoneMismatch(_)
                 | zoned::server::ServeError::Recovery(_) => ExitCode::from(2),
                 zoned::server::ServeError::Joining(j) if j.is_final() => ExitCode::from(2),
                 _ => ExitCode::FAILURE,

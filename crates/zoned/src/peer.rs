@@ -84,6 +84,18 @@ impl Peer for PeerService {
         Ok(Response::new(RenewResponse { cert_pem: cert }))
     }
 
+    type FetchBundleStream = crate::api::upgrade::FetchStream;
+
+    async fn fetch_bundle(
+        &self,
+        req: Request<zone_proto::v1::FetchBundleRequest>,
+    ) -> Result<Response<Self::FetchBundleStream>, Status> {
+        self.member(&req)?;
+        Ok(Response::new(
+            crate::api::upgrade::serve_fetch(&self.0, req.into_inner()).await?,
+        ))
+    }
+
     async fn node_status(
         &self,
         req: Request<NodeStatusRequest>,

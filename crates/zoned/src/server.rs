@@ -80,7 +80,7 @@ pub enum ServeError {
         evidence: String,
     },
     #[error(transparent)]
-    ZoneTiming(node::zone::TimingMismatch),
+    ZoneMismatch(node::zone::ZoneMismatch),
     #[error(transparent)]
     Recovery(#[from] crate::recovery::RecoveryError),
 }
@@ -164,7 +164,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     ));
     let (node, driver) = match node::start(&config, engine, inbox, transport.clone(), bootstrap) {
         Err(node::StartError::Removed { index }) => return Err(ServeError::Removed { index }),
-        Err(node::StartError::ZoneTiming(m)) => return Err(ServeError::ZoneTiming(m)),
+        Err(node::StartError::ZoneMismatch(m)) => return Err(ServeError::ZoneMismatch(m)),
         other => other?,
     };
     let agents = Arc::new(AgentRegistry::default());
@@ -237,6 +237,9 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         ))
         .add_service(zone_proto::v1::storage_server::StorageServer::new(
             crate::api::StorageService::new(zone.clone()),
+        ))
+        .add_service(zone_proto::v1::upgrade_server::UpgradeServer::new(
+            crate::api::UpgradeService::new(zone.clone()),
         ))
         .add_service(zone_proto::v1::users_server::UsersServer::new(
             crate::api::UsersService::new(zone.clone(), tls.zone_ca()),
@@ -330,6 +333,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         crate::space::Thresholds::from_limits(&config.limits),
     ));
     tokio::spawn(crate::api::handover::run(zone.clone()));
+    tokio::spawn(crate::api::upgrade::settle(zone.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(node.clone(), period));
@@ -375,7 +379,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
             Ok(())
         }
         Ok(Ok(Ok(Stopped::Removed { index }))) => Err(ServeError::Removed { index }),
-        Ok(Ok(Ok(Stopped::ZoneTiming(m)))) => Err(ServeError::ZoneTiming(m)),
+        Ok(Ok(Ok(Stopped::ZoneMismatch(m)))) => Err(ServeError::ZoneMismatch(m)),
         Ok(Ok(Err(e))) => Err(ServeError::Driver(e)),
         _ => Err(ServeError::DriverPanic),
     }

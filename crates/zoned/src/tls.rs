@@ -482,7 +482,9 @@ pub fn needs(path: &str) -> Need {
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return Need::Role(Role::Admin);
     };
-    use zone_proto::v1::{cluster_server, config_server, join_server, kv_server, storage_server};
+    use zone_proto::v1::{
+        cluster_server, config_server, join_server, kv_server, storage_server, upgrade_server,
+    };
     use Role::*;
     const HEALTH: &str = "grpc.health.v1.Health";
     const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
@@ -507,6 +509,8 @@ pub fn needs(path: &str) -> Need {
         (config_server::SERVICE_NAME, "Push" | "Delete" | "Rollback") => Need::Role(Operator),
         (storage_server::SERVICE_NAME, "List") => Need::Role(Reader),
         (storage_server::SERVICE_NAME, "Add" | "Remove") => Need::Role(Operator),
+        (upgrade_server::SERVICE_NAME, "Status") => Need::Role(Reader),
+        (upgrade_server::SERVICE_NAME, "Upload" | "Install") => Need::Role(Admin),
         // The token is the credential: a joining server has no other yet.
         (join_server::SERVICE_NAME, "Join") => Need::Anyone,
         (join_server::SERVICE_NAME, "IssueToken") => Need::Role(Admin),
@@ -717,7 +721,7 @@ mod tests {
         use Role::{Admin, Operator, Reader};
         // What each client call needs, written out: a change to `needs`
         // that moves a call to another role fails here.
-        let table: [(&str, &str, Need); 33] = [
+        let table: [(&str, &str, Need); 36] = [
             ("zone.v1.KV", "Get", Need::Role(Reader)),
             ("zone.v1.KV", "Range", Need::Role(Reader)),
             ("zone.v1.KV", "Watch", Need::Role(Reader)),
@@ -751,6 +755,9 @@ mod tests {
             ("zone.v1.Storage", "List", Need::Role(Reader)),
             ("zone.v1.Storage", "Add", Need::Role(Operator)),
             ("zone.v1.Storage", "Remove", Need::Role(Operator)),
+            ("zone.v1.Upgrade", "Status", Need::Role(Reader)),
+            ("zone.v1.Upgrade", "Upload", Need::Role(Admin)),
+            ("zone.v1.Upgrade", "Install", Need::Role(Admin)),
         ];
         for (service, m, need) in table {
             let path = format!("/{service}/{m}");

@@ -20,6 +20,7 @@
 //! - [`status`]: this server's status and the zone's;
 //! - [`storage`]: the shared datastores' declarations;
 //! - [`watch`]: history replay and live events;
+//! - [`upgrade`]: update bundles received, fetched, installed; boot entries;
 //! - [`service`]: the tonic service impls, thin.
 
 mod admin;
@@ -35,6 +36,7 @@ mod service;
 mod space;
 mod status;
 mod storage;
+pub mod upgrade;
 pub mod users;
 mod validate;
 mod watch;
@@ -56,6 +58,7 @@ pub use error::ApiError;
 pub use join::JoinService;
 pub use service::{ClusterService, KvService};
 pub use storage::StorageService;
+pub use upgrade::UpgradeService;
 pub use users::UsersService;
 pub use validate::Limits;
 
@@ -165,6 +168,12 @@ impl ServerContext {
             .map_or(self.config.request_timeout(), |client| {
                 client.mul_f64(0.9).min(max)
             })
+    }
+
+    /// The appliance image this server booted (`IMAGE_ID IMAGE_VERSION`);
+    /// empty off the appliance.
+    pub(crate) fn host_image(&self) -> String {
+        self.host.image_version().to_owned()
     }
 
     /// This server's id and name.

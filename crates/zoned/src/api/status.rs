@@ -67,6 +67,7 @@ impl ServerContext {
                 .iter()
                 .map(|f| (*f).to_owned())
                 .collect(),
+            boot: super::upgrade::boot_status(&self.config.upgrade.esp),
         }
     }
 

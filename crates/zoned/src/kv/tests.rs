@@ -352,6 +352,7 @@ fn record(id: &str) -> zone_proto::v1::ZoneRecord {
         tick_ms: 50,
         election_ticks: 10,
         lease_margin_ms: 100,
+        ..Default::default()
     }
 }
 

@@ -26,7 +26,7 @@ use super::handle::{Reply, Request};
 use super::lease::{self, Lease, LeaseRounds};
 use super::proposals::{Proposals, Waiter};
 use super::reads::Reads;
-use super::zone::TimingMismatch;
+use super::zone::ZoneMismatch;
 use super::{Applied, LocalStatus, NodeError, PeerProgress, RaftView, Stopped, Transport};
 use crate::config::Config;
 use crate::kv::{self, KvCache, Reader};
@@ -101,7 +101,7 @@ pub struct Driver {
     /// The term in which this server, leading, proposed the zone's record.
     pub(super) zone_proposed_term: u64,
     /// The applied record's timing is not this server's: it stops.
-    pub(super) mismatch: Option<TimingMismatch>,
+    pub(super) mismatch: Option<ZoneMismatch>,
     /// The servers the store records as having taken part (see [`zone`]).
     pub(super) took_part: BTreeSet<u64>,
     /// Those this server, leading in that term, proposed to add.
@@ -246,7 +246,7 @@ impl Driver {
         self.ready_rounds()?;
         if let Some(m) = self.mismatch.take() {
             tracing::error!(error = %m, "this server's Raft timing is not the zone's; it stops");
-            return Ok(Some(Stopped::ZoneTiming(m)));
+            return Ok(Some(Stopped::ZoneMismatch(m)));
         }
         if let Some(index) = self.removed {
             tracing::warn!(

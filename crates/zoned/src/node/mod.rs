@@ -114,8 +114,8 @@ pub enum Stopped {
         index: u64,
     },
     /// The zone's record, applied here, has another Raft timing than this
-    /// server's configuration.
-    ZoneTiming(zone::TimingMismatch),
+    /// server's configuration, or a format level this build cannot read.
+    ZoneMismatch(zone::ZoneMismatch),
 }
 
 /// Why a request to the driver did not complete.
@@ -217,7 +217,7 @@ pub enum StartError {
     #[error("this server was removed from the zone (at entry {index}); to rejoin, wipe its data directory and add it again with `zonectl server add`")]
     Removed { index: u64 },
     #[error(transparent)]
-    ZoneTiming(zone::TimingMismatch),
+    ZoneMismatch(zone::ZoneMismatch),
 }
 
 /// The driver's thread: it yields the driver's fatal error, if it stopped
@@ -301,7 +301,7 @@ pub fn build(
     let took_part = kv::read_took_part(&engine)?;
     let leader_commit = RaftStorage::leader_commit(&engine)?;
     if let Some(z) = &zone {
-        zone::check(config, z).map_err(StartError::ZoneTiming)?;
+        zone::check(config, z).map_err(StartError::ZoneMismatch)?;
     }
     let storage = RaftStorage::open(engine.clone(), &voters, kv::snapshot_data)?;
     let members = match kv::read_members(&engine)? {

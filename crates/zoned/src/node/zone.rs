@@ -25,15 +25,35 @@ use zone_proto::v1::{command, Command, ServerIds, ZoneRecord};
 use super::driver::Driver;
 use crate::config::Config;
 
-/// A server's configured Raft timing against its zone's record.
+/// The highest level of the zone's stored formats this build reads (see
+/// `ZoneRecord.format`). A change that an older build could not read (a
+/// new command it would skip, a key layout it would misread) raises it;
+/// the zone's record then keeps servers of older builds out, and a rolling
+/// upgrade must raise the zone's level only once every member runs a build
+/// that reads it.
+pub const STORE_FORMAT: u32 = 1;
+
+/// Why this server cannot take part in its zone, as the zone's record says.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("raft.{field} is {here} in this server's configuration, but zone {zone_id} runs with {zone} (fixed when server {founded_by} founded it; every server of a zone must use the zone's timing, which the leader lease relies on). Set raft.{field} = {zone} and start it again")]
-pub struct TimingMismatch {
-    pub field: &'static str,
-    pub here: u64,
-    pub zone: u64,
-    pub zone_id: String,
-    pub founded_by: u64,
+pub enum ZoneMismatch {
+    /// A configured Raft timing differs from the zone's.
+    #[error("raft.{field} is {here} in this server's configuration, but zone {zone_id} runs with {zone} (fixed when server {founded_by} founded it; every server of a zone must use the zone's timing, which the leader lease relies on). Set raft.{field} = {zone} and start it again")]
+    Timing {
+        field: &'static str,
+        here: u64,
+        zone: u64,
+        zone_id: String,
+        founded_by: u64,
+    },
+    /// The zone's data is at a format level this build cannot read.
+    #[error("zone {zone_id} keeps its data in format level {zone} (set by zoned {set_by}); this server's zoned {here_version} reads levels up to {here} and cannot take part: upgrade this server's image to the zone's release (zonectl upgrade --server ID) before it joins")]
+    Format {
+        zone: u32,
+        here: u32,
+        set_by: String,
+        here_version: &'static str,
+        zone_id: String,
+    },
 }
 
 /// The record a new zone's first leader proposes: a fresh random id, the
@@ -46,11 +66,28 @@ pub(super) fn new_record(config: &Config, founders: Vec<u64>) -> ZoneRecord {
         tick_ms: config.raft.tick_ms,
         election_ticks: config.raft.election_ticks as u64,
         lease_margin_ms: config.raft.lease_margin_ms,
+        format: STORE_FORMAT,
+        format_by: zone_version::LONG.to_owned(),
     }
 }
 
-/// The first timing field in which `config` differs from the zone's.
-pub fn check(config: &Config, zone: &ZoneRecord) -> Result<(), TimingMismatch> {
+/// Whether this build reads the zone's format level, then the first
+/// timing field in which `config` differs from the zone's.
+pub fn check(config: &Config, zone: &ZoneRecord) -> Result<(), ZoneMismatch> {
+    let level = zone.format.max(1);
+    if level > STORE_FORMAT {
+        return Err(ZoneMismatch::Format {
+            zone: level,
+            here: STORE_FORMAT,
+            set_by: if zone.format_by.is_empty() {
+                "unknown".to_owned()
+            } else {
+                zone.format_by.clone()
+            },
+            here_version: zone_version::LONG,
+            zone_id: zone.id.clone(),
+        });
+    }
     let fields = [
         ("tick_ms", config.raft.tick_ms, zone.tick_ms),
         (
@@ -66,7 +103,7 @@ pub fn check(config: &Config, zone: &ZoneRecord) -> Result<(), TimingMismatch> {
     ];
     match fields.into_iter().find(|(_, here, zone)| here != zone) {
         None => Ok(()),
-        Some((field, here, value)) => Err(TimingMismatch {
+        Some((field, here, value)) => Err(ZoneMismatch::Timing {
             field,
             here,
             zone: value,
@@ -194,11 +231,39 @@ mod tests {
         let zone = new_record(&config, vec![1]);
         config.raft.election_ticks += 2;
         let e = check(&config, &zone).unwrap_err();
-        assert_eq!((e.field, e.here, e.zone), ("election_ticks", 12, 10));
+        let ZoneMismatch::Timing {
+            field, here, zone, ..
+        } = e.clone()
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((field, here, zone), ("election_ticks", 12, 10));
         let text = e.to_string();
         assert!(
             text.starts_with("raft.election_ticks is 12 in this server's configuration, but zone ")
                 && text.contains("Set raft.election_ticks = 10"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_zone_at_a_format_level_this_build_cannot_read_is_refused_naming_both_builds() {
+        let config = Config::default();
+        let mut zone = new_record(&config, vec![1]);
+        assert_eq!(zone.format, STORE_FORMAT);
+        // A record from before the levels reads as level 1.
+        zone.format = 0;
+        assert_eq!(check(&config, &zone), Ok(()));
+        zone.format = STORE_FORMAT + 1;
+        zone.format_by = "9.0.0+0123456789ab".into();
+        let e = check(&config, &zone).unwrap_err();
+        assert!(matches!(e, ZoneMismatch::Format { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("format level {}", STORE_FORMAT + 1))
+                && text.contains("set by zoned 9.0.0+0123456789ab")
+                && text.contains(&format!("this server's zoned {}", zone_version::LONG))
+                && text.contains(&format!("reads levels up to {STORE_FORMAT}")),
             "{text}"
         );
     }
