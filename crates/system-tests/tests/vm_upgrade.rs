@@ -134,10 +134,11 @@ impl Writer {
     }
 }
 
-/// `zonectl upgrade` through the VIP with `args`; its output.
-fn upgrade(client: &Client, args: &[&str]) -> Result<std::process::Output> {
+/// `zonectl upgrade` through the VIP with `args`; its output. Stops early,
+/// naming the VM, if a VM's firmware hangs after a reset.
+fn upgrade(lab: &mut Lab, client: &Client, args: &[&str]) -> Result<std::process::Output> {
     let t = Instant::now();
-    let out = client.zonectl(&vip(), &[&["upgrade"][..], args].concat())?;
+    let out = lab.zonectl_watching(client, &vip(), &[&["upgrade"][..], args].concat())?;
     eprintln!(
         "zonectl upgrade {} ({:.0} s, {}):\n{}{}",
         args.join(" "),
@@ -208,7 +209,7 @@ fn a_zone_rolls_to_a_new_bundle_under_writes_and_a_bad_one_rolls_back_by_itself(
     let writer = Writer::start(client.clone());
     std::thread::sleep(Duration::from_secs(5));
     let t = Instant::now();
-    let out = upgrade(&client, &["--bundle", next.to_str().unwrap()])?;
+    let out = upgrade(&mut lab, &client, &["--bundle", next.to_str().unwrap()])?;
     let roll = t.elapsed();
     std::thread::sleep(Duration::from_secs(5));
     let (acked, gap) = writer.finish();
@@ -269,7 +270,7 @@ fn a_zone_rolls_to_a_new_bundle_under_writes_and_a_bad_one_rolls_back_by_itself(
 
     // 2. A bundle that never becomes healthy.
     let first_follower = (1..=3).find(|&id| id != leader1).unwrap_or(1);
-    let out = upgrade(&client, &["--bundle", never.to_str().unwrap()])?;
+    let out = upgrade(&mut lab, &client, &["--bundle", never.to_str().unwrap()])?;
     assert_eq!(out.status.code(), Some(1), "the roll must stop");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -317,6 +318,27 @@ fn a_zone_rolls_to_a_new_bundle_under_writes_and_a_bad_one_rolls_back_by_itself(
             break;
         }
     }
+    // One server at a time: another's install is refused while this one's
+    // is not settled.
+    let other = (1..=3)
+        .find(|&id| id != victim && id != leader1)
+        .unwrap_or(leader1);
+    let out = upgrade(
+        &mut lab,
+        &client,
+        &[
+            "--server",
+            &other.to_string(),
+            "--bundle",
+            v1_bundle.to_str().unwrap(),
+        ],
+    )?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("server {victim} is being upgraded")),
+        "{err}"
+    );
     lab.kill(victim as usize - 1);
     let _ = child.kill();
     let _ = child.wait();
@@ -335,6 +357,7 @@ fn a_zone_rolls_to_a_new_bundle_under_writes_and_a_bad_one_rolls_back_by_itself(
         "no entry boots the cut slot: {s}"
     );
     let out = upgrade(
+        &mut lab,
         &client,
         &[
             "--server",

@@ -595,7 +595,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Command::Version = args.command {
         return version(&endpoints, timeout, args.output == Output::Json).await;
     }
-    let (channel, _) = connect(&endpoints).await?;
+    let (channel, reached) = connect(&endpoints).await?;
     let json = args.output == Output::Json;
     match args.command {
         Command::Show => {
@@ -736,7 +736,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             unreachable!("answered before connecting")
         }
         Command::Logs(logs) => logs_cmd::run(logs, channel, timeout, json).await?,
-        Command::Upgrade(args) => upgrade_cmd::run(args, channel, timeout, json).await?,
+        Command::Upgrade(args) => upgrade_cmd::run(args, channel, &reached, timeout, json).await?,
         Command::Snapshot(snapshot_cmd::SnapshotCommand::Save { file, serializable }) => {
             snapshot_cmd::save(channel, &file, serializable, timeout, json).await?
         }

@@ -43,6 +43,11 @@ pub struct UpgradeArgs {
     /// slot marked good.
     #[arg(long, default_value_t = 30, value_name = "MINUTES")]
     wait: u64,
+    /// Install on a server that already rolled this bundle back (by
+    /// default such a server stops the roll: three more failed boots
+    /// would follow).
+    #[arg(long)]
+    retry: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -55,9 +60,24 @@ pub enum UpgradeCommand {
 /// Bytes per upload chunk.
 const CHUNK: usize = 1 << 20;
 
+/// Whether `endpoint` (`host:port`, maybe with a scheme) is a loopback
+/// address: zonectl then runs on the server that answered.
+fn loopback(endpoint: &str) -> bool {
+    let hostport = endpoint.rsplit("://").next().unwrap_or(endpoint);
+    let host = match hostport.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => hostport,
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub async fn run(
     args: UpgradeArgs,
     channel: tonic::transport::Channel,
+    reached: &str,
     timeout: Duration,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -72,15 +92,13 @@ pub async fn run(
             Ok(())
         }
         (None, Some(bundle)) => {
-            roll(
-                &bundle,
-                args.server,
-                Duration::from_secs(args.wait * 60),
-                channel,
-                timeout,
-                json,
-            )
-            .await
+            let opts = RollOptions {
+                only: args.server,
+                wait: Duration::from_secs(args.wait * 60),
+                retry: args.retry,
+                local: loopback(reached),
+            };
+            roll(&bundle, &opts, channel, timeout, json).await
         }
         (None, None) => anyhow::bail!("give --bundle FILE, or `zonectl upgrade status`"),
     }
@@ -348,14 +366,25 @@ fn runs(s: &ServerUpgrade, version: &str) -> bool {
         })
 }
 
-async fn roll(
-    bundle: &Path,
+/// How a roll runs.
+struct RollOptions {
+    /// `--server`.
     only: Option<u64>,
     wait: Duration,
+    retry: bool,
+    /// zonectl reached the zone over loopback: it runs on the server that
+    /// answered.
+    local: bool,
+}
+
+async fn roll(
+    bundle: &Path,
+    opts: &RollOptions,
     channel: tonic::transport::Channel,
     timeout: Duration,
     json: bool,
 ) -> anyhow::Result<()> {
+    let (only, wait) = (opts.only, opts.wait);
     let started = Instant::now();
     let st = status(&channel, timeout).await?;
     for s in &st.servers {
@@ -381,6 +410,14 @@ async fn roll(
                 ids.join(", ")
             );
         }
+    }
+    // The server zonectl runs on, if it does: the roll would reboot it
+    // under zonectl's feet.
+    let here = opts.local.then_some(st.member_id);
+    if let (Some(here), None) = (here, only) {
+        anyhow::bail!(
+            "zonectl reached server {here} over loopback: it runs on that server, which the roll reboots. Run the roll from a machine outside the zone (--endpoints with the servers' addresses), or from here upgrade the others with --server and this one last; nothing was changed"
+        );
     }
     say(format!("hashing {}", bundle.display()));
     let (total, sha) = hash_file(bundle)?;
@@ -428,8 +465,33 @@ async fn roll(
             format!("; servers {} untouched", rest.join(", "))
         };
         let server_start = Instant::now();
+        // What this server's record says of this very bundle: installed
+        // before (a stopped roll): wait for it rather than install again;
+        // rolled back: stop unless asked to try again.
+        let record = s.record.as_ref().filter(|r| r.sha256 == info.sha256);
+        match record.map(|r| UpgradeState::try_from(r.state)) {
+            Some(Ok(UpgradeState::Installing | UpgradeState::Installed)) => {
+                say(format!(
+                    "server {id} is already upgrading to {version}: waiting for it"
+                ));
+                let took = await_outcome(&endpoints, id, &info.sha256, &version, wait, server_start, &untouched).await?;
+                say(format!(
+                    "server {id}: on {version}, slot marked good ({:.0} s)",
+                    took.as_secs_f64()
+                ));
+                done.push(id);
+                continue;
+            }
+            Some(Ok(UpgradeState::RolledBack)) if !opts.retry => anyhow::bail!(
+                "server {id} rolled this bundle back before ({}): fix the bundle, or run again with --retry{untouched}",
+                record.map(|r| r.reason.as_str()).unwrap_or("")
+            ),
+            _ => {}
+        }
         if s.leader && now.servers.len() > 1 {
-            let leader_ch = endpoint_channel(&endpoints, id).await?;
+            let leader_ch = endpoint_channel(&endpoints, id)
+                .await
+                .with_context(|| format!("the roll stops here{untouched}"))?;
             let r = ClusterClient::new(leader_ch)
                 .transfer_leader(t(TransferLeaderRequest { target: 0 }, timeout))
                 .await
@@ -445,7 +507,22 @@ async fn roll(
             ));
         }
         install(&endpoints, id, &info, &untouched).await?;
-        let took = await_outcome(&endpoints, id, &info.sha256, &version, wait, &untouched).await?;
+        if here == Some(id) {
+            say(format!(
+                "zonectl runs on server {id}, which is rebooting: it stops here; `zonectl upgrade status` tells the outcome once the server is back"
+            ));
+            return Ok(());
+        }
+        let took = await_outcome(
+            &endpoints,
+            id,
+            &info.sha256,
+            &version,
+            wait,
+            server_start,
+            &untouched,
+        )
+        .await?;
         say(format!(
             "server {id}: on {version}, slot marked good, {:.0} s after its install began (boot and assessment {:.0} s)",
             server_start.elapsed().as_secs_f64(),
@@ -515,7 +592,9 @@ async fn install(
     info: &BundleInfo,
     untouched: &str,
 ) -> anyhow::Result<()> {
-    let ch = endpoint_channel(endpoints, id).await?;
+    let ch = endpoint_channel(endpoints, id)
+        .await
+        .with_context(|| format!("the roll stops here{untouched}"))?;
     let mut req = tonic::Request::new(InstallRequest {
         sha256: info.sha256.clone(),
         holder: info.holder,
@@ -576,12 +655,14 @@ async fn install(
 
 /// Waits until server `id` records the upgrade to bundle `sha` as good;
 /// fails on a rollback, a failure or the deadline.
+#[allow(clippy::too_many_arguments)]
 async fn await_outcome(
     endpoints: &[(u64, String)],
     id: u64,
     sha: &str,
     version: &str,
     wait: Duration,
+    began: Instant,
     untouched: &str,
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
@@ -637,12 +718,38 @@ async fn await_outcome(
             say(format!("server {id}: {now}"));
             said = now;
         }
-        if start.elapsed() >= wait {
+        if began.elapsed() >= wait {
             anyhow::bail!(
                 "server {id} did not record {version} as good within {} min (last: {said}); the roll stops here{untouched}",
                 wait.as_secs() / 60
             );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback;
+
+    #[test]
+    fn a_loopback_endpoint_means_zonectl_runs_on_the_server_that_answered() {
+        for e in [
+            "127.0.0.1:7400",
+            "127.0.0.3:7400",
+            "https://127.0.0.1:7400",
+            "[::1]:7400",
+            "localhost:7400",
+        ] {
+            assert!(loopback(e), "{e}");
+        }
+        for e in [
+            "10.0.0.1:7400",
+            "https://10.0.0.100:7400",
+            "[fd00::1]:7400",
+            "zone-1:7400",
+        ] {
+            assert!(!loopback(e), "{e}");
+        }
     }
 }

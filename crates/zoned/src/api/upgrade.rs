@@ -42,10 +42,45 @@ const CHUNK: usize = 1 << 20;
 /// The largest bundle taken (a root image and two kernel images).
 pub const MAX_BUNDLE: u64 = 4 << 30;
 
+/// Whose turn it is: the id of the server that last began an install. The
+/// turn passes on once that server's record is no longer pending.
+pub const TURN_KEY: &[u8] = b"zone/upgrade-turn";
+
 fn record_key(id: u64) -> Vec<u8> {
     let mut k = UPGRADE_PREFIX.to_vec();
     k.extend_from_slice(id.to_string().as_bytes());
     k
+}
+
+/// Whether this zoned process runs an install now. A pending record of
+/// this boot is under way only while it does: a zoned restarted during an
+/// install (systemd stops the tool with it), or an install that gave up
+/// after its INSTALLING record was written (a proposal timed out, then
+/// committed), leaves a record nothing would ever settle, and the zone's
+/// turn held with it.
+static UNDER_WAY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Holds [`UNDER_WAY`] for an install task's life.
+struct UnderWay;
+
+impl UnderWay {
+    fn begin() -> UnderWay {
+        UNDER_WAY.store(true, std::sync::atomic::Ordering::SeqCst);
+        UnderWay
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        UNDER_WAY.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// This boot's id, as the kernel gives it (a new one each boot).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn now_ms() -> u64 {
@@ -155,12 +190,12 @@ fn remove_others(dir: &Path, keep: &Path) {
 
 /// Receives a bundle's bytes from `chunks` into `dir/<sha>.partial`,
 /// checking them against the announced size and sha256, then verifies the
-/// bundle and renames it to `dir/<sha>.bundle`. `expect`: the size and
-/// sha256 if already known (a fetch); else the first chunk's.
+/// bundle and renames it to `dir/<sha>.bundle`. `asked`: the sha256 a
+/// fetch asked for (the holder's first chunk must announce it).
 async fn receive<S>(
     zone: &ServerContext,
     mut chunks: S,
-    expect: Option<(u64, String)>,
+    asked: Option<&str>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<BundleInfo, ApiError>
 where
@@ -174,11 +209,15 @@ where
         .transpose()
         .map_err(|s| ApiError::Unavailable(format!("receiving the bundle: {}", s.message())))?
         .ok_or_else(|| bad("chunks", "the stream ended before the first chunk"))?;
-    let (total, sha) = match expect {
-        Some(e) => e,
-        None => (first.total_bytes, std::mem::take(&mut first.sha256)),
-    };
+    let (total, sha) = (first.total_bytes, std::mem::take(&mut first.sha256));
     check_sha("sha256", &sha)?;
+    if let Some(asked) = asked {
+        if sha != asked {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the holder sent bundle {sha}, not the {asked} asked for"
+            )));
+        }
+    }
     if total == 0 || total > MAX_BUNDLE {
         return Err(bad(
             "total_bytes",
@@ -394,8 +433,87 @@ impl UpgradeService {
     }
 }
 
-/// This server's record, as it has applied the zone's writes.
-pub(crate) fn read_record(zone: &ServerContext, id: u64) -> Option<UpgradeRecord> {
+/// Whether a record is of an upgrade not yet settled: the server is
+/// installing, or rebooting into, or on trial in its new slot.
+fn pending(r: &UpgradeRecord) -> bool {
+    matches!(
+        UpgradeState::try_from(r.state),
+        Ok(UpgradeState::Installing | UpgradeState::Installed)
+    )
+}
+
+/// Refuses while another server's upgrade is not settled: one server at a
+/// time, so that a three-server zone never has two down at once (its
+/// quorum). Returns the turn key's revision, for [`take_turn`].
+async fn check_turn(zone: &ServerContext, me: u64) -> Result<u64, ApiError> {
+    let (kv, _) = zone.reader().get(&GetRequest {
+        key: TURN_KEY.to_vec(),
+        serializable: true,
+    })?;
+    let Some(kv) = kv else {
+        return Ok(0);
+    };
+    let holder: u64 = String::from_utf8_lossy(&kv.value).parse().unwrap_or(0);
+    // A holder that has left the zone (removed, its server replaced)
+    // will never settle its record: it does not hold the turn.
+    let member = |local: &crate::node::LocalStatus| {
+        local.voters.contains(&holder) || local.learners.contains(&holder)
+    };
+    if holder != 0 && holder != me {
+        if let Some((r, _)) = read_record_at(zone, holder) {
+            if pending(&r) && zone.local().await.map_or(true, |l| member(&l)) {
+                let state = if r.state == UpgradeState::Installing as i32 {
+                    "installing"
+                } else {
+                    "installed, not yet back and marked good"
+                };
+                return Err(ApiError::FailedPrecondition(format!(
+                    "server {holder} is being upgraded to {} ({state}): one server at a time, so that the zone keeps its quorum; wait until it is settled (zonectl upgrade status){}",
+                    r.target_version,
+                    if r.state == UpgradeState::Installed as i32 {
+                        ", or reboot it if it was installed without a reboot"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+    }
+    Ok(kv.mod_revision)
+}
+
+/// Takes the turn and records INSTALLING in one transaction: of two
+/// servers beginning at the same moment, one gets it.
+async fn take_turn(zone: &ServerContext, r: &mut UpgradeRecord) -> Result<(), ApiError> {
+    use zone_proto::v1::{request_op, RequestOp};
+    let seen = check_turn(zone, r.server).await?;
+    r.boot_id = boot_id();
+    r.updated_unix_ms = now_ms();
+    let put = |key: Vec<u8>, value: Vec<u8>| RequestOp {
+        request: Some(request_op::Request::Put(PutRequest {
+            key,
+            value,
+            prev_kv: false,
+        })),
+    };
+    let ops = vec![
+        put(TURN_KEY.to_vec(), r.server.to_string().into_bytes()),
+        put(record_key(r.server), r.encode_to_vec()),
+    ];
+    match zone
+        .write_if_unchanged(TURN_KEY, seen, ops, zone.config().request_timeout())
+        .await?
+    {
+        Some(_) => Ok(()),
+        None => Err(ApiError::FailedPrecondition(
+            "another server began an upgrade at the same moment: one server at a time; see zonectl upgrade status".into(),
+        )),
+    }
+}
+
+/// Server `id`'s record and its revision, as this server has applied the
+/// zone's writes.
+fn read_record_at(zone: &ServerContext, id: u64) -> Option<(UpgradeRecord, u64)> {
     let (kv, _) = zone
         .reader()
         .get(&GetRequest {
@@ -403,10 +521,17 @@ pub(crate) fn read_record(zone: &ServerContext, id: u64) -> Option<UpgradeRecord
             serializable: true,
         })
         .ok()?;
-    UpgradeRecord::decode(kv?.value.as_slice()).ok()
+    let kv = kv?;
+    Some((
+        UpgradeRecord::decode(kv.value.as_slice()).ok()?,
+        kv.mod_revision,
+    ))
 }
 
-async fn write_record(zone: &ServerContext, r: &UpgradeRecord) -> Result<(), ApiError> {
+/// Writes this server's record, stamped with this boot's id and the time.
+async fn write_record(zone: &ServerContext, r: &mut UpgradeRecord) -> Result<(), ApiError> {
+    r.boot_id = boot_id();
+    r.updated_unix_ms = now_ms();
     let op = command::Op::Put(PutRequest {
         key: record_key(r.server),
         value: r.encode_to_vec(),
@@ -415,6 +540,33 @@ async fn write_record(zone: &ServerContext, r: &UpgradeRecord) -> Result<(), Api
     zone.write(op, zone.config().request_timeout()).await?;
     Ok(())
 }
+
+/// Writes the record again until the zone takes it, for up to `limit`
+/// (an election, a space alarm: the install's outcome must not be lost).
+async fn write_record_until(
+    zone: &ServerContext,
+    r: &mut UpgradeRecord,
+    limit: Duration,
+) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match write_record(zone, r).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the upgrade's state yet");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// How long an install's state may take to be recorded before the install
+/// gives up (and does not reboot).
+const RECORD_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The longest an install tool may run (a hung disk: the lock is freed).
+const TOOL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 type InstallStream = Pin<Box<dyn Stream<Item = Result<InstallProgress, Status>> + Send>>;
 
@@ -474,7 +626,7 @@ impl UpgradeService {
                     .into_inner();
                 let mut last = 0;
                 let txp = tx.clone();
-                receive(&zone, stream, None, move |done, total| {
+                receive(&zone, stream, Some(&req.sha256), move |done, total| {
                     let pct = (done * 100).checked_div(total).unwrap_or(100);
                     if pct / 10 != last / 10 || done == total {
                         last = pct;
@@ -502,23 +654,42 @@ impl UpgradeService {
             reason: String::new(),
             updated_unix_ms: now_ms(),
             started_unix_ms: now_ms(),
+            boot_id: String::new(),
         };
         // Recorded before anything is written: the zone knows what this
         // server is about, whatever happens next.
-        write_record(&zone, &record).await.map_err(|e| {
-            ApiError::Unavailable(format!(
+        take_turn(&zone, &mut record).await.map_err(|e| match e {
+            ApiError::FailedPrecondition(m) => ApiError::FailedPrecondition(m),
+            e => ApiError::Unavailable(format!(
                 "the zone could not record the upgrade, so nothing was installed: {e}"
-            ))
+            )),
         })?;
         let cfg = &zone.config().upgrade;
         let path = bundle_path(&bundle_dir(&zone), &info.sha256);
-        let outcome = run_tool(&cfg.tool, &cfg.esp, &cfg.keys_dir, &path, &tx).await;
-        record.updated_unix_ms = now_ms();
+        let outcome = tokio::time::timeout(
+            TOOL_TIMEOUT,
+            run_tool(&cfg.tool, &cfg.esp, &cfg.keys_dir, &path, &tx),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            // Dropped: the child is killed (kill_on_drop); the slot it was
+            // writing has no entry, so nothing boots it.
+            Err(format!(
+                "{} did not end within {} min and was stopped",
+                cfg.tool.display(),
+                TOOL_TIMEOUT.as_secs() / 60
+            ))
+        });
         match outcome {
             Ok(said) => {
                 record.state = UpgradeState::Installed as i32;
-                if let Err(e) = write_record(&zone, &record).await {
-                    tracing::warn!(error = %e, "could not record the install; the server's status after the reboot will tell");
+                // No reboot before the zone knows: the next boot's outcome
+                // is judged against this record (settle).
+                if let Err(e) = write_record_until(&zone, &mut record, RECORD_PATIENCE).await {
+                    return Err(ApiError::Unavailable(format!(
+                        "slot {target} is installed and boots next on trial, but the zone could not record it within {} s ({e}): not rebooting; reboot server {me} once the zone has a leader again",
+                        RECORD_PATIENCE.as_secs()
+                    )));
                 }
                 let said = said.strip_prefix("installed ").unwrap_or(&said).to_owned();
                 send(step("installed", said)).await;
@@ -526,7 +697,7 @@ impl UpgradeService {
             Err(reason) => {
                 record.state = UpgradeState::Failed as i32;
                 record.reason = reason.clone();
-                if let Err(e) = write_record(&zone, &record).await {
+                if let Err(e) = write_record_until(&zone, &mut record, RECORD_PATIENCE).await {
                     tracing::warn!(error = %e, "could not record the failed install");
                 }
                 return Err(ApiError::FailedPrecondition(format!(
@@ -550,26 +721,30 @@ impl UpgradeService {
             send(step("handing over", "this server leads: leadership first")).await;
             zone.hand_over_leadership().await;
         }
-        let _ = tx
-            .send(Ok(InstallProgress {
-                step: "rebooting".into(),
-                message: format!("into slot {target} on trial"),
-                done: true,
-                ..InstallProgress::default()
-            }))
-            .await;
-        // Let the last message reach the client before the reboot stops
-        // this process.
-        tokio::time::sleep(Duration::from_millis(500)).await;
         tracing::warn!(slot = %target, version = %record.target_version, "rebooting into the new slot");
-        let Some((prog, args)) = cfg.reboot_command.split_first() else {
-            return Ok(());
+        // `systemctl reboot` queues the reboot and returns: its status says
+        // whether it was accepted, before this process is stopped.
+        let st = match cfg.reboot_command.split_first() {
+            Some((prog, args)) => tokio::process::Command::new(prog).args(args).status().await,
+            None => Err(std::io::Error::other("upgrade.reboot_command is empty")),
         };
-        let st = tokio::process::Command::new(prog).args(args).status().await;
-        if !matches!(st, Ok(s) if s.success()) {
-            tracing::error!(status = ?st, "the reboot command failed: the new slot boots at the next reboot");
+        match st {
+            Ok(s) if s.success() => {
+                let _ = tx
+                    .send(Ok(InstallProgress {
+                        step: "rebooting".into(),
+                        message: format!("into slot {target} on trial"),
+                        done: true,
+                        ..InstallProgress::default()
+                    }))
+                    .await;
+                Ok(())
+            }
+            other => Err(ApiError::FailedPrecondition(format!(
+                "slot {target} is installed and boots next on trial, but the reboot command {:?} failed ({other:?}): reboot server {me} by hand",
+                cfg.reboot_command
+            ))),
         }
-        Ok(())
     }
 }
 
@@ -593,6 +768,7 @@ async fn run_tool(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("starting {}: {e}", tool.display()))?;
     let stdout = child.stdout.take();
@@ -641,7 +817,23 @@ impl upgrade_server::Upgrade for UpgradeService {
     ) -> Result<Response<BundleInfo>, Status> {
         let _guard = self.lock()?;
         let started = std::time::Instant::now();
-        let info = receive(&self.zone, req.into_inner(), None, |_, _| {}).await?;
+        let mut chunks = req.into_inner();
+        // A bundle this server holds already is not received twice (nor
+        // counted twice against the free space).
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| bad("chunks", "the stream ended before the first chunk"))?;
+        check_sha("sha256", &first.sha256)?;
+        if let Some(info) = held(&self.zone, &first.sha256).await? {
+            if info.bytes == first.total_bytes {
+                tracing::info!(sha256 = %info.sha256, "an upload of a bundle held already: kept as it is");
+                return Ok(Response::new(info));
+            }
+        }
+        use futures::StreamExt as _;
+        let chunks = futures::stream::iter([Ok(first)]).chain(chunks);
+        let info = receive(&self.zone, chunks, None, |_, _| {}).await?;
         tracing::info!(sha256 = %info.sha256, version = %info.version, bytes = info.bytes, took = ?started.elapsed(), key = %info.key_id, "received an update bundle");
         Ok(Response::new(info))
     }
@@ -677,21 +869,37 @@ impl upgrade_server::Upgrade for UpgradeService {
             }
             None => {
                 return Err(ApiError::FailedPrecondition(format!(
-                    "server {me}'s running slot {running} has no boot entry on {}",
-                    self.zone.config().upgrade.esp.display()
+                    "server {me}'s running slot {running} has no boot entry on {}{}",
+                    self.zone.config().upgrade.esp.display(),
+                    if boot.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", boot.error)
+                    }
                 ))
                 .into())
             }
         }
+        // Said before a fetch; checked again when the turn is taken.
+        check_turn(&self.zone, me).await?;
         let guard = self.lock()?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let zone = self.zone.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let errs = tx.clone();
-            if let Err(e) = UpgradeService::install_task(zone, req, running, tx).await {
+            let result = {
+                let _under_way = UnderWay::begin();
+                UpgradeService::install_task(zone.clone(), req, running, tx).await
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %e, "upgrade install failed");
                 let _ = errs.send(Err(e.into())).await;
+                // A record it wrote but could not bring to an end (its
+                // FAILED write gave up, or the INSTALLING one timed out and
+                // committed later) is settled now, not left holding the
+                // zone's turn.
+                tokio::spawn(settle(zone));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -736,20 +944,42 @@ impl upgrade_server::Upgrade for UpgradeService {
     }
 }
 
-/// After a boot: settles this server's record left by an install before
-/// the reboot. INSTALLED: GOOD once the new slot's entry is marked good
-/// (the boot assessment passed), ROLLED_BACK if the server came back on
-/// the other slot. INSTALLING: FAILED (the server stopped while writing
-/// the slot, whose entries were removed first: it boots the old slot, and
-/// the upgrade may be run again). Runs until it has written one, or finds
-/// nothing to settle once this server is caught up.
+/// After a boot: settles this server's record left by an install of an
+/// earlier boot (told by the kernel's boot id, not by clocks).
+/// - The server runs the target slot: GOOD once its entry is marked good
+///   (the boot assessment passed) and it runs the installed image; on
+///   trial, wait. This holds for INSTALLING too: the tool finished (only
+///   then does the entry exist) but the server stopped before INSTALLED
+///   was recorded.
+/// - INSTALLED, on the other slot: ROLLED_BACK, with why.
+/// - INSTALLING, on the other slot: FAILED (the server stopped while
+///   writing the slot, whose entries were removed first: it boots the old
+///   slot, and the upgrade may be run again).
+///
+/// The outcome is written only if the record is still the one judged (a
+/// transaction on its revision): a new install's record is never
+/// overwritten. Runs until it has written one, or finds nothing to settle
+/// once this server is caught up.
 pub async fn settle(zone: ServerContext) {
+    // One at a time (it is started at boot, and again after an install
+    // that failed).
+    static SETTLING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    struct Settling;
+    impl Drop for Settling {
+        fn drop(&mut self) {
+            SETTLING.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    if SETTLING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let _settling = Settling;
     let esp = zone.config().upgrade.esp.clone();
     let me = zone.node().id();
     if boot_status(&esp).is_none() {
         return;
     }
-    let booted_ms = boot_time_ms();
+    let this_boot = boot_id();
     loop {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let member = match zone.local().await {
@@ -760,61 +990,116 @@ pub async fn settle(zone: ServerContext) {
         if !member || zone.linearize(Duration::from_secs(2)).await.is_err() {
             continue;
         }
-        let Some(mut r) = read_record(&zone, me) else {
+        let Some((mut r, seen)) = read_record_at(&zone, me) else {
             return;
         };
-        let before_this_boot = r.updated_unix_ms < booted_ms;
+        let state = UpgradeState::try_from(r.state);
+        let pending = matches!(
+            state,
+            Ok(UpgradeState::Installed | UpgradeState::Installing)
+        );
+        if !pending {
+            return;
+        }
+        let earlier_boot = if r.boot_id.is_empty() {
+            r.updated_unix_ms < boot_time_ms()
+        } else {
+            r.boot_id != this_boot
+        };
+        let under_way = UNDER_WAY.load(std::sync::atomic::Ordering::SeqCst);
+        if !earlier_boot && (under_way || state == Ok(UpgradeState::Installed)) {
+            // Under way, or installed without a reboot: the next boot
+            // judges it.
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            continue;
+        }
         let Some(boot) = boot_status(&esp) else {
             return;
         };
         let target_entry = boot.entries.iter().find(|e| e.slot == r.target_slot);
-        match UpgradeState::try_from(r.state) {
-            Ok(UpgradeState::Installed) if before_this_boot => {
-                if boot.running_slot == r.target_slot {
-                    match target_entry {
-                        Some(e) if e.assessment == "good" => r.state = UpgradeState::Good as i32,
-                        // On trial: the assessment is still running.
-                        _ => continue,
-                    }
-                } else {
-                    r.state = UpgradeState::RolledBack as i32;
-                    r.reason = match target_entry {
-                        Some(e) if e.assessment == "bad" => format!(
-                            "slot {} ({}) was not marked good within its {} tries; the loader booted slot {} again",
-                            r.target_slot, e.file, e.tries_done, boot.running_slot
-                        ),
-                        Some(e) => format!(
-                            "the server booted slot {} while slot {} ({}) was on trial",
-                            boot.running_slot, r.target_slot, e.file
-                        ),
-                        None => format!(
-                            "slot {} has no boot entry; the server booted slot {}",
-                            r.target_slot, boot.running_slot
-                        ),
-                    };
-                }
-            }
-            Ok(UpgradeState::Installing) if before_this_boot => {
+        if !earlier_boot {
+            // INSTALLING, of this boot, and no install runs: it was cut
+            // without a reboot. The tool writes the slot's boot entry last,
+            // so an entry means the slot is whole and the next boot tries
+            // it: that is INSTALLED, waiting for a reboot.
+            if let Some(e) = target_entry {
+                r.state = UpgradeState::Installed as i32;
+                r.reason = format!(
+                    "slot {} ({}) was written, but zoned stopped before rebooting into it: reboot server {me} to try it",
+                    r.target_slot, e.file
+                );
+            } else {
                 r.state = UpgradeState::Failed as i32;
                 r.reason = format!(
-                    "the server stopped while writing slot {} (power cut or crash); it booted slot {}; the upgrade may be run again",
+                    "the install stopped while writing slot {} (zoned stopped or gave up); the server still runs slot {}; the upgrade may be run again",
                     r.target_slot, boot.running_slot
                 );
             }
-            // Installed or installing during this boot: the next boot
-            // judges it.
-            Ok(UpgradeState::Installed | UpgradeState::Installing) => {
-                tokio::time::sleep(Duration::from_secs(7)).await;
-                continue;
+        } else if boot.running_slot == r.target_slot {
+            match target_entry {
+                Some(e) if e.assessment == "good" => {
+                    let image = zone.host_image();
+                    if image == r.target_version {
+                        r.state = UpgradeState::Good as i32;
+                        r.reason.clear();
+                    } else {
+                        r.state = UpgradeState::Failed as i32;
+                        r.reason = format!(
+                            "slot {} runs {image}, not the {} this upgrade installed: the slot was written again since",
+                            r.target_slot, r.target_version
+                        );
+                    }
+                }
+                // On trial: the assessment is still running.
+                _ => continue,
             }
-            _ => return,
+        } else if state == Ok(UpgradeState::Installed) {
+            r.state = UpgradeState::RolledBack as i32;
+            r.reason = match target_entry {
+                Some(e) if e.assessment == "bad" => format!(
+                    "slot {} ({}) was not marked good within its {} tries; the loader booted slot {} again",
+                    r.target_slot, e.file, e.tries_done, boot.running_slot
+                ),
+                Some(e) => format!(
+                    "the server booted slot {} while slot {} ({}) was on trial",
+                    boot.running_slot, r.target_slot, e.file
+                ),
+                None => format!(
+                    "slot {} has no boot entry; the server booted slot {}",
+                    r.target_slot, boot.running_slot
+                ),
+            };
+        } else {
+            r.state = UpgradeState::Failed as i32;
+            r.reason = format!(
+                "the server stopped while writing slot {} (power cut or crash); it booted slot {}; the upgrade may be run again",
+                r.target_slot, boot.running_slot
+            );
         }
+        r.boot_id = this_boot.clone();
         r.updated_unix_ms = now_ms();
-        match write_record(&zone, &r).await {
-            Ok(()) => {
+        let put = zone_proto::v1::RequestOp {
+            request: Some(zone_proto::v1::request_op::Request::Put(PutRequest {
+                key: record_key(me),
+                value: r.encode_to_vec(),
+                prev_kv: false,
+            })),
+        };
+        match zone
+            .write_if_unchanged(
+                &record_key(me),
+                seen,
+                vec![put],
+                zone.config().request_timeout(),
+            )
+            .await
+        {
+            Ok(Some(_)) => {
                 tracing::info!(state = r.state().as_str_name(), reason = %r.reason, "upgrade outcome recorded");
                 return;
             }
+            // A new install wrote its record meanwhile: judge that one.
+            Ok(None) => continue,
             Err(e) => tracing::warn!(error = %e, "could not record the upgrade's outcome yet"),
         }
     }

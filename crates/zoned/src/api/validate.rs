@@ -181,7 +181,7 @@ impl Limits {
 /// revocation, or plant a token: refused.
 /// zone-sync's reports and the roll lock beside them are written through
 /// the key-value API, and stay open to it.
-const RESERVED: [(&[u8], bool); 8] = [
+const RESERVED: [(&[u8], bool); 9] = [
     (zone_files::keys::FILE_PREFIX, true),
     (zone_files::keys::HIST_PREFIX, true),
     (zone_files::keys::GEN_KEY, false),
@@ -190,6 +190,7 @@ const RESERVED: [(&[u8], bool); 8] = [
     (zone_datastores::DS_PREFIX, true),
     (zone_datastores::GEN_KEY, false),
     (super::upgrade::UPGRADE_PREFIX, true),
+    (super::upgrade::TURN_KEY, false),
 ];
 
 /// Refuses a client's write that would change a reserved key ([`RESERVED`]),

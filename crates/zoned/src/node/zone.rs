@@ -46,7 +46,7 @@ pub enum ZoneMismatch {
         founded_by: u64,
     },
     /// The zone's data is at a format level this build cannot read.
-    #[error("zone {zone_id} keeps its data in format level {zone} (set by zoned {set_by}); this server's zoned {here_version} reads levels up to {here} and cannot take part: upgrade this server's image to the zone's release (zonectl upgrade --server ID) before it joins")]
+    #[error("zone {zone_id} keeps its data in format level {zone} (set by zoned {set_by}); this server's zoned {here_version} reads levels up to {here} and cannot take part: install the zone's release on this server first (`zone-upgrade install BUNDLE` and a reboot, or reflash it), then start it again")]
     Format {
         zone: u32,
         here: u32,
