@@ -87,6 +87,17 @@ fn each_image_ships_the_release_build_and_a_bundle_signed_by_a_key_it_trusts() -
             dir.join(format!("manifest-{profile}.json")),
         )?)?;
         assert_eq!(manifest["binaries_profile"], "release", "{manifest}");
+        // The last console is /dev/console, where systemd's and journald's
+        // messages go: a VM's serial port, a server's screen.
+        let last_console = manifest["kernel_cmdline"]
+            .as_str()
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|a| a.strip_prefix("console="))
+            .next_back()
+            .map(|c| c.split(',').next().unwrap_or(c).to_owned());
+        let expected = if profile == "vm" { "ttyS0" } else { "tty0" };
+        assert_eq!(last_console.as_deref(), Some(expected), "{manifest}");
 
         let mut keys = zone_bundle::TrustedKeys::default();
         let trusted = manifest["bundle"]["trusted_keys"]

@@ -173,7 +173,8 @@ fn entry_of<'a>(s: &'a serde_json::Value, slot: &str) -> &'a serde_json::Value {
 /// 2. a bundle whose zoned never starts: the first follower tries it three
 ///    times, its loader boots slot b again by itself, the server records
 ///    the rollback, and the roll stops with the reason, the other servers
-///    untouched;
+///    untouched; the tries' journal is read after the rollback (`zonectl
+///    logs`: one machine id, so one journal, across boots);
 /// 3. the power of a server cut while its inactive slot is being written
 ///    (`--server`): it boots the slot it ran, records the cut install as
 ///    failed, and the same upgrade run again succeeds.
@@ -293,6 +294,29 @@ fn a_zone_rolls_to_a_new_bundle_under_writes_and_a_bad_one_rolls_back_by_itself(
     }
     let text = client.zonectl(&vip(), &["upgrade", "status"])?;
     eprintln!("{}", String::from_utf8_lossy(&text.stdout));
+    // Why the tries failed is still in the server's journal after the
+    // rollback: its machine id is kept on its data partition, so the
+    // journal of every boot is one journal (with a machine id made up at
+    // each boot, `zonectl logs` reads the running boot's alone).
+    let server_id = first_follower.to_string();
+    let out = client.zonectl(
+        &vip(),
+        &["logs", "--server", &server_id, "-u", "zoned", "-n", "20000"],
+    )?;
+    assert!(
+        out.status.success(),
+        "zonectl logs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let journal = String::from_utf8_lossy(&out.stdout);
+    let tries = journal
+        .lines()
+        .filter(|l| l.contains("this root was built with --never-healthy"))
+        .count();
+    assert!(
+        tries >= 3,
+        "server {first_follower}'s journal after the rollback has {tries} of the 3 failed tries' zoned lines"
+    );
 
     // 3. The power cut while slot a is written.
     let victim = first_follower;

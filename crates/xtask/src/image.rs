@@ -165,8 +165,9 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
     let image = root.join("image");
     let mut packages = read_list(&image.join("packages.txt"))?;
     packages.extend(read_list(&image.join(profile.name()).join("packages.txt"))?);
-    // Files put in place before any package installs (initramfs settings).
-    let early = image.join(profile.name()).join("root");
+    // Files put in place before any package installs (initramfs settings
+    // and scripts): every profile's, then this profile's.
+    let early = [image.join("root"), image.join(profile.name()).join("root")];
     let sources = apt_sources()?;
     let excludes = [
         "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -179,14 +180,20 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
     ];
     // The key covers everything that shapes the tree.
     let mut key_input = format!("{SUITE}\n{packages:?}\n{excludes:?}\n");
-    for f in walk(&early)? {
-        // Relative: a clone elsewhere has the same tree (keyed by the
-        // absolute path, every clone path built and kept one more).
-        key_input.push_str(&format!(
-            "{}\n{}\n",
-            f.strip_prefix(&early).unwrap_or(&f).display(),
-            std::fs::read_to_string(&f)?
-        ));
+    for dir in &early {
+        for f in walk(dir)? {
+            // Relative: a clone elsewhere has the same tree (keyed by the
+            // absolute path, every clone path built and kept one more).
+            // The mode too: mkinitramfs skips a script that is not
+            // executable, without a word.
+            use std::os::unix::fs::PermissionsExt;
+            key_input.push_str(&format!(
+                "{} {:o}\n{}\n",
+                f.strip_prefix(&image).unwrap_or(&f).display(),
+                std::fs::metadata(&f)?.permissions().mode(),
+                std::fs::read_to_string(&f)?
+            ));
+        }
     }
     for s in &sources {
         key_input.push_str(&std::fs::read_to_string(s)?);
@@ -210,7 +217,12 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
         .args(excludes)
         // The initramfs settings must be in place before the kernel's
         // package builds the initramfs.
-        .arg(format!("--setup-hook=sync-in '{}' /", early.display()))
+        .args(
+            early
+                .iter()
+                .filter(|d| d.exists())
+                .map(|d| format!("--setup-hook=sync-in '{}' /", d.display())),
+        )
         .arg(SUITE)
         .arg(&tmp)
         .args(&sources)
@@ -228,6 +240,19 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
         }
     }
     Ok((tar, true))
+}
+
+/// A file of kernel command-line arguments: its lines joined, `#` comments
+/// and blank lines left out.
+fn read_args(path: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -515,9 +540,13 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
             "systemd-timesyncd.service",
             "zone-boot-check.service",
             "zone-boot-deadline.service",
+            "zone-machine-id.service",
         ]))?;
-    // A read-only root: no first-boot questions, a machine id per boot.
-    // The boot loader on the EFI partition is the image's, not bootctl's.
+    // A read-only root: no first-boot questions; the machine id is the
+    // data partition's, put in place by the initramfs
+    // (image/root/etc/initramfs-tools/scripts/init-bottom/zoned-machine-id),
+    // so there is nothing to commit to /etc. The boot loader on the EFI
+    // partition is the image's, not bootctl's.
     run(Command::new("systemctl")
         .arg(format!("--root={}", root.display()))
         .args([
@@ -525,6 +554,7 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
             "--quiet",
             "systemd-firstboot.service",
             "systemd-boot-update.service",
+            "systemd-machine-id-commit.service",
         ]))?;
     std::fs::write(root.join("etc/machine-id"), "")?;
     let _ = std::fs::remove_file(root.join("etc/hostname"));
@@ -593,7 +623,19 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
     std::fs::create_dir_all(root.join("boot/efi"))?;
 
     progress.step("unified kernel image (EFI stub + kernel + initrd + command line)");
-    let cmdline = std::fs::read_to_string(repo_root().join("image/cmdline.txt"))?;
+    // Every profile's arguments, then the profile's consoles: the last
+    // `console=` is /dev/console, where systemd's and journald's messages
+    // go (the kernel's go to each).
+    let cmdline = format!(
+        "{} {}",
+        read_args(&repo_root().join("image/cmdline.txt"))?,
+        read_args(
+            &repo_root()
+                .join("image")
+                .join(profile.name())
+                .join("console.txt")
+        )?
+    );
     // The kernel images' own os-release names the release for the loader's
     // menu but carries no version field: systemd-boot would order entries
     // by it before their file names, and the file names (the generation

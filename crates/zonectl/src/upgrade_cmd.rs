@@ -12,7 +12,7 @@
 //! as they are. A server already running the bundle's version is skipped,
 //! so a roll that stopped can be run again.
 
-use std::io::{IsTerminal as _, Read as _};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -611,7 +611,6 @@ async fn install(
             )
         })?
         .into_inner();
-    let tty = std::io::stderr().is_terminal();
     let mut last_step = String::new();
     loop {
         match stream.message().await {
@@ -627,9 +626,10 @@ async fn install(
                 } else {
                     format!("server {id}: {}: {}", p.step, p.message)
                 };
-                if tty || p.step != last_step || p.message.is_empty() || p.done {
-                    say(line);
-                }
+                // Every line: the server sends a step's progress in tenths
+                // (the tool's), so a log off a terminal gets a few lines a
+                // step, not only the step's 0%.
+                say(line);
                 last_step = p.step.clone();
                 if p.done {
                     return Ok(());
