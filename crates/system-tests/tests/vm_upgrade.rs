@@ -89,12 +89,14 @@ struct Writer {
     handle: std::thread::JoinHandle<(Vec<String>, Gap)>,
 }
 
-/// The longest time between two acknowledged writes, and when it began
-/// (since the writer started).
-#[derive(Debug, Clone, Copy, Default)]
+/// The longest time between two acknowledged writes, when it began (since
+/// the writer started), and what the writer's attempts within it saw: how
+/// the client met the leader's handoff.
+#[derive(Debug, Clone, Default)]
 struct Gap {
     longest: Duration,
     began: Duration,
+    attempts: Vec<String>,
 }
 
 impl Writer {
@@ -106,17 +108,35 @@ impl Writer {
             let start = Instant::now();
             let mut last = start;
             let mut gap = Gap::default();
+            // The attempts since the last acknowledgement: (began, took,
+            // what zonectl said).
+            let mut since_last: Vec<String> = Vec::new();
             let mut n = 0u64;
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
                 let key = format!("w/{n:06}");
-                if client.put(&vip(), &key, "x") {
+                let began = Instant::now();
+                let out = client.zonectl(&vip(), &["kv", "put", &key, "x"]);
+                let ok = out.as_ref().is_ok_and(|o| o.status.success());
+                let said = match &out {
+                    Ok(_) if ok => "acknowledged".to_owned(),
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                    Err(e) => format!("{e:#}"),
+                };
+                since_last.push(format!(
+                    "{:.1} s +{:.1} s: {said}",
+                    (began - start).as_secs_f64(),
+                    began.elapsed().as_secs_f64()
+                ));
+                if ok {
                     if last.elapsed() > gap.longest {
                         gap = Gap {
                             longest: last.elapsed(),
                             began: last - start,
+                            attempts: std::mem::take(&mut since_last),
                         };
                     }
+                    since_last.clear();
                     last = Instant::now();
                     acked.push(key);
                 } else {
@@ -268,6 +288,11 @@ fn a_zone_rolls_to_a_new_bundle_under_writes_and_a_bad_one_rolls_back_by_itself(
         gap.longest.as_secs_f64(),
         gap.began.as_secs_f64() - 5.0
     );
+    // Times are since the writer started, 5 s before the roll.
+    eprintln!("the writer's attempts in that gap:");
+    for a in &gap.attempts {
+        eprintln!("  {a}");
+    }
 
     // 2. A bundle that never becomes healthy.
     let first_follower = (1..=3).find(|&id| id != leader1).unwrap_or(1);
