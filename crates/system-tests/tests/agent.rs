@@ -485,6 +485,10 @@ impl Addresses for SlowFirstAdd {
     fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>> {
         self.memory.remove(vip)
     }
+
+    fn reset_connections(&self, vip: &Vip) -> std::io::Result<usize> {
+        self.memory.reset_connections(vip)
+    }
 }
 
 /// Issue 20's defect 2, its last part: an address that took effect after

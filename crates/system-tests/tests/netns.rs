@@ -52,6 +52,22 @@ fn leader_holder(tb: &Testbed, not: Option<usize>) -> usize {
     )
 }
 
+/// Moves leadership from namespace `first` to the next one, asked through
+/// the VIP; the next one's index.
+fn transfer_to_next(tb: &Testbed, first: usize) -> usize {
+    let target = (first + 1) % 3;
+    let out = tb.zonectl(
+        &format!("{}:7400", tb.vip),
+        &["leader", "transfer", &tb.nodes[target].id.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target
+}
+
 fn write_through_vip(tb: &Testbed, key: &str) -> bool {
     let out = tb.zonectl(&format!("{}:7400", tb.vip), &["kv", "put", key, "v"]);
     out.status.success()
@@ -464,16 +480,7 @@ fn transfer_and_sigterm_move_the_vip_with_no_dual_holder() {
     let first = leader_holder(&tb, None);
     let sampler = Sampler::start(&tb);
     // Graceful transfer, asked through the VIP.
-    let target = (first + 1) % 3;
-    let out = tb.zonectl(
-        &format!("{}:7400", tb.vip),
-        &["leader", "transfer", &tb.nodes[target].id.to_string()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let target = transfer_to_next(&tb, first);
     let t = Instant::now();
     assert_eq!(leader_holder(&tb, Some(first)), target);
     let transfer = t.elapsed();
@@ -491,6 +498,56 @@ fn transfer_and_sigterm_move_the_vip_with_no_dual_holder() {
     );
     assert!(write_through_vip(&tb, "after-handoffs"));
     eprintln!("transfer moved the VIP in {transfer:?}, SIGTERM in {sigterm:?}; {samples} samples, never two holders");
+}
+
+/// Issue 24's write gap at the leader's handover: a client connection open
+/// to the VIP on the old leader is reset when leadership moves, so the
+/// client hears it at once and connects again, to the new holder. On the
+/// code before, the connection fell silent: once the VIP is removed, the
+/// old holder's kernel sends nothing from it (no answer, no FIN, no
+/// reset), and the client waited for its own deadline: the upgrade test's
+/// writer, through the VIP, stalled 10.4 s (its `--timeout 10`) at the
+/// handover. Here the connection's read timed out after 8 s of silence.
+#[test]
+fn a_transfer_resets_the_clients_connections_to_the_vip_on_the_old_leader() {
+    use std::io::Read;
+    let tb = Testbed::start(3);
+    let first = leader_holder(&tb, None);
+    let addr: std::net::SocketAddr = format!("{}:7400", tb.vip).parse().unwrap();
+    let netns = format!("/run/netns/{}", tb.client_ns);
+    let (connected, is_connected) = std::sync::mpsc::channel();
+    // A thread of its own in the client namespace holds one connection to
+    // the VIP and waits to hear from it.
+    let reader = std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("the client namespace");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .expect("a connection to the VIP");
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        connected.send(()).unwrap();
+        let t = Instant::now();
+        let r = s.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        (r, t.elapsed())
+    });
+    is_connected
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader connected");
+    let target = transfer_to_next(&tb, first);
+    assert_eq!(leader_holder(&tb, Some(first)), target);
+    let (read, waited) = reader.join().unwrap();
+    assert_eq!(
+        read,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the connection to the VIP on the old leader, after {waited:?}: it must be reset before the VIP leaves, not left silent"
+    );
+    eprintln!(
+        "the connection to the old holder was reset {waited:?} after the reader began waiting"
+    );
+    assert!(
+        tb.log(first, "zone-vip.log")
+            .contains("reset the clients' connections to the VIP"),
+        "the old holder's zone-vip log says nothing of the reset"
+    );
 }
 
 /// Issue 23, honest health: a server cut from the others turns NOT_SERVING

@@ -9,6 +9,9 @@
 //! mechanism that keeps failover fast. IPv6 addresses are added with
 //! `nodad`: the address is ours by lease, and duplicate detection would
 //! delay it by a second or more.
+//!
+//! [`connections::reset_tcp`] resets the TCP connections on an address,
+//! while it is still there, before a planned removal.
 
 use std::fmt;
 use std::io;
@@ -18,6 +21,8 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, CacheInfo};
 use rtnetlink::Handle;
+
+pub mod connections;
 
 /// How late the kernel may remove an address whose lifetime ran out:
 /// `check_lifetime` (net/ipv4/devinet.c) and `addrconf_verify`

@@ -23,6 +23,9 @@ pub trait Addresses: Send + Sync + 'static {
     fn add<'a>(&'a self, vip: &'a Vip, lifetime: Duration) -> BoxFuture<'a, std::io::Result<()>>;
     /// Removes the address; succeeds if it is not there.
     fn remove<'a>(&'a self, vip: &'a Vip) -> BoxFuture<'a, std::io::Result<()>>;
+    /// Resets the TCP connections whose local address is the VIP; how
+    /// many (see [`zone_addr::connections`]).
+    fn reset_connections(&self, vip: &Vip) -> std::io::Result<usize>;
 }
 
 /// Tells the segment where an address now lives, and answers its
@@ -140,6 +143,11 @@ impl Addresses for Memory {
             .remove(&vip.to_string());
         self.note(format!("remove {vip}"));
         Box::pin(async { Ok(()) })
+    }
+
+    fn reset_connections(&self, vip: &Vip) -> std::io::Result<usize> {
+        self.note(format!("reset connections to {vip}"));
+        Ok(0)
     }
 }
 

@@ -58,6 +58,12 @@ pub enum Action {
     Release(String),
     StartUnit(String),
     LeaderHook(String),
+    /// Reset the TCP connections whose local address is the VIP, while it
+    /// is still there: after its removal this server can send nothing from
+    /// it, and a client waiting for an answer would hear nothing until its
+    /// own deadline. Only before a planned handover (see
+    /// [`Machine::on_lease`]).
+    ResetConnections(Vip),
     RemoveVip(Vip),
     /// Stop any announcements still running.
     StopAnnouncing,
@@ -396,7 +402,26 @@ impl Machine {
                 a.extend(self.start_units_if_ready());
                 a
             }
-            (Role::Leader { .. }, false) => self.become_follower(),
+            (Role::Leader { .. }, false) => {
+                // A handover: zoned revoked the lease while it still leads
+                // (before a transfer, or as it stops), so its clients'
+                // connections are reset before the VIP goes.
+                //
+                // Safety: the reset only delays the removal, by a few
+                // netlink round trips, and only here. No other server can
+                // lead before this lease would have ended (followers refuse
+                // votes until then) except by the transfer, which zoned
+                // starts only once this agent acknowledged letting go,
+                // after the removal, or once its fence removed the address
+                // itself (`raft.lease_margin_ms - raft.tick_ms) / 2` after
+                // the revocation). A lease that ran out, another leader or
+                // a lost stream removes the VIP at once, with no reset.
+                let handover = !lease.held
+                    && lease.leader_id != 0
+                    && lease.leader_id == lease.server_id
+                    && lease.expires_ns == 0;
+                self.become_follower(handover)
+            }
             (Role::Follower, false) => {
                 if let Some(s) = self.settling.as_mut() {
                     s.run = None;
@@ -488,7 +513,7 @@ impl Machine {
                     );
                     self.settling = Some(Settling { run: None });
                 }
-                self.become_follower()
+                self.become_follower(false)
             }
             Role::Leader { fence_until_ns, .. }
                 if fence_until_ns > 0 && now_ns >= fence_until_ns =>
@@ -506,7 +531,7 @@ impl Machine {
     pub fn on_stream_lost(&mut self) -> Vec<Action> {
         self.settling = None;
         match self.role {
-            Role::Leader { .. } => self.become_follower(),
+            Role::Leader { .. } => self.become_follower(false),
             Role::Follower => Vec::new(),
         }
     }
@@ -547,11 +572,17 @@ impl Machine {
         a
     }
 
-    fn become_follower(&mut self) -> Vec<Action> {
+    /// `handover`: the clients' connections to the VIP are reset first
+    /// (see [`Action::ResetConnections`]).
+    fn become_follower(&mut self, handover: bool) -> Vec<Action> {
         let armed = matches!(self.role, Role::Leader { armed: true, .. });
         self.role = Role::Follower;
         let c = &self.config;
-        let mut a: Vec<Action> = c.vips.iter().cloned().map(Action::RemoveVip).collect();
+        let mut a: Vec<Action> = Vec::new();
+        if handover {
+            a.extend(c.vips.iter().cloned().map(Action::ResetConnections));
+        }
+        a.extend(c.vips.iter().cloned().map(Action::RemoveVip));
         a.push(Action::StopAnnouncing);
         a.extend(c.leader.units.iter().rev().cloned().map(Action::StopUnit));
         a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
@@ -1060,6 +1091,44 @@ mod tests {
         m.on_lease(lease(true, 350 * MS), 0);
         m.on_tick(350 * MS);
         assert!(!m.on_lease(lease(true, 800 * MS), 450 * MS).is_empty());
+    }
+
+    /// A planned handover (zoned revoked the lease and still leads):
+    /// the clients' connections are reset while the VIP is still there,
+    /// then it goes. A lease that ran out, another leader known or a lost
+    /// stream: the VIP goes at once, nothing before it.
+    #[test]
+    fn connections_are_reset_before_the_vip_goes_on_a_handover_only() {
+        let revoked = LeaseView {
+            held: false,
+            expires_ns: 0,
+            generation: 2,
+            storage_ready: true,
+            leader_id: 1,
+            server_id: 1,
+        };
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 100 * S), 10 * S);
+        let a = m.on_lease(revoked, 11 * S);
+        assert_eq!(
+            a[..2],
+            [Action::ResetConnections(vip()), Action::RemoveVip(vip())]
+        );
+
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 100 * S), 10 * S);
+        assert_eq!(
+            m.on_lease(lease(false, 0), 11 * S)[0],
+            Action::RemoveVip(vip())
+        );
+
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 100 * S), 10 * S);
+        assert_eq!(m.on_tick(100 * S)[0], Action::RemoveVip(vip()));
+
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 100 * S), 10 * S);
+        assert_eq!(m.on_stream_lost()[0], Action::RemoveVip(vip()));
     }
 
     #[test]

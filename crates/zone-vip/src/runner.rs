@@ -282,6 +282,20 @@ impl Executor {
                         Err(e) => tracing::error!(%vip, error = %e, "cannot add the VIP"),
                     }
                 }
+                Action::ResetConnections(vip) => {
+                    // A few netlink round trips, each bounded: the removal
+                    // that follows must not wait long (see the safety note
+                    // in `Machine::on_lease`).
+                    match self.effects.addresses.reset_connections(&vip) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(%vip, connections = n, "reset the clients' connections to the VIP before it leaves: they connect again, to the next holder")
+                        }
+                        Err(e) => {
+                            tracing::warn!(%vip, error = %e, "cannot reset the clients' connections to the VIP; a client waiting on one hears nothing until its own deadline")
+                        }
+                    }
+                }
                 Action::RemoveVip(vip) => match self.effects.addresses.remove(&vip).await {
                     Ok(()) => {
                         let _ =
