@@ -413,9 +413,11 @@ impl Machine {
                 // votes until then) except by the transfer, which zoned
                 // starts only once this agent acknowledged letting go,
                 // after the removal, or once its fence removed the address
-                // itself (`raft.lease_margin_ms - raft.tick_ms) / 2` after
-                // the revocation). A lease that ran out, another leader or
-                // a lost stream removes the VIP at once, with no reset.
+                // itself (`(raft.lease_margin_ms - raft.tick_ms) / 2` after
+                // the revocation), or once its wait gave up after a lease's
+                // length (this lease has ended by then). A lease that ran
+                // out, another leader or a lost stream removes the VIP at
+                // once, with no reset.
                 let handover = !lease.held
                     && lease.leader_id != 0
                     && lease.leader_id == lease.server_id
