@@ -30,7 +30,18 @@ use crate::run;
 const MIB: u64 = 1024 * 1024;
 const ESP_MIB: u64 = 256;
 const DATA_MIB: u64 = 1024;
-const SUITE: &str = "bookworm";
+pub(crate) const SUITE: &str = "bookworm";
+/// What dpkg leaves out of the root (and of an extension): no manuals,
+/// docs or translations on an appliance.
+pub(crate) const EXCLUDES: &[&str] = &[
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/info/*",
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+    "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+    "--dpkgopt=path-exclude=/usr/share/lintian/*",
+];
 /// GPT partition type GUIDs (UEFI spec; Discoverable Partitions Spec).
 const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
@@ -92,7 +103,7 @@ impl Progress {
     }
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
@@ -107,7 +118,7 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn read_list(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_list(path: &Path) -> Result<Vec<String>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text
@@ -120,7 +131,7 @@ fn read_list(path: &Path) -> Result<Vec<String>> {
 
 /// The host's own apt sources: the image comes from the same archive as
 /// the machine that builds it.
-fn apt_sources() -> Result<Vec<PathBuf>> {
+pub(crate) fn apt_sources() -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
         let mut files: Vec<PathBuf> = dir
@@ -142,7 +153,7 @@ fn apt_sources() -> Result<Vec<PathBuf>> {
 }
 
 /// coreutils' sha256sum: native speed on multi-GiB images.
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let out = output(Command::new("sha256sum").arg(path))?;
     out.split_whitespace()
         .next()
@@ -169,15 +180,7 @@ fn root_tarball(profile: Profile, cache: &Path, fresh: bool) -> Result<(PathBuf,
     // and scripts): every profile's, then this profile's.
     let early = [image.join("root"), image.join(profile.name()).join("root")];
     let sources = apt_sources()?;
-    let excludes = [
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/info/*",
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-        "--dpkgopt=path-exclude=/usr/share/locale/*",
-        "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-        "--dpkgopt=path-exclude=/usr/share/lintian/*",
-    ];
+    let excludes = EXCLUDES;
     // The key covers everything that shapes the tree.
     let mut key_input = format!("{SUITE}\n{packages:?}\n{excludes:?}\n");
     for dir in &early {
@@ -541,6 +544,11 @@ pub fn build_with(opts: &Options, target: &Path) -> Result<Option<Stats>> {
             "zone-boot-check.service",
             "zone-boot-deadline.service",
             "zone-machine-id.service",
+            // Merges the extensions in /var/lib/extensions (the data
+            // partition) over /usr and /opt before sysinit.target: a
+            // payload's units, tmpfiles and users are there from the
+            // start of each boot. It does nothing while there are none.
+            "systemd-sysext.service",
         ]))?;
     // A read-only root: no first-boot questions; the machine id is the
     // data partition's, put in place by the initramfs

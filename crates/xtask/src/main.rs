@@ -2,6 +2,8 @@
 //! - `deps`: install the system packages the build and tests need (Debian);
 //! - `cluster up`: run a local three-node zone on 127.0.0.1-3 until Ctrl-C;
 //! - `image`: build the appliance's disk image;
+//! - `ext build`: a payload (Debian packages, a directory) as a system
+//!   extension image for the appliance;
 //! - `qemu up`: three VMs booted from that image, until Ctrl-C;
 //! - `bench failover`: VIP failover, zone-vip against keepalived;
 //! - `bench qemu`: image build times and sizes, VM boot and failover times;
@@ -18,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bundle;
+mod ext;
 mod image;
 mod qemu;
 mod test;
@@ -43,6 +46,9 @@ enum Task {
     /// A virtual cluster of VMs booted from the image (root).
     #[command(subcommand)]
     Qemu(QemuTask),
+    /// System extensions: the front-end's own services for the appliance.
+    #[command(subcommand)]
+    Ext(ExtTask),
     /// One tier of the test suite, fastest first: 1 unit, 2 in-process
     /// zones on simulated time, 3 processes on loopback, 4 network
     /// namespaces (root), 5 VMs under QEMU (root, the images built).
@@ -117,6 +123,40 @@ enum Task {
         #[arg(long, conflicts_with_all = ["bundle_only", "never_healthy", "version"])]
         test_bundles: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExtTask {
+    /// Build a system extension (systemd-sysext) image of a payload:
+    /// target/ext/NAME.raw, to add to a zone with `zonectl ext add`.
+    /// From Debian packages it holds what they add to the image's base
+    /// (same suite and apt sources, root needed): their files under /usr
+    /// and /opt, their system users and groups as userdb records, their
+    /// /etc files as defaults under /usr/share/factory/etc.
+    Build {
+        /// The extension's name (NAME.raw; extension-release.NAME).
+        #[arg(long)]
+        name: String,
+        /// Debian packages to install, separated by spaces or commas
+        /// (`name` or `name=version`); their dependencies come too, not
+        /// their recommends.
+        #[arg(long, value_name = "\"PKG ...\"", default_value = "")]
+        packages: String,
+        /// A directory of files laid over the result (only usr/ and opt/:
+        /// units, drop-ins, scripts), or the whole extension without
+        /// --packages.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Where to write the image (default target/ext/NAME.raw).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ext::Format::Squashfs)]
+        format: ext::Format,
+    },
+    /// mmdebstrap's hook (internal): notes the base's files, users and
+    /// packages before the payload's packages are installed.
+    #[command(hide = true)]
+    Snapshot { root: PathBuf, out: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +264,9 @@ const APT_PACKAGES: &[&str] = &[
     "mtools",
     // The update bundle's root image.
     "zstd",
+    // System extensions (cargo xtask ext build).
+    "squashfs-tools",
+    "erofs-utils",
     "fdisk",
     "binutils",
     "systemd-boot-efi",
@@ -296,6 +339,27 @@ fn main() -> Result<()> {
         }
         Task::Bench(BenchTask::Kv(kv)) => bench_kv(kv),
         Task::Qemu(QemuTask::Up) => qemu::up(&target_dir()?),
+        Task::Ext(ExtTask::Build {
+            name,
+            packages,
+            dir,
+            out,
+            format,
+        }) => {
+            let opts = ext::Options {
+                name,
+                packages: packages
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                dir,
+                out,
+                format,
+            };
+            ext::build(&opts, &target_dir()?).map(drop)
+        }
+        Task::Ext(ExtTask::Snapshot { root, out }) => ext::snapshot(&root, &out),
         Task::Robustness {
             minutes,
             seed,

@@ -13,6 +13,24 @@ pub mod v1 {
     tonic::include_proto!("zone.v1");
 }
 
+/// Whether `name` is a valid system extension name (`zone.v1.Extensions`):
+/// 1-64 letters, digits, `-`, `_` or `.`, starting with a letter or digit,
+/// not ending in `.raw`. systemd-sysext finds the image as `NAME.raw` and
+/// checks `extension-release.NAME` inside it; the name is a file name on
+/// every server. The one rule for the image builder and the server.
+pub fn extension_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.ends_with(".raw")
+}
+
+/// What [`extension_name_ok`] asks, for an error message.
+pub const EXTENSION_NAME_RULE: &str = "an extension name is 1-64 letters, digits, '-', '_' or '.', starts with a letter or digit, and does not end in .raw";
+
 /// Encoded `FileDescriptorSet` of every `zone.v1` file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("zone_descriptor");
 

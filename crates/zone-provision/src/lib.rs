@@ -560,6 +560,7 @@ struct NodeFile {
     node: NodeSection,
     files: FilesEntry,
     tls: TlsEntry,
+    extensions: ExtensionsEntry,
     #[serde(skip_serializing_if = "Option::is_none")]
     raft: Option<RaftEntry>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -572,6 +573,16 @@ struct RaftEntry {
     tick_ms: u64,
     lease_margin_ms: u64,
 }
+
+/// Where the zone's system extensions go: the directory systemd-sysext
+/// merges from, on the data partition.
+#[derive(Serialize)]
+struct ExtensionsEntry {
+    dir: String,
+}
+
+/// The appliance's extensions directory (zoned's default is none).
+pub const EXTENSIONS_DIR: &str = "/var/lib/extensions";
 
 #[derive(Serialize)]
 struct TlsEntry {
@@ -655,6 +666,9 @@ pub fn render_node(r: &Resolved, tls: &std::path::Path, with_token: bool) -> Str
         },
         tls: TlsEntry {
             dir: tls.display().to_string(),
+        },
+        extensions: ExtensionsEntry {
+            dir: EXTENSIONS_DIR.to_owned(),
         },
         // The lease margin scales with the tick, as zoned's default (100 ms
         // for 50): zoned requires at least a tick plus drift, and the lease

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 mod config_cmd;
+mod ext_cmd;
 mod logs_cmd;
 mod pki_cmd;
 mod snapshot_cmd;
@@ -147,6 +148,10 @@ enum Command {
     /// Shared datastores, mounted and probed on every server.
     #[command(subcommand)]
     Storage(storage_cmd::StorageCommand),
+    /// System extensions (the front-end's own services as systemd-sysext
+    /// images), kept on every server.
+    #[command(subcommand)]
+    Ext(ext_cmd::ExtCommand),
     /// Upgrade the zone's servers from a signed update bundle, one at a
     /// time, followers first and the leader last (admin): each installs it
     /// into its inactive root slot, reboots, and must be back in the zone
@@ -727,6 +732,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Config(cmd) => config_cmd::run(cmd, channel, timeout, json).await?,
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
+        Command::Ext(cmd) => ext_cmd::run(cmd, channel, timeout, json).await?,
         Command::Alarm(cmd) => space_cmd::alarm(cmd, channel, timeout, json).await?,
         Command::Compact(args) => space_cmd::compact(args, channel, timeout, json).await?,
         Command::Health

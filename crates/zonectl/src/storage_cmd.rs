@@ -85,7 +85,7 @@ pub enum StorageCommand {
 }
 
 /// `500ms`, `2s`, `1m` or plain milliseconds.
-fn millis(s: &str) -> Result<u32, String> {
+pub(crate) fn millis(s: &str) -> Result<u32, String> {
     let (n, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
     } else if let Some(n) = s.strip_suffix('s') {

@@ -58,7 +58,7 @@ pub enum UpgradeCommand {
 }
 
 /// Bytes per upload chunk.
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 /// Whether `endpoint` (`host:port`, maybe with a scheme) is a loopback
 /// address: zonectl then runs on the server that answered.
@@ -268,7 +268,7 @@ fn status_json(st: &UpgradeStatusResponse) -> serde_json::Value {
 }
 
 /// The file's size and sha256, read once.
-fn hash_file(path: &Path) -> anyhow::Result<(u64, String)> {
+pub(crate) fn hash_file(path: &Path) -> anyhow::Result<(u64, String)> {
     use sha2::Digest as _;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = sha2::Sha256::new();
@@ -289,22 +289,25 @@ fn hash_file(path: &Path) -> anyhow::Result<(u64, String)> {
 }
 
 /// Prints `what` on stderr (progress: never mixed into JSON on stdout).
-fn say(what: impl AsRef<str>) {
+pub(crate) fn say(what: impl AsRef<str>) {
     eprintln!("{}", what.as_ref());
 }
 
-/// Sends the bundle to the server behind `channel`.
-async fn upload(
-    channel: &tonic::transport::Channel,
+/// The file at `path` (`total` bytes) as a stream of chunks made by `make`
+/// (the data, and whether it is the first), read on a thread of its own,
+/// with the upload's progress on stderr every tenth.
+pub(crate) fn file_chunks<T: Send + 'static>(
     path: &Path,
     total: u64,
-    sha: &str,
-) -> anyhow::Result<BundleInfo> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<BundleChunk>(4);
-    let path2 = path.to_owned();
-    let sha2 = sha.to_owned();
+    make: impl Fn(Vec<u8>, bool) -> T + Send + 'static,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<T>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<T>(4);
+    let path = path.to_owned();
     let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut f = std::fs::File::open(&path2)?;
+        let mut f = std::fs::File::open(&path)?;
         let mut sent = 0u64;
         let mut shown = 0;
         loop {
@@ -316,12 +319,7 @@ async fn upload(
             buf.truncate(got);
             let first = sent == 0;
             sent += got as u64;
-            let chunk = BundleChunk {
-                data: buf,
-                total_bytes: if first { total } else { 0 },
-                sha256: if first { sha2.clone() } else { String::new() },
-            };
-            if tx.blocking_send(chunk).is_err() {
+            if tx.blocking_send(make(buf, first)).is_err() {
                 return Ok(());
             }
             let pct = sent * 100 / total.max(1);
@@ -331,7 +329,23 @@ async fn upload(
             }
         }
     });
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (tokio_stream::wrappers::ReceiverStream::new(rx), reader)
+}
+
+/// Sends the bundle to the server behind `channel`.
+async fn upload(
+    channel: &tonic::transport::Channel,
+    path: &Path,
+    total: u64,
+    sha: &str,
+) -> anyhow::Result<BundleInfo> {
+    let sha = sha.to_owned();
+    let (rx, reader) = file_chunks(path, total, move |data, first| BundleChunk {
+        data,
+        total_bytes: if first { total } else { 0 },
+        sha256: if first { sha.clone() } else { String::new() },
+    });
+    let mut req = tonic::Request::new(rx);
     req.set_timeout(Duration::from_secs(3600));
     let r = UpgradeClient::new(channel.clone()).upload(req).await;
     reader.await??;

@@ -54,6 +54,43 @@ pub struct Config {
     pub tls: TlsSection,
     pub metrics: MetricsSection,
     pub upgrade: UpgradeSection,
+    pub extensions: ExtensionsSection,
+}
+
+/// System extensions the zone wants on every server (`zone.v1.Extensions`,
+/// `zonectl ext`): installed as `<dir>/NAME.raw`, then merged. Images are
+/// kept under `<data_dir>/extensions` (where the other servers fetch them
+/// from).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtensionsSection {
+    /// Where extensions are installed, or empty: this server does not
+    /// manage extensions (it reports so; the default, so that a zone on a
+    /// development machine never merges anything over its /usr). The
+    /// appliance's node.toml says `/var/lib/extensions`.
+    pub dir: PathBuf,
+    /// What merges the extensions in `dir` again after a change. Default
+    /// `systemd-sysext refresh`.
+    pub refresh_command: Vec<String>,
+    /// What runs after a merge, so that systemd sees the extensions' units.
+    /// Default `systemctl daemon-reload`.
+    pub reload_command: Vec<String>,
+    /// After a merge, whether each extension must show its
+    /// `/usr/lib/extension-release.d/extension-release.NAME` (systemd-sysext
+    /// skips an image whose release does not match the running image).
+    /// Default true.
+    pub check_merged: bool,
+}
+
+impl Default for ExtensionsSection {
+    fn default() -> Self {
+        ExtensionsSection {
+            dir: PathBuf::new(),
+            refresh_command: vec!["systemd-sysext".into(), "refresh".into()],
+            reload_command: vec!["systemctl".into(), "daemon-reload".into()],
+            check_merged: true,
+        }
+    }
 }
 
 /// Installing update bundles (`zone.v1.Upgrade`, the `zone-upgrade` tool).
@@ -403,6 +440,21 @@ impl Config {
     /// Fills the defaults that depend on other fields, then checks every
     /// rule. Public so that tests and embedders can build a config in code.
     pub fn finish(&mut self) -> Result<(), ConfigError> {
+        let ext = &self.extensions;
+        if !ext.dir.as_os_str().is_empty() && !ext.dir.is_absolute() {
+            return Err(invalid(
+                "extensions.dir",
+                format!("'{}' is not an absolute path", ext.dir.display()),
+            ));
+        }
+        for (field, cmd) in [
+            ("extensions.refresh_command", &ext.refresh_command),
+            ("extensions.reload_command", &ext.reload_command),
+        ] {
+            if cmd.first().is_none_or(|c| c.is_empty()) {
+                return Err(invalid(field, "empty: name the program and its arguments"));
+            }
+        }
         let listen = self.metrics.listen.trim();
         if !listen.is_empty() && listen != "off" && listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(

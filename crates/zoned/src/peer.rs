@@ -96,6 +96,18 @@ impl Peer for PeerService {
         ))
     }
 
+    type FetchExtensionStream = crate::api::upgrade::FetchStream;
+
+    async fn fetch_extension(
+        &self,
+        req: Request<zone_proto::v1::FetchExtensionRequest>,
+    ) -> Result<Response<Self::FetchExtensionStream>, Status> {
+        self.member(&req)?;
+        Ok(Response::new(
+            crate::api::extensions::serve_fetch(&self.0, req.into_inner()).await?,
+        ))
+    }
+
     async fn node_status(
         &self,
         req: Request<NodeStatusRequest>,

@@ -241,6 +241,9 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         .add_service(zone_proto::v1::upgrade_server::UpgradeServer::new(
             crate::api::UpgradeService::new(zone.clone()),
         ))
+        .add_service(zone_proto::v1::extensions_server::ExtensionsServer::new(
+            crate::api::ExtensionsService::new(zone.clone()),
+        ))
         .add_service(zone_proto::v1::users_server::UsersServer::new(
             crate::api::UsersService::new(zone.clone(), tls.zone_ca()),
         ))
@@ -334,6 +337,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     ));
     tokio::spawn(crate::api::handover::run(zone.clone()));
     tokio::spawn(crate::api::upgrade::settle(zone.clone()));
+    tokio::spawn(crate::api::extensions::follow(zone.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(node.clone(), period));

@@ -21,12 +21,15 @@
 //! - [`storage`]: the shared datastores' declarations;
 //! - [`watch`]: history replay and live events;
 //! - [`upgrade`]: update bundles received, fetched, installed; boot entries;
+//! - [`extensions`]: system extension images the zone wants on every server;
+//! - [`transfer`]: large files received and served in chunks;
 //! - [`service`]: the tonic service impls, thin.
 
 mod admin;
 mod backup;
 mod config;
 mod error;
+pub mod extensions;
 pub mod handover;
 pub mod join;
 mod leader;
@@ -36,6 +39,7 @@ mod service;
 mod space;
 mod status;
 mod storage;
+mod transfer;
 pub mod upgrade;
 pub mod users;
 mod validate;
@@ -55,6 +59,7 @@ use crate::transport::GrpcTransport;
 
 pub use config::ConfigService;
 pub use error::ApiError;
+pub use extensions::ExtensionsService;
 pub use join::JoinService;
 pub use service::{ClusterService, KvService};
 pub use storage::StorageService;

@@ -68,6 +68,7 @@ impl ServerContext {
                 .map(|f| (*f).to_owned())
                 .collect(),
             boot: super::upgrade::boot_status(&self.config.upgrade.esp),
+            extensions_dir: self.config.extensions.dir.display().to_string(),
         }
     }
 

@@ -23,8 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use prost::Message as _;
-use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use zone_proto::v1::{
@@ -33,12 +31,11 @@ use zone_proto::v1::{
     UpgradeRecord, UpgradeState, UpgradeStatusRequest, UpgradeStatusResponse,
 };
 
+use super::transfer::{self, check_sha};
 use super::{ApiError, ServerContext};
 
 /// The zone's upgrade records: `zone/upgrade/<server id>`.
 pub const UPGRADE_PREFIX: &[u8] = b"zone/upgrade/";
-/// Bytes per chunk of a bundle sent between servers.
-const CHUNK: usize = 1 << 20;
 /// The largest bundle taken (a root image and two kernel images).
 pub const MAX_BUNDLE: u64 = 4 << 30;
 
@@ -93,18 +90,6 @@ fn bad(field: &str, reason: impl Into<String>) -> ApiError {
     ApiError::InvalidArgument {
         field: field.to_owned(),
         reason: reason.into(),
-    }
-}
-
-/// `sha` if it is 64 lower-case hex digits.
-fn check_sha(field: &str, sha: &str) -> Result<(), ApiError> {
-    if sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        Ok(())
-    } else {
-        Err(bad(
-            field,
-            format!("{sha:?} is not a sha256 (64 lower-case hex digits)"),
-        ))
     }
 }
 
@@ -227,69 +212,25 @@ where
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| ApiError::FailedPrecondition(format!("creating {}: {e}", dir.display())))?;
-    // Room for the bundle above the zone's free-space floor: a bundle must
-    // never be what raises the space alarm.
-    let floor = zone.config().limits.min_free_disk_mb << 20;
-    let free = crate::storage::free_bytes(&dir).unwrap_or(u64::MAX);
     let held = std::fs::metadata(bundle_path(&dir, &sha)).map_or(0, |m| m.len());
-    if held == 0 && free < total.saturating_add(floor) {
-        return Err(ApiError::ResourceExhausted(format!(
-            "{} has {} MiB free: the bundle's {} MiB would leave less than the {} MiB floor (limits.min_free_disk_mb)",
-            dir.display(),
-            free >> 20,
-            total >> 20,
-            floor >> 20
-        )));
+    if held == 0 {
+        transfer::check_room(zone, &dir, total, "the bundle")?;
     }
     let partial = dir.join(format!("{sha}.partial"));
     let fail = |e: std::io::Error| {
         ApiError::FailedPrecondition(format!("writing {}: {e}", partial.display()))
     };
+    transfer::receive_into(
+        &partial,
+        first,
+        total,
+        &sha,
+        chunks,
+        "the bundle",
+        &mut progress,
+    )
+    .await?;
     let result = async {
-        let mut file = tokio::fs::File::create(&partial).await.map_err(fail)?;
-        let mut hash = Sha256::new();
-        let mut got = 0u64;
-        let mut next = Some(first);
-        loop {
-            let chunk = match next.take() {
-                Some(c) => c,
-                None => match chunks.next().await {
-                    None => break,
-                    Some(Ok(c)) => c,
-                    Some(Err(s)) => {
-                        return Err(ApiError::Unavailable(format!(
-                            "the bundle's stream broke after {got} of {total} bytes: {}",
-                            s.message()
-                        )))
-                    }
-                },
-            };
-            got += chunk.data.len() as u64;
-            if got > total {
-                return Err(bad(
-                    "data",
-                    format!("more bytes than the {total} announced"),
-                ));
-            }
-            hash.update(&chunk.data);
-            file.write_all(&chunk.data).await.map_err(fail)?;
-            progress(got, total);
-        }
-        if got != total {
-            return Err(bad(
-                "data",
-                format!("{got} bytes received, {total} announced: the upload was cut short"),
-            ));
-        }
-        let found = zone_bundle::hex(&hash.finalize());
-        if found != sha {
-            return Err(bad(
-                "data",
-                format!("the bytes received hash to sha256 {found}, not the {sha} announced"),
-            ));
-        }
-        file.sync_all().await.map_err(fail)?;
-        drop(file);
         let keys_dir = zone.config().upgrade.keys_dir.clone();
         let path = partial.clone();
         let verified = tokio::task::spawn_blocking(move || {
@@ -312,10 +253,7 @@ where
             ));
         }
         let path = bundle_path(&dir, &sha);
-        std::fs::rename(&partial, &path).map_err(fail)?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
+        transfer::put_in_place(&partial, &path).map_err(fail)?;
         remove_others(&dir, &path);
         Ok(BundleInfo {
             sha256: sha.clone(),
@@ -364,55 +302,15 @@ async fn held(zone: &ServerContext, sha: &str) -> Result<Option<BundleInfo>, Api
     }))
 }
 
-pub type FetchStream = Pin<Box<dyn Stream<Item = Result<BundleChunk, Status>> + Send>>;
+pub use super::transfer::FetchStream;
 
 /// The peer side: streams bundle `sha` to a server about to install it.
 pub(crate) async fn serve_fetch(
     zone: &ServerContext,
     req: FetchBundleRequest,
 ) -> Result<FetchStream, ApiError> {
-    check_sha("sha256", &req.sha256)?;
     let path = bundle_path(&bundle_dir(zone), &req.sha256);
-    let file = std::fs::File::open(&path).map_err(|e| {
-        ApiError::NotFound(format!(
-            "server {} does not hold bundle {} ({e})",
-            zone.node().id(),
-            req.sha256
-        ))
-    })?;
-    let total = file.metadata().map_or(0, |m| m.len());
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let sha = req.sha256;
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read as _;
-        let mut file = file;
-        let mut first = true;
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            let n = match file.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ =
-                        tx.blocking_send(Err(Status::internal(format!("reading the bundle: {e}"))));
-                    return;
-                }
-            };
-            if n == 0 {
-                return;
-            }
-            buf.truncate(n);
-            let chunk = BundleChunk {
-                data: buf,
-                total_bytes: if first { total } else { 0 },
-                sha256: if first { sha.clone() } else { String::new() },
-            };
-            first = false;
-            if tx.blocking_send(Ok(chunk)).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    transfer::serve_held(zone, req.sha256, &path, "bundle")
 }
 
 impl UpgradeService {

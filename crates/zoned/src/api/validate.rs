@@ -176,12 +176,14 @@ impl Limits {
 /// The keys only zoned's own services write: the managed files, their
 /// history and the generation key every change compares (Config), and the
 /// users' records (Users), the join tokens' (Join) and the datastores'
-/// declarations (Storage), each server's last upgrade (Upgrade). A client write
+/// declarations (Storage), each server's last upgrade (Upgrade), the
+/// extensions the zone wants and each server's report of them (Extensions,
+/// each server's zoned). A client write
 /// there would bypass the file checks (paths, sizes, templates), clear a
 /// revocation, or plant a token: refused.
 /// zone-sync's reports and the roll lock beside them are written through
 /// the key-value API, and stay open to it.
-const RESERVED: [(&[u8], bool); 9] = [
+const RESERVED: [(&[u8], bool); 11] = [
     (zone_files::keys::FILE_PREFIX, true),
     (zone_files::keys::HIST_PREFIX, true),
     (zone_files::keys::GEN_KEY, false),
@@ -191,6 +193,8 @@ const RESERVED: [(&[u8], bool); 9] = [
     (zone_datastores::GEN_KEY, false),
     (super::upgrade::UPGRADE_PREFIX, true),
     (super::upgrade::TURN_KEY, false),
+    (super::extensions::WANT_PREFIX, true),
+    (super::extensions::STATE_PREFIX, true),
 ];
 
 /// Refuses a client's write that would change a reserved key ([`RESERVED`]),
@@ -257,7 +261,7 @@ fn delete_writable(at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
 
 fn reserved(at: &str, key: &[u8]) -> ApiError {
     ApiError::PermissionDenied(format!(
-        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`; the join tokens: `zonectl server add`/`token`; the datastores: `zonectl storage add`/`rm`; the upgrades: `zonectl upgrade`)",
+        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`; the join tokens: `zonectl server add`/`token`; the datastores: `zonectl storage add`/`rm`; the upgrades: `zonectl upgrade`; the extensions: `zonectl ext add`/`rm`)",
         String::from_utf8_lossy(key)
     ))
 }
