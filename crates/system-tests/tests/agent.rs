@@ -45,8 +45,9 @@ fn start_agents_with(
     let mut config = None;
     for s in &zone.servers {
         let text = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n{rest}",
-            s.dir.join("agent.sock").display()
+            "socket = \"{}\"\nunits_record = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n{rest}",
+            s.dir.join("agent.sock").display(),
+            s.dir.join("leader-units").display()
         );
         let c = Config::parse(&text).unwrap();
         let m = Arc::new(Memory::default());
@@ -411,6 +412,124 @@ async fn the_vip_follows_the_lease_with_no_two_holders() {
         agents.holders().is_empty().then_some(())
     })
     .await;
+}
+
+/// `zonectl services set --leader`: the zone's leader-only units replace
+/// each agent's own (`[leader] units`) with the next lease state, on the
+/// holder at once (the new ones start, the ones gone stop) and on whichever
+/// agent holds the VIP next; `clear` goes back to the agents' own. The key
+/// is the Services service's alone, and a unit that is not a plausible
+/// zone unit is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zones_leader_units_replace_the_agents_own_on_the_holder_and_the_next() {
+    let mut zone = TestZone::start(3, "");
+    zone.wait_leader().await;
+    let agents = start_agents(&zone);
+    let first = agents.wait_holder(&zone, None).await;
+    let ep = zone.endpoints().join(",");
+    let zonectl = |args: &[&str]| {
+        let mut all = vec!["--endpoints", ep.as_str()];
+        all.extend_from_slice(args);
+        let out = zone.zonectl(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let logged = |i: usize, entry: &str| logged_at(&agents.mem[i], entry);
+    poll(Duration::from_secs(10), "the agent's own unit", || async {
+        logged(first, "start leader-only.service")
+    })
+    .await;
+
+    let (ok, out, err) = zonectl(&[
+        "services",
+        "set",
+        "--leader",
+        "db.service",
+        "web.service",
+        "--everywhere",
+        "gate.service",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("the zone's services set at revision"), "{out}");
+    // On the holder: its own unit stops, the zone's start in their order.
+    poll(
+        Duration::from_secs(10),
+        "the zone's units on the holder",
+        || async { logged(first, "start web.service") },
+    )
+    .await;
+    let stopped = logged(first, "stop leader-only.service").expect("the agent's own unit stopped");
+    let db = logged(first, "start db.service").expect("db.service started");
+    let web = logged(first, "start web.service").unwrap();
+    assert!(
+        stopped < db && db < web,
+        "stop {stopped}, db {db}, web {web}"
+    );
+    // Everywhere units are not zone-vip's.
+    assert!(logged(first, "start gate.service").is_none());
+    let (ok, out, err) = zonectl(&["services", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("leader-only: db.service web.service"), "{out}");
+    assert!(out.contains("everywhere:  gate.service"), "{out}");
+
+    // The next holder starts the zone's units, not its own; the old one
+    // stops them (in the reverse order). (Its zoned reads the key it
+    // applied every second: waited for here.)
+    let target = (first + 1) % 3;
+    poll(
+        Duration::from_secs(10),
+        "the target's zoned to know the list",
+        || async {
+            zone.lease_state(target)
+                .await
+                .leader_units_set
+                .then_some(())
+        },
+    )
+    .await;
+    let second = agents.transfer(&zone, first, target).await;
+    poll(
+        Duration::from_secs(10),
+        "the zone's units on the next holder",
+        || async { logged(second, "start web.service") },
+    )
+    .await;
+    assert!(logged(second, "start leader-only.service").is_none());
+    let web_stop = logged(first, "stop web.service").expect("web.service stopped");
+    let db_stop = logged(first, "stop db.service").expect("db.service stopped");
+    assert!(web_stop < db_stop);
+
+    // Refused, naming the field; nothing changed.
+    let (ok, _, err) = zonectl(&["services", "set", "--leader", "zoned.service"]);
+    assert!(!ok && err.contains("leader_units[0]"), "{err}");
+    let put = zone
+        .kv(0)
+        .await
+        .put(PutRequest {
+            key: b"zone/services".to_vec(),
+            value: b"x".to_vec(),
+            prev_kv: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(put.code(), tonic::Code::PermissionDenied, "{put:?}");
+
+    // Cleared: the holder goes back to its own unit.
+    let (ok, out, err) = zonectl(&["services", "clear"]);
+    assert!(ok, "{out}\n{err}");
+    poll(
+        Duration::from_secs(10),
+        "the agent's own unit again",
+        || async { logged(second, "start leader-only.service") },
+    )
+    .await;
+    assert!(logged(second, "stop db.service").is_some());
+    let (ok, out, _) = zonectl(&["services", "status"]);
+    assert!(ok && out.starts_with("the zone sets no services"), "{out}");
+    agents.stop.send(true).unwrap();
 }
 
 /// Issue 20, defect 5: a transfer that hands nothing over (to the current

@@ -21,7 +21,25 @@ dir = "{dir}/ext"
 refresh_command = ["sh", "-c", "if [ -e {dir}/refuse-merge ]; then echo 'merge refused by the test' >&2; exit 3; fi; ls {dir}/ext > {dir}/merged"]
 reload_command = ["true"]
 check_merged = false
+factory_dir = "{dir}/factory"
+[files]
+local_root = "{dir}/root"
 "#;
+
+/// A payload's default file for the managed root /etc/zoned/managed, in
+/// each server's factory directory, and the root with a file of the zone's
+/// own that the default must not replace.
+fn payload_defaults(zone: &TestZone) {
+    for s in &zone.servers {
+        let defaults = s.dir.join("factory/etc/zoned/managed");
+        std::fs::create_dir_all(defaults.join("conf.d")).unwrap();
+        std::fs::write(defaults.join("conf.d/payload.cnf"), "payload default\n").unwrap();
+        std::fs::write(defaults.join("zone.cnf"), "payload default\n").unwrap();
+        let root = s.dir.join("root/etc/zoned/managed");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("zone.cnf"), "the zone's\n").unwrap();
+    }
+}
 
 /// A squashfs image as far as zoned can tell (its magic), of `mib` MiB.
 fn image(dir: &Path, name: &str, mib: usize, seed: u8) -> PathBuf {
@@ -75,9 +93,11 @@ async fn an_extension_reaches_every_server_and_one_added_later_while_its_holder_
     let work = tempfile::tempdir().unwrap();
     let demo = image(work.path(), "demo", 3, 0);
     let demo_bytes = std::fs::read(&demo).unwrap();
+    payload_defaults(&zone);
 
     // Added through server 1 (the first endpoint): every server has it,
-    // merged after it was installed, and says so.
+    // merged after it was installed, and says so. The merge filled in the
+    // payload's defaults the managed root lacked, and kept the zone's.
     let (ok, out, err) = zonectl(&zone, &["ext", "add", demo.to_str().unwrap()]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("demo added at revision"), "{out}");
@@ -93,6 +113,21 @@ async fn an_extension_reaches_every_server_and_one_added_later_while_its_holder_
             "server {}: {}",
             i + 1,
             merged(&zone, i)
+        );
+        let root = zone.servers[i].dir.join("root/etc/zoned/managed");
+        assert_eq!(
+            std::fs::read_to_string(root.join("conf.d/payload.cnf"))
+                .ok()
+                .as_deref(),
+            Some("payload default\n"),
+            "server {}: the payload's default was not filled in",
+            i + 1
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("zone.cnf")).unwrap(),
+            "the zone's\n",
+            "server {}: the payload's default replaced the zone's file",
+            i + 1
         );
     }
     // The same image added again is answered again (nothing to fetch).
@@ -161,11 +196,27 @@ async fn an_extension_reaches_every_server_and_one_added_later_while_its_holder_
         std::fs::read(zone.servers[1].dir.join("ext/other.raw")).unwrap(),
         b"the operator's own"
     );
+    // zone-vip holds leader-only units back where the zone's extensions
+    // are not all merged (the lease state on the agent socket says so).
+    assert!(
+        zone.lease_state(2).await.extensions_not_ready,
+        "server 3 failed to merge, and its lease state says its extensions are ready"
+    );
+    assert!(
+        !zone.lease_state(0).await.extensions_not_ready,
+        "server 1 merged everything, and its lease state says its extensions are not ready"
+    );
     std::fs::remove_file(zone.servers[2].dir.join("refuse-merge")).unwrap();
     poll(
         Duration::from_secs(60),
         "server 3 to merge again after its merge failed",
         || async { merged(&zone, 2).contains("other.raw").then_some(()) },
+    )
+    .await;
+    poll(
+        Duration::from_secs(30),
+        "server 3's lease state to say its extensions are ready",
+        || async { (!zone.lease_state(2).await.extensions_not_ready).then_some(()) },
     )
     .await;
     // Removed while server 3's merge fails: it says the extension is not
@@ -190,6 +241,42 @@ async fn an_extension_reaches_every_server_and_one_added_later_while_its_holder_
         b"the operator's own",
         "rm leaves a file the zone did not install"
     );
+
+    // zonectl keeps waiting through a server that does not answer for a
+    // while (frozen here; in the QEMU zone, a leader reset by its watchdog
+    // after a stall): its List calls fail, are said, and are made again.
+    // On the old code the first that failed ended `ext rm` with
+    // "Cancelled: Timeout expired".
+    let frozen = image(work.path(), "frozen", 1, 9);
+    let (ok, out, err) = zonectl(&zone, &["ext", "add", frozen.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
+    let mut rm = std::process::Command::new(testbed::binary("zonectl"))
+        .args(zone.zonectl_credentials())
+        .args(["--endpoints", &zone.servers[0].endpoint(), "--timeout", "2"])
+        .args(["ext", "rm", "--wait", "90s", "frozen"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(rm.stderr.take().unwrap()));
+    let mut said = Vec::new();
+    // The removal is in the zone once zonectl says where each server is.
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        said.push(l.clone());
+        if l.contains("server 1:") {
+            break;
+        }
+    }
+    zone.signal(0, nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    zone.signal(0, nix::sys::signal::Signal::SIGCONT);
+    said.extend(lines.map_while(Result::ok));
+    let status = rm.wait().unwrap();
+    let said = said.join("\n");
+    assert!(status.success(), "ext rm through a frozen server: {said}");
+    assert!(said.contains("the zone did not answer"), "{said}");
 
     // Refused, naming the field, and nothing kept: not an image, a bad
     // name, an operator's upload, a client's write of the zone's wants.

@@ -882,8 +882,9 @@ fn start_vips(zone: &TestZone) -> Vips {
     let mut config = None;
     for s in &zone.servers {
         let text = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_mode = \"off\"\n",
-            s.dir.join("agent.sock").display()
+            "socket = \"{}\"\nunits_record = \"{}\"\n[[vip]]\naddress = \"10.99.0.100/24\"\ninterface = \"vip0\"\n[leader]\nunits = [\"leader-only.service\"]\n[fence]\nwatchdog_mode = \"off\"\n",
+            s.dir.join("agent.sock").display(),
+            s.dir.join("leader-units").display()
         );
         let c = zone_vip::config::Config::parse(&text).unwrap();
         let m = std::sync::Arc::new(zone_vip::effects::Memory::default());

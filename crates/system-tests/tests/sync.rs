@@ -371,6 +371,156 @@ case "$1" in
 esac
 "#;
 
+/// A stand-in for systemctl that keeps each node's active units as files
+/// (`$ZS_ACTIVE.<node>.<unit>`) and logs each start and stop.
+const FAKE_UNITS: &str = r#"#!/bin/sh
+# The unit is the last argument (after `--`).
+for unit; do :; done
+case "$1" in
+  start)
+    echo "$ZS_NODE start $unit" >> "$ZS_LOG"
+    touch "$ZS_ACTIVE.$ZS_NODE.$unit"
+    ;;
+  stop)
+    echo "$ZS_NODE stop $unit" >> "$ZS_LOG"
+    rm -f "$ZS_ACTIVE.$ZS_NODE.$unit"
+    ;;
+  is-active)
+    [ -e "$ZS_ACTIVE.$ZS_NODE.$unit" ]
+    ;;
+esac
+"#;
+
+/// `zonectl services set --everywhere`: every server's zone-sync starts the
+/// units (and not the leader-only ones, which are zone-vip's), starts again
+/// one stopped by hand, stops those the zone drops, and remembers what it
+/// started across its own restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zones_everywhere_units_run_on_every_server_and_stop_when_dropped() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut zone = TestZone::start(3, EXTRA);
+    zone.wait_leader().await;
+    let base = zone.root.path().to_owned();
+    let script = base.join("systemctl");
+    std::fs::write(&script, FAKE_UNITS).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = base.join("units.log");
+    let active = base.join("active");
+    let mut syncers = start_syncers(&zone, |i| {
+        let mut s = Syncer::new(
+            base.join(format!("sync-{i}/root")),
+            base.join(format!("sync-{i}/state")),
+        );
+        s.extra = vec!["--systemctl".into(), script.display().to_string()];
+        s.env = vec![
+            ("ZS_NODE".into(), (i + 1).to_string()),
+            ("ZS_LOG".into(), log.display().to_string()),
+            ("ZS_ACTIVE".into(), active.display().to_string()),
+        ];
+        s
+    });
+    let entries = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let count = |entry: &str| entries().iter().filter(|e| *e == entry).count();
+    let zonectl = |args: &[&str]| {
+        let ep = zone.endpoints().join(",");
+        let mut all = vec!["--endpoints", ep.as_str()];
+        all.extend_from_slice(args);
+        let out = zone.zonectl(&all);
+        assert!(
+            out.status.success(),
+            "zonectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    zonectl(&[
+        "services",
+        "set",
+        "--leader",
+        "db.service",
+        "--everywhere",
+        "gate.service",
+    ]);
+    poll(
+        Duration::from_secs(20),
+        "gate.service on every server",
+        || async {
+            (1..=3)
+                .all(|n| count(&format!("{n} start gate.service")) == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !entries().iter().any(|e| e.contains("db.service")),
+        "zone-sync started a leader-only unit: {:?}",
+        entries()
+    );
+
+    // Stopped by hand on server 2: started again at its next pass.
+    std::fs::remove_file(format!("{}.2.gate.service", active.display())).unwrap();
+    poll(
+        Duration::from_secs(20),
+        "gate.service again on server 2",
+        || async { (count("2 start gate.service") == 2).then_some(()) },
+    )
+    .await;
+
+    // Server 3's zone-sync restarts; then the zone drops gate.service for
+    // other.service, which server 1 runs already by other means: every
+    // server stops the one it started, and servers 2 and 3 start the new
+    // one.
+    syncers[2].stop();
+    syncers[2].start(&zone, 2);
+    std::fs::write(format!("{}.1.other.service", active.display()), "").unwrap();
+    zonectl(&["services", "set", "--everywhere", "other.service"]);
+    poll(
+        Duration::from_secs(20),
+        "the change on every server",
+        || async {
+            ((1..=3).all(|n| count(&format!("{n} stop gate.service")) == 1)
+                && (2..=3).all(|n| count(&format!("{n} start other.service")) == 1))
+            .then_some(())
+        },
+    )
+    .await;
+    // `--everywhere` alone keeps the leader-only list.
+    let out = zone.zonectl(&[
+        "--endpoints",
+        &zone.endpoints().join(","),
+        "services",
+        "status",
+    ]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("leader-only: db.service"), "{out}");
+
+    // Cleared: nothing runs everywhere any more; server 1's other.service,
+    // which its zone-sync did not start, is left running.
+    zonectl(&["services", "clear"]);
+    poll(Duration::from_secs(20), "other.service stopped", || async {
+        (2..=3)
+            .all(|n| count(&format!("{n} stop other.service")) == 1)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count("1 start other.service"), 0, "{:?}", entries());
+    assert_eq!(count("1 stop other.service"), 0, "{:?}", entries());
+    let mut left: Vec<String> = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("active."))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["active.1.other.service"], "{:?}", entries());
+}
+
 fn restarts(log: &Path) -> Vec<(u64, String)> {
     std::fs::read_to_string(log)
         .unwrap_or_default()

@@ -4,6 +4,10 @@
 //! `zonectl ext add`, merged by systemd-sysext on all three VMs, usable
 //! there (its user resolves through nss-systemd, its daemon runs from the
 //! merged /usr), merged again by a VM's boot, and removed everywhere.
+//! The managed root /etc/mysql (in the identity) is writable on every VM
+//! and kept on the data partition: the extension's defaults fill it in, a
+//! file pushed with `zonectl config push` lands there, and both are still
+//! there after a reboot, while the rest of /etc stays read-only.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,7 +25,7 @@ StartLimitIntervalSec=0
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'getent passwd mysql && /usr/sbin/mariadbd --version && echo ext-probe: usable'
+ExecStart=/bin/sh -c 'getent passwd mysql && /usr/sbin/mariadbd --version && test -f /etc/mysql/mariadb.conf.d/50-server.cnf && { if touch /etc/ext-probe 2>/dev/null; then echo ext-probe: etc writable; else echo ext-probe: etc read-only; fi; } && { if grep -qE \"^[0-9a-f]{32}$$\" /etc/machine-id; then echo ext-probe: machine-id kept; else echo ext-probe: machine-id lost; fi; } && echo ext-probe: usable'
 Restart=on-failure
 RestartSec=3
 StandardOutput=journal+console
@@ -65,6 +69,7 @@ fn an_extension_is_merged_on_every_vm_kept_across_a_reboot_and_removed_everywher
     let mut lab = Lab::new("payload-ext", 3)?;
     lab.units = vec![("ext-probe.service".to_owned(), PROBE_UNIT.to_owned())];
     lab.leader_units = vec!["ext-probe.service".to_owned()];
+    lab.managed_roots = vec!["/etc/mysql".to_owned()];
     let t0 = Instant::now();
     for id in 1..=3 {
         lab.add_vm(id, Boot::DirectKernel)?;
@@ -78,6 +83,12 @@ fn an_extension_is_merged_on_every_vm_kept_across_a_reboot_and_removed_everywher
         let out = client.zonectl(&vip, &["-o", "json", "ext", "ls"]).ok()?;
         serde_json::from_slice(&out.stdout).ok()
     };
+
+    // The VIP answers once the leader's zone-vip holds it, a little after
+    // its zoned serves.
+    wait_for(BOOT_LIMIT, "the VIP to answer", || {
+        lab.healthy(&vip).then_some(())
+    })?;
 
     // Added through the VIP: zonectl waits until every server reports it
     // merged, which zoned says only once the extension's release file
@@ -106,7 +117,8 @@ fn an_extension_is_merged_on_every_vm_kept_across_a_reboot_and_removed_everywher
     );
 
     // Usable on the leader: the probe (leader-only) resolves the
-    // extension's user and runs its daemon.
+    // extension's user, runs its daemon and finds its default
+    // configuration, filled into the managed root /etc/mysql by the merge.
     let usable = wait_for(
         Duration::from_secs(180),
         "the probe unit on the leader",
@@ -117,6 +129,45 @@ fn an_extension_is_merged_on_every_vm_kept_across_a_reboot_and_removed_everywher
     eprintln!("probe: {usable:?}\n{version:?}\n{user:?}");
     assert!(!version.is_empty(), "mariadbd --version printed nothing");
     assert!(!user.is_empty(), "getent passwd mysql printed nothing");
+    assert!(
+        !lab.console_lines("ext-probe: etc read-only").is_empty()
+            && lab.console_lines("ext-probe: etc writable").is_empty(),
+        "/etc outside the managed roots is writable: {:?}",
+        lab.console_lines("ext-probe: etc")
+    );
+    // The overlay made for the mount point did not hide the machine id
+    // bound on /etc/machine-id.
+    assert!(
+        lab.console_lines("ext-probe: machine-id lost").is_empty()
+            && !lab.console_lines("ext-probe: machine-id kept").is_empty(),
+        "{:?}",
+        lab.console_lines("ext-probe: machine-id")
+    );
+
+    // A file pushed under the managed root lands on every VM (zoned reads
+    // each server's copy for `config diff`: exit 0 when all match).
+    let cnf = lab.dir.join("60-zone.cnf");
+    std::fs::write(
+        &cnf,
+        "[mysqld]\n# pushed by the test\nmax_connections = 64\n",
+    )?;
+    let cnf_arg = cnf.to_str().context("a UTF-8 path")?.to_owned();
+    const PUSHED: &str = "/etc/mysql/mariadb.conf.d/60-zone.cnf";
+    let out = client.zonectl(&vip, &["config", "push", &cnf_arg, "--path", PUSHED])?;
+    if !out.status.success() {
+        bail!(
+            "zonectl config push: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let on_every_vm = |what: &str| {
+        wait_for(Duration::from_secs(90), what, || {
+            let out = client.zonectl(&vip, &["config", "diff", PUSHED]).ok()?;
+            out.status.success().then_some(())
+        })
+    };
+    on_every_vm("the pushed file on every VM")?;
 
     // A follower VM cut off and booted again: its boot merges the
     // extension (systemd-sysext.service, before sysinit.target), and its
@@ -160,6 +211,23 @@ fn an_extension_is_merged_on_every_vm_kept_across_a_reboot_and_removed_everywher
                 .any(|(s, st)| *s == id && st == "merged"))
         .then_some(())
     })?;
+
+    // The managed root persisted: the rebooted VM's zone-provision bound
+    // it again and found the defaults filled in before (none to fill), and
+    // the pushed file is still the zone's on every VM.
+    let roots: Vec<String> = lab
+        .console_lines("managed root /etc/mysql: writable")
+        .into_iter()
+        .filter(|(vm, _)| *vm == id)
+        .map(|(_, l)| l)
+        .collect();
+    eprintln!("VM {id}'s managed root at each boot: {roots:?}");
+    assert_eq!(roots.len(), 2, "VM {id}: {roots:?}");
+    assert!(
+        !roots[1].contains("filled in"),
+        "VM {id}'s second boot filled in defaults again: /etc/mysql did not persist: {roots:?}"
+    );
+    on_every_vm("the pushed file on every VM after the reboot")?;
 
     // Removed: every server reports it gone.
     let out = client.zonectl(&vip, &["ext", "rm", "mariadb"])?;

@@ -394,8 +394,9 @@ impl Testbed {
         // Never the host's watchdog: these agents share its /dev (a
         // zone-vip killed while armed would reset the machine).
         let vip = format!(
-            "socket = \"{}\"\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\n[[vip]]\naddress = \"{}/64\"\ninterface = \"eth0\"\n[announce]\ncount = 3\ninterval_ms = 100\n[fence]\nwatchdog_mode = \"off\"\n",
+            "socket = \"{}\"\nunits_record = \"{}\"\n[[vip]]\naddress = \"{}/24\"\ninterface = \"eth0\"\n[[vip]]\naddress = \"{}/64\"\ninterface = \"eth0\"\n[announce]\ncount = 3\ninterval_ms = 100\n[fence]\nwatchdog_mode = \"off\"\n",
             node.dir.join("agent.sock").display(),
+            node.dir.join("leader-units").display(),
             self.vip,
             self.vip6()
         );

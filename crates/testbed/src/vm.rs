@@ -363,6 +363,9 @@ pub struct Lab {
     /// Unit files (name, text) given to every VM with its identity (set
     /// before adding VMs): by fw_cfg, or on the EFI partition when flashed.
     pub units: Vec<(String, String)>,
+    /// Every VM's identity's `managed_roots` besides /etc/zoned/managed
+    /// (set before adding VMs).
+    pub managed_roots: Vec<String>,
     /// One raw disk image every VM is given (set before adding VMs, by
     /// [`Lab::add_shared_disk`]): a shared SAN LUN, seen in the guests as
     /// [`SHARED_DISK`].
@@ -410,6 +413,7 @@ impl Lab {
             founders,
             leader_units: Vec::new(),
             units: Vec::new(),
+            managed_roots: Vec::new(),
             shared_disk: None,
             keep: false,
         };
@@ -471,6 +475,14 @@ impl Lab {
                 .collect();
             s.push_str(&format!("leader_units = [{}]\n", units.join(", ")));
         }
+        if !self.managed_roots.is_empty() {
+            let roots: Vec<String> = self
+                .managed_roots
+                .iter()
+                .map(|r| format!("\"{r}\""))
+                .collect();
+            s.push_str(&format!("managed_roots = [{}]\n", roots.join(", ")));
+        }
         s
     }
 
@@ -490,6 +502,12 @@ impl Lab {
             s.push_str(&format!(
                 " zoned.leader_units={}",
                 self.leader_units.join(",")
+            ));
+        }
+        if !self.managed_roots.is_empty() {
+            s.push_str(&format!(
+                " zoned.managed_roots={}",
+                self.managed_roots.join(",")
             ));
         }
         s

@@ -246,6 +246,42 @@ impl TestZone {
         }
     }
 
+    /// The lease state server index `i`'s agent socket sends first to a new
+    /// agent (one that declares no address), as zone-vip would see it.
+    pub async fn lease_state(&self, i: usize) -> zonectl::v1::LeaseState {
+        use zonectl::v1::{agent_client::AgentClient, LeaseAck};
+        let path = self.servers[i].dir.join("agent.sock");
+        // The URI is not used: the connection goes to the unix socket.
+        let channel = tonic::transport::Endpoint::from_static("http://zoned.agent")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .expect("connecting to the agent socket");
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(LeaseAck {
+            generation: 0,
+            holding: false,
+            addresses: Vec::new(),
+        })
+        .await
+        .expect("the declaration");
+        let mut stream = AgentClient::new(channel)
+            .lease(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("the lease stream")
+            .into_inner();
+        stream
+            .message()
+            .await
+            .expect("a lease state")
+            .expect("a lease state before the stream ends")
+    }
+
     /// Waits for server index `i` to exit by itself; returns its status.
     pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> std::process::ExitStatus {
         let mut c = self.servers[i].child.take().expect("server running");

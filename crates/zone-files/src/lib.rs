@@ -16,10 +16,13 @@
 //!   zone-sync alike;
 //! - [`report`]: what zone-sync reports of each pass, for the roll and for
 //!   `zonectl config status`;
+//! - [`factory`]: a managed root's defaults from the payloads' system
+//!   extensions, filling in what the root lacks;
 //! - [`atomic`]: the one atomic file write (temp file, fsync, rename,
 //!   directory fsync) of everything that writes configuration on a server.
 
 pub mod atomic;
+pub mod factory;
 pub mod keys;
 pub mod paths;
 pub mod policy;

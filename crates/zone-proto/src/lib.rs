@@ -31,6 +31,30 @@ pub fn extension_name_ok(name: &str) -> bool {
 /// What [`extension_name_ok`] asks, for an error message.
 pub const EXTENSION_NAME_RULE: &str = "an extension name is 1-64 letters, digits, '-', '_' or '.', starts with a letter or digit, and does not end in .raw";
 
+/// Whether `unit` may be one of the zone's services (`zonectl services
+/// set`): a systemd service, socket, timer or path unit name (letters,
+/// digits and `-_.@\:`, not starting with `-`, which would read as an
+/// option), and not one of the appliance's own (`zone-*`, `zoned*`,
+/// `systemd-*`): a leader-only zoned would stop the zone with its leader.
+pub fn zone_unit_ok(unit: &str) -> bool {
+    let Some((stem, kind)) = unit.rsplit_once('.') else {
+        return false;
+    };
+    !stem.is_empty()
+        && unit.len() <= 128
+        && !unit.starts_with('-')
+        && matches!(kind, "service" | "socket" | "timer" | "path")
+        && unit
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | '\\' | ':'))
+        && !unit.starts_with("zone-")
+        && !unit.starts_with("zoned")
+        && !unit.starts_with("systemd-")
+}
+
+/// What [`zone_unit_ok`] asks, for an error message.
+pub const ZONE_UNIT_RULE: &str = "a zone service is a systemd .service, .socket, .timer or .path unit (letters, digits and -_.@\\:, not starting with '-'), and not one of the appliance's own (zone-*, zoned*, systemd-*)";
+
 /// Encoded `FileDescriptorSet` of every `zone.v1` file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("zone_descriptor");
 
@@ -153,6 +177,35 @@ impl Default for BootTimer {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn zone_units_are_plain_unit_names_and_never_the_appliances_own() {
+        for ok in [
+            "mariadb.service",
+            "opennebula-scheduler.service",
+            "getty@tty1.service",
+            "one.socket",
+            "backup.timer",
+            "dev-disk-by\\x2did.path",
+        ] {
+            assert!(zone_unit_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "mariadb",
+            ".service",
+            "--help.service",
+            "a/b.service",
+            "poweroff.target",
+            "srv.mount",
+            "zoned.service",
+            "zone-vip.service",
+            "systemd-networkd.service",
+            "a b.service",
+        ] {
+            assert!(!zone_unit_ok(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn the_protocol_clock_is_boottime_which_counts_at_least_what_monotonic_does() {

@@ -22,6 +22,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub mod credentials;
+pub mod roots;
 pub mod units;
 
 /// The managed root every zone has (zone-sync's default).

@@ -4,9 +4,11 @@
 //! kernel command line (see the library), and writes zoned's node.toml,
 //! zone-vip's vip.toml, resolv.conf and a networkd unit under /run, then
 //! sets the host name. The server's certificates come the same ways but
-//! the command line (`credentials`), and are installed under /run/zoned. The root filesystem is read-only: nothing here
-//! writes to it. Exit code 2: no usable identity (the message says which
-//! field and where to set it).
+//! the command line (`credentials`), and are installed under /run/zoned.
+//! The root filesystem is read-only: nothing here writes to it, but the
+//! managed roots under /etc the identity names, made writable by bind
+//! mounts from the data partition (the library's `roots`). Exit code 2: no
+//! usable identity (the message says which field and where to set it).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,6 +73,16 @@ struct Args {
     /// days (delete it to have a new one issued at the next boot).
     #[arg(long, default_value = "/var/lib/zoned/admin")]
     admin_dir: PathBuf,
+    /// Where managed roots under /etc (the identity's `managed_roots`, such
+    /// as /etc/mysql) keep their files, on the data partition: each is
+    /// bound on its root at every boot, the rest of /etc staying read-only.
+    #[arg(long, default_value = "/var/lib/zone-etc")]
+    roots_state: PathBuf,
+    /// The payloads' defaults for managed roots (from system extensions):
+    /// `<DIR>/etc/mysql` fills in what /etc/mysql lacks, never replacing a
+    /// file.
+    #[arg(long, default_value = "/usr/share/factory")]
+    factory: PathBuf,
     /// Directory for the systemd-networkd unit.
     #[arg(long, default_value = "/run/systemd/network")]
     network_dir: PathBuf,
@@ -258,10 +270,54 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     install_units(args)?;
+    writable_roots(args, &r.managed_roots);
     if !args.dry_run && !args.keep_hostname {
         nix::unistd::sethostname(&r.name).context("setting the host name")?;
     }
     Ok(())
+}
+
+/// The managed roots made writable (see the library's `roots`). A root that
+/// cannot be is said on the console and the boot goes on: zone-sync reports
+/// its writes there as failing, and the rest of the zone works.
+fn writable_roots(args: &Args, roots: &[String]) {
+    use zone_provision::roots::{make_writable, Layout, Outcome};
+    let skip = [zone_provision::DEFAULT_MANAGED_ROOT];
+    if args.dry_run {
+        for r in roots.iter().filter(|r| !skip.contains(&r.as_str())) {
+            println!(
+                "managed root {r}: would be made writable (under /etc: kept in {})",
+                args.roots_state.join(r.trim_start_matches('/')).display()
+            );
+        }
+        return;
+    }
+    let layout = Layout {
+        state: args.roots_state.clone(),
+        factory: args.factory.clone(),
+        ..Layout::default()
+    };
+    for (r, outcome) in make_writable(roots, &skip, &layout) {
+        match outcome {
+            Outcome::Writable {
+                persists_in,
+                filled,
+            } => println!(
+                "managed root {r}: writable, kept in {}{}",
+                persists_in.display(),
+                if filled > 0 {
+                    format!(" ({filled} defaults filled in)")
+                } else {
+                    String::new()
+                }
+            ),
+            Outcome::AlreadyWritable => {}
+            Outcome::Inside(outer) => println!("managed root {r}: writable with {outer}"),
+            Outcome::Failed(why) => {
+                eprintln!("zone-provision: managed root {r}: not writable: {why}")
+            }
+        }
+    }
 }
 
 /// The units given with the identity, into --units-dir; systemd reloads
@@ -408,6 +464,8 @@ mod tests {
             cmdline: cmdline.clone(),
             out: d.path().join("run"),
             network_dir: d.path().join("network"),
+            roots_state: d.path().join("var-lib-zone-etc"),
+            factory: d.path().join("factory"),
             sys_net: net,
             wait_interface: 0,
             keep_hostname: true,
@@ -484,6 +542,8 @@ mod tests {
             cmdline: d.path().join("missing-cmdline"),
             out: d.path().join("run"),
             network_dir: d.path().join("network"),
+            roots_state: d.path().join("var-lib-zone-etc"),
+            factory: d.path().join("factory"),
             sys_net: net,
             wait_interface: 0,
             keep_hostname: true,

@@ -64,6 +64,10 @@ pub struct State {
     /// since the epoch: reported for a day, or until a new version.
     #[serde(default)]
     pub drift_seen: BTreeMap<String, u64>,
+    /// The zone's everywhere units this zone-sync started (stopped when
+    /// the zone no longer runs them).
+    #[serde(default)]
+    pub everywhere: BTreeSet<String>,
 }
 
 impl State {
@@ -204,6 +208,7 @@ impl<D: Disk> Applier<D> {
             restart_failed: failed,
             last_restart: self.state.last_restart.take(),
             drift_seen,
+            everywhere: std::mem::take(&mut self.state.everywhere),
         };
         report
     }
@@ -349,6 +354,7 @@ mod tests {
             restart_failed: None,
             last_restart: None,
             drift_seen: BTreeMap::new(),
+            everywhere: ["opennebula-gate.service".to_string()].into(),
         };
         s.save(&p).unwrap();
         assert_eq!(State::load(&p).unwrap(), s);

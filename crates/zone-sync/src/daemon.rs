@@ -98,6 +98,103 @@ where
             .with_context(|| format!("saving {}", self.state_path.display()))
     }
 
+    /// Runs the zone's everywhere units (`zonectl services set
+    /// --everywhere`) here: each listed unit not active is started (one
+    /// stopped by hand is started again at the next pass, as a file edited
+    /// by hand is restored), and those this zone-sync started that the
+    /// zone no longer lists are stopped, unless the zone now runs them
+    /// leader-only (zone-vip's then). Starts and stops are queued with
+    /// systemd, not waited for: a slow unit holds up no file. A unit that
+    /// was active without this zone-sync is never stopped by it. With
+    /// `no_restart` (a development cluster on a workstation), only logged.
+    /// What fails is logged and tried again at the next pass.
+    pub async fn everywhere(&mut self) {
+        let (leader, want) = match self.store.services().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the zone's services; tried again at the next pass");
+                return;
+            }
+        };
+        let want: Vec<String> = want
+            .into_iter()
+            .filter(|u| {
+                let ok = zone_proto::zone_unit_ok(u);
+                if !ok {
+                    tracing::error!(unit = %u, "not a zone unit's name; not started");
+                }
+                ok
+            })
+            .collect();
+        let mut changed = false;
+        let gone: Vec<String> = self
+            .applier
+            .state
+            .everywhere
+            .iter()
+            .filter(|u| !want.contains(u))
+            .cloned()
+            .collect();
+        for u in gone.iter().rev() {
+            if leader.contains(u) {
+                tracing::info!(unit = %u, "the zone now runs this unit leader-only: left to zone-vip");
+            } else if self.roll.no_restart {
+                tracing::info!(unit = %u, "the zone no longer runs this unit everywhere: would stop it (--no-restart)");
+            } else {
+                let units = self.units.clone();
+                let unit = u.clone();
+                match tokio::task::spawn_blocking(move || units.stop(&unit)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(unit = %u, "stopped: the zone no longer runs it everywhere")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(unit = %u, error = %e, "cannot stop a unit the zone no longer runs everywhere; tried again at the next pass");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(unit = %u, error = %e, "stopping a unit failed");
+                        continue;
+                    }
+                }
+            }
+            self.applier.state.everywhere.remove(u);
+            changed = true;
+        }
+        for u in &want {
+            if self.roll.no_restart {
+                tracing::debug!(unit = %u, "the zone runs this unit everywhere: not started (--no-restart)");
+                continue;
+            }
+            let units = self.units.clone();
+            let unit = u.clone();
+            let started = tokio::task::spawn_blocking(move || {
+                if units.is_active(&unit)? {
+                    return Ok(false);
+                }
+                units.start(&unit).map(|()| true)
+            })
+            .await;
+            match started {
+                Ok(Ok(true)) => {
+                    tracing::info!(unit = %u, "started: the zone runs it everywhere");
+                    if self.applier.state.everywhere.insert(u.clone()) {
+                        changed = true;
+                    }
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(unit = %u, error = %e, "cannot start a unit the zone runs everywhere; tried again at the next pass")
+                }
+                Err(e) => tracing::error!(unit = %u, error = %e, "starting a unit failed"),
+            }
+        }
+        if changed {
+            if let Err(e) = self.save() {
+                tracing::error!(error = %format!("{e:#}"), "cannot record the everywhere units started");
+            }
+        }
+    }
+
     /// Brings the disk to the store's files and reports (when anything
     /// changed since the last report).
     pub async fn pass(&mut self) -> anyhow::Result<Report> {

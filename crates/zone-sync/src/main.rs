@@ -187,9 +187,10 @@ async fn follow(
     daemon.store = Grpc::new(ch.clone());
     let report = daemon.pass().await?;
     daemon.roll_step().await?;
+    daemon.everywhere().await;
     let mut agent = AgentClient::new(ch.clone());
     report_figures(&mut agent, daemon).await;
-    let mut stream = KvClient::new(ch)
+    let mut stream = KvClient::new(ch.clone())
         .watch(WatchRequest {
             prefix: FILE_PREFIX.to_vec(),
             start_revision: report.revision + 1,
@@ -197,8 +198,23 @@ async fn follow(
         })
         .await?
         .into_inner();
+    // The zone's services: only the everywhere units are zone-sync's.
+    let mut services = KvClient::new(ch)
+        .watch(WatchRequest {
+            prefix: zone_sync::store::SERVICES_KEY.to_vec(),
+            start_revision: report.revision + 1,
+            prev_kv: false,
+        })
+        .await?
+        .into_inner();
     loop {
         tokio::select! {
+            m = services.message() => {
+                match m? {
+                    Some(_) => daemon.everywhere().await,
+                    None => anyhow::bail!("the watch of the zone's services ended"),
+                }
+            }
             m = stream.message() => {
                 match m? {
                     Some(_) => {
@@ -214,6 +230,7 @@ async fn follow(
             }
             _ = tokio::time::sleep(drift) => {
                 daemon.pass().await?;
+                daemon.everywhere().await;
                 report_figures(&mut agent, daemon).await;
             }
             // While units wait for their turn, look again often.

@@ -80,7 +80,18 @@ pub trait Units: Send + Sync {
     fn active_since(&self, _unit: &str) -> Option<String> {
         None
     }
+    /// Queues a start of a unit the zone runs everywhere.
+    fn start(&self, unit: &str) -> Result<(), String> {
+        Err(format!("cannot start {unit} here"))
+    }
+    /// Queues a stop of a unit the zone no longer runs everywhere.
+    fn stop(&self, unit: &str) -> Result<(), String> {
+        Err(format!("cannot stop {unit} here"))
+    }
 }
+
+/// How long systemctl may take to queue a start or a stop.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Units restarted through `systemctl` (or a stand-in taking the same
 /// arguments).
@@ -97,6 +108,14 @@ impl Units for Systemctl {
 
     fn active_since(&self, unit: &str) -> Option<String> {
         Systemctl::active_since(self, unit)
+    }
+
+    fn start(&self, unit: &str) -> Result<(), String> {
+        Systemctl::start_no_block(self, unit, QUEUE_TIMEOUT)
+    }
+
+    fn stop(&self, unit: &str) -> Result<(), String> {
+        Systemctl::stop_no_block(self, unit, QUEUE_TIMEOUT)
     }
 }
 

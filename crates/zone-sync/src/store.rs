@@ -59,7 +59,16 @@ pub trait Store {
     async fn swap_lock(&mut self, held: Option<&Held>, value: Vec<u8>) -> Result<bool, StoreError>;
     /// Releases the lock, if it still holds `mine`.
     async fn release_lock(&mut self, mine: Vec<u8>) -> Result<(), StoreError>;
+    /// The zone's services (`zonectl services set`), read linearizably:
+    /// its leader-only units and the units it runs on every server; both
+    /// empty while the zone sets none.
+    async fn services(&mut self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        Ok((Vec::new(), Vec::new()))
+    }
 }
+
+/// The zone's services (`zone.v1.Services`; written by zoned alone).
+pub const SERVICES_KEY: &[u8] = b"zone/services";
 
 /// The roll's lock as read: `<holder> <unix seconds>`, and the revision
 /// it was written at.
@@ -148,6 +157,25 @@ impl Grpc {
 }
 
 impl Store for Grpc {
+    async fn services(&mut self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let r = self
+            .kv()
+            .range(RangeRequest {
+                prefix: SERVICES_KEY.to_vec(),
+                limit: 0,
+                serializable: false,
+                keys_only: false,
+            })
+            .await?
+            .into_inner();
+        let Some(kv) = r.kvs.into_iter().find(|kv| kv.key == SERVICES_KEY) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let s = zone_proto::v1::ZoneServices::decode(kv.value.as_slice())
+            .map_err(|e| anyhow::anyhow!("decoding the zone's services: {e}"))?;
+        Ok((s.leader_units, s.everywhere_units))
+    }
+
     async fn files(&mut self) -> Result<Files, StoreError> {
         let r = self
             .kv()

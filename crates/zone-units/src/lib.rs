@@ -41,6 +41,11 @@ impl Systemctl {
         run_with_timeout(self.command(&["start"], unit), timeout)
     }
 
+    /// Queues a stop job and returns (`--no-block`).
+    pub fn stop_no_block(&self, unit: &str, timeout: Duration) -> Result<(), String> {
+        run_with_timeout(self.command(&["stop", "--no-block"], unit), timeout)
+    }
+
     /// Stops `unit`, waiting for the stop job.
     pub fn stop(&self, unit: &str, timeout: Duration) -> Result<(), String> {
         run_with_timeout(self.command(&["stop"], unit), timeout)

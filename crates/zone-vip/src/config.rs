@@ -39,6 +39,7 @@ struct VipEntry {
 #[serde(deny_unknown_fields, default)]
 struct FileConfig {
     socket: PathBuf,
+    units_record: PathBuf,
     vip: Vec<VipEntry>,
     announce: Announce,
     lease: LeaseConfig,
@@ -75,6 +76,7 @@ impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
             socket: PathBuf::from("/run/zoned/agent.sock"),
+            units_record: PathBuf::from("/run/zone-vip/leader-units"),
             vip: Vec::new(),
             announce: Announce::default(),
             lease: LeaseConfig::default(),
@@ -214,6 +216,10 @@ pub struct Config {
     pub follower: Role,
     pub fence: Fence,
     pub storage: Storage,
+    /// Where this agent records the leader-only units it may have started
+    /// (the zone's list may change while it is down), so that a restart
+    /// stops them.
+    pub units_record: PathBuf,
 }
 
 impl Config {
@@ -346,6 +352,7 @@ impl Config {
             leader: file.leader,
             follower: file.follower,
             storage: file.storage,
+            units_record: file.units_record,
         })
     }
 

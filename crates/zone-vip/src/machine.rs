@@ -10,7 +10,10 @@
 //! Leader-only units and the leader hook wait, once the VIP is up, until the
 //! lease says this server's required datastores are mounted and healthy
 //! (`storage_ready`): a front-end service started before its data is there
-//! would fail, or write under the mount point.
+//! would fail, or write under the mount point; and until it says the
+//! zone's system extensions are merged here (`extensions_ready`): a
+//! payload's units come from its extension, and a server that joined a
+//! moment ago may not have fetched it yet.
 //!
 //! Fencing: they also wait for the fence delay after this server's first
 //! lease (or the fence hook's success), by which time the old holder has
@@ -99,6 +102,8 @@ pub struct LeaseView {
     pub generation: u64,
     /// This server's required datastores are mounted and healthy.
     pub storage_ready: bool,
+    /// The zone's system extensions are merged on this server.
+    pub extensions_ready: bool,
     /// The leader this server knows (0: none), and this server's id.
     pub leader_id: u64,
     pub server_id: u64,
@@ -114,6 +119,8 @@ enum Role {
         units: bool,
         /// The latest lease said the required datastores are healthy.
         storage_ready: bool,
+        /// The latest lease said the zone's extensions are merged here.
+        extensions_ready: bool,
         /// Until when the units wait for the old holder to be fenced
         /// (CLOCK_BOOTTIME ns); 0 once fenced.
         fence_until_ns: u64,
@@ -148,12 +155,21 @@ pub struct Machine {
     /// Mount units that left the list while mounted (or that a previous
     /// run recorded): stopped when the lease ends, and at start.
     released: Vec<String>,
+    /// The leader-only units: the zone's (`zonectl services set`, carried
+    /// by each lease state) or, while the zone sets none, this agent's
+    /// configuration's ([`Machine::on_leader_units`]).
+    units: Vec<String>,
+    /// The units started in this leadership: stopped when it ends,
+    /// whatever the list says by then.
+    started: Vec<String>,
+    /// Units a previous run recorded as possibly started: stopped at
+    /// start.
+    recorded_units: Vec<String>,
 }
 
 impl Machine {
     pub fn new(config: Config) -> Machine {
         Machine {
-            config,
             role: Role::Follower,
             settling: None,
             epoch: 0,
@@ -161,6 +177,10 @@ impl Machine {
             exclusive: Vec::new(),
             mounted: Vec::new(),
             released: Vec::new(),
+            units: config.leader.units.clone(),
+            started: Vec::new(),
+            recorded_units: Vec::new(),
+            config,
         }
     }
 
@@ -188,11 +208,93 @@ impl Machine {
         all
     }
 
+    /// The leader-only units a previous run recorded (read at start,
+    /// before [`Machine::startup`]), which stops them.
+    pub fn on_recorded_units(&mut self, units: Vec<String>) {
+        for u in units {
+            if !self.recorded_units.contains(&u) {
+                self.recorded_units.push(u);
+            }
+        }
+    }
+
+    /// What this agent may have started and not yet stopped, and what it
+    /// would start: to record, so that a restart stops it even once the
+    /// zone has changed its list.
+    pub fn units_to_record(&self) -> Vec<String> {
+        let mut all = self.units.clone();
+        for u in self.started.iter().chain(&self.recorded_units) {
+            if !all.contains(u) {
+                all.push(u.clone());
+            }
+        }
+        all
+    }
+
+    /// The leader-only units the zone sets (`None`: the zone sets none,
+    /// and this agent's configuration says), from each lease state, before
+    /// [`Machine::on_lease`] for the same state. While leading, the units
+    /// started that the list dropped stop at once (and stay recorded until
+    /// the lease ends, so that a restart stops them should this stop not
+    /// happen); the ones added start with the next lease renewal, under
+    /// the same conditions as any leader-only unit (a valid lease, the
+    /// required datastores, the extensions, the fence). When there was
+    /// nothing to fence at this leadership's start, the watchdog is armed
+    /// now and they wait for a fence delay from now, as an exclusive
+    /// datastore declared while leading does.
+    pub fn on_leader_units(&mut self, units: Option<Vec<String>>, now_ns: u64) -> Vec<Action> {
+        let units = units.unwrap_or_else(|| self.config.leader.units.clone());
+        if units == self.units {
+            return Vec::new();
+        }
+        tracing::info!(?units, "leader-only units");
+        self.units = units;
+        let gone: Vec<String> = self
+            .started
+            .iter()
+            .filter(|u| !self.units.contains(u))
+            .cloned()
+            .collect();
+        self.started.retain(|u| !gone.contains(u));
+        for u in &gone {
+            if !self.recorded_units.contains(u) {
+                self.recorded_units.push(u.clone());
+            }
+        }
+        let mut a: Vec<Action> = gone.into_iter().rev().map(Action::StopUnit).collect();
+        let fencing = self.fencing();
+        let delay = self.config.fence.delay.as_nanos() as u64;
+        let epoch = self.epoch;
+        let Role::Leader {
+            units: running,
+            fence_until_ns,
+            armed,
+            ..
+        } = &mut self.role
+        else {
+            return a;
+        };
+        if fencing && !*armed {
+            *armed = true;
+            a.push(Action::ArmWatchdog { epoch });
+            if delay > 0 {
+                tracing::info!(delay = ?self.config.fence.delay, "leader-only units wait for the fence delay");
+                *fence_until_ns = now_ns + delay;
+                // Started after the delay, with the leader hook (there was
+                // none, or this leadership would have been fenced from its
+                // start).
+                *running = false;
+            }
+        }
+        a
+    }
+
     /// Whether there is anything to fence: leader-only units (or a leader
     /// hook, or exclusive datastores) and a watchdog mode other than off.
     fn fencing(&self) -> bool {
         let c = &self.config;
-        (!c.leader.units.is_empty()
+        (!self.units.is_empty()
+            || !self.recorded_units.is_empty()
             || c.leader.hook.is_some()
             || !self.exclusive.is_empty()
             || !self.released.is_empty())
@@ -307,9 +409,16 @@ impl Machine {
         let fencing = self.fencing();
         if fencing {
             a.extend(
-                self.config
-                    .leader
-                    .units
+                self.units_to_record()
+                    .into_iter()
+                    .rev()
+                    .map(Action::StopUnit),
+            );
+        } else {
+            // Whatever the watchdog's mode: units the zone had this agent
+            // start, which it may have dropped since.
+            a.extend(
+                self.recorded_units
                     .iter()
                     .rev()
                     .cloned()
@@ -366,6 +475,7 @@ impl Machine {
                     expires_ns: lease.expires_ns,
                     units: false,
                     storage_ready: lease.storage_ready,
+                    extensions_ready: lease.extensions_ready,
                     fence_until_ns,
                     armed: fencing,
                 };
@@ -374,6 +484,9 @@ impl Machine {
                 }
                 if !lease.storage_ready {
                     tracing::info!("leader-only units wait for this server's required datastores");
+                }
+                if !lease.extensions_ready {
+                    tracing::info!("leader-only units wait for the zone's system extensions to be merged on this server");
                 }
                 let mut a = self.become_leader();
                 // The fence hook's target was the leader before this
@@ -388,11 +501,13 @@ impl Machine {
                 if let Role::Leader {
                     expires_ns,
                     storage_ready,
+                    extensions_ready,
                     ..
                 } = &mut self.role
                 {
                     *expires_ns = lease.expires_ns;
                     *storage_ready = lease.storage_ready;
+                    *extensions_ready = lease.extensions_ready;
                 }
                 let mut a = Vec::new();
                 if matches!(self.role, Role::Leader { armed: true, .. }) {
@@ -459,14 +574,19 @@ impl Machine {
         let Role::Leader {
             units,
             storage_ready,
+            extensions_ready,
             fence_until_ns,
             ..
         } = &mut self.role
         else {
             return Vec::new();
         };
-        if *units || !*storage_ready || *fence_until_ns > 0 {
+        if !*storage_ready || !*extensions_ready || *fence_until_ns > 0 {
             return Vec::new();
+        }
+        if *units {
+            // Running: only units the zone added since, if any (no hook).
+            return self.leader_units_to_start();
         }
         *units = true;
         let mut a = self.pending_mounts();
@@ -561,17 +681,30 @@ impl Machine {
         a
     }
 
-    fn leader_units(&self) -> Vec<Action> {
-        let c = &self.config;
-        let mut a: Vec<Action> = c
-            .leader
+    fn leader_units(&mut self) -> Vec<Action> {
+        let mut a = self.leader_units_to_start();
+        a.extend(
+            self.config
+                .leader
+                .hook
+                .iter()
+                .cloned()
+                .map(Action::LeaderHook),
+        );
+        a
+    }
+
+    /// `StartUnit` for each leader-only unit not started yet in this
+    /// leadership, recorded as started.
+    fn leader_units_to_start(&mut self) -> Vec<Action> {
+        let new: Vec<String> = self
             .units
             .iter()
+            .filter(|u| !self.started.contains(u))
             .cloned()
-            .map(Action::StartUnit)
             .collect();
-        a.extend(c.leader.hook.iter().cloned().map(Action::LeaderHook));
-        a
+        self.started.extend(new.iter().cloned());
+        new.into_iter().map(Action::StartUnit).collect()
     }
 
     /// `handover`: the clients' connections to the VIP are reset first
@@ -579,6 +712,12 @@ impl Machine {
     fn become_follower(&mut self, handover: bool) -> Vec<Action> {
         let armed = matches!(self.role, Role::Leader { armed: true, .. });
         self.role = Role::Follower;
+        // Every unit of the list (a stop of one not active is no work),
+        // any started in this leadership that left it since, and any a
+        // previous run recorded.
+        let stop = self.units_to_record();
+        self.started.clear();
+        self.recorded_units.clear();
         let c = &self.config;
         let mut a: Vec<Action> = Vec::new();
         if handover {
@@ -586,7 +725,7 @@ impl Machine {
         }
         a.extend(c.vips.iter().cloned().map(Action::RemoveVip));
         a.push(Action::StopAnnouncing);
-        a.extend(c.leader.units.iter().rev().cloned().map(Action::StopUnit));
+        a.extend(stop.into_iter().rev().map(Action::StopUnit));
         a.extend(c.follower.hook.iter().cloned().map(Action::FollowerHook));
         // The exclusive datastores last, once nothing runs on them: those
         // mounted in this leadership and any listed (a stop of a unit not
@@ -924,6 +1063,7 @@ mod tests {
             expires_ns,
             generation: 1,
             storage_ready: true,
+            extensions_ready: true,
             leader_id: if held { 1 } else { 2 },
             server_id: 1,
         }
@@ -991,6 +1131,172 @@ mod tests {
         assert_eq!(
             m.on_lease(not_ready(5_000), 3_900),
             vec![Action::RenewVip(vip())]
+        );
+    }
+
+    #[test]
+    fn leader_units_wait_for_the_zones_extensions() {
+        let mut m = Machine::new(config());
+        let not_merged = |expires_ns| LeaseView {
+            extensions_ready: false,
+            ..lease(true, expires_ns)
+        };
+        // The VIP at once; the units and the hook once the extensions are
+        // merged here.
+        assert_eq!(
+            m.on_lease(not_merged(1_000), 500),
+            vec![Action::AddVip(vip()), Action::Announce(vip())]
+        );
+        assert_eq!(
+            m.on_lease(not_merged(2_000), 900),
+            vec![Action::RenewVip(vip())]
+        );
+        assert_eq!(
+            m.on_lease(lease(true, 3_000), 1_900),
+            vec![
+                Action::RenewVip(vip()),
+                Action::StartUnit("a.service".into()),
+                Action::StartUnit("b.service".into()),
+                Action::LeaderHook("up".into()),
+            ]
+        );
+        // An extension added while leading: the running units are left
+        // alone.
+        assert_eq!(
+            m.on_lease(not_merged(4_000), 2_900),
+            vec![Action::RenewVip(vip())]
+        );
+    }
+
+    #[test]
+    fn the_zones_leader_units_replace_the_configurations() {
+        let mut m = Machine::new(config());
+        let zone = |u: &[&str]| Some(u.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        // Known before the lease: the zone's units start, not the
+        // configuration's.
+        assert!(m.on_leader_units(zone(&["db.service"]), 0).is_empty());
+        assert_eq!(
+            m.on_lease(lease(true, 1_000), 500)[2..],
+            [
+                Action::StartUnit("db.service".into()),
+                Action::LeaderHook("up".into())
+            ]
+        );
+        // Changed while they run: the new start with the next renewal
+        // (none between), the gone stop at once.
+        assert!(m
+            .on_leader_units(zone(&["web.service", "db.service"]), 600)
+            .is_empty());
+        assert_eq!(
+            m.on_lease(lease(true, 2_000), 650),
+            vec![
+                Action::RenewVip(vip()),
+                Action::StartUnit("web.service".into())
+            ]
+        );
+        assert_eq!(
+            m.on_leader_units(zone(&["web.service"]), 700),
+            vec![Action::StopUnit("db.service".into())]
+        );
+        // Recorded until the lease ends: a restart stops it should this
+        // stop not happen.
+        assert_eq!(m.units_to_record(), ["web.service", "db.service"]);
+        // The same list again: nothing.
+        assert!(m.on_leader_units(zone(&["web.service"]), 800).is_empty());
+        // Cleared: the configuration's again.
+        assert_eq!(
+            m.on_leader_units(None, 900),
+            vec![Action::StopUnit("web.service".into())]
+        );
+        assert_eq!(
+            m.on_lease(lease(true, 3_000), 920),
+            vec![
+                Action::RenewVip(vip()),
+                Action::StartUnit("a.service".into()),
+                Action::StartUnit("b.service".into()),
+            ]
+        );
+        // Leaving stops them in the reverse order, and those dropped.
+        assert_eq!(
+            m.on_lease(lease(false, 0), 950)[2..6],
+            [
+                Action::StopUnit("web.service".into()),
+                Action::StopUnit("db.service".into()),
+                Action::StopUnit("b.service".into()),
+                Action::StopUnit("a.service".into()),
+            ]
+        );
+        assert_eq!(m.units_to_record(), ["a.service", "b.service"]);
+    }
+
+    #[test]
+    fn units_added_while_leading_wait_for_the_datastores_and_the_extensions() {
+        let mut m = Machine::new(config());
+        m.on_lease(lease(true, 1_000), 500);
+        let not_ready = |expires_ns| LeaseView {
+            storage_ready: false,
+            ..lease(true, expires_ns)
+        };
+        // b.service dropped: stopped at once; db.service added: waits.
+        assert_eq!(
+            m.on_leader_units(Some(vec!["a.service".into(), "db.service".into()]), 600),
+            vec![Action::StopUnit("b.service".into())]
+        );
+        assert_eq!(
+            m.on_lease(not_ready(2_000), 700),
+            vec![Action::RenewVip(vip())]
+        );
+        let no_ext = LeaseView {
+            extensions_ready: false,
+            ..lease(true, 3_000)
+        };
+        assert_eq!(m.on_lease(no_ext, 800), vec![Action::RenewVip(vip())]);
+        assert_eq!(
+            m.on_lease(lease(true, 4_000), 900),
+            vec![
+                Action::RenewVip(vip()),
+                Action::StartUnit("db.service".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn units_set_while_leading_with_nothing_to_fence_wait_for_a_fence_delay() {
+        let c = Config::parse(
+            "[[vip]]\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\n[fence]\nwatchdog_timeout_s = 1\ndelay_ms = 2000\n",
+        )
+        .unwrap();
+        let mut m = Machine::new(c);
+        assert_eq!(m.on_lease(lease(true, 100 * S), 10 * S).len(), 2);
+        assert_eq!(
+            m.on_leader_units(Some(vec!["db.service".into()]), 11 * S),
+            vec![Action::ArmWatchdog { epoch: 1 }]
+        );
+        // Renewals before the delay's end start nothing.
+        assert_eq!(
+            m.on_lease(lease(true, 101 * S), 12 * S),
+            vec![Action::PetWatchdog, Action::RenewVip(vip())]
+        );
+        assert!(m.on_tick(13 * S - 1).is_empty());
+        assert_eq!(
+            m.on_tick(13 * S),
+            vec![Action::StartUnit("db.service".into())]
+        );
+    }
+
+    #[test]
+    fn units_a_previous_run_recorded_are_stopped_at_start() {
+        let mut m = Machine::new(with_fence(""));
+        m.on_recorded_units(vec!["old.service".into(), "a.service".into()]);
+        assert_eq!(
+            m.startup(),
+            vec![
+                Action::RemoveVip(vip()),
+                Action::StopUnit("old.service".into()),
+                Action::StopUnit("b.service".into()),
+                Action::StopUnit("a.service".into()),
+                Action::DisarmWatchdog { epoch: 0 },
+            ]
         );
     }
 
@@ -1106,6 +1412,7 @@ mod tests {
             expires_ns: 0,
             generation: 2,
             storage_ready: true,
+            extensions_ready: true,
             leader_id: 1,
             server_id: 1,
         };

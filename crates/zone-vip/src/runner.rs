@@ -103,6 +103,8 @@ struct Executor {
     watchdog_armed: bool,
     /// The mount units last recorded as possibly mounted.
     recorded_mounts: Vec<String>,
+    /// The leader-only units last recorded as possibly started.
+    recorded_units: Vec<String>,
     /// Where a fence hook's success is told, with its epoch.
     fenced: mpsc::UnboundedSender<u64>,
 }
@@ -507,7 +509,10 @@ fn start_service_worker(
             let services = services.clone();
             let watchdog = watchdog.clone();
             let failed_before = stop_failed;
-            if matches!(action, Action::StopUnit(_)) {
+            // A new leadership mounts again. Not at any stop: a unit the
+            // zone dropped stops mid-leadership, and the units added after
+            // it must not start over a mount point left empty.
+            if matches!(action, Action::DisarmWatchdog { .. }) {
                 mount_failed = None;
             }
             if let (Some(m), Action::StartUnit(_) | Action::LeaderHook(_)) =
@@ -623,13 +628,40 @@ fn read_recorded_mounts(path: &std::path::Path) -> Vec<String> {
 /// do not outlive a boot), so that a restart stops them even once they
 /// have left zone-mounts' list.
 fn record_mounts(path: &std::path::Path, units: &[String]) {
+    record_list(path, units, "cannot record the mounted exclusive datastores; a restart may not unmount one removed meanwhile");
+}
+
+/// Writes `units`, one per line, whole (on /run); says `failure` if it
+/// cannot.
+fn record_list(path: &std::path::Path, units: &[String], failure: &str) {
     let text: String = units.iter().map(|u| format!("{u}\n")).collect();
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     if let Err(e) = zone_files::atomic::write(path, text.as_bytes(), 0o644, None) {
-        tracing::error!(path = %path.display(), error = %e, "cannot record the mounted exclusive datastores; a restart may not unmount one removed meanwhile");
+        tracing::error!(path = %path.display(), error = %e, "{failure}");
     }
+}
+
+/// Reads what a previous run recorded as possibly started
+/// ([`record_units`]); a line that is not a zone unit's name is skipped.
+fn read_recorded_units(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('-') && !l.contains('/'))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Records the leader-only units this agent may have started (on /run:
+/// units do not outlive a boot), so that a restart stops them even once
+/// the zone's list has changed.
+fn record_units(path: &std::path::Path, units: &[String]) {
+    record_list(path, units, "cannot record the leader-only units; a restart may not stop one the zone removed meanwhile");
 }
 
 /// Feeds systemd's watchdog (`WatchdogSec=`) from the lease loop itself,
@@ -695,6 +727,12 @@ async fn apply(exec: &mut Executor, machine: &mut Machine, actions: Vec<Action>)
         record_mounts(&exec.config.storage.mounted_record, &mounted);
         exec.recorded_mounts = mounted;
     }
+    // Before the units start (the worker starts them later).
+    let units = machine.units_to_record();
+    if units != exec.recorded_units {
+        record_units(&exec.config.units_record, &units);
+        exec.recorded_units = units;
+    }
     let deadline = machine.deadline_ns().unwrap_or(0);
     exec.valid_until.store(deadline, Ordering::Release);
     if !machine.is_leader() {
@@ -727,6 +765,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
         units_blocked: false,
         watchdog_armed: false,
         recorded_mounts: Vec::new(),
+        recorded_units: Vec::new(),
         fenced: fenced_tx,
     };
     let (questions_tx, questions) = mpsc::channel(256);
@@ -768,6 +807,7 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
     let mut exclusive_every = tokio::time::interval(EXCLUSIVE_UNITS_EVERY);
     exclusive_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     machine.on_recorded_mounts(read_recorded_mounts(&config.storage.mounted_record));
+    machine.on_recorded_units(read_recorded_units(&config.units_record));
     let listed = read_exclusive_units(&config.storage.exclusive_units).unwrap_or_default();
     let none = machine.on_exclusive_units(listed, boottime_ns());
     debug_assert!(none.is_empty(), "a follower at start");
@@ -852,9 +892,23 @@ pub async fn run(config: Config, effects: Effects, mut stop: watch::Receiver<boo
                             continue;
                         }
                         exec.round_sent = s.round_sent_boottime_ns;
-                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation, storage_ready: !s.storage_not_ready, leader_id: s.leader_id, server_id: s.server_id };
-                        let actions = machine.on_lease(view, boottime_ns());
-                        apply(&mut exec, &mut machine, actions).await;
+                        // The zone's leader-only units before a lease that
+                        // makes this agent leader (it starts those), after
+                        // one that ends its leadership (the step-down is
+                        // not held up by them).
+                        let zone_units = s.leader_units_set.then(|| s.leader_units.clone());
+                        let view = LeaseView { held: s.held, expires_ns: s.expires_boottime_ns, generation: s.generation, storage_ready: !s.storage_not_ready, extensions_ready: !s.extensions_not_ready, leader_id: s.leader_id, server_id: s.server_id };
+                        if s.held {
+                            let actions = machine.on_leader_units(zone_units, boottime_ns());
+                            apply(&mut exec, &mut machine, actions).await;
+                            let actions = machine.on_lease(view, boottime_ns());
+                            apply(&mut exec, &mut machine, actions).await;
+                        } else {
+                            let actions = machine.on_lease(view, boottime_ns());
+                            apply(&mut exec, &mut machine, actions).await;
+                            let actions = machine.on_leader_units(zone_units, boottime_ns());
+                            apply(&mut exec, &mut machine, actions).await;
+                        }
                         if machine.is_leader() {
                             exec.fresh.send_replace(s.round_sent_boottime_ns);
                         }

@@ -124,10 +124,26 @@ async fn wait_servers(
     let started = Instant::now();
     let mut said = String::new();
     loop {
-        let list = c
-            .list(crate::t(ListExtensionsRequest {}, timeout))
-            .await?
-            .into_inner();
+        // A server that does not answer for a while (reset by its watchdog
+        // after a stall, a leader changing) does not end the wait: it is
+        // said, and asked again until the wait's limit.
+        let list = match c.list(crate::t(ListExtensionsRequest {}, timeout)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) if transient(&e) && started.elapsed() < limit => {
+                let line = format!(
+                    "the zone did not answer ({}: {}); asking again",
+                    e.code(),
+                    e.message()
+                );
+                if line != said {
+                    say(format!("{:>5.1}s  {line}", started.elapsed().as_secs_f64()));
+                    said = line;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let states: Vec<(u64, bool, String)> = list
             .servers
             .iter()
@@ -164,6 +180,19 @@ async fn wait_servers(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Whether a failed call may be made again: the zone did not answer, or
+/// not yet (no leader, a leader changing, a server resetting).
+fn transient(e: &tonic::Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
+    )
 }
 
 fn list_json(list: &ListExtensionsResponse) -> serde_json::Value {

@@ -9,6 +9,7 @@ mod config_cmd;
 mod ext_cmd;
 mod logs_cmd;
 mod pki_cmd;
+mod services_cmd;
 mod snapshot_cmd;
 mod space_cmd;
 mod storage_cmd;
@@ -152,6 +153,11 @@ enum Command {
     /// images), kept on every server.
     #[command(subcommand)]
     Ext(ext_cmd::ExtCommand),
+    /// The front-end's own services set for the zone: units run only on the
+    /// leader (after the VIP, the datastores and the fence delay) and units
+    /// run on every server; where each runs.
+    #[command(subcommand)]
+    Services(services_cmd::ServicesCommand),
     /// Upgrade the zone's servers from a signed update bundle, one at a
     /// time, followers first and the leader last (admin): each installs it
     /// into its inactive root slot, reboots, and must be back in the zone
@@ -733,6 +739,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::User(cmd) => user_cmd::run(cmd, channel, timeout, json).await?,
         Command::Storage(cmd) => storage_cmd::run(cmd, channel, timeout, json).await?,
         Command::Ext(cmd) => ext_cmd::run(cmd, channel, timeout, json).await?,
+        Command::Services(cmd) => services_cmd::run(cmd, channel, timeout, json).await?,
         Command::Alarm(cmd) => space_cmd::alarm(cmd, channel, timeout, json).await?,
         Command::Compact(args) => space_cmd::compact(args, channel, timeout, json).await?,
         Command::Health

@@ -53,6 +53,16 @@ pub struct AgentRegistry {
     /// lease stream only loads it, adding nothing between a lease's renewal
     /// and its delivery to the agents.
     storage_ready: std::sync::atomic::AtomicBool,
+    /// Whether every system extension the zone wants is merged here (or
+    /// this server does not manage extensions), as
+    /// [`crate::api::extensions::follow`] last found: false until it says.
+    extensions_ready: std::sync::atomic::AtomicBool,
+    /// The zone's leader-only units (None: the zone sets none), as
+    /// [`crate::api::services::run`] last read them: the lease stream only
+    /// copies them.
+    leader_units: Mutex<Option<Vec<String>>>,
+    /// How systemd last said the zone's units are doing here.
+    units_seen: Mutex<crate::api::services::UnitsSeen>,
 }
 
 impl AgentRegistry {
@@ -81,6 +91,41 @@ impl AgentRegistry {
 
     fn storage_ready(&self) -> bool {
         self.storage_ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_extensions_ready(&self, ready: bool) {
+        self.extensions_ready.store(ready, Ordering::Release);
+    }
+
+    pub fn extensions_ready(&self) -> bool {
+        self.extensions_ready.load(Ordering::Acquire)
+    }
+
+    pub fn set_leader_units(&self, units: Option<Vec<String>>) {
+        let mut l = self.leader_units.lock().expect("leader_units poisoned");
+        if *l != units {
+            tracing::info!(units = ?units, "the zone's leader-only units (None: each identity's)");
+            *l = units;
+        }
+    }
+
+    fn leader_units(&self) -> Option<Vec<String>> {
+        self.leader_units
+            .lock()
+            .expect("leader_units poisoned")
+            .clone()
+    }
+
+    pub fn set_units_seen(&self, seen: crate::api::services::UnitsSeen) {
+        *self.units_seen.lock().expect("units_seen poisoned") = seen;
+    }
+
+    /// The zone's units here, for this server's status.
+    pub fn units_status(&self) -> Vec<zone_proto::v1::UnitStatus> {
+        self.units_seen
+            .lock()
+            .expect("units_seen poisoned")
+            .status()
     }
 
     fn report_storage(&self, report: StorageReport) {
@@ -177,9 +222,13 @@ impl AgentRegistry {
     }
 }
 
-fn state(server_id: u64, l: &Lease, storage_ready: bool) -> LeaseState {
+fn state(server_id: u64, l: &Lease, registry: &AgentRegistry) -> LeaseState {
+    let units = registry.leader_units();
     LeaseState {
-        storage_not_ready: !storage_ready,
+        leader_units_set: units.is_some(),
+        leader_units: units.unwrap_or_default(),
+        storage_not_ready: !registry.storage_ready(),
+        extensions_not_ready: !registry.extensions_ready(),
         server_id,
         held: l.held,
         term: l.term,
@@ -274,7 +323,7 @@ impl Agent for AgentService {
             // QEMU's emulation). Nor between a renewal and its delivery:
             // the storage's readiness is worked out elsewhere, only loaded.
             let l = *lease.borrow_and_update();
-            let first = state(server_id, &l, registry.storage_ready());
+            let first = state(server_id, &l, &registry);
             if declared && tx.send(Ok(first)).await.is_ok() {
                 loop {
                     tokio::select! {
@@ -284,7 +333,7 @@ impl Agent for AgentService {
                                 break;
                             }
                             let l = *lease.borrow_and_update();
-                            let s = state(server_id, &l, registry.storage_ready());
+                            let s = state(server_id, &l, &registry);
                             if tx.send(Ok(s)).await.is_err() {
                                 break;
                             }

@@ -80,6 +80,12 @@ pub struct ExtensionsSection {
     /// skips an image whose release does not match the running image).
     /// Default true.
     pub check_merged: bool,
+    /// The payloads' defaults for the managed roots (`[files]
+    /// managed_roots`): after each merge, `<factory_dir>/etc/mysql` fills in
+    /// what the root /etc/mysql lacks, never replacing a file (`cargo xtask
+    /// ext build` keeps there what the packages put in /etc). Default
+    /// `/usr/share/factory`; empty: nothing is filled.
+    pub factory_dir: PathBuf,
 }
 
 impl Default for ExtensionsSection {
@@ -89,6 +95,7 @@ impl Default for ExtensionsSection {
             refresh_command: vec!["systemd-sysext".into(), "refresh".into()],
             reload_command: vec!["systemctl".into(), "daemon-reload".into()],
             check_merged: true,
+            factory_dir: PathBuf::from("/usr/share/factory"),
         }
     }
 }
@@ -445,6 +452,12 @@ impl Config {
             return Err(invalid(
                 "extensions.dir",
                 format!("'{}' is not an absolute path", ext.dir.display()),
+            ));
+        }
+        if !ext.factory_dir.as_os_str().is_empty() && !ext.factory_dir.is_absolute() {
+            return Err(invalid(
+                "extensions.factory_dir",
+                format!("'{}' is not an absolute path", ext.factory_dir.display()),
             ));
         }
         for (field, cmd) in [

@@ -87,7 +87,7 @@ async fn check(node: &NodeHandle) -> (Result<(), String>, bool) {
 
 /// The services whose status follows [`judge`]; `zone.v1.Cluster` follows
 /// the driver alone.
-const NEEDS_LEADER: [&str; 7] = [
+const NEEDS_LEADER: [&str; 8] = [
     "",
     <zone_proto::v1::kv_server::KvServer<crate::api::KvService> as NamedService>::NAME,
     <zone_proto::v1::config_server::ConfigServer<crate::api::ConfigService> as NamedService>::NAME,
@@ -95,6 +95,7 @@ const NEEDS_LEADER: [&str; 7] = [
     <zone_proto::v1::users_server::UsersServer<crate::api::UsersService> as NamedService>::NAME,
     <zone_proto::v1::join_server::JoinServer<crate::api::JoinService> as NamedService>::NAME,
     <zone_proto::v1::extensions_server::ExtensionsServer<crate::api::ExtensionsService> as NamedService>::NAME,
+    <zone_proto::v1::services_server::ServicesServer<crate::api::ServicesService> as NamedService>::NAME,
 ];
 const CLUSTER: &str =
     <zone_proto::v1::cluster_server::ClusterServer<crate::api::ClusterService> as NamedService>::NAME;

@@ -184,6 +184,17 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     crate::health::mark(config.node.serving_file.as_deref(), false);
+    // Before the agent socket serves: the first lease state an agent gets
+    // carries the zone's leader-only units as this server applied them
+    // (then re-read every second by `services::run`), and whether it
+    // manages extensions at all.
+    match crate::api::services::read(zone.reader()) {
+        Ok(s) => agents.set_leader_units(s.map(|(s, _)| s.leader_units)),
+        Err(e) => tracing::warn!(error = %e, "cannot read the zone's services yet"),
+    }
+    if config.extensions.dir.as_os_str().is_empty() {
+        agents.set_extensions_ready(true);
+    }
     tokio::spawn(crate::health::run(
         node.clone(),
         health,
@@ -243,6 +254,9 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
         ))
         .add_service(zone_proto::v1::extensions_server::ExtensionsServer::new(
             crate::api::ExtensionsService::new(zone.clone()),
+        ))
+        .add_service(zone_proto::v1::services_server::ServicesServer::new(
+            crate::api::ServicesService::new(zone.clone()),
         ))
         .add_service(zone_proto::v1::users_server::UsersServer::new(
             crate::api::UsersService::new(zone.clone(), tls.zone_ca()),
@@ -338,6 +352,7 @@ pub async fn run(config: Config, force_new_zone: u8) -> Result<(), ServeError> {
     tokio::spawn(crate::api::handover::run(zone.clone()));
     tokio::spawn(crate::api::upgrade::settle(zone.clone()));
     tokio::spawn(crate::api::extensions::follow(zone.clone()));
+    tokio::spawn(crate::api::services::run(zone.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(node.clone(), period));

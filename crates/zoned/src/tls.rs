@@ -483,8 +483,8 @@ pub fn needs(path: &str) -> Need {
         return Need::Role(Role::Admin);
     };
     use zone_proto::v1::{
-        cluster_server, config_server, extensions_server, join_server, kv_server, storage_server,
-        upgrade_server,
+        cluster_server, config_server, extensions_server, join_server, kv_server, services_server,
+        storage_server, upgrade_server,
     };
     use Role::*;
     const HEALTH: &str = "grpc.health.v1.Health";
@@ -514,6 +514,9 @@ pub fn needs(path: &str) -> Need {
         (upgrade_server::SERVICE_NAME, "Upload" | "Install") => Need::Role(Admin),
         (extensions_server::SERVICE_NAME, "List") => Need::Role(Reader),
         (extensions_server::SERVICE_NAME, "Add" | "Remove") => Need::Role(Admin),
+        (services_server::SERVICE_NAME, "Get") => Need::Role(Reader),
+        // Which units run where, as root on every server: an admin's.
+        (services_server::SERVICE_NAME, "Set" | "Clear") => Need::Role(Admin),
         // The token is the credential: a joining server has no other yet.
         (join_server::SERVICE_NAME, "Join") => Need::Anyone,
         (join_server::SERVICE_NAME, "IssueToken") => Need::Role(Admin),
@@ -724,7 +727,7 @@ mod tests {
         use Role::{Admin, Operator, Reader};
         // What each client call needs, written out: a change to `needs`
         // that moves a call to another role fails here.
-        let table: [(&str, &str, Need); 39] = [
+        let table: [(&str, &str, Need); 42] = [
             ("zone.v1.KV", "Get", Need::Role(Reader)),
             ("zone.v1.KV", "Range", Need::Role(Reader)),
             ("zone.v1.KV", "Watch", Need::Role(Reader)),
@@ -764,6 +767,9 @@ mod tests {
             ("zone.v1.Extensions", "List", Need::Role(Reader)),
             ("zone.v1.Extensions", "Add", Need::Role(Admin)),
             ("zone.v1.Extensions", "Remove", Need::Role(Admin)),
+            ("zone.v1.Services", "Get", Need::Role(Reader)),
+            ("zone.v1.Services", "Set", Need::Role(Admin)),
+            ("zone.v1.Services", "Clear", Need::Role(Admin)),
         ];
         for (service, m, need) in table {
             let path = format!("/{service}/{m}");

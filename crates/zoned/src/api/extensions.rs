@@ -12,7 +12,8 @@
 //! `NAME.raw` (a rename: the directory never shows half an image), removes
 //! the extensions the zone no longer wants (only those it installed
 //! itself: it keeps a list), runs `refresh_command` and `reload_command`,
-//! checks that each extension is merged, and reports under
+//! checks that each extension is merged, fills in what the managed roots
+//! lack from the payloads' defaults, and reports under
 //! `zone/ext/state/<id>`. What fails is reported with why and tried again.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -818,6 +819,7 @@ async fn reconcile(
             Ok(()) => {
                 tracing::info!(extensions = installed.len(), "merged the extensions");
                 f.merge_pending = false;
+                fill_roots(zone);
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not merge the extensions");
@@ -902,6 +904,40 @@ async fn reconcile(
     report
 }
 
+/// After a merge: the payloads' defaults (`[extensions] factory_dir`) fill
+/// in what each managed root lacks, never replacing a file: zone-sync's
+/// and the operator's versions win (`zone_files::factory`). zone-provision
+/// does the same at boot.
+fn fill_roots(zone: &ServerContext) {
+    let cfg = zone.config();
+    let factory = &cfg.extensions.factory_dir;
+    if factory.as_os_str().is_empty() {
+        return;
+    }
+    for root in &cfg.files.managed_roots {
+        let defaults = zone_files::factory::defaults_of(factory, root);
+        if !defaults.is_dir() {
+            continue;
+        }
+        let target = cfg.files.local_root.join(root.trim_start_matches('/'));
+        match zone_files::factory::fill(&target, &defaults) {
+            Ok(made) if made.is_empty() => {}
+            Ok(made) => tracing::info!(
+                root = %root,
+                from = %defaults.display(),
+                entries = made.len(),
+                "filled in the payloads' defaults"
+            ),
+            Err(e) => tracing::warn!(
+                root = %root,
+                from = %defaults.display(),
+                error = %e,
+                "could not fill in the payloads' defaults"
+            ),
+        }
+    }
+}
+
 /// Whether extension `name` is merged: its release file shows in /usr.
 fn merged_release(name: &str) -> bool {
     Path::new("/usr/lib/extension-release.d")
@@ -932,6 +968,8 @@ pub async fn follow(zone: ServerContext) {
     if zone.config().extensions.dir.as_os_str().is_empty() {
         // Not managed here (the zone's status says so: `extensions_dir`);
         // images uploaded to this server are still kept only while wanted.
+        // Nothing to wait for before leader-only units start.
+        zone.agents.set_extensions_ready(true);
         let store = store_dir(&zone);
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -981,12 +1019,19 @@ pub async fn follow(zone: ServerContext) {
         };
         if due {
             let fresh = acted_on.as_ref().is_none_or(|(k, _)| *k != key);
+            if fresh {
+                // A want this server has not acted on: leader-only units
+                // that have not started yet wait for this pass (they may
+                // come from the extension).
+                zone.agents.set_extensions_ready(false);
+            }
             let report = reconcile(&zone, &want, revision, &mut f).await;
             let ok = report
                 .extensions
                 .iter()
                 .all(|e| e.state == ExtensionState::ExtensionMerged as i32)
                 && !f.merge_pending;
+            zone.agents.set_extensions_ready(ok);
             retry = if ok || fresh {
                 RETRY_FAILED
             } else {

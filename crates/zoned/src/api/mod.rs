@@ -22,6 +22,7 @@
 //! - [`watch`]: history replay and live events;
 //! - [`upgrade`]: update bundles received, fetched, installed; boot entries;
 //! - [`extensions`]: system extension images the zone wants on every server;
+//! - [`services`]: the zone's leader-only and everywhere units;
 //! - [`transfer`]: large files received and served in chunks;
 //! - [`service`]: the tonic service impls, thin.
 
@@ -36,6 +37,7 @@ mod leader;
 mod logs;
 mod requests;
 mod service;
+pub mod services;
 mod space;
 mod status;
 mod storage;
@@ -62,6 +64,7 @@ pub use error::ApiError;
 pub use extensions::ExtensionsService;
 pub use join::JoinService;
 pub use service::{ClusterService, KvService};
+pub use services::ServicesService;
 pub use storage::StorageService;
 pub use upgrade::UpgradeService;
 pub use users::UsersService;

@@ -69,6 +69,7 @@ impl ServerContext {
                 .collect(),
             boot: super::upgrade::boot_status(&self.config.upgrade.esp),
             extensions_dir: self.config.extensions.dir.display().to_string(),
+            units: self.agents.units_status(),
         }
     }
 

@@ -178,12 +178,12 @@ impl Limits {
 /// users' records (Users), the join tokens' (Join) and the datastores'
 /// declarations (Storage), each server's last upgrade (Upgrade), the
 /// extensions the zone wants and each server's report of them (Extensions,
-/// each server's zoned). A client write
+/// each server's zoned), the zone's services (Services). A client write
 /// there would bypass the file checks (paths, sizes, templates), clear a
 /// revocation, or plant a token: refused.
 /// zone-sync's reports and the roll lock beside them are written through
 /// the key-value API, and stay open to it.
-const RESERVED: [(&[u8], bool); 11] = [
+const RESERVED: [(&[u8], bool); 12] = [
     (zone_files::keys::FILE_PREFIX, true),
     (zone_files::keys::HIST_PREFIX, true),
     (zone_files::keys::GEN_KEY, false),
@@ -195,6 +195,7 @@ const RESERVED: [(&[u8], bool); 11] = [
     (super::upgrade::TURN_KEY, false),
     (super::extensions::WANT_PREFIX, true),
     (super::extensions::STATE_PREFIX, true),
+    (super::services::SERVICES_KEY, false),
 ];
 
 /// Refuses a client's write that would change a reserved key ([`RESERVED`]),
@@ -261,7 +262,7 @@ fn delete_writable(at: &str, r: &DeleteRequest) -> Result<(), ApiError> {
 
 fn reserved(at: &str, key: &[u8]) -> ApiError {
     ApiError::PermissionDenied(format!(
-        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`; the join tokens: `zonectl server add`/`token`; the datastores: `zonectl storage add`/`rm`; the upgrades: `zonectl upgrade`; the extensions: `zonectl ext add`/`rm`)",
+        "{at}key: '{}' is or covers zoned's own records (the managed files: `zonectl config push`/`rm`; the users: `zonectl user issue`/`revoke`; the join tokens: `zonectl server add`/`token`; the datastores: `zonectl storage add`/`rm`; the upgrades: `zonectl upgrade`; the extensions: `zonectl ext add`/`rm`; the services: `zonectl services set`/`clear`)",
         String::from_utf8_lossy(key)
     ))
 }
