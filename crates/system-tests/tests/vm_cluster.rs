@@ -393,8 +393,24 @@ impl Drop for Follower {
     }
 }
 
+/// The zone formed, the API and the VIP checked; then, on the same three
+/// VMs (a 3-VM boot under TCG is 1.5-2.5 min of CI), three failures in
+/// turn, each leaving the zone whole for the next: the leader paused and
+/// resumed, the leader killed and booted again, all three killed at once
+/// and booted again.
 #[test]
-fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
+fn three_vms_form_one_zone_the_vip_answers_and_it_rides_out_leader_failures() -> Result<()> {
+    let mut lab = three_vms_form_one_zone_and_the_vip_answers()?;
+    eprintln!("== the leader paused, then resumed");
+    a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip(&lab)?;
+    eprintln!("== the leader killed, then booted again");
+    the_vip_follows_the_leader_when_its_vm_dies_and_no_write_is_lost(&mut lab)?;
+    eprintln!("== all three killed at once, then booted again");
+    every_acknowledged_write_survives_all_vms_killed_at_once(&mut lab)?;
+    Ok(())
+}
+
+fn three_vms_form_one_zone_and_the_vip_answers() -> Result<Lab> {
     // VM 2 is installed as a server is: the raw image on its disk, its
     // identity on the EFI partition, UEFI boot, on QEMU's default CPU model
     // (no SSE4.2: zoned's store must still run there). VM 3 boots through
@@ -662,13 +678,11 @@ fn three_vms_form_one_zone_and_the_vip_answers() -> Result<()> {
     );
     let lapses = lab.console_lines("lease expired without renewal");
     eprintln!("lease lapses seen by zone-vip: {}", lapses.len());
-    Ok(())
+    Ok(lab)
 }
 
-#[test]
-fn the_vip_follows_the_leader_when_its_vm_dies_and_no_write_is_lost() -> Result<()> {
-    let mut lab = start_zone("vip_follows_the_leader", [Boot::DirectKernel; 3])?;
-    let zone = wait_zone(&lab, Duration::from_secs(120))?;
+fn the_vip_follows_the_leader_when_its_vm_dies_and_no_write_is_lost(lab: &mut Lab) -> Result<()> {
+    let zone = wait_zone(lab, Duration::from_secs(120))?;
     let leader = zone["leader_id"].as_u64().context("leader id")?;
     let client = lab.client();
     let writer = Writer::start(client.clone(), "w");
@@ -716,10 +730,8 @@ fn the_vip_follows_the_leader_when_its_vm_dies_and_no_write_is_lost() -> Result<
     Ok(())
 }
 
-#[test]
-fn every_acknowledged_write_survives_all_vms_killed_at_once() -> Result<()> {
-    let mut lab = start_zone("all_vms_killed", [Boot::DirectKernel; 3])?;
-    wait_zone(&lab, Duration::from_secs(120))?;
+fn every_acknowledged_write_survives_all_vms_killed_at_once(lab: &mut Lab) -> Result<()> {
+    wait_zone(lab, Duration::from_secs(120))?;
     let client = lab.client();
     let writer = Writer::start(client.clone(), "p");
     writer.wait_acked(10)?;
@@ -744,7 +756,7 @@ fn every_acknowledged_write_survives_all_vms_killed_at_once() -> Result<()> {
     for i in 0..3 {
         lab.wait_ready(i, t0, BOOT_LIMIT)?;
     }
-    wait_zone(&lab, Duration::from_secs(120))?;
+    wait_zone(lab, Duration::from_secs(120))?;
     for vm in &lab.vms {
         let ep = vm.endpoint();
         for key in &acked {
@@ -771,17 +783,15 @@ fn every_acknowledged_write_survives_all_vms_killed_at_once() -> Result<()> {
 /// throughout, and asked for the VIP every 20 ms from the resume on. On
 /// the code before, the kernel answered for the VIP 100-150 ms after the
 /// resume, and a repeated announcement went out on one run of four.
-#[test]
-fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip() -> Result<()> {
+fn a_resumed_leader_vm_neither_announces_nor_answers_for_the_vip(lab: &Lab) -> Result<()> {
     use testbed::arp::{parse_mac, Capture, Prober};
-    let lab = start_zone("paused_leader", [Boot::DirectKernel; 3])?;
-    let zone = wait_zone(&lab, Duration::from_secs(120))?;
+    let zone = wait_zone(lab, Duration::from_secs(120))?;
     let first = zone["leader_id"].as_u64().context("leader id")?;
     let index = |id: u64| lab.vms.iter().position(|v| v.id == id);
     let mac_of = |id: u64| parse_mac(&lab.vms[index(id).expect("a VM")].mac());
     let vip_ip: std::net::Ipv4Addr = VIP.parse()?;
-    let capture = Capture::start(&lab)?;
-    let prober = Prober::open(&lab, testbed::vm::HOST_ADDR.parse()?)?;
+    let capture = Capture::start(lab)?;
+    let prober = Prober::open(lab, testbed::vm::HOST_ADDR.parse()?)?;
     let client = lab.client();
 
     // The first leader paused: another takes the VIP, and is paused at its
@@ -1027,10 +1037,12 @@ fn takeover_before(lab: &Lab, id: u64, t: f64) -> Result<f64> {
 }
 
 /// zone-vip's default fence delay (12 s) as two console lines can show
-/// it: the takeover's line is printed a moment after the instant the delay
-/// counts from, and may wait longer for the console than the start's
-/// (CI saw 11.998 s, printed as 12.00).
-const FENCE_DELAY_SEEN: f64 = 12.0 - 0.25;
+/// it. Each line's time is when journald took it from zone-vip's socket,
+/// not when zone-vip wrote it: under load the takeover's line can wait
+/// there longer than the start's (CI saw 11.998 s, then 11.65 s with the
+/// machine's two cores shared by three VMs and stolen by its host). The
+/// margin is far below the delay: a start without it shows as ~0 s.
+const FENCE_DELAY_SEEN: f64 = 12.0 - 1.0;
 
 /// What zone-vip logs when it starts the leader-only units.
 const STARTED: &str = "starting leader-only units";
@@ -1324,19 +1336,40 @@ fn an_exclusive_datastore_on_a_shared_disk_is_mounted_on_the_lease_holder_alone(
     // system is unmounted, then its job's end. Under TCG the holder's stop
     // and unmount can outlast its watchdog's timeout (5 s, unpetted since
     // the lease ended), which then resets it as designed: between the two
-    // lines, once (CI, this test: `Deactivated successfully`, then
-    // `softdog: Initiating system reboot`). Either line is the unmount.
+    // lines (CI, this test: `Deactivated successfully`, then `softdog:
+    // Initiating system reboot`), or before either (CI again: the unmount
+    // began 3.8 s after the lease's end, the reset came 0.2 s later).
+    // Either line ends the holder's mount, and so does the reset: the
+    // fence the design counts on. The disk is checked below either way.
     let unmounts = |lab: &Lab| {
         console_times(lab, third, "var-lib-one-db.mount: Deactivated successfully").len()
             + console_times(lab, third, "Unmounted var-lib-one-db.mount").len()
+            + console_times(lab, third, "softdog: Initiating system reboot").len()
     };
     let lost = unmounts(&lab);
+    let resets = console_times(&lab, third, "softdog: Initiating system reboot").len();
     lab.kill(other as usize - 1);
     wait_for(
         Duration::from_secs(60),
         "the holder without quorum to unmount",
         || (unmounts(&lab) > lost).then_some(()),
     )?;
+    if console_times(&lab, third, "softdog: Initiating system reboot").len() > resets {
+        // Reset before its unmount ended: the journal is replayed as the
+        // next holder's mount would, then the file system must be clean.
+        eprintln!("VM {third}'s watchdog reset it before its unmount ended");
+        lab.kill(third as usize - 1);
+        let preen = std::process::Command::new("e2fsck")
+            .args(["-fp"])
+            .arg(&disk)
+            .output()?;
+        assert!(
+            preen.status.code().is_some_and(|c| c <= 1),
+            "e2fsck -fp after the reset: {}\n{}",
+            String::from_utf8_lossy(&preen.stdout),
+            String::from_utf8_lossy(&preen.stderr)
+        );
+    }
     // On the host: a clean file system, one run per holder.
     let fsck = std::process::Command::new("e2fsck")
         .args(["-fn"])

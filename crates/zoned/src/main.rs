@@ -126,7 +126,18 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // At least four workers, however few CPUs the server has. tokio's
+    // default is one per CPU: on a one-CPU server (a small VM) one worker
+    // then runs, task after task, a bulk transfer's TLS connection and the
+    // tasks carrying Raft's messages, and a long poll of the first delays
+    // the second. CI saw it: the leader of three one-vCPU VMs under QEMU's
+    // TCG lost its lease every 3 s for 30 s while it received a 41 MiB
+    // system extension, and zone-vip's watchdog finally reset it. With more
+    // workers than CPUs, the kernel's scheduler shares the CPU between them
+    // a time slice at a time, and an idle worker takes the waiting tasks.
+    let workers = std::thread::available_parallelism().map_or(4, |n| n.get().max(4));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
