@@ -953,36 +953,26 @@ fn console_times(lab: &Lab, id: u64, needle: &str) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_watchdog() -> Result<()>
-{
-    // A stand-in leader-only unit the image has: starting and stopping it
-    // changes nothing (it applies sysctl settings again). Each VM's
-    // watchdog is the kernel's softdog (the cloud kernel has no driver for
-    // QEMU's emulated ones); zone-vip's defaults: a 5 s timeout, a 12 s
-    // fence delay.
-    let mut lab = Lab::new("fence", 3)?;
-    lab.leader_units = vec!["systemd-sysctl.service".into()];
-    let t0 = Instant::now();
-    for id in 1..=3 {
-        lab.add_vm(id, Boot::DirectKernel)?;
-    }
-    for i in 0..3 {
-        lab.wait_ready(i, t0, BOOT_LIMIT)?;
-    }
-    let client = lab.client();
-    let started = |id| console_times(&lab, id, STARTED);
-    // A transfer moves the lease: the old leader stops its unit, then
-    // disarms; the new one starts it only after the fence delay.
-    let first = transfer_from_a_leader_running_its_units(&lab, &client)?;
-    let second = wait_new_leader(&client, first)?["leader_id"]
-        .as_u64()
-        .context("leader id")?;
+/// The fence around a graceful transfer of the lease from `first` to
+/// `second` (a test of its own once, on a zone of its own; now a step of
+/// the exclusive datastore's test, whose leader-only units are a writer
+/// and the datastore's mount): the old leader stops its units, then
+/// disarms its watchdog, and is not reset; every start of the units on
+/// every VM, the new leader's included, comes the fence delay after that
+/// VM's takeover, under an armed watchdog. Each VM's watchdog is the
+/// kernel's softdog (the cloud kernel has no driver for QEMU's emulated
+/// ones); zone-vip's defaults: a 5 s timeout, a 12 s fence delay.
+fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_watchdog(
+    lab: &mut Lab,
+    first: u64,
+    second: u64,
+) -> Result<()> {
+    let started = |lab: &Lab, id| console_times(lab, id, STARTED);
     wait_for(Duration::from_secs(90), "the second leader's units", || {
-        (!started(second).is_empty()).then_some(())
+        (!started(lab, second).is_empty()).then_some(())
     })?;
-    let first_started = *started(first).last().context("first leader's start")?;
-    let disarmed: Vec<f64> = console_times(&lab, first, "watchdog disarmed")
+    let first_started = *started(lab, first).last().context("first leader's start")?;
+    let disarmed: Vec<f64> = console_times(lab, first, "watchdog disarmed")
         .into_iter()
         .filter(|&t| t > first_started)
         .collect();
@@ -995,9 +985,9 @@ fn leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_wat
     // after that VM's last takeover of the lease (logged just before the
     // VIP is added), under an armed watchdog.
     for id in 1..=3 {
-        let armed = console_times(&lab, id, "watchdog armed");
-        for t in started(id) {
-            let took = takeover_before(&lab, id, t)?;
+        let armed = console_times(lab, id, "watchdog armed");
+        for t in started(lab, id) {
+            let took = takeover_before(lab, id, t)?;
             eprintln!(
                 "VM {id}: units started {:.2} s after taking the lease",
                 t - took
@@ -1198,7 +1188,9 @@ fn wrote(lab: &Lab, id: u64) -> usize {
 /// VMs are attached to (a shared LUN), under a leader-only writer. It is
 /// mounted on the lease holder alone: by a graceful transfer, the old
 /// leader stops the writer and unmounts before the new one mounts, after
-/// the fence delay; when the holder's VM is killed, the next mounts only
+/// the fence delay (and the fence's other checks around that transfer:
+/// [`leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_watchdog`]);
+/// when the holder's VM is killed, the next mounts only
 /// after the fence delay; when the holder loses quorum, it stops the writer
 /// and unmounts by itself. Then, on the host, the file system is clean
 /// (`e2fsck -fn`), and the log on it holds one run of lines per holder, in
@@ -1286,6 +1278,9 @@ fn an_exclusive_datastore_on_a_shared_disk_is_mounted_on_the_lease_holder_alone(
         (wrote(&lab, second) >= 5).then_some(())
     })?;
     expect(second)?;
+    leader_only_units_wait_for_the_fence_delay_and_the_old_leader_disarms_its_watchdog(
+        &mut lab, first, second,
+    )?;
     // 2. The holder's VM killed.
     let killed_at = Instant::now();
     lab.kill(second as usize - 1);

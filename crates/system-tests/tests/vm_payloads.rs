@@ -113,7 +113,10 @@ fn an_extension_is_merged_on_every_vm_kept_across_a_reboot_and_removed_everywher
         std::fs::metadata(&ext)?.len() >> 20,
         started.elapsed().as_secs_f64()
     );
-    assert!(resets.is_empty(), "watchdog resets during ext add: {resets:?}");
+    assert!(
+        resets.is_empty(),
+        "watchdog resets during ext add: {resets:?}"
+    );
     let v = ls(&client).context("zonectl ext ls")?;
     let s = states(&v, "mariadb");
     assert_eq!(

@@ -281,8 +281,7 @@ fn write_and_stage(
                     4 << 20,
                     OpenOptions::new().write(true).open(partition)?,
                 );
-                let decoder = ruzstd::decoding::StreamingDecoder::new(r)
-                    .map_err(|e| std::io::Error::other(format!("zstd: {e}")))?;
+                let decoder = crate::unzstd::Decoder::new(r)?;
                 let mut counting = Counting {
                     inner: decoder,
                     done: 0,

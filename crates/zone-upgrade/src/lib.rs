@@ -23,6 +23,7 @@
 
 pub mod entries;
 pub mod install;
+mod unzstd;
 
 use std::path::{Path, PathBuf};
 
