@@ -21,8 +21,9 @@ pub struct Decoder<R> {
     len: usize,
     /// The input has ended.
     eof: bool,
-    /// The last call ended a frame (zstd's hint was 0) and no input was
-    /// read after it.
+    /// zstd's last call that did anything ended a frame (its hint was 0),
+    /// and no input has been decoded since: the only place the input may
+    /// end.
     at_frame_end: bool,
 }
 
@@ -61,9 +62,6 @@ impl<R: Read> Read for Decoder<R> {
                 self.len = self.inner.read(&mut self.input)?;
                 self.pos = 0;
                 self.eof = self.len == 0;
-                if !self.eof {
-                    self.at_frame_end = false;
-                }
             }
             let mut src = zstd_safe::InBuffer::around(&self.input[self.pos..self.len]);
             let mut dst = zstd_safe::OutBuffer::around(buf);
@@ -76,10 +74,17 @@ impl<R: Read> Read for Decoder<R> {
                         format!("zstd: {}", zstd_safe::get_error_name(code)),
                     )
                 })?;
-            self.pos += src.pos();
+            let consumed = src.pos();
+            self.pos += consumed;
             let produced = dst.pos();
+            // zstd stops at a frame's end with the rest of the input unread;
+            // the next frame's first bytes then clear the mark. (A call
+            // with no input after a frame's end answers a non-zero hint,
+            // the next header's size: that alone does not clear it.)
             if hint == 0 {
                 self.at_frame_end = true;
+            } else if consumed > 0 {
+                self.at_frame_end = false;
             }
             if produced > 0 {
                 return Ok(produced);
@@ -150,7 +155,7 @@ mod tests {
 
     #[test]
     fn a_stream_cut_inside_its_frame_is_an_error_not_an_end() {
-        let (_, packed) = sample();
+        let (plain, packed) = sample();
         let cut = &packed[..packed.len() - 5];
         let mut out = Vec::new();
         let e = Decoder::new(cut)
@@ -158,6 +163,26 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        // Two frames, the second cut after its first bytes (within the
+        // input chunk that ended the first frame).
+        let mut two = packed.clone();
+        two.extend_from_slice(&packed[..6]);
+        let mut out = Vec::new();
+        let e = Decoder::new(&two[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        // Two whole frames: both decoded.
+        let mut two = packed.clone();
+        two.extend_from_slice(&packed);
+        let mut out = Vec::new();
+        Decoder::new(&two[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out.len(), 2 * plain.len());
+        assert!(out.starts_with(&plain) && out.ends_with(&plain));
         let mut out = Vec::new();
         assert!(Decoder::new(&b"not zstd at all"[..])
             .unwrap()
